@@ -1,0 +1,1 @@
+"""Autotuning, the autotune cache, timing, perf results and the ``opforge`` command line."""

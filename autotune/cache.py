@@ -1,0 +1,128 @@
+"""The autotune cache: JSON files, one per GPU name + compute capability + Triton major.minor.
+
+File layout (``<tag>.json`` with ``tag`` from :func:`opforge.kernels._triton.device_info`)::
+
+    {"format": 1,
+     "device": {"name": ..., "cc": ..., "triton": ...},
+     "ops": {"<op>": {"<source hash>": {"<shape key>|<dtype>": {
+         "variant": "dft_gemm", "config": {...},          # the winner
+         "torch_ms": 1.9,                                  # torch baseline, same run
+         "timings": [{"variant": ..., "config": ..., "ms": ...}, ...]}}}}}
+
+Entries live under the op's source hash (kernel source + grid), so editing a
+kernel or its grid makes old entries invisible (stale) without deleting them.
+
+Two places are read, the user cache first:
+
+* user cache: ``$OPFORGE_CACHE_DIR`` or ``$XDG_CACHE_HOME/opforge`` or
+  ``~/.cache/opforge`` -- written by ``opforge tune`` and ``OPFORGE_AUTOTUNE=1``;
+* shipped caches: ``opforge/autotune/caches/`` inside the package.
+
+A user entry shadows the shipped entry for the same key. A corrupt or
+unreadable file is reported once with a warning and treated as empty.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+FORMAT = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "caches"
+
+_memo: dict[str, tuple[float, dict]] = {}
+
+
+def user_dir() -> Path:
+    env = os.environ.get("OPFORGE_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "opforge"
+
+
+def file_name(device: dict) -> str:
+    return f"{device['tag']}.json"
+
+
+def _empty(device: dict | None) -> dict:
+    dev = {k: device[k] for k in ("name", "cc", "triton")} if device else {}
+    return {"format": FORMAT, "device": dev, "ops": {}}
+
+
+def load(path: Path) -> dict:
+    """Read a cache file; a missing file is empty, a corrupt one warns and is empty."""
+    path = Path(path)
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return _empty(None)
+    key = str(path)
+    hit = _memo.get(key)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("ops"), dict):
+            raise ValueError(f"not an opforge cache of format {FORMAT}")
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"opforge: ignoring unreadable autotune cache {path}: {exc}", RuntimeWarning, stacklevel=2)
+        data = _empty(None)
+    _memo[key] = (mtime, data)
+    return data
+
+
+def save(path: Path, data: dict) -> None:
+    """Write atomically: a temp file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _memo.pop(str(path), None)
+
+
+def entry_key(problem) -> str:
+    return f"{problem.key}|{problem.dtype_name}"
+
+
+def paths_for(device: dict) -> list[Path]:
+    """Cache files consulted for a device, highest precedence first."""
+    name = file_name(device)
+    return [user_dir() / name, SHIPPED_DIR / name]
+
+
+def lookup(op, problem, device: dict | None = None) -> dict | None:
+    """The winning ``{"variant", "config", ...}`` for this call, or None on a miss."""
+    if device is None:
+        from opforge.kernels._triton import device_info
+
+        idx = problem.device.index if problem.device.type == "cuda" else None
+        device = device_info(idx)
+    k = entry_key(problem)
+    h = op.source_hash()
+    for path in paths_for(device):
+        entry = load(path)["ops"].get(op.name, {}).get(h, {}).get(k)
+        if entry is not None:
+            return entry
+    return None
+
+
+def record(path: Path, device: dict, op, problem, entry: dict) -> None:
+    """Store one tuned entry (read-modify-write, atomic)."""
+    path = Path(path)
+    data = load(path)
+    if not data.get("device"):
+        data = {**_empty(device), "ops": data.get("ops", {})}
+    data = json.loads(json.dumps(data))  # private copy; the memo stays untouched
+    data["ops"].setdefault(op.name, {}).setdefault(op.source_hash(), {})[entry_key(problem)] = entry
+    save(path, data)

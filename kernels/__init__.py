@@ -1,0 +1,19 @@
+"""opforge's ops: Triton kernels, torch fallbacks, autograd and modules.
+
+Public API::
+
+    from opforge.kernels import spectral_conv2d, SpectralConv
+    from opforge.kernels import registered_ops, use_backend
+
+``registered_ops()`` lists ``{op: [variants]}``; ``use_backend("torch")`` (or
+``OPFORGE_BACKEND=torch|triton|auto``) overrides dispatch, and
+``use_backend("triton", spectral_conv="dft_gemm")`` pins a variant.
+"""
+from ._registry import BACKENDS, current_backend, get_op, registered_ops, use_backend
+from ._triton import HAS_TRITON, interpreter_enabled
+from .spectral_conv import SpectralConv, spectral_conv, spectral_conv1d, spectral_conv2d, spectral_conv3d
+
+__all__ = [
+    "BACKENDS", "HAS_TRITON", "SpectralConv", "current_backend", "get_op", "interpreter_enabled",
+    "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "use_backend",
+]

@@ -1,0 +1,237 @@
+"""The op registry and dispatch.
+
+An :class:`Op` has one ``torch`` variant (runs anywhere; the CPU path and the
+baseline) and any number of Triton variants, each with a grid of configs, a
+heuristic default config and an optional ``supports(problem)`` predicate.
+
+Dispatch of a call (``Op.__call__``):
+
+1. the backend in force: :func:`use_backend` context > ``OPFORGE_BACKEND`` env >
+   ``"auto"``; a per-op variant pin from :func:`use_backend` wins over both;
+2. CPU tensors go to ``torch`` unless a Triton backend is asked for and the
+   Triton interpreter is on (``TRITON_INTERPRET=1``);
+3. CUDA tensors: the autotune cache entry for (GPU, op, shape key, dtype), then
+   on a miss tuning on the spot when ``OPFORGE_AUTOTUNE=1``, else the first
+   supporting Triton variant with its heuristic default config.
+
+An impossible or unknown choice raises a ``ValueError`` naming the valid ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ._triton import interpreter_enabled, triton_can_run
+
+BACKENDS = ("auto", "torch", "triton")
+
+_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("opforge_backend", default=None)
+
+
+@dataclass
+class Variant:
+    """One implementation of an op.
+
+    ``run(problem, *args, config=dict|None)`` computes the op; ``configs(problem)``
+    returns the autotune grid (fresh list of dicts, already pruned for the
+    problem); ``default_config(problem)`` the heuristic pick on a cache miss;
+    ``supports(problem)`` returns ``None`` when the variant can run, else the
+    reason it cannot. ``sources`` are the functions/kernels whose source code
+    scopes this variant's cache entries.
+    """
+
+    name: str
+    kind: str  # "torch" or "triton"
+    run: Callable[..., Any]
+    configs: Callable[[Any], list] | None = None
+    default_config: Callable[[Any], dict] | None = None
+    supports: Callable[[Any], str | None] | None = None
+    sources: tuple = ()
+
+    def why_not(self, problem) -> str | None:
+        if self.kind == "triton" and not triton_can_run(problem.device):
+            return (f"Triton variants need CUDA tensors or TRITON_INTERPRET=1 with CPU tensors "
+                    f"(got {problem.device.type} tensors, interpreter "
+                    f"{'on' if interpreter_enabled() else 'off'})")
+        return self.supports(problem) if self.supports else None
+
+
+@dataclass
+class Case:
+    """A named problem size for tuning, benchmarking and perf checks."""
+
+    name: str
+    params: dict
+    tags: tuple = ()  # e.g. ("gpu",) realistic; ("small",) CPU/interpreter sized
+
+
+@dataclass
+class Op:
+    """A registered operation; see the module docstring for dispatch."""
+
+    name: str
+    doc: str
+    variants: dict = field(default_factory=dict)
+    # make_inputs(case, device, dtype, requires_grad) -> (problem, args)
+    make_inputs: Callable[..., Any] | None = None
+    # reference(args as numpy float64) -> numpy output, and its gradients
+    reference: Callable[..., Any] | None = None
+    cases: list = field(default_factory=list)
+    # roofline(problem) -> {"bytes": floor bytes, "flops": useful flops}
+    roofline: Callable[[Any], dict] | None = None
+    _hash: str | None = None
+
+    def add(self, variant: Variant) -> Variant:
+        self.variants[variant.name] = variant
+        self._hash = None
+        return variant
+
+    @property
+    def torch_variant(self) -> Variant:
+        return self.variants["torch"]
+
+    def triton_variants(self) -> list[Variant]:
+        return [v for v in self.variants.values() if v.kind == "triton"]
+
+    def source_hash(self) -> str:
+        """Hash of every variant's source and grid: an edit invalidates cached entries."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            for v in self.variants.values():
+                h.update(v.name.encode())
+                for src in v.sources:
+                    h.update(_source_of(src).encode())
+                if v.configs is not None:
+                    h.update(_source_of(v.configs).encode())
+            self._hash = h.hexdigest()[:16]
+        return self._hash
+
+    # ---------------------------------------------------------------- dispatch
+    def select(self, problem) -> tuple[Variant, dict | None, str]:
+        """Pick (variant, config, why) for a problem under the backend in force."""
+        backend, pins = current_backend()
+        pinned = pins.get(self.name)
+        if pinned is not None:
+            if pinned not in self.variants:
+                raise ValueError(f"unknown variant {pinned!r} for op {self.name!r}; "
+                                 f"valid: {sorted(self.variants)}")
+            v = self.variants[pinned]
+            reason = v.why_not(problem)
+            if reason:
+                raise ValueError(f"variant {pinned!r} of {self.name!r} cannot run here: {reason}")
+            return v, (v.default_config(problem) if v.default_config else None), "pinned"
+        if backend == "torch":
+            return self.torch_variant, None, "backend=torch"
+        candidates = [v for v in self.triton_variants() if v.why_not(problem) is None]
+        if backend == "triton" and not candidates:
+            reasons = {v.name: v.why_not(problem) for v in self.triton_variants()}
+            raise ValueError(f"OPFORGE_BACKEND=triton but no Triton variant of {self.name!r} "
+                             f"can run this call: {reasons}; valid backends: {list(BACKENDS)}")
+        if backend == "auto" and problem.device.type != "cuda":
+            return self.torch_variant, None, "cpu"
+        if not candidates:
+            return self.torch_variant, None, "no triton variant supports the call"
+        allowed = {v.name for v in candidates}
+        if backend == "auto":
+            allowed.add("torch")
+        from opforge.autotune import cache as _cache  # lazy: keeps import light
+
+        entry = _cache.lookup(self, problem)
+        if entry is not None and entry["variant"] in allowed:
+            return self.variants[entry["variant"]], entry.get("config"), "cache"
+        if os.environ.get("OPFORGE_AUTOTUNE", "0") == "1" and problem.device.type == "cuda":
+            from opforge.autotune import tuner
+
+            entry = tuner.tune_problem(self, problem, persist=True)
+            if entry["variant"] in allowed:
+                return self.variants[entry["variant"]], entry.get("config"), "tuned"
+        v = candidates[0]
+        return v, (v.default_config(problem) if v.default_config else None), "heuristic"
+
+    def run_variant(self, name: str, problem, *args, config: dict | None = None):
+        """Run one named variant directly (tests, tuner, benchmarks)."""
+        if name not in self.variants:
+            raise ValueError(f"unknown variant {name!r} for op {self.name!r}; valid: {sorted(self.variants)}")
+        v = self.variants[name]
+        reason = v.why_not(problem)
+        if reason:
+            raise ValueError(f"variant {name!r} of {self.name!r} cannot run here: {reason}")
+        if config is None and v.default_config is not None:
+            config = v.default_config(problem)
+        return v.run(problem, *args, config=config)
+
+    def __call__(self, problem, *args):
+        v, config, _ = self.select(problem)
+        return v.run(problem, *args, config=config)
+
+
+_OPS: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+    if op.name in _OPS:
+        raise ValueError(f"op {op.name!r} is registered twice")
+    _OPS[op.name] = op
+    return op
+
+
+def get_op(name: str) -> Op:
+    if name not in _OPS:
+        raise ValueError(f"unknown op {name!r}; registered: {sorted(_OPS)}")
+    return _OPS[name]
+
+
+def registered_ops() -> dict[str, list[str]]:
+    """``{op name: [variant names]}`` for everything registered."""
+    return {name: list(op.variants) for name, op in _OPS.items()}
+
+
+def _check_backend(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin}={name!r} is not a backend; valid: {list(BACKENDS)}")
+    return name
+
+
+def current_backend() -> tuple[str, dict]:
+    """The backend in force and the per-op variant pins."""
+    override = _OVERRIDE.get()
+    if override is not None:
+        return override
+    env = os.environ.get("OPFORGE_BACKEND", "auto").strip().lower() or "auto"
+    return _check_backend(env, "OPFORGE_BACKEND"), {}
+
+
+@contextlib.contextmanager
+def use_backend(backend: str = "auto", **variants: str):
+    """Force a backend (``"auto"``, ``"torch"``, ``"triton"``) and optionally pin
+    variants per op, e.g. ``use_backend("triton", spectral_conv="dft_gemm")``.
+
+    Unknown backends, ops or variants raise ``ValueError`` listing the valid names.
+    """
+    _check_backend(backend, "backend")
+    for op_name, vname in variants.items():
+        op = get_op(op_name)
+        if vname not in op.variants:
+            raise ValueError(f"unknown variant {vname!r} for op {op_name!r}; valid: {sorted(op.variants)}")
+    token = _OVERRIDE.set((backend, dict(variants)))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def _source_of(obj) -> str:
+    src = getattr(obj, "src", None)  # triton.JITFunction keeps its source here
+    if isinstance(src, str):
+        return src
+    fn = getattr(obj, "fn", obj)
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return json.dumps(repr(obj))

@@ -1,0 +1,80 @@
+"""Triton availability, interpreter mode and device facts, shared by every op.
+
+Nothing here touches the GPU at import time: device facts are read lazily.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton is optional: opforge's torch paths work without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Can a Triton kernel run on tensors of this device?"""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def triton_version() -> str:
+    """Triton's major.minor, or "none"."""
+    if not HAS_TRITON:
+        return "none"
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(device_index: int | None = None) -> dict:
+    """Name and compute capability of the GPU at hand, or the CPU stand-in.
+
+    Returns ``{"name", "cc", "triton", "tag"}``; ``tag`` names the autotune cache
+    file and the perf results file for this device.
+    """
+    if torch.cuda.is_available():
+        idx = torch.cuda.current_device() if device_index is None else device_index
+        name = torch.cuda.get_device_name(idx)
+        major, minor = torch.cuda.get_device_capability(idx)
+        cc = f"{major}.{minor}"
+    else:
+        name = "cpu-interpreter" if interpreter_enabled() else "cpu"
+        cc = "0.0"
+    tv = triton_version()
+    safe = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in name)
+    return {"name": name, "cc": cc, "triton": tv, "tag": f"{safe}_{cc}_triton{tv}"}
+
+
+# Peak figures used to state the fraction of the roofline a kernel reaches.
+# Dense tensor-core numbers without sparsity; HBM bandwidth as sold.
+_PEAKS = [
+    # (substring of the device name, HBM GB/s, TF32 TFLOP/s, BF16 TFLOP/s)
+    ("H200", 4800.0, 494.0, 989.0),
+    ("H100 PCIe", 2000.0, 378.0, 756.0),
+    ("H100", 3350.0, 494.0, 989.0),
+    ("A100", 2039.0, 156.0, 312.0),
+]
+
+
+def device_peaks(name: str) -> dict | None:
+    """Peak bandwidth and FLOP/s for a known GPU name, else None."""
+    for sub, gbs, tf32, bf16 in _PEAKS:
+        if sub in name:
+            return {"gbps": gbs, "tf32_tflops": tf32, "bf16_tflops": bf16}
+    return None

@@ -1,0 +1,858 @@
+"""FNO spectral convolution: functional API, ``SpectralConv`` module, torch and Triton variants.
+
+    y = irfftn( W . rfftn(x)[kept modes] , s=output_shape ) + bias        (norm="forward")
+
+Shapes: x [B, in, *grid] real; weight [in, out, m_1, ..., m_d] complex in
+neuraloperator's layout (index j on axes 1..d-1 is frequency j - m//2, the
+last axis holds frequencies 0 ... m_d - 1); bias [out] (or [out, 1, ..., 1]);
+y [B, out, *output_shape].  See ``opforge.reference.spectral_conv`` for the
+math written out.
+
+Variants (the registry picks per GPU and shape from the autotune cache):
+
+``torch``
+    rfftn / index_select / einsum / index_put / irfftn. The CPU path, float64
+    included, and the baseline.
+``fft_mix``
+    torch/cuFFT transforms with one Triton launch that reads the kept modes
+    straight out of the rfftn output, mixes channels for every mode (complex
+    GEMMs on real/imag planes), and writes the whole output spectrum: mixed
+    values at the kept modes, zeros elsewhere -- no fftshift copies, no
+    separate zero fill, no scatter.
+``dft_gemm``
+    truncated DFTs as GEMMs: the transforms are restricted to the kept modes
+    and done as tensor-core matmuls against small cos/sin bases, the last
+    axis real-to-half-complex (x is read once), the other axes complex on
+    interleaved (re, im) planes; the channel mix is the same Triton kernel as
+    ``fft_mix`` on compact mode tensors; the bias is added in the last GEMM's
+    epilogue. Backward is the adjoint chain through the same kernels.
+
+float32 / bfloat16 / float16 inputs run in float32 on the Triton paths
+(3xTF32 dot products for float32 inputs, TF32 for 16-bit ones); outputs are in
+the input's dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._registry import Case, Op, Variant, register
+from ._triton import HAS_TRITON, tl, triton
+
+__all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _half(n: int) -> int:
+    return n // 2 + 1
+
+
+# --------------------------------------------------------------------------- problem and input checks
+@dataclass(frozen=True)
+class Problem:
+    """Everything dispatch needs to know about one call."""
+
+    batch: int
+    cin: int
+    cout: int
+    grid: tuple
+    out_grid: tuple
+    modes: tuple  # weight mode dims; last = kept half-spectrum modes
+    dtype: torch.dtype
+    wdtype: torch.dtype
+    device: torch.device
+    has_bias: bool
+
+    @property
+    def d(self) -> int:
+        return len(self.grid)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def key(self) -> str:
+        """Bucketed shape key: powers of two on every size that changes the best config."""
+        g = "x".join(str(_pow2(n)) for n in self.grid)
+        og = "x".join(str(_pow2(n)) for n in self.out_grid)
+        m = "x".join(str(_pow2(n)) for n in self.modes)
+        return f"d{self.d}_b{_pow2(self.batch)}_i{_pow2(self.cin)}_o{_pow2(self.cout)}_g{g}_y{og}_m{m}"
+
+
+def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if x.is_complex() or x.dtype not in _FLOATS:
+        raise TypeError(f"x must be a real floating tensor (float32, float64, bfloat16, float16), got {x.dtype}")
+    if not weight.is_complex():
+        raise TypeError(f"weight must be complex (complex64 or complex128) in neuraloperator's layout "
+                        f"[in, out, *modes], got {weight.dtype}")
+    if d is None:
+        d = weight.dim() - 2
+        if d not in (1, 2, 3):
+            raise ValueError(f"weight must have rank 3, 4 or 5 ([in, out, *modes] for 1D/2D/3D), "
+                             f"got shape {tuple(weight.shape)}")
+    if x.dim() != d + 2:
+        raise ValueError(f"x must have rank {d + 2} ([batch, in_channels, *grid] for {d}D), got shape {tuple(x.shape)}")
+    if weight.dim() != d + 2:
+        raise ValueError(f"weight must have rank {d + 2} ([in, out, *modes] for {d}D), got shape {tuple(weight.shape)}")
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"channel mismatch: x has {x.shape[1]} in_channels (dim 1) but weight has "
+                         f"{weight.shape[0]} (dim 0)")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    grid = tuple(int(n) for n in x.shape[2:])
+    if output_shape is None:
+        out_grid = grid
+    else:
+        out_grid = tuple(int(n) for n in output_shape)
+        if len(out_grid) != d or any(n < 1 for n in out_grid):
+            raise ValueError(f"output_shape must be {d} positive sizes, got {tuple(output_shape)}")
+    modes = tuple(int(n) for n in weight.shape[2:])
+    for name, g in (("x's grid", grid), ("output_shape", out_grid)):
+        for ax in range(d):
+            limit = _half(g[ax]) if ax == d - 1 else g[ax]
+            if modes[ax] > limit:
+                raise ValueError(f"weight keeps {modes[ax]} modes on spatial axis {ax} but {name} has "
+                                 f"{g[ax]} points there (at most {limit} modes fit)")
+    cout = int(weight.shape[1])
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.is_complex():
+            raise TypeError(f"bias must be real, got {bias.dtype}")
+        if bias.numel() != cout:
+            raise ValueError(f"bias must have out_channels={cout} elements ([out] or [out, 1, ...]), "
+                             f"got shape {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    return Problem(int(x.shape[0]), int(x.shape[1]), cout, grid, out_grid, modes, x.dtype, weight.dtype,
+                   x.device, bias is not None)
+
+
+# --------------------------------------------------------------------------- torch variant
+def _freq_index(m: int, n: int, device) -> torch.Tensor:
+    return (torch.arange(m, device=device) - m // 2) % n
+
+
+def _torch_run(p: Problem, x, weight, bias, config=None):
+    d = p.d
+    double = p.dtype == torch.float64 or p.wdtype == torch.complex128
+    rdt, cdt = (torch.float64, torch.complex128) if double else (torch.float32, torch.complex64)
+    dims = tuple(range(-d, 0))
+    X = torch.fft.rfftn(x.to(rdt), dim=dims, norm="forward")
+    idx = [_freq_index(p.modes[ax], p.grid[ax], x.device) for ax in range(d - 1)]
+    for ax in range(d - 1):
+        X = X.index_select(2 + ax, idx[ax])
+    X = X[..., : p.modes[-1]]
+    Y = torch.einsum("bi...,io...->bo...", X, weight.to(cdt))
+    spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),))
+    out_idx = [_freq_index(p.modes[ax], p.out_grid[ax], x.device) for ax in range(d - 1)]
+    view = [o.view([-1] + [1] * (d - 2 - ax)) for ax, o in enumerate(out_idx)]
+    spec[(slice(None), slice(None), *view, slice(0, p.modes[-1]))] = Y
+    y = torch.fft.irfftn(spec, s=p.out_grid, dim=dims, norm="forward")
+    if bias is not None:
+        y = y + bias.reshape((1, p.cout) + (1,) * d).to(rdt)
+    return y.to(p.dtype)
+
+
+# --------------------------------------------------------------------------- shared Triton helpers
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _triton_supports(p: Problem) -> str | None:
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"Triton variants take float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
+    if p.wdtype != torch.complex64:
+        return f"Triton variants take a complex64 weight, got {p.wdtype}"
+    if p.batch == 0:
+        return "empty batch (served by the torch variant)"
+    return None
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mix_kernel(
+        A, B, OUT, R, S, O,
+        sAr, sAs, sA1, sA2, sA3, NA1, NA2, HA1, HA2,
+        sBs, sBo, sB1, sB2, sB3, NB1, NB2, HB1, HB2,
+        sOr, sOo, sO1, sO2, sO3, NO1, NO2, HO1, HO2, NO3,
+        M1, M2, M3, n_mix, tiles_r, tiles_o, n_zero_elems,
+        CONJ_A: tl.constexpr, CONJ_B: tl.constexpr, ZERO_FILL: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr,
+        ZBLOCK: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """OUT[r, o, k] = sum_s A[r, s, k] * B[s, o, k] for every kept mode k (complex, interleaved).
+
+        Each operand sits either in a compact mode tensor or in a full FFT-ordered
+        spectrum: mode index j on axis t is found at ((j - H_t) mod N_t) (axes 1, 2)
+        and at j on the last axis.  Programs past ``n_mix`` write zeros over the
+        non-kept positions of a full, contiguous OUT (ZERO_FILL).
+        """
+        pid = tl.program_id(0)
+        if pid < n_mix:
+            k = pid // (tiles_r * tiles_o)
+            t = pid % (tiles_r * tiles_o)
+            tr = t // tiles_o
+            to = t % tiles_o
+            j3 = k % M3
+            j2 = (k // M3) % M2
+            j1 = k // (M3 * M2)
+            offA = ((j1 - HA1 + NA1) % NA1) * sA1 + ((j2 - HA2 + NA2) % NA2) * sA2 + j3 * sA3
+            offB = ((j1 - HB1 + NB1) % NB1) * sB1 + ((j2 - HB2 + NB2) % NB2) * sB2 + j3 * sB3
+            offO = ((j1 - HO1 + NO1) % NO1) * sO1 + ((j2 - HO2 + NO2) % NO2) * sO2 + j3 * sO3
+            rr = tr * BLOCK_R + tl.arange(0, BLOCK_R)
+            oo = to * BLOCK_O + tl.arange(0, BLOCK_O)
+            acc_re = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+            acc_im = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                ss = s0 + tl.arange(0, BLOCK_S)
+                a_ptr = A + offA + rr[:, None] * sAr + ss[None, :] * sAs
+                a_mask = (rr[:, None] < R) & (ss[None, :] < S)
+                a_re = tl.load(a_ptr, mask=a_mask, other=0.0)
+                a_im = tl.load(a_ptr + 1, mask=a_mask, other=0.0)
+                b_ptr = B + offB + ss[:, None] * sBs + oo[None, :] * sBo
+                b_mask = (ss[:, None] < S) & (oo[None, :] < O)
+                b_re = tl.load(b_ptr, mask=b_mask, other=0.0)
+                b_im = tl.load(b_ptr + 1, mask=b_mask, other=0.0)
+                if CONJ_A:
+                    a_im = -a_im
+                if CONJ_B:
+                    b_im = -b_im
+                acc_re += tl.dot(a_re, b_re, input_precision=PREC)
+                acc_re -= tl.dot(a_im, b_im, input_precision=PREC)
+                acc_im += tl.dot(a_re, b_im, input_precision=PREC)
+                acc_im += tl.dot(a_im, b_re, input_precision=PREC)
+            o_ptr = OUT + offO + rr[:, None] * sOr + oo[None, :] * sOo
+            o_mask = (rr[:, None] < R) & (oo[None, :] < O)
+            tl.store(o_ptr, acc_re, mask=o_mask)
+            tl.store(o_ptr + 1, acc_im, mask=o_mask)
+        else:
+            if ZERO_FILL:
+                e = (pid - n_mix) * ZBLOCK + tl.arange(0, ZBLOCK)
+                p3 = e % NO3
+                q = e // NO3
+                p2 = q % NO2
+                p1 = (q // NO2) % NO1
+                kept = (p3 < M3) & (((p2 + HO2) % NO2) < M2) & (((p1 + HO1) % NO1) < M1)
+                zmask = (e < n_zero_elems) & (kept == 0)
+                zero = tl.zeros((ZBLOCK,), dtype=tl.float32)
+                tl.store(OUT + 2 * e, zero, mask=zmask)
+                tl.store(OUT + 2 * e + 1, zero, mask=zmask)
+
+    @triton.jit
+    def _bmm_kernel(
+        A, A2, B, C, BIAS, M, N, K, n_tiles_m, n_tiles_n,
+        sAb, sAm, sAk, sBb, sBk, sBn, sCb, sCm, sCn, bias_div, bias_n,
+        SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """C[b] = A[b] @ B[b]  (+ A2[b] @ (i * B[b]) when SWAP)  (+ bias[(row // bias_div) % bias_n]).
+
+        With SWAP, B's columns are interleaved (re, im) pairs and A + i*A2 is a
+        complex matrix: the second product uses B with each pair swapped and
+        the real part negated, i.e. i*B, so C = (A + i A2) B on complex data.
+        """
+        pid = tl.program_id(0)
+        per_b = n_tiles_m * n_tiles_n
+        b = pid // per_b
+        t = pid % per_b
+        pid_m = t // n_tiles_n
+        pid_n = t % n_tiles_n
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_base = A + b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
+        b_base = B + b.to(tl.int64) * sBb
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            a2_base = A2 + b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
+            sign = tl.where(rn % 2 == 0, -1.0, 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a_mask = (rm[:, None] < M) & (kk[None, :] < K)
+            b_mask = (kk[:, None] < K) & (rn[None, :] < N)
+            a = tl.load(a_base + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
+            bb = tl.load(b_base + kk[:, None] * sBk + rn[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
+            acc += tl.dot(a, bb, input_precision=PREC)
+            if SWAP:
+                a2 = tl.load(a2_base + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
+                bs = tl.load(b_base + kk[:, None] * sBk + (rn ^ 1)[None, :] * sBn, mask=b_mask, other=0.0)
+                acc += tl.dot(a2, bs.to(tl.float32) * sign[None, :], input_precision=PREC)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + (rm // bias_div) % bias_n, mask=rm < M, other=0.0).to(tl.float32)
+            acc += bias[:, None]
+        c_ptr = C + b.to(tl.int64) * sCb + rm[:, None].to(tl.int64) * sCm + rn[None, :] * sCn
+        tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+class _Spec:
+    """A complex operand of the mix kernel: a float32 view with interleaved (re, im).
+
+    ``t`` is the real view; ``s_r``/``s_s`` the strides of its two channel axes;
+    ``axes`` (stride, N, H) per padded mode axis 1, 2 and the stride of axis 3.
+    """
+
+    def __init__(self, t, s_r, s_s, axes, s3):
+        self.t, self.s_r, self.s_s, self.axes, self.s3 = t, s_r, s_s, axes, s3
+
+    @staticmethod
+    def of(real_view, ch_axes, modes, grid, full: bool):
+        """Describe ``real_view`` [c0, c1, *spatial, 2]; ``ch_axes`` picks which channel axis is r and s."""
+        d = len(modes)
+        st = real_view.stride()
+        spatial = list(st[2:2 + d])
+        pad = 3 - d
+        sp = [0] * pad + spatial
+        m3 = [1] * pad + list(modes)
+        n3 = [1] * pad + (list(grid) if full else list(modes))
+        axes = []
+        for t in range(2):
+            if t < pad:
+                axes.append((0, 1, 0))
+            elif full:
+                axes.append((sp[t], n3[t], m3[t] // 2))
+            else:
+                axes.append((sp[t], m3[t], 0))
+        return _Spec(real_view, st[ch_axes[0]], st[ch_axes[1]], axes, sp[2])
+
+
+def _mix(a: _Spec, b: _Spec, out: _Spec, R, S, O, modes, conj_a, conj_b, zero_fill, cfg, prec):
+    d = len(modes)
+    m3 = [1] * (3 - d) + list(modes)
+    BR, BO, BS = cfg["MIX_R"], cfg["MIX_O"], cfg["MIX_S"]
+    tiles_r, tiles_o = triton.cdiv(R, BR), triton.cdiv(O, BO)
+    n_mix = m3[0] * m3[1] * m3[2] * tiles_r * tiles_o
+    n_zero = out.t.numel() // 2 if zero_fill else 0
+    zblock = 1024
+    grid = (n_mix + (triton.cdiv(n_zero, zblock) if zero_fill else 0),)
+    (sA1, NA1, HA1), (sA2, NA2, HA2) = a.axes
+    (sB1, NB1, HB1), (sB2, NB2, HB2) = b.axes
+    (sO1, NO1, HO1), (sO2, NO2, HO2) = out.axes
+    no3 = out.t.shape[-2]
+    _mix_kernel[grid](
+        a.t, b.t, out.t, R, S, O,
+        a.s_r, a.s_s, sA1, sA2, a.s3, NA1, NA2, HA1, HA2,
+        b.s_r, b.s_s, sB1, sB2, b.s3, NB1, NB2, HB1, HB2,
+        out.s_r, out.s_s, sO1, sO2, out.s3, NO1, NO2, HO1, HO2, no3,
+        m3[0], m3[1], m3[2], n_mix, tiles_r, tiles_o, n_zero,
+        CONJ_A=conj_a, CONJ_B=conj_b, ZERO_FILL=zero_fill,
+        BLOCK_R=BR, BLOCK_O=BO, BLOCK_S=BS, ZBLOCK=zblock, PREC=prec,
+        num_warps=cfg.get("num_warps", 4),
+    )
+
+
+def _mix_cfgs() -> list[dict]:
+    out = []
+    for r in (16, 32, 64):
+        for o in (32, 64):
+            for s in (16, 32):
+                out.append({"MIX_R": r, "MIX_O": o, "MIX_S": s, "num_warps": 4})
+    return out
+
+
+def _mix_default(p: Problem) -> dict:
+    return {"MIX_R": 16 if p.batch <= 16 else 32, "MIX_O": 32 if p.cout <= 32 else 64, "MIX_S": 32, "num_warps": 4}
+
+
+def _prune_mix(p: Problem, cfgs: list[dict]) -> list[dict]:
+    """Drop tiles much larger than the problem (they only add masked work)."""
+    keep = [c for c in cfgs if c["MIX_R"] <= max(16, _pow2(p.batch)) and c["MIX_O"] <= max(32, _pow2(p.cout))]
+    return keep or cfgs[:1]
+
+
+# --------------------------------------------------------------------------- variant fft_mix
+class _ModeMixFn(torch.autograd.Function):
+    """Full rfftn spectrum [B, in, *grid'] -> full output spectrum [B, out, *out_grid'] via the mix kernel."""
+
+    @staticmethod
+    def forward(ctx, X, weight, p: Problem, cfg):
+        X = X.contiguous()
+        W = weight.resolve_conj().contiguous()
+        prec = _precision(p.dtype)
+        out = torch.empty((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),),
+                          dtype=torch.complex64, device=X.device)
+        Xr, Wr, outr = torch.view_as_real(X), torch.view_as_real(W), torch.view_as_real(out)
+        in_full = p.grid[:-1] + (_half(p.grid[-1]),)
+        out_full = p.out_grid[:-1] + (_half(p.out_grid[-1]),)
+        _mix(_Spec.of(Xr, (0, 1), p.modes, in_full, True), _Spec.of(Wr, (0, 1), p.modes, p.modes, False),
+             _Spec.of(outr, (0, 1), p.modes, out_full, True), p.batch, p.cin, p.cout, p.modes,
+             False, False, True, cfg, prec)
+        ctx.save_for_backward(X, W)
+        ctx.p, ctx.cfg = p, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        X, W = ctx.saved_tensors
+        p, cfg = ctx.p, ctx.cfg
+        prec = _precision(p.dtype)
+        g = gout.resolve_conj().contiguous()
+        gr, Xr, Wr = torch.view_as_real(g), torch.view_as_real(X), torch.view_as_real(W)
+        in_full = p.grid[:-1] + (_half(p.grid[-1]),)
+        out_full = p.out_grid[:-1] + (_half(p.out_grid[-1]),)
+        gX = gW = None
+        if ctx.needs_input_grad[0]:
+            gX = torch.empty_like(X)
+            _mix(_Spec.of(gr, (0, 1), p.modes, out_full, True), _Spec.of(Wr, (1, 0), p.modes, p.modes, False),
+                 _Spec.of(torch.view_as_real(gX), (0, 1), p.modes, in_full, True),
+                 p.batch, p.cout, p.cin, p.modes, False, True, True, cfg, prec)
+        if ctx.needs_input_grad[1]:
+            gW = torch.empty_like(W)
+            _mix(_Spec.of(Xr, (1, 0), p.modes, in_full, True), _Spec.of(gr, (0, 1), p.modes, out_full, True),
+                 _Spec.of(torch.view_as_real(gW), (0, 1), p.modes, p.modes, False),
+                 p.cin, p.batch, p.cout, p.modes, True, False, False, cfg, prec)
+        return gX, gW, None, None
+
+
+def _fft_mix_run(p: Problem, x, weight, bias, config=None):
+    cfg = config or _mix_default(p)
+    dims = tuple(range(-p.d, 0))
+    X = torch.fft.rfftn(x.to(torch.float32), dim=dims, norm="forward")
+    spec = _ModeMixFn.apply(X, weight, p, cfg)
+    y = torch.fft.irfftn(spec, s=p.out_grid, dim=dims, norm="forward")
+    if bias is not None:
+        y = y + bias.reshape((1, p.cout) + (1,) * p.d).to(torch.float32)
+    return y.to(p.dtype)
+
+
+# --------------------------------------------------------------------------- variant dft_gemm
+@functools.lru_cache(maxsize=256)
+def _bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
+    """float32 DFT bases for one axis (built in float64 from exact integer phases), all contiguous.
+
+    last axis:  "F" [n, 2m]: x -> interleaved half spectrum (with 1/n);
+                "G" [2m, out_n]: interleaved half spectrum -> real (with multiplicities 1 or 2).
+    other axes: "F" (re, im) [m, n] analysis with 1/n, "G" (re, im) [out_n, m] synthesis, and
+                "F_adj"/"G_adj": their conjugate transposes (re, im) for the backward pass.
+    """
+    dev = torch.device(device)
+    j = torch.arange(m, dtype=torch.int64)
+    src = torch.arange(n, dtype=torch.int64)
+    dst = torch.arange(out_n, dtype=torch.int64)
+
+    def f32(t):
+        return t.to(torch.float32).contiguous().to(dev)
+
+    if last:
+        ang = 2 * math.pi * ((src[:, None] * j[None, :]) % n).double() / n
+        F = torch.stack([torch.cos(ang), -torch.sin(ang)], dim=-1).reshape(n, 2 * m) / n
+        c = torch.full((m,), 2.0, dtype=torch.float64)
+        c[0] = 1.0
+        if out_n % 2 == 0 and m > out_n // 2:
+            c[out_n // 2] = 1.0
+        ang = 2 * math.pi * ((j[:, None] * dst[None, :]) % out_n).double() / out_n
+        G = torch.stack([c[:, None] * torch.cos(ang), -c[:, None] * torch.sin(ang)], dim=1).reshape(2 * m, out_n)
+        return {"F": f32(F), "G": f32(G)}
+    f = j - m // 2
+    ang = 2 * math.pi * ((f[:, None] * src[None, :]) % n).double() / n
+    Fr, Fi = torch.cos(ang) / n, -torch.sin(ang) / n
+    ang = 2 * math.pi * ((dst[:, None] * f[None, :]) % out_n).double() / out_n
+    Gr, Gi = torch.cos(ang), torch.sin(ang)
+    return {"F": (f32(Fr), f32(Fi)), "F_adj": (f32(Fr.t()), f32(-Fi.t())),
+            "G": (f32(Gr), f32(Gi)), "G_adj": (f32(Gr.t()), f32(-Gi.t()))}
+
+
+def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div=1, bias_n=1, block_n=None):
+    """Launch _bmm_kernel; sa/sb/sc are (batch, row, col) strides."""
+    BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    BN = block_n or cfg["BLOCK_N"]
+    tm, tn = triton.cdiv(M, BM), triton.cdiv(N, BN)
+    grid = (batch * tm * tn,)
+    _bmm_kernel[grid](
+        a, a if a2 is None else a2, b, c, c if bias is None else bias, M, N, K, tm, tn,
+        sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], bias_div, bias_n,
+        SWAP=a2 is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+    )
+
+
+def _last_block_n(cols: int) -> int:
+    return max(16, min(128, _pow2(cols)))
+
+
+def _real_stage(inp, mat, rows, K, N, cfg, prec, out_dtype, transpose=False, bias=None, bias_div=1, bias_n=1):
+    """[rows, K] @ mat (or mat^T) -> [rows, N] on the last axis."""
+    out = torch.empty((rows, N), dtype=out_dtype, device=inp.device)
+    sb = (0, mat.stride(1), mat.stride(0)) if transpose else (0, mat.stride(0), mat.stride(1))
+    _bmm(inp, None, mat, out, 1, rows, N, K, (0, K, 1), sb, (0, N, 1), cfg, prec,
+         bias=bias, bias_div=bias_div, bias_n=bias_n, block_n=_last_block_n(N) if N <= 128 else None)
+    return out
+
+
+def _complex_stage(inp, mat, P, L, Q, K_out, cfg, prec):
+    """out[p] = (re + i im) @ inp[p] on interleaved complex columns; inp [P, L, Q] -> [P, K_out, Q].
+
+    ``mat`` is a (re, im) pair of contiguous [K_out, L] matrices.
+    """
+    mr, mi = mat
+    out = torch.empty((P, K_out, Q), dtype=torch.float32, device=inp.device)
+    _bmm(mr, mi, inp, out, P, K_out, Q, L, (0, L, 1), (L * Q, Q, 1), (K_out * Q, Q, 1), cfg, prec)
+    return out
+
+
+class _Plan:
+    """Bases and sizes of one dft_gemm problem."""
+
+    def __init__(self, p: Problem):
+        d, dev = p.d, str(p.device)
+        self.p = p
+        self.last = _bases(p.grid[-1], p.modes[-1], True, p.out_grid[-1], dev)
+        self.mid = [_bases(p.grid[ax], p.modes[ax], False, p.out_grid[ax], dev) for ax in range(d - 1)]
+
+    def analysis(self, x, cfg, prec):
+        """x [B, C, *grid] -> compact interleaved spectrum [B, C, *modes, 2] (float32)."""
+        p, d = self.p, self.p.d
+        lead = x.shape[0] * x.shape[1]
+        m2 = 2 * p.modes[-1]
+        rows = x.numel() // p.grid[-1]
+        t = _real_stage(x.contiguous(), self.last["F"], rows, p.grid[-1], m2, cfg, prec, torch.float32)
+        for ax in range(d - 2, -1, -1):
+            P = lead * math.prod(p.grid[:ax])
+            Q = math.prod(p.modes[ax + 1:-1]) * m2
+            t = _complex_stage(t, self.mid[ax]["F"], P, p.grid[ax], Q, p.modes[ax], cfg, prec)
+        return t.view(x.shape[0], x.shape[1], *p.modes, 2)
+
+    def analysis_adjoint(self, g, cfg, prec, out_dtype):
+        """Adjoint of ``analysis``: compact spectrum gradient -> gradient on x's grid."""
+        p, d = self.p, self.p.d
+        lead = g.shape[0] * g.shape[1]
+        m2 = 2 * p.modes[-1]
+        t = g
+        for ax in range(d - 1):
+            P = lead * math.prod(p.grid[:ax])
+            Q = math.prod(p.modes[ax + 1:-1]) * m2
+            t = _complex_stage(t, self.mid[ax]["F_adj"], P, p.modes[ax], Q, p.grid[ax], cfg, prec)
+        rows = t.numel() // m2
+        gx = _real_stage(t, self.last["F"], rows, m2, p.grid[-1], cfg, prec, out_dtype, transpose=True)
+        return gx.view(g.shape[0], g.shape[1], *p.grid)
+
+    def synthesis(self, Y, cfg, prec, out_dtype, bias=None):
+        """Compact spectrum [B, O, *modes, 2] -> y [B, O, *out_grid] (+ bias per channel)."""
+        p, d = self.p, self.p.d
+        lead = Y.shape[0] * Y.shape[1]
+        m2 = 2 * p.modes[-1]
+        t = Y
+        for ax in range(d - 1):
+            P = lead * math.prod(p.out_grid[:ax])
+            Q = math.prod(p.modes[ax + 1:-1]) * m2
+            t = _complex_stage(t, self.mid[ax]["G"], P, p.modes[ax], Q, p.out_grid[ax], cfg, prec)
+        rows = t.numel() // m2
+        per_channel = math.prod(p.out_grid[:-1])
+        y = _real_stage(t, self.last["G"], rows, m2, p.out_grid[-1], cfg, prec, out_dtype,
+                        bias=bias, bias_div=per_channel, bias_n=p.cout)
+        return y.view(Y.shape[0], Y.shape[1], *p.out_grid)
+
+    def synthesis_adjoint(self, gy, cfg, prec):
+        """Adjoint of ``synthesis`` (without bias): gradient on y -> compact spectrum gradient."""
+        p, d = self.p, self.p.d
+        lead = gy.shape[0] * gy.shape[1]
+        m2 = 2 * p.modes[-1]
+        rows = gy.numel() // p.out_grid[-1]
+        t = _real_stage(gy.contiguous(), self.last["G"], rows, p.out_grid[-1], m2, cfg, prec, torch.float32,
+                        transpose=True)
+        for ax in range(d - 2, -1, -1):
+            P = lead * math.prod(p.out_grid[:ax])
+            Q = math.prod(p.modes[ax + 1:-1]) * m2
+            t = _complex_stage(t, self.mid[ax]["G_adj"], P, p.out_grid[ax], Q, p.modes[ax], cfg, prec)
+        return t.view(gy.shape[0], gy.shape[1], *p.modes, 2)
+
+
+class _DFTConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, p: Problem, cfg):
+        plan = _Plan(p)
+        prec = _precision(p.dtype)
+        W = torch.view_as_real(weight.resolve_conj().contiguous())
+        X = plan.analysis(x, cfg, prec)
+        Y = torch.empty((p.batch, p.cout) + p.modes + (2,), dtype=torch.float32, device=x.device)
+        _mix(_Spec.of(X, (0, 1), p.modes, p.modes, False), _Spec.of(W, (0, 1), p.modes, p.modes, False),
+             _Spec.of(Y, (0, 1), p.modes, p.modes, False), p.batch, p.cin, p.cout, p.modes,
+             False, False, False, cfg, prec)
+        b = None if bias is None else bias.reshape(-1).contiguous()
+        y = plan.synthesis(Y, cfg, prec, p.dtype, bias=b)
+        ctx.save_for_backward(X, W)
+        ctx.plan, ctx.cfg = plan, cfg
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        X, W = ctx.saved_tensors
+        plan, cfg = ctx.plan, ctx.cfg
+        p = plan.p
+        prec = _precision(p.dtype)
+        gx = gw = gb = None
+        gY = plan.synthesis_adjoint(gy, cfg, prec)
+        if ctx.needs_input_grad[0]:
+            gX = torch.empty_like(X)
+            _mix(_Spec.of(gY, (0, 1), p.modes, p.modes, False), _Spec.of(W, (1, 0), p.modes, p.modes, False),
+                 _Spec.of(gX, (0, 1), p.modes, p.modes, False), p.batch, p.cout, p.cin, p.modes,
+                 False, True, False, cfg, prec)
+            gx = plan.analysis_adjoint(gX, cfg, prec, p.dtype)
+        if ctx.needs_input_grad[1]:
+            gW = torch.empty_like(W)
+            _mix(_Spec.of(X, (1, 0), p.modes, p.modes, False), _Spec.of(gY, (0, 1), p.modes, p.modes, False),
+                 _Spec.of(gW, (0, 1), p.modes, p.modes, False), p.cin, p.batch, p.cout, p.modes,
+                 True, False, False, cfg, prec)
+            gw = torch.view_as_complex(gW)
+        if ctx.needs_input_grad[2]:
+            dims = (0,) + tuple(range(2, 2 + p.d))
+            gb = gy.to(torch.float32).sum(dim=dims).reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
+        return gx, gw, gb, None, None
+
+
+def _dft_supports(p: Problem) -> str | None:
+    base = _triton_supports(p)
+    if base:
+        return base
+    if 2 * p.modes[-1] > 128:
+        return f"dft_gemm keeps at most 64 last-axis modes, got {p.modes[-1]}"
+    return None
+
+
+def _dft_cfgs() -> list[dict]:
+    out = []
+    for bm, bk, w, s in ((64, 32, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (256, 32, 8, 3)):
+        for mix in ({"MIX_R": 16, "MIX_O": 32, "MIX_S": 32}, {"MIX_R": 32, "MIX_O": 64, "MIX_S": 32}):
+            out.append({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": bk, "num_warps": w, "num_stages": s, **mix})
+    return out
+
+
+def _dft_default(p: Problem) -> dict:
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, **_mix_default(p)}
+
+
+def _dft_run(p: Problem, x, weight, bias, config=None):
+    cfg = config or _dft_default(p)
+    return _DFTConvFn.apply(x, weight, bias, p, cfg)
+
+
+# --------------------------------------------------------------------------- registration
+def _make_inputs(case: Case, device, dtype=torch.float32, requires_grad=False, seed=0):
+    """Random inputs for a case: (problem, (x, weight, bias))."""
+    c = case.params
+    gen = torch.Generator().manual_seed(seed)
+    grid, modes = tuple(c["grid"]), tuple(c["modes"])
+    x = torch.randn((c["batch"], c["cin"]) + grid, generator=gen, dtype=torch.float64)
+    std = (2.0 / (c["cin"] + c["cout"])) ** 0.5
+    w = torch.randn((c["cin"], c["cout"]) + modes, generator=gen, dtype=torch.complex128) * std
+    bias = torch.randn((c["cout"],), generator=gen, dtype=torch.float64) * std
+    wdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    bdt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    w = w.to(device=device, dtype=wdt).requires_grad_(requires_grad)
+    bias = bias.to(device=device, dtype=bdt).requires_grad_(requires_grad)
+    out_shape = tuple(c["out_grid"]) if c.get("out_grid") else None
+    p = _check(x, w, bias, out_shape, len(grid))
+    return p, (x, w, bias)
+
+
+def _reference(x, w, bias, p: Problem):
+    from opforge.reference.spectral_conv import spectral_conv as ref
+
+    return ref(x, w, bias, p.out_grid)
+
+
+def _roofline(p: Problem) -> dict:
+    """Memory floor: read x once, write y once (weights and bias are small and counted too)."""
+    el = torch.empty((), dtype=p.dtype).element_size()
+    x_bytes = p.batch * p.cin * math.prod(p.grid) * el
+    y_bytes = p.batch * p.cout * math.prod(p.out_grid) * el
+    w_bytes = p.cin * p.cout * math.prod(p.modes) * 8
+    k = math.prod(p.modes)
+    mix_flops = 8 * p.batch * p.cin * p.cout * k
+    return {"bytes": x_bytes + y_bytes + w_bytes, "flops": mix_flops}
+
+
+def _case(name, batch, cin, cout, grid, n_modes, tags, out_grid=None):
+    modes = tuple(n_modes[:-1]) + (n_modes[-1] // 2 + 1,)
+    params = {"batch": batch, "cin": cin, "cout": cout, "grid": tuple(grid), "modes": modes}
+    if out_grid:
+        params["out_grid"] = tuple(out_grid)
+    return Case(name, params, tags)
+
+
+CASES = [
+    # realistic shapes (GPU): the issue's tuning and bench set
+    _case("1d-1024-b20-c64-m16", 20, 64, 64, (1024,), (16,), ("gpu",)),
+    _case("2d-64-b20-c32-m12", 20, 32, 32, (64, 64), (12, 12), ("gpu",)),
+    _case("2d-64-b20-c32-m16", 20, 32, 32, (64, 64), (16, 16), ("gpu",)),
+    _case("2d-94-b20-c32-m16", 20, 32, 32, (94, 94), (16, 16), ("gpu",)),
+    _case("2d-128-b8-c64-m64", 8, 64, 64, (128, 128), (64, 64), ("gpu",)),
+    _case("2d-256-b32-c64-m32", 32, 64, 64, (256, 256), (32, 32), ("gpu", "main")),
+    _case("3d-64-b1-c64-m32", 1, 64, 64, (64, 64, 64), (32, 32, 32), ("gpu",)),
+    # small shapes: CPU torch path and the Triton interpreter
+    _case("1d-small-odd", 2, 3, 5, (17,), (6,), ("small",)),
+    _case("2d-small-odd", 2, 3, 5, (11, 9), (6, 6), ("small",)),
+    _case("2d-small-resample", 2, 4, 3, (12, 10), (4, 6), ("small",), out_grid=(16, 14)),
+    _case("3d-small-odd", 1, 2, 3, (7, 6, 9), (4, 4, 4), ("small",)),
+]
+
+OP = register(Op(
+    name="spectral_conv",
+    doc="FNO spectral convolution (neuraloperator SpectralConv semantics), 1D/2D/3D",
+    make_inputs=_make_inputs,
+    reference=_reference,
+    cases=CASES,
+    roofline=_roofline,
+))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run,)))
+if HAS_TRITON:
+    OP.add(Variant("dft_gemm", "triton", _dft_run,
+                   configs=lambda p: _prune_mix(p, _dft_cfgs()), default_config=_dft_default,
+                   supports=_dft_supports,
+                   sources=(_bmm_kernel, _mix_kernel, _Plan, _DFTConvFn, _bases, _dft_cfgs)))
+    OP.add(Variant("fft_mix", "triton", _fft_mix_run,
+                   configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
+                   supports=_triton_supports,
+                   sources=(_mix_kernel, _ModeMixFn, _mix_cfgs)))
+
+
+# --------------------------------------------------------------------------- public API
+def spectral_conv(x, weight, bias=None, output_shape: Sequence[int] | None = None):
+    """Spectral convolution of any dimension (taken from ``weight``'s rank).
+
+    Args:
+        x: real tensor [B, in, *grid] (float32, bfloat16, float16 or float64).
+        weight: complex tensor [in, out, m_1, ..., m_d], neuraloperator's layout.
+        bias: [out] or [out, 1, ..., 1], or None.
+        output_shape: spatial size of y (resolution change), default the input grid.
+
+    Returns:
+        y [B, out, *output_shape] in x's dtype.
+    """
+    p = _check(x, weight, bias, output_shape, None)
+    return OP(p, x, weight, bias)
+
+
+def _fixed(d):
+    def f(x, weight, bias=None, output_shape=None):
+        p = _check(x, weight, bias, output_shape, d)
+        return OP(p, x, weight, bias)
+
+    f.__name__ = f"spectral_conv{d}d"
+    f.__doc__ = (f"{d}D spectral convolution: x [B, in, {', '.join('n%d' % (i + 1) for i in range(d))}] real, "
+                 f"weight [in, out, {', '.join('m%d' % (i + 1) for i in range(d))}] complex, bias [out] or None; "
+                 f"returns [B, out, *output_shape]. See ``spectral_conv``.")
+    return f
+
+
+spectral_conv1d, spectral_conv2d, spectral_conv3d = _fixed(1), _fixed(2), _fixed(3)
+
+
+class SpectralConv(nn.Module):
+    """Dense FNO spectral convolution with neuraloperator's ``SpectralConv`` semantics.
+
+    Args:
+        in_channels, out_channels: channel counts.
+        n_modes: int or sequence, one per spatial axis: the total number of
+            modes kept; the last axis keeps ``n_modes[-1] // 2 + 1`` half-spectrum
+            modes, the others ``n_modes[i]`` modes centred on frequency 0.
+        bias: learn a bias of shape [out, 1, ..., 1].
+        fft_norm: only ``"forward"`` (neuraloperator's default) is supported.
+        init_std: std of the complex normal init, ``"auto"`` = sqrt(2 / (in + out)).
+        resolution_scaling_factor: optional float or per-axis floats; output
+            size = round(input size * factor) when ``output_shape`` is not given.
+
+    Shapes: x [B, in, *grid] -> y [B, out, *output_shape].
+    Parameters: ``weight`` complex64 [in, out, *modes], ``bias`` [out, 1, ..., 1].
+
+    Loading neuraloperator weights: ``SpectralConv.from_neuraloperator(layer)``
+    or ``load_state_dict(layer.state_dict())`` -- neuraloperator's dense weight is
+    stored as ``weight.tensor`` (a real view [..., 2]) and is converted.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, n_modes, bias: bool = True, fft_norm: str = "forward",
+                 init_std="auto", resolution_scaling_factor=None, device=None, dtype=torch.complex64):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        n_modes = [n_modes] if isinstance(n_modes, int) else list(n_modes)
+        if not 1 <= len(n_modes) <= 3 or any(not isinstance(m, int) or m < 1 for m in n_modes):
+            raise ValueError(f"n_modes must be 1 to 3 positive ints (one per spatial axis), got {n_modes!r}")
+        if fft_norm != "forward":
+            raise ValueError(f"fft_norm must be 'forward' (neuraloperator's default), got {fft_norm!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_complex):
+            raise TypeError(f"dtype must be a complex dtype for the weight, got {dtype!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.n_modes = n_modes
+        self.order = len(n_modes)
+        self.fft_norm = fft_norm
+        if resolution_scaling_factor is not None:
+            f = resolution_scaling_factor
+            f = [float(f)] * self.order if isinstance(f, (int, float)) else [float(v) for v in f]
+            if len(f) != self.order or any(v <= 0 for v in f):
+                raise ValueError(f"resolution_scaling_factor must be positive, one per axis, got {resolution_scaling_factor!r}")
+            resolution_scaling_factor = f
+        self.resolution_scaling_factor = resolution_scaling_factor
+        modes = tuple(n_modes[:-1]) + (n_modes[-1] // 2 + 1,)
+        std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else float(init_std)
+        self.weight = nn.Parameter(torch.empty((in_channels, out_channels) + modes, device=device, dtype=dtype))
+        with torch.no_grad():
+            self.weight.normal_(0, std)
+        if bias:
+            rdt = torch.float64 if dtype == torch.complex128 else torch.float32
+            self.bias = nn.Parameter(std * torch.randn((out_channels,) + (1,) * self.order, device=device, dtype=rdt))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def modes(self) -> tuple:
+        """Kept modes per axis in the weight's layout (last axis: half spectrum)."""
+        return tuple(self.weight.shape[2:])
+
+    def forward(self, x: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        if output_shape is None and self.resolution_scaling_factor is not None:
+            output_shape = tuple(round(n * f) for n, f in zip(x.shape[2:], self.resolution_scaling_factor))
+        p = _check(x, self.weight, self.bias, output_shape, self.order)
+        return OP(p, x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, n_modes={self.n_modes}, "
+                f"bias={self.bias is not None}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        legacy = prefix + "weight.tensor"  # neuraloperator / tltorch ComplexDenseTensor
+        if legacy in state_dict and prefix + "weight" not in state_dict:
+            w = state_dict.pop(legacy)
+            if not w.is_complex():
+                w = torch.view_as_complex(w.contiguous())
+            state_dict[prefix + "weight"] = w
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def from_neuraloperator(cls, layer) -> "SpectralConv":
+        """Build from a neuraloperator dense ``SpectralConv`` (2D/1D/3D, real data, not separable)."""
+        if getattr(layer, "separable", False) or getattr(layer, "complex_data", False):
+            raise ValueError("only dense, non-separable, real-data neuraloperator SpectralConv layers convert")
+        w = layer.weight
+        w = w if isinstance(w, torch.Tensor) else w.to_tensor()
+        modes = list(w.shape[2:])
+        n_modes = modes[:-1] + [2 * (modes[-1] - 1)]
+        out = cls(int(w.shape[0]), int(w.shape[1]), n_modes, bias=layer.bias is not None, device=w.device,
+                  dtype=w.dtype, resolution_scaling_factor=None)
+        with torch.no_grad():
+            out.weight.copy_(w.detach())
+            if layer.bias is not None:
+                out.bias.copy_(layer.bias.detach())
+        return out

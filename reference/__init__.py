@@ -1,0 +1,7 @@
+"""NumPy float64 references for every opforge op: plain, readable math, never calling opforge.
+
+Each module ``opforge.reference.X`` mirrors ``opforge.kernels.X``.
+"""
+from .tolerance import assert_close, rel_error, tolerance
+
+__all__ = ["assert_close", "rel_error", "tolerance"]

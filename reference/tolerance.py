@@ -1,0 +1,65 @@
+"""One tolerance table per dtype, scaled by the reduction length.
+
+An output is compared by its *normalised* max error, ``max|a - e| / max|e|``;
+the bound is ``FACTOR[dtype] * eps(dtype) * sqrt(reduction)``, ``reduction``
+being the number of terms summed into each output element (e.g. in_channels x
+grid points for a spectral convolution).  float32 kernels on the GPU use
+3xTF32 dot products, whose error is of float32's order, so the same row holds.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+EPS = {
+    "float64": 2.220446049250313e-16,
+    "float32": 1.1920928955078125e-07,
+    "float16": 9.765625e-04,
+    "bfloat16": 7.8125e-03,
+}
+FACTOR = {"float64": 16.0, "float32": 16.0, "float16": 4.0, "bfloat16": 2.0}
+
+
+def _name(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    if name not in EPS:
+        raise ValueError(f"no tolerance for dtype {dtype!r}; known: {sorted(EPS)}")
+    return name
+
+
+def tolerance(dtype, reduction: int = 1) -> float:
+    """Bound on the normalised max error for a result of ``dtype`` summing ``reduction`` terms."""
+    n = _name(dtype)
+    return FACTOR[n] * EPS[n] * math.sqrt(max(int(reduction), 1))
+
+
+def _np(a) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu()
+        if a.is_complex():
+            a = a.to(dtype=a.dtype).resolve_conj()
+        else:
+            a = a.double()
+        a = a.numpy()
+    return np.asarray(a)
+
+
+def rel_error(actual, expected) -> float:
+    """``max|actual - expected| / max|expected|`` (0 for two empty arrays)."""
+    a, e = _np(actual), _np(expected)
+    if a.shape != e.shape:
+        raise ValueError(f"shape mismatch: actual {a.shape} vs expected {e.shape}")
+    if e.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(e)))
+    return float(np.max(np.abs(a - e))) / (scale if scale > 0 else 1.0)
+
+
+def assert_close(actual, expected, dtype, reduction: int = 1, what: str = "output") -> float:
+    """Raise AssertionError naming ``what`` when the normalised error is over the bound."""
+    err = rel_error(actual, expected)
+    tol = tolerance(dtype, reduction)
+    if not err <= tol:
+        raise AssertionError(f"{what}: normalised max error {err:.3e} > tolerance {tol:.3e} ({dtype}, reduction {reduction})")
+    return err
