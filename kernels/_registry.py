@@ -85,6 +85,8 @@ class Op:
     cases: list = field(default_factory=list)
     # roofline(problem) -> {"bytes": floor bytes, "flops": useful flops}
     roofline: Callable[[Any], dict] | None = None
+    # reduction(problem) -> terms summed into one output element (scales the tolerance)
+    reduction: Callable[[Any], int] | None = None
     _hash: str | None = None
 
     def add(self, variant: Variant) -> Variant:
@@ -113,8 +115,11 @@ class Op:
         return self._hash
 
     # ---------------------------------------------------------------- dispatch
-    def select(self, problem) -> tuple[Variant, dict | None, str]:
-        """Pick (variant, config, why) for a problem under the backend in force."""
+    def select(self, problem, args: tuple = ()) -> tuple[Variant, dict | None, str]:
+        """Pick (variant, config, why) for a problem under the backend in force.
+
+        ``args`` are the call's tensors, used only to tune on the spot (OPFORGE_AUTOTUNE=1).
+        """
         backend, pins = current_backend()
         pinned = pins.get(self.name)
         if pinned is not None:
@@ -148,7 +153,7 @@ class Op:
         if os.environ.get("OPFORGE_AUTOTUNE", "0") == "1" and problem.device.type == "cuda":
             from opforge.autotune import tuner
 
-            entry = tuner.tune_problem(self, problem, persist=True)
+            entry = tuner.tune_problem(self, problem, args, persist=True)
             if entry["variant"] in allowed:
                 return self.variants[entry["variant"]], entry.get("config"), "tuned"
         v = candidates[0]
@@ -167,7 +172,7 @@ class Op:
         return v.run(problem, *args, config=config)
 
     def __call__(self, problem, *args):
-        v, config, _ = self.select(problem)
+        v, config, _ = self.select(problem, args)
         return v.run(problem, *args, config=config)
 
 

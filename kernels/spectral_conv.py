@@ -714,6 +714,7 @@ OP = register(Op(
     reference=_reference,
     cases=CASES,
     roofline=_roofline,
+    reduction=lambda p: p.cin * math.prod(p.grid),
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run,)))
 if HAS_TRITON:

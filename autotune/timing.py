@@ -1,0 +1,47 @@
+"""Timing: ``triton.testing.do_bench`` on CUDA (median and quantiles, L2 flushed), a wall-clock loop on CPU."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def bench(fn, device, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3) -> dict:
+    """Time ``fn()`` and return ``{"p20", "p50", "p80"}`` in milliseconds.
+
+    On CUDA this is ``triton.testing.do_bench`` (it clears L2 before every
+    repetition and times with CUDA events). On the CPU, a warm-up call and then
+    at least ``min_reps`` calls or ``rep_ms`` of wall time, whichever is longer.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+        return {"p20": float(q[0]), "p50": float(q[1]), "p80": float(q[2])}
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start) * 1e3 < rep_ms:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 1000:
+            break
+    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return {"p20": qs[1], "p50": statistics.median(times), "p80": qs[7]}
+
+
+def peak_memory(fn, device) -> int | None:
+    """Peak bytes allocated while running ``fn()`` on CUDA (None on the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base

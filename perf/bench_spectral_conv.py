@@ -1,0 +1,91 @@
+"""Perf suite of the FNO spectral convolution: every variant vs torch vs the peer library.
+
+The peer is neuraloperator's ``SpectralConv`` when neuraloperator is installed
+(variant ``neuraloperator``); otherwise neuraloperator 2.0.0's dense forward
+algorithm written plainly in torch (``neuralop-algorithm``: rfftn, fftshift,
+a zero-filled full spectrum, slice assignment, fftshift, irfftn), labelled as such.
+
+    pytest perf/bench_spectral_conv.py --opforge-results /tmp/r.json
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opforge.kernels import get_op
+
+OP = get_op("spectral_conv")
+
+try:
+    from neuralop.layers.spectral_convolution import SpectralConv as _NeuralopConv
+
+    PEER = "neuraloperator"
+except Exception:  # not installed (the usual case on CPU machines)
+    _NeuralopConv = None
+    PEER = "neuralop-algorithm"
+
+
+def _neuralop_algorithm(x, w, bias):
+    """neuraloperator 2.0.0's dense SpectralConv forward, written plainly (the baseline when it is absent)."""
+    d = w.dim() - 2
+    dims = tuple(range(-d, 0))
+    X = torch.fft.rfftn(x.float(), dim=dims, norm="forward")
+    if d > 1:
+        X = torch.fft.fftshift(X, dim=dims[:-1])
+    out = torch.zeros((x.shape[0], w.shape[1]) + tuple(X.shape[2:]), dtype=torch.complex64, device=x.device)
+    sl = [slice(None), slice(None)]
+    sl += [slice(n // 2 - m // 2, n // 2 - m // 2 + m) for n, m in zip(X.shape[2:-1], w.shape[2:-1])]
+    sl += [slice(0, w.shape[-1])]
+    out[tuple(sl)] = torch.einsum("bi...,io...->bo...", X[tuple(sl)], w)
+    if d > 1:
+        out = torch.fft.fftshift(out, dim=dims[:-1])
+    y = torch.fft.irfftn(out, s=x.shape[2:], dim=dims, norm="forward")
+    return y + bias.reshape((1, -1) + (1,) * d)
+
+
+def _peer_forward(problem, w, bias):
+    if _NeuralopConv is None:
+        return lambda x: _neuralop_algorithm(x, w, bias)
+    modes = list(problem.modes)
+    n_modes = modes[:-1] + [2 * (modes[-1] - 1)]
+    layer = _NeuralopConv(problem.cin, problem.cout, n_modes, bias=True).to(problem.device)
+    with torch.no_grad():
+        layer.weight.tensor.copy_(torch.view_as_real(w.detach()))
+        layer.bias.copy_(bias.detach().reshape(layer.bias.shape))
+    return layer
+
+
+VARIANTS = list(OP.variants) + [PEER]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_spectral_conv(perf, case, dtype, variant, mode):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    grad = mode == "fwdbwd"
+    problem, (x, w, b) = OP.make_inputs(case, dev, dtype, requires_grad=grad)
+    if variant == PEER:
+        if problem.out_grid != problem.grid or dtype != torch.float32:
+            pytest.skip("the peer runs float32 without resampling")
+        fwd = _peer_forward(problem, w, b)
+        params = [x] + (list(fwd.parameters()) if isinstance(fwd, torch.nn.Module) else [w, b])
+    else:
+        reason = OP.variants[variant].why_not(problem)
+        if reason or (variant != "torch" and dev == "cpu"):
+            pytest.skip(reason or "Triton variants are timed on the GPU only")
+
+        def fwd(x, variant=variant):
+            return OP.run_variant(variant, problem, x, w, b)
+
+        params = [x, w, b]
+    g = torch.randn((problem.batch, problem.cout) + problem.out_grid, device=dev, dtype=dtype)
+
+    def step():
+        if not grad:
+            with torch.no_grad():
+                return fwd(x)
+        for t in params:
+            t.grad = None
+        fwd(x).backward(g)
+
+    perf.run(OP, case, variant, mode, problem, step)

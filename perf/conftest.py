@@ -1,0 +1,104 @@
+"""Shared machinery of the perf suites (pytest-benchmark).
+
+Every suite test times one (op, case, variant, mode, dtype) with
+``benchmark.pedantic``: on CUDA each round is followed by a synchronize and
+preceded (untimed) by an L2 flush, so rounds are cold-cache like
+``triton.testing.do_bench``. Each test appends a record; with
+``--opforge-results FILE`` the session writes them as a results file
+(``opforge perf-check`` drives this).
+
+Options: ``--opforge-cases small|gpu|all`` (default: gpu on CUDA, small on CPU),
+``--opforge-dtypes float32,bfloat16`` (default float32).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opforge.autotune import perf as perf_results
+from opforge.kernels._triton import device_info, device_peaks
+
+_RECORDS: list[dict] = []
+_L2 = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--opforge-results", default=None, help="write the perf records to this JSON file")
+    parser.addoption("--opforge-cases", default=None, choices=["small", "gpu", "all"])
+    parser.addoption("--opforge-dtypes", default="float32")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize ``case`` from the suite's OP cases, and ``dtype`` from --opforge-dtypes."""
+    cfg = metafunc.config
+    if "case" in metafunc.fixturenames:
+        op = metafunc.module.OP
+        want = cfg.getoption("--opforge-cases") or ("gpu" if device().type == "cuda" else "small")
+        cases = [c for c in op.cases if want == "all" or want in c.tags]
+        metafunc.parametrize("case", cases, ids=[c.name for c in cases])
+    if "dtype" in metafunc.fixturenames:
+        names = [n.strip() for n in cfg.getoption("--opforge-dtypes").split(",") if n.strip()]
+        metafunc.parametrize("dtype", [getattr(torch, n) for n in names], ids=names)
+
+
+def _flush_l2(dev):
+    if dev.type == "cuda":
+        buf = _L2.get(dev)
+        if buf is None:
+            buf = _L2[dev] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=dev)
+        buf.zero_()
+        torch.cuda.synchronize(dev)
+
+
+class Perf:
+    def __init__(self, benchmark):
+        self.benchmark = benchmark
+
+    def run(self, op, case, variant: str, mode: str, problem, fn, rounds: int | None = None):
+        """Time ``fn`` (one forward, or forward+backward) and record it."""
+        dev = problem.device
+
+        def target():
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        rounds = rounds or (30 if dev.type == "cuda" else 5)
+        self.benchmark.pedantic(target, setup=lambda: _flush_l2(dev), rounds=rounds, warmup_rounds=2, iterations=1)
+        data = sorted(self.benchmark.stats.stats.data)
+        q = lambda f: 1e3 * data[min(len(data) - 1, int(round(f * (len(data) - 1))))]  # noqa: E731
+        rec = {"op": op.name, "case": case.name, "shape": _shape(case), "variant": variant, "mode": mode,
+               "dtype": problem.dtype_name, "p20": q(0.2), "p50": q(0.5), "p80": q(0.8), "rounds": len(data)}
+        if op.roofline is not None:
+            roof = op.roofline(problem)
+            scale = 2 if mode == "fwdbwd" else 1  # backward reads grad_y and writes grad_x once more
+            gbps = scale * roof["bytes"] / (rec["p50"] * 1e-3) / 1e9
+            rec["gbps"] = gbps
+            peaks = device_peaks(device_info()["name"])
+            rec["frac_peak_bw"] = gbps / peaks["gbps"] if peaks else None
+        if dev.type == "cuda" and mode == "fwdbwd":
+            from opforge.autotune.timing import peak_memory
+
+            rec["peak_mb"] = peak_memory(fn, dev) / 2**20
+        self.benchmark.extra_info.update(rec)
+        _RECORDS.append(rec)
+        return rec
+
+
+def _shape(case) -> str:
+    return ", ".join(f"{k}={v}" for k, v in case.params.items())
+
+
+@pytest.fixture
+def perf(benchmark):
+    return Perf(benchmark)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--opforge-results")
+    if path and _RECORDS:
+        perf_results.write(path, _RECORDS, perf_results.environment(device_info()))
