@@ -150,6 +150,8 @@ def _freq_index(m: int, n: int, device) -> torch.Tensor:
 
 def _torch_run(p: Problem, x, weight, bias, config=None):
     d = p.d
+    if p.batch == 0:  # FFT libraries reject empty batches; keep the graph connected to weight
+        return x.new_zeros((0, p.cout) + p.out_grid) + (weight.real.sum() * 0).to(p.dtype)
     double = p.dtype == torch.float64 or p.wdtype == torch.complex128
     rdt, cdt = (torch.float64, torch.complex128) if double else (torch.float32, torch.complex64)
     dims = tuple(range(-d, 0))
@@ -181,8 +183,6 @@ def _triton_supports(p: Problem) -> str | None:
         return f"Triton variants take float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
     if p.wdtype != torch.complex64:
         return f"Triton variants take a complex64 weight, got {p.wdtype}"
-    if p.batch == 0:
-        return "empty batch (served by the torch variant)"
     return None
 
 
@@ -742,13 +742,19 @@ def spectral_conv(x, weight, bias=None, output_shape: Sequence[int] | None = Non
         y [B, out, *output_shape] in x's dtype.
     """
     p = _check(x, weight, bias, output_shape, None)
+    return _call(p, x, weight, bias)
+
+
+def _call(p: Problem, x, weight, bias):
+    if p.batch == 0:  # nothing to compute: every backend returns the empty output
+        return _torch_run(p, x, weight, bias)
     return OP(p, x, weight, bias)
 
 
 def _fixed(d):
     def f(x, weight, bias=None, output_shape=None):
         p = _check(x, weight, bias, output_shape, d)
-        return OP(p, x, weight, bias)
+        return _call(p, x, weight, bias)
 
     f.__name__ = f"spectral_conv{d}d"
     f.__doc__ = (f"{d}D spectral convolution: x [B, in, {', '.join('n%d' % (i + 1) for i in range(d))}] real, "
@@ -826,7 +832,7 @@ class SpectralConv(nn.Module):
         if output_shape is None and self.resolution_scaling_factor is not None:
             output_shape = tuple(round(n * f) for n, f in zip(x.shape[2:], self.resolution_scaling_factor))
         p = _check(x, self.weight, self.bias, output_shape, self.order)
-        return OP(p, x, self.weight, self.bias)
+        return _call(p, x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, n_modes={self.n_modes}, "

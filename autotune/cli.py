@@ -1,0 +1,240 @@
+"""The ``opforge`` command line.
+
+    opforge bench [--op NAME ...] [--interpret]      check every op vs its NumPy reference and time it (main job)
+    opforge tune [--op NAME ...] [--out FILE]        tune the GPU at hand, write the cache, print the winners
+    opforge perf-check [--update] [--threshold T]    rerun perf/ and gate speedup ratios vs the committed baseline
+    opforge perf-table [FILE]                        print the README table of a results file
+    opforge list                                     registered ops and variants
+
+Environment: OPFORGE_BACKEND, OPFORGE_AUTOTUNE, OPFORGE_CACHE_DIR, TRITON_INTERPRET.
+Nothing is imported from opforge.kernels before the arguments are read, so
+``--interpret`` can switch Triton to its CPU interpreter first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _kernels():
+    import opforge.kernels as k
+
+    return k
+
+
+def _ops(names):
+    k = _kernels()
+    names = names or list(k.registered_ops())
+    return [k.get_op(n) for n in names]
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    cells = [[h for h, _ in cols]] + [[r.get(key, "") if isinstance(r.get(key), str) else _fmt(r.get(key))
+                                       for _, key in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def _to_numpy(t):
+    t = t.detach().cpu()
+    return t.resolve_conj().to(__import__("torch").complex128).numpy() if t.is_complex() else t.double().numpy()
+
+
+# --------------------------------------------------------------------------- bench (main job)
+REF_BATCH = 2  # the reference checks the first REF_BATCH batch entries (ops are batch-independent)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from opforge.autotune.timing import bench
+    from opforge.reference import rel_error, tolerance
+
+    k = _kernels()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tag = args.cases or ("gpu" if dev.type == "cuda" else "small")
+    rows, failed = [], 0
+    for op in _ops(args.op):
+        for case in [c for c in op.cases if tag in c.tags]:
+            problem, tensors = op.make_inputs(case, dev, torch.float32)
+            sub = tuple(t[:REF_BATCH] if i == 0 else t for i, t in enumerate(tensors))
+            expected = op.reference(*[_to_numpy(t) for t in sub], problem)
+            tol = tolerance(torch.float32, op.reduction(problem) if op.reduction else 1)
+            if args.interpret:
+                plan = [(v.name, None) for v in op.triton_variants()] + [("torch", None)]
+            else:
+                v, cfg, why = op.select(problem, tensors)
+                plan = [(v.name, cfg, why)]
+            for item in plan:
+                name, cfg = item[0], item[1]
+                why = item[2] if len(item) > 2 else "requested"
+                reason = op.variants[name].why_not(problem)
+                if reason:
+                    rows.append({"op": op.name, "case": case.name, "variant": name, "status": f"skip: {reason[:50]}"})
+                    continue
+                with torch.no_grad():
+                    run = lambda: op.variants[name].run(problem, *tensors, config=cfg or (  # noqa: E731
+                        op.variants[name].default_config(problem) if op.variants[name].default_config else None))
+                    out = run()
+                    err = rel_error(out[:REF_BATCH], expected)
+                    ok = err <= tol
+                    failed += not ok
+                    t = bench(run, dev, rep_ms=20 if args.interpret else 100)["p50"]
+                    t_torch = bench(lambda: op.torch_variant.run(problem, *tensors, config=None), dev,
+                                    rep_ms=20 if args.interpret else 100)["p50"]
+                rows.append({"op": op.name, "case": case.name, "variant": name, "why": why, "max_err": err, "tol": tol,
+                             "ms": t, "torch_ms": t_torch, "speedup": t_torch / t, "status": "ok" if ok else "FAIL"})
+    from opforge.kernels._triton import device_info
+
+    info = device_info()
+    mode = "Triton interpreter (CPU; times are not GPU times)" if args.interpret else info["name"]
+    print(f"opforge bench on {mode}; reference: NumPy float64 on the first {REF_BATCH} batch entries; "
+          f"error = max|y - ref| / max|ref|")
+    print(_table(rows, [("op", "op"), ("case", "case"), ("variant", "variant"), ("chosen by", "why"),
+                        ("max err", "max_err"), ("tol", "tol"), ("ms", "ms"), ("torch ms", "torch_ms"),
+                        ("speedup", "speedup"), ("status", "status")]))
+    if failed:
+        print(f"{failed} result(s) outside tolerance", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- tune
+def cmd_tune(args) -> int:
+    import torch
+
+    from opforge.autotune import cache, tuner
+    from opforge.kernels._triton import device_info
+
+    if not torch.cuda.is_available() and not args.interpret:
+        print("opforge tune needs a CUDA GPU (or --interpret to exercise the tuner on the CPU "
+              "interpreter with small shapes)", file=sys.stderr)
+        return 2
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    info = device_info()
+    out = Path(args.out) if args.out else cache.user_dir() / cache.file_name(info)
+    tag = args.cases or ("gpu" if dev == "cuda" else "small")
+    rows = []
+    for op in _ops(args.op):
+        cases = [c for c in op.cases if tag in c.tags]
+        for dt in args.dtype:
+            rows += tuner.tune_op(op, cases, dev, getattr(torch, dt), out=out)
+    print(f"\nwinners on {info['name']} (cc {info['cc']}, Triton {info['triton']}) -> {out}")
+    print(_table(rows, [("op", "op"), ("case", "case"), ("dtype", "dtype"), ("variant", "variant"),
+                        ("config", "config"), ("ms", "ms"), ("torch ms", "torch_ms"), ("speedup", "speedup")]))
+    return 0
+
+
+# --------------------------------------------------------------------------- perf-check
+def cmd_perf_check(args) -> int:
+    from opforge.autotune import perf
+    from opforge.kernels._triton import device_info
+
+    perf_dir = Path(args.perf_dir)
+    if not perf_dir.is_dir():
+        print(f"--perf-dir {perf_dir} is not a folder (run from an opforge checkout or name it)", file=sys.stderr)
+        return 2
+    info = device_info()
+    baseline = Path(args.baseline) if args.baseline else perf.results_path(perf_dir, info)
+    with tempfile.TemporaryDirectory() as tmp:
+        current = Path(tmp) / "current.json"
+        cmd = [sys.executable, "-m", "pytest", str(perf_dir), "-q", "-p", "no:cacheprovider",
+               "--benchmark-disable-gc", "--benchmark-columns=median,iqr", f"--opforge-results={current}"]
+        if args.cases:
+            cmd.append(f"--opforge-cases={args.cases}")
+        if args.dtypes:
+            cmd.append(f"--opforge-dtypes={args.dtypes}")
+        if args.k:
+            cmd += ["-k", args.k]
+        print("running:", " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, stdout=sys.stderr if args.quiet else None).returncode
+        if rc != 0 or not current.exists():
+            print(f"the perf suite failed (pytest exit {rc})", file=sys.stderr)
+            return 2
+        data = perf.read(current)
+        if args.update:
+            perf.write(baseline, data["records"], data["env"])
+            print(f"baseline written: {baseline} ({len(data['records'])} records)")
+            return 0
+    if not baseline.exists():
+        print(f"no baseline for this device at {baseline}; create one with --update", file=sys.stderr)
+        return 2
+    rows, failures = perf.compare(data["records"], perf.read(baseline)["records"], args.threshold)
+    print(f"speedup ratios vs torch, this run vs {baseline} (threshold {args.threshold} + measured spread)")
+    print(_table(rows, [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("variant", "variant"),
+                        ("now", "current"), ("baseline", "baseline"), ("allowed drop", "allowed"),
+                        ("status", "status")]))
+    if failures:
+        print(f"{len(failures)} regression(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_perf_table(args) -> int:
+    from opforge.autotune import perf
+
+    data = perf.read(args.file)
+    print(perf.markdown_table(data["records"], data["env"]))
+    return 0
+
+
+def cmd_list(args) -> int:
+    k = _kernels()
+    for name, variants in k.registered_ops().items():
+        op = k.get_op(name)
+        print(f"{name}: {', '.join(variants)}  -- {op.doc}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="opforge", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="check every op against its NumPy reference and time it (start here)")
+    b.add_argument("--op", nargs="*", help="ops to run (default: all)")
+    b.add_argument("--interpret", action="store_true",
+                   help="run every Triton variant through the CPU interpreter on small shapes")
+    b.add_argument("--cases", choices=["small", "gpu"], help="case set (default: gpu on CUDA, else small)")
+    b.set_defaults(fn=cmd_bench)
+    t = sub.add_parser("tune", help="autotune on the GPU at hand and write the cache")
+    t.add_argument("--op", nargs="*")
+    t.add_argument("--out", help="cache file to write (default: the user cache file of this GPU)")
+    t.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--cases", choices=["small", "gpu"])
+    t.add_argument("--interpret", action="store_true", help="exercise the tuner on the CPU interpreter")
+    t.set_defaults(fn=cmd_tune)
+    p = sub.add_parser("perf-check", help="rerun the perf suite and gate speedup ratios against the baseline")
+    p.add_argument("--perf-dir", default="perf")
+    p.add_argument("--baseline", help="results file to compare with (default perf/results/<device>.json)")
+    p.add_argument("--threshold", type=float, default=0.10, help="allowed relative drop of a ratio, plus spread")
+    p.add_argument("--update", action="store_true", help="write this run as the baseline instead of comparing")
+    p.add_argument("--cases", choices=["small", "gpu", "all"])
+    p.add_argument("--dtypes", help="comma-separated dtypes (default float32)")
+    p.add_argument("-k", help="pytest -k expression to select benchmarks")
+    p.add_argument("--quiet", action="store_true", help="send pytest's output to stderr")
+    p.set_defaults(fn=cmd_perf_check)
+    pt = sub.add_parser("perf-table", help="print the markdown table of a perf results file")
+    pt.add_argument("file")
+    pt.set_defaults(fn=cmd_perf_table)
+    ls = sub.add_parser("list", help="registered ops and their variants")
+    ls.set_defaults(fn=cmd_list)
+    args = ap.parse_args(argv)
+    if getattr(args, "interpret", False):
+        os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit runs
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

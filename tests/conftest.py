@@ -1,0 +1,21 @@
+"""Test set-up: the Triton interpreter is switched on before opforge's kernels are imported,
+so every Triton variant runs on CPU tensors; the user autotune cache points at a temp folder."""
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["OPFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="opforge-test-cache-")
+os.environ.pop("OPFORGE_BACKEND", None)
+os.environ.pop("OPFORGE_AUTOTUNE", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,205 @@
+"""Spectral convolution: NumPy reference vs torch variant vs every Triton variant (interpreter),
+forward and backward, odd sizes, resampling, dtypes, modules, neuraloperator parity and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from opforge.kernels import SpectralConv, get_op, spectral_conv, spectral_conv1d, spectral_conv2d, spectral_conv3d
+from opforge.kernels import use_backend
+from opforge.reference import assert_close
+from opforge.reference import spectral_conv as ref
+
+OP = get_op("spectral_conv")
+SMALL = [c for c in OP.cases if "small" in c.tags]
+TRITON = [v.name for v in OP.triton_variants()]
+
+
+def np64(t):
+    t = t.detach()
+    return t.resolve_conj().to(torch.complex128).numpy() if t.is_complex() else t.double().numpy()
+
+
+def reduction(p):
+    return OP.reduction(p)
+
+
+def check_variant(variant, case, dtype):
+    p, (x, w, b) = OP.make_inputs(case, "cpu", dtype, requires_grad=True, seed=1)
+    g = torch.randn((p.batch, p.cout) + p.out_grid, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = ref.spectral_conv(np64(x), np64(w), np64(b), p.out_grid)
+    dx, dw, db = ref.spectral_conv_vjp(np64(x), np64(w), np64(b), g.numpy(), p.out_grid)
+    y = OP.run_variant(variant, p, x, w, b)
+    assert y.shape == (p.batch, p.cout) + p.out_grid and y.dtype == dtype
+    assert_close(y, expected, dtype, reduction(p), f"{variant} forward")
+    (y * g.to(dtype)).sum().backward()
+    red_w = p.batch * int(np.prod(p.out_grid))
+    assert_close(x.grad, dx, dtype, reduction(p), f"{variant} grad x")
+    assert_close(w.grad, dw, dtype, red_w, f"{variant} grad weight")
+    assert_close(b.grad, db, dtype, red_w, f"{variant} grad bias")
+
+
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_torch_variant_float64_matches_reference(case):
+    check_variant("torch", case, torch.float64)
+
+
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_torch_variant_float32(case):
+    check_variant("torch", case, torch.float32)
+
+
+@pytest.mark.parametrize("variant", TRITON)
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_triton_variant_matches_reference(variant, case):
+    check_variant(variant, case, torch.float32)
+
+
+@pytest.mark.parametrize("variant", TRITON)
+def test_triton_bfloat16_input(variant):
+    case = next(c for c in SMALL if c.name == "2d-small-odd")
+    p, (x, w, b) = OP.make_inputs(case, "cpu", torch.bfloat16, seed=3)
+    y = OP.run_variant(variant, p, x, w, b)
+    assert y.dtype == torch.bfloat16
+    expected = ref.spectral_conv(np64(x), np64(w), np64(b), p.out_grid)
+    assert_close(y, expected, torch.bfloat16, reduction(p), f"{variant} bf16 forward")
+
+
+def test_reference_vjp_matches_torch_autograd_float64():
+    """The hand-written adjoints of the reference agree with torch's autograd of the torch path."""
+    case = next(c for c in SMALL if c.name == "2d-small-resample")
+    p, (x, w, b) = OP.make_inputs(case, "cpu", torch.float64, requires_grad=True)
+    g = torch.randn((p.batch, p.cout) + p.out_grid, dtype=torch.float64)
+    y = OP.run_variant("torch", p, x, w, b)
+    gx, gw, gb = torch.autograd.grad((y * g).sum(), (x, w, b))
+    dx, dw, db = ref.spectral_conv_vjp(np64(x), np64(w), np64(b), g.numpy(), p.out_grid)
+    np.testing.assert_allclose(gx.numpy(), dx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gw.numpy(), dw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gb.numpy(), db, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_torch_path():
+    x = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 4, 2, dtype=torch.complex128, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: spectral_conv2d(x, w, b, output_shape=(9, 6)), (x, w, b))
+
+
+def test_reference_matches_direct_dft_sum():
+    """The reference equals the DFT written as explicit sums on an odd 1D grid (numpy's irfft semantics)."""
+    rng = np.random.default_rng(0)
+    n, m = 9, 3
+    x = rng.standard_normal((1, 1, n))
+    w = rng.standard_normal((1, 1, m)) + 1j * rng.standard_normal((1, 1, m))
+    t = np.arange(n)
+    X = [(x[0, 0] * np.exp(-2j * np.pi * k * t / n)).sum() / n for k in range(m)]
+    y = sum((1 if k == 0 else 2) * (X[k] * w[0, 0, k] * np.exp(2j * np.pi * k * t / n)).real for k in range(m))
+    np.testing.assert_allclose(ref.spectral_conv(x, w)[0, 0], y, atol=1e-12)
+
+
+def test_functional_dims_and_dispatch_on_cpu():
+    x = torch.randn(2, 3, 10, 8)
+    w = torch.randn(3, 4, 6, 3, dtype=torch.complex64)
+    y = spectral_conv2d(x, w)
+    assert y.shape == (2, 4, 10, 8)
+    torch.testing.assert_close(spectral_conv(x, w), y)
+    assert spectral_conv1d(torch.randn(2, 3, 11), torch.randn(3, 2, 4, dtype=torch.complex64)).shape == (2, 2, 11)
+    w3 = torch.randn(3, 2, 2, 2, 2, dtype=torch.complex64)
+    assert spectral_conv3d(torch.randn(1, 3, 4, 5, 6), w3, output_shape=(6, 7, 8)).shape == (1, 2, 6, 7, 8)
+
+
+def test_use_backend_triton_runs_interpreter_and_agrees():
+    x = torch.randn(2, 3, 10, 8)
+    w = torch.randn(3, 4, 6, 3, dtype=torch.complex64)
+    y_t = spectral_conv2d(x, w)
+    for name in TRITON:
+        with use_backend("triton", spectral_conv=name):
+            torch.testing.assert_close(spectral_conv2d(x, w), y_t, rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous_and_empty_batch():
+    x = torch.randn(2, 8, 3, 10).transpose(1, 2)  # [2, 3, 8, 10], non-contiguous
+    w = torch.randn(3, 2, 4, 3, dtype=torch.complex64)
+    y = spectral_conv2d(x, w)
+    torch.testing.assert_close(y, spectral_conv2d(x.contiguous(), w))
+    with use_backend("triton", spectral_conv="dft_gemm"):
+        torch.testing.assert_close(spectral_conv2d(x, w), y, rtol=1e-4, atol=1e-5)
+    empty = spectral_conv2d(torch.randn(0, 3, 8, 10), w, output_shape=(5, 6))
+    assert empty.shape == (0, 2, 5, 6)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (lambda: spectral_conv2d(torch.randn(3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64)), ValueError, "rank 4"),
+    (lambda: spectral_conv2d(torch.randn(1, 5, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64)), ValueError, "channel mismatch"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 9, 3, dtype=torch.complex64)), ValueError, "modes"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 6, dtype=torch.complex64)), ValueError, "at most 5"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8, dtype=torch.complex64), torch.randn(3, 2, 4, 3, dtype=torch.complex64)), TypeError, "real floating"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3)), TypeError, "weight must be complex"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), torch.randn(3)), ValueError, "bias"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), output_shape=(8,)), ValueError, "output_shape"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), output_shape=(2, 8)), ValueError, "output_shape"),
+    (lambda: spectral_conv(torch.randn(1, 3, 8), torch.randn(3, 2, dtype=torch.complex64)), ValueError, "rank 3, 4 or 5"),
+    (lambda: SpectralConv(3, 2, [4, 4, 4, 4]), ValueError, "n_modes"),
+    (lambda: SpectralConv(0, 2, 4), ValueError, "in_channels"),
+    (lambda: SpectralConv(3, 2, 4, fft_norm="ortho"), ValueError, "fft_norm"),
+])
+def test_bad_input_is_a_clear_error(bad, err, match):
+    with pytest.raises(err, match=match):
+        bad()
+
+
+def test_module_matches_functional_and_resamples():
+    torch.manual_seed(0)
+    layer = SpectralConv(3, 4, n_modes=(6, 6))
+    assert layer.weight.shape == (3, 4, 6, 4) and layer.weight.dtype == torch.complex64
+    assert layer.bias.shape == (4, 1, 1)
+    x = torch.randn(2, 3, 12, 10)
+    torch.testing.assert_close(layer(x), spectral_conv2d(x, layer.weight, layer.bias))
+    assert layer(x, output_shape=(24, 20)).shape == (2, 4, 24, 20)
+    up = SpectralConv(3, 4, 6, resolution_scaling_factor=2.0)
+    assert up(torch.randn(2, 3, 16)).shape == (2, 4, 32)
+    loss = layer(x).square().sum()
+    loss.backward()
+    assert layer.weight.grad is not None and layer.bias.grad.shape == (4, 1, 1)
+
+
+def test_module_loads_neuraloperator_shaped_state_dict():
+    """neuraloperator stores the dense weight as ``weight.tensor`` (complex, or a real [..., 2] view via tltorch)."""
+    layer = SpectralConv(3, 4, n_modes=(6, 6))
+    w = torch.randn(3, 4, 6, 4, dtype=torch.complex64)
+    bias = torch.randn(4, 1, 1)
+    for stored in (w, torch.view_as_real(w)):
+        layer.load_state_dict({"weight.tensor": stored.clone(), "bias": bias})
+        torch.testing.assert_close(layer.weight.detach(), w)
+
+
+def test_neuraloperator_parity_even_sizes():
+    """Same outputs as neuraloperator's SpectralConv on even sizes (needs neuraloperator importable)."""
+    nop = pytest.importorskip("neuralop.layers.spectral_convolution")
+    torch.manual_seed(0)
+    for n_modes, grid in (([8, 6], (16, 12)), ([10], (20,)), ([4, 4, 6], (8, 8, 10))):
+        theirs = nop.SpectralConv(3, 5, n_modes)
+        ours = SpectralConv.from_neuraloperator(theirs)
+        x = torch.randn(2, 3, *grid)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+        ours2 = SpectralConv(3, 5, n_modes)
+        ours2.load_state_dict(theirs.state_dict())
+        torch.testing.assert_close(ours2(x), theirs(x), rtol=1e-4, atol=1e-5)
+        for name in TRITON:
+            with use_backend("triton", spectral_conv=name):
+                torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_variants_match_reference(variant, dtype):
+    for case in SMALL + [c for c in OP.cases if c.name == "2d-64-b20-c32-m16"]:
+        p, (x, w, b) = OP.make_inputs(case, "cuda", dtype, requires_grad=True, seed=1)
+        g = torch.randn((p.batch, p.cout) + p.out_grid, device="cuda", dtype=dtype)
+        y = OP.run_variant(variant, p, x, w, b)
+        expected = ref.spectral_conv(np64(x.cpu()), np64(w.cpu()), np64(b.cpu()), p.out_grid)
+        assert_close(y.cpu(), expected, dtype, reduction(p), f"{variant} {case.name} forward")
+        (y * g).sum().backward()
+        dx, dw, _ = ref.spectral_conv_vjp(np64(x.cpu()), np64(w.cpu()), np64(b.cpu()), np64(g.cpu()), p.out_grid)
+        assert_close(x.grad.cpu(), dx, dtype, reduction(p), f"{variant} {case.name} grad x")
+        assert_close(w.grad.cpu(), dw, dtype, p.batch * int(np.prod(p.out_grid)), f"{variant} {case.name} grad w")
