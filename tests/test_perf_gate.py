@@ -1,0 +1,82 @@
+"""The perf results files and the regression gate, unit-level and end to end through `opforge perf-check` on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opforge.autotune import perf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rec(variant, p50, spread=0.02, case="c", mode="fwd"):
+    return {"op": "op", "case": case, "mode": mode, "dtype": "float32", "variant": variant,
+            "p20": p50 * (1 - spread / 2), "p50": p50, "p80": p50 * (1 + spread / 2)}
+
+
+def test_ratios_are_same_run_speedups():
+    r = perf.ratios([rec("torch", 2.0), rec("fast", 0.5)])
+    (ratio, spread), = r.values()
+    assert ratio == pytest.approx(4.0) and spread == pytest.approx(0.02)
+
+
+def test_compare_ok_regressed_missing_new():
+    base = [rec("torch", 2.0), rec("fast", 0.5), rec("gone", 1.0), rec("torch", 1.0, case="d"), rec("v", 0.5, case="d")]
+    cur = [rec("torch", 2.0), rec("fast", 0.52), rec("torch", 1.0, case="d"), rec("v", 1.0, case="d"),
+           rec("new", 0.1)]
+    rows, failures = perf.compare(cur, base, threshold=0.10)
+    status = {(r["case"], r["variant"]): r["status"] for r in rows}
+    assert status == {("c", "fast"): "ok", ("c", "gone"): "missing", ("c", "new"): "new", ("d", "v"): "REGRESSED"}
+    assert {(f["case"], f["variant"]) for f in failures} == {("c", "gone"), ("d", "v")}
+
+
+def test_measured_spread_widens_the_allowance():
+    base = [rec("torch", 1.0), rec("v", 0.5)]
+    noisy = [rec("torch", 1.0, spread=0.6), rec("v", 0.7, spread=0.6)]  # ratio 2.0 -> 1.43, 29% drop
+    assert perf.compare(noisy, base, 0.10)[1] == []
+    quiet = [rec("torch", 1.0), rec("v", 0.7)]
+    assert len(perf.compare(quiet, base, 0.10)[1]) == 1
+
+
+def test_results_roundtrip_and_table(tmp_path):
+    path = tmp_path / "r.json"
+    env = {"gpu": "cpu", "cc": "0.0", "torch": "x", "triton": "y", "commit": "abc"}
+    perf.write(path, [rec("torch", 2.0), rec("fast", 0.5)], env)
+    data = perf.read(path)
+    assert data["env"]["commit"] == "abc" and len(data["records"]) == 2
+    table = perf.markdown_table(data["records"], data["env"])
+    assert "0.500 (4.00x)" in table and "Measured on cpu" in table
+    path.write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="not an opforge perf results file"):
+        perf.read(path)
+
+
+def _cli(*args, cwd=ROOT):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "opforge.autotune.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_perf_check_end_to_end_on_cpu(tmp_path):
+    """--update writes a baseline from a real run of perf/; a rerun passes against it; a doctored baseline fails."""
+    base = tmp_path / "base.json"
+    sel = ["-k", "1d-small-odd"]
+    r = _cli("perf-check", "--update", "--baseline", str(base), "--quiet", *sel)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = perf.read(base)
+    variants = {x["variant"] for x in data["records"]}
+    assert "torch" in variants and len(variants) >= 2
+    r = _cli("perf-check", "--baseline", str(base), "--threshold", "20", "--quiet", *sel)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for x in data["records"]:
+        if x["variant"] != "torch":
+            x["p50"] /= 1000.0  # the baseline claims the peer was 1000x faster
+            x["p20"] /= 1000.0
+            x["p80"] /= 1000.0
+    perf.write(base, data["records"], data["env"])
+    r = _cli("perf-check", "--baseline", str(base), "--quiet", *sel)
+    assert r.returncode == 1 and "REGRESSED" in r.stdout, r.stdout + r.stderr

@@ -1,0 +1,158 @@
+"""Registry dispatch, backend overrides and the autotune cache (miss, hit, stale hash, corrupt file, atomic write)."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import opforge.kernels as K
+from opforge.autotune import cache, tuner
+from opforge.kernels import get_op, registered_ops, use_backend
+from opforge.kernels._triton import device_info
+
+OP = get_op("spectral_conv")
+CASE = next(c for c in OP.cases if c.name == "1d-small-odd")
+
+
+def problem():
+    return OP.make_inputs(CASE, "cpu", torch.float32)
+
+
+def test_registered_ops_lists_variants():
+    ops = registered_ops()
+    assert ops["spectral_conv"][0] == "torch"
+    assert {"dft_gemm", "fft_mix"} <= set(ops["spectral_conv"])
+    with pytest.raises(ValueError, match="registered"):
+        get_op("nope")
+
+
+def test_cpu_auto_goes_to_torch():
+    p, _ = problem()
+    v, cfg, why = OP.select(p)
+    assert v.name == "torch" and why == "cpu"
+
+
+def test_env_backend_and_unknown_names(monkeypatch):
+    p, _ = problem()
+    monkeypatch.setenv("OPFORGE_BACKEND", "torch")
+    assert OP.select(p)[0].name == "torch"
+    monkeypatch.setenv("OPFORGE_BACKEND", "triton")
+    assert OP.select(p)[0].kind == "triton"
+    monkeypatch.setenv("OPFORGE_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="valid.*auto.*torch.*triton"):
+        OP.select(p)
+    with pytest.raises(ValueError, match="valid"):
+        with use_backend("fast"):
+            pass
+    with pytest.raises(ValueError, match="dft_gemm"):
+        with use_backend("triton", spectral_conv="nope"):
+            pass
+
+
+def test_context_manager_beats_env(monkeypatch):
+    p, _ = problem()
+    monkeypatch.setenv("OPFORGE_BACKEND", "triton")
+    with use_backend("torch"):
+        assert OP.select(p)[0].name == "torch"
+    with use_backend("auto", spectral_conv="fft_mix"):
+        assert OP.select(p)[0].name == "fft_mix"
+
+
+def test_triton_without_interpreter_or_gpu_is_a_clear_error(monkeypatch):
+    p, _ = problem()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_backend("triton"):
+        with pytest.raises(ValueError, match="CUDA tensors or TRITON_INTERPRET=1"):
+            OP.select(p)
+    with use_backend("auto", spectral_conv="dft_gemm"):
+        with pytest.raises(ValueError, match="cannot run here"):
+            OP.select(p)
+
+
+def test_float64_cannot_go_to_triton():
+    p, _ = OP.make_inputs(CASE, "cpu", torch.float64)
+    with use_backend("triton"):
+        with pytest.raises(ValueError, match="float64 runs on torch"):
+            OP.select(p)
+
+
+def _user_cache_file():
+    return cache.user_dir() / cache.file_name(device_info())
+
+
+def test_cache_miss_hit_stale_and_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path))
+    p, _ = problem()
+    with use_backend("triton"):
+        v, cfg, why = OP.select(p)
+        assert why == "heuristic" and v.name == OP.triton_variants()[0].name
+        assert cfg == v.default_config(p)
+        # a hit for fft_mix with a specific config
+        entry = {"variant": "fft_mix", "config": {"MIX_R": 16, "MIX_O": 32, "MIX_S": 16, "num_warps": 4},
+                 "ms": 1.0, "torch_ms": 2.0, "timings": []}
+        cache.record(_user_cache_file(), device_info(), OP, p, entry)
+        v, cfg, why = OP.select(p)
+        assert (v.name, cfg["MIX_S"], why) == ("fft_mix", 16, "cache")
+        # stale: the same entry under another source hash is invisible
+        data = json.loads(_user_cache_file().read_text())
+        data["ops"]["spectral_conv"] = {"0000stale0000000": data["ops"]["spectral_conv"][OP.source_hash()]}
+        cache.save(_user_cache_file(), data)
+        assert OP.select(p)[2] == "heuristic"
+        # corrupt: a warning, then the heuristic
+        _user_cache_file().write_text("{not json")
+        os.utime(_user_cache_file(), (1, 1))
+        with pytest.warns(RuntimeWarning, match="unreadable autotune cache"):
+            assert OP.select(p)[2] == "heuristic"
+
+
+def test_user_cache_shadows_shipped(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(cache, "SHIPPED_DIR", shipped)
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path / "user"))
+    p, _ = problem()
+    dev = device_info()
+    cache.record(shipped / cache.file_name(dev), dev, OP, p, {"variant": "fft_mix", "config": None})
+    assert cache.lookup(OP, p)["variant"] == "fft_mix"
+    cache.record(cache.user_dir() / cache.file_name(dev), dev, OP, p, {"variant": "dft_gemm", "config": None})
+    assert cache.lookup(OP, p)["variant"] == "dft_gemm"
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "c.json"
+    cache.save(path, {"format": cache.FORMAT, "device": {}, "ops": {}})
+    assert [f.name for f in tmp_path.iterdir()] == ["c.json"]
+    assert cache.load(path)["ops"] == {}
+
+
+def test_source_hash_changes_with_grid(monkeypatch):
+    h = OP.source_hash()
+    v = OP.variants["fft_mix"]
+    monkeypatch.setattr(v, "configs", lambda p: [{"MIX_R": 64, "MIX_O": 64, "MIX_S": 64}])
+    monkeypatch.setattr(OP, "_hash", None)
+    assert OP.source_hash() != h
+    monkeypatch.setattr(OP, "_hash", None)
+
+
+def test_tuner_on_interpreter_writes_entry(tmp_path):
+    """The tuner times every config (here through the interpreter), checks each result and persists the winner."""
+    p, args = problem()
+    out = tmp_path / "tuned.json"
+    entry = tuner.tune_problem(OP, p, args, persist=True, path=out)
+    assert entry["torch_ms"] > 0
+    timed = {t["variant"] for t in entry["timings"]}
+    assert timed == {"dft_gemm", "fft_mix"} and not entry["failures"]
+    stored = json.loads(out.read_text())["ops"]["spectral_conv"][OP.source_hash()]
+    assert stored[cache.entry_key(p)]["variant"] == entry["variant"]
+
+
+def test_import_is_light():
+    """Importing opforge.kernels probes no device and tunes nothing (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, opforge.kernels; "
+            "assert 'opforge.autotune.tuner' not in sys.modules; "
+            "from opforge.kernels._triton import device_info; assert device_info.cache_info().currsize == 0")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert K.HAS_TRITON
