@@ -105,7 +105,9 @@ def markdown_table(records: list[dict], env: dict) -> str:
     for r in records:
         groups.setdefault(_key(r), {})[r["variant"]] = r
     variants = sorted({r["variant"] for r in records}, key=lambda v: (v != "torch", v))
-    head = "| op | case | mode | dtype | " + " | ".join(f"{v} ms (x torch)" for v in variants) + " | best GB/s (% peak) |"
+    head = ("| op | case | mode | dtype | "
+            + " | ".join("torch ms" if v == "torch" else f"{v} ms (speedup)" for v in variants)
+            + " | best GB/s (% of peak) |")
     lines = [head, "|" + " --- |" * (5 + len(variants))]
     for key in sorted(groups):
         g = groups[key]
@@ -122,7 +124,7 @@ def markdown_table(records: list[dict], env: dict) -> str:
         best = min(g.values(), key=lambda r: r["p50"])
         bw = best.get("gbps")
         frac = best.get("frac_peak_bw")
-        bw_cell = "-" if bw is None else (f"{bw:.0f} ({100 * frac:.0f}%)" if frac else f"{bw:.1f}")
+        bw_cell = "-" if bw is None else (f"{bw:.0f} ({100 * frac:.0f}%)" if frac else f"{bw:.3g}")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {bw_cell} |")
     caption = (f"Measured on {env.get('gpu')} (cc {env.get('cc')}), torch {env.get('torch')}, "
                f"Triton {env.get('triton')}, commit {env.get('commit')}; p50 of the run.")
