@@ -80,3 +80,12 @@ def test_perf_check_end_to_end_on_cpu(tmp_path):
     perf.write(base, data["records"], data["env"])
     r = _cli("perf-check", "--baseline", str(base), "--quiet", *sel)
     assert r.returncode == 1 and "REGRESSED" in r.stdout, r.stdout + r.stderr
+
+
+def test_readme_tables_are_generated_from_results_files():
+    """The README's perf block is exactly what `opforge perf-table --readme` makes from perf/results/."""
+    from opforge.autotune.cli import BEGIN, END, perf_tables
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert block.strip() == perf_tables(ROOT / "perf" / "results").strip()
