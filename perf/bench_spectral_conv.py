@@ -50,7 +50,8 @@ def _peer_forward(problem, w, bias):
     n_modes = modes[:-1] + [2 * (modes[-1] - 1)]
     layer = _NeuralopConv(problem.cin, problem.cout, n_modes, bias=True).to(problem.device)
     with torch.no_grad():
-        layer.weight.tensor.copy_(torch.view_as_real(w.detach()))
+        t = layer.weight.tensor  # complex, or a real [..., 2] view (tltorch's ComplexDenseTensor)
+        t.copy_(w.detach() if t.is_complex() else torch.view_as_real(w.detach()))
         layer.bias.copy_(bias.detach().reshape(layer.bias.shape))
     return layer
 
