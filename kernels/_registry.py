@@ -87,6 +87,8 @@ class Op:
     roofline: Callable[[Any], dict] | None = None
     # reduction(problem) -> terms summed into one output element (scales the tolerance)
     reduction: Callable[[Any], int] | None = None
+    # ref_subset(args) -> (args for the reference, index of the output they give); default: 2 batch entries
+    ref_subset: Callable[[tuple], tuple] | None = None
     _hash: str | None = None
 
     def add(self, variant: Variant) -> Variant:

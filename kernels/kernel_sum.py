@@ -1,0 +1,666 @@
+"""Kernel sums without the kernel matrix: ``out_i = outputscale * sum_j k(|x_i - y_j| / l) b_j``.
+
+Kernels: gaussian, laplacian, matern32, matern52, imq, cauchy (formulas in
+``opforge.reference.kernel_sum``); ``lengthscale`` a scalar or a [D] tensor
+(ARD). Gradients flow to x, y, b, lengthscale and outputscale.
+
+Variants:
+
+``torch``
+    blocked: rows of x in chunks, so memory stays O(chunk x M) forward and
+    backward (a custom autograd.Function with the same blocked formulas for the
+    gradients). The CPU path and the baseline.
+``flash``
+    Triton, flash-style: a block of x rows stays in registers while tiles of y
+    stream through; squared distances as |x|^2 + |y|^2 - 2 x.y^T with tl.dot
+    (3xTF32 for float32 inputs) when D > 8, elementwise differences when D <= 8,
+    clamped at 0; the kernel values never leave registers; R right-hand sides in
+    the same pass (tl.dot when R >= 16). Backward: grad b is the same kernel
+    with x and y swapped; grad x and grad y one more streaming kernel each
+    (sum_j k'(s_ij) <g_i, b_j> (x_i - y_j)). No N x M buffer in HBM.
+
+Scaling by the lengthscale, centring (kernels are translation invariant; it
+tames cancellation in |x|^2 + |y|^2 - 2 x.y) and the outputscale are torch ops
+around the core, so their gradients come from autograd.
+
+The first call of the Triton variant for a new (kernel, dtype, D-block,
+config) compiles it with Triton's JIT (typically 1-3 s on an H100 host; cached
+on disk afterwards); there is no other compile step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._registry import Case, Op, Variant, register
+from ._triton import HAS_TRITON, tl, triton
+
+__all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "KERNELS"]
+
+KERNELS = ("gaussian", "laplacian", "matern32", "matern52", "imq", "cauchy")
+_S3, _S5 = math.sqrt(3.0), math.sqrt(5.0)
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# kernels whose value depends on r = sqrt(s): float32 rounding of |x|^2 + |y|^2 - 2 x.y near s = 0 is
+# amplified by the square root (an error of eps in s is sqrt(eps) in k), so they always use exact differences.
+_SQRT_KERNELS = ("laplacian", "matern32", "matern52")
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Problem:
+    batch: int
+    n: int
+    m: int
+    d: int
+    r: int
+    kernel: str
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def key(self) -> str:
+        return (f"{self.kernel}_d{_pow2(self.d)}_r{_pow2(self.r)}_n{_pow2(self.n)}_m{_pow2(self.m)}"
+                f"_b{_pow2(self.batch)}")
+
+
+# --------------------------------------------------------------------------- torch variant (blocked)
+def _phi_t(s, kernel):
+    if kernel == "gaussian":
+        return torch.exp(-0.5 * s)
+    if kernel == "imq":
+        return torch.rsqrt(1 + s)
+    if kernel == "cauchy":
+        return 1 / (1 + s)
+    r = torch.sqrt(s)
+    if kernel == "laplacian":
+        return torch.exp(-r)
+    if kernel == "matern32":
+        return (1 + _S3 * r) * torch.exp(-_S3 * r)
+    return (1 + _S5 * r + (5.0 / 3.0) * s) * torch.exp(-_S5 * r)
+
+
+def _dphi_t(s, kernel):
+    if kernel == "gaussian":
+        return -0.5 * torch.exp(-0.5 * s)
+    if kernel == "imq":
+        return -0.5 * torch.rsqrt(1 + s) ** 3
+    if kernel == "cauchy":
+        return -1 / (1 + s) ** 2
+    r = torch.sqrt(s)
+    if kernel == "laplacian":
+        pos = s > 0
+        return torch.where(pos, -torch.exp(-r) / (2 * torch.where(pos, r, torch.ones_like(r))), torch.zeros_like(r))
+    if kernel == "matern32":
+        return -1.5 * torch.exp(-_S3 * r)
+    return -(5.0 / 6.0) * (1 + _S5 * r) * torch.exp(-_S5 * r)
+
+
+def _sqdist(p, q, exact: bool):
+    """[.., n, D], [.., m, D] -> [.., n, m] squared distances: exact differences, or the clamped expansion."""
+    if exact:
+        return ((p.unsqueeze(-2) - q.unsqueeze(-3)) ** 2).sum(-1)
+    s = (p * p).sum(-1, keepdim=True) + (q * q).sum(-1).unsqueeze(-2) - 2 * p @ q.transpose(-1, -2)
+    return s.clamp_min(0)
+
+
+def _exact(d: int, kernel: str) -> bool:
+    """Exact differences for small D and for the kernels with a square root (see _SQRT_KERNELS)."""
+    return d <= 8 or kernel in _SQRT_KERNELS
+
+
+def _chunk_rows(m: int, d: int, exact: bool) -> int:
+    """Rows per block so a block's [rows, m] (or [rows, m, d] when exact) stays near 2^22 elements."""
+    per_row = m * (d if exact else 1)
+    return max(1, min(65536, (1 << 22) // max(per_row, 1)))
+
+
+def _blocked_sum(p, q, v, kernel):
+    """sum_j k(|p_i - q_j|) v_j for [B, n, D], [B, m, D], [B, m, R] in row blocks."""
+    out = v.new_empty(p.shape[:-1] + (v.shape[-1],))
+    exact = _exact(q.shape[-1], kernel)
+    step = _chunk_rows(q.shape[-2], q.shape[-1], exact)
+    for i in range(0, p.shape[-2], step):
+        out[:, i:i + step] = _phi_t(_sqdist(p[:, i:i + step], q, exact), kernel) @ v
+    return out
+
+
+def _blocked_grad_points(p, q, u, v, kernel):
+    """2 sum_j k'(s_ij) <u_i, v_j> (p_i - q_j) for [B, n, D], [B, m, D], [B, n, R], [B, m, R] in row blocks."""
+    out = torch.empty_like(p)
+    exact = _exact(q.shape[-1], kernel)
+    step = _chunk_rows(q.shape[-2], q.shape[-1], exact)
+    for i in range(0, p.shape[-2], step):
+        pb = p[:, i:i + step]
+        w = _dphi_t(_sqdist(pb, q, exact), kernel) * (u[:, i:i + step] @ v.transpose(-1, -2))
+        out[:, i:i + step] = 2 * (pb * w.sum(-1, keepdim=True) - w @ q)
+    return out
+
+
+class _TorchKSum(torch.autograd.Function):
+    """Core on scaled points: out = sum_j k(|xs_i - ys_j|) b_j, blocked forward and backward."""
+
+    @staticmethod
+    def forward(ctx, xs, ys, b, kernel):
+        ctx.save_for_backward(xs, ys, b)
+        ctx.kernel = kernel
+        return _blocked_sum(xs, ys, b, kernel)
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, ys, b = ctx.saved_tensors
+        k = ctx.kernel
+        g = g.contiguous()
+        gx = _blocked_grad_points(xs, ys, g, b, k) if ctx.needs_input_grad[0] else None
+        gy = _blocked_grad_points(ys, xs, b, g, k) if ctx.needs_input_grad[1] else None
+        gb = _blocked_sum(ys, xs, g, k) if ctx.needs_input_grad[2] else None
+        return gx, gy, gb, None
+
+
+def _torch_run(p: Problem, xs, ys, b, config=None):
+    cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    out = _TorchKSum.apply(xs.to(cdt), ys.to(cdt), b.to(cdt), p.kernel)
+    return out.to(p.dtype)
+
+
+# --------------------------------------------------------------------------- Triton variant (flash)
+_KID = {name: i for i, name in enumerate(KERNELS)}
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _phi(s, KERNEL: tl.constexpr):
+        if KERNEL == 0:
+            k = tl.exp(-0.5 * s)
+        elif KERNEL == 1:
+            k = tl.exp(-tl.sqrt(s))
+        elif KERNEL == 2:
+            t = 1.7320508075688772 * tl.sqrt(s)
+            k = (1.0 + t) * tl.exp(-t)
+        elif KERNEL == 3:
+            t = 2.23606797749979 * tl.sqrt(s)
+            k = (1.0 + t + t * t * (1.0 / 3.0)) * tl.exp(-t)
+        elif KERNEL == 4:
+            k = tl.rsqrt(1.0 + s)
+        else:
+            k = 1.0 / (1.0 + s)
+        return k
+
+    @triton.jit
+    def _dphi(s, KERNEL: tl.constexpr):
+        if KERNEL == 0:
+            k = -0.5 * tl.exp(-0.5 * s)
+        elif KERNEL == 1:
+            r = tl.sqrt(s)
+            k = tl.where(s > 0, -tl.exp(-r) / (2.0 * tl.where(s > 0, r, 1.0)), 0.0)
+        elif KERNEL == 2:
+            k = -1.5 * tl.exp(-1.7320508075688772 * tl.sqrt(s))
+        elif KERNEL == 3:
+            t = 2.23606797749979 * tl.sqrt(s)
+            k = -(5.0 / 6.0) * (1.0 + t) * tl.exp(-t)
+        elif KERNEL == 4:
+            a = tl.rsqrt(1.0 + s)
+            k = -0.5 * a * a * a
+        else:
+            a = 1.0 / (1.0 + s)
+            k = -a * a
+        return k
+
+    @triton.jit
+    def _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                  DC: tl.constexpr):
+        """[BN, BM] squared distances from exact differences, DC coordinates at a time."""
+        s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        dc = tl.arange(0, DC)
+        for d0 in range(0, D, DC):
+            dd = d0 + dc
+            pc = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+            qc = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
+            diff = pc.to(tl.float32)[:, None, :] - qc.to(tl.float32)[None, :, :]
+            s += tl.sum(diff * diff, axis=2)
+        return s
+
+    @triton.jit
+    def _sq_dot(p, pn, q, PREC: tl.constexpr):
+        """[BN, BM] squared distances as |p|^2 + |q|^2 - 2 p.q^T on tensor cores, clamped at 0."""
+        qn = tl.sum(q * q, axis=1)
+        s = pn[:, None] + qn[None, :] - 2.0 * tl.dot(p, tl.trans(q), input_precision=PREC)
+        return tl.maximum(s, 0.0)
+
+    @triton.jit
+    def _ksum_fwd_kernel(
+        P, Q, V, OUT, N, M, D, R,
+        sPb, sPn, sQb, sQm, sVb, sVm, sOb, sOn,
+        KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+        DP: tl.constexpr, DC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """OUT[b, i, :] = sum_j k(|P_i - Q_j|^2) V[b, j, :] for a block of rows i."""
+        pid = tl.program_id(0)
+        bt = tl.program_id(1).to(tl.int64)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, DP)
+        rr = tl.arange(0, RP)
+        n_mask = rn < N
+        P += bt * sPb
+        Q += bt * sQb
+        V += bt * sVb
+        if not EXACT:
+            p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+            p = p.to(tl.float32)
+            pn = tl.sum(p * p, axis=1)
+        acc = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_mask = rm < M
+            if EXACT:
+                s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
+            else:
+                q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
+                s = _sq_dot(p, pn, q.to(tl.float32), PREC)
+            k = tl.where(m_mask[None, :], _phi(s, KERNEL), 0.0)
+            v = tl.load(V + rm[:, None] * sVm + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
+            v = v.to(tl.float32)
+            if RP >= 16:
+                acc += tl.dot(k, v, input_precision=PREC)
+            else:
+                acc += tl.sum(k[:, :, None] * v[None, :, :], axis=1)
+        o_ptr = OUT + bt * sOb + rn[:, None] * sOn + rr[None, :]
+        tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=n_mask[:, None] & (rr[None, :] < R))
+
+    @triton.jit
+    def _ksum_grad_kernel(
+        P, Q, U, V, OUT, N, M, D, R,
+        sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn,
+        KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+        DP: tl.constexpr, DC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """OUT[b, i] = 2 sum_j k'(s_ij) <U_i, V_j> (P_i - Q_j) for a block of rows i."""
+        pid = tl.program_id(0)
+        bt = tl.program_id(1).to(tl.int64)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, DP)
+        rr = tl.arange(0, RP)
+        n_mask = rn < N
+        P += bt * sPb
+        Q += bt * sQb
+        U += bt * sUb
+        V += bt * sVb
+        p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+        p = p.to(tl.float32)
+        pn = tl.sum(p * p, axis=1)
+        u = tl.load(U + rn[:, None] * sUn + rr[None, :], mask=n_mask[:, None] & (rr[None, :] < R), other=0.0)
+        u = u.to(tl.float32)
+        acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_q = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_mask = rm < M
+            q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
+            q = q.to(tl.float32)
+            if EXACT:
+                s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
+            else:
+                s = _sq_dot(p, pn, q, PREC)
+            v = tl.load(V + rm[:, None] * sVm + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
+            v = v.to(tl.float32)
+            if RP >= 16:
+                w = tl.dot(u, tl.trans(v), input_precision=PREC)
+            else:
+                w = tl.sum(u[:, None, :] * v[None, :, :], axis=2)
+            pw = tl.where(m_mask[None, :], _dphi(s, KERNEL) * w, 0.0)
+            acc_w += tl.sum(pw, axis=1)
+            if DP >= 16:
+                acc_q += tl.dot(pw, q, input_precision=PREC)
+            else:
+                acc_q += tl.sum(pw[:, :, None] * q[None, :, :], axis=1)
+        g = 2.0 * (p * acc_w[:, None] - acc_q)
+        o_ptr = OUT + bt * sOb + rn[:, None] * sOn + dd[None, :]
+        tl.store(o_ptr, g.to(OUT.dtype.element_ty), mask=n_mask[:, None] & (dd[None, :] < D))
+
+
+def _prec(dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _dims(d: int, r: int, kernel: str) -> dict:
+    """Block sizes: DP (padded D), DC (exact-difference chunk), RP (padded R) and the distance mode."""
+    exact = _exact(d, kernel)
+    dp = _pow2(d) if d <= 8 else max(16, _pow2(d))
+    return {"DP": dp, "DC": min(8, _pow2(d)), "RP": _pow2(r), "EXACT": exact}
+
+
+def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
+    p, q = tensors[0], tensors[1]
+    B, N, D = p.shape
+    M, R = q.shape[1], tensors[-1].shape[2]
+    strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [out.stride(0), out.stride(1)]
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), B)
+    kernel_fn[grid](*tensors, out, N, M, D, R, *strides, KERNEL=_KID[kernel], BLOCK_N=cfg["BLOCK_N"],
+                    BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    **_dims(D, R, kernel))
+    return out
+
+
+class _FlashKSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, ys, b, kernel, cfg, out_dtype):
+        xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
+        prec = _prec(out_dtype)
+        out = torch.empty(xs.shape[:-1] + (b.shape[-1],), dtype=out_dtype, device=xs.device)
+        _launch(_ksum_fwd_kernel, (xs, ys, b), out, kernel, cfg, prec)
+        ctx.save_for_backward(xs, ys, b)
+        ctx.kernel, ctx.cfg, ctx.prec = kernel, cfg, prec
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, ys, b = ctx.saved_tensors
+        k, cfg, prec = ctx.kernel, ctx.cfg, ctx.prec
+        g = g.contiguous()
+        gx = gy = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _launch(_ksum_grad_kernel, (xs, ys, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec)
+        if ctx.needs_input_grad[1]:
+            gy = _launch(_ksum_grad_kernel, (ys, xs, b, g), torch.empty_like(ys, dtype=torch.float32), k, cfg, prec)
+        if ctx.needs_input_grad[2]:
+            gb = _launch(_ksum_fwd_kernel, (ys, xs, g), torch.empty(b.shape, dtype=torch.float32, device=b.device),
+                         k, cfg, prec).to(b.dtype)
+        return (None if gx is None else gx.to(xs.dtype)), (None if gy is None else gy.to(ys.dtype)), gb, None, None, None
+
+
+def _flash_supports(p: Problem) -> str | None:
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"flash takes float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
+    if p.d > 256:
+        return f"flash keeps a point block in registers: D <= 256, got {p.d}"
+    if p.r > 128:
+        return f"flash handles R <= 128 right-hand sides per pass, got {p.r}"
+    return None
+
+
+def _flash_cfgs(p: Problem) -> list[dict]:
+    dims = _dims(p.d, p.r, p.kernel)
+    out = []
+    for bn in (32, 64, 128):
+        for bm in (32, 64, 128):
+            for w in (4, 8):
+                cells = bn * bm * (dims["DC"] if dims["EXACT"] else 1) + bn * (dims["DP"] + dims["RP"])
+                if cells > 64 * 1024 or (dims["DP"] >= 128 and bn > 64):
+                    continue
+                out.append({"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w, "num_stages": 2})
+    return out or [_flash_default(p)]
+
+
+def _flash_default(p: Problem) -> dict:
+    dims = _dims(p.d, p.r, p.kernel)
+    if dims["DP"] >= 128:
+        return {"BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 8, "num_stages": 2}
+    if dims["EXACT"] and dims["DC"] >= 4:
+        return {"BLOCK_N": 64, "BLOCK_M": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
+
+
+def _flash_run(p: Problem, xs, ys, b, config=None):
+    cfg = config or _flash_default(p)
+    return _FlashKSum.apply(xs, ys, b, p.kernel, cfg, p.dtype)
+
+
+# --------------------------------------------------------------------------- checks and the public API
+def _as_tensor_param(v, name, like: torch.Tensor, d: int | None):
+    if isinstance(v, torch.Tensor):
+        if v.is_complex() or not v.is_floating_point():
+            raise TypeError(f"{name} must be a real floating tensor or a float, got {v.dtype}")
+        if v.device != like.device:
+            raise ValueError(f"{name} is on {v.device} but x is on {like.device}")
+        t = v
+    else:
+        try:
+            t = torch.tensor(float(v), dtype=like.dtype if like.dtype == torch.float64 else torch.float32,
+                             device=like.device)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(v).__name__}") from None
+    if d is not None and t.dim() > 0 and t.shape != (d,) and t.numel() != 1:
+        raise ValueError(f"{name} must be a scalar or a [D={d}] tensor (ARD), got shape {tuple(t.shape)}")
+    if d is None and t.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
+    vals = t.detach()
+    if not bool(torch.isfinite(vals).all()) or bool((vals <= 0).any()):
+        raise ValueError(f"{name} must be positive and finite, got {vals.cpu().tolist()}")
+    return t
+
+
+def _prepare(x, y, b, kernel, lengthscale, outputscale):
+    for name, t in (("x", x), ("y", y), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_complex() or t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; valid: {list(KERNELS)}")
+    if x.dim() < 2 or y.dim() < 2:
+        raise ValueError(f"x and y must be [..., N, D] and [..., M, D], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"dimension mismatch: x has D={x.shape[-1]} but y has D={y.shape[-1]}")
+    vector = b.dim() == y.dim() - 1
+    bb = b.unsqueeze(-1) if vector else b
+    if bb.dim() != y.dim() or bb.shape[-2] != y.shape[-2]:
+        raise ValueError(f"b must be [..., M={y.shape[-2]}, R] or [..., M={y.shape[-2]}], got {tuple(b.shape)}")
+    for name, t in (("y", y), ("b", b)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if len({x.dtype, y.dtype, b.dtype}) != 1:
+        raise TypeError(f"x, y and b must share a dtype, got {x.dtype}, {y.dtype}, {b.dtype}")
+    try:
+        lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], bb.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"batch dims of x {tuple(x.shape[:-2])}, y {tuple(y.shape[:-2])} and b "
+                         f"{tuple(bb.shape[:-2])} do not broadcast") from None
+    D = x.shape[-1]
+    ls = _as_tensor_param(lengthscale, "lengthscale", x, D)
+    os_ = _as_tensor_param(outputscale, "outputscale", x, None)
+    return vector, bb, lead, ls, os_
+
+
+def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscale=1.0):
+    """Kernel-matrix times vectors without the matrix: ``out = outputscale * K(x, y) @ b``.
+
+    Args:
+        x: [..., N, D] points; y: [..., M, D] points (same dtype, device).
+        b: [..., M, R] (or [..., M]) right-hand sides.
+        kernel: one of gaussian, laplacian, matern32, matern52, imq, cauchy.
+        lengthscale: positive float, 0-dim tensor or [D] tensor (ARD); differentiable.
+        outputscale: positive float or 0-dim tensor; differentiable.
+
+    Returns:
+        [..., N, R] (or [..., N] for a vector b) in x's dtype. Leading dims broadcast.
+    """
+    vector, bb, lead, ls, os_ = _prepare(x, y, b, kernel, lengthscale, outputscale)
+    N, M, D, R = x.shape[-2], y.shape[-2], x.shape[-1], bb.shape[-1]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ls_c = ls.to(cdt)
+    # scaled points stay in float32 (float64 for float64 inputs): O((N + M) D), and no second rounding
+    xs = (x.to(cdt) / ls_c).expand(lead + (N, D)).reshape(-1, N, D)
+    ys = (y.to(cdt) / ls_c).expand(lead + (M, D)).reshape(-1, M, D)
+    bs = bb.expand(lead + (M, R)).reshape(-1, M, R)
+    if N == 0 or M == 0 or R == 0 or xs.shape[0] == 0:
+        out = x.new_zeros(lead + (N, R)) + (0 * (xs.sum() + ys.sum() + bs.sum())).to(x.dtype)
+    else:
+        center = ys.detach().mean(dim=1, keepdim=True)  # translation invariance: exact, and kinder to rounding
+        p = Problem(xs.shape[0], N, M, D, R, kernel, x.dtype, x.device)
+        out = OP(p, xs - center, ys - center, bs).reshape(lead + (N, R))
+    out = (out.to(cdt) * os_.to(cdt)).to(x.dtype)
+    return out.squeeze(-1) if vector else out
+
+
+class KernelOperator:
+    """A kernel matrix ``outputscale * K(x, y) (+ noise * I)`` that is never formed.
+
+    ``A @ b`` for b [M] or [M, R] (or batched like x); ``A.T`` swaps x and y;
+    ``A.diag()`` for square operators; ``A.shape``. Use with ``kernel_solve`` or
+    any conjugate-gradient solver.
+    """
+
+    def __init__(self, x, y=None, kernel: str = "gaussian", lengthscale=1.0, outputscale=1.0, noise: float = 0.0):
+        self.x, self.y = x, (x if y is None else y)
+        self.kernel, self.lengthscale, self.outputscale = kernel, lengthscale, outputscale
+        if float(noise) < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        if float(noise) > 0 and self.x.shape[-2] != self.y.shape[-2]:
+            raise ValueError("noise * I needs a square operator (x and y with the same number of points)")
+        self.noise = float(noise)
+        _prepare(self.x, self.y, self.y[..., :1], kernel, lengthscale, outputscale)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.x.shape[-2], self.y.shape[-2])
+
+    def __matmul__(self, b):
+        out = kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
+        return out + self.noise * b if self.noise else out
+
+    matmul = __matmul__
+
+    @property
+    def T(self) -> "KernelOperator":
+        return KernelOperator(self.y, self.x, self.kernel, self.lengthscale, self.outputscale, self.noise)
+
+    def diag(self) -> torch.Tensor:
+        """Diagonal [..., N] of a square operator: outputscale * k(x_i, y_i) + noise."""
+        if self.x.shape[-2] != self.y.shape[-2]:
+            raise ValueError(f"diag() needs a square operator, shape is {self.shape}")
+        ls = _as_tensor_param(self.lengthscale, "lengthscale", self.x, self.x.shape[-1])
+        os_ = _as_tensor_param(self.outputscale, "outputscale", self.x, None)
+        s = (((self.x - self.y) / ls) ** 2).sum(-1)
+        return os_ * _phi_t(s, self.kernel) + self.noise
+
+
+def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
+                 tol: float = 1e-6, max_iter: int = 1000, return_info: bool = False):
+    """Solve ``(outputscale * K(x, x) + noise * I) alpha = y`` by conjugate gradients.
+
+    Args:
+        x: [N, D] training points; y: [N] or [N, R] right-hand sides (e.g. GP targets).
+        noise: > 0, the diagonal term (observation noise variance).
+        tol: stop when every column's residual norm is below ``tol * |y|``.
+
+    Returns alpha like y (and ``{"iterations", "residual"}`` with ``return_info``).
+    GP posterior mean at new points: ``kernel_matvec(x_test, x, alpha, kernel, ...)``.
+    """
+    if not float(noise) > 0:
+        raise ValueError(f"noise must be > 0 for a well-posed solve, got {noise}")
+    A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
+    vector = y.dim() == x.dim() - 1
+    rhs = y.unsqueeze(-1) if vector else y
+    if rhs.shape[-2] != x.shape[-2]:
+        raise ValueError(f"y must have N={x.shape[-2]} rows, got shape {tuple(y.shape)}")
+    tiny = torch.finfo(rhs.dtype).tiny
+    with torch.no_grad():
+        sol = torch.zeros_like(rhs)
+        r = rhs.clone()
+        p = r.clone()
+        rs = (r * r).sum(-2, keepdim=True)
+        bound = (tol * rhs.norm(dim=-2, keepdim=True)) ** 2
+        it = 0
+        for it in range(1, max_iter + 1):
+            Ap = A @ p
+            alpha = rs / (p * Ap).sum(-2, keepdim=True).clamp_min(tiny)
+            sol += alpha * p
+            r -= alpha * Ap
+            rs_new = (r * r).sum(-2, keepdim=True)
+            converged = bool((rs_new <= bound).all())
+            p = r + (rs_new / rs.clamp_min(tiny)) * p
+            rs = rs_new
+            if converged:
+                break
+    out = sol.squeeze(-1) if vector else sol
+    if return_info:
+        return out, {"iterations": it, "residual": float(rs.sqrt().max())}
+    return out
+
+
+def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0,
+                      outputscale=1.0, tol: float = 1e-6, max_iter: int = 1000):
+    """Exact GP regression posterior mean ``K(x_test, X) (K(X, X) + noise I)^-1 y`` without any kernel matrix."""
+    alpha = kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter)
+    return kernel_matvec(x_test, x_train, alpha, kernel, lengthscale, outputscale)
+
+
+# --------------------------------------------------------------------------- registration
+def _make_inputs(case: Case, device, dtype=torch.float32, requires_grad=False, seed=0):
+    c = case.params
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((c["n"], c["d"]), generator=gen, dtype=torch.float64)
+    y = torch.rand((c["m"], c["d"]), generator=gen, dtype=torch.float64)
+    b = torch.randn((c["m"], c["r"]), generator=gen, dtype=torch.float64)
+    scale = 0.3 * math.sqrt(c["d"])  # keeps kernel values away from all-0 / all-1 at every D
+    x, y = x / scale, y / scale
+    x, y, b = (t.to(device=device, dtype=dtype).unsqueeze(0).requires_grad_(requires_grad) for t in (x, y, b))
+    p = Problem(1, c["n"], c["m"], c["d"], c["r"], c.get("kernel", "gaussian"), dtype, torch.device(device))
+    return p, (x, y, b)
+
+
+def _reference(x, y, b, p: Problem):
+    from opforge.reference.kernel_sum import kernel_matvec as ref
+
+    return ref(x, y, b, p.kernel)
+
+
+REF_ROWS = 128
+
+
+def _ref_subset(args):
+    """The reference checks the first REF_ROWS output rows (O(rows x M) in NumPy)."""
+    x, y, b = args
+    return (x[:, :REF_ROWS], y, b), (slice(None), slice(0, REF_ROWS))
+
+
+def _roofline(p: Problem) -> dict:
+    """Compute-bound: ~ (3D + 2R + 10) flops per pair, exp/sqrt counted as one op each."""
+    el = torch.empty((), dtype=p.dtype).element_size()
+    flops = p.batch * p.n * p.m * (3 * p.d + 2 * p.r + 10)
+    return {"bytes": p.batch * el * ((p.n + p.m) * p.d + p.m * p.r + p.n * p.r), "flops": flops}
+
+
+def _case(name, n, m, d, r, tags, kernel="gaussian"):
+    return Case(name, {"n": n, "m": m, "d": d, "r": r, "kernel": kernel}, tags)
+
+
+CASES = [
+    _case("1e6-d3-r1", 1_000_000, 1_000_000, 3, 1, ("gpu", "main")),
+    _case("1e5-d3-r1", 100_000, 100_000, 3, 1, ("gpu",)),
+    _case("2e5-d64-r1", 200_000, 200_000, 64, 1, ("gpu",)),
+    _case("2e5-d64-r16", 200_000, 200_000, 64, 16, ("gpu",)),
+    _case("1e4-d256-r1", 10_000, 10_000, 256, 1, ("gpu",)),
+    _case("1e5-d3-r1-matern52", 100_000, 100_000, 3, 1, ("gpu",), kernel="matern52"),
+    _case("small-d3-r1", 37, 29, 3, 1, ("small",)),
+    _case("small-d17-r5-laplacian", 41, 33, 17, 5, ("small",), kernel="laplacian"),
+    _case("small-d24-r16-gaussian", 23, 40, 24, 16, ("small",)),
+    _case("small-d1-r2-matern32", 23, 40, 1, 2, ("small",), kernel="matern32"),
+]
+
+OP = register(Op(
+    name="kernel_sum",
+    doc="kernel-matrix times vectors without the matrix (gaussian, laplacian, matern32/52, imq, cauchy)",
+    make_inputs=_make_inputs,
+    reference=_reference,
+    cases=CASES,
+    roofline=_roofline,
+    reduction=lambda p: p.m * max(p.d, 1),
+    ref_subset=_ref_subset,
+))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_grad_points)))
+if HAS_TRITON:
+    OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
+                   supports=_flash_supports,
+                   sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_exact, _sq_dot, _phi, _dphi, _FlashKSum,
+                            _dims, _flash_cfgs)))

@@ -1,0 +1,160 @@
+"""Kernel sums: NumPy reference vs the blocked torch variant vs the flash Triton variant (interpreter),
+forward and backward (x, y, b, lengthscale), coincident points, edge sizes, the operator, CG and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from opforge.kernels import KERNELS, KernelOperator, get_op, kernel_matvec, kernel_solve, use_backend
+from opforge.reference import assert_close
+from opforge.reference import kernel_sum as ref
+
+OP = get_op("kernel_sum")
+
+
+def np64(t):
+    return t.detach().double().numpy()
+
+
+def points(n, m, d, r, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = 0.3 * np.sqrt(d)
+    x = (torch.rand(n, d, generator=g, dtype=torch.float64) / s).to(dtype)
+    y = (torch.rand(m, d, generator=g, dtype=torch.float64) / s).to(dtype)
+    b = torch.randn(m, r, generator=g, dtype=torch.float64).to(dtype)
+    return x, y, b
+
+
+def check(backend, kernel, n, m, d, r, dtype=torch.float32, ard=False, coincide=False):
+    x, y, b = points(n, m, d, r, dtype)
+    if coincide:
+        y[: min(n, m)] = x[: min(n, m)]
+    ls = (torch.linspace(0.7, 1.3, d, dtype=torch.float64) if ard else torch.tensor(0.9, dtype=torch.float64))
+    ls = ls.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    os_ = torch.tensor(1.7, dtype=ls.dtype)
+    for t in (x, y, b, ls, os_):
+        t.requires_grad_(True)
+    g = torch.randn(n, r, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with use_backend(backend):
+        out = kernel_matvec(x, y, b, kernel, ls, os_)
+        (out * g.to(dtype)).sum().backward()
+    red = m * d
+    assert_close(out, ref.kernel_matvec(np64(x), np64(y), np64(b), kernel, np64(ls), 1.7), dtype, red, "forward")
+    dx, dy, db, dl = ref.kernel_matvec_vjp(np64(x), np64(y), np64(b), g.numpy(), kernel, np64(ls), 1.7)
+    for name, got, want in (("x", x.grad, dx), ("y", y.grad, dy), ("b", b.grad, db), ("lengthscale", ls.grad, dl)):
+        assert torch.isfinite(got).all(), f"non-finite grad {name}"
+        assert_close(got, want, dtype, red * n, f"{backend} {kernel} grad {name}")
+    want_os = float((np64(out) / 1.7 * g.numpy()).sum())
+    assert abs(os_.grad.item() - want_os) <= 1e-3 * max(1.0, abs(want_os))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_torch_float64_matches_reference(kernel):
+    check("torch", kernel, 13, 11, 3, 2, torch.float64, ard=True)
+    check("torch", kernel, 9, 12, 17, 1, torch.float64)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("d, r", [(3, 1), (17, 5), (1, 16)])
+def test_flash_matches_reference(kernel, d, r):
+    check("triton", kernel, 37, 29, d, r, ard=(d == 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", ["laplacian", "matern32", "matern52"])
+@pytest.mark.parametrize("d", [2, 24])
+def test_coincident_points_have_finite_gradients(backend, kernel, d):
+    check(backend, kernel, 10, 8, d, 2, coincide=True)
+
+
+def test_gradcheck_torch_path():
+    x, y, b = points(5, 4, 3, 2, torch.float64)
+    ls = torch.tensor([0.8, 1.1, 1.4], dtype=torch.float64)
+    for t in (x, y, b, ls):
+        t.requires_grad_(True)
+    for kernel in KERNELS:
+        assert torch.autograd.gradcheck(lambda x, y, b, ls: kernel_matvec(x, y, b, kernel, ls), (x, y, b, ls))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_edge_sizes_d129_and_tiny(backend):
+    with use_backend(backend):
+        check(backend, "gaussian", 19, 21, 129, 3)
+        for n, m in ((1, 1), (1, 7), (6, 1)):
+            check(backend, "matern52", n, m, 2, 1)
+        x, y, b = points(0, 5, 3, 2)
+        assert kernel_matvec(x, y, b).shape == (0, 2)
+        x, y, b = points(4, 0, 3, 2)
+        out = kernel_matvec(x, y, b)
+        assert out.shape == (4, 2) and not out.any()
+
+
+def test_flash_bfloat16():
+    x, y, b = points(33, 45, 3, 4, torch.bfloat16)
+    with use_backend("triton"):
+        out = kernel_matvec(x, y, b, "gaussian", 0.8)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref.kernel_matvec(np64(x), np64(y), np64(b), "gaussian", 0.8), torch.bfloat16, 45 * 3)
+
+
+def test_vector_b_batches_and_broadcast():
+    x, y, b = points(6, 5, 3, 2)
+    torch.testing.assert_close(kernel_matvec(x, y, b[:, 0]), kernel_matvec(x, y, b)[:, 0])
+    xb = torch.stack([x, x + 0.5])
+    out = kernel_matvec(xb, y, b)  # y and b broadcast over the batch
+    assert out.shape == (2, 6, 2)
+    torch.testing.assert_close(out[1], kernel_matvec(x + 0.5, y, b))
+    with use_backend("triton"):
+        torch.testing.assert_close(kernel_matvec(xb, y, b), out, rtol=1e-5, atol=1e-6)
+
+
+def test_operator_and_cg_solve():
+    x, _, _ = points(40, 1, 2, 1, torch.float64)
+    A = KernelOperator(x, kernel="matern52", lengthscale=0.5, outputscale=2.0, noise=0.1)
+    K = 2.0 * ref.kernel_matrix(np64(x), np64(x), "matern52", 0.5) + 0.1 * np.eye(40)
+    v = torch.randn(40, dtype=torch.float64)
+    np.testing.assert_allclose((A @ v).numpy(), K @ v.numpy(), rtol=1e-10)
+    np.testing.assert_allclose((A.T @ v).numpy(), K.T @ v.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(A.diag().numpy(), np.diag(K), rtol=1e-12)
+    assert A.shape == (40, 40)
+    rhs = torch.randn(40, 3, dtype=torch.float64)
+    alpha, info = kernel_solve(x, rhs, "matern52", noise=0.1, lengthscale=0.5, outputscale=2.0, tol=1e-10,
+                               return_info=True)
+    np.testing.assert_allclose(alpha.numpy(), np.linalg.solve(K, rhs.numpy()), rtol=1e-6, atol=1e-8)
+    assert info["iterations"] <= 40
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 2), torch.randn(5, 1)), ValueError, "dimension mismatch"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(6, 1)), ValueError, "b must be"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), "rbf"), ValueError,
+     "valid: .*gaussian.*cauchy"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=0.0), ValueError,
+     "lengthscale must be positive"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=torch.tensor([1., -1, 1])),
+     ValueError, "lengthscale must be positive"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=torch.ones(2)),
+     ValueError, r"\[D=3\]"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), outputscale=-1.0), ValueError,
+     "outputscale"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1)), TypeError,
+     "share a dtype"),
+    (lambda: kernel_matvec(torch.randn(4, 3, dtype=torch.complex64), torch.randn(5, 3), torch.randn(5, 1)), TypeError,
+     "real floating"),
+    (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=0.0), ValueError, "noise"),
+])
+def test_bad_input_is_a_clear_error(bad, err, match):
+    with pytest.raises(err, match=match):
+        bad()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_flash_matches_reference(kernel, dtype):
+    g = torch.Generator().manual_seed(0)
+    for n, m, d, r in ((1000, 777, 3, 1), (513, 700, 64, 16), (300, 200, 129, 3)):
+        x, y, b = (t.cuda() for t in points(n, m, d, r, dtype))
+        with use_backend("triton"):
+            out = kernel_matvec(x, y, b, kernel, 0.9)
+        want = ref.kernel_matvec(np64(x.cpu()), np64(y.cpu()), np64(b.cpu()), kernel, 0.9)
+        assert_close(out.cpu(), want, dtype, m * d, f"{kernel} {n}x{m} d={d}")
