@@ -107,7 +107,7 @@ def markdown_table(records: list[dict], env: dict) -> str:
     variants = sorted({r["variant"] for r in records}, key=lambda v: (v != "torch", v))
     head = ("| op | case | mode | dtype | "
             + " | ".join("torch ms" if v == "torch" else f"{v} ms (speedup)" for v in variants)
-            + " | best GB/s (% of peak) |")
+            + " | best: GB/s or TFLOP/s (% of peak) |")
     lines = [head, "|" + " --- |" * (5 + len(variants))]
     for key in sorted(groups):
         g = groups[key]
@@ -122,9 +122,11 @@ def markdown_table(records: list[dict], env: dict) -> str:
             else:
                 cells.append(f"{r['p50']:.3f} ({t['p50'] / r['p50']:.2f}x)")
         best = min(g.values(), key=lambda r: r["p50"])
-        bw = best.get("gbps")
-        frac = best.get("frac_peak_bw")
-        bw_cell = "-" if bw is None else (f"{bw:.0f} ({100 * frac:.0f}%)" if frac else f"{bw:.3g}")
+        if best.get("tflops") is not None:
+            val, frac, unit = best["tflops"], best.get("frac_peak_flops"), "TFLOP/s"
+        else:
+            val, frac, unit = best.get("gbps"), best.get("frac_peak_bw"), "GB/s"
+        bw_cell = "-" if val is None else (f"{val:.3g} {unit} ({100 * frac:.0f}%)" if frac else f"{val:.3g} {unit}")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {bw_cell} |")
     caption = (f"Measured on {env.get('gpu')} (cc {env.get('cc')}), torch {env.get('torch')}, "
                f"Triton {env.get('triton')}, commit {env.get('commit')}; p50 of the run.")

@@ -64,17 +64,17 @@ def device_info(device_index: int | None = None) -> dict:
 # Peak figures used to state the fraction of the roofline a kernel reaches.
 # Dense tensor-core numbers without sparsity; HBM bandwidth as sold.
 _PEAKS = [
-    # (substring of the device name, HBM GB/s, TF32 TFLOP/s, BF16 TFLOP/s)
-    ("H200", 4800.0, 494.0, 989.0),
-    ("H100 PCIe", 2000.0, 378.0, 756.0),
-    ("H100", 3350.0, 494.0, 989.0),
-    ("A100", 2039.0, 156.0, 312.0),
+    # (substring of the device name, HBM GB/s, FP32 (CUDA cores) TFLOP/s, TF32 TFLOP/s, BF16 TFLOP/s)
+    ("H200", 4800.0, 67.0, 494.0, 989.0),
+    ("H100 PCIe", 2000.0, 51.0, 378.0, 756.0),
+    ("H100", 3350.0, 67.0, 494.0, 989.0),
+    ("A100", 2039.0, 19.5, 156.0, 312.0),
 ]
 
 
 def device_peaks(name: str) -> dict | None:
     """Peak bandwidth and FLOP/s for a known GPU name, else None."""
-    for sub, gbs, tf32, bf16 in _PEAKS:
+    for sub, gbs, fp32, tf32, bf16 in _PEAKS:
         if sub in name:
-            return {"gbps": gbs, "tf32_tflops": tf32, "bf16_tflops": bf16}
+            return {"gbps": gbs, "fp32_tflops": fp32, "tf32_tflops": tf32, "bf16_tflops": bf16}
     return None

@@ -680,7 +680,7 @@ def _roofline(p: Problem) -> dict:
     w_bytes = p.cin * p.cout * math.prod(p.modes) * 8
     k = math.prod(p.modes)
     mix_flops = 8 * p.batch * p.cin * p.cout * k
-    return {"bytes": x_bytes + y_bytes + w_bytes, "flops": mix_flops}
+    return {"bytes": x_bytes + y_bytes + w_bytes, "flops": mix_flops, "bound": "memory"}
 
 
 def _case(name, batch, cin, cout, grid, n_modes, tags, out_grid=None):

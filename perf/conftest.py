@@ -75,11 +75,15 @@ class Perf:
                "dtype": problem.dtype_name, "p20": q(0.2), "p50": q(0.5), "p80": q(0.8), "rounds": len(data)}
         if op.roofline is not None:
             roof = op.roofline(problem)
-            scale = 2 if mode == "fwdbwd" else 1  # backward reads grad_y and writes grad_x once more
-            gbps = scale * roof["bytes"] / (rec["p50"] * 1e-3) / 1e9
-            rec["gbps"] = gbps
             peaks = device_peaks(device_info()["name"])
-            rec["frac_peak_bw"] = gbps / peaks["gbps"] if peaks else None
+            if roof.get("bound", "memory") == "memory":
+                scale = 2 if mode == "fwdbwd" else 1  # backward reads grad_y and writes grad_x once more
+                rec["gbps"] = scale * roof["bytes"] / (rec["p50"] * 1e-3) / 1e9
+                rec["frac_peak_bw"] = rec["gbps"] / peaks["gbps"] if peaks else None
+            else:
+                scale = 4 if mode == "fwdbwd" else 1  # backward: grad b, grad x, grad y passes of similar cost
+                rec["tflops"] = scale * roof["flops"] / (rec["p50"] * 1e-3) / 1e12
+                rec["frac_peak_flops"] = rec["tflops"] / peaks["fp32_tflops"] if peaks else None
         if dev.type == "cuda" and mode == "fwdbwd":
             from opforge.autotune.timing import peak_memory
 

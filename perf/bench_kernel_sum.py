@@ -1,0 +1,102 @@
+"""Perf suite of kernel sums: flash vs the blocked torch variant vs KeOps (pykeops) or dense torch.
+
+The peer is KeOps' LazyTensor reduction when pykeops is importable (variant
+``keops``; it compiles with nvrtc at first use, outside the timed rounds);
+otherwise dense torch (``dense-torch``: the N x M kernel matrix, then a matmul),
+run only while that matrix fits in 2^28 elements.
+
+    pytest perf/bench_kernel_sum.py --opforge-results /tmp/r.json
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opforge.kernels import get_op
+from opforge.reference.kernel_sum import KERNELS
+
+OP = get_op("kernel_sum")
+
+try:
+    from pykeops.torch import LazyTensor
+
+    PEER = "keops"
+except Exception:  # not installed, or no compiler for it
+    LazyTensor = None
+    PEER = "dense-torch"
+
+
+def _k_of_s(s, kernel, sqrt, exp):
+    """The kernel as a function of the squared distance, for LazyTensors or tensors alike."""
+    if kernel == "gaussian":
+        return exp(-0.5 * s)
+    if kernel == "imq":
+        return 1 / sqrt(1 + s)
+    if kernel == "cauchy":
+        return 1 / (1 + s)
+    r = sqrt(s)
+    if kernel == "laplacian":
+        return exp(-r)
+    if kernel == "matern32":
+        return (1 + math.sqrt(3) * r) * exp(-math.sqrt(3) * r)
+    return (1 + math.sqrt(5) * r + 5.0 / 3.0 * s) * exp(-math.sqrt(5) * r)
+
+
+assert set(KERNELS) >= {"gaussian", "laplacian", "matern32", "matern52", "imq", "cauchy"}
+
+
+def _peer(problem):
+    if LazyTensor is not None:
+        def keops(x, y, b):
+            xi, yj = LazyTensor(x[0][:, None, :]), LazyTensor(y[0][None, :, :])
+            s = ((xi - yj) ** 2).sum(-1)
+            K = _k_of_s(s, problem.kernel, lambda t: t.sqrt(), lambda t: t.exp())
+            return (K @ b[0]).unsqueeze(0)
+        return keops
+    if problem.n * problem.m > 2**28:
+        return None
+
+    def dense(x, y, b):
+        s = torch.cdist(x, y).square()
+        return _k_of_s(s, problem.kernel, torch.sqrt, torch.exp) @ b
+    return dense
+
+
+VARIANTS = list(OP.variants) + [PEER]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_sum(perf, case, dtype, variant, mode):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    grad = mode == "fwdbwd"
+    problem, (x, y, b) = OP.make_inputs(case, dev, dtype, requires_grad=grad)
+    if variant == PEER:
+        fwd = _peer(problem)
+        if fwd is None:
+            pytest.skip("dense torch would need more than 2^28 kernel entries")
+        if LazyTensor is not None:
+            fwd(x, y, b)  # KeOps compiles the formula at its first call: keep that out of the timing
+    else:
+        reason = OP.variants[variant].why_not(problem)
+        if reason or (variant != "torch" and dev == "cpu"):
+            pytest.skip(reason or "Triton variants are timed on the GPU only")
+        if variant == "torch" and dev == "cuda" and problem.n * problem.m > 2**34:
+            pytest.skip("the blocked torch baseline would take minutes at this size")
+
+        def fwd(x, y, b, variant=variant):
+            return OP.run_variant(variant, problem, x, y, b)
+
+    g = torch.randn((1, problem.n, problem.r), device=dev, dtype=dtype)
+
+    def step():
+        if not grad:
+            with torch.no_grad():
+                return fwd(x, y, b)
+        for t in (x, y, b):
+            t.grad = None
+        fwd(x, y, b).backward(g)
+
+    perf.run(OP, case, variant, mode, problem, step, rounds=5 if problem.n * problem.m >= 10**11 else None)
