@@ -17,6 +17,6 @@ __all__ = [
     "BACKENDS", "HAS_TRITON", "SpectralConv", "current_backend", "get_op", "interpreter_enabled",
     "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "use_backend",
 ]
-from .kernel_sum import KERNELS, KernelOperator, kernel_matvec, kernel_solve  # noqa: E402
+from .kernel_sum import KERNELS, KernelOperator, gp_posterior_mean, kernel_matvec, kernel_solve  # noqa: E402
 
-__all__ += ["KERNELS", "KernelOperator", "kernel_matvec", "kernel_solve"]
+__all__ += ["KERNELS", "KernelOperator", "gp_posterior_mean", "kernel_matvec", "kernel_solve"]

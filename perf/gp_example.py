@@ -1,0 +1,50 @@
+"""Exact GP regression posterior mean on 100k points without a kernel matrix (issue example).
+
+    python perf/gp_example.py [--n 100000] [--kernel matern52] [--device cuda]
+
+Synthetic data: y = sin(2 pi x1) cos(2 pi x2) + x3^2 + 0.1 noise on [0, 1]^3. Conjugate gradients on
+(K + noise I) alpha = y with opforge's kernel sums (dispatched to the flash Triton kernel on a GPU),
+then the posterior mean at 10k test points. Prints iterations, residual, test RMSE and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from opforge.kernels import kernel_matvec, kernel_solve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--n-test", type=int, default=10_000)
+    ap.add_argument("--kernel", default="matern52")
+    ap.add_argument("--lengthscale", type=float, default=0.2)
+    ap.add_argument("--noise", type=float, default=0.01)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+
+    def f(x):
+        return torch.sin(2 * torch.pi * x[:, 0]) * torch.cos(2 * torch.pi * x[:, 1]) + x[:, 2] ** 2
+
+    x = torch.rand(args.n, 3, generator=g)
+    y = f(x) + 0.1 * torch.randn(args.n, generator=g)
+    xt = torch.rand(args.n_test, 3, generator=g)
+    x, y, xt = x.to(args.device), y.to(args.device), xt.to(args.device)
+    t0 = time.perf_counter()
+    # the two steps of opforge.kernels.gp_posterior_mean, kept apart to report the solver's progress
+    alpha, info = kernel_solve(x, y, args.kernel, args.noise, args.lengthscale, tol=1e-4, return_info=True)
+    mean = kernel_matvec(xt, x, alpha, args.kernel, args.lengthscale)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    rmse = (mean - f(xt)).pow(2).mean().sqrt().item()
+    print(f"n={args.n} kernel={args.kernel} device={args.device}: CG {info['iterations']} iterations "
+          f"(residual {info['residual']:.2e}), test RMSE {rmse:.4f} vs noise 0.1, {dt:.2f} s for solve + predict")
+
+
+if __name__ == "__main__":
+    main()
