@@ -50,6 +50,8 @@ def _fmt(v) -> str:
 
 
 def _to_numpy(t):
+    if not hasattr(t, "detach"):
+        return t  # None, or an op's own parameter object
     t = t.detach().cpu()
     return t.resolve_conj().to(__import__("torch").complex128).numpy() if t.is_complex() else t.double().numpy()
 

@@ -1,0 +1,950 @@
+"""Fused Kolmogorov-Arnold (KAN) layers: the basis is evaluated in registers, never stored.
+
+    y[b, o] = sum_i sum_k W[o, i, k] phi_k(x[b, i])  (+ sum_i Wb[o, i] silu(x[b, i]))  (+ bias[o])
+
+Bases (math in ``opforge.reference.kan``): ``bspline`` (efficient-kan: order p,
+per-feature extended knots [in, G + 2p + 1], K = G + p), ``rbf`` (FastKAN:
+Gaussian bumps at centres, width h), ``chebyshev`` (ChebyKAN: T_k(tanh x),
+K = degree + 1), ``fourier`` (FourierKAN: cos(kx), sin(kx), k = 1..G, K = 2G).
+
+Variants:
+
+``torch``
+    memory-lean: the basis is built for a block of batch rows at a time, in the
+    forward and again in the backward pass (a custom autograd.Function), so
+    activation memory is that of a linear layer plus one block. The CPU path
+    and the baseline.
+``fused``
+    Triton. Forward: a GEMM over (batch x out) tiles whose prologue evaluates
+    the basis of a [rows, in-block] tile of x in registers as a
+    [rows, in-block x K] operand of ``tl.dot`` (for B-splines only the p + 1
+    non-zero bases: the knot interval by floor((x - t_0) / h) on uniform
+    grids, by search on general ones, then the local de Boor triangle);
+    the SiLU base path is a second dot on the same x tile. Backward: grad x
+    with the basis derivative in the same kind of tile (dy @ W^T contracted
+    against phi'), grad W (and grad Wb) as per-tile partial sums over batch
+    blocks, summed in a fixed order: deterministic, no atomics.
+
+float32 / bfloat16 / float16 inputs, float32 accumulation; float32 dot
+products use 3xTF32, 16-bit inputs TF32 (on float32-converted tiles).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import Case, Op, Variant, register
+from ._triton import HAS_TRITON, tl, triton
+
+__all__ = ["kan_linear", "KANLinear", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
+
+BASES = ("bspline", "rbf", "chebyshev", "fourier")
+_BID = {name: i for i, name in enumerate(BASES)}
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Problem:
+    rows: int
+    cin: int
+    cout: int
+    k: int  # basis functions per input feature
+    basis: str
+    order: int  # B-spline order (0 for the other bases)
+    uniform: bool  # B-spline knots uniformly spaced
+    has_base: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def key(self) -> str:
+        return (f"{self.basis}{self.order if self.basis == 'bspline' else ''}_k{self.k}_b{_pow2(self.rows)}"
+                f"_i{_pow2(self.cin)}_o{_pow2(self.cout)}")
+
+
+@dataclass
+class _Basis:
+    """Basis parameters travelling with a call (tensors on x's device)."""
+
+    kind: str
+    grid: torch.Tensor | None = None  # bspline knots [in, G + 2p + 1]
+    order: int = 0
+    centers: torch.Tensor | None = None  # rbf
+    width: float = 1.0
+    grid_size: int = 0  # fourier G
+
+
+# --------------------------------------------------------------------------- torch variant
+def _bspline_t(x, grid, order, derivative=False):
+    """x [n, I], grid [I, NK] -> [n, I, NK - 1 - order] (Cox-de Boor, half-open intervals)."""
+    x = x.unsqueeze(-1)
+    t = grid.unsqueeze(0)
+    bases = ((x >= t[..., :-1]) & (x < t[..., 1:])).to(x.dtype)
+    lower = bases
+    for p in range(1, order + 1):
+        lower = bases
+        bases = ((x - t[..., : -(p + 1)]) / (t[..., p:-1] - t[..., : -(p + 1)]) * bases[..., :-1]
+                 + (t[..., p + 1:] - x) / (t[..., p + 1:] - t[..., 1:-p]) * bases[..., 1:])
+    if not derivative:
+        return bases
+    if order == 0:
+        return torch.zeros_like(bases)
+    p = order
+    return p * (lower[..., :-1] / (t[..., p:-1] - t[..., : -(p + 1)]) - lower[..., 1:] / (t[..., p + 1:] - t[..., 1:-p]))
+
+
+def _cheb_t(x, K, derivative=False):
+    t = torch.tanh(x)
+    T = [torch.ones_like(t), t]
+    U = [torch.ones_like(t), 2 * t]
+    for _ in range(2, K):
+        T.append(2 * t * T[-1] - T[-2])
+        U.append(2 * t * U[-1] - U[-2])
+    if not derivative:
+        return torch.stack(T[:K], -1)
+    d = [torch.zeros_like(t)] + [k * U[k - 1] for k in range(1, K)]
+    return torch.stack(d, -1) * (1 - t * t).unsqueeze(-1)
+
+
+def _basis_t(x, b: _Basis, K: int, derivative=False):
+    if b.kind == "bspline":
+        return _bspline_t(x, b.grid.to(x.dtype), b.order, derivative)
+    if b.kind == "rbf":
+        z = (x.unsqueeze(-1) - b.centers.to(x.dtype)) / b.width
+        phi = torch.exp(-z * z)
+        return -2 * z / b.width * phi if derivative else phi
+    if b.kind == "chebyshev":
+        return _cheb_t(x, K, derivative)
+    k = torch.arange(1, b.grid_size + 1, device=x.device, dtype=x.dtype)
+    kx = x.unsqueeze(-1) * k
+    if derivative:
+        return torch.cat([-k * torch.sin(kx), k * torch.cos(kx)], -1)
+    return torch.cat([torch.cos(kx), torch.sin(kx)], -1)
+
+
+def _dsilu(x):
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _block_rows(cin: int, K: int) -> int:
+    return max(1, (1 << 22) // max(1, cin * K))
+
+
+class _TorchKAN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, base_weight, b: _Basis):
+        O, I, K = weight.shape
+        W2 = weight.reshape(O, I * K)
+        y = x.new_empty((x.shape[0], O))
+        step = _block_rows(I, K)
+        for s in range(0, x.shape[0], step):
+            xb = x[s:s + step]
+            yb = _basis_t(xb, b, K).reshape(xb.shape[0], I * K) @ W2.t()
+            if base_weight is not None:
+                yb = yb + F.silu(xb) @ base_weight.t()
+            y[s:s + step] = yb
+        ctx.save_for_backward(x, weight, base_weight)
+        ctx.b = b
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, base_weight = ctx.saved_tensors
+        b = ctx.b
+        O, I, K = weight.shape
+        W2 = weight.reshape(O, I * K)
+        need_x, need_w, need_wb = ctx.needs_input_grad[:3]
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.zeros_like(W2) if need_w else None
+        dwb = torch.zeros_like(base_weight) if need_wb else None
+        step = _block_rows(I, K)
+        for s in range(0, x.shape[0], step):
+            xb, gb = x[s:s + step], g[s:s + step]
+            if need_w:
+                dw += gb.t() @ _basis_t(xb, b, K).reshape(xb.shape[0], I * K)
+            if need_x:
+                t = (gb @ W2).reshape(xb.shape[0], I, K)
+                dxb = (t * _basis_t(xb, b, K, derivative=True)).sum(-1)
+                if base_weight is not None:
+                    dxb = dxb + (gb @ base_weight) * _dsilu(xb)
+                dx[s:s + step] = dxb
+            if need_wb:
+                dwb += gb.t() @ F.silu(xb)
+        return dx, (dw.reshape(O, I, K) if need_w else None), dwb, None
+
+
+def _torch_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
+    cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    wb = None if base_weight is None else base_weight.to(cdt)
+    y = _TorchKAN.apply(x.to(cdt), weight.to(cdt), wb, b)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(p.dtype)
+
+
+# --------------------------------------------------------------------------- Triton variant
+if HAS_TRITON:
+
+    @triton.jit
+    def _knot(GRID, row, j, NK):
+        return tl.load(GRID + row + tl.minimum(tl.maximum(j, 0), NK - 1))
+
+    @triton.jit
+    def _nz(d):
+        """A denominator that is 0 only for slots built from clamped (repeated) edge knots, which are masked."""
+        return tl.where(d == 0.0, 1.0, d)
+
+    @triton.jit
+    def _bspline_local(x, GRID, row, t0, inv_h, NK, ORDER: tl.constexpr, UNIFORM: tl.constexpr):
+        """Knot interval j of each x and the ORDER + 1 non-zero bases B_{j-ORDER+r} (values, derivatives)."""
+        if UNIFORM:
+            f = tl.minimum(tl.maximum(tl.floor((x - t0) * inv_h), -1.0), NK * 1.0)
+            j = f.to(tl.int32)
+            # floor() can land one interval off at a knot: settle it with the knots themselves
+            j = tl.where(x < _knot(GRID, row, j, NK), j - 1, j)
+            j = tl.where(x >= _knot(GRID, row, j + 1, NK), j + 1, j)
+        else:
+            j = tl.zeros(x.shape, dtype=tl.int32) - 1
+            for q in range(0, NK):
+                j += (x >= tl.load(GRID + row + q)).to(tl.int32)
+        valid = (j >= 0) & (j < NK - 1) & (x >= t0) & (x < tl.load(GRID + row + NK - 1))
+        one = tl.where(valid, 1.0, 0.0)
+        zero = tl.zeros(x.shape, dtype=tl.float32)
+        v0, v1, v2, v3 = one, zero, zero, zero
+        d0, d1, d2, d3 = zero, zero, zero, zero
+        if ORDER >= 1:
+            l1 = x - _knot(GRID, row, j, NK)
+            r1 = _knot(GRID, row, j + 1, NK) - x
+            tmp = v0 / _nz(r1 + l1)
+            if ORDER == 1:
+                d0, d1 = -tmp, tmp
+            v0, v1 = r1 * tmp, l1 * tmp
+        if ORDER >= 2:
+            l2 = x - _knot(GRID, row, j - 1, NK)
+            r2 = _knot(GRID, row, j + 2, NK) - x
+            ta = v0 / _nz(r1 + l2)
+            tb = v1 / _nz(r2 + l1)
+            if ORDER == 2:
+                d0, d1, d2 = -2.0 * ta, 2.0 * (ta - tb), 2.0 * tb
+            v0, v1, v2 = r1 * ta, l2 * ta + r2 * tb, l1 * tb
+        if ORDER >= 3:
+            l3 = x - _knot(GRID, row, j - 2, NK)
+            r3 = _knot(GRID, row, j + 3, NK) - x
+            ta = v0 / _nz(r1 + l3)
+            tb = v1 / _nz(r2 + l2)
+            tc = v2 / _nz(r3 + l1)
+            d0, d1, d2, d3 = -3.0 * ta, 3.0 * (ta - tb), 3.0 * (tb - tc), 3.0 * tc
+            v0, v1, v2, v3 = r1 * ta, l3 * ta + r2 * tb, l2 * tb + r3 * tc, l1 * tc
+        return j, v0, v1, v2, v3, d0, d1, d2, d3
+
+    @triton.jit
+    def _place(kk3, j3, v0, v1, v2, v3, ORDER: tl.constexpr):
+        """[BM, BI, KP] tile with the local values put at basis index j - ORDER + r."""
+        base = j3 - ORDER
+        out = tl.where(kk3 == base, v0[:, :, None], 0.0)
+        if ORDER >= 1:
+            out += tl.where(kk3 == base + 1, v1[:, :, None], 0.0)
+        if ORDER >= 2:
+            out += tl.where(kk3 == base + 2, v2[:, :, None], 0.0)
+        if ORDER >= 3:
+            out += tl.where(kk3 == base + 3, v3[:, :, None], 0.0)
+        return out
+
+    @triton.jit
+    def _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G,
+                    BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr,
+                    DERIV: tl.constexpr):
+        """phi (or phi') of a [BM, BI] tile of x as [BM, BI, KP] (zero beyond K)."""
+        kk = tl.arange(0, KP)
+        kk3 = kk[None, None, :]
+        k_ok = kk3 < K
+        if BASIS == 0:  # bspline
+            row = (ii * sGi)[None, :]
+            t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
+            t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
+            j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, row, t0, 1.0 / (t1 - t0), NK, ORDER, UNIFORM)
+            if DERIV:
+                out = _place(kk3, j[:, :, None], d0, d1, d2, d3, ORDER)
+            else:
+                out = _place(kk3, j[:, :, None], v0, v1, v2, v3, ORDER)
+        elif BASIS == 1:  # rbf
+            c = tl.load(CENT + kk, mask=kk < K, other=0.0)[None, None, :]
+            z = (x[:, :, None] - c) / width
+            out = tl.exp(-z * z)
+            if DERIV:
+                out = -2.0 * z / width * out
+        elif BASIS == 2:  # chebyshev: T_k(tanh x) by the three-term recurrence (no acos)
+            e = tl.exp(-2.0 * tl.abs(x))
+            t = (1.0 - e) / (1.0 + e)
+            t = tl.where(x < 0, -t, t)
+            t_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
+            t_cur = t
+            u_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
+            u_cur = 2.0 * t
+            if DERIV:
+                out = tl.zeros((x.shape[0], x.shape[1], KP), dtype=tl.float32)
+                out += tl.where(kk3 == 1, u_prev[:, :, None], 0.0)
+                for k in tl.static_range(2, KP):
+                    out += tl.where(kk3 == k, (k * u_cur)[:, :, None], 0.0)
+                    u_next = 2.0 * t * u_cur - u_prev
+                    u_prev = u_cur
+                    u_cur = u_next
+                out = out * (1.0 - t * t)[:, :, None]
+            else:
+                out = tl.where(kk3 == 0, t_prev[:, :, None], 0.0)
+                out += tl.where(kk3 == 1, t_cur[:, :, None], 0.0)
+                for k in tl.static_range(2, KP):
+                    t_next = 2.0 * t * t_cur - t_prev
+                    t_prev = t_cur
+                    t_cur = t_next
+                    out += tl.where(kk3 == k, t_cur[:, :, None], 0.0)
+        else:  # fourier: cos(kx) for kk < G, sin(kx) after
+            is_cos = kk3 < G
+            freq = tl.where(is_cos, kk3 + 1, kk3 - G + 1).to(tl.float32)
+            ang = x[:, :, None] * freq
+            if DERIV:
+                out = tl.where(is_cos, -freq * tl.sin(ang), freq * tl.cos(ang))
+            else:
+                out = tl.where(is_cos, tl.cos(ang), tl.sin(ang))
+        return tl.where(k_ok & i_mask[None, :, None], out, 0.0)
+
+    @triton.jit
+    def _w_rows(ii, i_mask, kk, sWi, sWk, K, BLOCK_I: tl.constexpr, KP: tl.constexpr):
+        """Offsets and mask of the BLOCK_I * KP rows (i, k) of W[o, i, k] seen as [(i, k), o]."""
+        addr = tl.reshape(ii[:, None] * sWi + kk[None, :] * sWk, (BLOCK_I * KP,))
+        mask = tl.reshape(i_mask[:, None] & (kk[None, :] < K), (BLOCK_I * KP,))
+        return addr, mask
+
+    @triton.jit
+    def _kan_fwd_kernel(
+        X, W, WB, BIAS, Y, GRID, CENT, width,
+        B, I, O, K, G, NK,
+        sXb, sXi, sWo, sWi, sWk, sWBo, sWBi, sYb, sYo, sGi,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+        KP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        pid_o = tl.program_id(1)
+        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        oo = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        b_mask = rb < B
+        o_mask = oo < O
+        kk = tl.arange(0, KP)
+        acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            ii = i0 + tl.arange(0, BLOCK_I)
+            i_mask = ii < I
+            x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
+            x = x.to(tl.float32)
+            phi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, False)
+            phi2 = tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))
+            addr, mask = _w_rows(ii, i_mask, kk, sWi, sWk, K, BLOCK_I, KP)
+            wt = tl.load(W + addr[:, None] + oo[None, :] * sWo, mask=mask[:, None] & o_mask[None, :], other=0.0)
+            acc += tl.dot(phi2, wt.to(tl.float32), input_precision=PREC)
+            if HAS_BASE:
+                sx = x / (1.0 + tl.exp(-x))
+                wb = tl.load(WB + ii[:, None] * sWBi + oo[None, :] * sWBo, mask=i_mask[:, None] & o_mask[None, :],
+                             other=0.0)
+                acc += tl.dot(sx, wb.to(tl.float32), input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + oo, mask=o_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rb[:, None] * sYb + oo[None, :] * sYo, acc.to(Y.dtype.element_ty),
+                 mask=b_mask[:, None] & o_mask[None, :])
+
+    @triton.jit
+    def _kan_dx_kernel(
+        X, GY, W, WB, DX, GRID, CENT, width,
+        B, I, O, K, G, NK,
+        sXb, sXi, sGb, sGo, sWo, sWi, sWk, sWBo, sWBi, sDb, sDi, sGi,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """dx[b, i] = sum_k phi'_k(x[b, i]) (dy @ W[:, i, k])[b]  (+ silu'(x) (dy @ Wb)[b, i])."""
+        pid_b = tl.program_id(0)
+        pid_i = tl.program_id(1)
+        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        b_mask = rb < B
+        i_mask = ii < I
+        kk = tl.arange(0, KP)
+        addr, mask = _w_rows(ii, i_mask, kk, sWi, sWk, K, BLOCK_I, KP)
+        t = tl.zeros((BLOCK_B, BLOCK_I * KP), dtype=tl.float32)
+        tb = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
+        for o0 in range(0, O, BLOCK_O):
+            oo = o0 + tl.arange(0, BLOCK_O)
+            o_mask = oo < O
+            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
+            g = g.to(tl.float32)
+            wt = tl.load(W + addr[None, :] + oo[:, None] * sWo, mask=mask[None, :] & o_mask[:, None], other=0.0)
+            t += tl.dot(g, wt.to(tl.float32), input_precision=PREC)
+            if HAS_BASE:
+                wb = tl.load(WB + oo[:, None] * sWBo + ii[None, :] * sWBi, mask=o_mask[:, None] & i_mask[None, :],
+                             other=0.0)
+                tb += tl.dot(g, wb.to(tl.float32), input_precision=PREC)
+        x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
+        x = x.to(tl.float32)
+        dphi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, True)
+        dx = tl.sum(dphi * tl.reshape(t, (BLOCK_B, BLOCK_I, KP)), axis=2)
+        if HAS_BASE:
+            s = 1.0 / (1.0 + tl.exp(-x))
+            dx += tb * (s * (1.0 + x * (1.0 - s)))
+        tl.store(DX + rb[:, None] * sDb + ii[None, :] * sDi, dx.to(DX.dtype.element_ty),
+                 mask=b_mask[:, None] & i_mask[None, :])
+
+    @triton.jit
+    def _kan_dw_kernel(
+        X, GY, DW, DWB, GRID, CENT, width,
+        B, I, O, K, G, NK, rows_per_split,
+        sXb, sXi, sGb, sGo, sGi,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """Partial sums over one batch split: DW[split, o, i, k] = sum_b dy[b, o] phi_k(x[b, i]) (and DWB)."""
+        pid_i = tl.program_id(0)
+        pid_o = tl.program_id(1)
+        split = tl.program_id(2)
+        ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        oo = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        i_mask = ii < I
+        o_mask = oo < O
+        kk = tl.arange(0, KP)
+        acc = tl.zeros((BLOCK_I * KP, BLOCK_O), dtype=tl.float32)
+        accb = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+        start = split * rows_per_split
+        for b0 in range(start, start + rows_per_split, BLOCK_B):
+            rb = b0 + tl.arange(0, BLOCK_B)
+            b_mask = (rb < B) & (rb < start + rows_per_split)
+            x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
+            x = x.to(tl.float32)
+            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
+            g = g.to(tl.float32)
+            phi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, False)
+            phi = tl.where(b_mask[:, None, None], phi, 0.0)
+            acc += tl.dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, input_precision=PREC)
+            if HAS_BASE:
+                sx = tl.where(b_mask[:, None], x / (1.0 + tl.exp(-x)), 0.0)
+                accb += tl.dot(tl.trans(sx), g, input_precision=PREC)
+        # DW partial laid out [split, O, I, KP] (padded k), DWB [split, O, I]
+        rows = (ii[:, None] * KP + kk[None, :])
+        rows = tl.reshape(rows, (BLOCK_I * KP,))
+        ok = tl.reshape(i_mask[:, None] & (kk[None, :] < K), (BLOCK_I * KP,))
+        base = DW + split.to(tl.int64) * O * I * KP
+        tl.store(base + oo[None, :] * (I * KP) + rows[:, None], acc, mask=ok[:, None] & o_mask[None, :])
+        if HAS_BASE:
+            baseb = DWB + split.to(tl.int64) * O * I
+            tl.store(baseb + oo[None, :] * I + ii[:, None], accb, mask=i_mask[:, None] & o_mask[None, :])
+
+
+def _prec(dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _basis_args(p: Problem, b: _Basis, x):
+    dev = x.device
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    grid = b.grid.to(torch.float32).contiguous() if b.grid is not None else dummy
+    cent = b.centers.to(torch.float32).contiguous() if b.centers is not None else dummy
+    NK = grid.shape[1] if b.grid is not None else 1
+    sGi = grid.stride(0) if b.grid is not None else 0
+    return grid, cent, float(b.width), NK, sGi
+
+
+def _meta(p: Problem, cfg):
+    return dict(BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, HAS_BASE=p.has_base,
+                BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg["BLOCK_I"], KP=max(2, _pow2(p.k)),
+                PREC=_prec(p.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+class _FusedKAN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
+        grid, cent, width, NK, sGi = _basis_args(p, b, x)
+        W = weight
+        y = torch.empty((x.shape[0], p.cout), dtype=p.dtype, device=x.device)
+        wb = base_weight if base_weight is not None else W
+        launch = (triton.cdiv(x.shape[0], cfg["BLOCK_B"]), triton.cdiv(p.cout, cfg["BLOCK_O"]))
+        _kan_fwd_kernel[launch](
+            x, W, wb, bias if bias is not None else W, y, grid, cent, width,
+            x.shape[0], p.cin, p.cout, p.k, b.grid_size, NK,
+            x.stride(0), x.stride(1), *W.stride(), wb.stride(0), wb.stride(1), y.stride(0), y.stride(1), sGi,
+            HAS_BIAS=bias is not None, **_meta(p, cfg))
+        ctx.save_for_backward(x, weight, base_weight)
+        ctx.p, ctx.b, ctx.cfg, ctx.has_bias = p, b, cfg, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, base_weight = ctx.saved_tensors
+        p, b, cfg = ctx.p, ctx.b, ctx.cfg
+        gy = gy.contiguous()
+        grid, cent, width, NK, sGi = _basis_args(p, b, x)
+        W = weight
+        wb = base_weight if base_weight is not None else W
+        rows = x.shape[0]
+        meta = _meta(p, cfg)
+        dx = dw = dwb = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            launch = (triton.cdiv(rows, cfg["BLOCK_B"]), triton.cdiv(p.cin, cfg["BLOCK_I"]))
+            _kan_dx_kernel[launch](
+                x, gy, W, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK,
+                x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), *W.stride(), wb.stride(0), wb.stride(1),
+                dx.stride(0), dx.stride(1), sGi, **meta)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            KP = meta["KP"]
+            splits = max(1, min(cfg.get("SPLITS", 8), triton.cdiv(rows, cfg["BLOCK_B"])))
+            per = triton.cdiv(triton.cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
+            splits = triton.cdiv(rows, per)
+            part = torch.empty((splits, p.cout, p.cin, KP), dtype=torch.float32, device=x.device)
+            partb = torch.empty((splits, p.cout, p.cin), dtype=torch.float32, device=x.device) if p.has_base else part
+            launch = (triton.cdiv(p.cin, cfg["BLOCK_I"]), triton.cdiv(p.cout, cfg["BLOCK_O"]), splits)
+            _kan_dw_kernel[launch](
+                x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, per,
+                x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi, **meta)
+            if ctx.needs_input_grad[1]:
+                dw = part.sum(0)[..., : p.k].to(weight.dtype)  # fixed-order sum over splits: deterministic
+            if ctx.needs_input_grad[2]:
+                dwb = partb.sum(0).to(base_weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            dbias = gy.to(torch.float32).sum(0)
+        return dx, dw, dwb, dbias, None, None, None
+
+
+def _fused_supports(p: Problem) -> str | None:
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"fused takes float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
+    if p.basis == "bspline" and p.order > 3:
+        return f"fused evaluates B-splines of order <= 3 in registers, got order {p.order}"
+    if p.k > 64:
+        return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
+    return None
+
+
+def _fused_cfgs(p: Problem) -> list[dict]:
+    kp = max(2, _pow2(p.k))
+    out = []
+    for bb in (32, 64, 128):
+        for bo in (32, 64, 128):
+            for bi in (2, 4, 8, 16):
+                if bi * kp < 16 or bi * kp > 128 or bb * bi * kp > 16384:
+                    continue
+                for w in (4, 8):
+                    out.append({"BLOCK_B": bb, "BLOCK_O": bo, "BLOCK_I": bi, "num_warps": w, "num_stages": 2,
+                                "SPLITS": 16})
+    return out or [_fused_default(p)]
+
+
+def _fused_default(p: Problem) -> dict:
+    kp = max(2, _pow2(p.k))
+    bi = max(1, min(16, 64 // kp))
+    while bi * kp < 16:
+        bi *= 2
+    return {"BLOCK_B": 32, "BLOCK_O": 64, "BLOCK_I": bi, "num_warps": 4, "num_stages": 2, "SPLITS": 16}
+
+
+def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
+    cfg = config or _fused_default(p)
+    return _FusedKAN.apply(x, weight, base_weight, bias, p, b, cfg)
+
+
+# --------------------------------------------------------------------------- checks and the public API
+def _check_grid(grid: torch.Tensor, cin: int, order: int) -> bool:
+    """Validate B-spline knots [in, G + 2p + 1]; returns whether they are uniformly spaced."""
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 2 or grid.shape[0] != cin:
+        raise ValueError(f"grid must be a [in_features={cin}, G + 2*order + 1] knot tensor, got "
+                         f"{None if not isinstance(grid, torch.Tensor) else tuple(grid.shape)}")
+    if grid.shape[1] < 2 * order + 2:
+        raise ValueError(f"grid has {grid.shape[1]} knots per feature; order {order} needs at least {2 * order + 2}")
+    g = grid.detach().double()
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("grid (knots) must be finite")
+    d = g[:, 1:] - g[:, :-1]
+    if not bool((d > 0).all()):
+        raise ValueError("grid (knots) must be strictly increasing along each feature")
+    return bool(torch.allclose(d, d[:, :1].expand_as(d), rtol=1e-6, atol=0))
+
+
+def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("x and weight must be torch.Tensors")
+    if x.is_complex() or x.dtype not in _FLOATS:
+        raise TypeError(f"x must be a real floating tensor, got {x.dtype}")
+    if basis not in BASES:
+        raise ValueError(f"unknown basis {basis!r}; valid: {list(BASES)}")
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be [out, in, K], got shape {tuple(weight.shape)}")
+    cout, cin, K = (int(s) for s in weight.shape)
+    if x.dim() < 1 or x.shape[-1] != cin:
+        raise ValueError(f"x's last dimension must be in_features={cin} (weight is [out, in, K]), "
+                         f"got x of shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("base_weight", base_weight), ("bias", bias), ("grid", grid),
+                    ("centers", centers)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if base_weight is not None and tuple(base_weight.shape) != (cout, cin):
+        raise ValueError(f"base_weight must be [out={cout}, in={cin}], got {tuple(base_weight.shape)}")
+    if bias is not None and bias.numel() != cout:
+        raise ValueError(f"bias must have out={cout} elements, got shape {tuple(bias.shape)}")
+    b = _Basis(basis)
+    uniform, order = False, 0
+    if basis == "bspline":
+        if not isinstance(spline_order, int) or spline_order < 0:
+            raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
+        if grid is None:
+            raise ValueError("basis='bspline' needs grid= (knots [in, G + 2*order + 1])")
+        uniform = _check_grid(grid, cin, spline_order)
+        if grid.shape[1] - 1 - spline_order != K:
+            raise ValueError(f"weight has K={K} bases per feature but grid with {grid.shape[1]} knots and order "
+                             f"{spline_order} gives {grid.shape[1] - 1 - spline_order}")
+        b.grid, b.order, order = grid, spline_order, spline_order
+    elif basis == "rbf":
+        if centers is None or width is None:
+            raise ValueError("basis='rbf' needs centers= [K] and width=")
+        if centers.dim() != 1 or centers.numel() != K:
+            raise ValueError(f"centers must be [K={K}], got {tuple(centers.shape)}")
+        if not (float(width) > 0 and math.isfinite(float(width))):
+            raise ValueError(f"width must be positive and finite, got {width}")
+        b.centers, b.width = centers, float(width)
+    elif basis == "fourier":
+        if K % 2:
+            raise ValueError(f"fourier weight must have K = 2 * grid_size (cos then sin), got K={K}")
+        b.grid_size = K // 2
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cin)
+    p = Problem(int(x2.shape[0]), cin, cout, K, basis, order, uniform, base_weight is not None, x.dtype, x.device)
+    return p, b, x2, lead
+
+
+def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None, grid=None, spline_order: int = 3,
+               centers=None, width=None):
+    """One KAN layer without materialising the basis tensor.
+
+    Args:
+        x: [..., in] real (float32, bfloat16, float16, float64).
+        weight: [out, in, K] coefficients of the K basis functions per input.
+        basis: "bspline" (needs ``grid`` [in, G + 2p + 1] knots and ``spline_order`` p; K = G + p),
+            "rbf" (needs ``centers`` [K] and ``width``), "chebyshev" (K = degree + 1),
+            "fourier" (K = 2G: cos(kx) then sin(kx), k = 1..G).
+        base_weight: optional [out, in]: adds sum_i Wb[o, i] silu(x[..., i]) (efficient-kan's base path).
+        bias: optional [out].
+
+    Returns:
+        [..., out] in x's dtype.
+    """
+    p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
+    if p.rows == 0:
+        y = x2.new_zeros((0, p.cout)) + (weight.sum() * 0).to(x.dtype)
+    else:
+        y = OP(p, x2, weight, base_weight, bias, b)
+    return y.reshape(lead + (p.cout,))
+
+
+# --------------------------------------------------------------------------- modules
+class KANLinear(nn.Module):
+    """efficient-kan's ``KANLinear`` (same parameters, buffers and names), fused.
+
+    Parameters: ``base_weight`` [out, in], ``spline_weight`` [out, in, G + p],
+    ``spline_scaler`` [out, in] (with ``enable_standalone_scale_spline``); buffer
+    ``grid`` [in, G + 2p + 1]. x [..., in] -> [..., out]. ``update_grid(x)``
+    refits the knots to the data and the coefficients by least squares;
+    ``regularization_loss()`` as in efficient-kan.
+    """
+
+    def __init__(self, in_features, out_features, grid_size=5, spline_order=3, scale_noise=0.1, scale_base=1.0,
+                 scale_spline=1.0, enable_standalone_scale_spline=True, base_activation=nn.SiLU, grid_eps=0.02,
+                 grid_range=(-1, 1)):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(grid_size, int) or grid_size < 1:
+            raise ValueError(f"grid_size must be an int >= 1, got {grid_size!r}")
+        if not isinstance(spline_order, int) or spline_order < 0:
+            raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
+        lo, hi = (float(v) for v in grid_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(f"grid_range must be finite with hi > lo, got {grid_range!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.grid_size, self.spline_order = grid_size, spline_order
+        h = (hi - lo) / grid_size
+        grid = (torch.arange(-spline_order, grid_size + spline_order + 1) * h + lo).expand(in_features, -1).contiguous()
+        self.register_buffer("grid", grid)
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
+        if enable_standalone_scale_spline:
+            self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features))
+        self.scale_noise, self.scale_base, self.scale_spline = scale_noise, scale_base, scale_spline
+        self.enable_standalone_scale_spline = enable_standalone_scale_spline
+        self.base_activation = base_activation()
+        self.grid_eps = grid_eps
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * self.scale_base)
+        with torch.no_grad():
+            noise = (torch.rand(self.grid_size + 1, self.in_features, self.out_features) - 0.5) \
+                * self.scale_noise / self.grid_size
+            coeff = self.curve2coeff(self.grid.T[self.spline_order: -self.spline_order], noise)
+            self.spline_weight.copy_((self.scale_spline if not self.enable_standalone_scale_spline else 1.0) * coeff)
+            if self.enable_standalone_scale_spline:
+                nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5) * self.scale_spline)
+
+    def b_splines(self, x: torch.Tensor) -> torch.Tensor:
+        """The basis tensor [n, in, G + p] of x [n, in] (for inspection and update_grid; forward never builds it)."""
+        return _bspline_t(x, self.grid.to(x.dtype), self.spline_order)
+
+    def curve2coeff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Least-squares coefficients [out, in, G + p] whose splines pass through y [n, in, out] at x [n, in]."""
+        A = self.b_splines(x).transpose(0, 1)  # [in, n, K]
+        sol = torch.linalg.lstsq(A, y.transpose(0, 1)).solution  # [in, K, out]
+        return sol.permute(2, 0, 1).contiguous()
+
+    @property
+    def scaled_spline_weight(self) -> torch.Tensor:
+        if self.enable_standalone_scale_spline:
+            return self.spline_weight * self.spline_scaler.unsqueeze(-1)
+        return self.spline_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
+        fused_base = isinstance(self.base_activation, nn.SiLU)
+        y = kan_linear(x, self.scaled_spline_weight, "bspline", grid=self.grid, spline_order=self.spline_order,
+                       base_weight=self.base_weight if fused_base else None)
+        if not fused_base:
+            y = y + F.linear(self.base_activation(x), self.base_weight)
+        return y
+
+    @torch.no_grad()
+    def update_grid(self, x: torch.Tensor, margin: float = 0.01):
+        """Refit knots to x's distribution (efficient-kan's rule) and re-solve the coefficients."""
+        x = x.reshape(-1, self.in_features)
+        batch = x.shape[0]
+        splines = self.b_splines(x).permute(1, 0, 2)  # [in, n, K]
+        orig = self.scaled_spline_weight.permute(1, 2, 0)  # [in, K, out]
+        unreduced = torch.bmm(splines, orig).permute(1, 0, 2)  # [n, in, out]
+        x_sorted = torch.sort(x, dim=0)[0]
+        idx = torch.linspace(0, batch - 1, self.grid_size + 1, dtype=torch.int64, device=x.device)
+        grid_adaptive = x_sorted[idx]
+        step = (x_sorted[-1] - x_sorted[0] + 2 * margin) / self.grid_size
+        grid_uniform = (torch.arange(self.grid_size + 1, dtype=torch.float32, device=x.device).unsqueeze(1) * step
+                        + x_sorted[0] - margin)
+        grid = self.grid_eps * grid_uniform + (1 - self.grid_eps) * grid_adaptive
+        p = self.spline_order
+        grid = torch.cat([grid[:1] - step * torch.arange(p, 0, -1, device=x.device).unsqueeze(1), grid,
+                          grid[-1:] + step * torch.arange(1, p + 1, device=x.device).unsqueeze(1)], dim=0)
+        self.grid.copy_(grid.T)
+        coeff = self.curve2coeff(x, unreduced)
+        if self.enable_standalone_scale_spline:
+            # efficient-kan copies the *scaled* coefficients into spline_weight, so its forward multiplies by
+            # spline_scaler twice after an update; dividing here keeps the layer's function (the purpose of it)
+            coeff = coeff / self.spline_scaler.unsqueeze(-1)
+        self.spline_weight.data.copy_(coeff)
+
+    def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):
+        """efficient-kan's L1 + entropy surrogate on the spline weights."""
+        l1_fake = self.spline_weight.abs().mean(-1)
+        reg_act = l1_fake.sum()
+        p = l1_fake / reg_act
+        reg_ent = -torch.sum(p * p.log())
+        return regularize_activation * reg_act + regularize_entropy * reg_ent
+
+
+class RadialBasisFunction(nn.Module):
+    """FastKAN's RBF: ``grid`` (centres, not trained) and ``denominator`` (width)."""
+
+    def __init__(self, grid_min=-2.0, grid_max=2.0, num_grids=8, denominator=None):
+        super().__init__()
+        self.grid = nn.Parameter(torch.linspace(grid_min, grid_max, num_grids), requires_grad=False)
+        self.denominator = denominator or (grid_max - grid_min) / (num_grids - 1)
+
+    def forward(self, x):
+        return torch.exp(-((x[..., None] - self.grid) / self.denominator) ** 2)
+
+
+class SplineLinear(nn.Linear):
+    def __init__(self, in_features, out_features, init_scale=0.1):
+        self.init_scale = init_scale
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self):
+        nn.init.trunc_normal_(self.weight, mean=0, std=self.init_scale)
+
+
+class FastKANLayer(nn.Module):
+    """FastKAN's layer (same submodule and parameter names): LayerNorm -> Gaussian RBF basis -> linear,
+    plus ``base_linear(silu(x))``. The LayerNorm stays a torch op; the RBF contraction is fused."""
+
+    def __init__(self, input_dim, output_dim, grid_min=-2.0, grid_max=2.0, num_grids=8, use_base_update=True,
+                 use_layernorm=True, base_activation=F.silu, spline_weight_init_scale=0.1):
+        super().__init__()
+        if not isinstance(num_grids, int) or num_grids < 2:
+            raise ValueError(f"num_grids must be an int >= 2, got {num_grids!r}")
+        self.input_dim, self.output_dim, self.num_grids = input_dim, output_dim, num_grids
+        self.layernorm = nn.LayerNorm(input_dim) if use_layernorm else None
+        self.rbf = RadialBasisFunction(grid_min, grid_max, num_grids)
+        self.spline_linear = SplineLinear(input_dim * num_grids, output_dim, spline_weight_init_scale)
+        self.use_base_update = use_base_update
+        if use_base_update:
+            self.base_activation = base_activation
+            self.base_linear = nn.Linear(input_dim, output_dim)
+
+    def forward(self, x, use_layernorm=True):
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"x's last dimension must be input_dim={self.input_dim}, got {tuple(x.shape)}")
+        xn = self.layernorm(x) if (self.layernorm is not None and use_layernorm) else x
+        w = self.spline_linear.weight.view(self.output_dim, self.input_dim, self.num_grids)
+        y = kan_linear(xn, w, "rbf", centers=self.rbf.grid, width=self.rbf.denominator)
+        if self.use_base_update:
+            y = y + self.base_linear(self.base_activation(x))
+        return y
+
+
+class ChebyKANLayer(nn.Module):
+    """ChebyKAN's layer (``cheby_coeffs`` [in, out, degree + 1], buffer ``arange``): T_k(tanh x), fused."""
+
+    def __init__(self, input_dim, output_dim, degree):
+        super().__init__()
+        if not isinstance(degree, int) or degree < 0:
+            raise ValueError(f"degree must be an int >= 0, got {degree!r}")
+        self.inputdim, self.outdim, self.degree = input_dim, output_dim, degree
+        self.cheby_coeffs = nn.Parameter(torch.empty(input_dim, output_dim, degree + 1))
+        nn.init.normal_(self.cheby_coeffs, mean=0.0, std=1 / (input_dim * (degree + 1)))
+        self.register_buffer("arange", torch.arange(0, degree + 1, 1))
+
+    def forward(self, x):
+        if x.shape[-1] != self.inputdim:
+            raise ValueError(f"x's last dimension must be input_dim={self.inputdim}, got {tuple(x.shape)}")
+        return kan_linear(x, self.cheby_coeffs.permute(1, 0, 2), "chebyshev")
+
+
+class FourierKANLayer(nn.Module):
+    """FourierKAN's ``NaiveFourierKANLayer`` (``fouriercoeffs`` [2, out, in, G], ``bias`` [1, out]), fused."""
+
+    def __init__(self, inputdim, outdim, gridsize, addbias=True, smooth_initialization=False):
+        super().__init__()
+        if not isinstance(gridsize, int) or gridsize < 1:
+            raise ValueError(f"gridsize must be an int >= 1, got {gridsize!r}")
+        self.gridsize, self.addbias, self.inputdim, self.outdim = gridsize, addbias, inputdim, outdim
+        norm = (torch.arange(gridsize) + 1) ** 2 if smooth_initialization else math.sqrt(gridsize)
+        self.fouriercoeffs = nn.Parameter(torch.randn(2, outdim, inputdim, gridsize) / (math.sqrt(inputdim) * norm))
+        if addbias:
+            self.bias = nn.Parameter(torch.zeros(1, outdim))
+
+    def forward(self, x):
+        if x.shape[-1] != self.inputdim:
+            raise ValueError(f"x's last dimension must be inputdim={self.inputdim}, got {tuple(x.shape)}")
+        w = self.fouriercoeffs.permute(1, 2, 0, 3).reshape(self.outdim, self.inputdim, 2 * self.gridsize)
+        return kan_linear(x, w, "fourier", bias=self.bias.reshape(-1) if self.addbias else None)
+
+
+# --------------------------------------------------------------------------- registration
+def _make_inputs(case: Case, device, dtype=torch.float32, requires_grad=False, seed=0):
+    c = case.params
+    gen = torch.Generator().manual_seed(seed)
+    basis, B, I, O, G = c["basis"], c["batch"], c["cin"], c["cout"], c["grid_size"]
+    x = (torch.rand(B, I, generator=gen, dtype=torch.float64) * 2.4 - 1.2)  # a little outside [-1, 1] too
+    base_weight = bias = None
+    b_args = {}
+    if basis == "bspline":
+        order = c.get("order", 3)
+        h = 2.0 / G
+        grid = (torch.arange(-order, G + order + 1, dtype=torch.float64) * h - 1).expand(I, -1).contiguous()
+        K = G + order
+        b_args = {"grid": grid.to(device=device, dtype=torch.float32), "spline_order": order}
+        base_weight = torch.randn(O, I, generator=gen, dtype=torch.float64) / math.sqrt(I)
+    elif basis == "rbf":
+        K = G
+        b_args = {"centers": torch.linspace(-2, 2, G, device=device), "width": 4.0 / (G - 1)}
+    elif basis == "chebyshev":
+        K = G + 1
+    else:
+        K = 2 * G
+        bias = torch.randn(O, generator=gen, dtype=torch.float64)
+    w = torch.randn(O, I, K, generator=gen, dtype=torch.float64) / math.sqrt(I * K)
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def prep(t, dt):
+        return None if t is None else t.to(device=device, dtype=dt).requires_grad_(requires_grad)
+
+    x, w, base_weight, bias = prep(x, dtype), prep(w, wdt), prep(base_weight, wdt), prep(bias, wdt)
+    p, b, _, _ = _prepare(x, w, basis, base_weight, bias, b_args.get("grid"), b_args.get("spline_order", 3),
+                          b_args.get("centers"), b_args.get("width"))
+    return p, (x, w, base_weight, bias, b)  # x is already [rows, in]
+
+
+def _reference(x, w, base_weight, bias, b, p: Problem):
+    from opforge.reference.kan import kan_linear as ref
+
+    def np_(t):
+        return None if t is None else (t.detach().cpu().double().numpy() if hasattr(t, "detach") else t)
+
+    return ref(x, w, p.basis, base_weight, bias, grid=np_(b.grid), order=b.order, centers=np_(b.centers),
+               width=b.width, degree=p.k - 1, grid_size=b.grid_size)
+
+
+def _ref_subset(args):
+    x, w, wb, bias, b = args
+    return (x[:256], w, wb, bias, b), slice(0, 256)
+
+
+def _roofline(p: Problem) -> dict:
+    """The contraction's FLOPs, 2 * rows * out * in * (K + base), against the tensor-core peak."""
+    flops = 2 * p.rows * p.cout * p.cin * (p.k + (1 if p.has_base else 0))
+    el = torch.empty((), dtype=p.dtype).element_size()
+    return {"bytes": el * p.rows * (p.cin + p.cout) + 4 * p.cout * p.cin * (p.k + 1), "flops": flops,
+            "bound": "compute", "peak": "tf32_tflops"}
+
+
+def _case(name, basis, batch, cin, cout, grid_size, tags, order=3):
+    return Case(name, {"basis": basis, "batch": batch, "cin": cin, "cout": cout, "grid_size": grid_size,
+                       "order": order}, tags)
+
+
+CASES = [
+    _case("bspline-b4096-512-g8", "bspline", 4096, 512, 512, 8, ("gpu", "main")),
+    _case("bspline-b100-1000-g5", "bspline", 100, 1000, 1000, 5, ("gpu",)),
+    _case("bspline-b65536-64-g5", "bspline", 65536, 64, 64, 5, ("gpu",)),
+    _case("bspline-b1024-256-g32", "bspline", 1024, 256, 256, 32, ("gpu",)),
+    _case("rbf-b4096-512-g8", "rbf", 4096, 512, 512, 8, ("gpu",)),
+    _case("chebyshev-b4096-512-d8", "chebyshev", 4096, 512, 512, 8, ("gpu",)),
+    _case("fourier-b4096-512-g8", "fourier", 4096, 512, 512, 8, ("gpu",)),
+    _case("bspline-small-odd", "bspline", 13, 7, 5, 3, ("small",)),
+    _case("bspline-small-order1", "bspline", 9, 6, 4, 4, ("small",), order=1),
+    _case("rbf-small-odd", "rbf", 13, 7, 5, 3, ("small",)),
+    _case("chebyshev-small-odd", "chebyshev", 13, 7, 5, 3, ("small",)),
+    _case("fourier-small-odd", "fourier", 13, 7, 5, 3, ("small",)),
+]
+
+OP = register(Op(
+    name="kan",
+    doc="fused Kolmogorov-Arnold layer (bspline, rbf, chebyshev, fourier bases)",
+    make_inputs=_make_inputs,
+    reference=_reference,
+    cases=CASES,
+    roofline=_roofline,
+    reduction=lambda p: p.cin * (p.k + 1),
+    ref_subset=_ref_subset,
+))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_t, _bspline_t, _cheb_t)))
+if HAS_TRITON:
+    OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
+                   supports=_fused_supports,
+                   sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _basis_tile, _bspline_local, _nz, _place,
+                            _knot, _w_rows, _FusedKAN, _fused_cfgs)))
