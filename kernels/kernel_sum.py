@@ -630,7 +630,8 @@ def _roofline(p: Problem) -> dict:
     each exp or sqrt counted as one op; the peak quoted against it is the FP32 (CUDA core) peak."""
     el = torch.empty((), dtype=p.dtype).element_size()
     flops = p.batch * p.n * p.m * (3 * p.d + 2 * p.r + 6)
-    return {"bytes": p.batch * el * ((p.n + p.m) * p.d + p.m * p.r + p.n * p.r), "flops": flops, "bound": "compute"}
+    return {"bytes": p.batch * el * ((p.n + p.m) * p.d + p.m * p.r + p.n * p.r), "flops": flops, "bound": "compute",
+            "fwdbwd_factor": 4}  # backward: grad b, grad x, grad y, each a pass like the forward
 
 
 def _case(name, n, m, d, r, tags, kernel="gaussian"):

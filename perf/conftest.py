@@ -81,9 +81,11 @@ class Perf:
                 rec["gbps"] = scale * roof["bytes"] / (rec["p50"] * 1e-3) / 1e9
                 rec["frac_peak_bw"] = rec["gbps"] / peaks["gbps"] if peaks else None
             else:
-                scale = 4 if mode == "fwdbwd" else 1  # backward: grad b, grad x, grad y passes of similar cost
+                scale = roof.get("fwdbwd_factor", 3) if mode == "fwdbwd" else 1  # backward passes of similar cost
                 rec["tflops"] = scale * roof["flops"] / (rec["p50"] * 1e-3) / 1e12
-                rec["frac_peak_flops"] = rec["tflops"] / peaks["fp32_tflops"] if peaks else None
+                peak = roof.get("peak", "fp32_tflops")
+                rec["frac_peak_flops"] = rec["tflops"] / peaks[peak] if peaks else None
+                rec["peak"] = peak
         if dev.type == "cuda" and mode == "fwdbwd":
             from opforge.autotune.timing import peak_memory
 

@@ -1,0 +1,207 @@
+"""KAN layers: NumPy reference vs the torch variant vs the fused Triton variant (interpreter) for all four
+bases, forward and backward, odd sizes, inputs outside the grid, non-uniform knots, modules and bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from opforge.kernels import (BASES, ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, get_op, kan_linear,
+                             use_backend)
+from opforge.reference import assert_close
+from opforge.reference import kan as ref
+
+OP = get_op("kan")
+SMALL = [c for c in OP.cases if "small" in c.tags]
+
+
+def npf(t):
+    return None if t is None else t.detach().double().numpy()
+
+
+def check(variant, case, dtype=torch.float32):
+    p, (x, w, wb, bias, b) = OP.make_inputs(case, "cpu", dtype, requires_grad=True, seed=3)
+    basis_args = dict(grid=npf(b.grid), order=b.order, centers=npf(b.centers), width=b.width, degree=p.k - 1,
+                      grid_size=b.grid_size)
+    g = torch.randn(p.rows, p.cout, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y = OP.run_variant(variant, p, x, w, wb, bias, b)
+    assert y.shape == (p.rows, p.cout) and y.dtype == dtype
+    red = OP.reduction(p)
+    assert_close(y, ref.kan_linear(npf(x), npf(w), p.basis, npf(wb), npf(bias), **basis_args), dtype, red, "forward")
+    (y * g.to(dtype)).sum().backward()
+    dx, dw, dwb = ref.kan_linear_vjp(npf(x), npf(w), p.basis, g.numpy(), npf(wb), **basis_args)
+    assert_close(x.grad, dx, dtype, p.cout * p.k, f"{variant} grad x")
+    assert_close(w.grad, dw, dtype, p.rows, f"{variant} grad weight")
+    if wb is not None:
+        assert_close(wb.grad, dwb, dtype, p.rows, f"{variant} grad base_weight")
+    if bias is not None:
+        assert_close(bias.grad, g.sum(0).numpy(), dtype, p.rows, f"{variant} grad bias")
+
+
+@pytest.mark.parametrize("variant", ["torch", "fused"])
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_variants_match_reference(variant, case):
+    check(variant, case)
+
+
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_torch_float64(case):
+    check("torch", case, torch.float64)
+
+
+def test_reference_bspline_is_a_partition_of_unity_and_matches_finite_differences():
+    grid = (np.arange(-3, 5 + 3 + 1) * 0.4 - 1.0)[None].repeat(2, 0)
+    x = np.random.default_rng(0).uniform(-0.99, 0.99, (50, 2))
+    B = ref.bspline_basis(x, grid, 3)
+    np.testing.assert_allclose(B.sum(-1), 1.0, atol=1e-12)  # inside [t_p, t_{G+p}) the bases sum to one
+    eps = 1e-6
+    fd = (ref.bspline_basis(x + eps, grid, 3) - ref.bspline_basis(x - eps, grid, 3)) / (2 * eps)
+    np.testing.assert_allclose(ref.bspline_basis(x, grid, 3, derivative=True), fd, atol=1e-6)
+    for kind, kw in (("rbf", dict(centers=np.linspace(-2, 2, 5), width=1.0)), ("chebyshev", dict(degree=5)),
+                     ("fourier", dict(grid_size=4))):
+        d = ref.basis(x, kind, True, **kw)
+        fd = (ref.basis(x + eps, kind, **kw) - ref.basis(x - eps, kind, **kw)) / (2 * eps)
+        np.testing.assert_allclose(d, fd, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonuniform_knots_and_inputs_outside(backend):
+    torch.manual_seed(0)
+    I, O, G, k = 7, 5, 3, 3
+    base = torch.sort(torch.rand(I, G + 2 * k + 1) * 4 - 2, dim=1).values
+    grid = base + torch.arange(G + 2 * k + 1) * 1e-2  # strictly increasing, not uniform
+    w = torch.randn(O, I, G + k, requires_grad=True)
+    x = (torch.randn(19, I) * 2).requires_grad_(True)  # many points outside the knots
+    with use_backend(backend):
+        y = kan_linear(x, w, "bspline", grid=grid, spline_order=k)
+    want = ref.kan_linear(npf(x), npf(w), "bspline", grid=npf(grid), order=k)
+    assert_close(y, want, torch.float32, I * (G + k))
+    y.sum().backward()
+    dx, dw, _ = ref.kan_linear_vjp(npf(x), npf(w), "bspline", np.ones((19, O)), grid=npf(grid), order=k)
+    assert_close(x.grad, dx, torch.float32, O * (G + k))
+    assert_close(w.grad, dw, torch.float32, 19)
+
+
+def test_fused_bfloat16_and_leading_dims():
+    layer = KANLinear(6, 4, grid_size=4)
+    x = torch.rand(2, 5, 6) * 2 - 1
+    with use_backend("torch"):
+        want = layer(x)
+    with use_backend("triton"):
+        got = layer(x)
+        got16 = layer(x.bfloat16())
+    assert got.shape == (2, 5, 4) and got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_close(got16.float(), want.double(), torch.bfloat16, 6 * 8)
+
+
+def test_kanlinear_loads_efficient_kan_state_dict_and_update_grid():
+    torch.manual_seed(0)
+    layer = KANLinear(5, 3, grid_size=5, spline_order=3)
+    names = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert names == {"grid": (5, 12), "base_weight": (3, 5), "spline_weight": (3, 5, 8), "spline_scaler": (3, 5)}
+    sd = {"grid": layer.grid.clone(), "base_weight": torch.randn(3, 5), "spline_weight": torch.randn(3, 5, 8),
+          "spline_scaler": torch.rand(3, 5) + 0.5}
+    layer.load_state_dict(sd)
+    x = torch.rand(64, 5) * 1.6 - 0.8
+    silu = x / (1 + torch.exp(-x))
+    basis = torch.from_numpy(ref.bspline_basis(x.double().numpy(), sd["grid"].double().numpy(), 3))
+    want = silu.double() @ sd["base_weight"].double().T + torch.einsum(
+        "bik,oik->bo", basis, (sd["spline_weight"] * sd["spline_scaler"][..., None]).double())
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+    before = layer(x)
+    layer.update_grid(x)
+    assert not torch.allclose(layer.grid, sd["grid"])  # knots moved to the data: non-uniform now
+    after_t = layer(x)
+    with use_backend("triton"):
+        after_f = layer(x)
+    torch.testing.assert_close(after_f, after_t, rtol=1e-4, atol=1e-4)
+    assert (after_t - before).abs().max() < 0.1 * before.abs().max()  # the refit keeps the function
+    assert torch.isfinite(layer.regularization_loss())
+
+
+def test_fastkan_chebykan_fourierkan_modules():
+    torch.manual_seed(0)
+    x = torch.randn(9, 6)
+    fk = FastKANLayer(6, 4, num_grids=5)
+    assert {"layernorm.weight", "layernorm.bias", "rbf.grid", "spline_linear.weight", "base_linear.weight",
+            "base_linear.bias"} == set(fk.state_dict())
+    xn = torch.nn.functional.layer_norm(x, (6,), fk.layernorm.weight, fk.layernorm.bias)
+    phi = torch.exp(-((xn[..., None] - fk.rbf.grid) / fk.rbf.denominator) ** 2)
+    want = phi.reshape(9, -1) @ fk.spline_linear.weight.T + fk.base_linear(torch.nn.functional.silu(x))
+    torch.testing.assert_close(fk(x), want, rtol=1e-5, atol=1e-5)
+    ck = ChebyKANLayer(6, 4, degree=4)
+    assert set(ck.state_dict()) == {"cheby_coeffs", "arange"}
+    t = torch.tanh(x)[..., None]
+    want = torch.einsum("bid,iod->bo", torch.cos(torch.arange(5) * torch.acos(t)), ck.cheby_coeffs)
+    torch.testing.assert_close(ck(x), want, rtol=1e-5, atol=1e-5)
+    fo = FourierKANLayer(6, 4, gridsize=3)
+    fo.bias.data.normal_()
+    k = torch.arange(1, 4)
+    c, s = torch.cos(k * x[..., None]), torch.sin(k * x[..., None])
+    want = (torch.einsum("bik,oik->bo", c, fo.fouriercoeffs[0]) + torch.einsum("bik,oik->bo", s, fo.fouriercoeffs[1])
+            + fo.bias)
+    torch.testing.assert_close(fo(x), want, rtol=1e-5, atol=1e-5)
+    for layer in (fk, ck, fo):
+        with use_backend("torch"):
+            on_torch = layer(x)
+        with use_backend("triton"):
+            torch.testing.assert_close(layer(x), on_torch, rtol=1e-4, atol=1e-5)
+        layer(x).square().sum().backward()
+        assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (lambda: KANLinear(4, 3)(torch.randn(2, 5)), ValueError, "in_features=4"),
+    (lambda: kan_linear(torch.randn(2, 5), torch.randn(3, 4, 6), "chebyshev"), ValueError, "in_features=4"),
+    (lambda: KANLinear(4, 3, spline_order=-1), ValueError, "spline_order"),
+    (lambda: KANLinear(4, 3, grid_size=0), ValueError, "grid_size"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "bspline", spline_order=1,
+                        grid=torch.tensor([[0.0, 1, float("nan"), 3, 4, 5]] * 2)), ValueError, "finite"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "bspline", spline_order=1,
+                        grid=torch.tensor([[0.0, 1, 1, 3, 4, 5]] * 2)), ValueError, "strictly increasing"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 5), "bspline", spline_order=1,
+                        grid=torch.tensor([[0.0, 1, 2, 3, 4, 5]] * 2)), ValueError, "K=5"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "wavelet"), ValueError, "valid: .*bspline"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 3), "fourier"), ValueError, "2 \\* grid_size"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "rbf", centers=torch.zeros(4), width=0.0),
+     ValueError, "width"),
+    (lambda: kan_linear(torch.randn(2, 2, dtype=torch.complex64), torch.randn(3, 2, 4), "chebyshev"), TypeError,
+     "real floating"),
+])
+def test_bad_input_is_a_clear_error(bad, err, match):
+    with pytest.raises(err, match=match):
+        bad()
+
+
+def test_empty_batch():
+    w = torch.randn(3, 2, 4, requires_grad=True)
+    y = kan_linear(torch.randn(0, 2), w, "chebyshev")
+    assert y.shape == (0, 3)
+
+
+def test_torch_variant_is_memory_lean():
+    """The torch path never keeps the [rows, in, K] basis for backward: saved tensors are x and the weights."""
+    layer = KANLinear(16, 8, grid_size=8)
+    x = torch.randn(4096, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        layer(x).sum().backward()
+    assert max(saved) <= 4096 * 16 and sum(saved) < 2 * 4096 * 16 + 8 * 16 * 12 * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("basis", BASES)
+def test_gpu_fused_matches_reference(basis, dtype):
+    case = next(c for c in OP.cases if c.params["basis"] == basis and "gpu" in c.tags)
+    p, (x, w, wb, bias, b) = OP.make_inputs(case, "cuda", dtype, requires_grad=True)
+    y = OP.run_variant("fused", p, x, w, wb, bias, b)
+    want = ref.kan_linear(npf(x[:256].cpu()), npf(w.cpu()), p.basis, npf(None if wb is None else wb.cpu()),
+                          npf(None if bias is None else bias.cpu()), grid=npf(None if b.grid is None else b.grid.cpu()),
+                          order=b.order, centers=npf(None if b.centers is None else b.centers.cpu()), width=b.width,
+                          degree=p.k - 1, grid_size=b.grid_size)
+    assert_close(y[:256].cpu(), want, dtype, OP.reduction(p), f"{basis} forward")
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    assert math.isfinite(float(w.grad.abs().sum()))
