@@ -56,7 +56,7 @@ def _peer(p, w, wb, bias, b):
     return lambda x: _fourierkan(x, w, bias)
 
 
-VARIANTS = list(OP.variants) + ["peer"]
+VARIANTS = list(OP.variants) + ["peer", "linear"]  # "linear": nn.Linear of the same in/out, the memory yardstick
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
@@ -69,6 +69,14 @@ def test_kan(perf, case, dtype, variant, mode):
     if variant == "peer":
         fwd = _peer(problem, w, wb, bias, b)
         name = PEERS[problem.basis]
+    elif variant == "linear":
+        lin = torch.randn(problem.cout, problem.cin, device=dev, dtype=dtype, requires_grad=grad)
+        params = [x, lin]
+
+        def fwd(x):
+            return F.linear(x, lin)
+
+        name = "nn.Linear"
     else:
         reason = OP.variants[variant].why_not(problem)
         if reason or (variant != "torch" and dev == "cpu"):
