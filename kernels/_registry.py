@@ -31,6 +31,19 @@ from ._triton import interpreter_enabled, triton_can_run
 
 BACKENDS = ("auto", "torch", "triton")
 
+
+def pow2(n: int) -> int:
+    """Next power of two (1 for n <= 1): the bucketing of shape keys."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+class ProblemBase:
+    """What every op's frozen Problem dataclass shares: ``dtype``/``device`` fields, a ``key`` and this."""
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
 _OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("opforge_backend", default=None)
 
 

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Case, Op, Variant, register
+from ._registry import Case, Op, ProblemBase, Variant, register
+from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["kan_linear", "KANLinear", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
@@ -47,12 +48,8 @@ _BID = {name: i for i, name in enumerate(BASES)}
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 @dataclass(frozen=True)
-class Problem:
+class Problem(ProblemBase):
     rows: int
     cin: int
     cout: int
@@ -63,10 +60,6 @@ class Problem:
     has_base: bool
     dtype: torch.dtype
     device: torch.device
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     @property
     def key(self) -> str:

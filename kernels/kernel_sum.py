@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import Case, Op, Variant, register
+from ._registry import Case, Op, ProblemBase, Variant, register
+from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "KERNELS"]
@@ -47,12 +48,8 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _SQRT_KERNELS = ("laplacian", "matern32", "matern52")
 
 
-def _pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 @dataclass(frozen=True)
-class Problem:
+class Problem(ProblemBase):
     batch: int
     n: int
     m: int
@@ -61,10 +58,6 @@ class Problem:
     kernel: str
     dtype: torch.dtype
     device: torch.device
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     @property
     def key(self) -> str:

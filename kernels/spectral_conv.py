@@ -41,16 +41,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._registry import Case, Op, Variant, register
+from ._registry import Case, Op, ProblemBase, Variant, register
+from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def _half(n: int) -> int:
@@ -59,7 +56,7 @@ def _half(n: int) -> int:
 
 # --------------------------------------------------------------------------- problem and input checks
 @dataclass(frozen=True)
-class Problem:
+class Problem(ProblemBase):
     """Everything dispatch needs to know about one call."""
 
     batch: int
@@ -76,10 +73,6 @@ class Problem:
     @property
     def d(self) -> int:
         return len(self.grid)
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     @property
     def key(self) -> str:

@@ -88,12 +88,4 @@ def test_kan(perf, case, dtype, variant, mode):
         name = variant
     g = torch.randn((problem.rows, problem.cout), device=dev, dtype=dtype)
 
-    def step():
-        if not grad:
-            with torch.no_grad():
-                return fwd(x)
-        for t in params:
-            t.grad = None
-        fwd(x).backward(g)
-
-    perf.run(OP, case, name, mode, problem, step)
+    perf.run(OP, case, name, mode, problem, perf.step(fwd, (x,), params, g, grad))

@@ -91,12 +91,5 @@ def test_kernel_sum(perf, case, dtype, variant, mode):
 
     g = torch.randn((1, problem.n, problem.r), device=dev, dtype=dtype)
 
-    def step():
-        if not grad:
-            with torch.no_grad():
-                return fwd(x, y, b)
-        for t in (x, y, b):
-            t.grad = None
-        fwd(x, y, b).backward(g)
-
+    step = perf.step(fwd, (x, y, b), [x, y, b], g, grad)
     perf.run(OP, case, variant, mode, problem, step, rounds=5 if problem.n * problem.m >= 10**11 else None)

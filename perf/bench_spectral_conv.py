@@ -81,12 +81,4 @@ def test_spectral_conv(perf, case, dtype, variant, mode):
         params = [x, w, b]
     g = torch.randn((problem.batch, problem.cout) + problem.out_grid, device=dev, dtype=dtype)
 
-    def step():
-        if not grad:
-            with torch.no_grad():
-                return fwd(x)
-        for t in params:
-            t.grad = None
-        fwd(x).backward(g)
-
-    perf.run(OP, case, variant, mode, problem, step)
+    perf.run(OP, case, variant, mode, problem, perf.step(fwd, (x,), params, g, grad))

@@ -58,6 +58,18 @@ class Perf:
     def __init__(self, benchmark):
         self.benchmark = benchmark
 
+    @staticmethod
+    def step(fwd, args: tuple, params: list, grad_out, backward: bool):
+        """The timed call: ``fwd(*args)`` under no_grad, or forward + backward(grad_out) with fresh grads."""
+        def run():
+            if not backward:
+                with torch.no_grad():
+                    return fwd(*args)
+            for t in params:
+                t.grad = None
+            fwd(*args).backward(grad_out)
+        return run
+
     def run(self, op, case, variant: str, mode: str, problem, fn, rounds: int | None = None):
         """Time ``fn`` (one forward, or forward+backward) and record it."""
         dev = problem.device
