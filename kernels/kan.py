@@ -352,7 +352,10 @@ if HAS_TRITON:
                 sx = x / (1.0 + tl.exp(-x))
                 wb = tl.load(WB + ii[:, None] * sWBi + oo[None, :] * sWBo, mask=i_mask[:, None] & o_mask[None, :],
                              other=0.0)
-                acc += tl.dot(sx, wb.to(tl.float32), input_precision=PREC)
+                if BLOCK_I >= 16:  # tl.dot needs every dimension >= 16 on the GPU
+                    acc += tl.dot(sx, wb.to(tl.float32), input_precision=PREC)
+                else:
+                    acc += tl.sum(sx[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(BIAS + oo, mask=o_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + rb[:, None] * sYb + oo[None, :] * sYo, acc.to(Y.dtype.element_ty),
@@ -387,7 +390,10 @@ if HAS_TRITON:
             if HAS_BASE:
                 wb = tl.load(WB + oo[:, None] * sWBo + ii[None, :] * sWBi, mask=o_mask[:, None] & i_mask[None, :],
                              other=0.0)
-                tb += tl.dot(g, wb.to(tl.float32), input_precision=PREC)
+                if BLOCK_I >= 16:
+                    tb += tl.dot(g, wb.to(tl.float32), input_precision=PREC)
+                else:
+                    tb += tl.sum(g[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
         x = x.to(tl.float32)
         dphi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, True)
@@ -430,7 +436,10 @@ if HAS_TRITON:
             acc += tl.dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, input_precision=PREC)
             if HAS_BASE:
                 sx = tl.where(b_mask[:, None], x / (1.0 + tl.exp(-x)), 0.0)
-                accb += tl.dot(tl.trans(sx), g, input_precision=PREC)
+                if BLOCK_I >= 16:
+                    accb += tl.dot(tl.trans(sx), g, input_precision=PREC)
+                else:
+                    accb += tl.sum(sx[:, :, None] * g[:, None, :], axis=0)
         # DW partial laid out [split, O, I, KP] (padded k), DWB [split, O, I]
         rows = (ii[:, None] * KP + kk[None, :])
         rows = tl.reshape(rows, (BLOCK_I * KP,))

@@ -156,3 +156,17 @@ def test_import_is_light():
             "from opforge.kernels._triton import device_info; assert device_info.cache_info().currsize == 0")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert K.HAS_TRITON
+
+
+@pytest.mark.parametrize("op_name", ["spectral_conv", "kernel_sum", "kan"])
+def test_grid_configs_compute_the_same(op_name):
+    """First, middle and last config of every Triton variant's grid agree with the torch variant."""
+    op = get_op(op_name)
+    for case in [c for c in op.cases if "small" in c.tags][:2]:
+        p, args = op.make_inputs(case, "cpu", torch.float32)
+        want = op.run_variant("torch", p, *args)
+        for v in op.triton_variants():
+            grid = v.configs(p)
+            for cfg in {0: grid[0], 1: grid[len(grid) // 2], 2: grid[-1]}.values():
+                got = op.run_variant(v.name, p, *args, config=cfg)
+                torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{v.name} {cfg}")
