@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: tests, tuning, perf results, GP example, all copied to $OUT.
+#
+#   bash perf/gpu_session.sh [stage ...]     stages: test tune perf example (default: all, in that order)
+#
+# Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
+# neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
+# plain-torch algorithms. Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/,
+# $OUT/results/*.json to perf/results/, run `opforge perf-table --readme README.md` and commit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/opforge-out}"
+mkdir -p "$OUT/caches" "$OUT/results" "$OUT/logs"
+stages=("${@:-test tune perf example}")
+stages=(${stages[*]})
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+# The device machine reaches no package index, so nothing is pip-installed: the opforge.* namespace is
+# laid out with symlinks (the same mapping as pyproject's package-dir) and put on PYTHONPATH.
+src=/tmp/opforge-src/opforge
+mkdir -p "$src"
+for pkg in kernels autotune reference; do ln -sfn "$PWD/$pkg" "$src/$pkg"; done
+export PYTHONPATH=/tmp/opforge-src:${PYTHONPATH:-}
+tag=$(python3 -c "from opforge.kernels._triton import device_info; print(device_info()['tag'])")
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$OUT/logs/gpu.csv" 2>&1
+
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    test)
+      python3 -m pytest -q -x -m "gpu or not slow" tests 2>&1 | tee "$OUT/logs/tests.log" | tail -5 ;;
+    tune)
+      python3 -m opforge.autotune.cli tune --dtype float32 bfloat16 --out "$OUT/caches/$tag.json" \
+        2>"$OUT/logs/tune.log" | tail -40 ;;
+    perf)
+      python3 -m pytest perf -q -p no:cacheprovider --opforge-results="$OUT/results/$tag.json" \
+        >"$OUT/logs/perf.log" 2>&1; tail -3 "$OUT/logs/perf.log"
+      python3 -m opforge.autotune.cli perf-table "$OUT/results/$tag.json" | tail -40 ;;
+    example)
+      python3 perf/gp_example.py --n 100000 2>&1 | tee "$OUT/logs/gp_example.log" ;;
+    *) echo "unknown stage $stage (test tune perf example)"; exit 2 ;;
+  esac
+done
