@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,6 +104,7 @@ class Op:
     # ref_subset(args) -> (args for the reference, index of the output they give); default: 2 batch entries
     ref_subset: Callable[[tuple], tuple] | None = None
     _hash: str | None = None
+    _broken: set = field(default_factory=set)  # (variant, key, dtype, config) that raised under "auto"
 
     def add(self, variant: Variant) -> Variant:
         self.variants[variant.name] = variant
@@ -187,8 +189,20 @@ class Op:
         return v.run(problem, *args, config=config)
 
     def __call__(self, problem, *args):
-        v, config, _ = self.select(problem, args)
-        return v.run(problem, *args, config=config)
+        v, config, why = self.select(problem, args)
+        if v.kind != "triton" or why == "pinned" or current_backend()[0] == "triton":
+            return v.run(problem, *args, config=config)
+        key = (v.name, problem.key, problem.dtype_name, json.dumps(config, sort_keys=True))
+        if key in self._broken:
+            return self.torch_variant.run(problem, *args, config=None)
+        try:
+            return v.run(problem, *args, config=config)
+        except Exception as exc:  # e.g. a config that does not compile on this GPU: say so, stay correct
+            self._broken.add(key)
+            warnings.warn(f"opforge: {self.name} variant {v.name!r} with config {config} failed on this device "
+                          f"({type(exc).__name__}: {exc}); using the torch variant for this shape from now on. "
+                          f"Force it with use_backend('triton') to see the error.", RuntimeWarning, stacklevel=2)
+            return self.torch_variant.run(problem, *args, config=None)
 
 
 _OPS: dict[str, Op] = {}

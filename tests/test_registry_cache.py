@@ -170,3 +170,26 @@ def test_grid_configs_compute_the_same(op_name):
             for cfg in {0: grid[0], 1: grid[len(grid) // 2], 2: grid[-1]}.values():
                 got = op.run_variant(v.name, p, *args, config=cfg)
                 torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{v.name} {cfg}")
+
+
+def test_auto_dispatch_falls_back_to_torch_with_a_warning(monkeypatch):
+    """A Triton variant that raises under backend=auto (say, a config that does not compile on this GPU)
+    warns once and the call is served by torch; forcing triton shows the error."""
+    p, args = problem()
+    want = OP.run_variant("torch", p, *args)
+    v = OP.triton_variants()[0]
+
+    def boom(*a, **k):
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(v, "run", boom)
+    monkeypatch.setattr(OP, "_broken", set())
+    monkeypatch.setattr(OP, "select", lambda problem, args=(): (v, None, "heuristic"))
+    with pytest.warns(RuntimeWarning, match="out of shared memory"):
+        torch.testing.assert_close(OP(p, *args), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(OP(p, *args), want)  # remembered: no second try, no second warning
+    with use_backend("triton"):
+        with pytest.raises(RuntimeError, match="out of shared memory"):
+            OP(p, *args)
