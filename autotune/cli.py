@@ -66,7 +66,6 @@ def cmd_bench(args) -> int:
     from opforge.autotune.timing import bench
     from opforge.reference import rel_error, tolerance
 
-    k = _kernels()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tag = args.cases or ("gpu" if dev.type == "cuda" else "small")
     rows, failed = [], 0

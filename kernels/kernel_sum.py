@@ -13,8 +13,9 @@ Variants:
 ``flash``
     Triton, flash-style: a block of x rows stays in registers while tiles of y
     stream through; squared distances as |x|^2 + |y|^2 - 2 x.y^T with tl.dot
-    (3xTF32 for float32 inputs) when D > 8, elementwise differences when D <= 8,
-    clamped at 0; the kernel values never leave registers; R right-hand sides in
+    (3xTF32 for float32 inputs, clamped at 0) when D > 8 and the kernel is
+    smooth in r^2, exact differences when D <= 8 or the kernel has a square
+    root (see _SQRT_KERNELS); the kernel values never leave registers; R right-hand sides in
     the same pass (tl.dot when R >= 16). Backward: grad b is the same kernel
     with x and y swapped; grad x and grad y one more streaming kernel each
     (sum_j k'(s_ij) <g_i, b_j> (x_i - y_j)). No N x M buffer in HBM.
@@ -38,7 +39,7 @@ from ._registry import Case, Op, ProblemBase, Variant, register
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, tl, triton
 
-__all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "KERNELS"]
+__all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
 KERNELS = ("gaussian", "laplacian", "matern32", "matern52", "imq", "cauchy")
 _S3, _S5 = math.sqrt(3.0), math.sqrt(5.0)

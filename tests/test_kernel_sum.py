@@ -151,7 +151,6 @@ def test_bad_input_is_a_clear_error(bad, err, match):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_flash_matches_reference(kernel, dtype):
-    g = torch.Generator().manual_seed(0)
     for n, m, d, r in ((1000, 777, 3, 1), (513, 700, 64, 16), (300, 200, 129, 3)):
         x, y, b = (t.cuda() for t in points(n, m, d, r, dtype))
         with use_backend("triton"):
