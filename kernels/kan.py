@@ -31,6 +31,7 @@ products use 3xTF32, 16-bit inputs TF32 (on float32-converted tiles).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -566,13 +567,29 @@ def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
 
 
 # --------------------------------------------------------------------------- checks and the public API
+_GRID_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # knot tensor -> (version, uniform?)
+
+
 def _check_grid(grid: torch.Tensor, cin: int, order: int) -> bool:
-    """Validate B-spline knots [in, G + 2p + 1]; returns whether they are uniformly spaced."""
+    """Validate B-spline knots [in, G + 2p + 1]; returns whether they are uniformly spaced.
+
+    The values are checked once per version of the tensor (a module's grid changes only through
+    update_grid or load_state_dict), so the forward pass does not synchronise with the GPU every call.
+    """
     if not isinstance(grid, torch.Tensor) or grid.dim() != 2 or grid.shape[0] != cin:
         raise ValueError(f"grid must be a [in_features={cin}, G + 2*order + 1] knot tensor, got "
                          f"{None if not isinstance(grid, torch.Tensor) else tuple(grid.shape)}")
     if grid.shape[1] < 2 * order + 2:
         raise ValueError(f"grid has {grid.shape[1]} knots per feature; order {order} needs at least {2 * order + 2}")
+    seen = _GRID_OK.get(grid)
+    if seen is not None and seen[0] == grid._version:
+        return seen[1]
+    uniform = _validate_knots(grid)
+    _GRID_OK[grid] = (grid._version, uniform)
+    return uniform
+
+
+def _validate_knots(grid: torch.Tensor) -> bool:
     g = grid.detach().double()
     if not bool(torch.isfinite(g).all()):
         raise ValueError("grid (knots) must be finite")

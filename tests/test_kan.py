@@ -205,3 +205,12 @@ def test_gpu_fused_matches_reference(basis, dtype):
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
     assert math.isfinite(float(w.grad.abs().sum()))
+
+
+def test_knot_validation_is_redone_after_an_in_place_change():
+    grid = torch.tensor([[0.0, 1, 2, 3, 4, 5]] * 2)
+    w = torch.randn(3, 2, 4)
+    kan_linear(torch.rand(4, 2), w, "bspline", grid=grid, spline_order=1)
+    grid[0, 2] = 1.0  # now repeated knots
+    with pytest.raises(ValueError, match="strictly increasing"):
+        kan_linear(torch.rand(4, 2), w, "bspline", grid=grid, spline_order=1)
