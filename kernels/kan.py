@@ -567,7 +567,7 @@ def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
 
 
 # --------------------------------------------------------------------------- checks and the public API
-_GRID_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # knot tensor -> (version, uniform?)
+_GRID_OK: dict = {}  # id(knot tensor) -> (weakref to it, its _version when checked, uniform?)
 
 
 def _check_grid(grid: torch.Tensor, cin: int, order: int) -> bool:
@@ -581,11 +581,14 @@ def _check_grid(grid: torch.Tensor, cin: int, order: int) -> bool:
                          f"{None if not isinstance(grid, torch.Tensor) else tuple(grid.shape)}")
     if grid.shape[1] < 2 * order + 2:
         raise ValueError(f"grid has {grid.shape[1]} knots per feature; order {order} needs at least {2 * order + 2}")
-    seen = _GRID_OK.get(grid)
-    if seen is not None and seen[0] == grid._version:
-        return seen[1]
+    seen = _GRID_OK.get(id(grid))
+    if seen is not None and seen[0]() is grid and seen[1] == grid._version:
+        return seen[2]
     uniform = _validate_knots(grid)
-    _GRID_OK[grid] = (grid._version, uniform)
+    if len(_GRID_OK) > 4096:  # drop entries of tensors that are gone
+        for key in [k for k, v in _GRID_OK.items() if v[0]() is None]:
+            del _GRID_OK[key]
+    _GRID_OK[id(grid)] = (weakref.ref(grid), grid._version, uniform)
     return uniform
 
 
