@@ -57,7 +57,6 @@ def _to_numpy(t):
 
 
 # --------------------------------------------------------------------------- bench (main job)
-REF_BATCH = 2  # the reference checks the first REF_BATCH batch entries (ops are batch-independent)
 
 
 def cmd_bench(args) -> int:
@@ -72,41 +71,40 @@ def cmd_bench(args) -> int:
     for op in _ops(args.op):
         for case in [c for c in op.cases if tag in c.tags]:
             problem, tensors = op.make_inputs(case, dev, torch.float32)
-            if op.ref_subset is not None:
-                sub, out_index = op.ref_subset(tensors)
-            else:
-                sub = tuple(t[:REF_BATCH] if i == 0 else t for i, t in enumerate(tensors))
-                out_index = slice(0, REF_BATCH)
+            sub, out_index = op.reference_slice(tensors)
             expected = op.reference(*[_to_numpy(t) for t in sub], problem)
             tol = tolerance(torch.float32, op.reduction(problem) if op.reduction else 1)
             if args.interpret:
-                plan = [(v.name, None) for v in op.triton_variants()] + [("torch", None)]
+                plan = [(v.name, None, "requested") for v in op.triton_variants()] + [("torch", None, "requested")]
             else:
                 v, cfg, why = op.select(problem, tensors)
                 plan = [(v.name, cfg, why)]
-            for item in plan:
-                name, cfg = item[0], item[1]
-                why = item[2] if len(item) > 2 else "requested"
-                reason = op.variants[name].why_not(problem)
-                if reason:
-                    rows.append({"op": op.name, "case": case.name, "variant": name, "status": f"skip: {reason[:50]}"})
-                    continue
-                with torch.no_grad():
-                    run = lambda: op.variants[name].run(problem, *tensors, config=cfg or (  # noqa: E731
-                        op.variants[name].default_config(problem) if op.variants[name].default_config else None))
-                    out = run()
-                    err = rel_error(out[out_index], expected)
+            rep_ms = 20 if args.interpret else 100
+            with torch.no_grad():
+                t_torch = bench(lambda: op.torch_variant.run(problem, *tensors, config=None), dev, rep_ms=rep_ms)["p50"]
+                for name, cfg, why in plan:
+                    reason = op.variants[name].why_not(problem)
+                    if reason:
+                        rows.append({"op": op.name, "case": case.name, "variant": name,
+                                     "status": f"skip: {reason[:50]}"})
+                        continue
+
+                    def run(name=name, cfg=cfg):
+                        return op.run_variant(name, problem, *tensors, config=cfg)
+
+                    err = rel_error(run()[out_index], expected)
                     ok = err <= tol
                     failed += not ok
-                    t = bench(run, dev, rep_ms=20 if args.interpret else 100)["p50"]
-                    t_torch = bench(lambda: op.torch_variant.run(problem, *tensors, config=None), dev,
-                                    rep_ms=20 if args.interpret else 100)["p50"]
-                rows.append({"op": op.name, "case": case.name, "variant": name, "why": why, "max_err": err, "tol": tol,
-                             "ms": t, "torch_ms": t_torch, "speedup": t_torch / t, "status": "ok" if ok else "FAIL"})
+                    t = bench(run, dev, rep_ms=rep_ms)["p50"]
+                    rows.append({"op": op.name, "case": case.name, "variant": name, "why": why, "max_err": err,
+                                 "tol": tol, "ms": t, "torch_ms": t_torch, "speedup": t_torch / t,
+                                 "status": "ok" if ok else "FAIL"})
     from opforge.kernels._triton import device_info
 
     info = device_info()
     mode = "Triton interpreter (CPU; times are not GPU times)" if args.interpret else info["name"]
+    from opforge.kernels._registry import REF_BATCH
+
     print(f"opforge bench on {mode}; reference: NumPy float64 on a slice of each output (the first "
           f"{REF_BATCH} batch entries, or an op's own subset); error = max|y - ref| / max|ref|")
     print(_table(rows, [("op", "op"), ("case", "case"), ("variant", "variant"), ("chosen by", "why"),

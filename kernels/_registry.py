@@ -31,6 +31,7 @@ from typing import Any, Callable
 from ._triton import interpreter_enabled, triton_can_run
 
 BACKENDS = ("auto", "torch", "triton")
+REF_BATCH = 2  # batch entries a reference checks when an op declares no ref_subset
 
 
 def pow2(n: int) -> int:
@@ -175,6 +176,13 @@ class Op:
                 return self.variants[entry["variant"]], entry.get("config"), "tuned"
         v = candidates[0]
         return v, (v.default_config(problem) if v.default_config else None), "heuristic"
+
+    def reference_slice(self, args: tuple) -> tuple:
+        """(args for the NumPy reference, index of the output it checks): the op's ``ref_subset``,
+        else the first ``REF_BATCH`` entries of the first argument (ops are batch-independent)."""
+        if self.ref_subset is not None:
+            return self.ref_subset(args)
+        return (args[0][:REF_BATCH],) + tuple(args[1:]), slice(0, REF_BATCH)
 
     def run_variant(self, name: str, problem, *args, config: dict | None = None):
         """Run one named variant directly (tests, tuner, benchmarks)."""
