@@ -78,9 +78,7 @@ def test_kan(perf, case, dtype, variant, mode):
 
         name = "nn.Linear"
     else:
-        reason = OP.variants[variant].why_not(problem)
-        if reason or (variant != "torch" and dev == "cpu"):
-            pytest.skip(reason or "Triton variants are timed on the GPU only")
+        perf.skip_unless_timed(OP, variant, problem)
 
         def fwd(x, variant=variant):
             return OP.run_variant(variant, problem, x, w, wb, bias, b)

@@ -80,9 +80,7 @@ def test_kernel_sum(perf, case, dtype, variant, mode):
         if LazyTensor is not None:
             fwd(x, y, b)  # KeOps compiles the formula at its first call: keep that out of the timing
     else:
-        reason = OP.variants[variant].why_not(problem)
-        if reason or (variant != "torch" and dev == "cpu"):
-            pytest.skip(reason or "Triton variants are timed on the GPU only")
+        perf.skip_unless_timed(OP, variant, problem)
         if variant == "torch" and dev == "cuda" and problem.n * problem.m > 2**34:
             pytest.skip("the blocked torch baseline would take minutes at this size")
 

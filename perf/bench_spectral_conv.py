@@ -71,9 +71,7 @@ def test_spectral_conv(perf, case, dtype, variant, mode):
         fwd = _peer_forward(problem, w, b)
         params = [x] + (list(fwd.parameters()) if isinstance(fwd, torch.nn.Module) else [w, b])
     else:
-        reason = OP.variants[variant].why_not(problem)
-        if reason or (variant != "torch" and dev == "cpu"):
-            pytest.skip(reason or "Triton variants are timed on the GPU only")
+        perf.skip_unless_timed(OP, variant, problem)
 
         def fwd(x, variant=variant):
             return OP.run_variant(variant, problem, x, w, b)

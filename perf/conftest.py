@@ -59,6 +59,13 @@ class Perf:
         self.benchmark = benchmark
 
     @staticmethod
+    def skip_unless_timed(op, variant: str, problem):
+        """Skip a variant that cannot run this problem, and Triton variants off the GPU (interpreter times mean nothing)."""
+        reason = op.variants[variant].why_not(problem)
+        if reason or (variant != "torch" and problem.device.type != "cuda"):
+            pytest.skip(reason or "Triton variants are timed on the GPU only")
+
+    @staticmethod
     def step(fwd, args: tuple, params: list, grad_out, backward: bool):
         """The timed call: ``fwd(*args)`` under no_grad, or forward + backward(grad_out) with fresh grads."""
         def run():
