@@ -544,12 +544,13 @@ def _fused_cfgs(p: Problem) -> list[dict]:
     out = []
     for bb in (32, 64, 128):
         for bo in (32, 64, 128):
-            for bi in (2, 4, 8, 16):
-                if bi * kp < 16 or bi * kp > 128 or bb * bi * kp > 16384:
+            for bi in (1, 2, 4, 8, 16):
+                # the contraction tile (BLOCK_I * K) spans 32 or 64: a tensor-core K step without spilling the basis
+                if bi * kp not in (32, 64) or bb * bi * kp > 8192:
                     continue
-                for w in (4, 8):
-                    out.append({"BLOCK_B": bb, "BLOCK_O": bo, "BLOCK_I": bi, "num_warps": w, "num_stages": 2,
-                                "SPLITS": 16})
+                w = 8 if bb * bo >= 8192 else 4
+                out.append({"BLOCK_B": bb, "BLOCK_O": bo, "BLOCK_I": bi, "num_warps": w, "num_stages": 2,
+                            "SPLITS": 16})
     return out or [_fused_default(p)]
 
 

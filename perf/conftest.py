@@ -12,6 +12,8 @@ Options: ``--opforge-cases small|gpu|all`` (default: gpu on CUDA, small on CPU),
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -86,7 +88,12 @@ class Perf:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
-        rounds = rounds or (30 if dev.type == "cuda" else 5)
+        if rounds is None:
+            rounds = 30 if dev.type == "cuda" else 5
+            target()  # compiles
+            t0 = time.perf_counter()
+            target()  # a slow call gets fewer rounds, so a suite stays within minutes
+            rounds = max(3, min(rounds, int(2.0 / max(time.perf_counter() - t0, 1e-6))))
         self.benchmark.pedantic(target, setup=lambda: _flush_l2(dev), rounds=rounds, warmup_rounds=2, iterations=1)
         data = sorted(self.benchmark.stats.stats.data)
         q = lambda f: 1e3 * data[min(len(data) - 1, int(round(f * (len(data) - 1))))]  # noqa: E731

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: tests, tuning, perf results, GP example, all copied to $OUT.
 #
-#   bash perf/gpu_session.sh [stage ...]     stages: test tune perf example (default: all, in that order)
+#   bash perf/gpu_session.sh [stage ...]     stages: test bench tune perf example (default: all, in that order)
 #
 # Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
 # neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/opforge-out}"
 mkdir -p "$OUT/caches" "$OUT/results" "$OUT/logs"
-stages=("${@:-test tune perf example}")
+stages=("${@:-test bench tune perf example}")
 stages=(${stages[*]})
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,19 +27,26 @@ export PYTHONPATH=/tmp/opforge-src:${PYTHONPATH:-}
 tag=$(python3 -c "from opforge.kernels._triton import device_info; print(device_info()['tag'])")
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$OUT/logs/gpu.csv" 2>&1
 
+# TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16).
 for stage in "${stages[@]}"; do
   case "$stage" in
-    test)
-      python3 -m pytest -q -x -m "gpu or not slow" tests 2>&1 | tee "$OUT/logs/tests.log" | tail -5 ;;
+    test)  # compiled GPU tests, then the CPU tests through the interpreter (Triton reads TRITON_INTERPRET at import)
+      TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/logs/tests-gpu.log" | tail -15
+      TRITON_INTERPRET=1 python3 -m pytest -q -n 8 -m "not gpu" tests 2>&1 | tee "$OUT/logs/tests-cpu.log" | tail -5 ;;
+    bench)
+      python3 -m opforge.autotune.cli bench 2>&1 | tee "$OUT/logs/bench.log" | tail -40 ;;
     tune)
-      python3 -m opforge.autotune.cli tune --dtype float32 bfloat16 --out "$OUT/caches/$tag.json" \
-        2>"$OUT/logs/tune.log" | tail -40 ;;
+      for op in spectral_conv kan kernel_sum; do
+        python3 -m opforge.autotune.cli tune --op "$op" --dtype ${TUNE_DTYPES:-float32 bfloat16} \
+          --out "$OUT/caches/$tag.json" 2>>"$OUT/logs/tune.log" | tail -30
+      done ;;
     perf)
       python3 -m pytest perf -q -p no:cacheprovider --opforge-results="$OUT/results/$tag.json" \
-        >"$OUT/logs/perf.log" 2>&1; tail -3 "$OUT/logs/perf.log"
-      python3 -m opforge.autotune.cli perf-table "$OUT/results/$tag.json" | tail -40 ;;
+        --opforge-dtypes="$(echo ${PERF_DTYPES:-float32 bfloat16} | tr ' ' ,)" >"$OUT/logs/perf.log" 2>&1
+      tail -3 "$OUT/logs/perf.log"
+      python3 -m opforge.autotune.cli perf-table "$OUT/results/$tag.json" | tail -60 ;;
     example)
       python3 perf/gp_example.py --n 100000 2>&1 | tee "$OUT/logs/gp_example.log" ;;
-    *) echo "unknown stage $stage (test tune perf example)"; exit 2 ;;
+    *) echo "unknown stage $stage (test bench tune perf example)"; exit 2 ;;
   esac
 done

@@ -152,11 +152,19 @@ def test_bad_input_is_a_clear_error(bad, err, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_flash_matches_reference(kernel, dtype):
     for n, m, d, r in ((1000, 777, 3, 1), (513, 700, 64, 16), (300, 200, 129, 3)):
-        x, y, b = (t.cuda() for t in points(n, m, d, r, dtype))
+        x, y, b = (t.cuda().requires_grad_() for t in points(n, m, d, r, dtype))
+        ls = torch.tensor(0.9, device="cuda", requires_grad=True)
         with use_backend("triton"):
-            out = kernel_matvec(x, y, b, kernel, 0.9)
-        want = ref.kernel_matvec(np64(x.cpu()), np64(y.cpu()), np64(b.cpu()), kernel, 0.9)
-        assert_close(out.cpu(), want, dtype, m * d, f"{kernel} {n}x{m} d={d}")
+            out = kernel_matvec(x, y, b, kernel, ls)
+        args = (np64(x.detach().cpu()), np64(y.detach().cpu()), np64(b.detach().cpu()))
+        assert_close(out.cpu(), ref.kernel_matvec(*args, kernel, 0.9), dtype, m * d, f"{kernel} {n}x{m} d={d}")
+        g = torch.randn_like(out)
+        (out * g).sum().backward()
+        dx, dy, db, dl = ref.kernel_matvec_vjp(*args, np64(g.cpu()), kernel, 0.9)
+        assert_close(x.grad.cpu(), dx, dtype, m * d, f"{kernel} d={d} grad x")
+        assert_close(y.grad.cpu(), dy, dtype, n * d, f"{kernel} d={d} grad y")
+        assert_close(b.grad.cpu(), db, dtype, n, f"{kernel} d={d} grad b")
+        assert_close(ls.grad.cpu(), dl, dtype, n * m * d, f"{kernel} d={d} grad lengthscale")
 
 
 def test_gp_posterior_mean_matches_dense_solution():
