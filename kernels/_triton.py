@@ -78,3 +78,47 @@ def device_peaks(name: str) -> dict | None:
         if sub in name:
             return {"gbps": gbs, "fp32_tflops": fp32, "tf32_tflops": tf32, "bf16_tflops": bf16}
     return None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``PREC`` of every opforge Triton dot for inputs of ``dtype``.
+
+    float32 inputs: ``"split"``, 3xTF32 done by hand in :func:`dot` (float32-level error on tensor
+    cores); 16-bit inputs: ``"tf32"`` on float32 tiles. ``OPFORGE_F32_DOT`` (``split``, ``tf32x3``,
+    ``tf32``, ``ieee``) overrides the float32 choice, for diagnosis.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    choice = os.environ.get("OPFORGE_F32_DOT", "split")
+    if choice not in ("split", "tf32x3", "tf32", "ieee"):
+        raise ValueError(f"OPFORGE_F32_DOT={choice!r}: valid values are split, tf32x3, tf32, ieee")
+    return choice
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tf32_round(a):
+        """``a`` rounded to the nearest TF32 value (10 mantissa bits; ties away from zero), which a
+        TF32 tensor core then reads exactly (it would truncate the 13 low bits otherwise)."""
+        return ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def dot(a, b, acc, PREC: tl.constexpr):
+        """``acc + a @ b`` on float32 tiles. ``PREC == "split"``: a = a_hi + a_lo, b = b_hi + b_lo with
+        the parts rounded to TF32, then a_lo b_hi + a_hi b_lo + a_hi b_hi as three TF32 products
+        (|a_lo b_lo| <= 2^-22 |a b|). Otherwise ``tl.dot`` with ``input_precision=PREC``.
+
+        Triton 3.6's own "tf32x3" gave wrong results in some kernels on an H100 (KAN B-spline
+        forward, large DFT GEMMs), while the same kernels with "tf32" were right: the split is
+        written out here so it does not depend on that lowering.
+        """
+        if PREC == "split":
+            a_hi = _tf32_round(a)
+            b_hi = _tf32_round(b)
+            acc = tl.dot(_tf32_round(a - a_hi), b_hi, acc, input_precision="tf32")
+            acc = tl.dot(a_hi, _tf32_round(b - b_hi), acc, input_precision="tf32")
+            acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        return acc

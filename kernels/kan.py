@@ -40,7 +40,9 @@ from torch import nn
 
 from ._registry import Case, Op, ProblemBase, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, dot_precision, tl, triton
+if HAS_TRITON:
+    from ._triton import dot
 
 __all__ = ["kan_linear", "KANLinear", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -348,13 +350,13 @@ if HAS_TRITON:
             phi2 = tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))
             addr, mask = _w_rows(ii, i_mask, kk, sWi, sWk, K, BLOCK_I, KP)
             wt = tl.load(W + addr[:, None] + oo[None, :] * sWo, mask=mask[:, None] & o_mask[None, :], other=0.0)
-            acc += tl.dot(phi2, wt.to(tl.float32), input_precision=PREC)
+            acc = dot(phi2, wt.to(tl.float32), acc, PREC)
             if HAS_BASE:
                 sx = x / (1.0 + tl.exp(-x))
                 wb = tl.load(WB + ii[:, None] * sWBi + oo[None, :] * sWBo, mask=i_mask[:, None] & o_mask[None, :],
                              other=0.0)
                 if BLOCK_I >= 16:  # tl.dot needs every dimension >= 16 on the GPU
-                    acc += tl.dot(sx, wb.to(tl.float32), input_precision=PREC)
+                    acc = dot(sx, wb.to(tl.float32), acc, PREC)
                 else:
                     acc += tl.sum(sx[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         if HAS_BIAS:
@@ -387,12 +389,12 @@ if HAS_TRITON:
             g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
             g = g.to(tl.float32)
             wt = tl.load(W + addr[None, :] + oo[:, None] * sWo, mask=mask[None, :] & o_mask[:, None], other=0.0)
-            t += tl.dot(g, wt.to(tl.float32), input_precision=PREC)
+            t = dot(g, wt.to(tl.float32), t, PREC)
             if HAS_BASE:
                 wb = tl.load(WB + oo[:, None] * sWBo + ii[None, :] * sWBi, mask=o_mask[:, None] & i_mask[None, :],
                              other=0.0)
                 if BLOCK_I >= 16:
-                    tb += tl.dot(g, wb.to(tl.float32), input_precision=PREC)
+                    tb = dot(g, wb.to(tl.float32), tb, PREC)
                 else:
                     tb += tl.sum(g[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
@@ -434,11 +436,11 @@ if HAS_TRITON:
             g = g.to(tl.float32)
             phi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, False)
             phi = tl.where(b_mask[:, None, None], phi, 0.0)
-            acc += tl.dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, input_precision=PREC)
+            acc = dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, acc, PREC)
             if HAS_BASE:
                 sx = tl.where(b_mask[:, None], x / (1.0 + tl.exp(-x)), 0.0)
                 if BLOCK_I >= 16:
-                    accb += tl.dot(tl.trans(sx), g, input_precision=PREC)
+                    accb = dot(tl.trans(sx), g, accb, PREC)
                 else:
                     accb += tl.sum(sx[:, :, None] * g[:, None, :], axis=0)
         # DW partial laid out [split, O, I, KP] (padded k), DWB [split, O, I]
@@ -452,8 +454,6 @@ if HAS_TRITON:
             tl.store(baseb + oo[None, :] * I + ii[:, None], accb, mask=i_mask[:, None] & o_mask[None, :])
 
 
-def _prec(dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _basis_args(p: Problem, b: _Basis, x):
@@ -469,7 +469,7 @@ def _basis_args(p: Problem, b: _Basis, x):
 def _meta(p: Problem, cfg):
     return dict(BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, HAS_BASE=p.has_base,
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg["BLOCK_I"], KP=max(2, _pow2(p.k)),
-                PREC=_prec(p.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                PREC=dot_precision(p.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 class _FusedKAN(torch.autograd.Function):
