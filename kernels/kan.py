@@ -31,6 +31,7 @@ products use 3xTF32, 16-bit inputs TF32 (on float32-converted tiles).
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -40,9 +41,7 @@ from torch import nn
 
 from ._registry import Case, Op, ProblemBase, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, dot_precision, tl, triton
-if HAS_TRITON:
-    from ._triton import dot
+from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["kan_linear", "KANLinear", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -350,13 +349,13 @@ if HAS_TRITON:
             phi2 = tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))
             addr, mask = _w_rows(ii, i_mask, kk, sWi, sWk, K, BLOCK_I, KP)
             wt = tl.load(W + addr[:, None] + oo[None, :] * sWo, mask=mask[:, None] & o_mask[None, :], other=0.0)
-            acc = dot(phi2, wt.to(tl.float32), acc, PREC)
+            acc += tl.dot(phi2, wt.to(tl.float32), input_precision=PREC)
             if HAS_BASE:
                 sx = x / (1.0 + tl.exp(-x))
                 wb = tl.load(WB + ii[:, None] * sWBi + oo[None, :] * sWBo, mask=i_mask[:, None] & o_mask[None, :],
                              other=0.0)
                 if BLOCK_I >= 16:  # tl.dot needs every dimension >= 16 on the GPU
-                    acc = dot(sx, wb.to(tl.float32), acc, PREC)
+                    acc += tl.dot(sx, wb.to(tl.float32), input_precision=PREC)
                 else:
                     acc += tl.sum(sx[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         if HAS_BIAS:
@@ -389,12 +388,12 @@ if HAS_TRITON:
             g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
             g = g.to(tl.float32)
             wt = tl.load(W + addr[None, :] + oo[:, None] * sWo, mask=mask[None, :] & o_mask[:, None], other=0.0)
-            t = dot(g, wt.to(tl.float32), t, PREC)
+            t += tl.dot(g, wt.to(tl.float32), input_precision=PREC)
             if HAS_BASE:
                 wb = tl.load(WB + oo[:, None] * sWBo + ii[None, :] * sWBi, mask=o_mask[:, None] & i_mask[None, :],
                              other=0.0)
                 if BLOCK_I >= 16:
-                    tb = dot(g, wb.to(tl.float32), tb, PREC)
+                    tb += tl.dot(g, wb.to(tl.float32), input_precision=PREC)
                 else:
                     tb += tl.sum(g[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
@@ -436,11 +435,11 @@ if HAS_TRITON:
             g = g.to(tl.float32)
             phi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, False)
             phi = tl.where(b_mask[:, None, None], phi, 0.0)
-            acc = dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, acc, PREC)
+            acc += tl.dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, input_precision=PREC)
             if HAS_BASE:
                 sx = tl.where(b_mask[:, None], x / (1.0 + tl.exp(-x)), 0.0)
                 if BLOCK_I >= 16:
-                    accb = dot(tl.trans(sx), g, accb, PREC)
+                    accb += tl.dot(tl.trans(sx), g, input_precision=PREC)
                 else:
                     accb += tl.sum(sx[:, :, None] * g[:, None, :], axis=0)
         # DW partial laid out [split, O, I, KP] (padded k), DWB [split, O, I]
@@ -454,6 +453,8 @@ if HAS_TRITON:
             tl.store(baseb + oo[None, :] * I + ii[:, None], accb, mask=i_mask[:, None] & o_mask[None, :])
 
 
+def _prec(dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _basis_args(p: Problem, b: _Basis, x):
@@ -469,7 +470,7 @@ def _basis_args(p: Problem, b: _Basis, x):
 def _meta(p: Problem, cfg):
     return dict(BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, HAS_BASE=p.has_base,
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg["BLOCK_I"], KP=max(2, _pow2(p.k)),
-                PREC=dot_precision(p.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                PREC=_prec(p.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 class _FusedKAN(torch.autograd.Function):
@@ -536,6 +537,11 @@ def _fused_supports(p: Problem) -> str | None:
         return f"fused evaluates B-splines of order <= 3 in registers, got order {p.order}"
     if p.k > 64:
         return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
+    if p.basis == "bspline" and p.device.type == "cuda" and os.environ.get("OPFORGE_KAN_BSPLINE_GPU") != "1":
+        # Compiled for an H100 (Triton 3.6) the B-spline forward disagrees with the float64 reference
+        # (normalised error 0.9 at B=4096 512->512 G=8) for every dot precision, while the interpreter
+        # agrees: disabled on GPUs until fixed; OPFORGE_KAN_BSPLINE_GPU=1 turns it on to debug it.
+        return "fused B-splines are disabled on GPUs (wrong results compiled on an H100); set OPFORGE_KAN_BSPLINE_GPU=1 to test"
     return None
 
 

@@ -37,9 +37,7 @@ import torch
 
 from ._registry import Case, Op, ProblemBase, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, dot_precision, tl, triton
-if HAS_TRITON:
-    from ._triton import dot
+from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
@@ -228,7 +226,7 @@ if HAS_TRITON:
     def _sq_dot(p, pn, q, PREC: tl.constexpr):
         """[BN, BM] squared distances as |p|^2 + |q|^2 - 2 p.q^T on tensor cores, clamped at 0."""
         qn = tl.sum(q * q, axis=1)
-        s = dot(-2.0 * p, tl.trans(q), pn[:, None] + qn[None, :], PREC)
+        s = pn[:, None] + qn[None, :] - 2.0 * tl.dot(p, tl.trans(q), input_precision=PREC)
         return tl.maximum(s, 0.0)
 
     @triton.jit
@@ -265,7 +263,7 @@ if HAS_TRITON:
             v = tl.load(V + rm[:, None] * sVm + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
             v = v.to(tl.float32)
             if RP >= 16:
-                acc = dot(k, v, acc, PREC)
+                acc += tl.dot(k, v, input_precision=PREC)
             else:
                 acc += tl.sum(k[:, :, None] * v[None, :, :], axis=1)
         o_ptr = OUT + bt * sOb + rn[:, None] * sOn + rr[None, :]
@@ -308,13 +306,13 @@ if HAS_TRITON:
             v = tl.load(V + rm[:, None] * sVm + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
             v = v.to(tl.float32)
             if RP >= 16:
-                w = dot(u, tl.trans(v), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), PREC)
+                w = tl.dot(u, tl.trans(v), input_precision=PREC)
             else:
                 w = tl.sum(u[:, None, :] * v[None, :, :], axis=2)
             pw = tl.where(m_mask[None, :], _dphi(s, KERNEL) * w, 0.0)
             acc_w += tl.sum(pw, axis=1)
             if DP >= 16:
-                acc_q = dot(pw, q, acc_q, PREC)
+                acc_q += tl.dot(pw, q, input_precision=PREC)
             else:
                 acc_q += tl.sum(pw[:, :, None] * q[None, :, :], axis=1)
         g = 2.0 * (p * acc_w[:, None] - acc_q)
@@ -322,6 +320,8 @@ if HAS_TRITON:
         tl.store(o_ptr, g.to(OUT.dtype.element_ty), mask=n_mask[:, None] & (dd[None, :] < D))
 
 
+def _prec(dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _dims(d: int, r: int, kernel: str) -> dict:
@@ -347,7 +347,7 @@ class _FlashKSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, ys, b, kernel, cfg, out_dtype):
         xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
-        prec = dot_precision(out_dtype)
+        prec = _prec(out_dtype)
         out = torch.empty(xs.shape[:-1] + (b.shape[-1],), dtype=out_dtype, device=xs.device)
         _launch(_ksum_fwd_kernel, (xs, ys, b), out, kernel, cfg, prec)
         ctx.save_for_backward(xs, ys, b)

@@ -43,9 +43,7 @@ from torch import nn
 
 from ._registry import Case, Op, ProblemBase, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, dot_precision, tl, triton
-if HAS_TRITON:
-    from ._triton import dot
+from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
 
@@ -167,6 +165,8 @@ def _torch_run(p: Problem, x, weight, bias, config=None):
 
 
 # --------------------------------------------------------------------------- shared Triton helpers
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _triton_supports(p: Problem) -> str | None:
@@ -229,10 +229,10 @@ if HAS_TRITON:
                     a_im = -a_im
                 if CONJ_B:
                     b_im = -b_im
-                acc_re = dot(a_re, b_re, acc_re, PREC)
-                acc_re = dot(-a_im, b_im, acc_re, PREC)
-                acc_im = dot(a_re, b_im, acc_im, PREC)
-                acc_im = dot(a_im, b_re, acc_im, PREC)
+                acc_re += tl.dot(a_re, b_re, input_precision=PREC)
+                acc_re -= tl.dot(a_im, b_im, input_precision=PREC)
+                acc_im += tl.dot(a_re, b_im, input_precision=PREC)
+                acc_im += tl.dot(a_im, b_re, input_precision=PREC)
             o_ptr = OUT + offO + rr[:, None] * sOr + oo[None, :] * sOo
             o_mask = (rr[:, None] < R) & (oo[None, :] < O)
             tl.store(o_ptr, acc_re, mask=o_mask)
@@ -284,11 +284,11 @@ if HAS_TRITON:
             b_mask = (kk[:, None] < K) & (rn[None, :] < N)
             a = tl.load(a_base + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
             bb = tl.load(b_base + kk[:, None] * sBk + rn[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
-            acc = dot(a, bb, acc, PREC)
+            acc += tl.dot(a, bb, input_precision=PREC)
             if SWAP:
                 a2 = tl.load(a2_base + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
                 bs = tl.load(b_base + kk[:, None] * sBk + (rn ^ 1)[None, :] * sBn, mask=b_mask, other=0.0)
-                acc = dot(a2, bs.to(tl.float32) * sign[None, :], acc, PREC)
+                acc += tl.dot(a2, bs.to(tl.float32) * sign[None, :], input_precision=PREC)
         if HAS_BIAS:
             bias = tl.load(BIAS + (rm // bias_div) % bias_n, mask=rm < M, other=0.0).to(tl.float32)
             acc += bias[:, None]
@@ -379,7 +379,7 @@ class _ModeMixFn(torch.autograd.Function):
     def forward(ctx, X, weight, p: Problem, cfg):
         X = X.contiguous()
         W = weight.resolve_conj().contiguous()
-        prec = dot_precision(p.dtype)
+        prec = _precision(p.dtype)
         out = torch.empty((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),),
                           dtype=torch.complex64, device=X.device)
         Xr, Wr, outr = torch.view_as_real(X), torch.view_as_real(W), torch.view_as_real(out)
@@ -396,7 +396,7 @@ class _ModeMixFn(torch.autograd.Function):
     def backward(ctx, gout):
         X, W = ctx.saved_tensors
         p, cfg = ctx.p, ctx.cfg
-        prec = dot_precision(p.dtype)
+        prec = _precision(p.dtype)
         g = gout.resolve_conj().contiguous()
         gr, Xr, Wr = torch.view_as_real(g), torch.view_as_real(X), torch.view_as_real(W)
         in_full = p.grid[:-1] + (_half(p.grid[-1]),)
@@ -573,7 +573,7 @@ class _DFTConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: Problem, cfg):
         plan = _Plan(p)
-        prec = dot_precision(p.dtype)
+        prec = _precision(p.dtype)
         W = torch.view_as_real(weight.resolve_conj().contiguous())
         X = plan.analysis(x, cfg, prec)
         Y = torch.empty((p.batch, p.cout) + p.modes + (2,), dtype=torch.float32, device=x.device)
@@ -592,7 +592,7 @@ class _DFTConvFn(torch.autograd.Function):
         X, W = ctx.saved_tensors
         plan, cfg = ctx.plan, ctx.cfg
         p = plan.p
-        prec = dot_precision(p.dtype)
+        prec = _precision(p.dtype)
         gx = gw = gb = None
         gY = plan.synthesis_adjoint(gy, cfg, prec)
         if ctx.needs_input_grad[0]:

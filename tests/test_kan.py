@@ -196,6 +196,9 @@ def test_torch_variant_is_memory_lean():
 def test_gpu_fused_matches_reference(basis, dtype):
     case = next(c for c in OP.cases if c.params["basis"] == basis and "gpu" in c.tags)
     p, (x, w, wb, bias, b) = OP.make_inputs(case, "cuda", dtype, requires_grad=True)
+    reason = OP.variants["fused"].why_not(p)
+    if reason:
+        pytest.xfail(reason)
     y = OP.run_variant("fused", p, x, w, wb, bias, b)
     want = ref.kan_linear(npf(x[:256].cpu()), npf(w.cpu()), p.basis, npf(None if wb is None else wb.cpu()),
                           npf(None if bias is None else bias.cpu()), grid=npf(None if b.grid is None else b.grid.cpu()),
