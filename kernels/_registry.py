@@ -148,7 +148,7 @@ class Op:
             reason = v.why_not(problem)
             if reason:
                 raise ValueError(f"variant {pinned!r} of {self.name!r} cannot run here: {reason}")
-            return v, (v.default_config(problem) if v.default_config else None), "pinned"
+            return v, self.config_for(v, problem), "pinned"
         if backend == "torch":
             return self.torch_variant, None, "backend=torch"
         candidates = [v for v in self.triton_variants() if v.why_not(problem) is None]
@@ -168,6 +168,10 @@ class Op:
         entry = _cache.lookup(self, problem)
         if entry is not None and entry["variant"] in allowed:
             return self.variants[entry["variant"]], entry.get("config"), "cache"
+        timed = [t for t in (entry or {}).get("timings", []) if t["variant"] in allowed]
+        if timed:  # the winner is not allowed here (torch under OPFORGE_BACKEND=triton): the fastest that is
+            best = min(timed, key=lambda t: t["ms"])
+            return self.variants[best["variant"]], best["config"], "cache"
         if os.environ.get("OPFORGE_AUTOTUNE", "0") == "1" and problem.device.type == "cuda":
             from opforge.autotune import tuner
 
@@ -192,9 +196,22 @@ class Op:
         reason = v.why_not(problem)
         if reason:
             raise ValueError(f"variant {name!r} of {self.name!r} cannot run here: {reason}")
-        if config is None and v.default_config is not None:
-            config = v.default_config(problem)
+        if config is None:
+            config = self.config_for(v, problem)
         return v.run(problem, *args, config=config)
+
+    def config_for(self, v: Variant, problem, entry: dict | None = None) -> dict | None:
+        """The config to run variant ``v`` with: its fastest timed config in this GPU's autotune cache
+        entry for the problem, else its heuristic default (None for the torch variant)."""
+        if v.kind == "triton":
+            if entry is None:
+                from opforge.autotune import cache as _cache
+
+                entry = _cache.lookup(self, problem)
+            timed = [t for t in (entry or {}).get("timings", []) if t["variant"] == v.name]
+            if timed:
+                return min(timed, key=lambda t: t["ms"])["config"]
+        return v.default_config(problem) if v.default_config else None
 
     def __call__(self, problem, *args):
         v, config, why = self.select(problem, args)

@@ -133,4 +133,4 @@ def perf(benchmark):
 def pytest_sessionfinish(session, exitstatus):
     path = session.config.getoption("--opforge-results")
     if path and _RECORDS:
-        perf_results.write(path, _RECORDS, perf_results.environment(device_info()))
+        perf_results.merge_write(path, _RECORDS, perf_results.environment(device_info()))

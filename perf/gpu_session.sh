@@ -27,6 +27,8 @@ export PYTHONPATH=/tmp/opforge-src:${PYTHONPATH:-}
 tag=$(python3 -c "from opforge.kernels._triton import device_info; print(device_info()['tag'])")
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$OUT/logs/gpu.csv" 2>&1
 
+# The device gets a copy of the working tree whose git metadata can be older than the code: pass the
+# commit that runs as OPFORGE_COMMIT=<hash> so results files name it.
 # TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16).
 for stage in "${stages[@]}"; do
   case "$stage" in
@@ -37,13 +39,16 @@ for stage in "${stages[@]}"; do
       python3 -m opforge.autotune.cli bench 2>&1 | tee "$OUT/logs/bench.log" | tail -40 ;;
     tune)
       for op in spectral_conv kan kernel_sum; do
-        python3 -m opforge.autotune.cli tune --op "$op" --dtype ${TUNE_DTYPES:-float32 bfloat16} \
+        timeout "${TUNE_LIMIT_S:-300}" python3 -m opforge.autotune.cli tune --op "$op" --dtype ${TUNE_DTYPES:-float32 bfloat16} \
           --out "$OUT/caches/$tag.json" 2>>"$OUT/logs/tune.log" | tail -30
       done ;;
-    perf)
-      python3 -m pytest perf -q -p no:cacheprovider --opforge-results="$OUT/results/$tag.json" \
-        --opforge-dtypes="$(echo ${PERF_DTYPES:-float32 bfloat16} | tr ' ' ,)" >"$OUT/logs/perf.log" 2>&1
-      tail -3 "$OUT/logs/perf.log"
+    perf)  # one suite per op, each under its own time limit; records accumulate in one results file
+      for op in spectral_conv kan kernel_sum; do
+        timeout -s INT "${PERF_LIMIT_S:-240}" python3 -m pytest "perf/bench_$op.py" -q -p no:cacheprovider \
+          --opforge-results="$OUT/results/$tag.json" \
+          --opforge-dtypes="$(echo ${PERF_DTYPES:-float32 bfloat16} | tr ' ' ,)" >>"$OUT/logs/perf.log" 2>&1
+        tail -1 "$OUT/logs/perf.log"
+      done
       python3 -m opforge.autotune.cli perf-table "$OUT/results/$tag.json" | tail -60 ;;
     example)
       python3 perf/gp_example.py --n 100000 2>&1 | tee "$OUT/logs/gp_example.log" ;;

@@ -54,6 +54,17 @@ def test_results_roundtrip_and_table(tmp_path):
         perf.read(path)
 
 
+def test_merge_write_accumulates_one_environment(tmp_path):
+    path = tmp_path / "r.json"
+    env = {"gpu": "cpu", "cc": "0.0", "torch": "x", "triton": "y", "commit": "abc"}
+    perf.merge_write(path, [rec("torch", 2.0)], env)
+    perf.merge_write(path, [rec("fast", 0.5), rec("torch", 1.5)], env)  # a second suite of the same run
+    got = {r["variant"]: r["p50"] for r in perf.read(path)["records"]}
+    assert got == {"torch": 1.5, "fast": 0.5}
+    perf.merge_write(path, [rec("fast", 0.4)], dict(env, commit="def"))  # another commit starts afresh
+    assert [r["variant"] for r in perf.read(path)["records"]] == ["fast"]
+
+
 def _cli(*args, cwd=ROOT):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)

@@ -106,6 +106,22 @@ def test_cache_miss_hit_stale_and_corrupt(tmp_path, monkeypatch):
             assert OP.select(p)[2] == "heuristic"
 
 
+def test_timed_configs_are_used_when_the_winner_is_not_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path))
+    p, _ = problem()
+    slow = {"MIX_R": 32, "MIX_O": 64, "MIX_S": 32, "num_warps": 4}
+    fast = {"MIX_R": 16, "MIX_O": 32, "MIX_S": 16, "num_warps": 4}
+    entry = {"variant": "torch", "config": None, "ms": 1.0, "torch_ms": 1.0,
+             "timings": [{"variant": "fft_mix", "config": slow, "ms": 3.0},
+                         {"variant": "fft_mix", "config": fast, "ms": 2.0}]}
+    cache.record(_user_cache_file(), device_info(), OP, p, entry)
+    with use_backend("triton"):  # torch won, but is not allowed: the fastest timed Triton config is
+        v, cfg, why = OP.select(p)
+    assert (v.name, cfg, why) == ("fft_mix", fast, "cache")
+    assert OP.config_for(OP.variants["fft_mix"], p) == fast  # what run_variant and pins use
+    assert OP.config_for(OP.variants["dft_gemm"], p) == OP.variants["dft_gemm"].default_config(p)
+
+
 def test_user_cache_shadows_shipped(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
     monkeypatch.setattr(cache, "SHIPPED_DIR", shipped)

@@ -96,6 +96,32 @@ def test_reference_matches_direct_dft_sum():
     np.testing.assert_allclose(ref.spectral_conv(x, w)[0, 0], y, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["torch", "fft_mix"])
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
+def test_inverse_transform_gets_a_hermitian_spectrum(monkeypatch, variant, case):
+    """c2r is defined only for Hermitian-consistent input (cuFFT's float32 path differed from numpy
+    otherwise): the self-conjugate planes handed to irfftn must satisfy S(k) = conj(S(-k))."""
+    seen = []
+    real_irfftn = torch.fft.irfftn
+
+    def checking_irfftn(spec, s=None, dim=None, norm=None):
+        lead = tuple(range(2, spec.dim() - 1))
+        planes = [0] + ([s[-1] // 2] if s[-1] % 2 == 0 and spec.shape[-1] > s[-1] // 2 else [])
+        for k in planes:
+            plane = spec[..., k]
+            mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane
+            torch.testing.assert_close(plane, mirror.conj())
+        seen.append(k)
+        return real_irfftn(spec, s=s, dim=dim, norm=norm)
+
+    monkeypatch.setattr(torch.fft, "irfftn", checking_irfftn)
+    p, (x, w, b) = OP.make_inputs(case, "cpu", torch.float32)
+    y = OP.run_variant(variant, p, x, w, b)
+    assert seen, "irfftn was not called"
+    expected = ref.spectral_conv(np64(x), np64(w), np64(b), p.out_grid)
+    assert_close(y, expected, torch.float32, reduction(p), f"{variant} {case.name}")
+
+
 def test_functional_dims_and_dispatch_on_cpu():
     x = torch.randn(2, 3, 10, 8)
     w = torch.randn(3, 4, 6, 3, dtype=torch.complex64)
