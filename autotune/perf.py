@@ -128,7 +128,16 @@ def _opforge_variants(op: str) -> set:
 
 
 def markdown_table(records: list[dict], env: dict) -> str:
-    """The README table: one line per (case, mode, dtype) with each variant's time and speedup vs torch."""
+    """The README tables, one per op: a line per (case, mode, dtype) with each variant's time and
+    speedup vs torch."""
+    caption = (f"Measured on {env.get('gpu')} (cc {env.get('cc')}), torch {env.get('torch')}, "
+               f"Triton {env.get('triton')}, commit {env.get('commit')}; p50 of the run; "
+               "forward+backward rows on CUDA also give the peak memory allocated.")
+    ops = sorted({r["op"] for r in records})
+    return caption + "\n\n" + "\n\n".join(_op_table([r for r in records if r["op"] == op]) for op in ops)
+
+
+def _op_table(records: list[dict]) -> str:
     groups: dict = {}
     for r in records:
         groups.setdefault(_key(r), {})[r["variant"]] = r
@@ -145,10 +154,11 @@ def markdown_table(records: list[dict], env: dict) -> str:
             r = g.get(v)
             if r is None:
                 cells.append("-")
-            elif t is None or v == "torch":
-                cells.append(f"{r['p50']:.3f}")
             else:
-                cells.append(f"{r['p50']:.3f} ({t['p50'] / r['p50']:.2f}x)")
+                cell = f"{r['p50']:.3f}" if t is None or v == "torch" else f"{r['p50']:.3f} ({t['p50'] / r['p50']:.2f}x)"
+                if r.get("peak_mb") is not None:
+                    cell += f", {r['peak_mb']:.0f} MB"
+                cells.append(cell)
         # rates are the op's FLOPs or bytes over a time: only opforge's own variants compute the op
         # (a peer such as nn.Linear does less work, so its "rate" would mean nothing)
         ours = [r for v, r in g.items() if v in _opforge_variants(key[0])] or list(g.values())
@@ -159,6 +169,4 @@ def markdown_table(records: list[dict], env: dict) -> str:
             val, frac, unit = best.get("gbps"), best.get("frac_peak_bw"), "GB/s"
         bw_cell = "-" if val is None else (f"{val:.3g} {unit} ({100 * frac:.0f}%)" if frac else f"{val:.3g} {unit}")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {bw_cell} |")
-    caption = (f"Measured on {env.get('gpu')} (cc {env.get('cc')}), torch {env.get('torch')}, "
-               f"Triton {env.get('triton')}, commit {env.get('commit')}; p50 of the run.")
-    return caption + "\n\n" + "\n".join(lines)
+    return "\n".join(lines)
