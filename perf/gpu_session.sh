@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: tests, tuning, perf results, GP example, all copied to $OUT.
 #
-#   bash perf/gpu_session.sh [stage ...]     stages: test bench tune perf example (default: all, in that order)
+#   bash perf/gpu_session.sh [stage ...]     stages: test bench tune perf profile example (default: all but profile, in that order)
 #
 # Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
 # neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
@@ -50,8 +50,14 @@ for stage in "${stages[@]}"; do
         tail -1 "$OUT/logs/perf.log"
       done
       python3 -m opforge.autotune.cli perf-table "$OUT/results/$tag.json" | tail -60 ;;
+    profile)  # per-kernel device time of the main shapes: which stage to speed up next
+      for spec in "spectral_conv 2d-256-b32-c64-m32 dft_gemm" "spectral_conv 2d-256-b32-c64-m32 fft_mix" \
+                  "spectral_conv 2d-256-b32-c64-m32 torch" "kan rbf-b4096-512-g8 fused" \
+                  "kan chebyshev-b4096-512-d8 fused" "kernel_sum 2e5-d64-r16 flash"; do
+        timeout 120 python3 perf/profile_op.py $spec 2>&1 | grep -v USDT | tee -a "$OUT/logs/profile.log" | head -8
+      done ;;
     example)
       python3 perf/gp_example.py --n 100000 2>&1 | tee "$OUT/logs/gp_example.log" ;;
-    *) echo "unknown stage $stage (test bench tune perf example)"; exit 2 ;;
+    *) echo "unknown stage $stage (test bench tune perf profile example)"; exit 2 ;;
   esac
 done
