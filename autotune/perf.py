@@ -132,7 +132,8 @@ def markdown_table(records: list[dict], env: dict) -> str:
     speedup vs torch."""
     caption = (f"Measured on {env.get('gpu')} (cc {env.get('cc')}), torch {env.get('torch')}, "
                f"Triton {env.get('triton')}, commit {env.get('commit')}; p50 of the run; "
-               "forward+backward rows on CUDA also give the peak memory allocated.")
+               "forward+backward rows on CUDA add the peak memory allocated and, after the slash where measured, "
+               "the memory a forward pass keeps for its backward (activations), in MB.")
     ops = sorted({r["op"] for r in records})
     return caption + "\n\n" + "\n\n".join(_op_table([r for r in records if r["op"] == op]) for op in ops)
 
@@ -157,7 +158,8 @@ def _op_table(records: list[dict]) -> str:
             else:
                 cell = f"{r['p50']:.3f}" if t is None or v == "torch" else f"{r['p50']:.3f} ({t['p50'] / r['p50']:.2f}x)"
                 if r.get("peak_mb") is not None:
-                    cell += f", {r['peak_mb']:.0f} MB"
+                    saved = r.get("saved_mb")
+                    cell += f", {r['peak_mb']:.0f}" + ("" if saved is None else f"/{saved:.0f}") + " MB"
                 cells.append(cell)
         # rates are the op's FLOPs or bytes over a time: only opforge's own variants compute the op
         # (a peer such as nn.Linear does less work, so its "rate" would mean nothing)

@@ -65,3 +65,20 @@ def peak_memory(fn, device) -> int | None:
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def saved_memory(forward, device) -> int | None:
+    """Bytes a forward pass leaves allocated for its backward (activation memory): allocated after
+    ``forward()`` minus before, less the output itself (None on the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    y = forward()
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device) - base
+    if isinstance(y, torch.Tensor):
+        held -= y.untyped_storage().nbytes()
+    del y
+    return max(held, 0)

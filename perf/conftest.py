@@ -77,6 +77,8 @@ class Perf:
             for t in params:
                 t.grad = None
             fwd(*args).backward(grad_out)
+        if backward:
+            run.forward = lambda: fwd(*args)  # for the activation-memory reading
         return run
 
     def run(self, op, case, variant: str, mode: str, problem, fn, rounds: int | None = None):
@@ -116,6 +118,10 @@ class Perf:
             from opforge.autotune.timing import peak_memory
 
             rec["peak_mb"] = peak_memory(fn, dev) / 2**20
+            if hasattr(fn, "forward"):
+                from opforge.autotune.timing import saved_memory
+
+                rec["saved_mb"] = saved_memory(fn.forward, dev) / 2**20
         self.benchmark.extra_info.update(rec)
         _RECORDS.append(rec)
         return rec

@@ -49,6 +49,8 @@ def test_results_roundtrip_and_table(tmp_path):
     assert data["env"]["commit"] == "abc" and len(data["records"]) == 2
     table = perf.markdown_table(data["records"], data["env"])
     assert "0.500 (4.00x)" in table and "Measured on cpu" in table
+    mem = dict(rec("fast", 0.5, mode="fwdbwd"), peak_mb=300.4, saved_mb=20.2)
+    assert "0.500, 300/20 MB" in perf.markdown_table([mem], data["env"])
     path.write_text(json.dumps({"format": 99}))
     with pytest.raises(ValueError, match="not an opforge perf results file"):
         perf.read(path)
