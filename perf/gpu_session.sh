@@ -57,7 +57,8 @@ for stage in "${stages[@]}"; do
         timeout 120 python3 perf/profile_op.py $spec 2>&1 | grep -v USDT | tee -a "$OUT/logs/profile.log" | head -8
       done ;;
     example)
-      python3 perf/gp_example.py --n 100000 2>&1 | tee "$OUT/logs/gp_example.log" ;;
+      python3 perf/gp_example.py --n 100000 2>&1 | tee "$OUT/logs/gp_example.log"
+      python3 perf/first_call.py 2>&1 | tee "$OUT/logs/first_call.log" ;;
     *) echo "unknown stage $stage (test bench tune perf profile example)"; exit 2 ;;
   esac
 done
