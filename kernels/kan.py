@@ -17,12 +17,9 @@ Variants:
 ``fused``
     Triton. Forward: a GEMM over (batch x out) tiles whose prologue evaluates
     the basis of a [rows, in-block] tile of x in registers as a
-    [rows, in-block x K] operand of ``tl.dot`` (B-splines on uniform knots of
-    order >= 1: N_p((x - t_0) / h - k) with the cardinal B-spline N_p as one
-    polynomial per unit segment; on general knots (and order 0) only the p + 1
-    non-zero bases: the knot interval by search, then the local de Boor
-    triangle; B-splines are off on GPUs until verified there, see
-    ``_fused_supports``);
+    [rows, in-block x K] operand of ``tl.dot`` (for B-splines only the p + 1
+    non-zero bases: the knot interval by floor((x - t_0) / h) on uniform
+    grids, by search on general ones, then the local de Boor triangle);
     the SiLU base path is a second dot on the same x tile. Backward: grad x
     with the basis derivative in the same kind of tile (dy @ W^T contracted
     against phi'), grad W (and grad Wb) as per-tile partial sums over batch
