@@ -246,38 +246,6 @@ if HAS_TRITON:
         return j, v0, v1, v2, v3, d0, d1, d2, d3
 
     @triton.jit
-    def _cardinal(s, r, ORDER: tl.constexpr, DERIV: tl.constexpr):
-        """The cardinal B-spline N_ORDER (or its derivative in t) at t = s + r, s = floor(t), r in [0, 1),
-        as one polynomial in r per unit segment s = 0..ORDER (well conditioned); zero elsewhere."""
-        q = 1.0 - r
-        if ORDER == 1:
-            if DERIV:
-                a0, a1 = q * 0.0 + 1.0, q * 0.0 - 1.0
-            else:
-                a0, a1 = r, q
-            out = tl.where(s == 0.0, a0, tl.where(s == 1.0, a1, 0.0))
-        elif ORDER == 2:
-            if DERIV:
-                a0, a1, a2 = r, 1.0 - 2.0 * r, -q
-            else:
-                a0, a1, a2 = 0.5 * r * r, 0.5 + r * q, 0.5 * q * q
-            out = tl.where(s == 0.0, a0, tl.where(s == 1.0, a1, tl.where(s == 2.0, a2, 0.0)))
-        else:
-            r2 = r * r
-            if DERIV:
-                a0 = 0.5 * r2
-                a1 = 0.5 + r - 1.5 * r2
-                a2 = 1.5 * r2 - 2.0 * r
-                a3 = -0.5 * q * q
-            else:
-                a0 = r2 * r / 6.0
-                a1 = (1.0 + 3.0 * (r + r2 - r2 * r)) / 6.0
-                a2 = (4.0 - 6.0 * r2 + 3.0 * r2 * r) / 6.0
-                a3 = q * q * q / 6.0
-            out = tl.where(s == 0.0, a0, tl.where(s == 1.0, a1, tl.where(s == 2.0, a2, tl.where(s == 3.0, a3, 0.0))))
-        return out
-
-    @triton.jit
     def _place(kk3, j3, v0, v1, v2, v3, ORDER: tl.constexpr):
         """[BM, BI, KP] tile with the local values put at basis index j - ORDER + r."""
         base = j3 - ORDER
@@ -298,16 +266,7 @@ if HAS_TRITON:
         kk = tl.arange(0, KP)
         kk3 = kk[None, None, :]
         k_ok = kk3 < K
-        if BASIS == 0 and UNIFORM and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
-            t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
-            tn = tl.load(GRID + ii * sGi + NK - 1, mask=i_mask, other=1.0)[None, :]
-            inv_h = (NK - 1) / (tn - t0)
-            t = ((x - t0) * inv_h)[:, :, None] - kk3.to(tl.float32)
-            seg = tl.floor(t)
-            out = _cardinal(seg, t - seg, ORDER, DERIV)
-            if DERIV:
-                out = out * inv_h[:, :, None]
-        elif BASIS == 0:  # bspline, general knots (and order 0): interval search, then the local de Boor triangle
+        if BASIS == 0:  # bspline
             row = (ii * sGi)[None, :]
             t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
             t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
@@ -579,14 +538,10 @@ def _fused_supports(p: Problem) -> str | None:
     if p.k > 64:
         return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
     if p.basis == "bspline" and p.device.type == "cuda" and os.environ.get("OPFORGE_KAN_BSPLINE_GPU") != "1":
-        # Compiled for an H100 (Triton 3.6) the B-spline forward of commit 36b139f (knot interval by floor
-        # and knot gathers, then the local de Boor triangle placed by integer compares) disagreed with the
-        # float64 reference (normalised error 0.9 at B=4096 512->512 G=8) for every dot precision, while
-        # the interpreter agreed. Uniform knots now take a closed-form cardinal-B-spline path built like
-        # the RBF basis (which is right on the H100), not yet run compiled: off on GPUs until a GPU test
-        # passes; OPFORGE_KAN_BSPLINE_GPU=1 turns it on to test it.
-        return ("fused B-splines are off on GPUs until verified there (an earlier version was wrong compiled "
-                "on an H100); set OPFORGE_KAN_BSPLINE_GPU=1 to test")
+        # Compiled for an H100 (Triton 3.6) the B-spline forward disagrees with the float64 reference
+        # (normalised error 0.9 at B=4096 512->512 G=8) for every dot precision, while the interpreter
+        # agrees: disabled on GPUs until fixed; OPFORGE_KAN_BSPLINE_GPU=1 turns it on to debug it.
+        return "fused B-splines are disabled on GPUs (wrong results compiled on an H100); set OPFORGE_KAN_BSPLINE_GPU=1 to test"
     return None
 
 
@@ -1020,5 +975,5 @@ OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _ba
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,
-                   sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _basis_tile, _bspline_local, _cardinal,
-                            _nz, _place, _knot, _w_rows, _FusedKAN, _fused_cfgs)))
+                   sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _basis_tile, _bspline_local, _nz, _place,
+                            _knot, _w_rows, _FusedKAN, _fused_cfgs)))
