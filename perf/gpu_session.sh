@@ -34,6 +34,9 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     test)  # compiled GPU tests, then the CPU tests through the interpreter (Triton reads TRITON_INTERPRET at import)
       TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/logs/tests-gpu.log" | tail -15
+      # fused B-splines are off on GPUs until this passes (kernels/kan.py: _fused_supports)
+      OPFORGE_KAN_BSPLINE_GPU=1 TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_kan.py -k bspline 2>&1 \
+        | tee -a "$OUT/logs/tests-gpu.log" | tail -3
       TRITON_INTERPRET=1 python3 -m pytest -q -n 8 -m "not gpu" tests 2>&1 | tee "$OUT/logs/tests-cpu.log" | tail -5 ;;
     bench)
       python3 -m opforge.autotune.cli bench 2>&1 | tee "$OUT/logs/bench.log" | tail -40 ;;

@@ -82,6 +82,26 @@ def test_nonuniform_knots_and_inputs_outside(backend):
     assert_close(w.grad, dw, torch.float32, 19)
 
 
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_uniform_knots_every_order(backend, order):
+    """Uniform knots of every order, forward and backward (the fused kernel settles the interval by floor)."""
+    torch.manual_seed(order)
+    I, O, G = 5, 3, 4
+    h = 0.4
+    grid = (torch.arange(-order, G + order + 1) * h - 0.8).repeat(I, 1)  # efficient-kan's extended knots
+    w = torch.randn(O, I, G + order, requires_grad=True)
+    x = (torch.rand(23, I) * 3.2 - 1.6).requires_grad_(True)  # inside and outside the knots
+    with use_backend(backend):
+        y = kan_linear(x, w, "bspline", grid=grid, spline_order=order)
+    want = ref.kan_linear(npf(x), npf(w), "bspline", grid=npf(grid), order=order)
+    assert_close(y, want, torch.float32, I * (G + order), f"order {order} forward")
+    y.sum().backward()
+    dx, dw, _ = ref.kan_linear_vjp(npf(x), npf(w), "bspline", np.ones((23, O)), grid=npf(grid), order=order)
+    assert_close(x.grad, dx, torch.float32, O * (G + order), f"order {order} grad x")
+    assert_close(w.grad, dw, torch.float32, 23, f"order {order} grad weight")
+
+
 def test_fused_bfloat16_and_leading_dims():
     layer = KANLinear(6, 4, grid_size=4)
     x = torch.rand(2, 5, 6) * 2 - 1
