@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: tests, tuning, perf results, GP example, all copied to $OUT.
 #
-#   bash perf/gpu_session.sh [stage ...]     stages: test bench tune perf profile example (default: all but profile, in that order)
+#   bash perf/gpu_session.sh [stage ...]     stages: test check bench tune perf profile example (default: all but profile, in that order)
 #
 # Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
 # neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/opforge-out}"
 mkdir -p "$OUT/caches" "$OUT/results" "$OUT/logs"
-stages=("${@:-test bench tune perf example}")
+stages=("${@:-test check bench tune perf example}")
 stages=(${stages[*]})
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -38,6 +38,10 @@ for stage in "${stages[@]}"; do
       OPFORGE_KAN_BSPLINE_GPU=1 TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_kan.py -k bspline 2>&1 \
         | tee -a "$OUT/logs/tests-gpu.log" | tail -3
       TRITON_INTERPRET=1 python3 -m pytest -q -n 8 -m "not gpu" tests 2>&1 | tee "$OUT/logs/tests-cpu.log" | tail -5 ;;
+    check)  # every variant, torch included, against the torch variant in float64 (forward, main shapes)
+      timeout 300 python3 perf/check_float64.py --ops spectral_conv kan 2>&1 | tee "$OUT/logs/check.log" | tail -30
+      timeout 200 python3 perf/check_float64.py --ops kernel_sum --cases 1e5-d3-r1 2e5-d64-r16 1e4-d256-r1 \
+        1e5-d3-r1-matern52 2>&1 | tee -a "$OUT/logs/check.log" | tail -12 ;;
     bench)
       python3 -m opforge.autotune.cli bench 2>&1 | tee "$OUT/logs/bench.log" | tail -40 ;;
     tune)
@@ -62,6 +66,6 @@ for stage in "${stages[@]}"; do
     example)
       python3 perf/gp_example.py --n 100000 2>&1 | tee "$OUT/logs/gp_example.log"
       python3 perf/first_call.py 2>&1 | tee "$OUT/logs/first_call.log" ;;
-    *) echo "unknown stage $stage (test bench tune perf profile example)"; exit 2 ;;
+    *) echo "unknown stage $stage (test check bench tune perf profile example)"; exit 2 ;;
   esac
 done
