@@ -38,12 +38,25 @@ def bench(fn, device, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int 
     return {"p20": qs[1], "p50": statistics.median(times), "p80": qs[7]}
 
 
+_L2_FLUSH: dict = {}
+
+
+def flush_l2(device) -> None:
+    """Overwrite a 256 MB buffer (more than any GPU's L2) so the next kernel starts cold; no-op off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    buf = _L2_FLUSH.get(device)
+    if buf is None:
+        buf = _L2_FLUSH[device] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
+    buf.zero_()
+
+
 def _cuda_times(fn, n: int) -> list[float]:
     """``n`` CUDA-event timings of ``fn()`` in ms, each after an L2 flush."""
-    flush = torch.empty(64 * 2**20, dtype=torch.int8, device="cuda")
     out = []
     for _ in range(n):
-        flush.zero_()
+        flush_l2("cuda")
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

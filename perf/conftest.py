@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from opforge.autotune import perf as perf_results
+from opforge.autotune.timing import flush_l2
 from opforge.kernels._triton import device_info, device_peaks
 
 _RECORDS: list[dict] = []
-_L2 = {}
 
 
 def pytest_addoption(parser):
@@ -49,10 +49,7 @@ def pytest_generate_tests(metafunc):
 
 def _flush_l2(dev):
     if dev.type == "cuda":
-        buf = _L2.get(dev)
-        if buf is None:
-            buf = _L2[dev] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=dev)
-        buf.zero_()
+        flush_l2(dev)
         torch.cuda.synchronize(dev)
 
 
