@@ -1,0 +1,151 @@
+"""What the compiler makes of a variant's kernels, without a GPU: registers, spills, MMA kind, access widths.
+
+    python perf/inspect_kernels.py spectral_conv 2d-256-b32-c64-m32 dft_gemm [--mode fwdbwd] [--arch 90]
+                                   [--config '{"BLOCK_M": 128, ...}'] [--dtype float32]
+
+Runs one variant on one case with CPU tensors while every Triton launch only *compiles* for the target
+GPU (sm_90 by default: the H100/H200) instead of running: a stand-in driver names the target, and the
+launch is turned into Triton's ``warmup`` compile. For each launched kernel it prints the grid, warps,
+shared memory, the registers and spill bytes ptxas reports, the MMA instructions (wgmma = Hopper tensor
+cores, mma.sync = the older warp-level ones, none = CUDA cores) and a count of global loads/stores by
+width (4-byte accesses where 16 were possible point at unaligned strides). Outputs are garbage (nothing
+runs); only the code generation is inspected. It uses Triton internals (``driver.set_active``,
+``JITFunction.run``) checked on Triton 3.6 and 3.9: a leading question for the GPU, not a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JIT functions, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.runtime.jit as _jit  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+
+class _CompileOnlyDriver:
+    """Enough of a Triton driver for ``JITFunction.run(warmup=True)`` to compile for ``target``."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+_ACCESS = re.compile(r"^(?:@!?%p\d+\s+)?(ld\.global|st\.global|cp\.async\.c[ag]\.shared\.global|red\.global|atom\.global)"
+                     r"([.\w]*)")
+
+
+def _accesses(ptx: str) -> Counter:
+    """Global memory instructions by kind and width: 'ld 4B', 'cp.async 16B', 'st 16B', ..."""
+    out = Counter()
+    for line in ptx.splitlines():
+        line = line.strip()
+        m = _ACCESS.match(line)
+        if not m:
+            continue
+        kind, mods = m.group(1), m.group(2)
+        if kind.startswith("cp.async"):
+            size = re.search(r",\s*(0x[0-9a-f]+|\d+)\s*(?:,[^;]*)?;", line)
+            width = int(size.group(1), 0) if size else 0
+            out[f"cp.async {width}B"] += 1
+            continue
+        vec = re.search(r"\.v(\d)", mods)
+        bits = re.search(r"\.[bfsu](8|16|32|64)\b", mods)
+        width = (int(vec.group(1)) if vec else 1) * (int(bits.group(1)) // 8 if bits else 4)
+        out[f"{kind.split('.')[0]} {width}B"] += 1
+    return out
+
+
+def _ptxas_report(ptx: str, arch: int) -> str:
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    exe = next((os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))),
+               None)
+    if exe is None:
+        return "ptxas not found"
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        r = subprocess.run([exe, "-v", "--gpu-name", sm, src, "-o", os.path.join(tmp, "k.cubin")],
+                           capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    if not regs:
+        return f"ptxas: {r.stderr.strip()[:200]}"
+    return f"{regs.group(1)} regs" + (f", spills {spill.group(1)}/{spill.group(2)} B st/ld" if spill else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("op")
+    ap.add_argument("case")
+    ap.add_argument("variant")
+    ap.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwd")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90: H100/H200)")
+    ap.add_argument("--config", default=None, help="JSON config of the variant (default: its heuristic default)")
+    args = ap.parse_args()
+
+    driver.set_active(_CompileOnlyDriver(args.arch))
+    launches = []
+    run = _jit.JITFunction.run
+
+    def compile_only(self, *a, grid, warmup, **kw):
+        kernel = run(self, *a, grid=grid, warmup=True, **kw)
+        launches.append((self.fn.__name__, grid, kw.get("num_warps", 4), kernel))
+        return kernel
+
+    _jit.JITFunction.run = compile_only
+
+    from opforge.kernels import get_op
+
+    op = get_op(args.op)
+    cases = {c.name: c for c in op.cases}
+    if args.case not in cases:
+        raise SystemExit(f"unknown case {args.case!r} of {args.op}; valid: {sorted(cases)}")
+    if args.variant not in op.variants or op.variants[args.variant].kind != "triton":
+        raise SystemExit(f"{args.variant!r} is not a Triton variant of {args.op}; valid: "
+                         f"{[v.name for v in op.triton_variants()]}")
+    v = op.variants[args.variant]
+    grad = args.mode == "fwdbwd"
+    problem, inputs = op.make_inputs(cases[args.case], "cpu", getattr(torch, args.dtype), requires_grad=grad)
+    cfg = json.loads(args.config) if args.config else v.default_config(problem)
+    y = v.run(problem, *inputs, config=cfg)  # the raw launcher: the registry would refuse CPU tensors here
+    if grad:
+        y.backward(torch.zeros_like(y))
+    print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}, compiled for sm_{args.arch} "
+          f"with Triton {triton.__version__}; config {cfg}")
+    for name, grid, warps, k in launches:
+        ptx = k.asm["ptx"]
+        mma = sorted({m.split(".sync")[0] + ":" + m.split(".")[-2] + "." + m.split(".")[-1]
+                      for m in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx)}) or ["no MMA"]
+        acc = ", ".join(f"{k_} x{n}" for k_, n in sorted(_accesses(ptx).items()))
+        g = grid if isinstance(grid, tuple) else "(callable)"
+        print(f"  {name} grid {g} warps {warps} smem {k.metadata.shared} B | {_ptxas_report(ptx, args.arch)} | "
+              f"{' '.join(mma)} | {acc}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
