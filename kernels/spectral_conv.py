@@ -282,7 +282,8 @@ if HAS_TRITON:
 
         With SWAP, B's columns are interleaved (re, im) pairs and A + i*A2 is a
         complex matrix: the second product uses B with each pair swapped and
-        the real part negated, i.e. i*B, so C = (A + i A2) B on complex data.
+        the real part negated, i.e. i*B (built in registers from the same
+        tile), so C = (A + i A2) B on complex data.
         """
         pid = tl.program_id(0)
         per_b = n_tiles_m * n_tiles_n
@@ -293,28 +294,28 @@ if HAS_TRITON:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        a_base = A + b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
-        b_base = B + b.to(tl.int64) * sBb
+        a_rows = b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
+        c_rows = b.to(tl.int64) * sCb + rm[:, None].to(tl.int64) * sCm
+        n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SWAP:
-            a2_base = A2 + b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
-            sign = tl.where(rn % 2 == 0, -1.0, 1.0)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            a_mask = (rm[:, None] < M) & (kk[None, :] < K)
-            b_mask = (kk[:, None] < K) & (rn[None, :] < N)
-            a = tl.load(a_base + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
-            bb = tl.load(b_base + kk[:, None] * sBk + rn[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
+            k_ok = kk < K
+            a_mask = (rm[:, None] < M) & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_ok[None, :]
+            b_rows = b.to(tl.int64) * sBb + kk[:, None].to(tl.int64) * sBk
+            a = tl.load(A + a_rows + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
+            bb = tl.load(B + b_rows + rn[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
             acc += tl.dot(a, bb, input_precision=PREC)
             if SWAP:
-                a2 = tl.load(a2_base + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
-                bs = tl.load(b_base + kk[:, None] * sBk + (rn ^ 1)[None, :] * sBn, mask=b_mask, other=0.0)
-                acc += tl.dot(a2, bs.to(tl.float32) * sign[None, :], input_precision=PREC)
+                a2 = tl.load(A2 + a_rows + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
+                re, im = tl.split(tl.reshape(bb, (BLOCK_K, BLOCK_N // 2, 2)))
+                ib = tl.reshape(tl.join(-im, re), (BLOCK_K, BLOCK_N))  # i * (re + i im) = -im + i re
+                acc += tl.dot(a2, ib, input_precision=PREC)
         if HAS_BIAS:
             bias = tl.load(BIAS + (rm // bias_div) % bias_n, mask=rm < M, other=0.0).to(tl.float32)
             acc += bias[:, None]
-        c_ptr = C + b.to(tl.int64) * sCb + rm[:, None].to(tl.int64) * sCm + rn[None, :] * sCn
-        tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        tl.store(C + c_rows + rn[None, :] * sCn, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
 
 
 class _Spec:
@@ -448,12 +449,22 @@ def _fft_mix_run(p: Problem, x, weight, bias, config=None):
 
 
 # --------------------------------------------------------------------------- variant dft_gemm
+def _m2p(m: int) -> int:
+    """Float columns of a compact interleaved last axis: 2m rounded up to a multiple of 16, the extra
+    columns zero. Triton specializes integer arguments divisible by 16, so row strides and column
+    counts of the spectra are then known to allow 16-byte vector loads and stores (with 2m = 34 at
+    17 kept modes every access was a 4-byte one: ``perf/inspect_kernels.py``); it costs a few more
+    bytes of the (small) intermediate spectra."""
+    return (2 * m + 15) // 16 * 16
+
+
 @functools.lru_cache(maxsize=256)
 def _bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
     """float32 DFT bases for one axis (built in float64 from exact integer phases), all contiguous.
 
-    last axis:  "F" [n, 2m]: x -> interleaved half spectrum (with 1/n);
-                "G" [2m, out_n]: interleaved half spectrum -> real (with multiplicities 1 or 2).
+    last axis:  "F" [n, m2p]: x -> interleaved half spectrum (with 1/n), zero columns past 2m;
+                "G" [m2p, out_n]: interleaved half spectrum -> real (with multiplicities 1 or 2),
+                zero rows past 2m (``_m2p``).
     other axes: "F" (re, im) [m, n] analysis with 1/n, "G" (re, im) [out_n, m] synthesis, and
                 "F_adj"/"G_adj": their conjugate transposes (re, im) for the backward pass.
     """
@@ -474,6 +485,9 @@ def _bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
             c[out_n // 2] = 1.0
         ang = 2 * math.pi * ((j[:, None] * dst[None, :]) % out_n).double() / out_n
         G = torch.stack([c[:, None] * torch.cos(ang), -c[:, None] * torch.sin(ang)], dim=1).reshape(2 * m, out_n)
+        pad = _m2p(m) - 2 * m
+        F = torch.nn.functional.pad(F, (0, pad))
+        G = torch.nn.functional.pad(G, (0, 0, 0, pad))
         return {"F": f32(F), "G": f32(G)}
     f = j - m // 2
     ang = 2 * math.pi * ((f[:, None] * src[None, :]) % n).double() / n
@@ -523,8 +537,14 @@ def _complex_stage(inp, mat, P, L, Q, K_out, cfg, prec):
     return out
 
 
+def _kept(spec: torch.Tensor, p: Problem) -> torch.Tensor:
+    """The kept modes of a padded compact spectrum [B, C, *modes[:-1], m2p / 2, 2] (a strided view)."""
+    return spec[..., : p.modes[-1], :]
+
+
 class _Plan:
-    """Bases and sizes of one dft_gemm problem."""
+    """Bases and sizes of one dft_gemm problem. Compact spectra are [B, C, *modes[:-1], m2p / 2, 2]
+    float32 with the last axis padded by zero modes to ``_m2p`` floats (aligned rows)."""
 
     def __init__(self, p: Problem):
         d, dev = p.d, str(p.device)
@@ -532,24 +552,30 @@ class _Plan:
         self.last = _bases(p.grid[-1], p.modes[-1], True, p.out_grid[-1], dev)
         self.mid = [_bases(p.grid[ax], p.modes[ax], False, p.out_grid[ax], dev) for ax in range(d - 1)]
 
+    def spectrum(self, batch: int, channels: int, device) -> torch.Tensor:
+        """A zeroed padded compact spectrum (the mix writes the kept modes; the padding must read 0)."""
+        p = self.p
+        return torch.zeros((batch, channels) + p.modes[:-1] + (_m2p(p.modes[-1]) // 2, 2), dtype=torch.float32,
+                           device=device)
+
     def analysis(self, x, cfg, prec):
-        """x [B, C, *grid] -> compact interleaved spectrum [B, C, *modes, 2] (float32)."""
+        """x [B, C, *grid] -> padded compact interleaved spectrum [B, C, *modes[:-1], m2p / 2, 2] (float32)."""
         p, d = self.p, self.p.d
         lead = x.shape[0] * x.shape[1]
-        m2 = 2 * p.modes[-1]
+        m2 = _m2p(p.modes[-1])
         rows = x.numel() // p.grid[-1]
         t = _real_stage(x.contiguous(), self.last["F"], rows, p.grid[-1], m2, cfg, prec, torch.float32)
         for ax in range(d - 2, -1, -1):
             P = lead * math.prod(p.grid[:ax])
             Q = math.prod(p.modes[ax + 1:-1]) * m2
             t = _complex_stage(t, self.mid[ax]["F"], P, p.grid[ax], Q, p.modes[ax], cfg, prec)
-        return t.view(x.shape[0], x.shape[1], *p.modes, 2)
+        return t.view(x.shape[0], x.shape[1], *p.modes[:-1], m2 // 2, 2)
 
     def analysis_adjoint(self, g, cfg, prec, out_dtype):
-        """Adjoint of ``analysis``: compact spectrum gradient -> gradient on x's grid."""
+        """Adjoint of ``analysis``: padded compact spectrum gradient -> gradient on x's grid."""
         p, d = self.p, self.p.d
         lead = g.shape[0] * g.shape[1]
-        m2 = 2 * p.modes[-1]
+        m2 = _m2p(p.modes[-1])
         t = g
         for ax in range(d - 1):
             P = lead * math.prod(p.grid[:ax])
@@ -560,10 +586,10 @@ class _Plan:
         return gx.view(g.shape[0], g.shape[1], *p.grid)
 
     def synthesis(self, Y, cfg, prec, out_dtype, bias=None):
-        """Compact spectrum [B, O, *modes, 2] -> y [B, O, *out_grid] (+ bias per channel)."""
+        """Padded compact spectrum -> y [B, O, *out_grid] (+ bias per channel)."""
         p, d = self.p, self.p.d
         lead = Y.shape[0] * Y.shape[1]
-        m2 = 2 * p.modes[-1]
+        m2 = _m2p(p.modes[-1])
         t = Y
         for ax in range(d - 1):
             P = lead * math.prod(p.out_grid[:ax])
@@ -576,10 +602,10 @@ class _Plan:
         return y.view(Y.shape[0], Y.shape[1], *p.out_grid)
 
     def synthesis_adjoint(self, gy, cfg, prec):
-        """Adjoint of ``synthesis`` (without bias): gradient on y -> compact spectrum gradient."""
+        """Adjoint of ``synthesis`` (without bias): gradient on y -> padded compact spectrum gradient."""
         p, d = self.p, self.p.d
         lead = gy.shape[0] * gy.shape[1]
-        m2 = 2 * p.modes[-1]
+        m2 = _m2p(p.modes[-1])
         rows = gy.numel() // p.out_grid[-1]
         t = _real_stage(gy.contiguous(), self.last["G"], rows, p.out_grid[-1], m2, cfg, prec, torch.float32,
                         transpose=True)
@@ -587,7 +613,7 @@ class _Plan:
             P = lead * math.prod(p.out_grid[:ax])
             Q = math.prod(p.modes[ax + 1:-1]) * m2
             t = _complex_stage(t, self.mid[ax]["G_adj"], P, p.out_grid[ax], Q, p.modes[ax], cfg, prec)
-        return t.view(gy.shape[0], gy.shape[1], *p.modes, 2)
+        return t.view(gy.shape[0], gy.shape[1], *p.modes[:-1], m2 // 2, 2)
 
 
 class _DFTConvFn(torch.autograd.Function):
@@ -597,9 +623,9 @@ class _DFTConvFn(torch.autograd.Function):
         prec = _precision(p.dtype)
         W = torch.view_as_real(weight.resolve_conj().contiguous())
         X = plan.analysis(x, cfg, prec)
-        Y = torch.empty((p.batch, p.cout) + p.modes + (2,), dtype=torch.float32, device=x.device)
-        _mix(_Spec.of(X, (0, 1), p.modes, p.modes, False), _Spec.of(W, (0, 1), p.modes, p.modes, False),
-             _Spec.of(Y, (0, 1), p.modes, p.modes, False), p.batch, p.cin, p.cout, p.modes,
+        Y = plan.spectrum(p.batch, p.cout, x.device)
+        _mix(_Spec.of(_kept(X, p), (0, 1), p.modes, p.modes, False), _Spec.of(W, (0, 1), p.modes, p.modes, False),
+             _Spec.of(_kept(Y, p), (0, 1), p.modes, p.modes, False), p.batch, p.cin, p.cout, p.modes,
              False, False, False, cfg, prec)
         b = None if bias is None else bias.reshape(-1).contiguous()
         y = plan.synthesis(Y, cfg, prec, p.dtype, bias=b)
@@ -617,14 +643,15 @@ class _DFTConvFn(torch.autograd.Function):
         gx = gw = gb = None
         gY = plan.synthesis_adjoint(gy, cfg, prec)
         if ctx.needs_input_grad[0]:
-            gX = torch.empty_like(X)
-            _mix(_Spec.of(gY, (0, 1), p.modes, p.modes, False), _Spec.of(W, (1, 0), p.modes, p.modes, False),
-                 _Spec.of(gX, (0, 1), p.modes, p.modes, False), p.batch, p.cout, p.cin, p.modes,
+            gX = plan.spectrum(p.batch, p.cin, X.device)
+            _mix(_Spec.of(_kept(gY, p), (0, 1), p.modes, p.modes, False), _Spec.of(W, (1, 0), p.modes, p.modes, False),
+                 _Spec.of(_kept(gX, p), (0, 1), p.modes, p.modes, False), p.batch, p.cout, p.cin, p.modes,
                  False, True, False, cfg, prec)
             gx = plan.analysis_adjoint(gX, cfg, prec, p.dtype)
         if ctx.needs_input_grad[1]:
             gW = torch.empty_like(W)
-            _mix(_Spec.of(X, (1, 0), p.modes, p.modes, False), _Spec.of(gY, (0, 1), p.modes, p.modes, False),
+            _mix(_Spec.of(_kept(X, p), (1, 0), p.modes, p.modes, False),
+                 _Spec.of(_kept(gY, p), (0, 1), p.modes, p.modes, False),
                  _Spec.of(gW, (0, 1), p.modes, p.modes, False), p.cin, p.batch, p.cout, p.modes,
                  True, False, False, cfg, prec)
             gw = torch.view_as_complex(gW)
