@@ -4,10 +4,14 @@ File layout (``<tag>.json`` with ``tag`` from :func:`opforge.kernels._triton.dev
 
     {"format": 1,
      "device": {"name": ..., "cc": ..., "triton": ...},
-     "ops": {"<op>": {"<source hash>": {"<shape key>|<dtype>": {
+     "ops": {"<op>": {"<source hash>": {"<shape key>|<dtype>[|train]": {
          "variant": "dft_gemm", "config": {...},          # the winner
          "torch_ms": 1.9,                                  # torch baseline, same run
          "timings": [{"variant": ..., "config": ..., "ms": ...}, ...]}}}}}
+
+A key ending in ``|train`` was tuned on forward + backward (calls whose tensors
+require grad under grad mode); the others on the forward alone. A training
+call uses the ``|train`` entry and, when there is none, the forward entry.
 
 Entries live under the op's source hash (kernel source + grid), so editing a
 kernel or its grid makes old entries invisible (stale) without deleting them.
@@ -91,8 +95,10 @@ def save(path: Path, data: dict) -> None:
     _memo.pop(str(path), None)
 
 
-def entry_key(problem) -> str:
-    return f"{problem.key}|{problem.dtype_name}"
+def entry_key(problem, train: bool = False) -> str:
+    """``<shape key>|<dtype>``, plus ``|train`` for an entry tuned on forward + backward."""
+    key = f"{problem.key}|{problem.dtype_name}"
+    return key + "|train" if train else key
 
 
 def paths_for(device: dict) -> list[Path]:
@@ -101,28 +107,31 @@ def paths_for(device: dict) -> list[Path]:
     return [user_dir() / name, SHIPPED_DIR / name]
 
 
-def lookup(op, problem, device: dict | None = None) -> dict | None:
-    """The winning ``{"variant", "config", ...}`` for this call, or None on a miss."""
+def lookup(op, problem, device: dict | None = None, train: bool = False) -> dict | None:
+    """The winning ``{"variant", "config", ...}`` for this call, or None on a miss.
+
+    With ``train`` (the call will be differentiated) a forward + backward entry is preferred in any
+    cache file, then the forward entry."""
     if device is None:
         from opforge.kernels._triton import device_info
 
         idx = problem.device.index if problem.device.type == "cuda" else None
         device = device_info(idx)
-    k = entry_key(problem)
     h = op.source_hash()
-    for path in paths_for(device):
-        entry = load(path)["ops"].get(op.name, {}).get(h, {}).get(k)
-        if entry is not None:
-            return entry
+    for k in ([entry_key(problem, True)] if train else []) + [entry_key(problem)]:
+        for path in paths_for(device):
+            entry = load(path)["ops"].get(op.name, {}).get(h, {}).get(k)
+            if entry is not None:
+                return entry
     return None
 
 
-def record(path: Path, device: dict, op, problem, entry: dict) -> None:
-    """Store one tuned entry (read-modify-write, atomic)."""
+def record(path: Path, device: dict, op, problem, entry: dict, train: bool = False) -> None:
+    """Store one tuned entry (read-modify-write, atomic); ``train`` for a forward + backward entry."""
     path = Path(path)
     data = load(path)
     if not data.get("device"):
         data = {**_empty(device), "ops": data.get("ops", {})}
     data = json.loads(json.dumps(data))  # private copy; the memo stays untouched
-    data["ops"].setdefault(op.name, {}).setdefault(op.source_hash(), {})[entry_key(problem)] = entry
+    data["ops"].setdefault(op.name, {}).setdefault(op.source_hash(), {})[entry_key(problem, train)] = entry
     save(path, data)

@@ -1,7 +1,7 @@
 """The ``opforge`` command line.
 
     opforge bench [--op NAME ...] [--interpret]      check every op vs its NumPy reference and time it (main job)
-    opforge tune [--op NAME ...] [--out FILE]        tune the GPU at hand, write the cache, print the winners
+    opforge tune [--op NAME ...] [--mode fwd fwdbwd] tune the GPU at hand, write the cache, print the winners
     opforge perf-check [--update] [--threshold T]    rerun perf/ and gate speedup ratios vs the committed baseline
     opforge perf-table [FILE] [--readme README.md]   the tables of perf results files (README block)
     opforge list                                     registered ops and variants
@@ -134,9 +134,9 @@ def cmd_tune(args) -> int:
     for op in _ops(args.op):
         cases = [c for c in op.cases if tag in c.tags]
         for dt in args.dtype:
-            rows += tuner.tune_op(op, cases, dev, getattr(torch, dt), out=out)
+            rows += tuner.tune_op(op, cases, dev, getattr(torch, dt), out=out, modes=tuple(args.mode))
     print(f"\nwinners on {info['name']} (cc {info['cc']}, Triton {info['triton']}) -> {out}")
-    print(_table(rows, [("op", "op"), ("case", "case"), ("dtype", "dtype"), ("variant", "variant"),
+    print(_table(rows, [("op", "op"), ("case", "case"), ("dtype", "dtype"), ("mode", "mode"), ("variant", "variant"),
                         ("config", "config"), ("ms", "ms"), ("torch ms", "torch_ms"), ("speedup", "speedup")]))
     return 0
 
@@ -244,6 +244,8 @@ def main(argv=None) -> int:
     t.add_argument("--out", help="cache file to write (default: the user cache file of this GPU)")
     t.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "bfloat16", "float16"])
     t.add_argument("--cases", choices=["small", "gpu"])
+    t.add_argument("--mode", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
+                   help="tune inference calls (fwd), training calls (fwdbwd, stored under '<key>|train'), or both")
     t.add_argument("--interpret", action="store_true", help="exercise the tuner on the CPU interpreter")
     t.set_defaults(fn=cmd_tune)
     p = sub.add_parser("perf-check", help="rerun the perf suite and gate speedup ratios against the baseline")

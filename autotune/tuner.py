@@ -2,6 +2,13 @@
 
 Each config's output is checked against the torch variant before it is
 timed, so a config that compiles but computes garbage can never win.
+
+Two modes, stored under separate cache keys: the forward alone (inference
+calls) and, with ``train``, forward + backward (calls whose tensors require
+grad): the backward kernels have their own tiles and costs (KAN's grad-W
+splits, the adjoint transforms of spectral convolutions), so a variant that
+wins the forward can lose training steps. In ``train`` mode every gradient is
+checked against the torch variant's too.
 """
 from __future__ import annotations
 
@@ -19,68 +26,116 @@ def _sanity_bound(dtype: torch.dtype) -> float:
 
 
 def _rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64  # weights can be complex
+    a, b = a.detach().to(wide), b.detach().to(wide)
     scale = b.abs().max().item() if b.numel() else 1.0
     return ((a - b).abs().max().item() / (scale or 1.0)) if b.numel() else 0.0
 
 
+def _step(v, problem, args, leaves, grad_out, cfg):
+    """One call of variant ``v``: the output, or with ``leaves`` (output, gradients wrt the leaves)."""
+    if not leaves:
+        with torch.no_grad():
+            return v.run(problem, *args, config=cfg), ()
+    with torch.enable_grad():
+        out = v.run(problem, *args, config=cfg)
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return out.detach(), grads
+
+
+def _error(got, want) -> float:
+    """Largest relative error over the output and every gradient of a step."""
+    (out, grads), (out_w, grads_w) = got, want
+    errs = [_rel(out, out_w)]
+    for g, gw in zip(grads, grads_w):
+        if (g is None) != (gw is None):
+            return float("inf")
+        if g is not None:
+            errs.append(_rel(g, gw))
+    return max(errs)
+
+
 def tune_problem(op, problem, args, persist: bool = True, path: Path | None = None, device: dict | None = None,
-                 log=None) -> dict:
+                 log=None, train: bool = False) -> dict:
     """Time every (variant, config) on ``args`` and return the cache entry (winner first).
 
+    With ``train`` each timed call is forward + backward (gradients with respect to the arguments that
+    require grad, of a fixed random output gradient) and the entry is stored under the ``|train`` key.
     With ``persist`` the entry is written to ``path`` (default: the user cache file of this GPU).
     """
     from opforge.kernels._triton import device_info
 
     if device is None:
         device = device_info(problem.device.index if problem.device.type == "cuda" else None)
-    with torch.no_grad():
-        expected = op.torch_variant.run(problem, *args, config=None)
-        torch_ms = bench(lambda: op.torch_variant.run(problem, *args, config=None), problem.device)["p50"]
-        timings, failures = [], []
-        for v in op.triton_variants():
-            if v.why_not(problem):
-                continue
-            for cfg in v.configs(problem):
-                def fn(v=v, cfg=cfg):
-                    return v.run(problem, *args, config=cfg)
-                try:
-                    err = _rel(fn(), expected)
-                    if not err <= _sanity_bound(problem.dtype):
-                        failures.append({"variant": v.name, "config": cfg, "error": f"wrong result (rel err {err:.2e})"})
-                        continue
-                    t = bench(fn, problem.device)
-                except Exception as exc:  # a config that does not compile or does not fit is skipped
-                    failures.append({"variant": v.name, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] if train else []
+    if train and not leaves:
+        raise ValueError(f"tune_problem(train=True) for {op.name!r} needs arguments that require grad")
+    grad_out = None
+    if train:  # a fixed random output gradient, the same for every call
+        with torch.enable_grad():
+            out = op.torch_variant.run(problem, *args, config=None)
+        gen = torch.Generator().manual_seed(0)
+        grad_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+        expected = out.detach(), torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        del out
+    else:
+        expected = _step(op.torch_variant, problem, args, leaves, grad_out, None)
+    torch_ms = bench(lambda: _step(op.torch_variant, problem, args, leaves, grad_out, None), problem.device)["p50"]
+    timings, failures = [], []
+    for v in op.triton_variants():
+        if v.why_not(problem):
+            continue
+        for cfg in v.configs(problem):
+            def fn(v=v, cfg=cfg):
+                return _step(v, problem, args, leaves, grad_out, cfg)
+            try:
+                err = _error(fn(), expected)
+                if not err <= _sanity_bound(problem.dtype):
+                    what = "result or gradient" if train else "result"
+                    failures.append({"variant": v.name, "config": cfg, "error": f"wrong {what} (rel err {err:.2e})"})
                     continue
-                timings.append({"variant": v.name, "config": cfg, "ms": t["p50"], "p20": t["p20"], "p80": t["p80"]})
-                if log:
-                    log(f"    {v.name} {cfg} {t['p50']:.4f} ms")
+                t = bench(fn, problem.device)
+            except Exception as exc:  # a config that does not compile or does not fit is skipped
+                failures.append({"variant": v.name, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            timings.append({"variant": v.name, "config": cfg, "ms": t["p50"], "p20": t["p20"], "p80": t["p80"]})
+            if log:
+                log(f"    {v.name} {cfg} {t['p50']:.4f} ms")
     timings.sort(key=lambda r: r["ms"])
     if timings and timings[0]["ms"] < torch_ms:
         win = timings[0]
         entry = {"variant": win["variant"], "config": win["config"], "ms": win["ms"]}
     else:
         entry = {"variant": "torch", "config": None, "ms": torch_ms}
-    entry.update({"torch_ms": torch_ms, "timings": timings, "failures": failures})
+    entry.update({"torch_ms": torch_ms, "timings": timings, "failures": failures,
+                  "mode": "fwdbwd" if train else "fwd"})
     if persist:
         target = Path(path) if path else cache.user_dir() / cache.file_name(device)
-        cache.record(target, device, op, problem, entry)
+        cache.record(target, device, op, problem, entry, train=train)
     return entry
 
 
-def tune_op(op, cases, device: str, dtype: torch.dtype, out: Path | None = None, stream=sys.stderr) -> list[dict]:
-    """Tune ``op`` over ``cases``; returns one row per case for the winners table."""
+MODES = ("fwd", "fwdbwd")
+
+
+def tune_op(op, cases, device: str, dtype: torch.dtype, out: Path | None = None, stream=sys.stderr,
+            modes: tuple = MODES) -> list[dict]:
+    """Tune ``op`` over ``cases`` in each mode (``fwd``, ``fwdbwd``); one row per case and mode for the
+    winners table."""
     rows = []
     for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {op.name} {case.name} ({str(dtype).replace('torch.', '')})", file=stream, flush=True)
-        problem, args = op.make_inputs(case, device, dtype)
-        entry = tune_problem(op, problem, args, persist=True, path=out,
-                             log=lambda msg: print(msg, file=stream, flush=True))
-        n = len(entry["timings"])
-        print(f"    -> {entry['variant']} {entry['ms']:.4f} ms (torch {entry['torch_ms']:.4f} ms, {n} configs timed, "
-              f"{len(entry['failures'])} skipped)", file=stream, flush=True)
-        rows.append({"op": op.name, "case": case.name, "dtype": str(dtype).replace("torch.", ""),
-                     "variant": entry["variant"], "config": entry["config"], "ms": entry["ms"],
-                     "torch_ms": entry["torch_ms"], "speedup": entry["torch_ms"] / entry["ms"]})
+        for mode in modes:
+            train = mode == "fwdbwd"
+            print(f"[{i}/{len(cases)}] {op.name} {case.name} ({str(dtype).replace('torch.', '')}, {mode})",
+                  file=stream, flush=True)
+            problem, args = op.make_inputs(case, device, dtype, requires_grad=train)
+            entry = tune_problem(op, problem, args, persist=True, path=out, train=train,
+                                 log=lambda msg: print(msg, file=stream, flush=True))
+            n = len(entry["timings"])
+            print(f"    -> {entry['variant']} {entry['ms']:.4f} ms (torch {entry['torch_ms']:.4f} ms, {n} configs "
+                  f"timed, {len(entry['failures'])} skipped)", file=stream, flush=True)
+            rows.append({"op": op.name, "case": case.name, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+                         "variant": entry["variant"], "config": entry["config"], "ms": entry["ms"],
+                         "torch_ms": entry["torch_ms"], "speedup": entry["torch_ms"] / entry["ms"]})
+            del args
     return rows

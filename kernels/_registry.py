@@ -10,9 +10,11 @@ Dispatch of a call (``Op.__call__``):
    ``"auto"``; a per-op variant pin from :func:`use_backend` wins over both;
 2. CPU tensors go to ``torch`` unless a Triton backend is asked for and the
    Triton interpreter is on (``TRITON_INTERPRET=1``);
-3. CUDA tensors: the autotune cache entry for (GPU, op, shape key, dtype), then
-   on a miss tuning on the spot when ``OPFORGE_AUTOTUNE=1``, else the first
-   supporting Triton variant with its heuristic default config.
+3. CUDA tensors: the autotune cache entry for (GPU, op, shape key, dtype) --
+   for a call that will be differentiated (a tensor argument requires grad
+   under grad mode) the entry tuned on forward + backward, else the forward
+   one -- then on a miss tuning on the spot when ``OPFORGE_AUTOTUNE=1``, else
+   the first supporting Triton variant with its heuristic default config.
 
 An impossible or unknown choice raises a ``ValueError`` naming the valid ones.
 """
@@ -28,6 +30,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from ._triton import interpreter_enabled, triton_can_run
 
 BACKENDS = ("auto", "torch", "triton")
@@ -37,6 +41,11 @@ REF_BATCH = 2  # batch entries a reference checks when an op declares no ref_sub
 def pow2(n: int) -> int:
     """Next power of two (1 for n <= 1): the bucketing of shape keys."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def wants_grad(args: tuple) -> bool:
+    """Will this call be differentiated? (grad mode on and a tensor argument requires grad)"""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 class ProblemBase:
@@ -136,9 +145,11 @@ class Op:
     def select(self, problem, args: tuple = ()) -> tuple[Variant, dict | None, str]:
         """Pick (variant, config, why) for a problem under the backend in force.
 
-        ``args`` are the call's tensors, used only to tune on the spot (OPFORGE_AUTOTUNE=1).
+        ``args`` are the call's tensors: whether they require grad picks the forward + backward cache
+        entry, and they are what is tuned on the spot (OPFORGE_AUTOTUNE=1).
         """
         backend, pins = current_backend()
+        train = wants_grad(args)
         pinned = pins.get(self.name)
         if pinned is not None:
             if pinned not in self.variants:
@@ -148,7 +159,7 @@ class Op:
             reason = v.why_not(problem)
             if reason:
                 raise ValueError(f"variant {pinned!r} of {self.name!r} cannot run here: {reason}")
-            return v, self.config_for(v, problem), "pinned"
+            return v, self.config_for(v, problem, train=train), "pinned"
         if backend == "torch":
             return self.torch_variant, None, "backend=torch"
         candidates = [v for v in self.triton_variants() if v.why_not(problem) is None]
@@ -165,7 +176,7 @@ class Op:
             allowed.add("torch")
         from opforge.autotune import cache as _cache  # lazy: keeps import light
 
-        entry = _cache.lookup(self, problem)
+        entry = _cache.lookup(self, problem, train=train)
         if entry is not None and entry["variant"] in allowed:
             return self.variants[entry["variant"]], entry.get("config"), "cache"
         timed = [t for t in (entry or {}).get("timings", []) if t["variant"] in allowed]
@@ -175,7 +186,7 @@ class Op:
         if os.environ.get("OPFORGE_AUTOTUNE", "0") == "1" and problem.device.type == "cuda":
             from opforge.autotune import tuner
 
-            entry = tuner.tune_problem(self, problem, args, persist=True)
+            entry = tuner.tune_problem(self, problem, args, persist=True, train=train)
             if entry["variant"] in allowed:
                 return self.variants[entry["variant"]], entry.get("config"), "tuned"
         v = candidates[0]
@@ -197,17 +208,18 @@ class Op:
         if reason:
             raise ValueError(f"variant {name!r} of {self.name!r} cannot run here: {reason}")
         if config is None:
-            config = self.config_for(v, problem)
+            config = self.config_for(v, problem, train=wants_grad(args))
         return v.run(problem, *args, config=config)
 
-    def config_for(self, v: Variant, problem, entry: dict | None = None) -> dict | None:
+    def config_for(self, v: Variant, problem, entry: dict | None = None, train: bool = False) -> dict | None:
         """The config to run variant ``v`` with: its fastest timed config in this GPU's autotune cache
-        entry for the problem, else its heuristic default (None for the torch variant)."""
+        entry for the problem (the forward + backward entry first with ``train``), else its heuristic
+        default (None for the torch variant)."""
         if v.kind == "triton":
             if entry is None:
                 from opforge.autotune import cache as _cache
 
-                entry = _cache.lookup(self, problem)
+                entry = _cache.lookup(self, problem, train=train)
             timed = [t for t in (entry or {}).get("timings", []) if t["variant"] == v.name]
             if timed:
                 return min(timed, key=lambda t: t["ms"])["config"]

@@ -29,7 +29,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 
 # The device gets a copy of the working tree whose git metadata can be older than the code: pass the
 # commit that runs as OPFORGE_COMMIT=<hash> so results files name it.
-# TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16).
+# TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16),
+# TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries).
 for stage in "${stages[@]}"; do
   case "$stage" in
     test)  # compiled GPU tests, then the CPU tests through the interpreter (Triton reads TRITON_INTERPRET at import)
@@ -47,7 +48,7 @@ for stage in "${stages[@]}"; do
     tune)
       for op in spectral_conv kan kernel_sum; do
         timeout "${TUNE_LIMIT_S:-300}" python3 -m opforge.autotune.cli tune --op "$op" --dtype ${TUNE_DTYPES:-float32 bfloat16} \
-          --out "$OUT/caches/$tag.json" 2>>"$OUT/logs/tune.log" | tail -30
+          --mode ${TUNE_MODES:-fwd fwdbwd} --out "$OUT/caches/$tag.json" 2>>"$OUT/logs/tune.log" | tail -30
       done ;;
     perf)  # one suite per op, each under its own time limit; records accumulate in one results file
       for op in spectral_conv kan kernel_sum; do

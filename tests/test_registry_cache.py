@@ -162,6 +162,68 @@ def test_tuner_on_interpreter_writes_entry(tmp_path):
     assert stored[cache.entry_key(p)]["variant"] == entry["variant"]
 
 
+def _grad_problem():
+    return OP.make_inputs(CASE, "cpu", torch.float32, requires_grad=True)
+
+
+def test_tuner_train_mode_times_forward_and_backward(tmp_path):
+    """train=True times forward + backward, checks the gradients too and stores the entry under '|train'."""
+    p, args = _grad_problem()
+    out = tmp_path / "tuned.json"
+    entry = tuner.tune_problem(OP, p, args, persist=True, path=out, train=True)
+    assert entry["mode"] == "fwdbwd" and not entry["failures"]
+    assert {t["variant"] for t in entry["timings"]} == {"dft_gemm", "fft_mix"}
+    stored = json.loads(out.read_text())["ops"]["spectral_conv"][OP.source_hash()]
+    assert set(stored) == {cache.entry_key(p, train=True)} and cache.entry_key(p, True).endswith("|train")
+    assert all(a.grad is None for a in args)  # the tuner differentiates with autograd.grad, leaving .grad alone
+    with pytest.raises(ValueError, match="require grad"):
+        tuner.tune_problem(OP, *problem(), persist=False, train=True)
+
+
+class _DoubleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_tuner_rejects_a_config_with_a_wrong_backward(tmp_path, monkeypatch):
+    """A variant whose forward is right and backward wrong passes forward tuning but fails train tuning."""
+    p, args = _grad_problem()
+    v = OP.variants["fft_mix"]
+    run = v.run
+    monkeypatch.setattr(v, "run", lambda *a, **k: _DoubleGrad.apply(run(*a, **k)))
+    entry = tuner.tune_problem(OP, p, args, persist=False, train=True)
+    bad = [f for f in entry["failures"] if f["variant"] == "fft_mix"]
+    assert bad and all("wrong result or gradient" in f["error"] for f in bad)
+    assert "fft_mix" not in {t["variant"] for t in entry["timings"]}
+    fwd = tuner.tune_problem(OP, *problem(), persist=False)
+    assert "fft_mix" in {t["variant"] for t in fwd["timings"]}
+
+
+def test_training_calls_use_the_train_entry_then_the_forward_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path))
+    p, args = _grad_problem()
+    cfg_f = {"MIX_R": 16, "MIX_O": 32, "MIX_S": 16, "num_warps": 4}
+    fwd = {"variant": "fft_mix", "config": cfg_f, "ms": 1.0, "torch_ms": 2.0,
+           "timings": [{"variant": "fft_mix", "config": cfg_f, "ms": 1.0}]}
+    cache.record(_user_cache_file(), device_info(), OP, p, fwd)
+    with use_backend("triton"):
+        assert OP.select(p, args)[0].name == "fft_mix"  # no train entry: the forward one
+        cfg_t = OP.variants["dft_gemm"].configs(p)[-1]
+        train = {"variant": "dft_gemm", "config": cfg_t, "ms": 3.0, "torch_ms": 4.0,
+                 "timings": [{"variant": "dft_gemm", "config": cfg_t, "ms": 3.0}]}
+        cache.record(_user_cache_file(), device_info(), OP, p, train, train=True)
+        assert OP.select(p, args)[:3] == (OP.variants["dft_gemm"], cfg_t, "cache")
+        with torch.no_grad():  # not differentiated: the forward entry
+            assert OP.select(p, args)[0].name == "fft_mix"
+        assert OP.select(p, tuple(a.detach() for a in args))[0].name == "fft_mix"
+    assert OP.config_for(OP.variants["dft_gemm"], p, train=True) == cfg_t  # what run_variant uses for training
+
+
 def test_import_is_light():
     """Importing opforge.kernels probes no device and tunes nothing (checked in a fresh interpreter)."""
     import subprocess
