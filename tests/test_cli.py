@@ -34,3 +34,19 @@ def test_list_and_tune_without_gpu(capsys):
         r = subprocess.run([sys.executable, "-m", "opforge.autotune.cli", "tune"], env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
+
+
+def test_inspect_kernels_compiles_for_an_h100_without_one():
+    """perf/inspect_kernels.py compiles (never runs) every launch of a variant for sm_90 and reports each."""
+    import re
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    script = Path(__file__).resolve().parents[1] / "perf" / "inspect_kernels.py"
+    r = subprocess.run([sys.executable, str(script), "kan", "rbf-small-odd", "fused", "--mode", "fwdbwd"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("  _kan_")]
+    assert [ln.split()[0] for ln in lines] == ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel"], r.stdout
+    assert all(re.search(r"\d+ regs", ln) and "mma" in ln for ln in lines), r.stdout
