@@ -73,7 +73,7 @@ def cmd_bench(args) -> int:
             problem, tensors = op.make_inputs(case, dev, torch.float32)
             sub, out_index = op.reference_slice(tensors)
             expected = op.reference(*[_to_numpy(t) for t in sub], problem)
-            tol = tolerance(torch.float32, op.reduction(problem) if op.reduction else 1)
+            tol = tolerance(problem.dtype_name, op.reduction(problem) if op.reduction else 1)
             if args.interpret:
                 plan = [(v.name, None, "requested") for v in op.triton_variants()] + [("torch", None, "requested")]
             else:
@@ -120,7 +120,7 @@ def cmd_tune(args) -> int:
     import torch
 
     from opforge.autotune import cache, tuner
-    from opforge.kernels._triton import device_info
+    from opforge.kernels._triton import allow_tf32, device_info
 
     if not torch.cuda.is_available() and not args.interpret:
         print("opforge tune needs a CUDA GPU (or --interpret to exercise the tuner on the CPU "
@@ -134,7 +134,9 @@ def cmd_tune(args) -> int:
     for op in _ops(args.op):
         cases = [c for c in op.cases if tag in c.tags]
         for dt in args.dtype:
-            rows += tuner.tune_op(op, cases, dev, getattr(torch, dt), out=out, modes=tuple(args.mode))
+            base = dt.removesuffix("-tf32")
+            with allow_tf32(dt != base):  # float32-tf32: entries for calls under torch's TF32 setting
+                rows += tuner.tune_op(op, cases, dev, getattr(torch, base), out=out, modes=tuple(args.mode))
     print(f"\nwinners on {info['name']} (cc {info['cc']}, Triton {info['triton']}) -> {out}")
     print(_table(rows, [("op", "op"), ("case", "case"), ("dtype", "dtype"), ("mode", "mode"), ("variant", "variant"),
                         ("config", "config"), ("ms", "ms"), ("torch ms", "torch_ms"), ("speedup", "speedup")]))
@@ -242,7 +244,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("tune", help="autotune on the GPU at hand and write the cache")
     t.add_argument("--op", nargs="*")
     t.add_argument("--out", help="cache file to write (default: the user cache file of this GPU)")
-    t.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "float32-tf32", "bfloat16", "float16"],
+                   help="float32-tf32: float32 calls made while torch's float32 matmul setting allows TF32")
     t.add_argument("--cases", choices=["small", "gpu"])
     t.add_argument("--mode", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
                    help="tune inference calls (fwd), training calls (fwdbwd, stored under '<key>|train'), or both")

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._triton import interpreter_enabled, triton_can_run
+from ._triton import dot_precision, interpreter_enabled, triton_can_run
 
 BACKENDS = ("auto", "torch", "triton")
 REF_BATCH = 2  # batch entries a reference checks when an op declares no ref_subset
@@ -51,9 +51,33 @@ def wants_grad(args: tuple) -> bool:
 class ProblemBase:
     """What every op's frozen Problem dataclass shares: ``dtype``/``device`` fields, a ``key`` and this."""
 
+    #: Do the op's float32 dot products follow torch's TF32 setting (``_triton.dot_precision``)? An op
+    #: whose accuracy hinges on exact float32 products sets False and keeps 3xTF32.
+    follows_tf32 = True
+
+    @property
+    def precision(self) -> str:
+        """``input_precision`` of the op's Triton dot products for this call."""
+        if self.follows_tf32:
+            return dot_precision(self.dtype)
+        return "tf32x3" if self.dtype == torch.float32 else "tf32"
+
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
+        """The dtype's name, ``float32-tf32`` for float32 computed with TF32 dots (cache keys, tolerances,
+        perf records: such calls are tuned, checked and timed apart)."""
+        name = str(self.dtype).replace("torch.", "")
+        return name + "-tf32" if self.dtype == torch.float32 and self.precision == "tf32" else name
+
+
+def on_device(device: torch.device):
+    """Make ``device`` the current CUDA device for the call (Triton launches on the current device, so a
+    tensor on cuda:1 under current device 0 would otherwise be handed to a kernel running on GPU 0);
+    a no-op off CUDA or when it is current already. Autograd runs backward with the device set."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
 
 _OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("opforge_backend", default=None)
 
@@ -209,7 +233,8 @@ class Op:
             raise ValueError(f"variant {name!r} of {self.name!r} cannot run here: {reason}")
         if config is None:
             config = self.config_for(v, problem, train=wants_grad(args))
-        return v.run(problem, *args, config=config)
+        with on_device(problem.device):
+            return v.run(problem, *args, config=config)
 
     def config_for(self, v: Variant, problem, entry: dict | None = None, train: bool = False) -> dict | None:
         """The config to run variant ``v`` with: its fastest timed config in this GPU's autotune cache
@@ -226,6 +251,10 @@ class Op:
         return v.default_config(problem) if v.default_config else None
 
     def __call__(self, problem, *args):
+        with on_device(problem.device):
+            return self._dispatch(problem, *args)
+
+    def _dispatch(self, problem, *args):
         v, config, why = self.select(problem, args)
         if v.kind != "triton" or why == "pinned" or current_backend()[0] == "triton":
             return v.run(problem, *args, config=config)

@@ -4,6 +4,7 @@ Nothing here touches the GPU at import time: device facts are read lazily.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -39,6 +40,54 @@ def triton_version() -> str:
     if not HAS_TRITON:
         return "none"
     return ".".join(triton.__version__.split(".")[:2])
+
+
+def tf32_allowed() -> bool:
+    """Does torch's float32 matmul setting allow TF32? (``torch.backends.cuda.matmul.fp32_precision =
+    "tf32"``, or ``torch.set_float32_matmul_precision("high"/"medium")``; off by default.)"""
+    try:
+        matmul = getattr(torch.backends.cuda, "matmul", None)
+        fp = getattr(matmul, "fp32_precision", None)  # torch >= 2.9
+        if fp is None:
+            return torch.get_float32_matmul_precision() != "highest"
+        if fp == "none":  # inherits the generic setting
+            fp = getattr(torch.backends, "fp32_precision", "none")
+        return fp == "tf32"
+    except RuntimeError:  # torch refuses to read a mix of its legacy and new APIs: stay exact
+        return False
+
+
+@contextlib.contextmanager
+def allow_tf32(enabled: bool = True):
+    """Set torch's float32 matmul precision to TF32 (or exact) for a block, through the API this torch has
+    (``torch.backends.cuda.matmul.fp32_precision`` from torch 2.9, else ``set_float32_matmul_precision``)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:  # pragma: no cover - torch < 2.9
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the Triton dot products for data of ``dtype`` (computed in float32).
+
+    float32 data follows torch's float32 matmul setting, like torch's own matmuls: by default
+    (``"highest"`` / ``"ieee"``) 3xTF32, whose error is of float32's order; with TF32 allowed, TF32
+    (one tensor-core pass instead of three, ~1e-3 relative error). 16-bit data: TF32.
+    """
+    if dtype == torch.float32 and not tf32_allowed():
+        return "tf32x3"
+    return "tf32"
 
 
 @functools.lru_cache(maxsize=None)

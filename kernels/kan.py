@@ -507,10 +507,6 @@ if HAS_TRITON:
             tl.store(baseb + oo[None, :] * I + ii[:, None], accb, mask=i_mask[:, None] & o_mask[None, :])
 
 
-def _prec(dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _basis_args(p: Problem, b: _Basis, x):
     dev = x.device
     dummy = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -521,10 +517,10 @@ def _basis_args(p: Problem, b: _Basis, x):
     return grid, cent, float(b.width), NK, sGi
 
 
-def _meta(p: Problem, cfg):
+def _meta(p: Problem, cfg, prec: str):
     return dict(BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, HAS_BASE=p.has_base,
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg["BLOCK_I"], KP=max(2, _pow2(p.k)),
-                PREC=_prec(p.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _padded_weight(weight: torch.Tensor, KP: int) -> torch.Tensor:
@@ -555,7 +551,7 @@ class _FusedKAN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
         grid, cent, width, NK, sGi = _basis_args(p, b, x)
-        meta = _meta(p, cfg)
+        meta = _meta(p, cfg, p.precision)
         # the weights o-contiguous: WT [(i, k), o] and Wb^T [i, o] (one small copy each per call)
         WT = _padded_weight(weight, meta["KP"]).permute(1, 2, 0).reshape(p.cin * meta["KP"], p.cout).contiguous()
         WBT = base_weight.t().contiguous() if base_weight is not None else WT
@@ -567,7 +563,7 @@ class _FusedKAN(torch.autograd.Function):
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), sGi,
             HAS_BIAS=bias is not None, **meta)
         ctx.save_for_backward(x, weight, base_weight)
-        ctx.p, ctx.b, ctx.cfg, ctx.has_bias = p, b, cfg, bias is not None
+        ctx.p, ctx.b, ctx.cfg, ctx.has_bias, ctx.prec = p, b, cfg, bias is not None, meta["PREC"]
         return y
 
     @staticmethod
@@ -577,7 +573,7 @@ class _FusedKAN(torch.autograd.Function):
         gy = gy.contiguous()
         grid, cent, width, NK, sGi = _basis_args(p, b, x)
         rows = x.shape[0]
-        meta = _meta(p, cfg)
+        meta = _meta(p, cfg, ctx.prec)
         dx = dw = dwb = dbias = None
         if ctx.needs_input_grad[0]:
             WP = _padded_weight(weight, meta["KP"])  # [o, (i, k)]: (i, k)-contiguous tiles

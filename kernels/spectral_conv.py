@@ -28,8 +28,9 @@ Variants (the registry picks per GPU and shape from the autotune cache):
     epilogue. Backward is the adjoint chain through the same kernels.
 
 float32 / bfloat16 / float16 inputs run in float32 on the Triton paths
-(3xTF32 dot products for float32 inputs, TF32 for 16-bit ones); outputs are in
-the input's dtype.
+(3xTF32 dot products for float32 inputs, or TF32 when torch's float32 matmul
+setting allows it: ``Problem.precision``; TF32 for 16-bit ones); outputs
+are in the input's dtype.
 """
 from __future__ import annotations
 
@@ -186,10 +187,6 @@ def _torch_run(p: Problem, x, weight, bias, config=None):
 
 
 # --------------------------------------------------------------------------- shared Triton helpers
-def _precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _triton_supports(p: Problem) -> str | None:
     if not HAS_TRITON:
         return "triton is not installed"
@@ -401,7 +398,7 @@ class _ModeMixFn(torch.autograd.Function):
     def forward(ctx, X, weight, p: Problem, cfg):
         X = X.contiguous()
         W = weight.resolve_conj().contiguous()
-        prec = _precision(p.dtype)
+        prec = p.precision
         out = torch.empty((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),),
                           dtype=torch.complex64, device=X.device)
         Xr, Wr, outr = torch.view_as_real(X), torch.view_as_real(W), torch.view_as_real(out)
@@ -411,14 +408,13 @@ class _ModeMixFn(torch.autograd.Function):
              _Spec.of(outr, (0, 1), p.modes, out_full, True), p.batch, p.cin, p.cout, p.modes,
              False, False, True, cfg, prec)
         ctx.save_for_backward(X, W)
-        ctx.p, ctx.cfg = p, cfg
+        ctx.p, ctx.cfg, ctx.prec = p, cfg, prec
         return out
 
     @staticmethod
     def backward(ctx, gout):
         X, W = ctx.saved_tensors
-        p, cfg = ctx.p, ctx.cfg
-        prec = _precision(p.dtype)
+        p, cfg, prec = ctx.p, ctx.cfg, ctx.prec
         g = gout.resolve_conj().contiguous()
         gr, Xr, Wr = torch.view_as_real(g), torch.view_as_real(X), torch.view_as_real(W)
         in_full = p.grid[:-1] + (_half(p.grid[-1]),)
@@ -620,7 +616,7 @@ class _DFTConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: Problem, cfg):
         plan = _Plan(p)
-        prec = _precision(p.dtype)
+        prec = p.precision
         W = torch.view_as_real(weight.resolve_conj().contiguous())
         X = plan.analysis(x, cfg, prec)
         Y = plan.spectrum(p.batch, p.cout, x.device)
@@ -630,16 +626,15 @@ class _DFTConvFn(torch.autograd.Function):
         b = None if bias is None else bias.reshape(-1).contiguous()
         y = plan.synthesis(Y, cfg, prec, p.dtype, bias=b)
         ctx.save_for_backward(X, W)
-        ctx.plan, ctx.cfg = plan, cfg
+        ctx.plan, ctx.cfg, ctx.prec = plan, cfg, prec
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         X, W = ctx.saved_tensors
-        plan, cfg = ctx.plan, ctx.cfg
+        plan, cfg, prec = ctx.plan, ctx.cfg, ctx.prec
         p = plan.p
-        prec = _precision(p.dtype)
         gx = gw = gb = None
         gY = plan.synthesis_adjoint(gy, cfg, prec)
         if ctx.needs_input_grad[0]:

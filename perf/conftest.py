@@ -8,7 +8,9 @@ preceded (untimed) by an L2 flush, so rounds are cold-cache like
 (``opforge perf-check`` drives this).
 
 Options: ``--opforge-cases small|gpu|all`` (default: gpu on CUDA, small on CPU),
-``--opforge-dtypes float32,bfloat16`` (default float32).
+``--opforge-dtypes float32,float32-tf32,bfloat16`` (default float32; ``float32-tf32`` is float32 with
+torch's float32 matmul setting at TF32 for the test, so opforge's dots and every baseline's matmuls use
+TF32 alike).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from opforge.autotune import perf as perf_results
 from opforge.autotune.timing import flush_l2
-from opforge.kernels._triton import device_info, device_peaks
+from opforge.kernels._triton import allow_tf32, device_info, device_peaks
 
 _RECORDS: list[dict] = []
 
@@ -44,7 +46,18 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", cases, ids=[c.name for c in cases])
     if "dtype" in metafunc.fixturenames:
         names = [n.strip() for n in cfg.getoption("--opforge-dtypes").split(",") if n.strip()]
-        metafunc.parametrize("dtype", [getattr(torch, n) for n in names], ids=names)
+        metafunc.parametrize("dtype", names, ids=names, indirect=True)
+
+
+@pytest.fixture
+def dtype(request):
+    """The torch dtype of a ``--opforge-dtypes`` name; ``float32-tf32`` runs the test with TF32 allowed."""
+    name = request.param
+    base = name.removesuffix("-tf32")
+    if not isinstance(getattr(torch, base, None), torch.dtype) or (name != base and base != "float32"):
+        raise pytest.UsageError(f"--opforge-dtypes: unknown dtype {name!r} (float32, float32-tf32, bfloat16, ...)")
+    with allow_tf32(name != base):
+        yield getattr(torch, base)
 
 
 def _flush_l2(dev):

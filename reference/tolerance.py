@@ -4,7 +4,9 @@ An output is compared by its *normalised* max error, ``max|a - e| / max|e|``;
 the bound is ``FACTOR[dtype] * eps(dtype) * sqrt(reduction)`` (16-bit dtypes: see
 ``tolerance``), ``reduction`` being the number of terms summed into each output
 element (e.g. in_channels x grid points for a spectral convolution).  float32 kernels on the GPU use
-3xTF32 dot products, whose error is of float32's order, so the same row holds.
+3xTF32 dot products, whose error is of float32's order, so the same row holds; ``float32-tf32`` is the
+row for float32 data under TF32 dot products (torch's float32 matmul setting allows TF32: operands
+rounded to a 10-bit mantissa, unit roundoff 2^-11).
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ EPS = {
     "float32": 1.1920928955078125e-07,
     "float16": 9.765625e-04,
     "bfloat16": 7.8125e-03,
+    "float32-tf32": 4.8828125e-04,
 }
-FACTOR = {"float64": 16.0, "float32": 16.0, "float16": 4.0, "bfloat16": 2.0}
+FACTOR = {"float64": 16.0, "float32": 16.0, "float16": 4.0, "bfloat16": 2.0, "float32-tf32": 8.0}
+_ROUNDED = ("bfloat16", "float16", "float32-tf32")  # a fixed rounding-level error plus float32 accumulation
 
 
 def _name(dtype) -> str:
-    name = str(dtype).replace("torch.", "")
+    """A torch dtype or its name (``"float32-tf32"`` included) as a row of the table."""
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
     if name not in EPS:
         raise ValueError(f"no tolerance for dtype {dtype!r}; known: {sorted(EPS)}")
     return name
@@ -35,11 +40,14 @@ def tolerance(dtype, reduction: int = 1) -> float:
     every opforge kernel (and the reference sees the same 16-bit-rounded inputs), so their error is
     the final rounding to the 16-bit dtype (TF32 operand rounding, 2^-11, is below it) plus the
     float32 accumulation: ``FACTOR * eps16 + FACTOR32 * eps32 * sqrt(reduction)``. Scaling eps16 by
-    sqrt(reduction) instead would allow errors of order one at realistic reductions.
+    sqrt(reduction) instead would allow errors of order one at realistic reductions. ``float32-tf32``
+    takes the same form with TF32's operand rounding: products of rounded operands summed in float32
+    err by about 2^-11 of the sum of |terms|, of the order of the result's scale for sums of terms of
+    both signs.
     """
     n = _name(dtype)
     red = math.sqrt(max(int(reduction), 1))
-    if n in ("bfloat16", "float16"):
+    if n in _ROUNDED:
         return FACTOR[n] * EPS[n] + FACTOR["float32"] * EPS["float32"] * red
     return FACTOR[n] * EPS[n] * red
 

@@ -1,0 +1,92 @@
+"""float32 dot-product precision follows torch's float32 matmul setting (3xTF32 by default, TF32 when torch
+allows it), is tuned and cached apart, fixed for a call's backward at its forward, and kernel sums keep
+3xTF32 (their distances need exact products)."""
+import contextlib
+import importlib
+
+import pytest
+import torch
+
+from opforge.autotune import cache
+from opforge.kernels import get_op, use_backend
+from opforge.kernels._triton import allow_tf32 as tf32_matmuls
+from opforge.kernels._triton import dot_precision, tf32_allowed
+from opforge.reference import tolerance
+
+kan_mod = importlib.import_module("opforge.kernels.kan")
+sc_mod = importlib.import_module("opforge.kernels.spectral_conv")  # the package exports a function of that name
+
+
+class Spy:
+    """Stands in for a Triton kernel: records the PREC of every launch, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.precs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.precs.append(kwargs["PREC"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _case(op, name):
+    op = get_op(op)
+    case = next(c for c in op.cases if c.name == name)
+    return op, case
+
+
+def test_default_is_3xtf32_and_the_setting_switches_float32_to_tf32():
+    assert not tf32_allowed()
+    assert dot_precision(torch.float32) == "tf32x3"
+    assert dot_precision(torch.bfloat16) == "tf32"
+    op, case = _case("spectral_conv", "1d-small-odd")
+    p, _ = op.make_inputs(case, "cpu", torch.float32)
+    key = cache.entry_key(p)
+    assert p.dtype_name == "float32" and p.precision == "tf32x3"
+    with tf32_matmuls():
+        assert tf32_allowed() and dot_precision(torch.float32) == "tf32"
+        assert p.precision == "tf32" and p.dtype_name == "float32-tf32"
+        assert cache.entry_key(p) != key  # tuned and cached apart from the 3xTF32 entry
+        pb, _ = op.make_inputs(case, "cpu", torch.bfloat16)
+        assert pb.dtype_name == "bfloat16"
+    assert p.precision == "tf32x3"
+
+
+def test_kernel_sums_keep_3xtf32_under_the_tf32_setting():
+    op, case = _case("kernel_sum", next(c.name for c in get_op("kernel_sum").cases if "small" in c.tags))
+    p, _ = op.make_inputs(case, "cpu", torch.float32)
+    with tf32_matmuls():
+        assert p.precision == "tf32x3" and p.dtype_name == "float32"
+
+
+def test_tf32_tolerance_row():
+    # looser than float32's, tighter than bfloat16's, and a fixed rounding level plus float32 accumulation
+    for red in (1, 10_000):
+        assert tolerance(torch.float32, red) < tolerance("float32-tf32", red) < tolerance(torch.bfloat16, red)
+    with pytest.raises(ValueError, match="known"):
+        tolerance("float32-tf31")
+
+
+@pytest.mark.parametrize("setting", ["default", "tf32"])
+def test_kernels_get_the_precision_and_backward_keeps_the_forwards(monkeypatch, setting):
+    want = "tf32" if setting == "tf32" else "tf32x3"
+    spies = {name: Spy(getattr(kan_mod, name)) for name in ("_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(kan_mod, name, spy)
+    op, case = _case("kan", next(c.name for c in get_op("kan").cases if "small" in c.tags and "rbf" in c.name))
+    p, args = op.make_inputs(case, "cpu", torch.float32, requires_grad=True)
+    with tf32_matmuls() if setting == "tf32" else contextlib.nullcontext():
+        y = op.run_variant("fused", p, *args)
+    y.sum().backward()  # after the block: the backward still uses the forward's precision
+    assert all(s.precs == [want] for s in spies.values()), {n: s.precs for n, s in spies.items()}
+
+    bmm = Spy(sc_mod._bmm_kernel)
+    monkeypatch.setattr(sc_mod, "_bmm_kernel", bmm)
+    op, case = _case("spectral_conv", "2d-small-odd")
+    p, args = op.make_inputs(case, "cpu", torch.float32, requires_grad=True)
+    with tf32_matmuls() if setting == "tf32" else contextlib.nullcontext():
+        with use_backend("triton", spectral_conv="dft_gemm"):
+            y = op(p, *args)
+    y.sum().backward()
+    assert bmm.precs and set(bmm.precs) == {want}
