@@ -42,7 +42,11 @@ for stage in "${stages[@]}"; do
     check)  # every variant, torch included, against the torch variant in float64 (forward, main shapes)
       timeout 300 python3 perf/check_float64.py --ops spectral_conv kan 2>&1 | tee "$OUT/logs/check.log" | tail -30
       timeout 200 python3 perf/check_float64.py --ops kernel_sum --cases 1e5-d3-r1 2e5-d64-r16 1e4-d256-r1 \
-        1e5-d3-r1-matern52 2>&1 | tee -a "$OUT/logs/check.log" | tail -12 ;;
+        1e5-d3-r1-matern52 2>&1 | tee -a "$OUT/logs/check.log" | tail -12
+      # float32 under torch's TF32 setting: the 'float32-tf32' tolerance row against measured errors
+      timeout 200 python3 perf/check_float64.py --tf32 --ops spectral_conv kan --cases 2d-256-b32-c64-m32 \
+        2d-94-b20-c32-m16 rbf-b4096-512-g8 chebyshev-b4096-512-d8 fourier-b4096-512-g8 2>&1 \
+        | tee -a "$OUT/logs/check.log" | tail -14 ;;
     bench)
       python3 -m opforge.autotune.cli bench 2>&1 | tee "$OUT/logs/bench.log" | tail -40 ;;
     tune)
