@@ -319,7 +319,7 @@ if HAS_TRITON:
             if DERIV:
                 out = out * inv_h[:, :, None]
         elif BASIS == 0:  # bspline, general knots (and order 0): interval search, then the local de Boor triangle
-            row = (ii * sGi)[None, :]
+            row = (tl.where(i_mask, ii, 0) * sGi)[None, :]  # masked features read feature 0's knots (in bounds)
             t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
             t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
             j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, row, t0, 1.0 / (t1 - t0), NK, ORDER, UNIFORM)
