@@ -234,11 +234,38 @@ if HAS_TRITON:
         return tl.maximum(s, 0.0)
 
     @triton.jit
+    def _sq_norms(P, rn, n_mask, sPn, D, DP: tl.constexpr, DK: tl.constexpr):
+        """|P_i|^2 of a block of rows, DK coordinates at a time."""
+        acc = tl.zeros((rn.shape[0],), dtype=tl.float32)
+        for d0 in tl.static_range(0, DP, DK):
+            dd = d0 + tl.arange(0, DK)
+            pc = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+            pc = pc.to(tl.float32)
+            acc += tl.sum(pc * pc, axis=1)
+        return acc
+
+    @triton.jit
+    def _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N: tl.constexpr,
+                       BLOCK_M: tl.constexpr, DP: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr):
+        """``_sq_dot`` for large D: DK coordinates at a time, the row block re-read (from L1) per chunk
+        instead of held in registers (a [BN, 256] block spilled kilobytes compiled for sm_90)."""
+        dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        qn = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for d0 in tl.static_range(0, DP, DK):
+            dd = d0 + tl.arange(0, DK)
+            pc = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+            qc = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
+            qc = qc.to(tl.float32)
+            qn += tl.sum(qc * qc, axis=1)
+            dot += tl.dot(pc.to(tl.float32), tl.trans(qc), input_precision=PREC)
+        return tl.maximum(pn[:, None] + qn[None, :] - 2.0 * dot, 0.0)
+
+    @triton.jit
     def _ksum_fwd_kernel(
         P, Q, V, OUT, N, M, D, R,
         sPb, sPn, sQb, sQm, sVb, sVm, sOb, sOn,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-        DP: tl.constexpr, DC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+        DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
     ):
         """OUT[b, i, :] = sum_j k(|P_i - Q_j|^2) V[b, j, :] for a block of rows i."""
         pid = tl.program_id(0)
@@ -251,18 +278,23 @@ if HAS_TRITON:
         Q += bt * sQb
         V += bt * sVb
         if not EXACT:
-            p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
-            p = p.to(tl.float32)
-            pn = tl.sum(p * p, axis=1)
+            if DK == DP:  # the row block stays in registers
+                p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+                p = p.to(tl.float32)
+                pn = tl.sum(p * p, axis=1)
+            else:
+                pn = _sq_norms(P, rn, n_mask, sPn, D, DP, DK)
         acc = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             m_mask = rm < M
             if EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
-            else:
+            elif DK == DP:
                 q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
                 s = _sq_dot(p, pn, q.to(tl.float32), PREC)
+            else:
+                s = _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DP, DK, PREC)
             k = tl.where(m_mask[None, :], _phi(s, KERNEL), 0.0)
             v = tl.load(V + rm[:, None] * sVm + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
             v = v.to(tl.float32)
@@ -278,35 +310,45 @@ if HAS_TRITON:
         P, Q, U, V, OUT, N, M, D, R,
         sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-        DP: tl.constexpr, DC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+        DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
     ):
-        """OUT[b, i] = 2 sum_j k'(s_ij) <U_i, V_j> (P_i - Q_j) for a block of rows i."""
+        """OUT[b, i, c] = 2 sum_j k'(s_ij) <U_i, V_j> (P_ic - Q_jc) for a block of rows i and the DK
+        coordinates c of program axis 2 (DP / DK programs per row block when D is large: each
+        recomputes the distances, none holds [BN, D] accumulators)."""
         pid = tl.program_id(0)
         bt = tl.program_id(1).to(tl.int64)
+        c0 = tl.program_id(2) * DK
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        dd = tl.arange(0, DP)
+        dd = c0 + tl.arange(0, DK)
         rr = tl.arange(0, RP)
         n_mask = rn < N
+        d_mask = dd < D
         P += bt * sPb
         Q += bt * sQb
         U += bt * sUb
         V += bt * sVb
-        p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+        p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         p = p.to(tl.float32)
-        pn = tl.sum(p * p, axis=1)
+        if not EXACT:
+            if DK == DP:
+                pn = tl.sum(p * p, axis=1)
+            else:
+                pn = _sq_norms(P, rn, n_mask, sPn, D, DP, DK)
         u = tl.load(U + rn[:, None] * sUn + rr[None, :], mask=n_mask[:, None] & (rr[None, :] < R), other=0.0)
         u = u.to(tl.float32)
         acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_q = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
+        acc_q = tl.zeros((BLOCK_N, DK), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             m_mask = rm < M
-            q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
+            q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             q = q.to(tl.float32)
             if EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
-            else:
+            elif DK == DP:
                 s = _sq_dot(p, pn, q, PREC)
+            else:
+                s = _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DP, DK, PREC)
             v = tl.load(V + rm[:, None] * sVm + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
             v = v.to(tl.float32)
             if RP >= 16:
@@ -315,20 +357,24 @@ if HAS_TRITON:
                 w = tl.sum(u[:, None, :] * v[None, :, :], axis=2)
             pw = tl.where(m_mask[None, :], _dphi(s, KERNEL) * w, 0.0)
             acc_w += tl.sum(pw, axis=1)
-            if DP >= 16:
+            if DK >= 16:
                 acc_q += tl.dot(pw, q, input_precision=PREC)
             else:
                 acc_q += tl.sum(pw[:, :, None] * q[None, :, :], axis=1)
         g = 2.0 * (p * acc_w[:, None] - acc_q)
         o_ptr = OUT + bt * sOb + rn[:, None] * sOn + dd[None, :]
-        tl.store(o_ptr, g.to(OUT.dtype.element_ty), mask=n_mask[:, None] & (dd[None, :] < D))
+        tl.store(o_ptr, g.to(OUT.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+
+
+_DK_MAX = 64  # widest coordinate block held in registers; larger D is streamed in blocks of this
 
 
 def _dims(d: int, r: int, kernel: str) -> dict:
-    """Block sizes: DP (padded D), DC (exact-difference chunk), RP (padded R) and the distance mode."""
+    """Block sizes: DP (padded D), DK (coordinate block: DP up to ``_DK_MAX``), DC (exact-difference
+    chunk), RP (padded R) and the distance mode."""
     exact = _exact(d, kernel)
     dp = _pow2(d) if d <= 8 else max(16, _pow2(d))
-    return {"DP": dp, "DC": min(8, _pow2(d)), "RP": _pow2(r), "EXACT": exact}
+    return {"DP": dp, "DK": min(dp, _DK_MAX), "DC": min(8, _pow2(d)), "RP": _pow2(r), "EXACT": exact}
 
 
 def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
@@ -336,10 +382,12 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
     B, N, D = p.shape
     M, R = q.shape[1], tensors[-1].shape[2]
     strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [out.stride(0), out.stride(1)]
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), B)
+    dims = _dims(D, R, kernel)
+    d_blocks = dims["DP"] // dims["DK"] if kernel_fn is _ksum_grad_kernel else 1  # grad: one program per block
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), B, d_blocks)
     kernel_fn[grid](*tensors, out, N, M, D, R, *strides, KERNEL=_KID[kernel], BLOCK_N=cfg["BLOCK_N"],
                     BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    **_dims(D, R, kernel))
+                    **dims)
     return out
 
 

@@ -138,6 +138,8 @@ def main() -> None:
           f"with Triton {triton.__version__}; config {cfg}")
     for name, grid, warps, k in launches:
         ptx = k.asm["ptx"]
+        if os.environ.get("OPFORGE_DUMP_PTX"):
+            open(os.path.join(os.environ["OPFORGE_DUMP_PTX"], f"{name}.ptx"), "w").write(ptx)
         mma = sorted({m.split(".sync")[0] + ":" + m.split(".")[-2] + "." + m.split(".")[-1]
                       for m in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx)}) or ["no MMA"]
         acc = ", ".join(f"{k_} x{n}" for k_, n in sorted(_accesses(ptx).items()))

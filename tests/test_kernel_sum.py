@@ -78,7 +78,8 @@ def test_gradcheck_torch_path():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_edge_sizes_d129_and_tiny(backend):
     with use_backend(backend):
-        check(backend, "gaussian", 19, 21, 129, 3)
+        check(backend, "gaussian", 19, 21, 129, 3)  # distances by blocks of 64 coordinates, grad by blocks
+        check(backend, "laplacian", 19, 21, 129, 3)  # exact differences, grad by coordinate blocks
         for n, m in ((1, 1), (1, 7), (6, 1)):
             check(backend, "matern52", n, m, 2, 1)
         x, y, b = points(0, 5, 3, 2)
