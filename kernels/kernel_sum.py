@@ -448,7 +448,8 @@ def _flash_default(p: Problem) -> dict:
     dims = _dims(p.d, p.r, p.kernel)
     if dims["DP"] >= 128:
         return {"BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 8, "num_stages": 2}
-    if dims["EXACT"] and dims["DC"] >= 4:
+    if (dims["EXACT"] and dims["DC"] >= 4) or dims["DK"] >= 64:
+        # D = 64: 64 x 64 tiles spilled in the grad kernel compiled for sm_90 (Triton 3.6), 64 x 32 do not
         return {"BLOCK_N": 64, "BLOCK_M": 32, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
 
