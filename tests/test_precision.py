@@ -90,3 +90,21 @@ def test_kernels_get_the_precision_and_backward_keeps_the_forwards(monkeypatch, 
             y = op(p, *args)
     y.sum().backward()
     assert bmm.precs and set(bmm.precs) == {want}
+
+
+def test_tf32_calls_are_tuned_and_looked_up_apart(tmp_path):
+    from opforge.autotune import tuner
+
+    op, case = _case("spectral_conv", "1d-small-odd")
+    p, args = op.make_inputs(case, "cpu", torch.float32)
+    out = tmp_path / "tuned.json"
+    device = {"name": "test", "cc": "0.0", "triton": "x", "tag": "test"}
+    with tf32_matmuls():
+        entry = tuner.tune_problem(op, p, args, persist=True, path=out, device=device)
+        assert entry["timings"] and not entry["failures"]
+    stored = cache.load(out)["ops"]["spectral_conv"][op.source_hash()]
+    assert list(stored) == [f"{p.key}|float32-tf32"]
+    # the entry serves calls under the TF32 setting only
+    with tf32_matmuls():
+        assert cache.entry_key(p) in stored
+    assert cache.entry_key(p) not in stored
