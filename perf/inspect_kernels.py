@@ -1,13 +1,14 @@
 """What the compiler makes of a variant's kernels, without a GPU: registers, spills, MMA kind, access widths.
 
     python perf/inspect_kernels.py spectral_conv 2d-256-b32-c64-m32 dft_gemm [--mode fwdbwd] [--arch 90]
-                                   [--config '{"BLOCK_M": 128, ...}'] [--dtype float32]
+                                   [--config '{"BLOCK_M": 128, ...}'] [--dtype float32] [--tf32]
 
 Runs one variant on one case with CPU tensors while every Triton launch only *compiles* for the target
 GPU (sm_90 by default: the H100/H200) instead of running: a stand-in driver names the target, and the
 launch is turned into Triton's ``warmup`` compile. For each launched kernel it prints the grid, warps,
 shared memory, the registers and spill bytes ptxas reports, the MMA instructions (wgmma = Hopper tensor
-cores, mma.sync = the older warp-level ones, none = CUDA cores) and a count of global loads/stores by
+cores, mma.sync = the older warp-level ones, none = CUDA cores; with how many instructions: 3xTF32 has three
+times TF32's, ``--tf32`` compiles under torch's TF32 setting) and a count of global loads/stores by
 width (4-byte accesses where 16 were possible point at unaligned strides). Outputs are garbage (nothing
 runs); only the code generation is inspected. It uses Triton internals (``driver.set_active``,
 ``JITFunction.run``) checked on Triton 3.6 and 3.9: a leading question for the GPU, not a timing.
@@ -105,8 +106,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90: H100/H200)")
     ap.add_argument("--config", default=None, help="JSON config of the variant (default: its heuristic default)")
+    ap.add_argument("--tf32", action="store_true", help="compile under torch's TF32 float32 matmul setting")
     args = ap.parse_args()
+    from opforge.kernels._triton import allow_tf32
 
+    with allow_tf32(args.tf32):
+        _inspect(args)
+
+
+def _inspect(args) -> None:
     driver.set_active(_CompileOnlyDriver(args.arch))
     launches = []
     run = _jit.JITFunction.run
@@ -134,14 +142,16 @@ def main() -> None:
     y = v.run(problem, *inputs, config=cfg)  # the raw launcher: the registry would refuse CPU tensors here
     if grad:
         y.backward(torch.zeros_like(y))
-    print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}, compiled for sm_{args.arch} "
+    tf32 = " (TF32 setting)" if args.tf32 else ""
+    print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}{tf32}, compiled for sm_{args.arch} "
           f"with Triton {triton.__version__}; config {cfg}")
     for name, grid, warps, k in launches:
         ptx = k.asm["ptx"]
         if os.environ.get("OPFORGE_DUMP_PTX"):
             open(os.path.join(os.environ["OPFORGE_DUMP_PTX"], f"{name}.ptx"), "w").write(ptx)
-        mma = sorted({m.split(".sync")[0] + ":" + m.split(".")[-2] + "." + m.split(".")[-1]
-                      for m in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx)}) or ["no MMA"]
+        found = Counter(m.split(".sync")[0] + ":" + m.split(".")[-2] + "." + m.split(".")[-1]
+                        for m in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx))
+        mma = [f"{kind} x{n}" for kind, n in sorted(found.items())] or ["no MMA"]
         acc = ", ".join(f"{k_} x{n}" for k_, n in sorted(_accesses(ptx).items()))
         g = grid if isinstance(grid, tuple) else "(callable)"
         print(f"  {name} grid {g} warps {warps} smem {k.metadata.shared} B | {_ptxas_report(ptx, args.arch)} | "
