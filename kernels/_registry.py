@@ -58,9 +58,7 @@ class ProblemBase:
     @property
     def precision(self) -> str:
         """``input_precision`` of the op's Triton dot products for this call."""
-        if self.follows_tf32:
-            return dot_precision(self.dtype)
-        return "tf32x3" if self.dtype == torch.float32 else "tf32"
+        return dot_precision(self.dtype, self.follows_tf32)
 
     @property
     def dtype_name(self) -> str:

@@ -78,14 +78,15 @@ def allow_tf32(enabled: bool = True):
             torch.set_float32_matmul_precision(old)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, follow_setting: bool = True) -> str:
     """``input_precision`` of the Triton dot products for data of ``dtype`` (computed in float32).
 
     float32 data follows torch's float32 matmul setting, like torch's own matmuls: by default
     (``"highest"`` / ``"ieee"``) 3xTF32, whose error is of float32's order; with TF32 allowed, TF32
-    (one tensor-core pass instead of three, ~1e-3 relative error). 16-bit data: TF32.
+    (one tensor-core pass instead of three, ~1e-3 relative error). Without ``follow_setting``
+    float32 is always 3xTF32. 16-bit data: TF32.
     """
-    if dtype == torch.float32 and not tf32_allowed():
+    if dtype == torch.float32 and not (follow_setting and tf32_allowed()):
         return "tf32x3"
     return "tf32"
 

@@ -41,9 +41,9 @@ def tolerance(dtype, reduction: int = 1) -> float:
     the final rounding to the 16-bit dtype (TF32 operand rounding, 2^-11, is below it) plus the
     float32 accumulation: ``FACTOR * eps16 + FACTOR32 * eps32 * sqrt(reduction)``. Scaling eps16 by
     sqrt(reduction) instead would allow errors of order one at realistic reductions. ``float32-tf32``
-    takes the same form with TF32's operand rounding: products of rounded operands summed in float32
-    err by about 2^-11 of the sum of |terms|, of the order of the result's scale for sums of terms of
-    both signs.
+    takes the same form with TF32's operand rounding: each product of rounded operands errs by about
+    2^-11 of itself, independently, so the sum errs by about 2^-11 of the terms' root-sum-square, which
+    is the result's own scale when terms of both signs are summed.
     """
     n = _name(dtype)
     red = math.sqrt(max(int(reduction), 1))
