@@ -1,6 +1,6 @@
 """Where the time goes: one op variant on one case under torch.profiler, a table of its kernels.
 
-    python perf/profile_op.py spectral_conv 2d-256-b32-c64-m32 dft_gemm [--mode fwdbwd] [--dtype float32]
+    python perf/profile_op.py spectral_conv 2d-256-b32-c64-m32 dft_gemm [--mode fwdbwd] [--dtype float32] [--tf32]
 
 Prints the kernels (CUDA time, calls) of a few profiled repetitions after a warm-up, longest first,
 and the total; on a CPU it profiles the CPU ops (the Triton kernels then run through the interpreter
@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from opforge.kernels import get_op
+from opforge.kernels._triton import allow_tf32
 
 
 def main() -> None:
@@ -25,7 +26,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tf32", action="store_true", help="float32 with TF32 allowed in torch's matmul setting")
     args = ap.parse_args()
+    with allow_tf32(args.tf32):
+        profile_case(args)
+
+
+def profile_case(args: argparse.Namespace) -> None:
     op = get_op(args.op)
     cases = {c.name: c for c in op.cases}
     if args.case not in cases:
@@ -57,7 +64,8 @@ def main() -> None:
     events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) / args.reps
-    print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}: {total / 1e3:.3f} ms per step "
+    dtype = problem.dtype_name
+    print(f"{args.op} {args.case} {args.variant} {args.mode} {dtype}: {total / 1e3:.3f} ms per step "
           f"({'device' if cuda else 'cpu'} time, {args.reps} steps)")
     print(f"{'ms/step':>9} {'share':>6} {'calls':>6}  name")
     for e in events[:20]:
