@@ -279,8 +279,10 @@ if HAS_TRITON:
 
         With SWAP, B's columns are interleaved (re, im) pairs and A + i*A2 is a
         complex matrix: the second product uses B with each pair swapped and
-        the real part negated, i.e. i*B (built in registers from the same
-        tile), so C = (A + i A2) B on complex data.
+        the real part negated, i.e. i*B (loaded as a second tile with each
+        pair's columns exchanged and the real column negated: a reshape/join
+        of the first tile crashes Triton 3.6's Hopper lowering under TF32), so
+        C = (A + i A2) B on complex data.
         """
         pid = tl.program_id(0)
         per_b = n_tiles_m * n_tiles_n
@@ -294,6 +296,8 @@ if HAS_TRITON:
         a_rows = b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
         c_rows = b.to(tl.int64) * sCb + rm[:, None].to(tl.int64) * sCm
         n_ok = rn < N
+        rn_swap = rn ^ 1  # the other column of each (re, im) pair
+        i_sign = tl.where(rn % 2 == 0, -1.0, 1.0)  # i * (re + i im) = -im + i re
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
@@ -306,9 +310,8 @@ if HAS_TRITON:
             acc += tl.dot(a, bb, input_precision=PREC)
             if SWAP:
                 a2 = tl.load(A2 + a_rows + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
-                re, im = tl.split(tl.reshape(bb, (BLOCK_K, BLOCK_N // 2, 2)))
-                ib = tl.reshape(tl.join(-im, re), (BLOCK_K, BLOCK_N))  # i * (re + i im) = -im + i re
-                acc += tl.dot(a2, ib, input_precision=PREC)
+                ib = tl.load(B + b_rows + rn_swap[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
+                acc += tl.dot(a2, ib * i_sign[None, :], input_precision=PREC)
         if HAS_BIAS:
             bias = tl.load(BIAS + (rm // bias_div) % bias_n, mask=rm < M, other=0.0).to(tl.float32)
             acc += bias[:, None]
