@@ -30,11 +30,12 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # The device gets a copy of the working tree whose git metadata can be older than the code: pass the
 # commit that runs as OPFORGE_COMMIT=<hash> so results files name it.
 # TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16),
-# TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries).
+# TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries), OPS the ops of
+# the tune and perf stages (default all three), TEST_PATHS what the test stage runs (default tests).
 for stage in "${stages[@]}"; do
   case "$stage" in
     test)  # compiled GPU tests, then the CPU tests through the interpreter (Triton reads TRITON_INTERPRET at import)
-      TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/logs/tests-gpu.log" | tail -15
+      TRITON_INTERPRET=0 python3 -m pytest -q -m gpu ${TEST_PATHS:-tests} 2>&1 | tee "$OUT/logs/tests-gpu.log" | tail -15
       # fused B-splines are off on GPUs until this passes (kernels/kan.py: _fused_supports)
       OPFORGE_KAN_BSPLINE_GPU=1 TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_kan.py -k bspline 2>&1 \
         | tee -a "$OUT/logs/tests-gpu.log" | tail -3
@@ -51,12 +52,12 @@ for stage in "${stages[@]}"; do
     bench)
       python3 -m opforge.autotune.cli bench 2>&1 | tee "$OUT/logs/bench.log" | tail -40 ;;
     tune)
-      for op in spectral_conv kan kernel_sum; do
+      for op in ${OPS:-spectral_conv kan kernel_sum}; do
         timeout "${TUNE_LIMIT_S:-300}" python3 -m opforge.autotune.cli tune --op "$op" --dtype ${TUNE_DTYPES:-float32 bfloat16} \
           --mode ${TUNE_MODES:-fwd fwdbwd} --out "$OUT/caches/$tag.json" 2>>"$OUT/logs/tune.log" | tail -30
       done ;;
     perf)  # one suite per op, each under its own time limit; records accumulate in one results file
-      for op in spectral_conv kan kernel_sum; do
+      for op in ${OPS:-spectral_conv kan kernel_sum}; do
         timeout -s INT "${PERF_LIMIT_S:-240}" python3 -m pytest "perf/bench_$op.py" -q -p no:cacheprovider \
           --opforge-results="$OUT/results/$tag.json" \
           --opforge-dtypes="$(echo ${PERF_DTYPES:-float32 bfloat16} | tr ' ' ,)" >>"$OUT/logs/perf.log" 2>&1
