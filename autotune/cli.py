@@ -132,7 +132,7 @@ def cmd_tune(args) -> int:
     tag = args.cases or ("gpu" if dev == "cuda" else "small")
     rows = []
     for op in _ops(args.op):
-        cases = [c for c in op.cases if tag in c.tags]
+        cases = [c for c in op.cases if tag in c.tags and (not args.case or c.name in args.case)]
         for dt in args.dtype:
             base = dt.removesuffix("-tf32")
             with allow_tf32(dt != base):  # float32-tf32: entries for calls under torch's TF32 setting
@@ -247,6 +247,7 @@ def main(argv=None) -> int:
     t.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "float32-tf32", "bfloat16", "float16"],
                    help="float32-tf32: float32 calls made while torch's float32 matmul setting allows TF32")
     t.add_argument("--cases", choices=["small", "gpu"])
+    t.add_argument("--case", nargs="+", metavar="NAME", help="only these cases of the set, by name")
     t.add_argument("--mode", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
                    help="tune inference calls (fwd), training calls (fwdbwd, stored under '<key>|train'), or both")
     t.add_argument("--interpret", action="store_true", help="exercise the tuner on the CPU interpreter")

@@ -4,10 +4,11 @@ Every suite test times one (op, case, variant, mode, dtype) with
 ``benchmark.pedantic``: on CUDA each round is followed by a synchronize and
 preceded (untimed) by an L2 flush, so rounds are cold-cache like
 ``triton.testing.do_bench``. Each test appends a record; with
-``--opforge-results FILE`` the session writes them as a results file
+``--opforge-results FILE`` they are written to a results file after every test
 (``opforge perf-check`` drives this).
 
 Options: ``--opforge-cases small|gpu|all`` (default: gpu on CUDA, small on CPU),
+``--opforge-case-names NAME,...`` (only those cases of the set),
 ``--opforge-dtypes float32,float32-tf32,bfloat16`` (default float32; ``float32-tf32`` is float32 with
 torch's float32 matmul setting at TF32 for the test, so opforge's dots and every baseline's matmuls use
 TF32 alike).
@@ -29,6 +30,7 @@ _RECORDS: list[dict] = []
 def pytest_addoption(parser):
     parser.addoption("--opforge-results", default=None, help="write the perf records to this JSON file")
     parser.addoption("--opforge-cases", default=None, choices=["small", "gpu", "all"])
+    parser.addoption("--opforge-case-names", default="", help="only these cases of the set (comma-separated names)")
     parser.addoption("--opforge-dtypes", default="float32")
 
 
@@ -42,7 +44,8 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         op = metafunc.module.OP
         want = cfg.getoption("--opforge-cases") or ("gpu" if device().type == "cuda" else "small")
-        cases = [c for c in op.cases if want == "all" or want in c.tags]
+        names = {n.strip() for n in cfg.getoption("--opforge-case-names").split(",") if n.strip()}
+        cases = [c for c in op.cases if (want == "all" or want in c.tags) and (not names or c.name in names)]
         metafunc.parametrize("case", cases, ids=[c.name for c in cases])
     if "dtype" in metafunc.fixturenames:
         names = [n.strip() for n in cfg.getoption("--opforge-dtypes").split(",") if n.strip()]
@@ -134,6 +137,7 @@ class Perf:
                 rec["saved_mb"] = saved_memory(fn.forward, dev) / 2**20
         self.benchmark.extra_info.update(rec)
         _RECORDS.append(rec)
+        _write_results()  # after every record: a suite cut short by a time limit keeps what it measured
         return rec
 
 
@@ -146,7 +150,18 @@ def perf(benchmark):
     return Perf(benchmark)
 
 
+_RESULTS_PATH: list[str] = []
+
+
+def pytest_configure(config):
+    path = config.getoption("--opforge-results", default=None)
+    _RESULTS_PATH[:] = [path] if path else []
+
+
+def _write_results() -> None:
+    if _RESULTS_PATH and _RECORDS:
+        perf_results.merge_write(_RESULTS_PATH[0], _RECORDS, perf_results.environment(device_info()))
+
+
 def pytest_sessionfinish(session, exitstatus):
-    path = session.config.getoption("--opforge-results")
-    if path and _RECORDS:
-        perf_results.merge_write(path, _RECORDS, perf_results.environment(device_info()))
+    _write_results()
