@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -613,15 +613,6 @@ def _fused_supports(p: Problem) -> str | None:
         return f"fused evaluates B-splines of order <= 3 in registers, got order {p.order}"
     if p.k > 64:
         return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
-    if p.basis == "bspline" and p.device.type == "cuda" and os.environ.get("OPFORGE_KAN_BSPLINE_GPU") != "1":
-        # Compiled for an H100 (Triton 3.6) the B-spline forward of commit 36b139f (knot interval by floor
-        # and knot gathers, then the local de Boor triangle placed by integer compares) disagreed with the
-        # float64 reference (normalised error 0.9 at B=4096 512->512 G=8) for every dot precision, while
-        # the interpreter agreed. Uniform knots now take a closed-form cardinal-B-spline path built like
-        # the RBF basis (which is right on the H100), not yet run compiled: off on GPUs until a GPU test
-        # passes; OPFORGE_KAN_BSPLINE_GPU=1 turns it on to test it.
-        return ("fused B-splines are off on GPUs until verified there (an earlier version was wrong compiled "
-                "on an H100); set OPFORGE_KAN_BSPLINE_GPU=1 to test")
     return None
 
 
@@ -648,9 +639,44 @@ def _fused_default(p: Problem) -> dict:
     return {"BLOCK_B": 32, "BLOCK_O": 64, "BLOCK_I": bi, "num_warps": 4, "num_stages": 2, "SPLITS": 0}
 
 
+class _SiLULinear(torch.autograd.Function):
+    """silu(x) @ Wb^T (+ bias) in float32, saving only x and Wb (silu is recomputed in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, base_weight, bias):
+        ctx.save_for_backward(x, base_weight)
+        ctx.has_bias = bias is not None
+        xf = x.float()
+        return F.linear(xf * torch.sigmoid(xf), base_weight.float(),
+                        None if bias is None else bias.float())
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, base_weight = ctx.saved_tensors
+        xf = x.float()
+        s = torch.sigmoid(xf)
+        dx = dwb = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = ((gy @ base_weight.float()) * (s * (1.0 + xf * (1.0 - s)))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dwb = (gy.t() @ (xf * s)).to(base_weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = gy.sum(0)
+        return dx, dwb, dbias
+
+
 def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
     cfg = config or _fused_default(p)
-    return _FusedKAN.apply(x, weight, base_weight, bias, p, b, cfg)
+    if base_weight is None or os.environ.get("OPFORGE_KAN_FUSED_BASE") == "1":
+        return _FusedKAN.apply(x, weight, base_weight, bias, p, b, cfg)
+    # The base path runs beside the kernel, as one float32 GEMM (1/K of the basis contraction's FLOPs).
+    # Inside the forward kernel it came out wrong compiled for an H100 (Triton 3.6, commit 22a95f7:
+    # normalised error 7e-4 at BLOCK_I 8 to 2.7 at BLOCK_I 2, for B-splines and RBFs alike) while the
+    # basis contraction alone and every gradient kernel were right and the interpreter agreed on all of
+    # it; this was the error first put down to the B-spline basis. OPFORGE_KAN_FUSED_BASE=1 runs the
+    # in-kernel path (tested under the interpreter) so it can be tried on a GPU again.
+    y = _FusedKAN.apply(x, weight, None, None, replace(p, has_base=False), b, cfg)
+    return (y.float() + _SiLULinear.apply(x, base_weight, bias)).to(p.dtype)
 
 
 # --------------------------------------------------------------------------- checks and the public API

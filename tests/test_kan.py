@@ -44,6 +44,14 @@ def test_variants_match_reference(variant, case):
     check(variant, case)
 
 
+@pytest.mark.parametrize("case", [c for c in SMALL if c.params["basis"] == "bspline"],
+                         ids=lambda c: c.name)
+def test_fused_in_kernel_base_path(case, monkeypatch):
+    """The base path inside the kernels (off by default: wrong compiled on an H100, see kernels/kan.py)."""
+    monkeypatch.setenv("OPFORGE_KAN_FUSED_BASE", "1")
+    check("fused", case)
+
+
 @pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
 def test_torch_float64(case):
     check("torch", case, torch.float64)
