@@ -24,6 +24,9 @@ src=/tmp/opforge-src/opforge
 mkdir -p "$src"
 for pkg in kernels autotune reference; do ln -sfn "$PWD/$pkg" "$src/$pkg"; done
 export PYTHONPATH=/tmp/opforge-src:${PYTHONPATH:-}
+# the tune stage writes $OUT/caches/<tag>.json, the user cache file of this GPU under this folder, so later
+# stages of the call (perf, profile, example) dispatch with the configs just tuned
+export OPFORGE_CACHE_DIR="$OUT/caches"
 tag=$(python3 -c "from opforge.kernels._triton import device_info; print(device_info()['tag'])")
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$OUT/logs/gpu.csv" 2>&1
 

@@ -39,6 +39,10 @@ def test_measured_spread_widens_the_allowance():
     assert perf.compare(noisy, base, 0.10)[1] == []
     quiet = [rec("torch", 1.0), rec("v", 0.7)]
     assert len(perf.compare(quiet, base, 0.10)[1]) == 1
+    # however noisy the run, a speedup that more than halved is flagged (spread 1.5 would allow any drop)
+    wild = [rec("torch", 1.0, spread=1.5), rec("v", 1.1, spread=1.5)]  # ratio 2.0 -> 0.91
+    (row,) = perf.compare(wild, base, 0.10)[1]
+    assert row["status"] == "REGRESSED" and row["allowed"] == pytest.approx(0.5)
 
 
 def test_results_roundtrip_and_table(tmp_path):
