@@ -239,14 +239,15 @@ def main(argv=None) -> int:
     b.add_argument("--op", nargs="*", help="ops to run (default: all)")
     b.add_argument("--interpret", action="store_true",
                    help="run every Triton variant through the CPU interpreter on small shapes")
-    b.add_argument("--cases", choices=["small", "gpu"], help="case set (default: gpu on CUDA, else small)")
+    b.add_argument("--cases", choices=["small", "gpu", "main"],
+                   help="case set (default: gpu on CUDA, else small; main: the issues' headline shapes)")
     b.set_defaults(fn=cmd_bench)
     t = sub.add_parser("tune", help="autotune on the GPU at hand and write the cache")
     t.add_argument("--op", nargs="*")
     t.add_argument("--out", help="cache file to write (default: the user cache file of this GPU)")
     t.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "float32-tf32", "bfloat16", "float16"],
                    help="float32-tf32: float32 calls made while torch's float32 matmul setting allows TF32")
-    t.add_argument("--cases", choices=["small", "gpu"])
+    t.add_argument("--cases", choices=["small", "gpu", "main"])
     t.add_argument("--case", nargs="+", metavar="NAME", help="only these cases of the set, by name")
     t.add_argument("--mode", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
                    help="tune inference calls (fwd), training calls (fwdbwd, stored under '<key>|train'), or both")
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", help="results file to compare with (default perf/results/<device>.json)")
     p.add_argument("--threshold", type=float, default=0.10, help="allowed relative drop of a ratio, plus spread")
     p.add_argument("--update", action="store_true", help="write this run as the baseline instead of comparing")
-    p.add_argument("--cases", choices=["small", "gpu", "all"])
+    p.add_argument("--cases", choices=["small", "gpu", "main", "all"])
     p.add_argument("--dtypes", help="comma-separated dtypes (default float32)")
     p.add_argument("-k", help="pytest -k expression to select benchmarks")
     p.add_argument("--quiet", action="store_true", help="send pytest's output to stderr")

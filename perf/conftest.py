@@ -7,7 +7,7 @@ preceded (untimed) by an L2 flush, so rounds are cold-cache like
 ``--opforge-results FILE`` they are written to a results file after every test
 (``opforge perf-check`` drives this).
 
-Options: ``--opforge-cases small|gpu|all`` (default: gpu on CUDA, small on CPU),
+Options: ``--opforge-cases small|gpu|main|all`` (default: gpu on CUDA, small on CPU),
 ``--opforge-case-names NAME,...`` (only those cases of the set),
 ``--opforge-dtypes float32,float32-tf32,bfloat16`` (default float32; ``float32-tf32`` is float32 with
 torch's float32 matmul setting at TF32 for the test, so opforge's dots and every baseline's matmuls use
@@ -29,7 +29,7 @@ _RECORDS: list[dict] = []
 
 def pytest_addoption(parser):
     parser.addoption("--opforge-results", default=None, help="write the perf records to this JSON file")
-    parser.addoption("--opforge-cases", default=None, choices=["small", "gpu", "all"])
+    parser.addoption("--opforge-cases", default=None, choices=["small", "gpu", "main", "all"])
     parser.addoption("--opforge-case-names", default="", help="only these cases of the set (comma-separated names)")
     parser.addoption("--opforge-dtypes", default="float32")
 

@@ -34,8 +34,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # commit that runs as OPFORGE_COMMIT=<hash> so results files name it.
 # TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16),
 # TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries), OPS the ops of
-# the tune and perf stages (default all three), CASES their case names (default all GPU cases), TEST_PATHS
-# what the test stage runs (default tests).
+# the tune and perf stages (default all three), CASE_SET their case set (gpu, the default, or main: the
+# issues' headline shapes, which fit one 10-minute call), CASES case names within it, TEST_PATHS what the
+# test stage runs (default tests). A quick call: CASE_SET=main TUNE_DTYPES=float32 PERF_DTYPES=float32
+# OPS="spectral_conv kan" bash perf/gpu_session.sh tune perf
 for stage in "${stages[@]}"; do
   case "$stage" in
     test)  # compiled GPU tests, then the CPU tests through the interpreter (Triton reads TRITON_INTERPRET at import)
@@ -58,14 +60,15 @@ for stage in "${stages[@]}"; do
     tune)
       for op in ${OPS:-spectral_conv kan kernel_sum}; do
         timeout "${TUNE_LIMIT_S:-300}" python3 -m opforge.autotune.cli tune --op "$op" --dtype ${TUNE_DTYPES:-float32 bfloat16} \
-          --mode ${TUNE_MODES:-fwd fwdbwd} ${CASES:+--case $CASES} --out "$OUT/caches/$tag.json" 2>>"$OUT/logs/tune.log" | tail -30
+          --mode ${TUNE_MODES:-fwd fwdbwd} --cases "${CASE_SET:-gpu}" ${CASES:+--case $CASES} --out "$OUT/caches/$tag.json" 2>>"$OUT/logs/tune.log" | tail -30
       done ;;
     perf)  # one suite per op, each under its own time limit; records accumulate in one results file
       for op in ${OPS:-spectral_conv kan kernel_sum}; do
         timeout -s INT "${PERF_LIMIT_S:-240}" python3 -m pytest "perf/bench_$op.py" -q -p no:cacheprovider \
           --opforge-results="$OUT/results/$tag.json" \
           --opforge-dtypes="$(echo ${PERF_DTYPES:-float32 bfloat16} | tr ' ' ,)" \
-          --opforge-case-names="$(echo ${CASES:-} | tr ' ' ,)" >>"$OUT/logs/perf.log" 2>&1
+          --opforge-cases="${CASE_SET:-gpu}" --opforge-case-names="$(echo ${CASES:-} | tr ' ' ,)" \
+          >>"$OUT/logs/perf.log" 2>&1
         tail -1 "$OUT/logs/perf.log"
       done
       python3 -m opforge.autotune.cli perf-table "$OUT/results/$tag.json" | tail -60 ;;
