@@ -218,6 +218,20 @@ def test_torch_variant_is_memory_lean():
     assert max(saved) <= 4096 * 16 and sum(saved) < 2 * 4096 * 16 + 8 * 16 * 12 * 4
 
 
+def test_fused_with_base_path_saves_only_x_and_weights():
+    """The fused layer's base path (beside the kernel) keeps x, not silu(x), for its backward."""
+    layer = KANLinear(16, 8, grid_size=8)
+    rows = 512
+    x = torch.randn(rows, 16, requires_grad=True)
+    saved = {}
+    with use_backend("triton", kan="fused"), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.numel()) and t, lambda t: t):
+        layer(x).sum().backward()
+    assert x.grad is not None and layer.base_weight.grad is not None
+    activations = [n for n in saved.values() if n > 8 * 16 * 11]  # the rest are weights: 8 x 16 (x 11)
+    assert activations == [rows * 16], saved
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("basis", BASES)
