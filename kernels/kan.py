@@ -636,11 +636,9 @@ def _fused_default(p: Problem) -> dict:
     bi = max(1, min(16, 64 // kp))
     while bi * kp < 16:
         bi *= 2
-    # 128 out-channels a tile on wide layers: the basis tile is evaluated once per out tile, and on an H100
-    # (tuned at commit 22a95f7) 32x128 tiles were 1.09x the best config over the four main-case entries
-    # (Chebyshev and RBF, forward and training) in geometric mean, against 1.19x for 32x64
-    bo = 128 if p.cout >= 256 else 64
-    return {"BLOCK_B": 32, "BLOCK_O": bo, "BLOCK_I": bi, "num_warps": 4, "num_stages": 2, "SPLITS": 0}
+    # 32x64 tiles: 32x128 ones won the Chebyshev forward on an H100 (tuned at commit 22a95f7) but lost the
+    # RBF training call and spill 150-430 B in the forward and grad-x kernels of every basis (Triton 3.6)
+    return {"BLOCK_B": 32, "BLOCK_O": 64, "BLOCK_I": bi, "num_warps": 4, "num_stages": 2, "SPLITS": 0}
 
 
 class _SiLULinear(torch.autograd.Function):
