@@ -261,6 +261,28 @@ def test_gpu_fused_matches_reference(basis, dtype):
         assert_close(wb.grad.cpu(), args64[2].grad.cpu().numpy(), dtype, p.rows, f"{basis} grad base_weight")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [lambda: KANLinear(96, 40, grid_size=8), lambda: FastKANLayer(96, 40, num_grids=8)],
+                         ids=["KANLinear", "FastKANLayer"])
+def test_gpu_modules_with_a_base_path(make):
+    """Layers with a SiLU base path on the GPU (the path that was wrong inside the forward kernel) against
+    the same layer on the torch backend, forward and gradients."""
+    torch.manual_seed(0)
+    layer = make().cuda()
+    x = torch.randn(300, 96, device="cuda", requires_grad=True)
+    g = torch.randn(300, 40, device="cuda")
+    got = {}
+    for backend in ("torch", "triton"):
+        layer.zero_grad()
+        x.grad = None
+        with use_backend(backend):
+            y = layer(x)
+        (y * g).sum().backward()
+        got[backend] = [y.detach()] + [x.grad] + [q.grad for q in layer.parameters() if q.requires_grad]
+    for a, b in zip(got["triton"], got["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 def test_knot_validation_is_redone_after_an_in_place_change():
     grid = torch.tensor([[0.0, 1, 2, 3, 4, 5]] * 2)
     w = torch.randn(3, 2, 4)
