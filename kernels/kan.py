@@ -21,9 +21,9 @@ Variants:
     order >= 1: N_p((x - t_0) / h - k) with the cardinal B-spline N_p as one
     polynomial per unit segment; on general knots (and order 0) only the p + 1
     non-zero bases: the knot interval by search, then the local de Boor
-    triangle; B-splines are off on GPUs until verified there, see
-    ``_fused_supports``);
-    the SiLU base path is a second dot on the same x tile. The weights are
+    triangle); the SiLU base path runs beside the kernel as one float32 GEMM
+    (``_SiLULinear``: inside the forward kernel it was wrong compiled for an
+    H100, see ``_fused_run``). The weights are
     re-laid out once per call (k padded to a power of two, o-contiguous for the
     forward, (i, k)-contiguous for grad x) so weight tiles load as aligned
     vectors instead of strided scalars. Backward: grad x
