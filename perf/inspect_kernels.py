@@ -32,6 +32,8 @@ import triton.runtime.jit as _jit  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
+from case_args import add_case_args, case_inputs  # noqa: E402
+
 
 class _CompileOnlyDriver:
     """Enough of a Triton driver for ``JITFunction.run(warmup=True)`` to compile for ``target``."""
@@ -99,14 +101,9 @@ def _ptxas_report(ptx: str, arch: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("op")
-    ap.add_argument("case")
-    ap.add_argument("variant")
-    ap.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwd")
-    ap.add_argument("--dtype", default="float32")
+    add_case_args(ap, "fwd", "compile under torch's TF32 float32 matmul setting")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90: H100/H200)")
     ap.add_argument("--config", default=None, help="JSON config of the variant (default: its heuristic default)")
-    ap.add_argument("--tf32", action="store_true", help="compile under torch's TF32 float32 matmul setting")
     args = ap.parse_args()
     from opforge.kernels._triton import allow_tf32
 
@@ -126,18 +123,12 @@ def _inspect(args) -> None:
 
     _jit.JITFunction.run = compile_only
 
-    from opforge.kernels import get_op
-
-    op = get_op(args.op)
-    cases = {c.name: c for c in op.cases}
-    if args.case not in cases:
-        raise SystemExit(f"unknown case {args.case!r} of {args.op}; valid: {sorted(cases)}")
+    op, problem, inputs = case_inputs(args, "cpu")
     if args.variant not in op.variants or op.variants[args.variant].kind != "triton":
         raise SystemExit(f"{args.variant!r} is not a Triton variant of {args.op}; valid: "
                          f"{[v.name for v in op.triton_variants()]}")
     v = op.variants[args.variant]
     grad = args.mode == "fwdbwd"
-    problem, inputs = op.make_inputs(cases[args.case], "cpu", getattr(torch, args.dtype), requires_grad=grad)
     cfg = json.loads(args.config) if args.config else v.default_config(problem)
     y = v.run(problem, *inputs, config=cfg)  # the raw launcher: the registry would refuse CPU tensors here
     if grad:

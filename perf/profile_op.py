@@ -13,32 +13,23 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from opforge.kernels import get_op
+from case_args import add_case_args, case_inputs
 from opforge.kernels._triton import allow_tf32
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("op")
-    ap.add_argument("case")
-    ap.add_argument("variant")
-    ap.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwdbwd")
-    ap.add_argument("--dtype", default="float32")
+    add_case_args(ap, "fwdbwd", "float32 with TF32 allowed in torch's matmul setting")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tf32", action="store_true", help="float32 with TF32 allowed in torch's matmul setting")
     args = ap.parse_args()
     with allow_tf32(args.tf32):
         profile_case(args)
 
 
 def profile_case(args: argparse.Namespace) -> None:
-    op = get_op(args.op)
-    cases = {c.name: c for c in op.cases}
-    if args.case not in cases:
-        raise SystemExit(f"unknown case {args.case!r} of {args.op}; valid: {sorted(cases)}")
+    op, problem, inputs = case_inputs(args, args.device)
     grad = args.mode == "fwdbwd"
-    problem, inputs = op.make_inputs(cases[args.case], args.device, getattr(torch, args.dtype), requires_grad=grad)
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def step():
