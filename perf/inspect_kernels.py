@@ -9,7 +9,10 @@ launch is turned into Triton's ``warmup`` compile. For each launched kernel it p
 shared memory, the registers and spill bytes ptxas reports, the MMA instructions (wgmma = Hopper tensor
 cores, mma.sync = the older warp-level ones, none = CUDA cores; with how many instructions: 3xTF32 has three
 times TF32's, ``--tf32`` compiles under torch's TF32 setting) and a count of global loads/stores by
-width (4-byte accesses where 16 were possible point at unaligned strides). Outputs are garbage (nothing
+width (4-byte accesses where 16 were possible point at unaligned strides), and, from the SASS
+(cuobjdump), the instructions in each loop with how many are MUFU (exp, sqrt, rcp, sin, cos): for a
+kernel bound by instruction issue, a loop's count over the work it does per thread (say the (i, j)
+pairs of a kernel-sum tile over the threads) is the cost to compare between versions. Outputs are garbage (nothing
 runs); only the code generation is inspected. It uses Triton internals (``driver.set_active``,
 ``JITFunction.run``) checked on Triton 3.6 and 3.9: a leading question for the GPU, not a timing.
 """
@@ -79,6 +82,29 @@ def _accesses(ptx: str) -> Counter:
     return out
 
 
+def _sass_loops(cubin: str, bindir: str) -> str:
+    """Instructions in each loop of the SASS (a backward branch from ``end`` to ``start``), innermost
+    first, and how many of them are MUFU (exp, sqrt, rcp: the special-function unit, 16 per clock per SM
+    against 128 lanes for the rest). With the work a loop does per thread this gives an issue-bound rate."""
+    exe = os.path.join(bindir, "cuobjdump")
+    if not os.path.exists(exe):
+        return ""
+    r = subprocess.run([exe, "-sass", cubin], capture_output=True, text=True)
+    ins = []  # (address, text)
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in ins:
+        b = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", text)
+        if b and int(b.group(1), 16) < addr:
+            body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
+            loops.append((len(body), sum("MUFU" in t for t in body)))
+    loops.sort()
+    return " | loops " + ", ".join(f"{n} ins ({mu} MUFU)" for n, mu in loops) if loops else ""
+
+
 def _ptxas_report(ptx: str, arch: int) -> str:
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     exe = next((os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))),
@@ -92,11 +118,12 @@ def _ptxas_report(ptx: str, arch: int) -> str:
             fh.write(ptx)
         r = subprocess.run([exe, "-v", "--gpu-name", sm, src, "-o", os.path.join(tmp, "k.cubin")],
                            capture_output=True, text=True)
+        loops = _sass_loops(os.path.join(tmp, "k.cubin"), bindir) if os.path.exists(os.path.join(tmp, "k.cubin")) else ""
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     if not regs:
         return f"ptxas: {r.stderr.strip()[:200]}"
-    return f"{regs.group(1)} regs" + (f", spills {spill.group(1)}/{spill.group(2)} B st/ld" if spill else "")
+    return f"{regs.group(1)} regs" + (f", spills {spill.group(1)}/{spill.group(2)} B st/ld" if spill else "") + loops
 
 
 def main() -> None:
