@@ -72,17 +72,29 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] if train else []
     if train and not leaves:
         raise ValueError(f"tune_problem(train=True) for {op.name!r} needs arguments that require grad")
+    skip = op.baseline_skip(problem)
+    # the screen's yardstick: the torch variant, or where that would take minutes the first Triton
+    # variant that runs here at its default config (the tests check it against the reference)
+    if skip:
+        ruler = next((v for v in op.triton_variants() if not v.why_not(problem)), None)
+        if ruler is None:
+            raise ValueError(f"{op.name}: no Triton variant runs {problem.key} and the torch baseline is "
+                             f"not timed here ({skip})")
+        ruler_cfg = ruler.default_config(problem)
+    else:
+        ruler, ruler_cfg = op.torch_variant, None
     grad_out = None
     if train:  # a fixed random output gradient, the same for every call
         with torch.enable_grad():
-            out = op.torch_variant.run(problem, *args, config=None)
+            out = ruler.run(problem, *args, config=ruler_cfg)
         gen = torch.Generator().manual_seed(0)
         grad_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
         expected = out.detach(), torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
         del out
     else:
-        expected = _step(op.torch_variant, problem, args, leaves, grad_out, None)
-    torch_ms = bench(lambda: _step(op.torch_variant, problem, args, leaves, grad_out, None), problem.device)["p50"]
+        expected = _step(ruler, problem, args, leaves, grad_out, ruler_cfg)
+    torch_ms = None if skip else bench(lambda: _step(op.torch_variant, problem, args, leaves, grad_out, None),
+                                       problem.device)["p50"]
     timings, failures = [], []
     for v in op.triton_variants():
         if v.why_not(problem):
@@ -104,13 +116,18 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
             if log:
                 log(f"    {v.name} {cfg} {t['p50']:.4f} ms")
     timings.sort(key=lambda r: r["ms"])
-    if timings and timings[0]["ms"] < torch_ms:
+    if timings and (torch_ms is None or timings[0]["ms"] < torch_ms):
         win = timings[0]
         entry = {"variant": win["variant"], "config": win["config"], "ms": win["ms"]}
+    elif torch_ms is None:
+        raise RuntimeError(f"{op.name} {problem.key}: every config failed and the torch baseline is not "
+                           f"timed here ({skip}): {failures[:3]}")
     else:
         entry = {"variant": "torch", "config": None, "ms": torch_ms}
     entry.update({"torch_ms": torch_ms, "timings": timings, "failures": failures,
                   "mode": "fwdbwd" if train else "fwd"})
+    if skip:
+        entry["baseline"] = f"torch not timed: {skip}; configs screened against {ruler.name} at its default"
     if persist:
         target = Path(path) if path else cache.user_dir() / cache.file_name(device)
         cache.record(target, device, op, problem, entry, train=train)
@@ -134,10 +151,12 @@ def tune_op(op, cases, device: str, dtype: torch.dtype, out: Path | None = None,
             entry = tune_problem(op, problem, args, persist=True, path=out, train=train,
                                  log=lambda msg: print(msg, file=stream, flush=True))
             n = len(entry["timings"])
-            print(f"    -> {entry['variant']} {entry['ms']:.4f} ms (torch {entry['torch_ms']:.4f} ms, {n} configs "
+            t_torch = entry["torch_ms"]
+            vs = f"torch {t_torch:.4f} ms" if t_torch is not None else entry["baseline"]
+            print(f"    -> {entry['variant']} {entry['ms']:.4f} ms ({vs}, {n} configs "
                   f"timed, {len(entry['failures'])} skipped)", file=stream, flush=True)
             rows.append({"op": op.name, "case": case.name, "dtype": problem.dtype_name, "mode": mode,
                          "variant": entry["variant"], "config": entry["config"], "ms": entry["ms"],
-                         "torch_ms": entry["torch_ms"], "speedup": entry["torch_ms"] / entry["ms"]})
+                         "torch_ms": t_torch, "speedup": t_torch / entry["ms"] if t_torch is not None else None})
             del args
     return rows

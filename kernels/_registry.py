@@ -135,8 +135,18 @@ class Op:
     reduction: Callable[[Any], int] | None = None
     # ref_subset(args) -> (args for the reference, index of the output they give); default: 2 batch entries
     ref_subset: Callable[[tuple], tuple] | None = None
+    # untimed_baseline(problem) -> why the torch variant is not timed on a GPU at this size (it would take
+    # minutes), or None; the tuner then screens configs against the Triton default and `opforge bench`
+    # shows no torch time
+    untimed_baseline: Callable[[Any], str | None] | None = None
     _hash: str | None = None
     _broken: set = field(default_factory=set)  # (variant, key, dtype, config) that raised under "auto"
+
+    def baseline_skip(self, problem) -> str | None:
+        """Why the torch variant is not timed for ``problem`` (only ever on a GPU), or None."""
+        if self.untimed_baseline is None or problem.device.type != "cuda":
+            return None
+        return self.untimed_baseline(problem)
 
     def add(self, variant: Variant) -> Variant:
         self.variants[variant.name] = variant

@@ -110,8 +110,8 @@ def test_kernel_sum(perf, case, dtype, variant, mode):
             fwd(x, y, b)  # KeOps compiles the formula at its first call: keep that out of the timing
     else:
         perf.skip_unless_timed(OP, variant, problem)
-        if variant == "torch" and dev == "cuda" and problem.n * problem.m > 2**34:
-            pytest.skip("the blocked torch baseline would take minutes at this size")
+        if variant == "torch" and OP.baseline_skip(problem):
+            pytest.skip(OP.baseline_skip(problem))
 
         def fwd(x, y, b, variant=variant):
             return OP.run_variant(variant, problem, x, y, b)

@@ -1,4 +1,5 @@
 """Registry dispatch, backend overrides and the autotune cache (miss, hit, stale hash, corrupt file, atomic write)."""
+import io
 import json
 import os
 import warnings
@@ -178,6 +179,38 @@ def test_tuner_train_mode_times_forward_and_backward(tmp_path):
     assert all(a.grad is None for a in args)  # the tuner differentiates with autograd.grad, leaving .grad alone
     with pytest.raises(ValueError, match="require grad"):
         tuner.tune_problem(OP, *problem(), persist=False, train=True)
+
+
+def test_tuner_without_a_timed_baseline_screens_against_the_triton_default(tmp_path, monkeypatch):
+    """Where the torch variant would take minutes (op.baseline_skip), the tuner never runs it: configs are
+    checked against the first Triton variant at its default config and the entry says so."""
+    p, args = _grad_problem()
+    monkeypatch.setattr(OP, "baseline_skip", lambda problem: "too slow here")
+
+    def no_torch(*a, **k):
+        raise AssertionError("the torch variant ran")
+
+    monkeypatch.setattr(OP.torch_variant, "run", no_torch)
+    for v in OP.triton_variants():  # two configs each keep the interpreter run short
+        monkeypatch.setattr(v, "configs", lambda problem, v=v, c=v.configs: c(problem)[:2])
+    for train in (False, True):
+        entry = tuner.tune_problem(OP, p, args, persist=True, path=tmp_path / "t.json", train=train)
+        assert entry["torch_ms"] is None and entry["variant"] in {"dft_gemm", "fft_mix"}
+        assert "too slow here" in entry["baseline"] and not entry["failures"]
+    rows = tuner.tune_op(OP, [CASE], "cpu", torch.float32, out=tmp_path / "t.json", stream=io.StringIO(),
+                         modes=("fwd",))
+    assert all(r["torch_ms"] is None and r["speedup"] is None for r in rows)
+
+
+def test_kernel_sum_baseline_is_untimed_only_for_huge_gpu_problems():
+    from opforge.kernels.kernel_sum import Problem as KP
+
+    def kp(n, dev):
+        return KP(1, n, n, 3, 1, "gaussian", torch.float32, torch.device(dev))
+
+    ks = get_op("kernel_sum")
+    assert ks.baseline_skip(kp(10**6, "cuda")) and "2^34" in ks.baseline_skip(kp(10**6, "cuda"))
+    assert ks.baseline_skip(kp(10**5, "cuda")) is None and ks.baseline_skip(kp(10**6, "cpu")) is None
 
 
 class _DoubleGrad(torch.autograd.Function):
