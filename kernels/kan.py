@@ -36,9 +36,16 @@ Variants:
     splits, summed in a fixed order: deterministic, no atomics; the number of
     splits (each a float32 partial of W's size) is the config's SPLITS, or with
     SPLITS 0 just enough for two waves of the GPU (one on the main shapes).
+    For Chebyshev and B-spline bases grad W runs one basis function per
+    program (dy^T @ phi_k on 2-D tiles, ``_kan_dwk_kernel``), for RBF and
+    Fourier on the [rows, in-block x K] basis tile (see ``_dw_per_k``). Grad x
+    stays on the padded basis tile: one tl.dot per k there re-reads and
+    re-splits dy per k and came out at more instructions (59k against 51k per
+    32 Chebyshev features, with spills).
 
 ``perf/inspect_kernels.py kan <case> fused`` shows what the compiler makes of
-these kernels for an H100 without one (registers, spills, MMA kind, access widths).
+these kernels for an H100 without one (registers, spills, MMA kind, access
+widths, instructions per loop).
 
 float32 / bfloat16 / float16 inputs, float32 accumulation; float32 dot
 products use 3xTF32, 16-bit inputs TF32 (on float32-converted tiles).
@@ -543,6 +550,89 @@ if HAS_TRITON:
                  mask=b_mask[:, None] & i_mask[None, :])
 
     @triton.jit
+    def _phi_k(x, k, ii, i_mask, GRID, sGi, NK, CENT, width, K,
+               BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KC: tl.constexpr):
+        """phi_k of a [rows, in-block] tile of x for one basis function k (a runtime scalar)."""
+        if BASIS == 3:  # fourier: cos((k + 1) x) for k < G, sin((k - G + 1) x) after
+            G = K // 2
+            if k < G:
+                phi = tl.cos((k + 1.0) * x)
+            else:
+                phi = tl.sin((k - G + 1.0) * x)
+        elif BASIS == 2:  # chebyshev: T_k(tanh x) by the recurrence, kept at kk == k
+            e = tl.exp(-2.0 * tl.abs(x))
+            t = (1.0 - e) / (1.0 + e)
+            t = tl.where(x < 0, -t, t)
+            t_a = tl.zeros(x.shape, dtype=tl.float32) + 1.0
+            t_b = t
+            phi = t_a
+            for kk in tl.static_range(1, KC):
+                phi = tl.where(k == kk, t_b, phi)
+                t_n = 2.0 * t * t_b - t_a
+                t_a = t_b
+                t_b = t_n
+        elif BASIS == 1:  # rbf
+            z = (x - tl.load(CENT + k)) / width
+            phi = tl.exp(-z * z)
+        elif UNIFORM and ORDER >= 1:  # bspline, uniform knots
+            t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
+            tn = tl.load(GRID + ii * sGi + NK - 1, mask=i_mask, other=1.0)[None, :]
+            j, v0, v1, v2, v3 = _cardinal_local((x - t0) * ((NK - 1) / (tn - t0)), ORDER)
+            phi = _local_pick(j, k, v0, v1, v2, v3, ORDER)
+        else:  # bspline, general knots
+            row = (tl.where(i_mask, ii, 0) * sGi)[None, :]
+            t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
+            t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
+            j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, row, t0, 1.0 / (t1 - t0), NK, ORDER, UNIFORM)
+            phi = _local_pick(j, k, v0, v1, v2, v3, ORDER)
+        return phi
+
+    @triton.jit
+    def _kan_dwk_kernel(
+        X, GY, DW, DWB, GRID, CENT, width,
+        B, I, O, K, NK, rows_per_split,
+        sXb, sXi, sGb, sGo, sGi,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """Partial sums over one batch split for one basis function k (program axis 2 = split x slots + k):
+        DW[split, o, i, k] = sum_b dy[b, o] phi_k(x[b, i]) as dy^T @ phi_k on [out, in-block] tiles, the
+        slot k = K (with HAS_BASE) giving DWB[split, o, i] = sum_b dy[b, o] silu(x[b, i])."""
+        pid_i = tl.program_id(0)
+        pid_o = tl.program_id(1)
+        slots = K + HAS_BASE
+        k = tl.program_id(2) % slots
+        split = tl.program_id(2) // slots
+        ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        oo = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        i_mask = ii < I
+        o_mask = oo < O
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        start = split * rows_per_split
+        for b0 in range(start, start + rows_per_split, BLOCK_B):
+            rb = b0 + tl.arange(0, BLOCK_B)
+            b_mask = (rb < B) & (rb < start + rows_per_split)
+            x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
+            x = x.to(tl.float32)
+            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
+            g = g.to(tl.float32)  # rows past the split or the batch: g = 0, so their basis values add nothing
+            if HAS_BASE:
+                if k == K:
+                    phi = x / (1.0 + tl.exp(-x))
+                else:
+                    phi = _phi_k(x, k, ii, i_mask, GRID, sGi, NK, CENT, width, K, BASIS, ORDER, UNIFORM, KC)
+            else:
+                phi = _phi_k(x, k, ii, i_mask, GRID, sGi, NK, CENT, width, K, BASIS, ORDER, UNIFORM, KC)
+            acc += tl.dot(tl.trans(g), phi, input_precision=PREC)
+        w_mask = o_mask[:, None] & i_mask[None, :]
+        if k < K:  # DW partial laid out [split, O, I, K]
+            base = DW + split.to(tl.int64) * O * I * K
+            tl.store(base + oo[:, None] * (I * K) + ii[None, :] * K + k, acc, mask=w_mask)
+        else:  # DWB [split, O, I]
+            baseb = DWB + split.to(tl.int64) * O * I
+            tl.store(baseb + oo[:, None] * I + ii[None, :], acc, mask=w_mask)
+
+    @triton.jit
     def _kan_dw_kernel(
         X, GY, DW, DWB, GRID, CENT, width,
         B, I, O, K, G, NK, rows_per_split,
@@ -619,12 +709,25 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def _dw_per_k(p: Problem) -> bool:
+    """grad W one basis function per program (``_kan_dwk_kernel``) for Chebyshev and B-spline bases, the
+    [rows, in-block x K] basis tile (``_kan_dw_kernel``) for RBF and Fourier: compiled for sm_90 (Triton
+    3.6, main shapes) the per-k loop takes 2.1x (Chebyshev) and 1.2x (B-spline) fewer instructions per 32
+    features, and 1.4x (RBF) and 1.1x (Fourier) more: their basis tiles are cheap, and per k the dy tile
+    is re-split for 3xTF32."""
+    return p.basis in ("chebyshev", "bspline")
+
+
 def _dw_splits(p: Problem, cfg: dict, rows: int, device: torch.device) -> int:
     """Batch splits of the grad-W reduction: the config's SPLITS, or with SPLITS 0 (auto) just enough
     (i, o) tiles x splits for two waves of the GPU. Each split costs a float32 partial of W's size."""
     want = cfg.get("SPLITS", 0)
     if want <= 0:
-        tiles = triton.cdiv(p.cin, cfg["BLOCK_I"]) * triton.cdiv(p.cout, cfg["BLOCK_O"])
+        if _dw_per_k(p):
+            tiles = (triton.cdiv(p.cin, cfg.get("BLOCK_IF", 32)) * triton.cdiv(p.cout, cfg["BLOCK_O"])
+                     * (p.k + p.has_base))
+        else:
+            tiles = triton.cdiv(p.cin, cfg["BLOCK_I"]) * triton.cdiv(p.cout, cfg["BLOCK_O"])
         want = triton.cdiv(2 * _sm_count(device), tiles)
     return max(1, min(want, 16, triton.cdiv(rows, cfg["BLOCK_B"])))
 
@@ -667,7 +770,25 @@ class _FusedKAN(torch.autograd.Function):
                 x, gy, WP, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK,
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
                 dx.stride(0), dx.stride(1), sGi, **meta)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p):
+            bif = cfg.get("BLOCK_IF", 32)
+            splits = _dw_splits(p, cfg, rows, x.device)
+            per = triton.cdiv(triton.cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
+            splits = triton.cdiv(rows, per)
+            part = torch.empty((splits, p.cout, p.cin, p.k), dtype=torch.float32, device=x.device)
+            partb = torch.empty((splits, p.cout, p.cin), dtype=torch.float32, device=x.device) if p.has_base else part
+            launch = (triton.cdiv(p.cin, bif), triton.cdiv(p.cout, cfg["BLOCK_O"]), splits * (p.k + p.has_base))
+            _kan_dwk_kernel[launch](
+                x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, NK, per,
+                x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi,
+                BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"], HAS_BASE=meta["HAS_BASE"],
+                BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=bif, KC=p.k, PREC=meta["PREC"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            if ctx.needs_input_grad[1]:
+                dw = part.sum(0).to(weight.dtype)  # fixed-order sum over splits: deterministic
+            if ctx.needs_input_grad[2]:
+                dwb = partb.sum(0).to(base_weight.dtype)
+        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             KP = meta["KP"]
             splits = _dw_splits(p, cfg, rows, x.device)
             per = triton.cdiv(triton.cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
@@ -1168,5 +1289,6 @@ OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _ba
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,
-                   sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _basis_tile, _bspline_local, _cardinal,
-                            _local_pick, _cardinal_local, _nz, _place, _knot, _FusedKAN, _padded_weight, _dw_splits, _fused_cfgs)))
+                   sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
+                            _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _nz, _place, _knot,
+                            _FusedKAN, _padded_weight, _dw_per_k, _dw_splits, _fused_cfgs)))

@@ -118,7 +118,8 @@ def _ptxas_report(ptx: str, arch: int) -> str:
             fh.write(ptx)
         r = subprocess.run([exe, "-v", "--gpu-name", sm, src, "-o", os.path.join(tmp, "k.cubin")],
                            capture_output=True, text=True)
-        loops = _sass_loops(os.path.join(tmp, "k.cubin"), bindir) if os.path.exists(os.path.join(tmp, "k.cubin")) else ""
+        cubin = os.path.join(tmp, "k.cubin")
+        loops = _sass_loops(cubin, bindir) if os.path.exists(cubin) else ""
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     if not regs:
