@@ -90,8 +90,14 @@ def _sass_loops(cubin: str, bindir: str) -> str:
     if not os.path.exists(exe):
         return ""
     r = subprocess.run([exe, "-sass", cubin], capture_output=True, text=True)
+    loops = sass_loops(r.stdout)
+    return " | loops " + ", ".join(f"{n} ins ({mu} MUFU)" for n, mu in loops) if loops else ""
+
+
+def sass_loops(sass: str) -> list[tuple[int, int]]:
+    """(instructions, MUFU instructions) of each loop in cuobjdump's SASS listing, smallest first."""
     ins = []  # (address, text)
-    for line in r.stdout.splitlines():
+    for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if m:
             ins.append((int(m.group(1), 16), m.group(2)))
@@ -101,8 +107,7 @@ def _sass_loops(cubin: str, bindir: str) -> str:
         if b and int(b.group(1), 16) < addr:
             body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
             loops.append((len(body), sum("MUFU" in t for t in body)))
-    loops.sort()
-    return " | loops " + ", ".join(f"{n} ins ({mu} MUFU)" for n, mu in loops) if loops else ""
+    return sorted(loops)
 
 
 def _ptxas_report(ptx: str, arch: int) -> str:

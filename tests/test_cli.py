@@ -50,3 +50,36 @@ def test_inspect_kernels_compiles_for_an_h100_without_one():
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("  _kan_")]
     assert [ln.split()[0] for ln in lines] == ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel"], r.stdout
     assert all(re.search(r"\d+ regs", ln) and "mma" in ln for ln in lines), r.stdout
+    assert all(re.search(r"loops \d+ ins \(\d+ MUFU\)", ln) for ln in lines), r.stdout
+
+
+def test_sass_loop_counts():
+    """Loops are backward branches; a loop's size counts every instruction from its target to the branch."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "inspect_kernels.py"
+    spec = importlib.util.spec_from_file_location("inspect_kernels_t", path)
+    sass = "\n".join([
+        "        Function : k",
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;       /* 0x00000a0000017a02 */",
+        "        /*0010*/                   FADD R2, R2, R3 ;            /* 0x0000000302027221 */",
+        "        /*0020*/                   MUFU.EX2 R4, R2 ;            /* 0x0000000200047308 */",
+        "        /*0030*/                   FFMA R5, R4, R4, R5 ;        /* 0x0000000404057223 */",
+        "        /*0040*/              @P0 BRA 0x20 ;                    /* 0xfffffffc00f80947 */",
+        "        /*0050*/              @P1 BRA 0x10 ;                    /* 0xfffffff800e81947 */",
+        "        /*0060*/                   BRA 0x60;                    /* 0xfffffffc00fc7947 */",
+    ])
+    import sys
+    sys.path.insert(0, str(path.parent))  # inspect_kernels imports case_args beside it
+    interp = os.environ.get("TRITON_INTERPRET")  # the script sets it to 0 on import: keep this process's
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+        if interp is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interp
+    assert mod.sass_loops(sass) == [(3, 1), (5, 1)]
