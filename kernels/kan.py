@@ -23,9 +23,9 @@ Variants:
     knots the cardinal B-spline's segment polynomials at floor((x - t_0) / h),
     on general knots (and order 0) the knot interval by search and the local
     de Boor triangle -- then picked per k). Compiled for sm_90 (Triton 3.6,
-    main shapes) this is 2.4x (B-spline) to 4.8x (Chebyshev) fewer
-    instructions per feature block than the [rows, in-block x K] basis tile it
-    replaced, with K no longer padded to a power of two. The SiLU base path
+    main shapes, 32-row tiles) this is 2.4x (B-spline) to 4.8x (Chebyshev)
+    fewer instructions per feature block than the [rows, in-block x K] basis
+    tile it replaced, with K no longer padded to a power of two. The SiLU base path
     runs beside the kernel as one float32 GEMM (``_SiLULinear``: inside the
     forward kernel it was wrong compiled for an H100, see ``_fused_run``). The
     weights are re-laid out once per call ([k, i, o] for the forward; k padded
