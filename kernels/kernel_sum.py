@@ -19,12 +19,16 @@ Variants:
     the same pass (tl.dot when R >= 16). For D <= 8 the differences are taken one
     coordinate at a time on [rows, cols] tiles, and for R = 1 (and, in the
     backward, D <= 4) the sums over j go into [rows, cols] accumulators reduced
-    once after the loop: about 10 instructions per (i, j) pair forward and 16
-    backward at D = 3 compiled for sm_90, against 51 and 100 with [rows, cols, D]
-    tiles and a reduction per tile (``perf/inspect_kernels.py kernel_sum
+    once after the loop: about 9 instructions per (i, j) pair forward and 15
+    backward for the Gaussian at D = 3 compiled for sm_90, against 51 and 100
+    with [rows, cols, D] tiles and a reduction per tile (``perf/inspect_kernels.py kernel_sum
     1e6-d3-r1 flash --mode fwdbwd`` prints the loop sizes). Backward: grad b is
     the same kernel with x and y swapped; grad x and grad y one more streaming
     kernel each (sum_j k'(s_ij) <g_i, b_j> (x_i - y_j)). No N x M buffer in HBM.
+
+The flash variant runs the Gaussian as exp2(-|c x - c y|^2) on points scaled by
+c = sqrt(log2(e) / 2) (and, for D <= 8, with the minus sign folded into the
+distance FMAs), which saves a multiply per pair.
 
 Scaling by the lengthscale, centring (kernels are translation invariant; it
 tames cancellation in |x|^2 + |y|^2 - 2 x.y) and the outputscale are torch ops
@@ -177,6 +181,9 @@ def _torch_run(p: Problem, xs, ys, b, config=None):
 
 # --------------------------------------------------------------------------- Triton variant (flash)
 _KID = {name: i for i, name in enumerate(KERNELS)}
+# flash only: the Gaussian on points pre-scaled by sqrt(log2(e) / 2), so k = exp2(-s) takes no multiply per pair
+_KID["gaussian-exp2"] = len(KERNELS)
+_EXP2_SCALE = math.sqrt(0.5 / math.log(2.0))
 
 if HAS_TRITON:
 
@@ -194,8 +201,12 @@ if HAS_TRITON:
             k = (1.0 + t + t * t * (1.0 / 3.0)) * tl.exp(-t)
         elif KERNEL == 4:
             k = tl.rsqrt(1.0 + s)
-        else:
+        elif KERNEL == 5:
             k = 1.0 / (1.0 + s)
+        elif KERNEL == 6:  # gaussian-exp2
+            k = tl.exp2(-s)
+        else:  # gaussian-exp2 with s holding -s (``_sq_small`` with NEG: the sign rides on its FMAs)
+            k = tl.exp2(s)
         return k
 
     @triton.jit
@@ -213,9 +224,13 @@ if HAS_TRITON:
         elif KERNEL == 4:
             a = tl.rsqrt(1.0 + s)
             k = -0.5 * a * a * a
-        else:
+        elif KERNEL == 5:
             a = 1.0 / (1.0 + s)
             k = -a * a
+        elif KERNEL == 6:  # gaussian-exp2
+            k = -0.6931471805599453 * tl.exp2(-s)
+        else:  # gaussian-exp2, s holding -s
+            k = -0.6931471805599453 * tl.exp2(s)
         return k
 
     @triton.jit
@@ -234,15 +249,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
+                  BLOCK_M: tl.constexpr, NEG: tl.constexpr):
         """[BN, BM] squared distances from exact differences for D = DE <= 8, one coordinate at a time:
-        [BN] and [BM] vectors broadcast in registers (a [BN, BM, D] tile would go through shared memory)."""
+        [BN] and [BM] vectors broadcast in registers (a [BN, BM, D] tile would go through shared memory).
+        NEG: minus the squared distances (fused into the FMAs, where a negation afterwards costs an add)."""
         s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for c in tl.static_range(DE):
             pc = tl.load(P + rn * sPn + c, mask=n_mask, other=0.0).to(tl.float32)
             qc = tl.load(Q + rm * sQm + c, mask=m_mask, other=0.0).to(tl.float32)
             diff = pc[:, None] - qc[None, :]
-            s += diff * diff
+            if NEG:
+                s -= diff * diff
+            else:
+                s += diff * diff
         return s
 
     @triton.jit
@@ -321,7 +340,7 @@ if HAS_TRITON:
             rm = m0 + tl.arange(0, BLOCK_M)
             m_mask = rm < M
             if DE > 0:
-                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M)
+                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 7)
             elif EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
             elif DK == DP:
@@ -396,7 +415,7 @@ if HAS_TRITON:
             q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             q = q.to(tl.float32)
             if DE > 0:
-                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M)
+                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 7)
             elif EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
             elif DK == DP:
@@ -469,7 +488,8 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
     dims = _dims(D, R, kernel)
     d_blocks = dims["DP"] // dims["DK"] if kernel_fn is _ksum_grad_kernel else 1  # grad: one program per block
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), B, d_blocks)
-    kernel_fn[grid](*tensors, out, N, M, D, R, *strides, KERNEL=_KID[kernel], BLOCK_N=cfg["BLOCK_N"],
+    kid = _KID[kernel] + (kernel == "gaussian-exp2" and dims["DE"] > 0)  # 7: s carries its minus sign
+    kernel_fn[grid](*tensors, out, N, M, D, R, *strides, KERNEL=kid, BLOCK_N=cfg["BLOCK_N"],
                     BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     **dims)
     return out
@@ -540,7 +560,10 @@ def _flash_default(p: Problem) -> dict:
 
 def _flash_run(p: Problem, xs, ys, b, config=None):
     cfg = config or _flash_default(p)
-    return _FlashKSum.apply(xs, ys, b, p.kernel, cfg, p.dtype, p.precision)
+    kernel = p.kernel
+    if kernel == "gaussian":  # exp(-|x - y|^2 / 2) = exp2(-|c x - c y|^2), c^2 = log2(e) / 2; autograd takes the c
+        xs, ys, kernel = xs.float() * _EXP2_SCALE, ys.float() * _EXP2_SCALE, "gaussian-exp2"
+    return _FlashKSum.apply(xs, ys, b, kernel, cfg, p.dtype, p.precision)
 
 
 # --------------------------------------------------------------------------- checks and the public API
@@ -802,4 +825,4 @@ if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
                    supports=_flash_supports,
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi, _dphi, _FlashKSum,
-                            _dims, _flash_cfgs)))
+                            _dims, _flash_cfgs, _flash_run)))
