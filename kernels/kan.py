@@ -369,14 +369,14 @@ if HAS_TRITON:
                     t_prev = t_cur
                     t_cur = t_next
                     out += tl.where(kk3 == k, t_cur[:, :, None], 0.0)
-        else:  # fourier: cos(kx) for kk < G, sin(kx) after
+        else:  # fourier: cos(kx) for kk < G, sin(kx) after, each one cosine: sin a = cos(a - pi/2)
             is_cos = kk3 < G
             freq = tl.where(is_cos, kk3 + 1, kk3 - G + 1).to(tl.float32)
             ang = x[:, :, None] * freq
-            if DERIV:
-                out = tl.where(is_cos, -freq * tl.sin(ang), freq * tl.cos(ang))
+            if DERIV:  # -f sin(fx) = f cos(fx + pi/2), f cos(fx)
+                out = freq * tl.cos(ang + tl.where(is_cos, 1.5707963267948966, 0.0))
             else:
-                out = tl.where(is_cos, tl.cos(ang), tl.sin(ang))
+                out = tl.cos(ang - tl.where(is_cos, 0.0, 1.5707963267948966))
         return tl.where(k_ok & i_mask[None, :, None], out, 0.0)
 
     @triton.jit
