@@ -36,9 +36,9 @@ Variants:
     splits, summed in a fixed order: deterministic, no atomics; the number of
     splits (each a float32 partial of W's size) is the config's SPLITS, or with
     SPLITS 0 just enough for two waves of the GPU (one on the main shapes).
-    For Chebyshev and B-spline bases grad W runs one basis function per
-    program (dy^T @ phi_k on 2-D tiles, ``_kan_dwk_kernel``), for RBF and
-    Fourier on the [rows, in-block x K] basis tile (see ``_dw_per_k``). Grad x
+    For Chebyshev bases (and B-splines on 32-row tiles) grad W runs one basis
+    function per program (dy^T @ phi_k on 2-D tiles, ``_kan_dwk_kernel``),
+    otherwise on the [rows, in-block x K] basis tile (see ``_dw_per_k``). Grad x
     stays on the padded basis tile: one tl.dot per k there re-reads and
     re-splits dy per k and came out at more instructions (59k against 51k per
     32 Chebyshev features, with spills).
@@ -709,13 +709,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _dw_per_k(p: Problem) -> bool:
-    """grad W one basis function per program (``_kan_dwk_kernel``) for Chebyshev and B-spline bases, the
-    [rows, in-block x K] basis tile (``_kan_dw_kernel``) for RBF and Fourier: compiled for sm_90 (Triton
-    3.6, main shapes) the per-k loop takes 2.1x (Chebyshev) and 1.2x (B-spline) fewer instructions per 32
-    features, and 1.4x (RBF) and 1.1x (Fourier) more: their basis tiles are cheap, and per k the dy tile
-    is re-split for 3xTF32."""
-    return p.basis in ("chebyshev", "bspline")
+def _dw_per_k(p: Problem, cfg: dict) -> bool:
+    """grad W one basis function per program (``_kan_dwk_kernel``) or on the [rows, in-block x K] basis
+    tile (``_kan_dw_kernel``), by instructions per 32 features compiled for sm_90 (Triton 3.6, main
+    shapes): per k is 2.1-2.2x fewer for Chebyshev (32- and 64-row tiles), 1.2x fewer for B-splines on
+    32-row tiles but 1.1x more on 64-row ones, and 1.4x (RBF) and 2x (Fourier) more: their basis tiles
+    are cheap, and per k the dy tile is re-split for 3xTF32."""
+    return p.basis == "chebyshev" or (p.basis == "bspline" and cfg["BLOCK_B"] <= 32)
 
 
 def _dw_splits(p: Problem, cfg: dict, rows: int, device: torch.device) -> int:
@@ -723,7 +723,7 @@ def _dw_splits(p: Problem, cfg: dict, rows: int, device: torch.device) -> int:
     (i, o) tiles x splits for two waves of the GPU. Each split costs a float32 partial of W's size."""
     want = cfg.get("SPLITS", 0)
     if want <= 0:
-        if _dw_per_k(p):
+        if _dw_per_k(p, cfg):
             tiles = (triton.cdiv(p.cin, cfg.get("BLOCK_IF", 32)) * triton.cdiv(p.cout, cfg["BLOCK_O"])
                      * (p.k + p.has_base))
         else:
@@ -770,7 +770,7 @@ class _FusedKAN(torch.autograd.Function):
                 x, gy, WP, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK,
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
                 dx.stride(0), dx.stride(1), sGi, **meta)
-        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p):
+        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p, cfg):
             bif = cfg.get("BLOCK_IF", 32)
             splits = _dw_splits(p, cfg, rows, x.device)
             per = triton.cdiv(triton.cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]

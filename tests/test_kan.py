@@ -19,12 +19,12 @@ def npf(t):
     return None if t is None else t.detach().double().numpy()
 
 
-def check(variant, case, dtype=torch.float32):
+def check(variant, case, dtype=torch.float32, config=None):
     p, (x, w, wb, bias, b) = OP.make_inputs(case, "cpu", dtype, requires_grad=True, seed=3)
     basis_args = dict(grid=npf(b.grid), order=b.order, centers=npf(b.centers), width=b.width, degree=p.k - 1,
                       grid_size=b.grid_size)
     g = torch.randn(p.rows, p.cout, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    y = OP.run_variant(variant, p, x, w, wb, bias, b)
+    y = OP.run_variant(variant, p, x, w, wb, bias, b, config=config)
     assert y.shape == (p.rows, p.cout) and y.dtype == dtype
     red = OP.reduction(p)
     assert_close(y, ref.kan_linear(npf(x), npf(w), p.basis, npf(wb), npf(bias), **basis_args), dtype, red, "forward")
@@ -42,6 +42,29 @@ def check(variant, case, dtype=torch.float32):
 @pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
 def test_variants_match_reference(variant, case):
     check(variant, case)
+
+
+@pytest.mark.parametrize("per_k", [True, False])
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_fused_both_grad_w_kernels(case, per_k, monkeypatch):
+    """grad W per basis function (dy^T phi_k) and on the [rows, in-block x K] basis tile: which one runs
+    depends on the basis and the row tile (kan._dw_per_k); here every basis goes through both."""
+    from opforge.kernels import kan as kan_mod
+
+    monkeypatch.setattr(kan_mod, "_dw_per_k", lambda p, cfg: per_k)
+    p, _ = OP.make_inputs(case, "cpu", torch.float32)
+    check("fused", case, config=dict(OP.variants["fused"].default_config(p), BLOCK_IF=16))
+
+
+def test_grad_w_kernel_choice():
+    p, _ = OP.make_inputs(SMALL[0], "cpu", torch.float32)
+    from opforge.kernels import kan as kan_mod
+
+    def per_k(basis, bb):
+        return kan_mod._dw_per_k(dataclasses.replace(p, basis=basis), {"BLOCK_B": bb})
+
+    assert per_k("chebyshev", 64) and per_k("bspline", 32) and not per_k("bspline", 64)
+    assert not per_k("rbf", 32) and not per_k("fourier", 32)
 
 
 @pytest.mark.parametrize("case", [c for c in SMALL if c.params["basis"] == "bspline"],
