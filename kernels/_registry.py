@@ -26,6 +26,8 @@ import hashlib
 import inspect
 import json
 import os
+import re
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -340,6 +342,11 @@ def _source_of(obj) -> str:
         return src
     fn = getattr(obj, "fn", obj)
     try:
-        return inspect.getsource(fn)
+        text = inspect.getsource(fn)
     except (OSError, TypeError):
         return json.dumps(repr(obj))
+    if fn is not obj:  # a Triton function under the interpreter: the source as JITFunction.src has it
+        text = textwrap.dedent(text)
+        start = re.search(r"^def\s+\w+\s*\(", text, re.MULTILINE)
+        text = text[start.start():] if start else text
+    return text

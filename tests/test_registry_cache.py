@@ -2,6 +2,8 @@
 import io
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -304,3 +306,31 @@ def test_auto_dispatch_falls_back_to_torch_with_a_warning(monkeypatch):
     with use_backend("triton"):
         with pytest.raises(RuntimeError, match="out of shared memory"):
             OP(p, *args)
+
+
+def test_shipped_caches_hold_no_stale_entries():
+    """autotune/caches/README.md: stale entries are removed, not shipped. Every op hash in a shipped file is
+    the op's current source hash (a kernel edit must prune or retune them), and every entry names a
+    registered variant."""
+    files = sorted(cache.SHIPPED_DIR.glob("*.json"))
+    for path in files:
+        data = json.loads(path.read_text())
+        for op_name, by_hash in data["ops"].items():
+            op = get_op(op_name)
+            assert set(by_hash) == {op.source_hash()}, f"{path.name}: stale {op_name} entries {set(by_hash)}"
+            for key, entry in by_hash[op.source_hash()].items():
+                assert entry["variant"] in op.variants, f"{path.name} {key}: unknown variant {entry['variant']}"
+
+
+def test_source_hash_is_the_same_under_the_interpreter():
+    """Triton functions hash the same source (JITFunction.src) whether TRITON_INTERPRET is set or not, so
+    interpreter runs see the entries tuned on a GPU."""
+    code = ("import opforge.kernels as k; "
+            "print([k.get_op(n).source_hash() for n in ('spectral_conv', 'kan', 'kernel_sum')])")
+    out = set()
+    for flag in ("0", "1"):
+        env = dict(os.environ, TRITON_INTERPRET=flag)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out.add(r.stdout.strip())
+    assert len(out) == 1, out
