@@ -550,6 +550,16 @@ if HAS_TRITON:
                  mask=b_mask[:, None] & i_mask[None, :])
 
     @triton.jit
+    def _split_rows(X, GY, b0, end, B, ii, i_mask, oo, o_mask, sXb, sXi, sGb, sGo, BLOCK_B: tl.constexpr):
+        """x [rows, in-block] and dy [rows, out-block] (float32) of the batch rows b0.. of a grad-W split
+        ending at ``end``, with the rows' mask; rows past the split or the batch read 0."""
+        rb = b0 + tl.arange(0, BLOCK_B)
+        b_mask = (rb < B) & (rb < end)
+        x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
+        g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
+        return x.to(tl.float32), g.to(tl.float32), b_mask
+
+    @triton.jit
     def _phi_k(x, k, ii, i_mask, GRID, sGi, NK, CENT, width, K,
                BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KC: tl.constexpr):
         """phi_k of a [rows, in-block] tile of x for one basis function k (a runtime scalar)."""
@@ -610,12 +620,9 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         start = split * rows_per_split
         for b0 in range(start, start + rows_per_split, BLOCK_B):
-            rb = b0 + tl.arange(0, BLOCK_B)
-            b_mask = (rb < B) & (rb < start + rows_per_split)
-            x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
-            x = x.to(tl.float32)
-            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
-            g = g.to(tl.float32)  # rows past the split or the batch: g = 0, so their basis values add nothing
+            # rows past the split or the batch: g = 0, so their basis values add nothing
+            x, g, _ = _split_rows(X, GY, b0, start + rows_per_split, B, ii, i_mask, oo, o_mask,
+                                  sXb, sXi, sGb, sGo, BLOCK_B)
             if HAS_BASE:
                 if k == K:
                     phi = x / (1.0 + tl.exp(-x))
@@ -653,12 +660,8 @@ if HAS_TRITON:
         accb = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
         start = split * rows_per_split
         for b0 in range(start, start + rows_per_split, BLOCK_B):
-            rb = b0 + tl.arange(0, BLOCK_B)
-            b_mask = (rb < B) & (rb < start + rows_per_split)
-            x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
-            x = x.to(tl.float32)
-            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
-            g = g.to(tl.float32)
+            x, g, b_mask = _split_rows(X, GY, b0, start + rows_per_split, B, ii, i_mask, oo, o_mask,
+                                       sXb, sXi, sGb, sGo, BLOCK_B)
             phi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, False)
             phi = tl.where(b_mask[:, None, None], phi, 0.0)
             acc += tl.dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, input_precision=PREC)
@@ -1295,5 +1298,5 @@ if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
-                            _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _nz, _place, _knot,
-                            _FusedKAN, _padded_weight, _dw_per_k, _dw_splits, _fused_cfgs)))
+                            _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
+                            _place, _knot, _FusedKAN, _padded_weight, _dw_per_k, _dw_splits, _fused_cfgs)))
