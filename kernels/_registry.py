@@ -137,9 +137,9 @@ class Op:
     reduction: Callable[[Any], int] | None = None
     # ref_subset(args) -> (args for the reference, index of the output they give); default: 2 batch entries
     ref_subset: Callable[[tuple], tuple] | None = None
-    # untimed_baseline(problem) -> why the torch variant is not timed on a GPU at this size (it would take
-    # minutes), or None; the tuner then screens configs against the Triton default and `opforge bench`
-    # shows no torch time
+    # untimed_baseline(problem) -> why the torch variant is not timed on a GPU at this size (one call would
+    # take seconds to minutes), or None; the tuner then screens configs against the Triton default and
+    # `opforge bench` shows no torch time
     untimed_baseline: Callable[[Any], str | None] | None = None
     _hash: str | None = None
     _broken: set = field(default_factory=set)  # (variant, key, dtype, config) that raised under "auto"
