@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from opforge.autotune.cli import main
 
 
@@ -36,7 +38,13 @@ def test_list_and_tune_without_gpu(capsys):
         assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
 
 
-def test_inspect_kernels_compiles_for_an_h100_without_one():
+@pytest.mark.parametrize("op, case, variant, kernels", [
+    ("kan", "rbf-small-odd", "fused", ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel"]),
+    ("kan", "chebyshev-small-odd", "fused", ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dwk_kernel"]),
+    ("kernel_sum", "small-d3-r1", "flash", ["_ksum_fwd_kernel", "_ksum_grad_kernel", "_ksum_grad_kernel",
+                                            "_ksum_fwd_kernel"]),
+])
+def test_inspect_kernels_compiles_for_an_h100_without_one(op, case, variant, kernels):
     """perf/inspect_kernels.py compiles (never runs) every launch of a variant for sm_90 and reports each."""
     import re
     from pathlib import Path
@@ -44,12 +52,12 @@ def test_inspect_kernels_compiles_for_an_h100_without_one():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     script = Path(__file__).resolve().parents[1] / "perf" / "inspect_kernels.py"
-    r = subprocess.run([sys.executable, str(script), "kan", "rbf-small-odd", "fused", "--mode", "fwdbwd"], env=env,
+    r = subprocess.run([sys.executable, str(script), op, case, variant, "--mode", "fwdbwd"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("  _kan_")]
-    assert [ln.split()[0] for ln in lines] == ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel"], r.stdout
-    assert all(re.search(r"\d+ regs", ln) and "mma" in ln for ln in lines), r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("  _")]
+    assert [ln.split()[0] for ln in lines] == kernels, r.stdout
+    assert all(re.search(r"\d+ regs", ln) and ("mma" in ln or "no MMA" in ln) for ln in lines), r.stdout
     assert all(re.search(r"loops \d+ ins \(\d+ MUFU\)", ln) for ln in lines), r.stdout
 
 
