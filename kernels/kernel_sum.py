@@ -181,16 +181,16 @@ def _torch_run(p: Problem, xs, ys, b, config=None):
 
 # --------------------------------------------------------------------------- Triton variant (flash)
 _KID = {name: i for i, name in enumerate(KERNELS)}
-# flash only: the Gaussian on points pre-scaled by sqrt(log2(e) / 2), so k = exp2(-s) takes no multiply per pair
-_KID["gaussian-exp2"] = len(KERNELS)
+# flash runs the Gaussian on points pre-scaled by sqrt(log2(e) / 2), so k = exp2(-s) takes no multiply per pair
 _EXP2_SCALE = math.sqrt(0.5 / math.log(2.0))
+_KID_GAUSS_NEG = len(KERNELS)  # the Gaussian with s holding -s (``_sq_small`` with NEG: the sign rides on its FMAs)
 
 if HAS_TRITON:
 
     @triton.jit
     def _phi(s, KERNEL: tl.constexpr):
-        if KERNEL == 0:
-            k = tl.exp2(s * (-0.5 * 1.4426950408889634))  # exp(-s/2) with the two constants folded
+        if KERNEL == 0:  # gaussian on points pre-scaled by sqrt(log2(e) / 2): exp(-s_unscaled / 2)
+            k = tl.exp2(-s)
         elif KERNEL == 1:
             k = tl.exp(-tl.sqrt(s))
         elif KERNEL == 2:
@@ -203,16 +203,14 @@ if HAS_TRITON:
             k = tl.rsqrt(1.0 + s)
         elif KERNEL == 5:
             k = 1.0 / (1.0 + s)
-        elif KERNEL == 6:  # gaussian-exp2
-            k = tl.exp2(-s)
-        else:  # gaussian-exp2 with s holding -s (``_sq_small`` with NEG: the sign rides on its FMAs)
+        else:  # gaussian, s holding -s
             k = tl.exp2(s)
         return k
 
     @triton.jit
     def _dphi(s, KERNEL: tl.constexpr):
-        if KERNEL == 0:
-            k = -0.5 * tl.exp2(s * (-0.5 * 1.4426950408889634))
+        if KERNEL == 0:  # gaussian on pre-scaled points
+            k = -0.6931471805599453 * tl.exp2(-s)
         elif KERNEL == 1:
             r = tl.sqrt(s)
             k = tl.where(s > 0, -tl.exp(-r) / (2.0 * tl.where(s > 0, r, 1.0)), 0.0)
@@ -227,9 +225,7 @@ if HAS_TRITON:
         elif KERNEL == 5:
             a = 1.0 / (1.0 + s)
             k = -a * a
-        elif KERNEL == 6:  # gaussian-exp2
-            k = -0.6931471805599453 * tl.exp2(-s)
-        else:  # gaussian-exp2, s holding -s
+        else:  # gaussian, s holding -s
             k = -0.6931471805599453 * tl.exp2(s)
         return k
 
@@ -340,7 +336,7 @@ if HAS_TRITON:
             rm = m0 + tl.arange(0, BLOCK_M)
             m_mask = rm < M
             if DE > 0:
-                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 7)
+                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 6)
             elif EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
             elif DK == DP:
@@ -415,7 +411,7 @@ if HAS_TRITON:
             q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             q = q.to(tl.float32)
             if DE > 0:
-                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 7)
+                s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 6)
             elif EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
             elif DK == DP:
@@ -488,7 +484,7 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
     dims = _dims(D, R, kernel)
     d_blocks = dims["DP"] // dims["DK"] if kernel_fn is _ksum_grad_kernel else 1  # grad: one program per block
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), B, d_blocks)
-    kid = _KID[kernel] + (kernel == "gaussian-exp2" and dims["DE"] > 0)  # 7: s carries its minus sign
+    kid = _KID_GAUSS_NEG if kernel == "gaussian" and dims["DE"] > 0 else _KID[kernel]
     kernel_fn[grid](*tensors, out, N, M, D, R, *strides, KERNEL=kid, BLOCK_N=cfg["BLOCK_N"],
                     BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     **dims)
@@ -561,10 +557,9 @@ def _flash_default(p: Problem) -> dict:
 
 def _flash_run(p: Problem, xs, ys, b, config=None):
     cfg = config or _flash_default(p)
-    kernel = p.kernel
-    if kernel == "gaussian":  # exp(-|x - y|^2 / 2) = exp2(-|c x - c y|^2), c^2 = log2(e) / 2; autograd takes the c
-        xs, ys, kernel = xs.float() * _EXP2_SCALE, ys.float() * _EXP2_SCALE, "gaussian-exp2"
-    return _FlashKSum.apply(xs, ys, b, kernel, cfg, p.dtype, p.precision)
+    if p.kernel == "gaussian":  # exp(-|x - y|^2 / 2) = exp2(-|c x - c y|^2), c^2 = log2(e) / 2; autograd takes the c
+        xs, ys = xs.float() * _EXP2_SCALE, ys.float() * _EXP2_SCALE
+    return _FlashKSum.apply(xs, ys, b, p.kernel, cfg, p.dtype, p.precision)
 
 
 # --------------------------------------------------------------------------- checks and the public API
