@@ -225,8 +225,13 @@ if HAS_TRITON:
         return tl.where(d == 0.0, 1.0, d)
 
     @triton.jit
-    def _bspline_local(x, GRID, row, t0, inv_h, NK, ORDER: tl.constexpr, UNIFORM: tl.constexpr):
-        """Knot interval j of each x and the ORDER + 1 non-zero bases B_{j-ORDER+r} (values, derivatives)."""
+    def _bspline_local(x, GRID, ii, i_mask, sGi, NK, ORDER: tl.constexpr, UNIFORM: tl.constexpr):
+        """Knot interval j of each x of a [rows, in-block] tile (features ii) and the ORDER + 1 non-zero
+        bases B_{j-ORDER+r} (values, derivatives)."""
+        row = (tl.where(i_mask, ii, 0) * sGi)[None, :]  # masked features read feature 0's knots (in bounds)
+        t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
+        t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
+        inv_h = 1.0 / (t1 - t0)
         if UNIFORM:
             f = tl.minimum(tl.maximum(tl.floor((x - t0) * inv_h), -1.0), NK * 1.0)
             j = f.to(tl.int32)
@@ -330,10 +335,7 @@ if HAS_TRITON:
             if DERIV:
                 out = out * inv_h[:, :, None]
         elif BASIS == 0:  # bspline, general knots (and order 0): interval search, then the local de Boor triangle
-            row = (tl.where(i_mask, ii, 0) * sGi)[None, :]  # masked features read feature 0's knots (in bounds)
-            t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
-            t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
-            j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, row, t0, 1.0 / (t1 - t0), NK, ORDER, UNIFORM)
+            j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, ii, i_mask, sGi, NK, ORDER, UNIFORM)
             if DERIV:
                 out = _place(kk3, j[:, :, None], d0, d1, d2, d3, ORDER)
             else:
@@ -392,9 +394,13 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _cardinal_local(tt, ORDER: tl.constexpr):
-        """Uniform knots, tt = (x - t_0) / h: interval j = floor(tt) and the ORDER + 1 non-zero bases
-        B_{j-ORDER+r} = N_p(tt - j + ORDER - r) as v_r (the segment polynomials of ``_cardinal``)."""
+    def _cardinal_local(x, GRID, ii, i_mask, sGi, NK, ORDER: tl.constexpr):
+        """Uniform knots, tt = (x - t_0) / h on a [rows, in-block] tile: interval j = floor(tt) and the
+        ORDER + 1 non-zero bases B_{j-ORDER+r} = N_p(tt - j + ORDER - r) as v_r (the segment polynomials of
+        ``_cardinal``)."""
+        t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
+        tn = tl.load(GRID + ii * sGi + NK - 1, mask=i_mask, other=1.0)[None, :]
+        tt = (x - t0) * ((NK - 1) / (tn - t0))
         f = tl.floor(tt)
         r = tt - f
         q = 1.0 - r
@@ -476,19 +482,13 @@ if HAS_TRITON:
                     wk = tl.load(w_ptr + k * I * O, mask=w_mask, other=0.0)
                     acc += tl.dot(tl.exp(-z * z), wk.to(tl.float32), input_precision=PREC)
             elif UNIFORM and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
-                t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
-                tn = tl.load(GRID + ii * sGi + NK - 1, mask=i_mask, other=1.0)[None, :]
-                j, v0, v1, v2, v3 = _cardinal_local((x - t0) * ((NK - 1) / (tn - t0)), ORDER)
+                j, v0, v1, v2, v3 = _cardinal_local(x, GRID, ii, i_mask, sGi, NK, ORDER)
                 for k in range(0, K):
                     wk = tl.load(w_ptr + k * I * O, mask=w_mask, other=0.0)
                     acc += tl.dot(_local_pick(j, k, v0, v1, v2, v3, ORDER), wk.to(tl.float32),
                                   input_precision=PREC)
             else:  # bspline, general knots: the knot interval by search, then the local de Boor triangle
-                row = (tl.where(i_mask, ii, 0) * sGi)[None, :]
-                t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
-                t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
-                j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, row, t0, 1.0 / (t1 - t0), NK,
-                                                                   ORDER, UNIFORM)
+                j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, ii, i_mask, sGi, NK, ORDER, UNIFORM)
                 for k in range(0, K):
                     wk = tl.load(w_ptr + k * I * O, mask=w_mask, other=0.0)
                     acc += tl.dot(_local_pick(j, k, v0, v1, v2, v3, ORDER), wk.to(tl.float32),
@@ -585,15 +585,10 @@ if HAS_TRITON:
             z = (x - tl.load(CENT + k)) / width
             phi = tl.exp(-z * z)
         elif UNIFORM and ORDER >= 1:  # bspline, uniform knots
-            t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
-            tn = tl.load(GRID + ii * sGi + NK - 1, mask=i_mask, other=1.0)[None, :]
-            j, v0, v1, v2, v3 = _cardinal_local((x - t0) * ((NK - 1) / (tn - t0)), ORDER)
+            j, v0, v1, v2, v3 = _cardinal_local(x, GRID, ii, i_mask, sGi, NK, ORDER)
             phi = _local_pick(j, k, v0, v1, v2, v3, ORDER)
         else:  # bspline, general knots
-            row = (tl.where(i_mask, ii, 0) * sGi)[None, :]
-            t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
-            t1 = tl.load(GRID + ii * sGi + 1, mask=i_mask, other=1.0)[None, :]
-            j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, row, t0, 1.0 / (t1 - t0), NK, ORDER, UNIFORM)
+            j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, ii, i_mask, sGi, NK, ORDER, UNIFORM)
             phi = _local_pick(j, k, v0, v1, v2, v3, ORDER)
         return phi
 
