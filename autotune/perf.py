@@ -123,12 +123,98 @@ def compare(current: list[dict], baseline: list[dict], threshold: float = 0.10) 
 
 
 def _opforge_variants(op: str) -> set:
+    o = _get_op(op)
+    return set(o.variants) if o is not None else set()
+
+
+def _get_op(op: str):
     try:
         from opforge.kernels import get_op
 
-        return set(get_op(op).variants)
+        return get_op(op)
     except (ImportError, KeyError, ValueError):
-        return set()
+        return None
+
+
+_ELEMENT_SIZE = {"float64": 8, "float32": 4, "float32-tf32": 4, "bfloat16": 2, "float16": 2}
+
+
+def target_rows(records: list[dict]) -> list[dict]:
+    """Each op's issue targets (``Op.targets``) checked against ``records``: one row per (target, dtype) for
+    every op with a record of a target case; ``met`` is True/False, or None when a timing is missing."""
+    rows = []
+    for op_name in sorted({r["op"] for r in records}):
+        op = _get_op(op_name)
+        if op is None or not op.targets:
+            continue
+        mine = [r for r in records if r["op"] == op_name]
+        if not {t.case for t in op.targets} & {r["case"] for r in mine}:
+            continue
+        ours_names = {v.name for v in op.triton_variants()}
+        dtypes = sorted({r["dtype"] for r in mine}) or ["float32"]
+        for t in op.targets:
+            for dtype in dtypes:
+                group = {r["variant"]: r for r in mine if (r["case"], r["mode"], r["dtype"]) == (t.case, t.mode, dtype)}
+                rows.append(_check_target(op_name, t, dtype, group, ours_names))
+    return rows
+
+
+def _check_target(op_name: str, t, dtype: str, group: dict, ours_names: set) -> dict:
+    row = {"op": op_name, "case": t.case, "mode": t.mode, "dtype": dtype, "met": None, "variant": "-",
+           "against": "-", "measured": "not measured"}
+    versus = next((group[v] for v in t.versus if v in group), None)
+    row["target"] = {"speedup": f"speedup >= {t.bound:g}x vs {' or '.join(t.versus)}",
+                     "frac_peak": f">= {100 * t.bound:.0f}% of peak",
+                     "peak_memory": f"peak memory <= {t.bound:g}x {' or '.join(t.versus)}'s",
+                     "activation_memory": f"activation memory <= {t.bound:g}x {' or '.join(t.versus)}'s"}[t.what]
+    ours = [r for v, r in group.items() if v in ours_names]
+    if not ours:
+        return row
+    best = min(ours, key=lambda r: r["p50"])
+    row["variant"] = best["variant"]
+    if t.what == "frac_peak":
+        frac = best.get("frac_peak_bw") if best.get("frac_peak_bw") is not None else best.get("frac_peak_flops")
+        if frac is not None:
+            row.update(measured=f"{100 * frac:.1f}%", met=frac >= t.bound)
+        return row
+    if versus is None:
+        return row
+    row["against"] = versus["variant"]
+    if t.what == "speedup":
+        ratio = versus["p50"] / best["p50"]
+        row.update(measured=f"{ratio:.2f}x ({best['p50']:.3f} vs {versus['p50']:.3f} ms)", met=ratio >= t.bound)
+    elif t.what == "peak_memory":
+        if best.get("peak_mb") is not None and versus.get("peak_mb"):
+            ratio = best["peak_mb"] / versus["peak_mb"]
+            row.update(measured=f"{ratio:.2f}x ({best['peak_mb']:.0f} vs {versus['peak_mb']:.0f} MB)",
+                       met=ratio <= t.bound)
+    else:  # activation memory: the inputs plus what the forward keeps for the backward
+        if best.get("saved_mb") is not None and versus.get("saved_mb") is not None:
+            params = _case_params(op_name, t.case)
+            x_mb = t.inputs_mb(params, _ELEMENT_SIZE.get(dtype, 4)) if params is not None else 0.0
+            a, b = best["saved_mb"] + x_mb, versus["saved_mb"] + x_mb
+            ratio = a / b if b > 0 else float("inf") if a > 0 else 1.0
+            row.update(measured=f"{ratio:.2f}x ({a:.0f} vs {b:.0f} MB)", met=ratio <= t.bound)
+    return row
+
+
+def _case_params(op_name: str, case: str) -> dict | None:
+    op = _get_op(op_name)
+    return next((c.params for c in (op.cases if op else []) if c.name == case), None)
+
+
+def targets_table(records: list[dict]) -> str:
+    """Markdown: each issue target of the ops in ``records`` and whether this file meets it ('' if none)."""
+    rows = target_rows(records)
+    if not rows:
+        return ""
+    lines = ["| op | case | mode | dtype | target | opforge variant | against | measured | met |",
+             "|" + " --- |" * 9]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
+        lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['dtype']} | {r['target']} | {r['variant']} | "
+                     f"{r['against']} | {r['measured']} | {met} |")
+    return "\n".join(lines)
 
 
 def markdown_table(records: list[dict], env: dict) -> str:
@@ -139,7 +225,11 @@ def markdown_table(records: list[dict], env: dict) -> str:
                "forward+backward rows on CUDA add the peak memory allocated and, after the slash where measured, "
                "the memory a forward pass keeps for its backward (activations), in MB.")
     ops = sorted({r["op"] for r in records})
-    return caption + "\n\n" + "\n\n".join(_op_table([r for r in records if r["op"] == op]) for op in ops)
+    targets = targets_table(records)
+    if targets:
+        targets = ("Against the issues' targets (the fastest opforge Triton variant of each case; "
+                   "'-' where this run has no timing for it):\n\n" + targets + "\n\nAll rows:\n\n")
+    return caption + "\n\n" + targets + "\n\n".join(_op_table([r for r in records if r["op"] == op]) for op in ops)
 
 
 def _op_table(records: list[dict]) -> str:
@@ -175,4 +265,51 @@ def _op_table(records: list[dict]) -> str:
             val, frac, unit = best.get("gbps"), best.get("frac_peak_bw"), "GB/s"
         bw_cell = "-" if val is None else (f"{val:.3g} {unit} ({100 * frac:.0f}%)" if frac else f"{val:.3g} {unit}")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {bw_cell} |")
+    return "\n".join(lines)
+
+
+SMALL_LOOP = 20  # static tables list loops of fewer SASS instructions only as a count
+
+
+def read_static(path: Path) -> dict:
+    """A static-counts file written by ``perf/inspect_kernels.py --json``."""
+    data = json.loads(Path(path).read_text())
+    if data.get("kind") != "static" or not isinstance(data.get("records"), list):
+        raise ValueError(f"{path} is not an opforge static-counts file")
+    return data
+
+
+def static_table(data: dict, hashes: dict) -> str:
+    """Markdown of a static-counts file: per launch the registers, spills, MMA kind and the SASS
+    instructions of each loop. Records made from kernels whose source has changed since (their op's source
+    hash differs from ``hashes``) are left out and counted, so a table never describes code that is gone."""
+    current = [r for r in data["records"] if hashes.get(r["op"]) == r.get("source_hash")]
+    stale = len(data["records"]) - len(current)
+    if not current:
+        return f"_All {stale} records are from kernels that have changed since; rerun the commands._"
+    arch = sorted({str(r["arch"]) for r in current})
+    tritons = sorted({r["triton"] for r in current})
+    commits = sorted({r["commit"] for r in current})
+    lines = [f"Compiled for sm_{'/'.join(arch)} with Triton {', '.join(tritons)} at commit {', '.join(commits)} by "
+             "`python perf/inspect_kernels.py <op> <case> <variant> --mode <mode> --json <this file>`; nothing ran: "
+             "these are the compiler's counts (per launch; a loop's instructions are per thread and iteration), "
+             "not timings. Each variant ran with its heuristic default config; loops of fewer than "
+             f"{SMALL_LOOP} instructions are only counted."
+             + (f" {stale} records of kernels changed since are left out." if stale else ""), "",
+             "| op | case | variant | mode | dtype | kernel | grid | warps | regs | spills st/ld B | MMA "
+             "| loops: instructions (MUFU) |", "|" + " --- |" * 12]
+    seen = set()
+    for r in current:
+        loops = r.get("loops") or []
+        small = [n for n, _ in loops if n < SMALL_LOOP]  # e.g. libdevice's slow-path range reduction of cos
+        loops = ", ".join([f"{n} ({mu})" for n, mu in loops if n >= SMALL_LOOP]
+                          + ([f"{len(small)} loops of <= {max(small)}"] if small else [])) or "-"
+        regs = r.get("regs", r.get("error", "-"))
+        spills = f"{r['spill_st']}/{r['spill_ld']}" if "spill_st" in r else "-"
+        grid = "x".join(str(g) for g in r["grid"]) if isinstance(r["grid"], list) else r["grid"]
+        row = (f"| {r['op']} | {r['case']} | {r['variant']} | {r['mode']} | {r['dtype']} | {r['kernel']} | {grid} | "
+               f"{r['warps']} | {regs} | {spills} | {' '.join(r['mma'])} | {loops} |")
+        if row not in seen:  # one line for a kernel launched twice alike (forward and grad b, say)
+            lines.append(row)
+        seen.add(row)
     return "\n".join(lines)

@@ -120,6 +120,35 @@ class Case:
 
 
 @dataclass
+class Target:
+    """A number an issue asks of an op, checked by ``opforge perf-table`` against each results file.
+
+    ``what``: ``"speedup"`` (the op's fastest variant vs the first of ``versus`` present in the run, at
+    least ``bound``), ``"frac_peak"`` (of the GPU's bandwidth or FLOP/s, at least ``bound``),
+    ``"peak_memory"`` (forward+backward peak allocation over ``versus``'s, at most ``bound``) or
+    ``"activation_memory"`` (inputs plus what the forward keeps for its backward, over ``versus``'s, at most
+    ``bound``; ``inputs_mb(case params, element size)`` gives the inputs' MB).
+    """
+
+    case: str
+    mode: str
+    what: str
+    bound: float
+    versus: tuple = ()
+    inputs_mb: Callable[[dict, int], float] | None = None
+
+    WHATS = ("speedup", "frac_peak", "peak_memory", "activation_memory")
+
+    def __post_init__(self):
+        if self.what not in self.WHATS:
+            raise ValueError(f"Target.what={self.what!r}; valid: {list(self.WHATS)}")
+        if self.what != "frac_peak" and not self.versus:
+            raise ValueError(f"a {self.what!r} target needs `versus` (the variant names compared against)")
+        if self.what == "activation_memory" and self.inputs_mb is None:
+            raise ValueError("an 'activation_memory' target needs `inputs_mb`")
+
+
+@dataclass
 class Op:
     """A registered operation; see the module docstring for dispatch."""
 
@@ -141,6 +170,8 @@ class Op:
     # take seconds to minutes), or None; the tuner then screens configs against the Triton default and
     # `opforge bench` shows no torch time
     untimed_baseline: Callable[[Any], str | None] | None = None
+    # the numbers the op's issue asks for on a GPU (Target), checked in the README's generated tables
+    targets: list = field(default_factory=list)
     _hash: str | None = None
     _broken: set = field(default_factory=set)  # (variant, key, dtype, config) that raised under "auto"
 

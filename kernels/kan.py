@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Case, Op, ProblemBase, Variant, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, register
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, tl, triton
 
@@ -1278,6 +1278,19 @@ CASES = [
     _case("fourier-small-odd", "fourier", 13, 7, 5, 3, ("small",)),
 ]
 
+
+def _x_mb(params: dict, el: int) -> float:
+    return params["batch"] * params["cin"] * el / 2**20
+
+
+# issue 3, H100, forward+backward of one layer at B=4096, 512->512, G=8: 5x efficient-kan, 2x FastKAN and
+# ChebyKAN (their published algorithms in torch), activation memory within 1.5x of an nn.Linear's
+TARGETS = [Target("bspline-b4096-512-g8", "fwdbwd", "speedup", 5.0, ("efficient-kan-algorithm",)),
+           Target("rbf-b4096-512-g8", "fwdbwd", "speedup", 2.0, ("fastkan-algorithm",)),
+           Target("chebyshev-b4096-512-d8", "fwdbwd", "speedup", 2.0, ("chebykan-algorithm",))]
+TARGETS += [Target(c.name, "fwdbwd", "activation_memory", 1.5, ("nn.Linear",), _x_mb)
+            for c in CASES if "main" in c.tags]
+
 OP = register(Op(
     name="kan",
     doc="fused Kolmogorov-Arnold layer (bspline, rbf, chebyshev, fourier bases)",
@@ -1287,6 +1300,7 @@ OP = register(Op(
     roofline=_roofline,
     reduction=lambda p: p.cin * (p.k + 1),
     ref_subset=_ref_subset,
+    targets=TARGETS,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_t, _bspline_t, _cheb_t)))
 if HAS_TRITON:

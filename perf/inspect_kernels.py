@@ -82,16 +82,16 @@ def _accesses(ptx: str) -> Counter:
     return out
 
 
-def _sass_loops(cubin: str, bindir: str) -> str:
+def _sass_loops(cubin: str, bindir: str) -> list[tuple[int, int]] | None:
     """Instructions in each loop of the SASS (a backward branch from ``end`` to ``start``), innermost
     first, and how many of them are MUFU (exp, sqrt, rcp: the special-function unit, 16 per clock per SM
-    against 128 lanes for the rest). With the work a loop does per thread this gives an issue-bound rate."""
+    against 128 lanes for the rest). With the work a loop does per thread this gives an issue-bound rate.
+    None without cuobjdump."""
     exe = os.path.join(bindir, "cuobjdump")
     if not os.path.exists(exe):
-        return ""
+        return None
     r = subprocess.run([exe, "-sass", cubin], capture_output=True, text=True)
-    loops = sass_loops(r.stdout)
-    return " | loops " + ", ".join(f"{n} ins ({mu} MUFU)" for n, mu in loops) if loops else ""
+    return sass_loops(r.stdout)
 
 
 def sass_loops(sass: str) -> list[tuple[int, int]]:
@@ -110,12 +110,13 @@ def sass_loops(sass: str) -> list[tuple[int, int]]:
     return sorted(loops)
 
 
-def _ptxas_report(ptx: str, arch: int) -> str:
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    """{"regs", "spill_st", "spill_ld", "loops"} of ``ptx`` compiled by Triton's ptxas ({"error"} if it fails)."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     exe = next((os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))),
                None)
     if exe is None:
-        return "ptxas not found"
+        return {"error": "ptxas not found"}
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
@@ -124,12 +125,25 @@ def _ptxas_report(ptx: str, arch: int) -> str:
         r = subprocess.run([exe, "-v", "--gpu-name", sm, src, "-o", os.path.join(tmp, "k.cubin")],
                            capture_output=True, text=True)
         cubin = os.path.join(tmp, "k.cubin")
-        loops = _sass_loops(cubin, bindir) if os.path.exists(cubin) else ""
+        loops = _sass_loops(cubin, bindir) if os.path.exists(cubin) else None
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     if not regs:
-        return f"ptxas: {r.stderr.strip()[:200]}"
-    return f"{regs.group(1)} regs" + (f", spills {spill.group(1)}/{spill.group(2)} B st/ld" if spill else "") + loops
+        return {"error": f"ptxas: {r.stderr.strip()[:200]}"}
+    return {"regs": int(regs.group(1)), "spill_st": int(spill.group(1)) if spill else 0,
+            "spill_ld": int(spill.group(2)) if spill else 0, "loops": loops}
+
+
+def describe(rec: dict) -> str:
+    """One launch record as the line the script prints."""
+    if "error" in rec:
+        report = rec["error"]
+    else:
+        report = f"{rec['regs']} regs, spills {rec['spill_st']}/{rec['spill_ld']} B st/ld"
+        if rec.get("loops"):
+            report += " | loops " + ", ".join(f"{n} ins ({mu} MUFU)" for n, mu in rec["loops"])
+    return (f"  {rec['kernel']} grid {rec['grid']} warps {rec['warps']} smem {rec['smem']} B | {report} | "
+            f"{' '.join(rec['mma'])} | {rec['access']}")
 
 
 def main() -> None:
@@ -137,6 +151,9 @@ def main() -> None:
     add_case_args(ap, "fwd", "compile under torch's TF32 float32 matmul setting")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90: H100/H200)")
     ap.add_argument("--config", default=None, help="JSON config of the variant (default: its heuristic default)")
+    ap.add_argument("--json", default=None, metavar="FILE",
+                    help="also merge the launches into this static-counts file (e.g. perf/results/static/"
+                         "sm90_triton3.6.json; `opforge perf-table --readme` renders it)")
     args = ap.parse_args()
     from opforge.kernels._triton import allow_tf32
 
@@ -169,18 +186,53 @@ def _inspect(args) -> None:
     tf32 = " (TF32 setting)" if args.tf32 else ""
     print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}{tf32}, compiled for sm_{args.arch} "
           f"with Triton {triton.__version__}; config {cfg}")
+    dtype = problem.dtype_name
+    records = []
     for name, grid, warps, k in launches:
         ptx = k.asm["ptx"]
         if os.environ.get("OPFORGE_DUMP_PTX"):
             open(os.path.join(os.environ["OPFORGE_DUMP_PTX"], f"{name}.ptx"), "w").write(ptx)
         found = Counter(m.split(".sync")[0] + ":" + m.split(".")[-2] + "." + m.split(".")[-1]
                         for m in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx))
-        mma = [f"{kind} x{n}" for kind, n in sorted(found.items())] or ["no MMA"]
-        acc = ", ".join(f"{k_} x{n}" for k_, n in sorted(_accesses(ptx).items()))
-        g = grid if isinstance(grid, tuple) else "(callable)"
-        print(f"  {name} grid {g} warps {warps} smem {k.metadata.shared} B | {_ptxas_report(ptx, args.arch)} | "
-              f"{' '.join(mma)} | {acc}")
+        rec = {"op": args.op, "case": args.case, "variant": args.variant, "mode": args.mode, "dtype": dtype,
+               "source_hash": op.source_hash(), "config": cfg, "kernel": name, "grid": list(grid) if isinstance(grid, tuple) else "(callable)",
+               "warps": warps, "smem": k.metadata.shared,
+               "mma": [f"{kind} x{n}" for kind, n in sorted(found.items())] or ["no MMA"],
+               "access": ", ".join(f"{k_} x{n}" for k_, n in sorted(_accesses(ptx).items())),
+               **_ptxas_report(ptx, args.arch)}
+        records.append(rec)
+        print(describe(rec))
     sys.stdout.flush()
+    if args.json:
+        merge_static(args.json, records, {"arch": args.arch, "triton": triton.__version__,
+                                          "commit": _commit()})
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def merge_static(path: str, records: list[dict], env: dict) -> None:
+    """Merge one run's launch records into a static-counts file: the records of the same (op, case, variant,
+    mode, dtype) are replaced; the file's env is this run's (arch, Triton, commit), per record too."""
+    data = {"format": 1, "kind": "static", "records": []}
+    if os.path.exists(path):
+        with open(path) as fh:
+            data = json.load(fh)
+    key = lambda r: (r["op"], r["case"], r["variant"], r["mode"], r["dtype"])  # noqa: E731
+    new = {key(r) for r in records}
+    data["records"] = [r for r in data["records"] if key(r) not in new] + [dict(r, **env) for r in records]
+    data["records"].sort(key=lambda r: key(r))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,59 @@ def test_readme_tables_are_generated_from_results_files():
     text = (ROOT / "README.md").read_text()
     block = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert block.strip() == perf_tables(ROOT / "perf" / "results").strip()
+
+
+def test_issue_targets_are_checked_from_records():
+    """`Op.targets` rows: speedup against the first peer present, fraction of peak, memory ratios; a missing
+    timing is 'not measured' (met None), never a pass."""
+    import opforge.kernels  # noqa: F401  (registers the ops)
+
+    case = "2d-256-b32-c64-m32"
+
+    def r(variant, p50, **extra):
+        return {"op": "spectral_conv", "case": case, "mode": "fwdbwd", "dtype": "float32", "variant": variant,
+                "p20": p50, "p50": p50, "p80": p50, **extra}
+
+    records = [r("torch", 10.0), r("neuraloperator", 8.0, peak_mb=1000.0),
+               r("dft_gemm", 2.0, peak_mb=400.0, frac_peak_bw=0.6), r("fft_mix", 3.0, peak_mb=100.0)]
+    rows = {row["target"].split()[0]: row for row in perf.target_rows(records)}
+    assert rows["speedup"]["variant"] == "dft_gemm" and rows["speedup"]["against"] == "neuraloperator"
+    assert rows["speedup"]["met"] is True and rows["speedup"]["measured"].startswith("4.00x")
+    assert rows[">="]["met"] is True and rows[">="]["measured"] == "60.0%"
+    assert rows["peak"]["met"] is True and rows["peak"]["measured"].startswith("0.40x")  # the fastest's memory
+    slow = [x for x in records if x["variant"] != "dft_gemm"]
+    rows = {row["target"].split()[0]: row for row in perf.target_rows(slow)}
+    assert rows["speedup"]["met"] is False and rows["speedup"]["variant"] == "fft_mix"
+    alone = {row["target"].split()[0]: row for row in perf.target_rows([r("dft_gemm", 2.0)])}
+    assert alone["speedup"]["met"] is None and alone["speedup"]["measured"] == "not measured"
+    assert perf.target_rows([dict(r("torch", 1.0), case="2d-small-odd")]) == []  # no target case: no table
+
+
+def test_kan_activation_target_counts_the_input():
+    import opforge.kernels  # noqa: F401
+
+    def r(variant, saved):
+        return {"op": "kan", "case": "rbf-b4096-512-g8", "mode": "fwdbwd", "dtype": "float32", "variant": variant,
+                "p20": 1.0, "p50": 1.0, "p80": 1.0, "saved_mb": saved, "peak_mb": 10.0}
+
+    rows = [row for row in perf.target_rows([r("fused", 2.0), r("nn.Linear", 0.0)])
+            if row["target"].startswith("activation") and row["case"] == "rbf-b4096-512-g8"]
+    assert rows[0]["met"] is True and rows[0]["measured"].startswith("1.25x")  # x is 4096 x 512 x 4 B = 8 MB
+    rows = [row for row in perf.target_rows([r("fused", 8.0), r("nn.Linear", 0.0)])
+            if row["target"].startswith("activation") and row["case"] == "rbf-b4096-512-g8"]
+    assert rows[0]["met"] is False
+
+
+def test_static_table_leaves_out_records_of_changed_kernels():
+    def r(kernel, h):
+        return {"op": "op", "case": "c", "variant": "v", "mode": "fwd", "dtype": "float32", "source_hash": h,
+                "config": {}, "kernel": kernel, "grid": [4, 1, 1], "warps": 4, "smem": 0, "mma": ["no MMA"],
+                "access": "", "regs": 96, "spill_st": 0, "spill_ld": 0, "loops": [[13, 0], [147, 16]],
+                "arch": 90, "triton": "3.6.0", "commit": "abc"}
+
+    data = {"format": 1, "kind": "static", "records": [r("_now", "h1"), r("_now", "h1"), r("_gone", "h0")]}
+    table = perf.static_table(data, {"op": "h1"})
+    assert "_now" in table and "_gone" not in table and "1 records of kernels changed since" in table
+    assert table.count("| _now |") == 1  # a kernel launched twice alike is one line
+    assert "147 (16), 1 loops of <= 13" in table
+    assert "rerun" in perf.static_table(data, {"op": "h2"})
