@@ -105,50 +105,116 @@ class _Basis:
 
 # --------------------------------------------------------------------------- torch variant
 def _bspline_t(x, grid, order, derivative=False):
-    """x [n, I], grid [I, NK] -> [n, I, NK - 1 - order] (Cox-de Boor, half-open intervals)."""
-    x = x.unsqueeze(-1)
-    t = grid.unsqueeze(0)
-    bases = ((x >= t[..., :-1]) & (x < t[..., 1:])).to(x.dtype)
-    lower = bases
-    for p in range(1, order + 1):
-        lower = bases
-        bases = ((x - t[..., : -(p + 1)]) / (t[..., p:-1] - t[..., : -(p + 1)]) * bases[..., :-1]
-                 + (t[..., p + 1:] - x) / (t[..., p + 1:] - t[..., 1:-p]) * bases[..., 1:])
+    """x [n, I], grid [I, NK] -> [n, I, NK - 1 - order]: the B-spline bases (or their derivatives) on
+    half-open knot intervals, zero outside the knots."""
+    return _bspline_both(x, grid, order, value=not derivative, derivative=derivative)[1 if derivative else 0]
+
+
+def _bspline_both(x, grid, order, value=True, derivative=False):
+    """(bases, derivatives) of x [n, I] on per-feature knots grid [I, NK], each [n, I, NK - 1 - order] or
+    None when not asked for.
+
+    Local de Boor: the knot interval j of each x (t_j <= x < t_{j+1}, by search), the order + 1 bases that
+    are non-zero there by the triangular recursion on [n, I] tensors, then scattered into place. The full
+    Cox-de Boor recursion over all NK - 1 intervals does (NK - 1) / (order + 1) times the arithmetic, on
+    [n, I, NK] temporaries. Slots of bases that do not exist (index below 0 or past the last) can hold
+    inf/NaN from clamped knots; no existing basis reads them, and they are never placed.
+    """
+    n, I = x.shape
+    NK = grid.shape[1]
+    NB = NK - 1 - order
+    # the knots [NK, I] with `order` copies of the end knots each side: t_{j+off} for |off| <= order is a
+    # gather without clamping
+    gt = grid.t()
+    gt = torch.cat([gt[:1].expand(order, I), gt, gt[-1:].expand(order + 1, I)]).contiguous()
+    j = (torch.searchsorted(grid.contiguous(), x.t().contiguous(), right=True) - 1).t()  # [n, I]
+    inside = (j >= 0) & (j <= NK - 2)
+    jp = j.clamp(0, NK - 2) + order  # row of t_j in gt
+    knots = {}
+
+    def knot(off):  # t_{j+off} [n, I]
+        if off not in knots:
+            knots[off] = gt.gather(0, jp + off)
+        return knots[off]
+
+    left = [None] + [x - knot(1 - d) for d in range(1, order + 1)]  # x - t_{j+1-d}
+    right = [None] + [knot(d) - x for d in range(1, order + 1)]  # t_{j+d} - x
+    N = [torch.ones_like(x)]
+    lower = N
+    for d in range(1, order + 1):  # N[r]: basis j - d + r of degree d
+        lower = N
+        saved = torch.zeros_like(x)
+        new = []
+        for r in range(d):
+            temp = N[r] / (right[r + 1] + left[d - r])
+            new.append(saved + right[r + 1] * temp)
+            saved = left[d - r] * temp
+        new.append(saved)
+        N = new
+    # basis j - order + r of element (row, i) goes to flat (row * I + i) * NB + j - order + r, or to a spare
+    # last slot when it does not exist or x is outside the knots
+    first = (torch.arange(n * I, device=x.device) * NB).view(n, I) + jp - 2 * order  # slot of r = 0
+    b = jp - 2 * order  # index of basis r = 0
+    slots = torch.stack([torch.where(inside & (b >= -r) & (b < NB - r), first + r, n * I * NB)
+                         for r in range(order + 1)], -1)
+
+    def place(vals):
+        flat = x.new_zeros(n * I * NB + 1)
+        flat.scatter_(0, slots.view(-1), torch.stack(vals, -1).view(-1))
+        return flat[:-1].view(n, I, NB)
+
+    vals = place(N) if value else None
     if not derivative:
-        return bases
+        return vals, None
     if order == 0:
-        return torch.zeros_like(bases)
+        return vals, x.new_zeros((n, I, NB))
+    # B'_{i,p} = p (B_{i,p-1} / (t_{i+p} - t_i) - B_{i+1,p-1} / (t_{i+p+1} - t_{i+1})), i = j - p + r;
+    # lower[q] is B_{j-p+1+q, p-1}
     p = order
-    return p * (lower[..., :-1] / (t[..., p:-1] - t[..., : -(p + 1)]) - lower[..., 1:] / (t[..., p + 1:] - t[..., 1:-p]))
+    dv = []
+    for r in range(p + 1):
+        a = lower[r - 1] / (knot(r) - knot(r - p)) if r >= 1 else 0.0
+        c = lower[r] / (knot(r + 1) - knot(r + 1 - p)) if r <= p - 1 else 0.0
+        dv.append(p * (a - c))
+    return vals, place(dv)
 
 
-def _cheb_t(x, K, derivative=False):
+def _cheb_both(x, K, value=True, derivative=False):
+    """T_k(tanh x) and d/dx T_k(tanh x) = k U_{k-1}(t) (1 - t^2), k < K, each [n, I, K] or None."""
     t = torch.tanh(x)
     T = [torch.ones_like(t), t]
     U = [torch.ones_like(t), 2 * t]
     for _ in range(2, K):
-        T.append(2 * t * T[-1] - T[-2])
-        U.append(2 * t * U[-1] - U[-2])
+        if value:
+            T.append(2 * t * T[-1] - T[-2])
+        if derivative:
+            U.append(2 * t * U[-1] - U[-2])
+    vals = torch.stack(T[:K], -1) if value else None
     if not derivative:
-        return torch.stack(T[:K], -1)
+        return vals, None
     d = [torch.zeros_like(t)] + [k * U[k - 1] for k in range(1, K)]
-    return torch.stack(d, -1) * (1 - t * t).unsqueeze(-1)
+    return vals, torch.stack(d, -1) * (1 - t * t).unsqueeze(-1)
 
 
-def _basis_t(x, b: _Basis, K: int, derivative=False):
+def _basis_both(x, b: _Basis, K: int, value=True, derivative=False):
+    """(phi, dphi/dx) of x [n, I], each [n, I, K] or None when not asked for; work shared between them."""
     if b.kind == "bspline":
-        return _bspline_t(x, b.grid.to(x.dtype), b.order, derivative)
+        return _bspline_both(x, b.grid.to(x.dtype), b.order, value, derivative)
     if b.kind == "rbf":
         z = (x.unsqueeze(-1) - b.centers.to(x.dtype)) / b.width
         phi = torch.exp(-z * z)
-        return -2 * z / b.width * phi if derivative else phi
+        return (phi if value else None), (-2 * z / b.width * phi if derivative else None)
     if b.kind == "chebyshev":
-        return _cheb_t(x, K, derivative)
+        return _cheb_both(x, K, value, derivative)
     k = torch.arange(1, b.grid_size + 1, device=x.device, dtype=x.dtype)
     kx = x.unsqueeze(-1) * k
-    if derivative:
-        return torch.cat([-k * torch.sin(kx), k * torch.cos(kx)], -1)
-    return torch.cat([torch.cos(kx), torch.sin(kx)], -1)
+    c, s = torch.cos(kx), torch.sin(kx)
+    return (torch.cat([c, s], -1) if value else None), (torch.cat([-k * s, k * c], -1) if derivative else None)
+
+
+def _basis_t(x, b: _Basis, K: int):
+    """phi of x [n, I]: [n, I, K]."""
+    return _basis_both(x, b, K)[0]
 
 
 def _dsilu(x):
@@ -190,11 +256,12 @@ class _TorchKAN(torch.autograd.Function):
         step = _block_rows(I, K)
         for s in range(0, x.shape[0], step):
             xb, gb = x[s:s + step], g[s:s + step]
+            phi, dphi = _basis_both(xb, b, K, value=need_w, derivative=need_x)
             if need_w:
-                dw += gb.t() @ _basis_t(xb, b, K).reshape(xb.shape[0], I * K)
+                dw += gb.t() @ phi.reshape(xb.shape[0], I * K)
             if need_x:
                 t = (gb @ W2).reshape(xb.shape[0], I, K)
-                dxb = (t * _basis_t(xb, b, K, derivative=True)).sum(-1)
+                dxb = torch.einsum("nik,nik->ni", t, dphi)
                 if base_weight is not None:
                     dxb = dxb + (gb @ base_weight) * _dsilu(xb)
                 dx[s:s + step] = dxb
@@ -1304,7 +1371,8 @@ OP = register(Op(
     ref_subset=_ref_subset,
     targets=TARGETS,
 ))
-OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_t, _bspline_t, _cheb_t)))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
+                                                        _bspline_both, _cheb_both)))
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,

@@ -113,6 +113,27 @@ def test_nonuniform_knots_and_inputs_outside(backend):
     assert_close(w.grad, dw, torch.float32, 19)
 
 
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 5])
+def test_torch_bspline_bases_and_derivatives_match_reference(order):
+    """The torch variant's local de Boor (interval by search, order + 1 bases, scattered) against the
+    reference's recursion over all knots, float64: x on every knot, between them and outside."""
+    from opforge.kernels.kan import _bspline_both
+
+    gen = torch.Generator().manual_seed(order)
+    I, G = 4, 3
+    grid = torch.sort(torch.rand(I, G + 2 * order + 1, generator=gen, dtype=torch.float64) * 4 - 2, dim=1).values
+    grid = grid + torch.arange(G + 2 * order + 1) * 1e-2  # strictly increasing, not uniform
+    x = torch.cat([grid.t(), torch.rand(40, I, generator=gen, dtype=torch.float64) * 6 - 3,
+                   torch.full((1, I), float("inf")), torch.full((1, I), -float("inf"))])
+    phi, dphi = _bspline_both(x, grid, order, value=True, derivative=True)
+    assert phi.shape == dphi.shape == (x.shape[0], I, G + order)
+    finite = x[:-2].numpy()
+    np.testing.assert_allclose(phi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(dphi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order, derivative=True),
+                               rtol=0, atol=1e-9)
+    assert (phi[-2:] == 0).all() and (dphi[-2:] == 0).all()  # +-inf lie outside every knot interval
+
+
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_uniform_knots_every_order(backend, order):
