@@ -25,6 +25,17 @@ MAX_NOISE_DROP = 0.5  # the measured spread never lets a ratio halve unflagged
 
 FORMAT = 1
 
+CASE_SETS = ("small", "cpu", "gpu", "main", "all")
+
+
+def case_sets(text: str) -> list[str]:
+    """Comma-separated case-set names (``small,cpu``) checked against CASE_SETS."""
+    sets = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [t for t in sets if t not in CASE_SETS]
+    if bad or not sets:
+        raise ValueError(f"unknown case set(s) {bad or [text]}; valid: {list(CASE_SETS)}, comma-separated")
+    return sets
+
 
 def environment(device: dict) -> dict:
     import torch

@@ -1338,6 +1338,11 @@ CASES = [
     _case("rbf-b4096-512-g8", "rbf", 4096, 512, 512, 8, ("gpu", "main")),
     _case("chebyshev-b4096-512-d8", "chebyshev", 4096, 512, 512, 8, ("gpu", "main")),
     _case("fourier-b4096-512-g8", "fourier", 4096, 512, 512, 8, ("gpu", "main")),
+    # the torch variant at sizes a CPU user meets (the `cpu` case set)
+    _case("bspline-b1024-256-g8", "bspline", 1024, 256, 256, 8, ("cpu",)),
+    _case("rbf-b1024-256-g8", "rbf", 1024, 256, 256, 8, ("cpu",)),
+    _case("chebyshev-b1024-256-d8", "chebyshev", 1024, 256, 256, 8, ("cpu",)),
+    _case("fourier-b1024-256-g8", "fourier", 1024, 256, 256, 8, ("cpu",)),
     _case("bspline-small-odd", "bspline", 13, 7, 5, 3, ("small",)),
     _case("bspline-small-order1", "bspline", 9, 6, 4, 4, ("small",), order=1),
     _case("rbf-small-odd", "rbf", 13, 7, 5, 3, ("small",)),

@@ -805,6 +805,8 @@ CASES = [
     _case("2e5-d64-r16", 200_000, 200_000, 64, 16, ("gpu",)),
     _case("1e4-d256-r1", 10_000, 10_000, 256, 1, ("gpu",)),
     _case("1e5-d3-r1-matern52", 100_000, 100_000, 3, 1, ("gpu",), kernel="matern52"),
+    _case("4e3-d3-r1", 4000, 4000, 3, 1, ("cpu",)),  # the torch variant at sizes a CPU user meets
+    _case("2e3-d64-r16", 2000, 2000, 64, 16, ("cpu",)),
     _case("small-d3-r1", 37, 29, 3, 1, ("small",)),
     _case("small-d17-r5-laplacian", 41, 33, 17, 5, ("small",), kernel="laplacian"),
     _case("small-d24-r16-gaussian", 23, 40, 24, 16, ("small",)),

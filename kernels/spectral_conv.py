@@ -747,6 +747,8 @@ CASES = [
     _case("2d-128-b8-c64-m64", 8, 64, 64, (128, 128), (64, 64), ("gpu",)),
     _case("2d-256-b32-c64-m32", 32, 64, 64, (256, 256), (32, 32), ("gpu", "main")),
     _case("3d-64-b1-c64-m32", 1, 64, 64, (64, 64, 64), (32, 32, 32), ("gpu",)),
+    # the torch variant at a size a CPU user meets (the `cpu` case set)
+    _case("2d-64-b4-c16-m12", 4, 16, 16, (64, 64), (12, 12), ("cpu",)),
     # small shapes: CPU torch path and the Triton interpreter
     _case("1d-small-odd", 2, 3, 5, (17,), (6,), ("small",)),
     _case("2d-small-odd", 2, 3, 5, (11, 9), (6, 6), ("small",)),

@@ -7,7 +7,8 @@ preceded (untimed) by an L2 flush, so rounds are cold-cache like
 ``--opforge-results FILE`` they are written to a results file after every test
 (``opforge perf-check`` drives this).
 
-Options: ``--opforge-cases small|gpu|main|all`` (default: gpu on CUDA, small on CPU),
+Options: ``--opforge-cases small|cpu|gpu|main|all`` or a comma-separated list of sets (default: gpu on
+CUDA, small on CPU; cpu: torch-path sizes a CPU user meets),
 ``--opforge-case-names NAME,...`` (only those cases of the set),
 ``--opforge-dtypes float32,float32-tf32,bfloat16`` (default float32; ``float32-tf32`` is float32 with
 torch's float32 matmul setting at TF32 for the test, so opforge's dots and every baseline's matmuls use
@@ -29,7 +30,7 @@ _RECORDS: list[dict] = []
 
 def pytest_addoption(parser):
     parser.addoption("--opforge-results", default=None, help="write the perf records to this JSON file")
-    parser.addoption("--opforge-cases", default=None, choices=["small", "gpu", "main", "all"])
+    parser.addoption("--opforge-cases", default=None, help="case sets, comma-separated: small, cpu, gpu, main, all")
     parser.addoption("--opforge-case-names", default="", help="only these cases of the set (comma-separated names)")
     parser.addoption("--opforge-dtypes", default="float32")
 
@@ -43,9 +44,10 @@ def pytest_generate_tests(metafunc):
     cfg = metafunc.config
     if "case" in metafunc.fixturenames:
         op = metafunc.module.OP
-        want = cfg.getoption("--opforge-cases") or ("gpu" if device().type == "cuda" else "small")
+        want = set(perf_results.case_sets(cfg.getoption("--opforge-cases")
+                                          or ("gpu" if device().type == "cuda" else "small")))
         names = {n.strip() for n in cfg.getoption("--opforge-case-names").split(",") if n.strip()}
-        cases = [c for c in op.cases if (want == "all" or want in c.tags) and (not names or c.name in names)]
+        cases = [c for c in op.cases if ("all" in want or want & set(c.tags)) and (not names or c.name in names)]
         metafunc.parametrize("case", cases, ids=[c.name for c in cases])
     if "dtype" in metafunc.fixturenames:
         names = [n.strip() for n in cfg.getoption("--opforge-dtypes").split(",") if n.strip()]
