@@ -1377,10 +1377,11 @@ OP = register(Op(
     targets=TARGETS,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
-                                                        _bspline_both, _cheb_both)))
+                                                        _bspline_both, _cheb_both, _dsilu, _block_rows)))
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
-                            _place, _knot, _FusedKAN, _padded_weight, _dw_per_k, _dw_splits, _fused_cfgs)))
+                            _place, _knot, _FusedKAN, _padded_weight, _dw_per_k, _dw_splits, _fused_cfgs,
+                            _basis_args, _meta, _SiLULinear, _fused_run)))

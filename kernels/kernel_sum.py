@@ -832,9 +832,10 @@ OP = register(Op(
     untimed_baseline=_untimed_baseline,
     targets=TARGETS,
 ))
-OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_grad_points)))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_grad_points,
+                                                        _phi_t, _dphi_t, _sqdist, _exact, _chunk_rows)))
 if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
                    supports=_flash_supports,
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi,
-                            _dphi, _FlashKSum, _dims, _flash_cfgs, _flash_run)))
+                            _dphi, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run)))

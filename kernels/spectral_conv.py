@@ -536,6 +536,9 @@ def _complex_stage(inp, mat, P, L, Q, K_out, cfg, prec):
     """
     mr, mi = mat
     out = torch.empty((P, K_out, Q), dtype=torch.float32, device=inp.device)
+    # few output rows (the kept modes of a forward transform): row tiles no taller than they need, down to
+    # the 64 rows of one Hopper warpgroup MMA
+    cfg = dict(cfg, BLOCK_M=max(64, min(cfg["BLOCK_M"], _pow2(K_out))))
     _bmm(mr, mi, inp, out, P, K_out, Q, L, (0, L, 1), (L * Q, Q, 1), (K_out * Q, Q, 1), cfg, prec)
     return out
 
@@ -775,11 +778,12 @@ if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
                    configs=lambda p: _prune_mix(p, _dft_cfgs()), default_config=_dft_default,
                    supports=_dft_supports,
-                   sources=(_bmm_kernel, _mix_kernel, _Plan, _DFTConvFn, _bases, _dft_cfgs)))
+                   sources=(_bmm_kernel, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _real_stage, _complex_stage,
+                            _kept, _Plan, _DFTConvFn, _bases, _dft_cfgs, _dft_run)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=_triton_supports,
-                   sources=(_mix_kernel, _ModeMixFn, _mix_cfgs)))
+                   sources=(_mix_kernel, _Spec, _mix, _ModeMixFn, _mix_cfgs, _fft_mix_run)))
 
 
 # --------------------------------------------------------------------------- public API
