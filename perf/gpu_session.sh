@@ -77,7 +77,8 @@ for stage in "${stages[@]}"; do
                   "spectral_conv 2d-256-b32-c64-m32 torch" "spectral_conv 2d-256-b32-c64-m32 dft_gemm --mode fwd" \
                   "kan rbf-b4096-512-g8 fused" "kan chebyshev-b4096-512-d8 fused" \
                   "kan chebyshev-b4096-512-d8 fused --tf32" "kan chebyshev-b4096-512-d8 torch" \
-                  "kernel_sum 2e5-d64-r16 flash"; do
+                  "kan bspline-b4096-512-g8 fused" "kan fourier-b4096-512-g8 fused" \
+                  "kernel_sum 2e5-d64-r16 flash" "kernel_sum 1e6-d3-r1 flash --mode fwd"; do
         timeout 120 python3 perf/profile_op.py $spec 2>&1 | grep -v USDT | tee -a "$OUT/logs/profile.log" | head -10
       done ;;
     example)
