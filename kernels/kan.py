@@ -155,12 +155,13 @@ def _bspline_both(x, grid, order, value=True, derivative=False):
     # last slot when it does not exist or x is outside the knots
     first = (torch.arange(n * I, device=x.device) * NB).view(n, I) + jp - 2 * order  # slot of r = 0
     b = jp - 2 * order  # index of basis r = 0
+    # [order + 1, n, I]: stacking on a new leading axis copies whole planes (a trailing axis interleaves)
     slots = torch.stack([torch.where(inside & (b >= -r) & (b < NB - r), first + r, n * I * NB)
-                         for r in range(order + 1)], -1)
+                         for r in range(order + 1)])
 
     def place(vals):
         flat = x.new_zeros(n * I * NB + 1)
-        flat.scatter_(0, slots.view(-1), torch.stack(vals, -1).view(-1))
+        flat.scatter_(0, slots.view(-1), torch.stack(vals).view(-1))
         return flat[:-1].view(n, I, NB)
 
     vals = place(N) if value else None
