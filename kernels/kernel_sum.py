@@ -113,9 +113,15 @@ def _dphi_t(s, kernel):
 
 
 def _sqdist(p, q, exact: bool):
-    """[.., n, D], [.., m, D] -> [.., n, m] squared distances: exact differences, or the clamped expansion."""
+    """[.., n, D], [.., m, D] -> [.., n, m] squared distances: exact differences (one coordinate at a time, so
+    no [n, m, D] temporary), or the clamped expansion."""
     if exact:
-        return ((p.unsqueeze(-2) - q.unsqueeze(-3)) ** 2).sum(-1)
+        s = None
+        for k in range(p.shape[-1]):
+            t = p[..., :, k:k + 1] - q[..., :, k].unsqueeze(-2)
+            t.mul_(t)
+            s = t if s is None else s.add_(t)
+        return s if s is not None else p.new_zeros(p.shape[:-1] + q.shape[-2:-1])
     s = (p * p).sum(-1, keepdim=True) + (q * q).sum(-1).unsqueeze(-2) - 2 * p @ q.transpose(-1, -2)
     return s.clamp_min(0)
 
@@ -125,32 +131,44 @@ def _exact(d: int, kernel: str) -> bool:
     return d <= 8 or kernel in _SQRT_KERNELS
 
 
-def _chunk_rows(m: int, d: int, exact: bool) -> int:
-    """Rows per block so a block's [rows, m] (or [rows, m, d] when exact) stays near 2^22 elements."""
-    per_row = m * (d if exact else 1)
-    return max(1, min(65536, (1 << 22) // max(per_row, 1)))
+def _chunk_rows(m: int) -> int:
+    """Rows per block so a block's [rows, m] temporaries stay near 2^22 elements each."""
+    return max(1, min(65536, (1 << 22) // max(m, 1)))
 
 
 def _blocked_sum(p, q, v, kernel):
     """sum_j k(|p_i - q_j|) v_j for [B, n, D], [B, m, D], [B, m, R] in row blocks."""
     out = v.new_empty(p.shape[:-1] + (v.shape[-1],))
     exact = _exact(q.shape[-1], kernel)
-    step = _chunk_rows(q.shape[-2], q.shape[-1], exact)
+    step = _chunk_rows(q.shape[-2])
     for i in range(0, p.shape[-2], step):
         out[:, i:i + step] = _phi_t(_sqdist(p[:, i:i + step], q, exact), kernel) @ v
     return out
 
 
-def _blocked_grad_points(p, q, u, v, kernel):
-    """2 sum_j k'(s_ij) <u_i, v_j> (p_i - q_j) for [B, n, D], [B, m, D], [B, n, R], [B, m, R] in row blocks."""
-    out = torch.empty_like(p)
-    exact = _exact(q.shape[-1], kernel)
-    step = _chunk_rows(q.shape[-2], q.shape[-1], exact)
-    for i in range(0, p.shape[-2], step):
-        pb = p[:, i:i + step]
-        w = _dphi_t(_sqdist(pb, q, exact), kernel) * (u[:, i:i + step] @ v.transpose(-1, -2))
-        out[:, i:i + step] = 2 * (pb * w.sum(-1, keepdim=True) - w @ q)
-    return out
+def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: bool):
+    """Gradients of sum_i <g_i, sum_j k(|x_i - y_j|) b_j> for x, y and b in one pass over row blocks of x,
+    each block's distances computed once for all three:
+
+        grad x_i = 2 sum_j k'(s_ij) <g_i, b_j> (x_i - y_j),  grad y_j = 2 sum_i k'(s_ij) <g_i, b_j> (y_j - x_i),
+        grad b_j = sum_i k(s_ij) g_i   (k' the derivative in s = r^2; row blocks keep memory O(block x M))."""
+    exact = _exact(ys.shape[-1], kernel)
+    step = _chunk_rows(ys.shape[-2])
+    gx = torch.empty_like(xs) if need_x else None
+    gy = torch.zeros_like(ys) if need_y else None
+    gb = torch.zeros_like(b) if need_b else None
+    for i in range(0, xs.shape[-2], step):
+        xb, gblk = xs[:, i:i + step], g[:, i:i + step]
+        s = _sqdist(xb, ys, exact)
+        if need_b:
+            gb += _phi_t(s, kernel).transpose(-1, -2) @ gblk
+        if need_x or need_y:
+            w = _dphi_t(s, kernel).mul_(gblk @ b.transpose(-1, -2))  # [B, rows, m]
+            if need_x:
+                gx[:, i:i + step] = 2 * (xb * w.sum(-1, keepdim=True) - w @ ys)
+            if need_y:
+                gy += 2 * (ys * w.sum(-2).unsqueeze(-1) - w.transpose(-1, -2) @ xb)
+    return gx, gy, gb
 
 
 class _TorchKSum(torch.autograd.Function):
@@ -166,10 +184,7 @@ class _TorchKSum(torch.autograd.Function):
     def backward(ctx, g):
         xs, ys, b = ctx.saved_tensors
         k = ctx.kernel
-        g = g.contiguous()
-        gx = _blocked_grad_points(xs, ys, g, b, k) if ctx.needs_input_grad[0] else None
-        gy = _blocked_grad_points(ys, xs, b, g, k) if ctx.needs_input_grad[1] else None
-        gb = _blocked_sum(ys, xs, g, k) if ctx.needs_input_grad[2] else None
+        gx, gy, gb = _blocked_backward(xs, ys, b, g.contiguous(), k, *ctx.needs_input_grad[:3])
         return gx, gy, gb, None
 
 
@@ -832,7 +847,7 @@ OP = register(Op(
     untimed_baseline=_untimed_baseline,
     targets=TARGETS,
 ))
-OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_grad_points,
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_backward,
                                                         _phi_t, _dphi_t, _sqdist, _exact, _chunk_rows)))
 if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
