@@ -123,7 +123,7 @@ class Case:
 class Target:
     """A number an issue asks of an op, checked by ``opforge perf-table`` against each results file.
 
-    ``what``: ``"speedup"`` (the op's fastest variant vs the first of ``versus`` present in the run, at
+    ``what``: ``"speedup"`` (the op's fastest Triton variant vs the first of ``versus`` in the run, at
     least ``bound``), ``"frac_peak"`` (of the GPU's bandwidth or FLOP/s, at least ``bound``),
     ``"peak_memory"`` (forward+backward peak allocation over ``versus``'s, at most ``bound``) or
     ``"activation_memory"`` (inputs plus what the forward keeps for its backward, over ``versus``'s, at most
