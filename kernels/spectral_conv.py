@@ -274,15 +274,18 @@ if HAS_TRITON:
         sAb, sAm, sAk, sBb, sBk, sBn, sCb, sCm, sCn, bias_div, bias_n,
         SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+        SWAP_EPI: tl.constexpr = False,
     ):
         """C[b] = A[b] @ B[b]  (+ A2[b] @ (i * B[b]) when SWAP)  (+ bias[(row // bias_div) % bias_n]).
 
         With SWAP, B's columns are interleaved (re, im) pairs and A + i*A2 is a
-        complex matrix: the second product uses B with each pair swapped and
-        the real part negated, i.e. i*B (loaded as a second tile with each
-        pair's columns exchanged and the real column negated: a reshape/join
-        of the first tile crashes Triton 3.6's Hopper lowering under TF32), so
-        C = (A + i A2) B on complex data.
+        complex matrix, so C = (A + i A2) B on complex data. i*B is each pair
+        swapped with the real part negated. With SWAP_EPI (row tiles of <= 64)
+        A2 @ B sums in a second accumulator that is multiplied by i once, after
+        the loop (a reshape/split/join of the accumulator); on taller tiles,
+        where a second accumulator spills, i*B is loaded as a second tile with
+        each pair's columns exchanged (4-byte loads; a reshape/join of the
+        loaded tile itself crashes Triton 3.6's Hopper lowering under TF32).
         """
         pid = tl.program_id(0)
         per_b = n_tiles_m * n_tiles_n
@@ -299,6 +302,7 @@ if HAS_TRITON:
         rn_swap = rn ^ 1  # the other column of each (re, im) pair
         i_sign = tl.where(rn % 2 == 0, -1.0, 1.0)  # i * (re + i im) = -im + i re
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # A2 @ B, times i after the loop (SWAP_EPI)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
@@ -310,8 +314,14 @@ if HAS_TRITON:
             acc += tl.dot(a, bb, input_precision=PREC)
             if SWAP:
                 a2 = tl.load(A2 + a_rows + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
-                ib = tl.load(B + b_rows + rn_swap[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
-                acc += tl.dot(a2, ib * i_sign[None, :], input_precision=PREC)
+                if SWAP_EPI:
+                    acc2 += tl.dot(a2, bb, input_precision=PREC)
+                else:
+                    ib = tl.load(B + b_rows + rn_swap[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
+                    acc += tl.dot(a2, ib * i_sign[None, :], input_precision=PREC)
+        if SWAP_EPI:  # i * (re + i im) = -im + i re on each (re, im) column pair
+            re, im = tl.split(tl.reshape(acc2, (BLOCK_M, BLOCK_N // 2, 2)))
+            acc += tl.reshape(tl.join(-im, re), (BLOCK_M, BLOCK_N))
         if HAS_BIAS:
             bias = tl.load(BIAS + (rm // bias_div) % bias_n, mask=rm < M, other=0.0).to(tl.float32)
             acc += bias[:, None]
@@ -511,7 +521,7 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
         a, a if a2 is None else a2, b, c, c if bias is None else bias, M, N, K, tm, tn,
         sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], bias_div, bias_n,
         SWAP=a2 is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec, SWAP_EPI=a2 is not None and BM <= 64,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
 
@@ -537,7 +547,7 @@ def _complex_stage(inp, mat, P, L, Q, K_out, cfg, prec):
     mr, mi = mat
     out = torch.empty((P, K_out, Q), dtype=torch.float32, device=inp.device)
     # few output rows (the kept modes of a forward transform): row tiles no taller than they need, down to
-    # the 64 rows of one Hopper warpgroup MMA
+    # the 64 rows of one Hopper warpgroup MMA, which also take i*B after the loop (_bmm_kernel's SWAP_EPI)
     cfg = dict(cfg, BLOCK_M=max(64, min(cfg["BLOCK_M"], _pow2(K_out))))
     _bmm(mr, mi, inp, out, P, K_out, Q, L, (0, L, 1), (L * Q, Q, 1), (K_out * Q, Q, 1), cfg, prec)
     return out
