@@ -274,18 +274,18 @@ if HAS_TRITON:
         sAb, sAm, sAk, sBb, sBk, sBn, sCb, sCm, sCn, bias_div, bias_n,
         SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-        SWAP_EPI: tl.constexpr = False,
     ):
         """C[b] = A[b] @ B[b]  (+ A2[b] @ (i * B[b]) when SWAP)  (+ bias[(row // bias_div) % bias_n]).
 
         With SWAP, B's columns are interleaved (re, im) pairs and A + i*A2 is a
-        complex matrix, so C = (A + i A2) B on complex data. i*B is each pair
-        swapped with the real part negated. With SWAP_EPI (row tiles of <= 64)
-        A2 @ B sums in a second accumulator that is multiplied by i once, after
-        the loop (a reshape/split/join of the accumulator); on taller tiles,
-        where a second accumulator spills, i*B is loaded as a second tile with
-        each pair's columns exchanged (4-byte loads; a reshape/join of the
-        loaded tile itself crashes Triton 3.6's Hopper lowering under TF32).
+        complex matrix, so C = (A + i A2) B on complex data: A2 @ B sums in a
+        second accumulator that is multiplied by i once, after the loop (each
+        (re, im) pair becomes (-im, re) by a reshape/split/join of the
+        accumulator). Complex stages run 64-row tiles, where two accumulators
+        fit without spills. (The earlier form loaded i*B as a second tile with
+        each pair's columns exchanged: 4-byte loads, and spills at 128 rows;
+        a reshape/join of the loaded tile itself crashes Triton 3.6's Hopper
+        lowering under TF32.)
         """
         pid = tl.program_id(0)
         per_b = n_tiles_m * n_tiles_n
@@ -299,10 +299,8 @@ if HAS_TRITON:
         a_rows = b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
         c_rows = b.to(tl.int64) * sCb + rm[:, None].to(tl.int64) * sCm
         n_ok = rn < N
-        rn_swap = rn ^ 1  # the other column of each (re, im) pair
-        i_sign = tl.where(rn % 2 == 0, -1.0, 1.0)  # i * (re + i im) = -im + i re
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # A2 @ B, times i after the loop (SWAP_EPI)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # A2 @ B (SWAP), times i after the loop
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
@@ -314,12 +312,8 @@ if HAS_TRITON:
             acc += tl.dot(a, bb, input_precision=PREC)
             if SWAP:
                 a2 = tl.load(A2 + a_rows + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
-                if SWAP_EPI:
-                    acc2 += tl.dot(a2, bb, input_precision=PREC)
-                else:
-                    ib = tl.load(B + b_rows + rn_swap[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
-                    acc += tl.dot(a2, ib * i_sign[None, :], input_precision=PREC)
-        if SWAP_EPI:  # i * (re + i im) = -im + i re on each (re, im) column pair
+                acc2 += tl.dot(a2, bb, input_precision=PREC)
+        if SWAP:  # i * (re + i im) = -im + i re on each (re, im) column pair
             re, im = tl.split(tl.reshape(acc2, (BLOCK_M, BLOCK_N // 2, 2)))
             acc += tl.reshape(tl.join(-im, re), (BLOCK_M, BLOCK_N))
         if HAS_BIAS:
@@ -521,7 +515,7 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
         a, a if a2 is None else a2, b, c, c if bias is None else bias, M, N, K, tm, tn,
         sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], bias_div, bias_n,
         SWAP=a2 is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec, SWAP_EPI=a2 is not None and BM <= 64,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
 
@@ -546,9 +540,12 @@ def _complex_stage(inp, mat, P, L, Q, K_out, cfg, prec):
     """
     mr, mi = mat
     out = torch.empty((P, K_out, Q), dtype=torch.float32, device=inp.device)
-    # few output rows (the kept modes of a forward transform): row tiles no taller than they need, down to
-    # the 64 rows of one Hopper warpgroup MMA, which also take i*B after the loop (_bmm_kernel's SWAP_EPI)
-    cfg = dict(cfg, BLOCK_M=max(64, min(cfg["BLOCK_M"], _pow2(K_out))))
+    # 64-row tiles (one Hopper warpgroup MMA), where the second accumulator of i*A2 @ B fits: compiled for
+    # sm_90 (Triton 3.6) at 2D 256^2, 32 modes, the stage into the modes takes 650 loop instructions per
+    # 64 rows against 1383 per 128 rows of which 3/4 were masked (and 356 B of spills) with the config's
+    # 128-row tiles and the swapped reloads of B, the stage out to the grid 650 per 64 rows against 1361 per
+    # 128 with 368 B of spills (perf/inspect_kernels.py); the config's BLOCK_M still sets the real stages
+    cfg = dict(cfg, BLOCK_M=64)
     _bmm(mr, mi, inp, out, P, K_out, Q, L, (0, L, 1), (L * Q, Q, 1), (K_out * Q, Q, 1), cfg, prec)
     return out
 

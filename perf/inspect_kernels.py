@@ -191,7 +191,7 @@ def _inspect(args) -> None:
     for name, grid, warps, k in launches:
         ptx = k.asm["ptx"]
         if os.environ.get("OPFORGE_DUMP_PTX"):
-            open(os.path.join(os.environ["OPFORGE_DUMP_PTX"], f"{name}.ptx"), "w").write(ptx)
+            open(os.path.join(os.environ["OPFORGE_DUMP_PTX"], f"{len(records)}_{name}.ptx"), "w").write(ptx)
         found = Counter(m.split(".sync")[0] + ":" + m.split(".")[-2] + "." + m.split(".")[-1]
                         for m in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx))
         rec = {"op": args.op, "case": args.case, "variant": args.variant, "mode": args.mode, "dtype": dtype,

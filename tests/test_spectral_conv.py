@@ -54,10 +54,9 @@ def test_triton_variant_matches_reference(variant, case):
     check_variant(variant, case, torch.float32)
 
 
-def test_dft_gemm_both_complex_stage_forms():
-    """The complex DFT stages take i*B two ways: on row tiles of <= 64, A2 @ B times i after the loop; on
-    taller ones (a non-last axis of more than 64 points, here 67), a second load of B with each (re, im)
-    pair swapped. Forward and backward run both (into the modes and back out to the grid)."""
+def test_dft_gemm_tall_axis():
+    """A non-last axis of more than 64 points (67): the complex stage out to the grid spans two 64-row tiles
+    (the last one ragged), forward and backward."""
     from opforge.kernels.spectral_conv import _case
 
     case = _case("2d-tall-odd", 1, 2, 3, (67, 6), (6, 4), ("test",))
