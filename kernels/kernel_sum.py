@@ -319,7 +319,7 @@ if HAS_TRITON:
     @triton.jit
     def _ksum_fwd_kernel(
         P, Q, V, OUT, N, M, D, R,
-        sPb, sPn, sQb, sQm, sVb, sVm, sOb, sOn,
+        sPb, sPn, sQb, sQm, sVb, sVm, sOb, sOn, S, m_chunk, sOs,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, DE: tl.constexpr, RP: tl.constexpr,
         PREC: tl.constexpr,
@@ -328,9 +328,15 @@ if HAS_TRITON:
 
         DE > 0: D = DE <= 8 coordinates, exact differences one coordinate at a time (``_sq_small``).
         R = 1: the products are summed into a [BN, BM] accumulator, reduced over j once at the end.
+        Program axis 1 is (batch, split): split sp sums columns [sp * m_chunk, (sp + 1) * m_chunk) into
+        OUT + sp * sOs (S > 1: partial sums, added up by the launcher).
         """
         pid = tl.program_id(0)
-        bt = tl.program_id(1).to(tl.int64)
+        bt = (tl.program_id(1) // S).to(tl.int64)
+        sp = tl.program_id(1) % S
+        m_lo = sp * m_chunk
+        m_hi = tl.minimum(M, m_lo + m_chunk)
+        OUT += sp.to(tl.int64) * sOs
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         dd = tl.arange(0, DP)
         rr = tl.arange(0, RP)
@@ -347,9 +353,9 @@ if HAS_TRITON:
                 pn = _sq_norms(P, rn, n_mask, sPn, D, DP, DK)
         acc = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
         acc1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(m_lo, m_hi, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
-            m_mask = rm < M
+            m_mask = rm < m_hi
             if DE > 0:
                 s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 6)
             elif EXACT:
@@ -378,16 +384,21 @@ if HAS_TRITON:
     @triton.jit
     def _ksum_grad_kernel(
         P, Q, U, V, OUT, N, M, D, R,
-        sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn,
+        sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn, S, m_chunk, sOs,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, DE: tl.constexpr, RP: tl.constexpr,
         PREC: tl.constexpr,
     ):
         """OUT[b, i, c] = 2 sum_j k'(s_ij) <U_i, V_j> (P_ic - Q_jc) for a block of rows i and the DK
         coordinates c of program axis 2 (DP / DK programs per row block when D is large: each
-        recomputes the distances, none holds [BN, D] accumulators)."""
+        recomputes the distances, none holds [BN, D] accumulators). Program axis 1 is (batch, split), as in
+        ``_ksum_fwd_kernel``."""
         pid = tl.program_id(0)
-        bt = tl.program_id(1).to(tl.int64)
+        bt = (tl.program_id(1) // S).to(tl.int64)
+        sp = tl.program_id(1) % S
+        m_lo = sp * m_chunk
+        m_hi = tl.minimum(M, m_lo + m_chunk)
+        OUT += sp.to(tl.int64) * sOs
         c0 = tl.program_id(2) * DK
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         dd = c0 + tl.arange(0, DK)
@@ -420,9 +431,9 @@ if HAS_TRITON:
                     a2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 if DE > 3:
                     a3 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(m_lo, m_hi, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
-            m_mask = rm < M
+            m_mask = rm < m_hi
             q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             q = q.to(tl.float32)
             if DE > 0:
@@ -491,18 +502,40 @@ def _dims(d: int, r: int, kernel: str) -> dict:
             "RP": _pow2(r), "EXACT": exact}
 
 
+def _m_splits(cfg: dict, programs: int, M: int, device: torch.device) -> int:
+    """Column splits S (config ``SPLIT_M``; 0: enough programs for two waves of the GPU, each split keeping
+    at least 8 column tiles, and 1 off CUDA)."""
+    s = int(cfg.get("SPLIT_M", 0))
+    if s == 0:
+        if device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        s = min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(M, 8 * cfg["BLOCK_M"]))
+    return max(1, s)
+
+
 def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
+    """Run one flash kernel into ``out`` [B, N, R or D]. With S > 1 column splits (few row blocks: small N),
+    each split writes a float32 partial [S, B, N, .] and the partials are summed in a fixed order."""
     p, q = tensors[0], tensors[1]
     B, N, D = p.shape
     M, R = q.shape[1], tensors[-1].shape[2]
-    strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [out.stride(0), out.stride(1)]
     dims = _dims(D, R, kernel)
     d_blocks = dims["DP"] // dims["DK"] if kernel_fn is _ksum_grad_kernel else 1  # grad: one program per block
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), B, d_blocks)
+    rows = triton.cdiv(N, cfg["BLOCK_N"])
+    S = _m_splits(cfg, rows * B * d_blocks, M, p.device)
+    chunk = triton.cdiv(triton.cdiv(max(M, 1), S), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    S = max(1, triton.cdiv(M, chunk))
+    dst = out if S == 1 else torch.empty((S,) + tuple(out.shape), dtype=torch.float32, device=out.device)
+    d0 = dst if S == 1 else dst[0]
+    strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [d0.stride(0), d0.stride(1)]
+    grid = (rows, B * S, d_blocks)
     kid = _KID_GAUSS_NEG if kernel == "gaussian" and dims["DE"] > 0 else _KID[kernel]
-    kernel_fn[grid](*tensors, out, N, M, D, R, *strides, KERNEL=kid, BLOCK_N=cfg["BLOCK_N"],
-                    BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    **dims)
+    kernel_fn[grid](*tensors, dst, N, M, D, R, *strides, S, chunk, dst.stride(0) if S > 1 else 0, KERNEL=kid,
+                    BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"], **dims)
+    if S > 1:
+        out.copy_(dst.sum(0))
     return out
 
 
@@ -563,7 +596,11 @@ def _flash_cfgs(p: Problem) -> list[dict]:
 def _flash_default(p: Problem) -> dict:
     dims = _dims(p.d, p.r, p.kernel)
     if dims["DP"] >= 128:
-        return {"BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 8, "num_stages": 2}
+        # D = 256, compiled for sm_90 (Triton 3.6): 64 x 32 tiles on 8 warps take wgmma and 4.75 (forward) and
+        # 7.2 (grad) warp instructions per (i, j) pair and 64-coordinate block, against 17.9 and 10.7 with the
+        # mma.sync of 32 x 32 tiles; they need 180 KB of shared memory (one program per SM), and few row blocks
+        # are made up for by column splits (_m_splits)
+        return {"BLOCK_N": 64, "BLOCK_M": 32, "num_warps": 8, "num_stages": 2}
     if (dims["EXACT"] and dims["DC"] >= 4) or dims["DK"] >= 64:
         # D = 64: 64 x 64 tiles spilled in the grad kernel compiled for sm_90 (Triton 3.6), 64 x 32 do not
         return {"BLOCK_N": 64, "BLOCK_M": 32, "num_warps": 4, "num_stages": 2}
@@ -853,4 +890,4 @@ if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
                    supports=_flash_supports,
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi,
-                            _dphi, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run)))
+                            _dphi, _m_splits, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run)))
