@@ -228,6 +228,20 @@ def targets_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def changed_ops(records: list[dict]) -> list[str]:
+    """Ops whose records were timed on other code than today's: a recorded source hash that differs from the
+    op's current one, or none recorded (files made before hashes were)."""
+    out = []
+    for op_name in sorted({r["op"] for r in records}):
+        op = _get_op(op_name)
+        if op is None:
+            continue
+        hashes = {r.get("source_hash") for r in records if r["op"] == op_name}
+        if hashes != {op.source_hash()}:
+            out.append(op_name)
+    return out
+
+
 def markdown_table(records: list[dict], env: dict) -> str:
     """The README tables, one per op: a line per (case, mode, dtype) with each variant's time and
     speedup vs torch."""
@@ -235,6 +249,10 @@ def markdown_table(records: list[dict], env: dict) -> str:
                f"Triton {env.get('triton')}, commit {env.get('commit')}; p50 of the run; "
                "forward+backward rows on CUDA add the peak memory allocated and, after the slash where measured, "
                "the memory a forward pass keeps for its backward (activations), in MB.")
+    changed = changed_ops(records)
+    if changed:
+        caption += (f" **Code changed since** (source hash): {', '.join(changed)}; those rows time the code of "
+                    f"commit {env.get('commit')}, not today's.")
     ops = sorted({r["op"] for r in records})
     targets = targets_table(records)
     if targets:

@@ -115,7 +115,8 @@ class Perf:
         data = sorted(self.benchmark.stats.stats.data)
         q = lambda f: 1e3 * data[min(len(data) - 1, int(round(f * (len(data) - 1))))]  # noqa: E731
         rec = {"op": op.name, "case": case.name, "shape": _shape(case), "variant": variant, "mode": mode,
-               "dtype": problem.dtype_name, "p20": q(0.2), "p50": q(0.5), "p80": q(0.8), "rounds": len(data)}
+               "dtype": problem.dtype_name, "p20": q(0.2), "p50": q(0.5), "p80": q(0.8), "rounds": len(data),
+               "source_hash": op.source_hash()}  # the README tables flag rows of code changed since
         if op.roofline is not None:
             roof = op.roofline(problem)
             peaks = device_peaks(device_info()["name"])

@@ -162,3 +162,19 @@ def test_static_table_leaves_out_records_of_changed_kernels():
     assert table.count("| _now |") == 1  # a kernel launched twice alike is one line
     assert "147 (16), 1 loops of <= 13" in table
     assert "rerun" in perf.static_table(data, {"op": "h2"})
+
+
+def test_tables_flag_ops_whose_code_changed_since():
+    import opforge.kernels  # noqa: F401
+    from opforge.kernels import get_op
+
+    now = get_op("kan").source_hash()
+
+    def r(h):
+        return dict(rec("torch", 1.0), op="kan", source_hash=h)
+
+    assert perf.changed_ops([r(now), r(now)]) == []
+    assert perf.changed_ops([r(now), r("0123")]) == ["kan"]
+    assert perf.changed_ops([dict(rec("torch", 1.0), op="kan")]) == ["kan"]  # made before hashes were recorded
+    assert "Code changed since" in perf.markdown_table([r("0123")], {"commit": "abc"})
+    assert "Code changed since" not in perf.markdown_table([r(now)], {"commit": "abc"})
