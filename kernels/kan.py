@@ -618,6 +618,99 @@ if HAS_TRITON:
                  mask=b_mask[:, None] & i_mask[None, :])
 
     @triton.jit
+    def _dphi_cols(x, ii, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                   BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr):
+        """phi'_k(x) of a [rows, columns] tile where column c holds feature ii[c] and basis function kk[c]
+        (``_basis_tile``'s derivative, one basis function per column instead of a KP axis)."""
+        k2 = kk[None, :]
+        if BASIS == 0 and UNIFORM and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
+            t0 = tl.load(GRID + ii * sGi, mask=c_ok, other=0.0)[None, :]
+            tn = tl.load(GRID + ii * sGi + NK - 1, mask=c_ok, other=1.0)[None, :]
+            inv_h = (NK - 1) / (tn - t0)
+            t = (x - t0) * inv_h - k2.to(tl.float32)
+            seg = tl.floor(t)
+            out = _cardinal(seg, t - seg, ORDER, True) * inv_h
+        elif BASIS == 0:  # bspline, general knots (and order 0): interval search, the local triangle, pick k
+            j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, ii, c_ok, sGi, NK, ORDER, UNIFORM)
+            out = _local_pick(j, k2, d0, d1, d2, d3, ORDER)
+        elif BASIS == 1:  # rbf
+            c = tl.load(CENT + kk, mask=c_ok, other=0.0)[None, :]
+            z = (x - c) / width
+            out = -2.0 * z / width * tl.exp(-z * z)
+        elif BASIS == 2:  # chebyshev: d/dx T_k(tanh x) = k U_{k-1}(t) (1 - t^2), U by its recurrence
+            e = tl.exp(-2.0 * tl.abs(x))
+            t = (1.0 - e) / (1.0 + e)
+            t = tl.where(x < 0, -t, t)
+            u_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
+            u_cur = 2.0 * t
+            out = tl.where(k2 == 1, u_prev, 0.0)
+            for k in tl.static_range(2, KP):
+                out += tl.where(k2 == k, k * u_cur, 0.0)
+                u_next = 2.0 * t * u_cur - u_prev
+                u_prev = u_cur
+                u_cur = u_next
+            out = out * (1.0 - t * t)
+        else:  # fourier: d/dx cos(fx) = f cos(fx + pi/2), d/dx sin(fx) = f cos(fx)
+            is_cos = k2 < G
+            freq = tl.where(is_cos, k2 + 1, k2 - G + 1).to(tl.float32)
+            out = freq * tl.cos(x * freq + tl.where(is_cos, 1.5707963267948966, 0.0))
+        return tl.where(c_ok[None, :], out, 0.0)
+
+    @triton.jit
+    def _kan_dx_flat_kernel(
+        X, GY, WF, WB, DX, GRID, CENT, width,
+        B, I, O, K, G, NK, FPB, sWo,
+        sXb, sXi, sGb, sGo, sWBo, sWBi, sDb, sDi, sGi,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, FPBP: tl.constexpr,
+        KP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """``_kan_dx_kernel`` with K unpadded: a program takes FPB = BLOCK_C // K whole features, FPB * K
+        columns of W's (i, k) (Chebyshev's K = 9 fills 63 of 64 columns, where the padded tile spends 16 per
+        feature), then sums each feature's K columns with a 0/1 matrix on the tensor cores. WF is W laid out
+        [o, feature block, BLOCK_C] (``_blocked_weight``): each program's columns start 16-byte aligned."""
+        pid_b = tl.program_id(0)
+        pid_i = tl.program_id(1)
+        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_mask = rb < B
+        r = tl.arange(0, BLOCK_C)
+        fi = r // K
+        kk = r - fi * K
+        feat = pid_i * FPB + fi
+        c_ok = (r < FPB * K) & (feat < I)
+        col = pid_i * BLOCK_C + r
+        jj = tl.arange(0, FPBP)
+        fj = pid_i * FPB + jj
+        f_ok = (jj < FPB) & (fj < I)
+        t = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        tb = tl.zeros((BLOCK_B, FPBP), dtype=tl.float32)
+        for o0 in range(0, O, BLOCK_O):
+            oo = o0 + tl.arange(0, BLOCK_O)
+            o_mask = oo < O
+            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
+            g = g.to(tl.float32)
+            # no column mask: the blocked layout is zero past each block's FPB * K columns and past feature I,
+            # so the loads stay 16-byte vectors
+            wt = tl.load(WF + oo[:, None].to(tl.int64) * sWo + col[None, :], mask=o_mask[:, None], other=0.0)
+            t += tl.dot(g, wt.to(tl.float32), input_precision=PREC)
+            if HAS_BASE:
+                wb = tl.load(WB + oo[:, None] * sWBo + fj[None, :] * sWBi, mask=o_mask[:, None] & f_ok[None, :],
+                             other=0.0)
+                tb += tl.dot(g, wb.to(tl.float32), input_precision=PREC)
+        x = tl.load(X + rb[:, None] * sXb + feat[None, :] * sXi, mask=b_mask[:, None] & c_ok[None, :], other=0.0)
+        dphi = _dphi_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                          BASIS, ORDER, UNIFORM, KP)
+        sel = tl.where(fi[:, None] == jj[None, :], 1.0, 0.0)  # [columns, features]
+        dx = tl.dot(dphi * t, sel, input_precision=PREC)
+        if HAS_BASE:
+            xf = tl.load(X + rb[:, None] * sXb + fj[None, :] * sXi, mask=b_mask[:, None] & f_ok[None, :], other=0.0)
+            xf = xf.to(tl.float32)
+            s = 1.0 / (1.0 + tl.exp(-xf))
+            dx += tb * (s * (1.0 + xf * (1.0 - s)))
+        tl.store(DX + rb[:, None] * sDb + fj[None, :] * sDi, dx.to(DX.dtype.element_ty),
+                 mask=b_mask[:, None] & f_ok[None, :])
+
+    @triton.jit
     def _split_rows(X, GY, b0, end, B, ii, i_mask, oo, o_mask, sXb, sXi, sGb, sGo, BLOCK_B: tl.constexpr):
         """x [rows, in-block] and dy [rows, out-block] (float32) of the batch rows b0.. of a grad-W split
         ending at ``end``, with the rows' mask; rows past the split or the batch read 0."""
@@ -771,6 +864,27 @@ def _padded_weight(weight: torch.Tensor, KP: int) -> torch.Tensor:
     return out
 
 
+def _blocked_weight(weight: torch.Tensor, fpb: int, bc: int) -> torch.Tensor:
+    """W [O, I, K] as [O, ceil(I / fpb), bc]: block j holds features j * fpb .. (j + 1) * fpb - 1, (i, k)
+    contiguous, zero-padded to bc columns (one copy of W, about bc / (fpb K) its size)."""
+    O, I, K = weight.shape
+    nb = -(-I // fpb)
+    out = weight.new_zeros((O, nb, bc))
+    w = weight if nb * fpb == I else torch.cat([weight, weight.new_zeros((O, nb * fpb - I, K))], 1)
+    out[..., : fpb * K] = w.reshape(O, nb, fpb * K)
+    return out
+
+
+def _dx_flat(p: Problem, cfg: dict) -> bool:
+    """Grad x on unpadded (i, k) columns (``_kan_dx_flat_kernel``) when K is not a power of two, so padding
+    it would waste columns, and the tile holds at least two whole features; config ``DX_FLAT`` (0/1) forces
+    either kernel."""
+    if "DX_FLAT" in cfg:
+        return bool(cfg["DX_FLAT"])
+    kp = max(2, _pow2(p.k))
+    return p.k != kp and cfg["BLOCK_I"] * kp >= 2 * p.k
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -827,7 +941,21 @@ class _FusedKAN(torch.autograd.Function):
         rows = x.shape[0]
         meta = _meta(p, cfg, ctx.prec)
         dx = dw = dwb = dbias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and _dx_flat(p, cfg):
+            bc = cfg["BLOCK_I"] * meta["KP"]
+            fpb = bc // p.k
+            WF = _blocked_weight(weight, fpb, bc)
+            wb = base_weight if base_weight is not None else WF
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            launch = (triton.cdiv(rows, cfg["BLOCK_B"]), triton.cdiv(p.cin, fpb))
+            _kan_dx_flat_kernel[launch](
+                x, gy, WF, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, fpb, WF.stride(0),
+                x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
+                dx.stride(0), dx.stride(1), sGi, BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"],
+                HAS_BASE=meta["HAS_BASE"], BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_C=bc,
+                FPBP=max(16, _pow2(fpb)), KP=meta["KP"], PREC=meta["PREC"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+        elif ctx.needs_input_grad[0]:
             WP = _padded_weight(weight, meta["KP"])  # [o, (i, k)]: (i, k)-contiguous tiles
             wb = base_weight if base_weight is not None else WP
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -1385,4 +1513,5 @@ if HAS_TRITON:
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _padded_weight, _dw_per_k, _dw_splits, _fused_cfgs,
-                            _basis_args, _meta, _SiLULinear, _fused_run)))
+                            _basis_args, _meta, _SiLULinear, _fused_run, _dphi_cols, _kan_dx_flat_kernel,
+                            _dx_flat, _blocked_weight)))
