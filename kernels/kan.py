@@ -28,9 +28,9 @@ Variants:
     tile it replaced, with K no longer padded to a power of two. The SiLU base path
     runs beside the kernel as one float32 GEMM (``_SiLULinear``: inside the
     forward kernel it was wrong compiled for an H100, see ``_fused_run``). The
-    weights are re-laid out once per call ([k, i, o] for the forward; k padded
-    to a power of two and (i, k)-contiguous for grad x) so weight tiles load as
-    aligned vectors instead of strided scalars. Backward: grad x
+    weights are re-laid out once per call ([k, i, o] for the forward; for grad x
+    (i, k)-contiguous in blocks of whole features, or with k padded to a power
+    of two) so weight tiles load as aligned vectors instead of strided scalars. Backward: grad x
     with the basis derivative in the same kind of tile (dy @ W^T contracted
     against phi'), grad W (and grad Wb) as per-tile partial sums over batch
     splits, summed in a fixed order: deterministic, no atomics; the number of
@@ -39,7 +39,9 @@ Variants:
     For Chebyshev bases (and B-splines on 32-row tiles) grad W runs one basis
     function per program (dy^T @ phi_k on 2-D tiles, ``_kan_dwk_kernel``),
     otherwise on the [rows, in-block x K] basis tile (see ``_dw_per_k``). Grad x
-    stays on the padded basis tile: one tl.dot per k there re-reads and
+    stays one GEMM over (i, k) columns: when K is not a power of two a tile
+    takes whole features on unpadded columns (``_kan_dx_flat_kernel``, see
+    ``_dx_flat``), else k is padded; one tl.dot per k instead re-reads and
     re-splits dy per k and came out at more instructions (59k against 51k per
     32 Chebyshev features, with spills).
 
