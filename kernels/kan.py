@@ -29,8 +29,8 @@ Variants:
     runs beside the kernel as one float32 GEMM (``_SiLULinear``: inside the
     forward kernel it was wrong compiled for an H100, see ``_fused_run``). The
     weights are re-laid out once per call ([k, i, o] for the forward; for grad x
-    (i, k)-contiguous in blocks of whole features, or with k padded to a power
-    of two) so weight tiles load as aligned vectors instead of strided scalars. Backward: grad x
+    (i, k)-contiguous in blocks of whole features) so weight tiles load as
+    aligned vectors instead of strided scalars. Backward: grad x
     with the basis derivative in the same kind of tile (dy @ W^T contracted
     against phi'), grad W (and grad Wb) as per-tile partial sums over batch
     splits, summed in a fixed order: deterministic, no atomics; the number of
@@ -39,11 +39,10 @@ Variants:
     For Chebyshev bases (and B-splines on 32-row tiles) grad W runs one basis
     function per program (dy^T @ phi_k on 2-D tiles, ``_kan_dwk_kernel``),
     otherwise on the [rows, in-block x K] basis tile (see ``_dw_per_k``). Grad x
-    stays one GEMM over (i, k) columns: when K is not a power of two a tile
-    takes whole features on unpadded columns (``_kan_dx_flat_kernel``, see
-    ``_dx_flat``), else k is padded; one tl.dot per k instead re-reads and
-    re-splits dy per k and came out at more instructions (59k against 51k per
-    32 Chebyshev features, with spills).
+    is one GEMM over unpadded (i, k) columns, whole features per tile
+    (``_kan_dx_kernel``); one tl.dot per k instead re-reads and re-splits dy
+    per k and came out at more instructions (59k against 51k per 32 Chebyshev
+    features, with spills).
 
 ``perf/inspect_kernels.py kan <case> fused`` shows what the compiler makes of
 these kernels for an H100 without one (registers, spills, MMA kind, access
@@ -389,9 +388,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G,
-                    BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr,
-                    DERIV: tl.constexpr):
-        """phi (or phi') of a [BM, BI] tile of x as [BM, BI, KP] (zero beyond K)."""
+                    BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr):
+        """phi of a [BM, BI] tile of x as [BM, BI, KP] (zero beyond K); its derivative per column is
+        ``_dphi_cols``."""
         kk = tl.arange(0, KP)
         kk3 = kk[None, None, :]
         k_ok = kk3 < K
@@ -401,54 +400,31 @@ if HAS_TRITON:
             inv_h = (NK - 1) / (tn - t0)
             t = ((x - t0) * inv_h)[:, :, None] - kk3.to(tl.float32)
             seg = tl.floor(t)
-            out = _cardinal(seg, t - seg, ORDER, DERIV)
-            if DERIV:
-                out = out * inv_h[:, :, None]
+            out = _cardinal(seg, t - seg, ORDER, False)
         elif BASIS == 0:  # bspline, general knots (and order 0): interval search, then the local de Boor triangle
             j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, ii, i_mask, sGi, NK, ORDER, UNIFORM)
-            if DERIV:
-                out = _place(kk3, j[:, :, None], d0, d1, d2, d3, ORDER)
-            else:
-                out = _place(kk3, j[:, :, None], v0, v1, v2, v3, ORDER)
+            out = _place(kk3, j[:, :, None], v0, v1, v2, v3, ORDER)
         elif BASIS == 1:  # rbf
             c = tl.load(CENT + kk, mask=kk < K, other=0.0)[None, None, :]
             z = (x[:, :, None] - c) / width
             out = tl.exp(-z * z)
-            if DERIV:
-                out = -2.0 * z / width * out
         elif BASIS == 2:  # chebyshev: T_k(tanh x) by the three-term recurrence (no acos)
             e = tl.exp(-2.0 * tl.abs(x))
             t = (1.0 - e) / (1.0 + e)
             t = tl.where(x < 0, -t, t)
             t_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
             t_cur = t
-            u_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
-            u_cur = 2.0 * t
-            if DERIV:
-                out = tl.zeros((x.shape[0], x.shape[1], KP), dtype=tl.float32)
-                out += tl.where(kk3 == 1, u_prev[:, :, None], 0.0)
-                for k in tl.static_range(2, KP):
-                    out += tl.where(kk3 == k, (k * u_cur)[:, :, None], 0.0)
-                    u_next = 2.0 * t * u_cur - u_prev
-                    u_prev = u_cur
-                    u_cur = u_next
-                out = out * (1.0 - t * t)[:, :, None]
-            else:
-                out = tl.where(kk3 == 0, t_prev[:, :, None], 0.0)
-                out += tl.where(kk3 == 1, t_cur[:, :, None], 0.0)
-                for k in tl.static_range(2, KP):
-                    t_next = 2.0 * t * t_cur - t_prev
-                    t_prev = t_cur
-                    t_cur = t_next
-                    out += tl.where(kk3 == k, t_cur[:, :, None], 0.0)
+            out = tl.where(kk3 == 0, t_prev[:, :, None], 0.0)
+            out += tl.where(kk3 == 1, t_cur[:, :, None], 0.0)
+            for k in tl.static_range(2, KP):
+                t_next = 2.0 * t * t_cur - t_prev
+                t_prev = t_cur
+                t_cur = t_next
+                out += tl.where(kk3 == k, t_cur[:, :, None], 0.0)
         else:  # fourier: cos(kx) for kk < G, sin(kx) after, each one cosine: sin a = cos(a - pi/2)
             is_cos = kk3 < G
             freq = tl.where(is_cos, kk3 + 1, kk3 - G + 1).to(tl.float32)
-            ang = x[:, :, None] * freq
-            if DERIV:  # -f sin(fx) = f cos(fx + pi/2), f cos(fx)
-                out = freq * tl.cos(ang + tl.where(is_cos, 1.5707963267948966, 0.0))
-            else:
-                out = tl.cos(ang - tl.where(is_cos, 0.0, 1.5707963267948966))
+            out = tl.cos(x[:, :, None] * freq - tl.where(is_cos, 0.0, 1.5707963267948966))
         return tl.where(k_ok & i_mask[None, :, None], out, 0.0)
 
     @triton.jit
@@ -573,53 +549,6 @@ if HAS_TRITON:
                  mask=b_mask[:, None] & o_mask[None, :])
 
     @triton.jit
-    def _kan_dx_kernel(
-        X, GY, WP, WB, DX, GRID, CENT, width,
-        B, I, O, K, G, NK,
-        sXb, sXi, sGb, sGo, sWBo, sWBi, sDb, sDi, sGi,
-        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr,
-    ):
-        """dx[b, i] = sum_k phi'_k(x[b, i]) (dy @ W[:, i, k])[b]  (+ silu'(x) (dy @ Wb)[b, i]).
-
-        WP is W as [o, (i, k)] with k padded to KP: a tile is rows of contiguous (i, k) (vector loads).
-        """
-        pid_b = tl.program_id(0)
-        pid_i = tl.program_id(1)
-        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-        b_mask = rb < B
-        i_mask = ii < I
-        r = pid_i * (BLOCK_I * KP) + tl.arange(0, BLOCK_I * KP)
-        r_mask = r < I * KP
-        t = tl.zeros((BLOCK_B, BLOCK_I * KP), dtype=tl.float32)
-        tb = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
-        for o0 in range(0, O, BLOCK_O):
-            oo = o0 + tl.arange(0, BLOCK_O)
-            o_mask = oo < O
-            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
-            g = g.to(tl.float32)
-            wt = tl.load(WP + oo[:, None].to(tl.int64) * (I * KP) + r[None, :], mask=o_mask[:, None] & r_mask[None, :],
-                         other=0.0)
-            t += tl.dot(g, wt.to(tl.float32), input_precision=PREC)
-            if HAS_BASE:
-                wb = tl.load(WB + oo[:, None] * sWBo + ii[None, :] * sWBi, mask=o_mask[:, None] & i_mask[None, :],
-                             other=0.0)
-                if BLOCK_I >= 16:
-                    tb += tl.dot(g, wb.to(tl.float32), input_precision=PREC)
-                else:
-                    tb += tl.sum(g[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
-        x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
-        x = x.to(tl.float32)
-        dphi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, True)
-        dx = tl.sum(dphi * tl.reshape(t, (BLOCK_B, BLOCK_I, KP)), axis=2)
-        if HAS_BASE:
-            s = 1.0 / (1.0 + tl.exp(-x))
-            dx += tb * (s * (1.0 + x * (1.0 - s)))
-        tl.store(DX + rb[:, None] * sDb + ii[None, :] * sDi, dx.to(DX.dtype.element_ty),
-                 mask=b_mask[:, None] & i_mask[None, :])
-
-    @triton.jit
     def _dphi_cols(x, ii, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
                    BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr):
         """phi'_k(x) of a [rows, columns] tile where column c holds feature ii[c] and basis function kk[c]
@@ -659,7 +588,7 @@ if HAS_TRITON:
         return tl.where(c_ok[None, :], out, 0.0)
 
     @triton.jit
-    def _kan_dx_flat_kernel(
+    def _kan_dx_kernel(
         X, GY, WF, WB, DX, GRID, CENT, width,
         B, I, O, K, G, NK, FPB, sWo,
         sXb, sXi, sGb, sGo, sWBo, sWBi, sDb, sDi, sGi,
@@ -667,10 +596,13 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, FPBP: tl.constexpr,
         KP: tl.constexpr, PREC: tl.constexpr,
     ):
-        """``_kan_dx_kernel`` with K unpadded: a program takes FPB = BLOCK_C // K whole features, FPB * K
-        columns of W's (i, k) (Chebyshev's K = 9 fills 63 of 64 columns, where the padded tile spends 16 per
-        feature), then sums each feature's K columns with a 0/1 matrix on the tensor cores. WF is W laid out
-        [o, feature block, BLOCK_C] (``_blocked_weight``): each program's columns start 16-byte aligned."""
+        """dx[b, i] = sum_k phi'_k(x[b, i]) (dy @ W[:, i, k])[b]  (+ silu'(x) (dy @ Wb)[b, i]).
+
+        One GEMM over (i, k) columns with K unpadded: a program takes FPB = BLOCK_C // K whole features,
+        FPB * K columns (Chebyshev's K = 9 fills 63 of 64, where k padded to a power of two took 16 per
+        feature), applies phi' per column (``_dphi_cols``) and sums each feature's K columns with a 0/1 matrix
+        on the tensor cores. WF is W laid out [o, feature block, BLOCK_C] (``_blocked_weight``): each
+        program's columns start 16-byte aligned."""
         pid_b = tl.program_id(0)
         pid_i = tl.program_id(1)
         rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -820,7 +752,7 @@ if HAS_TRITON:
         for b0 in range(start, start + rows_per_split, BLOCK_B):
             x, g, b_mask = _split_rows(X, GY, b0, start + rows_per_split, B, ii, i_mask, oo, o_mask,
                                        sXb, sXi, sGb, sGo, BLOCK_B)
-            phi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, False)
+            phi = _basis_tile(x, ii, i_mask, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP)
             phi = tl.where(b_mask[:, None, None], phi, 0.0)
             acc += tl.dot(tl.trans(tl.reshape(phi, (BLOCK_B, BLOCK_I * KP))), g, input_precision=PREC)
             if HAS_BASE:
@@ -856,16 +788,6 @@ def _meta(p: Problem, cfg, prec: str):
                 PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _padded_weight(weight: torch.Tensor, KP: int) -> torch.Tensor:
-    """W [O, I, K] as a contiguous [O, I, KP] with zero columns k >= K (one copy of W)."""
-    O, I, K = weight.shape
-    if K == KP:
-        return weight.contiguous()
-    out = weight.new_zeros((O, I, KP))
-    out[..., :K] = weight
-    return out
-
-
 def _blocked_weight(weight: torch.Tensor, fpb: int, bc: int) -> torch.Tensor:
     """W [O, I, K] as [O, ceil(I / fpb), bc]: block j holds features j * fpb .. (j + 1) * fpb - 1, (i, k)
     contiguous, zero-padded to bc columns (one copy of W, about bc / (fpb K) its size)."""
@@ -875,16 +797,6 @@ def _blocked_weight(weight: torch.Tensor, fpb: int, bc: int) -> torch.Tensor:
     w = weight if nb * fpb == I else torch.cat([weight, weight.new_zeros((O, nb * fpb - I, K))], 1)
     out[..., : fpb * K] = w.reshape(O, nb, fpb * K)
     return out
-
-
-def _dx_flat(p: Problem, cfg: dict) -> bool:
-    """Grad x on unpadded (i, k) columns (``_kan_dx_flat_kernel``) when K is not a power of two, so padding
-    it would waste columns, and the tile holds at least two whole features; config ``DX_FLAT`` (0/1) forces
-    either kernel."""
-    if "DX_FLAT" in cfg:
-        return bool(cfg["DX_FLAT"])
-    kp = max(2, _pow2(p.k))
-    return p.k != kp and cfg["BLOCK_I"] * kp >= 2 * p.k
 
 
 def _sm_count(device: torch.device) -> int:
@@ -943,29 +855,20 @@ class _FusedKAN(torch.autograd.Function):
         rows = x.shape[0]
         meta = _meta(p, cfg, ctx.prec)
         dx = dw = dwb = dbias = None
-        if ctx.needs_input_grad[0] and _dx_flat(p, cfg):
+        if ctx.needs_input_grad[0]:
             bc = cfg["BLOCK_I"] * meta["KP"]
             fpb = bc // p.k
             WF = _blocked_weight(weight, fpb, bc)
             wb = base_weight if base_weight is not None else WF
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             launch = (triton.cdiv(rows, cfg["BLOCK_B"]), triton.cdiv(p.cin, fpb))
-            _kan_dx_flat_kernel[launch](
+            _kan_dx_kernel[launch](
                 x, gy, WF, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, fpb, WF.stride(0),
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
                 dx.stride(0), dx.stride(1), sGi, BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"],
                 HAS_BASE=meta["HAS_BASE"], BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_C=bc,
                 FPBP=max(16, _pow2(fpb)), KP=meta["KP"], PREC=meta["PREC"], num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
-        elif ctx.needs_input_grad[0]:
-            WP = _padded_weight(weight, meta["KP"])  # [o, (i, k)]: (i, k)-contiguous tiles
-            wb = base_weight if base_weight is not None else WP
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            launch = (triton.cdiv(rows, cfg["BLOCK_B"]), triton.cdiv(p.cin, cfg["BLOCK_I"]))
-            _kan_dx_kernel[launch](
-                x, gy, WP, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK,
-                x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
-                dx.stride(0), dx.stride(1), sGi, **meta)
         if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p, cfg):
             bif = cfg.get("BLOCK_IF", 32)
             splits = _dw_splits(p, cfg, rows, x.device)
@@ -1514,6 +1417,5 @@ if HAS_TRITON:
                    supports=_fused_supports,
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
-                            _place, _knot, _FusedKAN, _padded_weight, _dw_per_k, _dw_splits, _fused_cfgs,
-                            _basis_args, _meta, _SiLULinear, _fused_run, _dphi_cols, _kan_dx_flat_kernel,
-                            _dx_flat, _blocked_weight)))
+                            _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
+                            _basis_args, _meta, _SiLULinear, _fused_run, _dphi_cols)))

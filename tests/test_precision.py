@@ -71,8 +71,7 @@ def test_tf32_tolerance_row():
 @pytest.mark.parametrize("setting", ["default", "tf32"])
 def test_kernels_get_the_precision_and_backward_keeps_the_forwards(monkeypatch, setting):
     want = "tf32" if setting == "tf32" else "tf32x3"
-    spies = {name: Spy(getattr(kan_mod, name))
-             for name in ("_kan_fwd_kernel", "_kan_dx_flat_kernel", "_kan_dw_kernel")}  # rbf K = 3: flat grad x
+    spies = {name: Spy(getattr(kan_mod, name)) for name in ("_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(kan_mod, name, spy)
     op, case = _case("kan", next(c.name for c in get_op("kan").cases if "small" in c.tags and "rbf" in c.name))
