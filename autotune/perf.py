@@ -37,18 +37,22 @@ def case_sets(text: str) -> list[str]:
     return sets
 
 
-def environment(device: dict) -> dict:
-    import torch
-
+def git_commit() -> str:
+    """The short commit of the code that runs: ``OPFORGE_COMMIT`` when set (a copy of a checkout whose git
+    metadata is not that of the code), else the working directory's HEAD, else "unknown"."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=10, cwd=os.getcwd()).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    # OPFORGE_COMMIT names the commit when the checkout's git metadata is not that of the code (a copy)
-    commit = os.environ.get("OPFORGE_COMMIT") or commit
+    return os.environ.get("OPFORGE_COMMIT") or commit
+
+
+def environment(device: dict) -> dict:
+    import torch
+
     return {"gpu": device["name"], "cc": device["cc"], "torch": torch.__version__, "triton": device["triton"],
-            "python": platform.python_version(), "commit": commit}
+            "python": platform.python_version(), "commit": git_commit()}
 
 
 def results_path(perf_dir: Path, device: dict) -> Path:
@@ -298,6 +302,22 @@ def _op_table(records: list[dict]) -> str:
 
 
 SMALL_LOOP = 20  # static tables list loops of fewer SASS instructions only as a count
+
+
+def merge_static(path: Path, records: list[dict], env: dict) -> None:
+    """Merge one ``perf/inspect_kernels.py --json`` run's launch records into a static-counts file: records
+    of the same (op, case, variant, mode, dtype) are replaced; each new record carries ``env`` (arch, Triton,
+    commit). Written atomically."""
+    path = Path(path)
+    data = read_static(path) if path.exists() else {"format": 1, "kind": "static", "records": []}
+    key = lambda r: (r["op"], r["case"], r["variant"], r["mode"], r["dtype"])  # noqa: E731
+    new = {key(r) for r in records}
+    data["records"] = sorted([r for r in data["records"] if key(r) not in new] + [dict(r, **env) for r in records],
+                             key=key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def read_static(path: Path) -> dict:

@@ -695,7 +695,7 @@ def _dft_default(p: Problem) -> dict:
     # the cache file is in git history, autotune/caches/README.md), e.g. 1.56 against 1.89 ms forward+backward
     # on the 94^2 grid, 2.00 against 2.18 ms forward on the 256^2 one; 64-row 2-stage tiles won only the 64^2
     # forward and the m16x8 training call. (On Triton 3.6 these tiles spilled ~350 B in the complex stages and
-    # were measured faster all the same; the stages into the kept modes now cut their row tiles to 64.)
+    # were measured faster all the same; the complex stages now run 64-row tiles whatever the config.)
     return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3, **_mix_default(p)}
 
 

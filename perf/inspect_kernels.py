@@ -195,8 +195,8 @@ def _inspect(args) -> None:
         found = Counter(m.split(".sync")[0] + ":" + m.split(".")[-2] + "." + m.split(".")[-1]
                         for m in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx))
         rec = {"op": args.op, "case": args.case, "variant": args.variant, "mode": args.mode, "dtype": dtype,
-               "source_hash": op.source_hash(), "config": cfg, "kernel": name, "grid": list(grid) if isinstance(grid, tuple) else "(callable)",
-               "warps": warps, "smem": k.metadata.shared,
+               "source_hash": op.source_hash(), "config": cfg, "kernel": name,
+               "grid": list(grid) if isinstance(grid, tuple) else "(callable)", "warps": warps, "smem": k.metadata.shared,
                "mma": [f"{kind} x{n}" for kind, n in sorted(found.items())] or ["no MMA"],
                "access": ", ".join(f"{k_} x{n}" for k_, n in sorted(_accesses(ptx).items())),
                **_ptxas_report(ptx, args.arch)}
@@ -204,35 +204,10 @@ def _inspect(args) -> None:
         print(describe(rec))
     sys.stdout.flush()
     if args.json:
-        merge_static(args.json, records, {"arch": args.arch, "triton": triton.__version__,
-                                          "commit": _commit()})
+        from opforge.autotune import perf
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def merge_static(path: str, records: list[dict], env: dict) -> None:
-    """Merge one run's launch records into a static-counts file: the records of the same (op, case, variant,
-    mode, dtype) are replaced; the file's env is this run's (arch, Triton, commit), per record too."""
-    data = {"format": 1, "kind": "static", "records": []}
-    if os.path.exists(path):
-        with open(path) as fh:
-            data = json.load(fh)
-    key = lambda r: (r["op"], r["case"], r["variant"], r["mode"], r["dtype"])  # noqa: E731
-    new = {key(r) for r in records}
-    data["records"] = [r for r in data["records"] if key(r) not in new] + [dict(r, **env) for r in records]
-    data["records"].sort(key=lambda r: key(r))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+        perf.merge_static(args.json, records, {"arch": args.arch, "triton": triton.__version__,
+                                               "commit": perf.git_commit()})
 
 
 if __name__ == "__main__":

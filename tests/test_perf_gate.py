@@ -178,3 +178,15 @@ def test_tables_flag_ops_whose_code_changed_since():
     assert perf.changed_ops([dict(rec("torch", 1.0), op="kan")]) == ["kan"]  # made before hashes were recorded
     assert "Code changed since" in perf.markdown_table([r("0123")], {"commit": "abc"})
     assert "Code changed since" not in perf.markdown_table([r(now)], {"commit": "abc"})
+
+
+def test_merge_static_replaces_one_runs_records(tmp_path):
+    def r(case, kernel):
+        return {"op": "op", "case": case, "variant": "v", "mode": "fwd", "dtype": "float32", "kernel": kernel}
+
+    path = tmp_path / "static" / "s.json"
+    perf.merge_static(path, [r("a", "k1"), r("b", "k1")], {"commit": "c1"})
+    perf.merge_static(path, [r("a", "k2"), r("a", "k3")], {"commit": "c2"})
+    recs = perf.read_static(path)["records"]
+    assert [(x["case"], x["kernel"], x["commit"]) for x in recs] == [("a", "k2", "c2"), ("a", "k3", "c2"),
+                                                                     ("b", "k1", "c1")]
