@@ -323,6 +323,8 @@ def register(op: Op) -> Op:
 
 
 def get_op(name: str) -> Op:
+    """The registered :class:`Op` named ``name`` (its variants, cases, grids and references), e.g.
+    ``get_op("kan").variants``; an unknown name raises ``ValueError`` listing the registered ones."""
     if name not in _OPS:
         raise ValueError(f"unknown op {name!r}; registered: {sorted(_OPS)}")
     return _OPS[name]
