@@ -91,6 +91,34 @@ def dot_precision(dtype: torch.dtype, follow_setting: bool = True) -> str:
     return "tf32"
 
 
+# Offsets inside a Triton kernel are 32-bit unless made 64-bit explicitly (row index times row stride, say):
+# past 2^31 - 1 elements they wrap around, and a kernel would read and write the wrong places. The kernels
+# widen where a realistic size reaches that far (the batch and split offsets); the rest is checked here.
+INT32_MAX = 2**31 - 1
+GRID_YZ_MAX = 65535  # CUDA's limit on a launch grid's second and third dimensions
+
+
+def offsets_fit(**elements: int) -> str | None:
+    """None when every named tensor's element count stays within 32-bit offsets, else why not (for a
+    variant's ``supports``: dispatch then runs the torch variant)."""
+    for name, n in elements.items():
+        if n > INT32_MAX:
+            return (f"{name} would have {n} elements, past the 2^31 - 1 that the kernel's 32-bit offsets reach "
+                    f"(the torch variant runs such calls)")
+    return None
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset a strided tensor reaches from its first element."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def within_int32(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy of it when its strides reach past 32-bit offsets (a narrow view of a
+    much wider tensor); ``offsets_fit`` has checked the element count itself."""
+    return t.contiguous() if max_offset(t) > INT32_MAX else t
+
+
 @functools.lru_cache(maxsize=None)
 def device_info(device_index: int | None = None) -> dict:
     """Name and compute capability of the GPU at hand, or the CPU stand-in.

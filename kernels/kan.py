@@ -64,7 +64,7 @@ from torch import nn
 
 from ._registry import Case, Op, ProblemBase, Target, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, offsets_fit, tl, triton, within_int32
 
 __all__ = ["kan_linear", "KANLinear", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -916,7 +916,8 @@ def _fused_supports(p: Problem) -> str | None:
         return f"fused evaluates B-splines of order <= 3 in registers, got order {p.order}"
     if p.k > 64:
         return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
-    return None
+    # rows and weights are indexed with 32-bit offsets (the grad-W split partials with 64-bit ones)
+    return offsets_fit(x=p.rows * p.cin, y=p.rows * p.cout, weight=p.cout * p.cin * max(2, _pow2(p.k)))
 
 
 def _fused_cfgs(p: Problem) -> list[dict]:
@@ -979,6 +980,7 @@ class _SiLULinear(torch.autograd.Function):
 
 def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
     cfg = config or _fused_default(p)
+    x = within_int32(x)
     if base_weight is None or os.environ.get("OPFORGE_KAN_FUSED_BASE") == "1":
         return _FusedKAN.apply(x, weight, base_weight, bias, p, b, cfg)
     # The base path runs beside the kernel, as one float32 GEMM (1/K of the basis contraction's FLOPs).

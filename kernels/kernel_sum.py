@@ -47,7 +47,7 @@ import torch
 
 from ._registry import Case, Op, ProblemBase, Target, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
@@ -524,6 +524,7 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
     d_blocks = dims["DP"] // dims["DK"] if kernel_fn is _ksum_grad_kernel else 1  # grad: one program per block
     rows = triton.cdiv(N, cfg["BLOCK_N"])
     S = _m_splits(cfg, rows * B * d_blocks, M, p.device)
+    S = min(S, max(1, GRID_YZ_MAX // B))  # batch x splits share the grid's second dimension
     chunk = triton.cdiv(triton.cdiv(max(M, 1), S), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     S = max(1, triton.cdiv(M, chunk))
     dst = out if S == 1 else torch.empty((S,) + tuple(out.shape), dtype=torch.float32, device=out.device)
@@ -576,7 +577,11 @@ def _flash_supports(p: Problem) -> str | None:
         return f"flash keeps a point block in registers: D <= 256, got {p.d}"
     if p.r > 128:
         return f"flash handles R <= 128 right-hand sides per pass, got {p.r}"
-    return None
+    if p.batch > GRID_YZ_MAX:
+        return f"flash launches the batch on CUDA's second grid dimension: at most {GRID_YZ_MAX} entries, got {p.batch}"
+    # within a batch entry points, right-hand sides and outputs are indexed with 32-bit offsets
+    width = max(p.d, p.r, 1)
+    return offsets_fit(**{"x or the output (N x max(D, R))": p.n * width, "y or b (M x max(D, R))": p.m * width})
 
 
 def _flash_cfgs(p: Problem) -> list[dict]:

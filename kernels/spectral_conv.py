@@ -44,7 +44,7 @@ from torch import nn
 
 from ._registry import Case, Op, ProblemBase, Target, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, offsets_fit, tl, triton
 
 __all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
 
@@ -194,7 +194,14 @@ def _triton_supports(p: Problem) -> str | None:
         return f"Triton variants take float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
     if p.wdtype != torch.complex64:
         return f"Triton variants take a complex64 weight, got {p.wdtype}"
-    return None
+    # the mode-mixing kernel indexes its operands with 32-bit offsets (the DFT GEMMs use 64-bit rows)
+    return offsets_fit(weight=2 * p.cin * p.cout * math.prod(p.modes))
+
+
+def _full_spectra_fit(p: Problem) -> str | None:
+    """fft_mix mixes straight out of the full rfftn spectra: those must fit 32-bit offsets too."""
+    return offsets_fit(**{"x's spectrum": 2 * p.batch * p.cin * math.prod(p.grid[:-1]) * _half(p.grid[-1]),
+                          "y's spectrum": 2 * p.batch * p.cout * math.prod(p.out_grid[:-1]) * _half(p.out_grid[-1])})
 
 
 if HAS_TRITON:
@@ -679,7 +686,9 @@ def _dft_supports(p: Problem) -> str | None:
         return base
     if 2 * p.modes[-1] > 128:
         return f"dft_gemm keeps at most 64 last-axis modes, got {p.modes[-1]}"
-    return None
+    # the compact mode spectra go through the 32-bit mixing kernel
+    return offsets_fit(**{"the kept modes": p.batch * max(p.cin, p.cout) * math.prod(p.modes[:-1])
+                          * _m2p(p.modes[-1])})
 
 
 def _dft_cfgs() -> list[dict]:
@@ -790,7 +799,7 @@ if HAS_TRITON:
                             _kept, _Plan, _DFTConvFn, _bases, _dft_cfgs, _dft_run)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
-                   supports=_triton_supports,
+                   supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),
                    sources=(_mix_kernel, _Spec, _mix, _ModeMixFn, _mix_cfgs, _fft_mix_run)))
 
 

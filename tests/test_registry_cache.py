@@ -334,3 +334,53 @@ def test_source_hash_is_the_same_under_the_interpreter():
         assert r.returncode == 0, r.stderr
         out.add(r.stdout.strip())
     assert len(out) == 1, out
+
+
+@pytest.mark.parametrize("op_name,huge", [
+    # full spectra past 2^31 floats: fft_mix only (dft_gemm keeps the modes apart)
+    ("spectral_conv", {"batch": 64, "grid": (4096, 4096), "out_grid": (4096, 4096)}),
+    ("spectral_conv", {"batch": 1 << 28}),          # the kept modes too: both variants
+    ("kan", {"rows": 1 << 26}),                     # x [2^26, 7]: fits
+    ("kan", {"rows": 1 << 29}),
+    ("kernel_sum", {"n": 1 << 30}),
+    ("kernel_sum", {"batch": 1 << 17}),             # past CUDA's 65535 on the grid's second dimension
+])
+def test_sizes_past_32_bit_offsets_go_to_torch(op_name, huge):
+    """Kernels index with 32-bit offsets where no realistic size needs more: past that a variant says it
+    cannot run (dispatch takes the torch variant; forcing Triton raises) instead of wrapping around."""
+    import dataclasses
+
+    op = get_op(op_name)
+    case = next(c for c in op.cases if "small" in c.tags and c.name != "1d-small-odd")  # 2-D spectral
+    p, args = op.make_inputs(case, "cpu", torch.float32)
+    big = dataclasses.replace(p, **huge)
+    reasons = {v.name: v.why_not(big) for v in op.triton_variants()}
+    fits = all(r is None for r in reasons.values())
+    if op_name == "kan" and huge["rows"] == 1 << 26:  # 2^26 x 7 fits: nothing refused
+        assert fits, reasons
+        return
+    assert not fits, reasons
+    for name, r in reasons.items():
+        if r is not None:
+            assert "2^31 - 1" in r or "65535" in r, r
+    if op_name == "spectral_conv" and "grid" in huge:
+        assert reasons["dft_gemm"] is None and "spectrum" in reasons["fft_mix"]
+    if all(r is not None for r in reasons.values()):
+        with use_backend("triton"), pytest.raises(ValueError, match="no Triton variant"):
+            op.select(big)
+        with use_backend("auto"):
+            assert op.select(big)[0].name == "torch"
+
+
+def test_wide_views_are_copied_for_32_bit_offsets():
+    """A narrow view of a tensor wider than 2^31 elements reaches past 32-bit offsets though it holds few:
+    the KAN launcher takes a contiguous copy (the storage is reserved, never touched)."""
+    from opforge.kernels._triton import INT32_MAX, max_offset, within_int32
+
+    base = torch.empty(INT32_MAX + 4, dtype=torch.uint8)
+    view = base.as_strided((2, 3), (INT32_MAX + 1, 1))
+    assert max_offset(view) == INT32_MAX + 3 and not view.is_contiguous()
+    copy = within_int32(view)
+    assert copy.is_contiguous() and torch.equal(copy, view)
+    small = torch.zeros(4, 6)[:, :3]
+    assert within_int32(small) is small
