@@ -594,6 +594,15 @@ def _flash_cfgs(p: Problem) -> list[dict]:
                 cells = bn * bm * tile3 + bn * (dims["DP"] + dims["RP"])
                 if cells > 64 * 1024 or (dims["DP"] >= 128 and bn > 64):
                     continue
+                # Compiled for sm_90 with Triton 3.6 (`perf/inspect_kernels.py kernel_sum <case> flash --mode fwdbwd
+                # --grid`): at D = 256 the grad kernel of 64 x 64 tiles and every 128-column tile need more
+                # than the 227 KB of shared memory a block may have (they cannot launch); 4 warps on
+                # 64 x 128, 128 x 64 or 128 x 128 tiles, and 8 on 128 x 128, spill 0.7 to 19 KB at D = 3
+                # and 64, a time the tuner need not spend finding them slow.
+                if dims["DP"] >= 256 and (bm > 64 or bn * bm > 64 * 32):
+                    continue
+                if bn * bm > (64 * 64 if w == 4 else 128 * 64):
+                    continue
                 out.append({"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w, "num_stages": 2})
     return out or [_flash_default(p)]
 

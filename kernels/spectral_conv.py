@@ -516,6 +516,12 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
     """Launch _bmm_kernel; sa/sb/sc are (batch, row, col) strides."""
     BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
     BN = block_n or cfg["BLOCK_N"]
+    warps = cfg.get("num_warps", 4)
+    # at most 64 float32 accumulators a thread: compiled for sm_90 (Triton 3.6), the last-axis stages of 33 to 64
+    # kept modes (128 columns) spilled 1.3 KB with 128 x 128 tiles on 4 warps and 256 x 128 on 8, and none with
+    # half the rows (perf/inspect_kernels.py spectral_conv 2d-128-b8-c64-m64 dft_gemm --grid)
+    while BM > 16 and BM * BN > 64 * 32 * warps:
+        BM //= 2
     tm, tn = triton.cdiv(M, BM), triton.cdiv(N, BN)
     grid = (batch * tm * tn,)
     _bmm_kernel[grid](
@@ -523,7 +529,7 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
         sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], bias_div, bias_n,
         SWAP=a2 is not None, HAS_BIAS=bias is not None,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        num_warps=warps, num_stages=cfg.get("num_stages", 2),
     )
 
 

@@ -1,7 +1,11 @@
 """What the compiler makes of a variant's kernels, without a GPU: registers, spills, MMA kind, access widths.
 
     python perf/inspect_kernels.py spectral_conv 2d-256-b32-c64-m32 dft_gemm [--mode fwdbwd] [--arch 90]
-                                   [--config '{"BLOCK_M": 128, ...}'] [--dtype float32] [--tf32]
+                                   [--config '{"BLOCK_M": 128, ...}' | --grid] [--dtype float32] [--tf32]
+
+``--grid`` compiles every config of the variant's tuning grid at the case instead, one line per config:
+the shared memory each kernel needs against the GPU's per-block limit, registers, spills, or the error
+(what ``opforge tune`` would spend device time finding out).
 
 Runs one variant on one case with CPU tensors while every Triton launch only *compiles* for the target
 GPU (sm_90 by default: the H100/H200) instead of running: a stand-in driver names the target, and the
@@ -151,6 +155,7 @@ def main() -> None:
     add_case_args(ap, "fwd", "compile under torch's TF32 float32 matmul setting")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90: H100/H200)")
     ap.add_argument("--config", default=None, help="JSON config of the variant (default: its heuristic default)")
+    ap.add_argument("--grid", action="store_true", help="compile every config of the variant's tuning grid")
     ap.add_argument("--json", default=None, metavar="FILE",
                     help="also merge the launches into this static-counts file (e.g. perf/results/static/"
                          "sm90_triton3.6.json; `opforge perf-table --readme` renders it)")
@@ -179,10 +184,10 @@ def _inspect(args) -> None:
                          f"{[v.name for v in op.triton_variants()]}")
     v = op.variants[args.variant]
     grad = args.mode == "fwdbwd"
+    if args.grid:
+        return _inspect_grid(args, v, problem, inputs, launches)
     cfg = json.loads(args.config) if args.config else v.default_config(problem)
-    y = v.run(problem, *inputs, config=cfg)  # the raw launcher: the registry would refuse CPU tensors here
-    if grad:
-        y.backward(torch.zeros_like(y))
+    _run(v, problem, inputs, cfg, grad)
     tf32 = " (TF32 setting)" if args.tf32 else ""
     print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}{tf32}, compiled for sm_{args.arch} "
           f"with Triton {triton.__version__}; config {cfg}")
@@ -208,6 +213,43 @@ def _inspect(args) -> None:
 
         perf.merge_static(args.json, records, {"arch": args.arch, "triton": triton.__version__,
                                                "commit": perf.git_commit()})
+
+
+def _run(v, problem, inputs, cfg, grad: bool) -> None:
+    y = v.run(problem, *inputs, config=cfg)  # the raw launcher: the registry would refuse CPU tensors here
+    if grad:
+        y.backward(torch.zeros_like(y))
+
+
+# Shared memory one block may use (dynamic, opt-in) per compute capability: sm_90 228 KB less 1 KB reserved.
+SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
+
+
+def _inspect_grid(args, v, problem, inputs, launches) -> None:
+    limit = SMEM_LIMIT.get(args.arch)
+    cfgs = v.configs(problem)
+    print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}: {len(cfgs)} configs compiled for "
+          f"sm_{args.arch} with Triton {triton.__version__}; shared memory limit per block "
+          f"{limit if limit else 'unknown'} B")
+    too_big = failed = 0
+    for cfg in cfgs:
+        launches.clear()
+        try:
+            _run(v, problem, inputs, cfg, args.mode == "fwdbwd")
+        except Exception as exc:  # a config that does not compile: what the tuner would record as a failure
+            failed += 1
+            print(f"  {json.dumps(cfg)}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            continue
+        parts = []
+        for name, grid, warps, k in launches:
+            rep = _ptxas_report(k.asm["ptx"], args.arch)
+            smem = k.metadata.shared
+            over = limit is not None and smem > limit
+            too_big += over
+            body = rep.get("error") or f"{rep['regs']} regs, spills {rep['spill_st']}/{rep['spill_ld']} B"
+            parts.append(f"{name} smem {smem}{' OVER' if over else ''} {body}")
+        print(f"  {json.dumps(cfg)}: " + "; ".join(parts))
+    print(f"{len(cfgs)} configs: {failed} failed to compile, {too_big} kernel launches over the shared-memory limit")
 
 
 if __name__ == "__main__":
