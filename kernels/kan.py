@@ -799,6 +799,14 @@ def _blocked_weight(weight: torch.Tensor, fpb: int, bc: int) -> torch.Tensor:
     return out
 
 
+def _dx_chunk(cfg: dict) -> int:
+    """Outputs summed per step of the grad-x loop: the config's out tile, at most 64. The forward gains from
+    128-wide out tiles (half the basis evaluations); compiled for sm_90 (Triton 3.6) the grad-x kernel spilled
+    264-612 B with 128-output steps at every basis and none with 64 (perf/inspect_kernels.py kan <case> fused
+    --mode fwdbwd --grid), the sum being the same."""
+    return min(cfg["BLOCK_O"], 64)
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -866,7 +874,7 @@ class _FusedKAN(torch.autograd.Function):
                 x, gy, WF, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, fpb, WF.stride(0),
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
                 dx.stride(0), dx.stride(1), sGi, BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"],
-                HAS_BASE=meta["HAS_BASE"], BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_C=bc,
+                HAS_BASE=meta["HAS_BASE"], BLOCK_B=cfg["BLOCK_B"], BLOCK_O=_dx_chunk(cfg), BLOCK_C=bc,
                 FPBP=max(16, _pow2(fpb)), KP=meta["KP"], PREC=meta["PREC"], num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
         if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p, cfg):
@@ -1420,4 +1428,4 @@ if HAS_TRITON:
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
-                            _basis_args, _meta, _SiLULinear, _fused_run, _dphi_cols)))
+                            _basis_args, _meta, _SiLULinear, _fused_run, _dphi_cols, _dx_chunk)))
