@@ -64,7 +64,7 @@ from torch import nn
 
 from ._registry import Case, Op, ProblemBase, Target, Variant, register
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, offsets_fit, tl, triton, within_int32
+from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
 __all__ = ["kan_linear", "KANLinear", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -924,6 +924,8 @@ def _fused_supports(p: Problem) -> str | None:
         return f"fused evaluates B-splines of order <= 3 in registers, got order {p.order}"
     if p.k > 64:
         return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
+    if p.cin > GRID_YZ_MAX:  # grad x launches feature blocks on the grid's second dimension (one a block at worst)
+        return f"fused takes at most {GRID_YZ_MAX} input features (CUDA's grid limit), got {p.cin}"
     # rows and weights are indexed with 32-bit offsets (the grad-W split partials with 64-bit ones)
     return offsets_fit(x=p.rows * p.cin, y=p.rows * p.cout, weight=p.cout * p.cin * max(2, _pow2(p.k)))
 
