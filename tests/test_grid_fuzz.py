@@ -40,7 +40,6 @@ def _shrink(op_name: str, params: dict) -> dict:
         p["modes"] = modes
         grid = [min(n, m + 3) for n, m in zip(p["grid"][:-1], modes[:-1])] + [min(p["grid"][-1], 2 * modes[-1] + 1)]
         p.update(batch=min(p["batch"], 2), cin=5, cout=7, grid=tuple(grid))
-        assert len(grid) == d
     return p
 
 
@@ -53,8 +52,6 @@ def _cases():
 
 
 def _up(t):
-    if not isinstance(t, torch.Tensor):
-        return t
     dt = torch.complex128 if t.is_complex() else torch.float64
     return t.detach().to(dt).requires_grad_(t.requires_grad)
 
