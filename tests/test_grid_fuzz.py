@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opforge.autotune.tuner import _step
 from opforge.kernels import get_op
 from opforge.reference import rel_error, tolerance
 
@@ -56,13 +57,6 @@ def _up(t):
     return t.detach().to(dt).requires_grad_(t.requires_grad)
 
 
-def _step(op, variant, p, args, g, config=None):
-    y = op.run_variant(variant, p, *args, config=config)
-    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    grads = torch.autograd.grad((y * g.to(y.dtype)).sum(), tensors)
-    return [y] + list(grads)
-
-
 @pytest.mark.parametrize("op_name,case", list(_cases()))
 def test_every_tuned_config_matches_torch(op_name, case):
     from opforge.kernels._registry import Case
@@ -73,9 +67,13 @@ def test_every_tuned_config_matches_torch(op_name, case):
     p, args = op.make_inputs(small, "cpu", torch.float32, requires_grad=True, seed=5)
     p64, args64 = op.make_inputs(small, "cpu", torch.float64, requires_grad=True, seed=5)
     args64 = tuple(_up(a) if isinstance(a, torch.Tensor) else b for a, b in zip(args, args64))  # same values
-    y64 = op.run_variant("torch", p64, *args64)
+    with torch.no_grad():
+        y64 = op.run_variant("torch", p64, *args64)  # the output's shape, for the cotangent
     g = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    want = _step(op, "torch", p64, args64, g)
+    g32 = g.to(torch.float32)
+    leaves, leaves64 = ([a for a in t if isinstance(a, torch.Tensor) and a.requires_grad] for t in (args, args64))
+    out, grads = _step(op.torch_variant, p64, args64, leaves64, g, None)  # the tuner's own call
+    want = [out, *grads]
     # the reduction behind each result: the output's, and for a gradient the larger of it and the number of
     # output elements (a gradient entry can sum over every output)
     red = op.reduction(p)
@@ -89,7 +87,8 @@ def test_every_tuned_config_matches_torch(op_name, case):
         if op_name in SPLIT_KEY:
             cfgs = cfgs + [{**c, SPLIT_KEY[op_name]: 2} for c in cfgs]
         for cfg in cfgs:
-            got = _step(op, v.name, p, args, g, config=dict(cfg))
+            out, grads = _step(v, p, args, leaves, g32, dict(cfg))
+            got = [out, *grads]
             for i, (a, e, bound) in enumerate(zip(got, want, bounds)):
                 err = rel_error(a, e)
                 what = "output" if i == 0 else f"grad {i - 1}"
