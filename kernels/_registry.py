@@ -29,6 +29,7 @@ import os
 import re
 import textwrap
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -68,6 +69,35 @@ class ProblemBase:
         perf records: such calls are tuned, checked and timed apart)."""
         name = str(self.dtype).replace("torch.", "")
         return name + "-tf32" if self.dtype == torch.float32 and self.precision == "tf32" else name
+
+
+_CHECKED: dict = {}  # (id(tensor), check, args) -> (weakref to the tensor, its state when checked, result)
+
+
+def checked_once(t: torch.Tensor, check: Callable, *args):
+    """``check(t, *args)`` -- a validation that reads t's values, so a host sync on a GPU -- run once per
+    version of ``t`` and its result remembered.
+
+    A tensor is seen again as unchanged while it is the same object with the same ``_version`` (bumped by
+    every in-place write: optimizer steps, ``copy_``, ``load_state_dict``) and the same storage (``.data =``
+    swaps it without a bump), so a module's buffers and parameters are not re-read every forward pass.
+    Writes through a NumPy view are invisible to torch and so to this cache. Inference tensors track no
+    version: they are checked every call.
+    """
+    try:
+        state = (t._version, t.data_ptr())
+    except RuntimeError:  # inference tensors do not track a version counter
+        return check(t, *args)
+    key = (id(t), check, args)
+    seen = _CHECKED.get(key)
+    if seen is not None and seen[0]() is t and seen[1] == state:
+        return seen[2]
+    result = check(t, *args)
+    if len(_CHECKED) > 4096:  # drop the entries of tensors that are gone
+        for k in [k for k, v in _CHECKED.items() if v[0]() is None]:
+            del _CHECKED[k]
+    _CHECKED[key] = (weakref.ref(t), state, result)
+    return result
 
 
 def on_device(device: torch.device):

@@ -55,14 +55,13 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Case, Op, ProblemBase, Target, Variant, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, register
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
@@ -1004,29 +1003,18 @@ def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
 
 
 # --------------------------------------------------------------------------- checks and the public API
-_GRID_OK: dict = {}  # id(knot tensor) -> (weakref to it, its _version when checked, uniform?)
-
-
 def _check_grid(grid: torch.Tensor, cin: int, order: int) -> bool:
     """Validate B-spline knots [in, G + 2p + 1]; returns whether they are uniformly spaced.
 
-    The values are checked once per version of the tensor (a module's grid changes only through
-    update_grid or load_state_dict), so the forward pass does not synchronise with the GPU every call.
+    The values are checked once per version of the tensor (``checked_once``: a module's grid changes only
+    through update_grid or load_state_dict), so the forward pass does not synchronise with the GPU every call.
     """
     if not isinstance(grid, torch.Tensor) or grid.dim() != 2 or grid.shape[0] != cin:
         raise ValueError(f"grid must be a [in_features={cin}, G + 2*order + 1] knot tensor, got "
                          f"{None if not isinstance(grid, torch.Tensor) else tuple(grid.shape)}")
     if grid.shape[1] < 2 * order + 2:
         raise ValueError(f"grid has {grid.shape[1]} knots per feature; order {order} needs at least {2 * order + 2}")
-    seen = _GRID_OK.get(id(grid))
-    if seen is not None and seen[0]() is grid and seen[1] == grid._version:
-        return seen[2]
-    uniform = _validate_knots(grid)
-    if len(_GRID_OK) > 4096:  # drop entries of tensors that are gone
-        for key in [k for k, v in _GRID_OK.items() if v[0]() is None]:
-            del _GRID_OK[key]
-    _GRID_OK[id(grid)] = (weakref.ref(grid), grid._version, uniform)
-    return uniform
+    return checked_once(grid, _validate_knots)
 
 
 def _validate_knots(grid: torch.Tensor) -> bool:

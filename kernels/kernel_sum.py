@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import Case, Op, ProblemBase, Target, Variant, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, register
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
 
@@ -629,27 +629,39 @@ def _flash_run(p: Problem, xs, ys, b, config=None):
 
 
 # --------------------------------------------------------------------------- checks and the public API
-def _as_tensor_param(v, name, like: torch.Tensor, d: int | None):
-    if isinstance(v, torch.Tensor):
-        if v.is_complex() or not v.is_floating_point():
-            raise TypeError(f"{name} must be a real floating tensor or a float, got {v.dtype}")
-        if v.device != like.device:
-            raise ValueError(f"{name} is on {v.device} but x is on {like.device}")
-        t = v
-    else:
-        try:
-            t = torch.tensor(float(v), dtype=like.dtype if like.dtype == torch.float64 else torch.float32,
-                             device=like.device)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(v).__name__}") from None
-    if d is not None and t.dim() > 0 and t.shape != (d,) and t.numel() != 1:
-        raise ValueError(f"{name} must be a scalar or a [D={d}] tensor (ARD), got shape {tuple(t.shape)}")
-    if d is None and t.numel() != 1:
-        raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
+def _positive_finite(t: torch.Tensor, name: str) -> None:
     vals = t.detach()
     if not bool(torch.isfinite(vals).all()) or bool((vals <= 0).any()):
         raise ValueError(f"{name} must be positive and finite, got {vals.cpu().tolist()}")
-    return t
+
+
+def _scale_param(v, name, like: torch.Tensor, d: int | None):
+    """lengthscale / outputscale: a number stays a Python float, checked on the host (no GPU sync, no
+    host-to-device copy); a tensor has its type, device and shape checked every call and its values once
+    per version (``checked_once``: one sync the first time a GPU tensor is seen)."""
+    if not isinstance(v, torch.Tensor):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(v).__name__}") from None
+        if not (math.isfinite(f) and f > 0):
+            raise ValueError(f"{name} must be positive and finite, got {f}")
+        return f
+    if v.is_complex() or not v.is_floating_point():
+        raise TypeError(f"{name} must be a real floating tensor or a float, got {v.dtype}")
+    if v.device != like.device:
+        raise ValueError(f"{name} is on {v.device} but x is on {like.device}")
+    if d is not None and v.dim() > 0 and v.shape != (d,) and v.numel() != 1:
+        raise ValueError(f"{name} must be a scalar or a [D={d}] tensor (ARD), got shape {tuple(v.shape)}")
+    if d is None and v.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(v.shape)}")
+    checked_once(v, _positive_finite, name)
+    return v
+
+
+def _in(v, dtype: torch.dtype):
+    """A checked scale parameter in the compute dtype (a float stays a float)."""
+    return v.to(dtype) if isinstance(v, torch.Tensor) else v
 
 
 def _prepare(x, y, b, kernel, lengthscale, outputscale):
@@ -679,8 +691,8 @@ def _prepare(x, y, b, kernel, lengthscale, outputscale):
         raise ValueError(f"batch dims of x {tuple(x.shape[:-2])}, y {tuple(y.shape[:-2])} and b "
                          f"{tuple(bb.shape[:-2])} do not broadcast") from None
     D = x.shape[-1]
-    ls = _as_tensor_param(lengthscale, "lengthscale", x, D)
-    os_ = _as_tensor_param(outputscale, "outputscale", x, None)
+    ls = _scale_param(lengthscale, "lengthscale", x, D)
+    os_ = _scale_param(outputscale, "outputscale", x, None)
     return vector, bb, lead, ls, os_
 
 
@@ -700,7 +712,7 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     vector, bb, lead, ls, os_ = _prepare(x, y, b, kernel, lengthscale, outputscale)
     N, M, D, R = x.shape[-2], y.shape[-2], x.shape[-1], bb.shape[-1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ls_c = ls.to(cdt)
+    ls_c = _in(ls, cdt)
     # scaled points stay in float32 (float64 for float64 inputs): O((N + M) D), and no second rounding
     nb = math.prod(lead)
     xs = (x.to(cdt) / ls_c).expand(lead + (N, D)).reshape(nb, N, D)
@@ -712,7 +724,7 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
         center = ys.detach().mean(dim=1, keepdim=True)  # translation invariance: exact, and kinder to rounding
         p = Problem(xs.shape[0], N, M, D, R, kernel, x.dtype, x.device)
         out = OP(p, xs - center, ys - center, bs).reshape(lead + (N, R))
-    out = (out.to(cdt) * os_.to(cdt)).to(x.dtype)
+    out = (out.to(cdt) * _in(os_, cdt)).to(x.dtype)
     return out.squeeze(-1) if vector else out
 
 
@@ -752,8 +764,8 @@ class KernelOperator:
         """Diagonal [..., N] of a square operator: outputscale * k(x_i, y_i) + noise."""
         if self.x.shape[-2] != self.y.shape[-2]:
             raise ValueError(f"diag() needs a square operator, shape is {self.shape}")
-        ls = _as_tensor_param(self.lengthscale, "lengthscale", self.x, self.x.shape[-1])
-        os_ = _as_tensor_param(self.outputscale, "outputscale", self.x, None)
+        ls = _scale_param(self.lengthscale, "lengthscale", self.x, self.x.shape[-1])
+        os_ = _scale_param(self.outputscale, "outputscale", self.x, None)
         s = (((self.x - self.y) / ls) ** 2).sum(-1)
         return os_ * _phi_t(s, self.kernel) + self.noise
 

@@ -1,0 +1,172 @@
+"""No call reads tensor values back to the host once its parameters have been seen.
+
+On a GPU, turning a tensor into a Python value (``bool(t)``, ``t.item()``, ``t.tolist()``, ...) waits for
+every queued kernel: the CPU stops running ahead and each layer's launches are exposed. Validation that
+needs values (knots, kernel-sum scale tensors) is therefore done once per version of the tensor
+(``checked_once``), and numbers are checked as Python floats. The CPU tests watch opforge's own code for
+such reads (torch and the Triton interpreter may read values inside themselves; only calls made from
+``opforge.kernels`` count), through both backends; the GPU test asks CUDA itself to fail on a sync.
+"""
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+
+import opforge.kernels as K
+from opforge.kernels._registry import checked_once
+
+KERNELS_DIR = os.path.dirname(K.__file__)
+READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Record (method, file, line) for every value read of a tensor made from a file of opforge.kernels."""
+    hits = []
+    saved = {n: getattr(torch.Tensor, n) for n in READS}
+
+    def watch(name, method):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(KERNELS_DIR):
+                hits.append((name, os.path.basename(caller), sys._getframe(1).f_lineno))
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, watch(name, method))
+    try:
+        yield hits
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _calls(device="cpu"):
+    """name -> a training step of each public entry point, its modules and parameters made once."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    kan = [K.KANLinear(7, 5, grid_size=3), K.FastKANLayer(7, 5, num_grids=4), K.ChebyKANLayer(7, 5, 4),
+           K.FourierKANLayer(7, 5, 3)]
+    kan = [m.to(device) for m in kan]
+    x_kan = rand(9, 7).requires_grad_()
+    spec = [K.SpectralConv(3, 4, (5,)), K.SpectralConv(3, 4, (6, 6)), K.SpectralConv(3, 4, (4, 4, 3))]
+    spec = [m.to(device) for m in spec]
+    x_spec = [rand(2, 3, 11), rand(2, 3, 10, 9), rand(1, 3, 6, 5, 7)]
+    pts = rand(9, 3).requires_grad_()
+    ls = torch.full((3,), 0.5, device=device, requires_grad=True)  # ARD, a tensor kept across calls
+    rhs = rand(9, 2)
+
+    def kan_step():
+        for m in kan:
+            m(x_kan).sum().backward()
+
+    def spectral_step():
+        for m, x in zip(spec, x_spec):
+            m(x.requires_grad_()).sum().backward()
+
+    def kernel_sum_step():
+        K.kernel_matvec(pts, pts, rhs, "matern52", lengthscale=ls, outputscale=2.0).sum().backward()
+        K.kernel_matvec(pts, pts, rhs, "gaussian", lengthscale=0.3).sum().backward()
+        with torch.no_grad():
+            A = K.KernelOperator(pts, kernel="imq", lengthscale=ls, noise=0.1)
+            (A @ rhs, A.T @ rhs, A.diag())
+
+    return {"kan": kan_step, "spectral_conv": spectral_step, "kernel_sum": kernel_sum_step}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["kan", "spectral_conv", "kernel_sum"])
+def test_no_host_reads_after_first_call(op, backend):
+    step = _calls()[op]
+    with K.use_backend(backend):
+        step()  # first sight: tensor parameters are validated (one read each)
+        with host_reads() as hits:
+            step()
+    assert hits == [], f"{op} ({backend}) read tensor values on the host: {hits}"
+
+
+def test_watch_sees_reads():
+    """The watcher is not blind: a lengthscale tensor seen for the first time is read (and a float is not)."""
+    x, b = torch.randn(5, 2), torch.randn(5, 1)
+    with host_reads() as hits:
+        K.kernel_matvec(x, x, b, lengthscale=0.5)
+    assert hits == []
+    with host_reads() as hits:
+        K.kernel_matvec(x, x, b, lengthscale=torch.tensor([0.5, 0.7]))
+    assert hits and all(f == "kernel_sum.py" for _, f, _ in hits)
+
+
+def test_checked_once_sees_changes():
+    calls = []
+
+    def check(t, tag):
+        calls.append(tag)
+        return float(t.sum())
+
+    t = torch.ones(3)
+    assert checked_once(t, check, "a") == 3.0 and checked_once(t, check, "a") == 3.0
+    assert calls == ["a"]
+    assert checked_once(t, check, "b") == 3.0 and calls == ["a", "b"]  # another check, its own entry
+    t.add_(1)  # in-place: new version
+    assert checked_once(t, check, "a") == 6.0 and calls[-1] == "a" and len(calls) == 3
+    t.data = torch.zeros(3)  # storage swapped, version unchanged
+    assert checked_once(t, check, "a") == 0.0 and len(calls) == 4
+    with torch.inference_mode():
+        u = torch.ones(2)  # tracks no version: checked every time
+    assert checked_once(u, check, "a") == 2.0 and checked_once(u, check, "a") == 2.0 and len(calls) == 6
+
+
+def test_edited_parameters_are_checked_again():
+    layer = K.KANLinear(4, 3, grid_size=3)
+    x = torch.randn(2, 4)
+    layer(x)
+    good = layer.grid.clone()
+    with torch.no_grad():
+        layer.grid[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        layer(x)
+    with torch.no_grad():
+        layer.grid.copy_(good)
+    layer(x)
+    with torch.no_grad():
+        layer.grid.data = torch.flip(good, dims=[1]).contiguous()
+    with pytest.raises(ValueError, match="increasing"):
+        layer(x)
+    ls = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    K.kernel_matvec(x, x, x[:, :1], lengthscale=ls)
+    ls[0] = -1.0
+    with pytest.raises(ValueError, match="lengthscale must be positive"):
+        K.kernel_matvec(x, x, x[:, :1], lengthscale=ls)
+
+
+def test_inference_mode():
+    """Inference tensors have no version counter: they are validated every call, and work."""
+    with torch.inference_mode():
+        layer = K.KANLinear(4, 3, grid_size=3)
+        x = torch.randn(2, 4)
+        assert layer(x).shape == (2, 3)
+        ls = torch.tensor([0.5, 0.6, 0.7, 0.8])
+        assert K.kernel_matvec(x, x, x, lengthscale=ls).shape == (2, 4)
+        layer.grid[0, 0] = float("inf")
+        with pytest.raises(ValueError, match="finite"):
+            layer(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["kan", "spectral_conv", "kernel_sum"])
+def test_no_cuda_sync_after_first_call(op):
+    step = _calls("cuda")[op]
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
