@@ -36,7 +36,8 @@ from pathlib import Path
 FORMAT = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "caches"
 
-_memo: dict[str, tuple[float, dict]] = {}
+_memo: dict[str, tuple[tuple, dict]] = {}
+_paths_memo: dict[tuple, tuple[str, ...]] = {}
 
 
 def user_dir() -> Path:
@@ -56,17 +57,19 @@ def _empty(device: dict | None) -> dict:
     return {"format": FORMAT, "device": dev, "ops": {}}
 
 
-def load(path: Path) -> dict:
-    """Read a cache file; a missing file is empty, a corrupt one warns and is empty."""
-    path = Path(path)
+def load(path: Path | str) -> dict:
+    """Read a cache file; a missing file is empty, a corrupt one warns and is empty. Memoised on the file's
+    modification time and size: a dispatch costs one ``stat`` per file (no pathlib, no parsing)."""
+    key = os.fspath(path)
     try:
-        mtime = path.stat().st_mtime
+        st = os.stat(key)
     except OSError:
         return _empty(None)
-    key = str(path)
+    stamp = (st.st_mtime_ns, st.st_size)
     hit = _memo.get(key)
-    if hit is not None and hit[0] == mtime:
+    if hit is not None and hit[0] == stamp:
         return hit[1]
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("ops"), dict):
@@ -74,7 +77,7 @@ def load(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         warnings.warn(f"opforge: ignoring unreadable autotune cache {path}: {exc}", RuntimeWarning, stacklevel=2)
         data = _empty(None)
-    _memo[key] = (mtime, data)
+    _memo[key] = (stamp, data)
     return data
 
 
@@ -107,6 +110,16 @@ def paths_for(device: dict) -> list[Path]:
     return [user_dir() / name, SHIPPED_DIR / name]
 
 
+def _lookup_paths(device: dict) -> tuple[str, ...]:
+    """``paths_for`` as strings, memoised on the device and the environment that names the user cache
+    (building paths with pathlib cost more than the rest of a lookup)."""
+    env = (device["tag"], os.environ.get("OPFORGE_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), SHIPPED_DIR)
+    paths = _paths_memo.get(env)
+    if paths is None:
+        paths = _paths_memo[env] = tuple(os.fspath(p) for p in paths_for(device))
+    return paths
+
+
 def lookup(op, problem, device: dict | None = None, train: bool = False) -> dict | None:
     """The winning ``{"variant", "config", ...}`` for this call, or None on a miss.
 
@@ -119,7 +132,7 @@ def lookup(op, problem, device: dict | None = None, train: bool = False) -> dict
         device = device_info(idx)
     h = op.source_hash()
     for k in ([entry_key(problem, True)] if train else []) + [entry_key(problem)]:
-        for path in paths_for(device):
+        for path in _lookup_paths(device):
             entry = load(path)["ops"].get(op.name, {}).get(h, {}).get(k)
             if entry is not None:
                 return entry

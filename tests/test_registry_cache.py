@@ -137,6 +137,24 @@ def test_user_cache_shadows_shipped(tmp_path, monkeypatch):
     assert cache.lookup(OP, p)["variant"] == "dft_gemm"
 
 
+def test_lookup_sees_files_written_by_another_process(tmp_path, monkeypatch):
+    """Lookups are memoised on each file's modification time and size, and on the cache folder named by
+    the environment: a file rewritten behind the memo's back (another process's tune) or a new
+    OPFORGE_CACHE_DIR is seen at the next call."""
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path / "a"))
+    p, _ = problem()
+    dev = device_info()
+    path = cache.user_dir() / cache.file_name(dev)
+    cache.record(path, dev, OP, p, {"variant": "fft_mix", "config": None})
+    assert cache.lookup(OP, p)["variant"] == "fft_mix"
+    data = json.loads(path.read_text())
+    data["ops"]["spectral_conv"][OP.source_hash()][cache.entry_key(p)]["variant"] = "dft_gemm"
+    path.write_text(json.dumps(data))  # not through save(): the memo is not told
+    assert cache.lookup(OP, p)["variant"] == "dft_gemm"
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path / "b"))
+    assert cache.lookup(OP, p) is None
+
+
 def test_atomic_save_leaves_no_temp_files(tmp_path):
     path = tmp_path / "c.json"
     cache.save(path, {"format": cache.FORMAT, "device": {}, "ops": {}})
