@@ -83,11 +83,14 @@ def _calls(device="cpu"):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", ["kan", "spectral_conv", "kernel_sum"])
 def test_no_host_reads_after_first_call(op, backend):
-    step = _calls()[op]
+    step, forward = _calls()[op], _forwards("cpu")[op][1]
     with K.use_backend(backend):
         step()  # first sight: tensor parameters are validated (one read each)
+        forward()
         with host_reads() as hits:
             step()
+            with torch.no_grad():
+                forward()
     assert hits == [], f"{op} ({backend}) read tensor values on the host: {hits}"
 
 
@@ -170,3 +173,47 @@ def test_no_cuda_sync_after_first_call(op):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def _forwards(device):
+    """name -> (static inputs, a forward pass over them returning its outputs): what a CUDA graph captures."""
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    kan = [m.to(device) for m in (K.KANLinear(7, 5, grid_size=3), K.FastKANLayer(7, 5, num_grids=4),
+                                  K.ChebyKANLayer(7, 5, 4), K.FourierKANLayer(7, 5, 3))]
+    spec = [m.to(device) for m in (K.SpectralConv(3, 4, (5,)), K.SpectralConv(3, 4, (6, 6)))]
+    ls = torch.full((3,), 0.5, device=device)
+    x_kan, x1, x2, pts, rhs = rand(9, 7), rand(2, 3, 11), rand(2, 3, 10, 9), rand(9, 3), rand(9, 2)
+    return {
+        "kan": ([x_kan], lambda: [m(x_kan) for m in kan]),
+        "spectral_conv": ([x1, x2], lambda: [spec[0](x1), spec[1](x2)]),
+        "kernel_sum": ([pts, rhs], lambda: [K.kernel_matvec(pts, pts, rhs, "matern52", lengthscale=ls),
+                                            K.kernel_matvec(pts, pts, rhs, "gaussian", lengthscale=0.3)]),
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["kan", "spectral_conv", "kernel_sum"])
+def test_forward_is_cuda_graph_capturable(op):
+    """No syncs and no host-to-device copies on the call path: a forward pass can be captured in a CUDA
+    graph (after warm-up calls, which compile and build cached bases) and replays on new inputs."""
+    inputs, forward = _forwards("cuda")[op]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        outs = forward()
+    for t in inputs:
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    with torch.no_grad():
+        want = forward()
+    for got, ref in zip(outs, want):
+        torch.testing.assert_close(got, ref)
