@@ -100,6 +100,23 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     return result
 
 
+def graph_grads(recompute: Callable, inputs: tuple, needs, grad_out: torch.Tensor) -> tuple:
+    """The gradients of ``recompute(*inputs)`` (paired with ``grad_out``) for the inputs marked in ``needs``,
+    None for the others, as tensors with a graph: what a Triton variant's backward returns when it is run
+    with ``create_graph=True`` (second derivatives, physics-informed losses on du/dx). Its kernels are
+    not differentiable, so the op is recomputed with the torch variant's differentiable math on the
+    saved inputs, which are the caller's tensors, so the graph reaches their history."""
+    want = [t for t, n in zip(inputs, needs) if n]
+    with torch.enable_grad():
+        out = recompute(*inputs)
+        got = iter(torch.autograd.grad(out, want, grad_out, create_graph=True, allow_unused=True))
+    res = []
+    for t, n in zip(inputs, needs):
+        g = next(got) if n else None
+        res.append(torch.zeros_like(t) if n and g is None else g)
+    return tuple(res)
+
+
 def on_device(device: torch.device):
     """Make ``device`` the current CUDA device for the call (Triton launches on the current device, so a
     tensor on cuda:1 under current device 0 would otherwise be handed to a kernel running on GPU 0);

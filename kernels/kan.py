@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
@@ -857,6 +857,11 @@ class _FusedKAN(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, base_weight = ctx.saved_tensors
         p, b, cfg = ctx.p, ctx.b, ctx.cfg
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
+            dx, dw, dwb = graph_grads(lambda x, w, wb: _torch_run(p, x, w, wb, None, b), (x, weight, base_weight),
+                                      ctx.needs_input_grad[:3], gy)
+            dbias = gy.to(torch.float32).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+            return dx, dw, dwb, dbias, None, None, None
         gy = gy.contiguous()
         grid, cent, width, NK, sGi = _basis_args(p, b, x)
         rows = x.shape[0]

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
 
@@ -114,13 +114,15 @@ def _dphi_t(s, kernel):
 
 def _sqdist(p, q, exact: bool):
     """[.., n, D], [.., m, D] -> [.., n, m] squared distances: exact differences (one coordinate at a time, so
-    no [n, m, D] temporary), or the clamped expansion."""
+    no [n, m, D] temporary), or the clamped expansion. In place where nothing is being differentiated (a
+    backward run with create_graph=True records these ops: there they are out of place)."""
     if exact:
+        inplace = not torch.is_grad_enabled()
         s = None
         for k in range(p.shape[-1]):
             t = p[..., :, k:k + 1] - q[..., :, k].unsqueeze(-2)
-            t.mul_(t)
-            s = t if s is None else s.add_(t)
+            t = t.mul_(t) if inplace else t * t
+            s = t if s is None else (s.add_(t) if inplace else s + t)
         return s if s is not None else p.new_zeros(p.shape[:-1] + q.shape[-2:-1])
     s = (p * p).sum(-1, keepdim=True) + (q * q).sum(-1).unsqueeze(-2) - 2 * p @ q.transpose(-1, -2)
     return s.clamp_min(0)
@@ -163,7 +165,8 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
         if need_b:
             gb += _phi_t(s, kernel).transpose(-1, -2) @ gblk
         if need_x or need_y:
-            w = _dphi_t(s, kernel).mul_(gblk @ b.transpose(-1, -2))  # [B, rows, m]
+            w, gb_ = _dphi_t(s, kernel), gblk @ b.transpose(-1, -2)  # [B, rows, m]
+            w = w * gb_ if torch.is_grad_enabled() else w.mul_(gb_)  # (a create_graph backward records it)
             if need_x:
                 gx[:, i:i + step] = 2 * (xb * w.sum(-1, keepdim=True) - w @ ys)
             if need_y:
@@ -543,17 +546,25 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
 class _FlashKSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, ys, b, kernel, cfg, out_dtype, prec):
+        ctx.save_for_backward(xs, ys, b)  # the caller's tensors (the graph of a double backward starts there)
+        ctx.kernel, ctx.cfg, ctx.prec, ctx.out_dtype = kernel, cfg, prec, out_dtype
         xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
         out = torch.empty(xs.shape[:-1] + (b.shape[-1],), dtype=out_dtype, device=xs.device)
         _launch(_ksum_fwd_kernel, (xs, ys, b), out, kernel, cfg, prec)
-        ctx.save_for_backward(xs, ys, b)
-        ctx.kernel, ctx.cfg, ctx.prec = kernel, cfg, prec
         return out
 
     @staticmethod
     def backward(ctx, g):
         xs, ys, b = ctx.saved_tensors
         k, cfg, prec = ctx.kernel, ctx.cfg, ctx.prec
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
+            # (the Gaussian's points come scaled for exp2: undo it for the torch formula exp(-s / 2))
+            c = 1.0 / _EXP2_SCALE if k == "gaussian" else 1.0
+
+            def recompute(xs, ys, b):
+                return _TorchKSum.apply(xs.float() * c, ys.float() * c, b.float(), k).to(ctx.out_dtype)
+            return graph_grads(recompute, (xs, ys, b), ctx.needs_input_grad[:3], g) + (None,) * 4
+        xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
         g = g.contiguous()
         gx = gy = gb = None
         if ctx.needs_input_grad[0]:

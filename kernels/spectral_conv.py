@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._registry import Case, Op, ProblemBase, Target, Variant, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, graph_grads, register
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, offsets_fit, tl, triton
 
@@ -163,24 +163,30 @@ def _irfftn(spec: torch.Tensor, p: Problem) -> torch.Tensor:
     return torch.fft.irfftn(spec, s=p.out_grid, dim=tuple(range(-d, 0)), norm="forward")
 
 
+def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tensor:
+    """Full rfftn spectrum [B, in, *grid'] -> full output spectrum [B, out, *out_grid']: the kept modes
+    gathered, mixed by the weight and placed at their frequencies on the output grid, zeros elsewhere."""
+    d = p.d
+    idx = [_freq_index(p.modes[ax], p.grid[ax], X.device) for ax in range(d - 1)]
+    for ax in range(d - 1):
+        X = X.index_select(2 + ax, idx[ax])
+    X = X[..., : p.modes[-1]]
+    Y = torch.einsum("bi...,io...->bo...", X, weight.to(X.dtype))
+    spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),))
+    out_idx = [_freq_index(p.modes[ax], p.out_grid[ax], X.device) for ax in range(d - 1)]
+    view = [o.view([-1] + [1] * (d - 2 - ax)) for ax, o in enumerate(out_idx)]
+    spec[(slice(None), slice(None), *view, slice(0, p.modes[-1]))] = Y
+    return spec
+
+
 def _torch_run(p: Problem, x, weight, bias, config=None):
     d = p.d
     if p.batch == 0:  # FFT libraries reject empty batches; keep the graph connected to weight
         return x.new_zeros((0, p.cout) + p.out_grid) + (weight.real.sum() * 0).to(p.dtype)
     double = p.dtype == torch.float64 or p.wdtype == torch.complex128
-    rdt, cdt = (torch.float64, torch.complex128) if double else (torch.float32, torch.complex64)
-    dims = tuple(range(-d, 0))
-    X = torch.fft.rfftn(x.to(rdt), dim=dims, norm="forward")
-    idx = [_freq_index(p.modes[ax], p.grid[ax], x.device) for ax in range(d - 1)]
-    for ax in range(d - 1):
-        X = X.index_select(2 + ax, idx[ax])
-    X = X[..., : p.modes[-1]]
-    Y = torch.einsum("bi...,io...->bo...", X, weight.to(cdt))
-    spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),))
-    out_idx = [_freq_index(p.modes[ax], p.out_grid[ax], x.device) for ax in range(d - 1)]
-    view = [o.view([-1] + [1] * (d - 2 - ax)) for ax, o in enumerate(out_idx)]
-    spec[(slice(None), slice(None), *view, slice(0, p.modes[-1]))] = Y
-    y = _irfftn(spec, p)
+    rdt = torch.float64 if double else torch.float32
+    X = torch.fft.rfftn(x.to(rdt), dim=tuple(range(-d, 0)), norm="forward")
+    y = _irfftn(_torch_mix(X, weight, p), p)
     if bias is not None:
         y = y + bias.reshape((1, p.cout) + (1,) * d).to(rdt)
     return y.to(p.dtype)
@@ -413,8 +419,8 @@ class _ModeMixFn(torch.autograd.Function):
     """Full rfftn spectrum [B, in, *grid'] -> full output spectrum [B, out, *out_grid'] via the mix kernel."""
 
     @staticmethod
-    def forward(ctx, X, weight, p: Problem, cfg):
-        X = X.contiguous()
+    def forward(ctx, X_in, weight, p: Problem, cfg):
+        X = X_in.contiguous()
         W = weight.resolve_conj().contiguous()
         prec = p.precision
         out = torch.empty((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),),
@@ -425,14 +431,18 @@ class _ModeMixFn(torch.autograd.Function):
         _mix(_Spec.of(Xr, (0, 1), p.modes, in_full, True), _Spec.of(Wr, (0, 1), p.modes, p.modes, False),
              _Spec.of(outr, (0, 1), p.modes, out_full, True), p.batch, p.cin, p.cout, p.modes,
              False, False, True, cfg, prec)
-        ctx.save_for_backward(X, W)
+        ctx.save_for_backward(X_in, weight)  # the caller's tensors (the graph of a double backward starts there)
         ctx.p, ctx.cfg, ctx.prec = p, cfg, prec
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        X, W = ctx.saved_tensors
+        X_in, weight = ctx.saved_tensors
         p, cfg, prec = ctx.p, ctx.cfg, ctx.prec
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
+            return graph_grads(lambda X, w: _torch_mix(X, w, p), (X_in, weight), ctx.needs_input_grad[:2],
+                               gout) + (None, None)
+        X, W = X_in.contiguous(), weight.resolve_conj().contiguous()
         g = gout.resolve_conj().contiguous()
         gr, Xr, Wr = torch.view_as_real(g), torch.view_as_real(X), torch.view_as_real(W)
         in_full = p.grid[:-1] + (_half(p.grid[-1]),)
@@ -655,17 +665,26 @@ class _DFTConvFn(torch.autograd.Function):
              False, False, False, cfg, prec)
         b = None if bias is None else bias.reshape(-1).contiguous()
         y = plan.synthesis(Y, cfg, prec, p.dtype, bias=b)
-        ctx.save_for_backward(X, W)
+        # the compact spectra for the backward, and the caller's x and weight (references, no copies) for a
+        # double backward
+        ctx.save_for_backward(X, W, x, weight)
         ctx.plan, ctx.cfg, ctx.prec = plan, cfg, prec
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        X, W = ctx.saved_tensors
+        X, W, x, weight = ctx.saved_tensors
         plan, cfg, prec = ctx.plan, ctx.cfg, ctx.prec
         p = plan.p
         gx = gw = gb = None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
+            gx, gw = graph_grads(lambda x, w: _torch_run(p, x, w, None), (x, weight), ctx.needs_input_grad[:2], gy)
+        if ctx.needs_input_grad[2]:
+            dims = (0,) + tuple(range(2, 2 + p.d))
+            gb = gy.to(torch.float32).sum(dim=dims).reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
+        if torch.is_grad_enabled():
+            return gx, gw, gb, None, None
         gY = plan.synthesis_adjoint(gy, cfg, prec)
         if ctx.needs_input_grad[0]:
             gX = plan.spectrum(p.batch, p.cin, X.device)
@@ -680,9 +699,6 @@ class _DFTConvFn(torch.autograd.Function):
                  _Spec.of(gW, (0, 1), p.modes, p.modes, False), p.cin, p.batch, p.cout, p.modes,
                  True, False, False, cfg, prec)
             gw = torch.view_as_complex(gW)
-        if ctx.needs_input_grad[2]:
-            dims = (0,) + tuple(range(2, 2 + p.d))
-            gb = gy.to(torch.float32).sum(dim=dims).reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
         return gx, gw, gb, None, None
 
 
