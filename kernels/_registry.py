@@ -107,6 +107,8 @@ def graph_grads(recompute: Callable, inputs: tuple, needs, grad_out: torch.Tenso
     not differentiable, so the op is recomputed with the torch variant's differentiable math on the
     saved inputs, which are the caller's tensors, so the graph reaches their history."""
     want = [t for t, n in zip(inputs, needs) if n]
+    if not want:  # only an input handled by the caller (a bias) needs a gradient
+        return (None,) * len(inputs)
     with torch.enable_grad():
         out = recompute(*inputs)
         got = iter(torch.autograd.grad(out, want, grad_out, create_graph=True, allow_unused=True))

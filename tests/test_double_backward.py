@@ -105,3 +105,15 @@ def test_triton_second_derivatives_match_torch(case, variant):
         assert a.dtype == t.dtype
         assert_close(a, b.detach().resolve_conj().numpy(), torch.float32, 64,
                      f"{case[0]} {variant}: second-order gradient of input {i}")
+
+
+def test_only_the_bias_needs_a_gradient():
+    """A create_graph backward where the kernel's own inputs need nothing (only the bias trains)."""
+    f, (x, w, wb, bias) = _kan("rbf", torch.float32)
+    bias.requires_grad_()
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            y = f(x, w, None, bias)
+            (gb,) = torch.autograd.grad((y * y).sum(), bias, create_graph=True)
+            (ggb,) = torch.autograd.grad(gb.sum(), bias)
+        torch.testing.assert_close(ggb, torch.full_like(bias, 2.0 * x.shape[0]))
