@@ -687,9 +687,12 @@ def _prepare(x, y, b, kernel, lengthscale, outputscale):
         raise ValueError(f"x and y must be [..., N, D] and [..., M, D], got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"dimension mismatch: x has D={x.shape[-1]} but y has D={y.shape[-1]}")
-    vector = b.dim() == y.dim() - 1
+    # b [..., M] (vectors) when it ends in M and has one dimension fewer than y, or is 1-D; else [..., M, R].
+    # Leading dims broadcast and may be fewer than y's: b [M, R] or [M] serves a batched y [B, M, D].
+    M = y.shape[-2]
+    vector = b.dim() >= 1 and b.shape[-1] == M and b.dim() in (1, y.dim() - 1)
     bb = b.unsqueeze(-1) if vector else b
-    if bb.dim() != y.dim() or bb.shape[-2] != y.shape[-2]:
+    if bb.dim() < 2 or bb.shape[-2] != M:
         raise ValueError(f"b must be [..., M={y.shape[-2]}, R] or [..., M={y.shape[-2]}], got {tuple(b.shape)}")
     for name, t in (("y", y), ("b", b)):
         if t.device != x.device:
@@ -712,7 +715,8 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
 
     Args:
         x: [..., N, D] points; y: [..., M, D] points (same dtype, device).
-        b: [..., M, R] (or [..., M]) right-hand sides.
+        b: [..., M, R] (or [..., M]) right-hand sides; leading dims broadcast against the points' (b [M, R] or
+           [M] serves a batch of points). A b with one dimension fewer than y that ends in M is vectors.
         kernel: one of gaussian, laplacian, matern32, matern52, imq, cauchy.
         lengthscale: positive float, 0-dim tensor or [D] tensor (ARD); differentiable.
         outputscale: positive float or 0-dim tensor; differentiable.

@@ -149,6 +149,17 @@ def test_vector_b_batches_and_broadcast():
     torch.testing.assert_close(out[1], kernel_matvec(x + 0.5, y, b))
     with use_backend("triton"):
         torch.testing.assert_close(kernel_matvec(xb, y, b), out, rtol=1e-5, atol=1e-6)
+    # batched y with b [M, R] or [M] shared by the batch (b with fewer leading dims than y)
+    yb = torch.stack([y, y - 0.25])
+    for bs in (b, b[:, 0]):
+        for backend in ("torch", "triton"):
+            with use_backend(backend):
+                got = kernel_matvec(xb, yb, bs)
+            want = torch.stack([kernel_matvec(xb[i], yb[i], bs) for i in range(2)])
+            assert got.shape == want.shape == (2, 6) + bs.shape[1:]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # more leading dims on b than on the points: they broadcast too
+    assert kernel_matvec(x, y, torch.randn(3, 5, 2)).shape == (3, 6, 2)
 
 
 def test_operator_and_cg_solve():
@@ -170,6 +181,9 @@ def test_operator_and_cg_solve():
 @pytest.mark.parametrize("bad, err, match", [
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 2), torch.randn(5, 1)), ValueError, "dimension mismatch"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(6, 1)), ValueError, "b must be"),
+    (lambda: kernel_matvec(torch.randn(2, 4, 3), torch.randn(2, 5, 3), torch.randn(6)), ValueError, "b must be"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 2)[:, :1].t()), ValueError,
+     "b must be"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), "rbf"), ValueError,
      "valid: .*gaussian.*cauchy"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=0.0), ValueError,
