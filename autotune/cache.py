@@ -104,19 +104,15 @@ def entry_key(problem, train: bool = False) -> str:
     return key + "|train" if train else key
 
 
-def paths_for(device: dict) -> list[Path]:
-    """Cache files consulted for a device, highest precedence first."""
-    name = file_name(device)
-    return [user_dir() / name, SHIPPED_DIR / name]
-
-
-def _lookup_paths(device: dict) -> tuple[str, ...]:
-    """``paths_for`` as strings, memoised on the device and the environment that names the user cache
-    (building paths with pathlib cost more than the rest of a lookup)."""
+def paths_for(device: dict) -> tuple[str, ...]:
+    """Cache files consulted for a device, highest precedence first, as strings: memoised on the device and
+    the environment that names the user cache (building paths with pathlib cost more than the rest of a
+    lookup, which runs on every CUDA call)."""
     env = (device["tag"], os.environ.get("OPFORGE_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), SHIPPED_DIR)
     paths = _paths_memo.get(env)
     if paths is None:
-        paths = _paths_memo[env] = tuple(os.fspath(p) for p in paths_for(device))
+        name = file_name(device)
+        paths = _paths_memo[env] = (os.fspath(user_dir() / name), os.fspath(SHIPPED_DIR / name))
     return paths
 
 
@@ -132,7 +128,7 @@ def lookup(op, problem, device: dict | None = None, train: bool = False) -> dict
         device = device_info(idx)
     h = op.source_hash()
     for k in ([entry_key(problem, True)] if train else []) + [entry_key(problem)]:
-        for path in _lookup_paths(device):
+        for path in paths_for(device):
             entry = load(path)["ops"].get(op.name, {}).get(h, {}).get(k)
             if entry is not None:
                 return entry
