@@ -45,50 +45,44 @@ def host_reads():
 
 
 def _calls(device="cpu"):
-    """name -> a training step of each public entry point, its modules and parameters made once."""
+    """name -> (input tensors, a forward pass of each public entry point over them returning its outputs),
+    modules and parameters made once: what the tests repeat, train through (``_train``) and capture."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device)
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
 
-    kan = [K.KANLinear(7, 5, grid_size=3), K.FastKANLayer(7, 5, num_grids=4), K.ChebyKANLayer(7, 5, 4),
-           K.FourierKANLayer(7, 5, 3)]
-    kan = [m.to(device) for m in kan]
-    x_kan = rand(9, 7).requires_grad_()
-    spec = [K.SpectralConv(3, 4, (5,)), K.SpectralConv(3, 4, (6, 6)), K.SpectralConv(3, 4, (4, 4, 3))]
-    spec = [m.to(device) for m in spec]
-    x_spec = [rand(2, 3, 11), rand(2, 3, 10, 9), rand(1, 3, 6, 5, 7)]
-    pts = rand(9, 3).requires_grad_()
+    kan = [m.to(device) for m in (K.KANLinear(7, 5, grid_size=3), K.FastKANLayer(7, 5, num_grids=4),
+                                  K.ChebyKANLayer(7, 5, 4), K.FourierKANLayer(7, 5, 3))]
+    spec = [m.to(device) for m in (K.SpectralConv(3, 4, (5,)), K.SpectralConv(3, 4, (6, 6)),
+                                   K.SpectralConv(3, 4, (4, 4, 3)))]
+    x_kan, x_spec = rand(9, 7), [rand(2, 3, 11), rand(2, 3, 10, 9), rand(1, 3, 6, 5, 7)]
+    pts, rhs = rand(9, 3), rand(9, 2)
     ls = torch.full((3,), 0.5, device=device, requires_grad=True)  # ARD, a tensor kept across calls
-    rhs = rand(9, 2)
 
-    def kan_step():
-        for m in kan:
-            m(x_kan).sum().backward()
+    def kernel_sums():
+        A = K.KernelOperator(pts, kernel="imq", lengthscale=ls, noise=0.1)
+        return [K.kernel_matvec(pts, pts, rhs, "matern52", lengthscale=ls, outputscale=2.0),
+                K.kernel_matvec(pts, pts, rhs, "gaussian", lengthscale=0.3), A @ rhs, A.T @ rhs, A.diag()]
 
-    def spectral_step():
-        for m, x in zip(spec, x_spec):
-            m(x.requires_grad_()).sum().backward()
+    return {"kan": ([x_kan], lambda: [m(x_kan) for m in kan]),
+            "spectral_conv": (x_spec, lambda: [m(x) for m, x in zip(spec, x_spec)]),
+            "kernel_sum": ([pts, rhs], kernel_sums)}
 
-    def kernel_sum_step():
-        K.kernel_matvec(pts, pts, rhs, "matern52", lengthscale=ls, outputscale=2.0).sum().backward()
-        K.kernel_matvec(pts, pts, rhs, "gaussian", lengthscale=0.3).sum().backward()
-        with torch.no_grad():
-            A = K.KernelOperator(pts, kernel="imq", lengthscale=ls, noise=0.1)
-            (A @ rhs, A.T @ rhs, A.diag())
 
-    return {"kan": kan_step, "spectral_conv": spectral_step, "kernel_sum": kernel_sum_step}
+def _train(forward):
+    """A training step: forward, then backward through every output."""
+    sum(y.sum() for y in forward()).backward()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", ["kan", "spectral_conv", "kernel_sum"])
 def test_no_host_reads_after_first_call(op, backend):
-    step, forward = _calls()[op], _forwards("cpu")[op][1]
+    forward = _calls()[op][1]
     with K.use_backend(backend):
-        step()  # first sight: tensor parameters are validated (one read each)
-        forward()
+        _train(forward)  # first sight: tensor parameters are validated (one read each)
         with host_reads() as hits:
-            step()
+            _train(forward)
             with torch.no_grad():
                 forward()
     assert hits == [], f"{op} ({backend}) read tensor values on the host: {hits}"
@@ -164,35 +158,15 @@ def test_inference_mode():
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["kan", "spectral_conv", "kernel_sum"])
 def test_no_cuda_sync_after_first_call(op):
-    step = _calls("cuda")[op]
-    step()
+    forward = _calls("cuda")[op][1]
+    _train(forward)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        _train(forward)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-
-
-def _forwards(device):
-    """name -> (static inputs, a forward pass over them returning its outputs): what a CUDA graph captures."""
-    g = torch.Generator().manual_seed(1)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device)
-
-    kan = [m.to(device) for m in (K.KANLinear(7, 5, grid_size=3), K.FastKANLayer(7, 5, num_grids=4),
-                                  K.ChebyKANLayer(7, 5, 4), K.FourierKANLayer(7, 5, 3))]
-    spec = [m.to(device) for m in (K.SpectralConv(3, 4, (5,)), K.SpectralConv(3, 4, (6, 6)))]
-    ls = torch.full((3,), 0.5, device=device)
-    x_kan, x1, x2, pts, rhs = rand(9, 7), rand(2, 3, 11), rand(2, 3, 10, 9), rand(9, 3), rand(9, 2)
-    return {
-        "kan": ([x_kan], lambda: [m(x_kan) for m in kan]),
-        "spectral_conv": ([x1, x2], lambda: [spec[0](x1), spec[1](x2)]),
-        "kernel_sum": ([pts, rhs], lambda: [K.kernel_matvec(pts, pts, rhs, "matern52", lengthscale=ls),
-                                            K.kernel_matvec(pts, pts, rhs, "gaussian", lengthscale=0.3)]),
-    }
 
 
 @pytest.mark.gpu
@@ -200,7 +174,7 @@ def _forwards(device):
 def test_forward_is_cuda_graph_capturable(op):
     """No syncs and no host-to-device copies on the call path: a forward pass can be captured in a CUDA
     graph (after warm-up calls, which compile and build cached bases) and replays on new inputs."""
-    inputs, forward = _forwards("cuda")[op]
+    inputs, forward = _calls("cuda")[op]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
@@ -210,8 +184,9 @@ def test_forward_is_cuda_graph_capturable(op):
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
         outs = forward()
-    for t in inputs:
-        t.copy_(torch.randn_like(t))
+    with torch.no_grad():
+        for t in inputs:
+            t.copy_(torch.randn_like(t))
     graph.replay()
     with torch.no_grad():
         want = forward()
