@@ -14,7 +14,10 @@ Dispatch of a call (``Op.__call__``):
    for a call that will be differentiated (a tensor argument requires grad
    under grad mode) the entry tuned on forward + backward, else the forward
    one -- then on a miss tuning on the spot when ``OPFORGE_AUTOTUNE=1``, else
-   the first supporting Triton variant with its heuristic default config.
+   the first supporting Triton variant with its heuristic default config;
+4. under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian), on any
+   device, the op's ``plain`` differentiable torch math: Triton kernels and
+   custom autograd Functions do not compose with them.
 
 An impossible or unknown choice raises a ``ValueError`` naming the valid ones.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import inspect
 import json
@@ -74,6 +78,21 @@ class ProblemBase:
 _CHECKED: dict = {}  # (id(tensor), check, args) -> (weakref to the tensor, its state when checked, result)
 
 
+def eager_under_compile(fn: Callable) -> Callable:
+    """``fn`` run eagerly at a graph break when torch.compile traces a call to it, instead of being traced:
+    ``torch.compiler.disable`` applied at trace time, so that importing opforge does not import
+    torch._dynamo (a second or more)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@eager_under_compile  # under torch.compile too: a value check is a host read, not graph material
 def checked_once(t: torch.Tensor, check: Callable, *args):
     """``check(t, *args)`` -- a validation that reads t's values, so a host sync on a GPU -- run once per
     version of ``t`` and its result remembered.
@@ -82,8 +101,12 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     every in-place write: optimizer steps, ``copy_``, ``load_state_dict``) and the same storage (``.data =``
     swaps it without a bump), so a module's buffers and parameters are not re-read every forward pass.
     Writes through a NumPy view are invisible to torch and so to this cache. Inference tensors track no
-    version: they are checked every call.
+    version: they are checked every call. So is a tensor seen through torch.func transforms (a vmap over
+    stacked parameters), lane by lane (``lanes``); the lanes' common result is returned, None if they differ.
     """
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        results = [check(lane, *args) for lane in lanes(t)]
+        return results[0] if all(r == results[0] for r in results) else None
     try:
         state = (t._version, t.data_ptr())
     except RuntimeError:  # inference tensors do not track a version counter
@@ -98,6 +121,26 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
             del _CHECKED[k]
     _CHECKED[key] = (weakref.ref(t), state, result)
     return result
+
+
+def transforms_active() -> bool:
+    """Is a torch.func transform (vmap, grad, jacrev, jacfwd, jvp, hessian) in force? Ops then run their
+    ``plain`` math: custom autograd Functions and Triton kernels do not compose with them."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def lanes(t: torch.Tensor) -> torch.Tensor:
+    """The values behind a tensor seen through torch.func transforms, as [lanes, *t.shape]: grad-tracking
+    wrappers unwrapped, each vmap level's batch dimension moved to the front and all of them flattened
+    (one lane for a tensor no vmap batches). What a value check must read: every lane, not the wrapper."""
+    fn, shape = torch._C._functorch, tuple(t.shape)
+    while fn.is_functorch_wrapped_tensor(t):
+        if fn.is_batchedtensor(t):
+            t, bdim = fn._unwrap_batched(t, fn.maybe_get_level(t))
+            t = t.unsqueeze(0) if bdim is None else t.movedim(bdim, 0)
+        else:
+            t = fn.get_unwrapped(t)
+    return t.reshape((-1,) + shape)
 
 
 def graph_grads(recompute: Callable, inputs: tuple, needs, grad_out: torch.Tensor) -> tuple:
@@ -221,6 +264,9 @@ class Op:
     untimed_baseline: Callable[[Any], str | None] | None = None
     # the numbers the op's issue asks for on a GPU (Target), checked in the README's generated tables
     targets: list = field(default_factory=list)
+    # plain(problem, *args) -> the op in differentiable torch math, no custom autograd.Function: what runs
+    # under torch.func transforms (``transforms_active``); None when the torch variant is plain already
+    plain: Callable[..., Any] | None = None
     _hash: str | None = None
     _broken: set = field(default_factory=set)  # (variant, key, dtype, config) that raised under "auto"
 
@@ -340,9 +386,28 @@ class Op:
                 return min(timed, key=lambda t: t["ms"])["config"]
         return v.default_config(problem) if v.default_config else None
 
+    # Opaque to torch.compile: dispatch reads the backend context, env and autotune cache, which a traced
+    # graph would bake in (a later use_backend would be ignored); the op runs eagerly at a graph break.
+    @eager_under_compile
     def __call__(self, problem, *args):
+        if transforms_active():
+            return self.run_plain(problem, *args, why="under torch.func transforms (vmap, grad, jacrev, jacfwd, "
+                                                      "hessian), with which Triton kernels do not compose")
         with on_device(problem.device):
             return self._dispatch(problem, *args)
+
+    def run_plain(self, problem, *args, why: str):
+        """Run the op's ``plain`` differentiable torch math (the torch variant where it is plain already),
+        whatever the device: for calls the other variants cannot serve, ``why``. A Triton backend or variant
+        asked for explicitly cannot serve them either and raises, saying ``why``."""
+        backend, pins = current_backend()
+        pinned = pins.get(self.name)
+        if (self.variants[pinned].kind if pinned is not None else backend) == "triton":
+            asked = "backend 'triton'" if pinned is None else f"variant {pinned!r}"
+            raise ValueError(f"{self.name}: {asked} cannot run {why}; use backend 'auto' or 'torch' there, "
+                             f"which run the op's differentiable torch math")
+        with on_device(problem.device):
+            return (self.plain or self.torch_variant.run)(problem, *args, config=None)
 
     def _dispatch(self, problem, *args):
         v, config, why = self.select(problem, args)

@@ -55,13 +55,15 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register
+from ._registry import (Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register,
+                        transforms_active)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
@@ -159,9 +161,8 @@ def _bspline_both(x, grid, order, value=True, derivative=False):
     slots = torch.stack([torch.where(inside & (b >= -r) & (b < NB - r), first + r, n * I * NB)
                          for r in range(order + 1)])
 
-    def place(vals):
-        flat = x.new_zeros(n * I * NB + 1)
-        flat.scatter_(0, slots.view(-1), torch.stack(vals).view(-1))
+    def place(vals):  # out of place: vmap cannot scatter batched values (knots of a model ensemble) in place
+        flat = x.new_zeros(n * I * NB + 1).scatter(0, slots.view(-1), torch.stack(vals).view(-1))
         return flat[:-1].view(n, I, NB)
 
     vals = place(N) if value else None
@@ -275,6 +276,20 @@ def _torch_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
     wb = None if base_weight is None else base_weight.to(cdt)
     y = _TorchKAN.apply(x.to(cdt), weight.to(cdt), wb, b)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(p.dtype)
+
+
+def _plain_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
+    """The layer in differentiable torch math with the basis [rows, in, K] materialised (efficient-kan's
+    memory): what runs under torch.func transforms, with which ``_TorchKAN`` and the kernels do not compose."""
+    cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    x = x.to(cdt)
+    O, I, K = weight.shape
+    y = _basis_t(x, b, K).reshape(x.shape[0], I * K) @ weight.to(cdt).reshape(O, I * K).t()
+    if base_weight is not None:
+        y = y + F.silu(x) @ base_weight.to(cdt).t()
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(p.dtype)
@@ -1100,8 +1115,17 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
         [..., out] in x's dtype.
     """
     p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
+    trained = [n for n, t in (("grid", grid), ("centers", centers)) if isinstance(t, torch.Tensor) and t.requires_grad]
     if p.rows == 0:
         y = x2.new_zeros((0, p.cout)) + (weight.sum() * 0).to(x.dtype)
+    elif trained and torch.is_grad_enabled() and not transforms_active():
+        # The kernels and _TorchKAN treat the knots and centres as constants: a gradient asked for them (a
+        # FastKAN layer unfrozen with requires_grad_()) would silently stay None. The plain math gives it.
+        warnings.warn(f"kan_linear: {trained[0]} requires grad, which the fused kernels do not train; running "
+                      f"the layer's plain torch math, which stores the [rows, in, K] basis tensor (set "
+                      f"{trained[0]}.requires_grad_(False) for the kernels)", RuntimeWarning, stacklevel=2)
+        y = OP.run_plain(p, x2, weight, base_weight, bias, b, why=f"with {trained[0]} requiring grad (its kernels "
+                                                                   f"treat the knots and centres as constants)")
     else:
         y = OP(p, x2, weight, base_weight, bias, b)
     return y.reshape(lead + (p.cout,))
@@ -1414,6 +1438,7 @@ OP = register(Op(
     reduction=lambda p: p.cin * (p.k + 1),
     ref_subset=_ref_subset,
     targets=TARGETS,
+    plain=_plain_run,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
                                                         _bspline_both, _cheb_both, _dsilu, _block_rows)))

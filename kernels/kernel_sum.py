@@ -81,6 +81,16 @@ class Problem(ProblemBase):
 
 
 # --------------------------------------------------------------------------- torch variant (blocked)
+def _root(s, safe: bool):
+    """sqrt(s); ``safe``: with a zero derivative at s = 0, whose true slope is infinite (inf * 0 would put NaN
+    in the second derivatives at coincident points). The torch math takes it where autograd records it (a
+    create_graph backward, the plain math); the values are the same."""
+    if not safe:
+        return torch.sqrt(s)
+    pos = s > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, s, torch.ones_like(s))), torch.zeros_like(s))
+
+
 def _phi_t(s, kernel):
     if kernel == "gaussian":
         return torch.exp(-0.5 * s)
@@ -88,7 +98,7 @@ def _phi_t(s, kernel):
         return torch.rsqrt(1 + s)
     if kernel == "cauchy":
         return 1 / (1 + s)
-    r = torch.sqrt(s)
+    r = _root(s, torch.is_grad_enabled())
     if kernel == "laplacian":
         return torch.exp(-r)
     if kernel == "matern32":
@@ -103,7 +113,7 @@ def _dphi_t(s, kernel):
         return -0.5 * torch.rsqrt(1 + s) ** 3
     if kernel == "cauchy":
         return -1 / (1 + s) ** 2
-    r = torch.sqrt(s)
+    r = _root(s, torch.is_grad_enabled())
     if kernel == "laplacian":
         pos = s > 0
         return torch.where(pos, -torch.exp(-r) / (2 * torch.where(pos, r, torch.ones_like(r))), torch.zeros_like(r))
@@ -195,6 +205,32 @@ def _torch_run(p: Problem, xs, ys, b, config=None):
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
     out = _TorchKSum.apply(xs.to(cdt), ys.to(cdt), b.to(cdt), p.kernel)
     return out.to(p.dtype)
+
+
+def _phi_plain(s, kernel):
+    """phi(s) written so that autograd's derivatives are also right at s = 0 (coincident points), where
+    sqrt(s) has an infinite slope: r is 0 there with a zero derivative (``_root``), and a Matern kernel is its
+    Taylor start 1 - c s plus a remainder written in r (r^2 for s) whose derivative at 0 is that zero. The
+    slopes at 0 are then _dphi_t's: -1.5 (matern32), -5/6 (matern52), 0 (laplacian, by convention), and
+    the Hessian in x at coincident points is 2 phi'(0) I."""
+    if kernel not in _SQRT_KERNELS:
+        return _phi_t(s, kernel)
+    r = _root(s, True)
+    if kernel == "laplacian":
+        return torch.exp(-r)
+    if kernel == "matern32":
+        c, full = 1.5, (1 + _S3 * r) * torch.exp(-_S3 * r)
+    else:
+        c, full = 5.0 / 6.0, (1 + _S5 * r + (5.0 / 3.0) * r * r) * torch.exp(-_S5 * r)
+    return (1 - c * s) + (full - 1 + c * r * r)
+
+
+def _plain_run(p: Problem, xs, ys, b, config=None):
+    """The kernel sum in differentiable torch math, the [N, M] kernel matrix materialised per batch entry:
+    what runs under torch.func transforms, with which ``_TorchKSum`` and the kernels do not compose."""
+    cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    s = _sqdist(xs.to(cdt), ys.to(cdt), _exact(p.d, p.kernel))
+    return (_phi_plain(s, p.kernel) @ b.to(cdt)).to(p.dtype)
 
 
 # --------------------------------------------------------------------------- Triton variant (flash)
@@ -924,9 +960,10 @@ OP = register(Op(
     ref_subset=_ref_subset,
     untimed_baseline=_untimed_baseline,
     targets=TARGETS,
+    plain=_plain_run,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_backward,
-                                                        _phi_t, _dphi_t, _sqdist, _exact, _chunk_rows)))
+                                                        _phi_t, _dphi_t, _root, _sqdist, _exact, _chunk_rows)))
 if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
                    supports=_flash_supports,

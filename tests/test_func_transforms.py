@@ -1,0 +1,219 @@
+"""torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call) and torch.compile over
+opforge's ops.
+
+The custom autograd Functions behind the memory-lean torch variants and the Triton variants do not
+compose with these transforms (forward-mode AD, batching rules). Under a transform the registry runs
+each op's ``plain`` differentiable torch math instead (``Op.run_plain``), on any device. Each result
+here is checked against ordinary autograd through the ops' usual paths, in float64. torch.compile runs
+each op eagerly at a graph break, so its dispatch stays live.
+"""
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call, grad, hessian, jacrev, stack_module_state, vmap
+
+from opforge.kernels import (ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, KERNELS, get_op,
+                             kernel_matvec, use_backend)
+from opforge.kernels._registry import checked_once, lanes
+from test_double_backward import CASES, _id, _make
+
+F64 = torch.float64
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def _weights(u):
+    return torch.randn(u.shape, generator=torch.Generator().manual_seed(21), dtype=u.dtype).to(u.device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_vmap_of_grad_gives_autograd_per_example_gradients(case):
+    """vmap(grad) over the rows of the first input (every op is independent along them) against one
+    autograd pass through the op's usual path."""
+    f, (x, *rest) = _make(case, F64)
+    v = _weights(f(x, *rest))
+    xg = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad((f(xg, *rest) * v).sum(), xg)
+    got = vmap(grad(lambda xi, vi: (f(xi[None], *rest)[0] * vi).sum()))(x, v)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_hessian_matches_double_backward(case):
+    """torch.func.hessian (forward over reverse mode, the plain math) against autograd's double backward
+    through the ops' autograd Functions (torch.autograd.functional.hessian)."""
+    f, (x, *rest) = _make(case, F64)
+    x = x[:1]  # one row: Hessians are (numel)^2
+    v = _weights(f(x, *rest))
+
+    def scalar(xi):
+        return (f(xi, *rest) * v).sum()
+
+    got = hessian(scalar)(x)
+    want = torch.autograd.functional.hessian(scalar, x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+
+
+def _modules():
+    torch.manual_seed(3)
+    kan = KANLinear(3, 4, grid_size=4)
+    kan.update_grid(torch.randn(32, 3) * 1.7)  # non-uniform per-feature knots
+    return {"KANLinear": kan, "FastKANLayer": FastKANLayer(3, 4, num_grids=5),
+            "ChebyKANLayer": ChebyKANLayer(3, 4, 4), "FourierKANLayer": FourierKANLayer(3, 4, 3)}
+
+
+@pytest.mark.parametrize("name", list(_modules()))
+def test_module_jacobians_and_parameter_gradients(name):
+    m = _modules()[name].double()
+    x = torch.randn(6, 3, dtype=F64) * 1.5
+    # per-example input Jacobians [6, out, in] against autograd, row by row of the output
+    J = vmap(jacrev(lambda xi: m(xi[None])[0]))(x)
+    xg = x.clone().requires_grad_()
+    y = m(xg)
+    for o in range(y.shape[1]):
+        (g,) = torch.autograd.grad(y[:, o].sum(), xg, retain_graph=True)
+        torch.testing.assert_close(J[:, o], g)
+    # gradients over the parameters through functional_call against .backward()
+    params = {k: p.detach() for k, p in m.named_parameters()}
+    got = grad(lambda p: functional_call(m, p, (x,)).square().sum())(params)
+    m.requires_grad_()  # FastKAN's frozen centres too: torch.func differentiates whatever it is given
+    with pytest.warns(RuntimeWarning, match="plain torch math") if name == "FastKANLayer" else _no_warning():
+        m(x).square().sum().backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, msg=f"{name}.{k}")
+
+
+def test_vmap_over_an_ensemble_of_kan_layers_with_their_own_knots():
+    """Model ensembling: parameters and buffers (the knots) stacked and vmapped; each lane's knots are
+    checked, and a bad lane is an error, not a silent NaN."""
+    torch.manual_seed(4)
+    models = [KANLinear(3, 2, grid_size=4) for _ in range(3)]
+    for i, m in enumerate(models):
+        m.update_grid(torch.randn(40, 3) * (1 + i))
+    params, buffers = stack_module_state(models)
+    base = KANLinear(3, 2, grid_size=4).to("meta")
+    x = torch.randn(5, 3)
+
+    def run(p, b, x):
+        return functional_call(base, (p, b), (x,))
+
+    got = vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(got[i], m(x), rtol=1e-5, atol=1e-6)
+    buffers["grid"][1, 2, 3] = buffers["grid"][1, 2, 2]  # lane 1: knots not strictly increasing
+    with pytest.raises(ValueError, match="strictly increasing"):
+        vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+
+
+def test_lengthscale_gradients_under_vmap_and_bad_lanes():
+    torch.manual_seed(5)
+    x, y, b = torch.randn(4, 2, dtype=F64), torch.randn(6, 2, dtype=F64), torch.randn(6, dtype=F64)
+    ls = torch.tensor([[0.5, 0.9], [1.2, 0.7]], dtype=F64)  # a lengthscale per lane (ARD)
+
+    def loss(l):
+        return kernel_matvec(x, y, b, "matern52", lengthscale=l).sum()
+
+    got = vmap(grad(loss))(ls)
+    for i in range(2):
+        li = ls[i].clone().requires_grad_()
+        (want,) = torch.autograd.grad(loss(li), li)
+        torch.testing.assert_close(got[i], want)
+    with pytest.raises(ValueError, match="lengthscale must be positive"):
+        vmap(loss)(torch.tensor([[0.5, 0.9], [1.2, -0.7]], dtype=F64))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_hessian_at_coincident_points_is_finite(kernel):
+    """At x = y_j, sqrt(|x - y_j|^2) has an infinite slope: the second derivatives must still be finite
+    (2 phi'(0) I from that point), on the plain math, the torch Function and the Triton variant."""
+    g = torch.Generator().manual_seed(6)
+    y, b = torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 1, generator=g, dtype=F64)
+
+    def scalar(xi):
+        return kernel_matvec(xi[None], y.to(xi.dtype), b.to(xi.dtype), kernel, lengthscale=0.7).sum()
+
+    x0 = y[1].clone()
+    got = hessian(scalar)(x0)
+    assert torch.isfinite(got).all()
+    with use_backend("torch"):
+        torch.testing.assert_close(torch.autograd.functional.hessian(scalar, x0), got)
+    with use_backend("triton"):  # float32 (flash takes no float64)
+        h = torch.autograd.functional.hessian(scalar, x0.float())
+    torch.testing.assert_close(h, got.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_triton_cannot_be_forced_under_a_transform():
+    x, y, b = torch.randn(3, 2), torch.randn(4, 2), torch.randn(4)
+    per_point = vmap(lambda xi: kernel_matvec(xi[None], y, b)[0])
+    flash = get_op("kernel_sum").triton_variants()[0].name
+    for kw in ({"backend": "triton"}, {"kernel_sum": flash}):
+        with use_backend(**kw), pytest.raises(ValueError, match="torch.func transforms"):
+            per_point(x)
+    with use_backend("triton", kernel_sum="torch"):  # the pin wins over the backend, as outside transforms
+        torch.testing.assert_close(per_point(x), kernel_matvec(x, y, b))
+
+
+def test_lanes_and_checks_see_every_lane():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+
+    def inner(a):
+        ls = lanes(a)
+        assert ls.shape == (6, 4)
+        torch.testing.assert_close(ls, x.permute(1, 0, 2).reshape(6, 4))
+        return a
+
+    vmap(vmap(inner, in_dims=0), in_dims=1)(x)
+    assert lanes(x).shape == (1, 2, 3, 4)  # a plain tensor: one lane
+    seen = []
+    vmap(lambda a: checked_once(a, lambda t: seen.append(t.clone()) or True) and a)(x)
+    assert len(seen) == 2 and all(torch.equal(s, x[i]) for i, s in enumerate(seen))
+
+
+@pytest.mark.parametrize("case", [CASES[0], ("kernel_sum", "matern32", 3), CASES[-3]], ids=_id)
+def test_torch_compile_matches_eager_and_keeps_dispatch_live(case, monkeypatch):
+    f, inputs = _make(case, torch.float32)
+    compiled = torch.compile(f, backend="aot_eager")
+
+    def run(fn):
+        ins = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*ins)
+        return [out] + list(torch.autograd.grad(out.abs().sum(), ins))
+
+    for got, want in zip(run(compiled), run(f)):
+        torch.testing.assert_close(got, want)
+    # dispatch runs at every call, not once when traced: the torch variant is entered each time, and a
+    # backend chosen after compiling takes effect
+    variant = get_op(case[0]).torch_variant
+    calls, torch_run = [], variant.run
+    monkeypatch.setattr(variant, "run", lambda *a, **k: calls.append(1) or torch_run(*a, **k))
+    with torch.no_grad():
+        want = [compiled(*inputs) for _ in range(2)]
+        assert len(calls) == 2
+        with use_backend("triton"):
+            got = compiled(*inputs)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_cuda_transforms_run_the_plain_math_and_agree_with_the_kernels(case):
+    """On CUDA tensors a transform runs the plain torch math; per-example gradients agree with one
+    autograd pass through the dispatched Triton variant (float32)."""
+    f, inputs = _make(case, torch.float32)
+    x, *rest = (t.cuda() for t in inputs)
+    v = _weights(f(x, *rest))
+    xg = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad((f(xg, *rest) * v).sum(), xg)
+    got = vmap(grad(lambda xi, vi: (f(xi[None], *rest)[0] * vi).sum()))(x, v)
+    assert (got - want).abs().max() <= 2e-4 * want.abs().max()
+    compiled = torch.compile(f, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, *rest), f(x, *rest))
