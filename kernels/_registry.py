@@ -15,9 +15,10 @@ Dispatch of a call (``Op.__call__``):
    under grad mode) the entry tuned on forward + backward, else the forward
    one -- then on a miss tuning on the spot when ``OPFORGE_AUTOTUNE=1``, else
    the first supporting Triton variant with its heuristic default config;
-4. under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian), on any
-   device, the op's ``plain`` differentiable torch math: Triton kernels and
-   custom autograd Functions do not compose with them.
+4. under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian) and on
+   forward-mode AD dual tensors, on any device, the op's ``plain``
+   differentiable torch math: Triton kernels and custom autograd Functions do
+   not compose with them.
 
 An impossible or unknown choice raises a ``ValueError`` naming the valid ones.
 """
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from ._triton import dot_precision, interpreter_enabled, triton_can_run
 
@@ -127,6 +129,13 @@ def transforms_active() -> bool:
     """Is a torch.func transform (vmap, grad, jacrev, jacfwd, jvp, hessian) in force? Ops then run their
     ``plain`` math: custom autograd Functions and Triton kernels do not compose with them."""
     return torch._C._are_functorch_transforms_active()
+
+
+def dual_inputs(args: tuple) -> bool:
+    """Does a tensor argument carry a forward-mode tangent (``torch.autograd.forward_ad`` dual tensors)?
+    Custom autograd Functions without a ``jvp`` cannot take them: such calls run the plain math too."""
+    return _fwad._current_level >= 0 and any(
+        isinstance(a, torch.Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args)
 
 
 def lanes(t: torch.Tensor) -> torch.Tensor:
@@ -393,6 +402,8 @@ class Op:
         if transforms_active():
             return self.run_plain(problem, *args, why="under torch.func transforms (vmap, grad, jacrev, jacfwd, "
                                                       "hessian), with which Triton kernels do not compose")
+        if dual_inputs(args):
+            return self.run_plain(problem, *args, why="on forward-mode AD dual tensors (no jvp kernels)")
         with on_device(problem.device):
             return self._dispatch(problem, *args)
 

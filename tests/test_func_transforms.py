@@ -1,17 +1,19 @@
-"""torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call) and torch.compile over
-opforge's ops.
+"""torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call), forward-mode AD and
+torch.compile over opforge's ops.
 
 The custom autograd Functions behind the memory-lean torch variants and the Triton variants do not
-compose with these transforms (forward-mode AD, batching rules). Under a transform the registry runs
-each op's ``plain`` differentiable torch math instead (``Op.run_plain``), on any device. Each result
-here is checked against ordinary autograd through the ops' usual paths, in float64. torch.compile runs
-each op eagerly at a graph break, so its dispatch stays live.
+compose with these transforms (forward-mode AD, batching rules). Under a transform, and on dual tensors
+of ``torch.autograd.forward_ad``, the registry runs each op's ``plain`` differentiable torch math
+instead (``Op.run_plain``), on any device. Each result here is checked against ordinary autograd through
+the ops' usual paths, in float64. torch.compile runs each op eagerly at a graph break, so its dispatch
+stays live.
 """
 import contextlib
 import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, hessian, jacrev, stack_module_state, vmap
 
 from opforge.kernels import (ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, KERNELS, get_op,
@@ -60,6 +62,19 @@ def test_hessian_matches_double_backward(case):
     want = torch.autograd.functional.hessian(scalar, x)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward_mode_dual_tensors(case):
+    """torch.autograd.forward_ad outside torch.func: dual tensors run the plain math; the tangent out
+    matches autograd's jvp (by double backward through the usual path)."""
+    f, (x, *rest) = _make(case, F64)
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(22), dtype=x.dtype)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(f(fwAD.make_dual(x, t), *rest))
+    y, want = torch.autograd.functional.jvp(lambda z: f(z, *rest), x, t)
+    torch.testing.assert_close(out.primal, y)
+    torch.testing.assert_close(out.tangent, want)
 
 
 def _modules():
