@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -919,6 +920,28 @@ class SpectralConv(nn.Module):
             self.bias = nn.Parameter(std * torch.randn((out_channels,) + (1,) * self.order, device=device, dtype=rdt))
         else:
             self.register_parameter("bias", None)
+
+    def _apply(self, fn, recurse=True):
+        """Module casts keep the weight complex and the bias real, at the precision the cast asks for:
+        torch's ``Module.to(<real dtype>)`` would cast the weight to real, dropping its imaginary part,
+        ``.double()`` leaves complex tensors at complex64, and ``.to(<complex dtype>)`` makes the bias
+        complex. float64 or complex128 give a complex128 weight; float32, 16-bit dtypes or complex64 a
+        complex64 one (16-bit inputs are computed in float32)."""
+        weight, bias = self.weight.data, None if self.bias is None else self.bias.data  # the values before
+        with warnings.catch_warnings():  # the imaginary parts torch warns it discards are put back below
+            warnings.filterwarnings("ignore", message="Casting complex values to real")
+            super()._apply(fn, recurse)
+        # what the cast makes of real tensors: float32 and float64 kept as they are for a move (.cuda())
+        to = {fn(torch.zeros(1, device=weight.device, dtype=dt)).dtype for dt in (torch.float32, torch.float64)}
+        if to != {torch.float32, torch.float64} and len(to) == 1:
+            to = to.pop()
+            cdt = torch.complex128 if to in (torch.float64, torch.complex128) else torch.complex64
+            if self.weight.dtype != cdt:
+                self.weight.data = weight.to(device=self.weight.device, dtype=cdt)
+            if bias is not None and self.bias.is_complex():
+                rdt = torch.float64 if cdt == torch.complex128 else torch.float32
+                self.bias.data = bias.to(device=self.bias.device, dtype=rdt)
+        return self
 
     @property
     def modes(self) -> tuple:

@@ -1,5 +1,7 @@
 """Spectral convolution: NumPy reference vs torch variant vs every Triton variant (interpreter),
 forward and backward, odd sizes, resampling, dtypes, modules, neuraloperator parity and bad input."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +197,40 @@ def test_module_matches_functional_and_resamples():
     loss = layer(x).square().sum()
     loss.backward()
     assert layer.weight.grad is not None and layer.bias.grad.shape == (4, 1, 1)
+
+
+C64, C128 = torch.complex64, torch.complex128
+CASTS = {  # name: (cast, weight dtype after, bias dtype after) from a complex64 layer
+    "double": (lambda m: m.double(), C128, torch.float64),
+    "to-float64": (lambda m: m.to(torch.float64), C128, torch.float64),
+    "half": (lambda m: m.half(), C64, torch.float16),
+    "to-bfloat16": (lambda m: m.to(torch.bfloat16), C64, torch.bfloat16),
+    "to-complex128": (lambda m: m.to(torch.complex128), C128, torch.float64),
+    "double-then-float": (lambda m: m.double().float(), C64, torch.float32),
+    "double-then-move": (lambda m: m.double().cpu().to("cpu"), C128, torch.float64),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_module_casts_keep_the_weight_complex(cast):
+    """Module.to(<real dtype>) would cast a complex weight to real (its imaginary part dropped); .double()
+    would leave it complex64; .to(<complex dtype>) would make the bias complex. SpectralConv keeps the
+    weight complex and the bias real at the precision the cast asks for, and a move keeps both."""
+    torch.manual_seed(1)
+    layer = SpectralConv(3, 4, n_modes=(6, 6))
+    x = torch.randn(2, 3, 12, 10)
+    want = layer(x)
+    fn, wdt, bdt = CASTS[cast]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "discards the imaginary part"
+        warnings.filterwarnings("ignore", message="Complex modules are a new feature")
+        fn(layer)
+    assert layer.weight.dtype == wdt and layer.bias.dtype == bdt
+    assert isinstance(layer.weight, torch.nn.Parameter)
+    got = layer(x.to(bdt))
+    assert got.dtype == bdt
+    tol = 1e-2 if bdt in (torch.float16, torch.bfloat16) else 1e-5
+    assert (got.double() - want.double()).abs().max() <= tol * want.abs().max()
 
 
 def test_module_loads_neuraloperator_shaped_state_dict():
