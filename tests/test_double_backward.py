@@ -17,14 +17,15 @@ from opforge.reference import assert_close
 F64 = torch.float64
 
 
-def _kan(basis, dtype):
+def _kan(basis, dtype, device):
     g = torch.Generator().manual_seed(11)
     K = {"bspline": 6, "rbf": 5, "chebyshev": 5, "fourier": 6}[basis]
     kw = {}
     if basis == "bspline":
-        kw = dict(grid=torch.linspace(-2.2, 2.2, 10, dtype=dtype).expand(3, -1).contiguous(), spline_order=3)
+        grid = torch.linspace(-2.2, 2.2, 10, dtype=dtype, device=device).expand(3, -1).contiguous()
+        kw = dict(grid=grid, spline_order=3)
     elif basis == "rbf":
-        kw = dict(centers=torch.linspace(-2, 2, 5, dtype=dtype), width=0.8)
+        kw = dict(centers=torch.linspace(-2, 2, 5, dtype=dtype, device=device), width=0.8)
     x = torch.randn(5, 3, generator=g, dtype=dtype)
     w = torch.randn(4, 3, K, generator=g, dtype=dtype)
     wb = torch.randn(4, 3, generator=g, dtype=dtype)
@@ -32,7 +33,7 @@ def _kan(basis, dtype):
     return (lambda x, w, wb, bias: kan_linear(x, w, basis, base_weight=wb, bias=bias, **kw)), (x, w, wb, bias)
 
 
-def _ksum(kernel, d, dtype):
+def _ksum(kernel, d, dtype, device):
     g = torch.Generator().manual_seed(12)
     x = torch.rand(6, d, generator=g, dtype=dtype)
     y = torch.rand(7, d, generator=g, dtype=dtype)
@@ -41,7 +42,7 @@ def _ksum(kernel, d, dtype):
     return (lambda x, y, b, ls: kernel_matvec(x, y, b, kernel, lengthscale=ls, outputscale=1.5)), (x, y, b, ls)
 
 
-def _spectral(shape, modes, out_shape, dtype):
+def _spectral(shape, modes, out_shape, dtype, device):
     g = torch.Generator().manual_seed(13)
     x = torch.randn(shape, generator=g, dtype=dtype)
     cdt = torch.complex128 if dtype == F64 else torch.complex64
@@ -57,12 +58,15 @@ SPECTRAL = [("spectral_conv", (2, 2, 11), (5,), None), ("spectral_conv", (2, 2, 
 CASES = KAN + KSUM + SPECTRAL
 
 
-def _make(case, dtype):
+def _make(case, dtype, device="cpu"):
+    """(function, inputs) of a case; tensors the function holds (knots, centres) and the inputs on ``device``."""
     if case[0] == "kan":
-        return _kan(case[1], dtype)
-    if case[0] == "kernel_sum":
-        return _ksum(case[1], case[2], dtype)
-    return _spectral(case[1], case[2], case[3], dtype)
+        f, inputs = _kan(case[1], dtype, device)
+    elif case[0] == "kernel_sum":
+        f, inputs = _ksum(case[1], case[2], dtype, device)
+    else:
+        f, inputs = _spectral(case[1], case[2], case[3], dtype, device)
+    return f, tuple(t.to(device) for t in inputs)
 
 
 def _id(case):
@@ -109,7 +113,7 @@ def test_triton_second_derivatives_match_torch(case, variant):
 
 def test_only_the_bias_needs_a_gradient():
     """A create_graph backward where the kernel's own inputs need nothing (only the bias trains)."""
-    f, (x, w, wb, bias) = _kan("rbf", torch.float32)
+    f, (x, w, wb, bias) = _kan("rbf", torch.float32, "cpu")
     bias.requires_grad_()
     for backend in ("torch", "triton"):
         with use_backend(backend):

@@ -223,8 +223,7 @@ def test_torch_compile_matches_eager_and_keeps_dispatch_live(case, monkeypatch):
 def test_cuda_transforms_run_the_plain_math_and_agree_with_the_kernels(case):
     """On CUDA tensors a transform runs the plain torch math; per-example gradients agree with one
     autograd pass through the dispatched Triton variant (float32)."""
-    f, inputs = _make(case, torch.float32)
-    x, *rest = (t.cuda() for t in inputs)
+    f, (x, *rest) = _make(case, torch.float32, "cuda")
     v = _weights(f(x, *rest))
     xg = x.clone().requires_grad_()
     (want,) = torch.autograd.grad((f(xg, *rest) * v).sum(), xg)
