@@ -20,6 +20,6 @@ __all__ = [
 from .kernel_sum import KERNELS, KernelOperator, gp_posterior_mean, kernel_matvec, kernel_solve  # noqa: E402
 
 __all__ += ["KERNELS", "KernelOperator", "gp_posterior_mean", "kernel_matvec", "kernel_solve"]
-from .kan import BASES, ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, kan_linear  # noqa: E402
+from .kan import KAN, BASES, ChebyKANLayer, FastKAN, FastKANLayer, FourierKANLayer, KANLinear, kan_linear  # noqa: E402
 
-__all__ += ["BASES", "ChebyKANLayer", "FastKANLayer", "FourierKANLayer", "KANLinear", "kan_linear"]
+__all__ += ["BASES", "ChebyKANLayer", "FastKAN", "FastKANLayer", "FourierKANLayer", "KAN", "KANLinear", "kan_linear"]

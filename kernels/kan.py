@@ -67,7 +67,7 @@ from ._registry import (Case, Op, ProblemBase, Target, Variant, checked_once, gr
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
-__all__ = ["kan_linear", "KANLinear", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
+__all__ = ["kan_linear", "KAN", "KANLinear", "FastKAN", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
 BASES = ("bspline", "rbf", "chebyshev", "fourier")
 _BID = {name: i for i, name in enumerate(BASES)}
@@ -1328,6 +1328,62 @@ class FourierKANLayer(nn.Module):
             raise ValueError(f"x's last dimension must be inputdim={self.inputdim}, got {tuple(x.shape)}")
         w = self.fouriercoeffs.permute(1, 2, 0, 3).reshape(self.outdim, self.inputdim, 2 * self.gridsize)
         return kan_linear(x, w, "fourier", bias=self.bias.reshape(-1) if self.addbias else None)
+
+
+def _widths(layers_hidden) -> list:
+    widths = list(layers_hidden)
+    if len(widths) < 2 or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"layers_hidden must list at least two positive ints (input, ..., output width), "
+                         f"got {layers_hidden!r}")
+    return widths
+
+
+class KAN(nn.Module):
+    """efficient-kan's ``KAN``: ``KANLinear`` layers in a ``layers`` ModuleList (its state_dict keys,
+    ``layers.{i}.spline_weight`` and so on, load as they are). ``layers_hidden`` = [d_0, ..., d_L]:
+    x [..., d_0] -> [..., d_L]. ``forward(x, update_grid=True)`` refits each layer's knots to its input
+    first; ``regularization_loss()`` sums the layers'."""
+
+    def __init__(self, layers_hidden, grid_size=5, spline_order=3, scale_noise=0.1, scale_base=1.0,
+                 scale_spline=1.0, base_activation=nn.SiLU, grid_eps=0.02, grid_range=(-1, 1)):
+        super().__init__()
+        widths = _widths(layers_hidden)
+        self.grid_size, self.spline_order = grid_size, spline_order
+        self.layers = nn.ModuleList(
+            KANLinear(i, o, grid_size=grid_size, spline_order=spline_order, scale_noise=scale_noise,
+                      scale_base=scale_base, scale_spline=scale_spline, base_activation=base_activation,
+                      grid_eps=grid_eps, grid_range=grid_range)
+            for i, o in zip(widths, widths[1:]))
+
+    def forward(self, x: torch.Tensor, update_grid: bool = False) -> torch.Tensor:
+        for layer in self.layers:
+            if update_grid:
+                layer.update_grid(x)
+            x = layer(x)
+        return x
+
+    def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):
+        return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)
+
+
+class FastKAN(nn.Module):
+    """FastKAN's ``FastKAN``: ``FastKANLayer`` layers in a ``layers`` ModuleList (its state_dict keys load).
+    ``layers_hidden`` = [d_0, ..., d_L]: x [..., d_0] -> [..., d_L]."""
+
+    def __init__(self, layers_hidden, grid_min=-2.0, grid_max=2.0, num_grids=8, use_base_update=True,
+                 base_activation=F.silu, spline_weight_init_scale=0.1):
+        super().__init__()
+        widths = _widths(layers_hidden)
+        self.layers = nn.ModuleList(
+            FastKANLayer(i, o, grid_min=grid_min, grid_max=grid_max, num_grids=num_grids,
+                         use_base_update=use_base_update, base_activation=base_activation,
+                         spline_weight_init_scale=spline_weight_init_scale)
+            for i, o in zip(widths, widths[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 # --------------------------------------------------------------------------- registration

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from opforge.kernels import (BASES, ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, get_op, kan_linear,
-                             use_backend)
+from opforge.kernels import (BASES, KAN, ChebyKANLayer, FastKAN, FastKANLayer, FourierKANLayer, KANLinear, get_op,
+                             kan_linear, use_backend)
 from opforge.reference import assert_close
 from opforge.reference import kan as ref
 
@@ -230,6 +230,33 @@ def test_fastkan_chebykan_fourierkan_modules():
             torch.testing.assert_close(layer(x), on_torch, rtol=1e-4, atol=1e-5)
         layer(x).square().sum().backward()
         assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+
+
+def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
+    torch.manual_seed(2)
+    x = torch.rand(40, 3) * 1.6 - 0.8
+    kan = KAN([3, 5, 2], grid_size=4)
+    assert set(kan.state_dict()) == {f"layers.{i}.{n}" for i in (0, 1)
+                                     for n in ("grid", "base_weight", "spline_weight", "spline_scaler")}
+    other = KAN([3, 5, 2], grid_size=4)
+    other.load_state_dict(kan.state_dict())  # an efficient-kan checkpoint loads the same way
+    torch.testing.assert_close(other(x), kan.layers[1](kan.layers[0](x)))
+    want_reg = kan.layers[0].regularization_loss() + kan.layers[1].regularization_loss()
+    torch.testing.assert_close(kan.regularization_loss(), want_reg)
+    y = kan(x, update_grid=True)  # each layer's knots refit to its own input first
+    assert not torch.equal(kan.layers[0].grid, other.layers[0].grid)
+    assert not torch.equal(kan.layers[1].grid, other.layers[1].grid)
+    torch.testing.assert_close(y, kan(x))
+    fast = FastKAN([3, 5, 2], num_grids=6)
+    assert set(fast.state_dict()) == {f"layers.{i}.{n}" for i in (0, 1) for n in (
+        "layernorm.weight", "layernorm.bias", "rbf.grid", "spline_linear.weight", "base_linear.weight",
+        "base_linear.bias")}
+    torch.testing.assert_close(fast(x), fast.layers[1](fast.layers[0](x)))
+    for bad in ([3], [3, 0, 2], (3.0, 2)):
+        with pytest.raises(ValueError, match="layers_hidden"):
+            KAN(bad)
+        with pytest.raises(ValueError, match="layers_hidden"):
+            FastKAN(bad)
 
 
 @pytest.mark.parametrize("bad, err, match", [
