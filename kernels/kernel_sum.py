@@ -711,6 +711,14 @@ def _in(v, dtype: torch.dtype):
     return v.to(dtype) if isinstance(v, torch.Tensor) else v
 
 
+def _broadcasts(*shapes) -> bool:
+    try:
+        torch.broadcast_shapes(*shapes)
+        return True
+    except RuntimeError:
+        return False
+
+
 def _prepare(x, y, b, kernel, lengthscale, outputscale):
     for name, t in (("x", x), ("y", y), ("b", b)):
         if not isinstance(t, torch.Tensor):
@@ -724,9 +732,12 @@ def _prepare(x, y, b, kernel, lengthscale, outputscale):
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"dimension mismatch: x has D={x.shape[-1]} but y has D={y.shape[-1]}")
     # b [..., M] (vectors) when it ends in M and has one dimension fewer than y, or is 1-D; else [..., M, R].
-    # Leading dims broadcast and may be fewer than y's: b [M, R] or [M] serves a batched y [B, M, D].
+    # Leading dims broadcast and may be fewer than y's: b [M, R] or [M] serves a batched y [B, M, D]. A b
+    # [..., M, M] fits both readings: vectors when their batch dims broadcast with the points', else R = M.
     M = y.shape[-2]
     vector = b.dim() >= 1 and b.shape[-1] == M and b.dim() in (1, y.dim() - 1)
+    if vector and b.dim() >= 2 and b.shape[-2] == M and not _broadcasts(x.shape[:-2], y.shape[:-2], b.shape[:-1]):
+        vector = False
     bb = b.unsqueeze(-1) if vector else b
     if bb.dim() < 2 or bb.shape[-2] != M:
         raise ValueError(f"b must be [..., M={y.shape[-2]}, R] or [..., M={y.shape[-2]}], got {tuple(b.shape)}")
@@ -752,7 +763,8 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     Args:
         x: [..., N, D] points; y: [..., M, D] points (same dtype, device).
         b: [..., M, R] (or [..., M]) right-hand sides; leading dims broadcast against the points' (b [M, R] or
-           [M] serves a batch of points). A b with one dimension fewer than y that ends in M is vectors.
+           [M] serves a batch of points). A b with one dimension fewer than y that ends in M is vectors
+           (for b [..., M, M], when their batch dims broadcast with the points'; else it is R = M columns).
         kernel: one of gaussian, laplacian, matern32, matern52, imq, cauchy.
         lengthscale: positive float, 0-dim tensor or [D] tensor (ARD); differentiable.
         outputscale: positive float or 0-dim tensor; differentiable.

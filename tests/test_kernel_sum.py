@@ -160,6 +160,15 @@ def test_vector_b_batches_and_broadcast():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # more leading dims on b than on the points: they broadcast too
     assert kernel_matvec(x, y, torch.randn(3, 5, 2)).shape == (3, 6, 2)
+    # b [M, M] with batched points: R = M columns unless its leading dim batches vectors
+    sq = torch.randn(5, 5)
+    got = kernel_matvec(xb, yb, sq)  # batch 2 against b's leading 5: columns
+    assert got.shape == (2, 6, 5)
+    torch.testing.assert_close(got[1], kernel_matvec(xb[1], yb[1], sq))
+    y5 = torch.randn(5, 5, 3)
+    got = kernel_matvec(x, y5, sq)  # y batch 5 against b's leading 5: vectors, one per batch entry
+    assert got.shape == (5, 6)
+    torch.testing.assert_close(got[2], kernel_matvec(x, y5[2], sq[2]))
 
 
 def test_operator_and_cg_solve():
