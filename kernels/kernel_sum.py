@@ -229,7 +229,11 @@ def _plain_run(p: Problem, xs, ys, b, config=None):
     """The kernel sum in differentiable torch math, the [N, M] kernel matrix materialised per batch entry:
     what runs under torch.func transforms, with which ``_TorchKSum`` and the kernels do not compose."""
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-    s = _sqdist(xs.to(cdt), ys.to(cdt), _exact(p.d, p.kernel))
+    xs, ys = xs.to(cdt), ys.to(cdt)
+    if _exact(p.d, p.kernel):
+        s = _sqdist(xs, ys, True)
+    else:  # the expansion, not clamped at 0: a clamp would cut s's second derivative (2 I) at coincident points
+        s = (xs * xs).sum(-1, keepdim=True) + (ys * ys).sum(-1).unsqueeze(-2) - 2 * xs @ ys.transpose(-1, -2)
     return (_phi_plain(s, p.kernel) @ b.to(cdt)).to(p.dtype)
 
 

@@ -145,12 +145,13 @@ def test_lengthscale_gradients_under_vmap_and_bad_lanes():
         vmap(loss)(torch.tensor([[0.5, 0.9], [1.2, -0.7]], dtype=F64))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_hessian_at_coincident_points_is_finite(kernel):
+@pytest.mark.parametrize("kernel,d", [(k, 2) for k in KERNELS] + [("gaussian", 9)])
+def test_kernel_hessian_at_coincident_points_is_finite(kernel, d):
     """At x = y_j, sqrt(|x - y_j|^2) has an infinite slope: the second derivatives must still be finite
-    (2 phi'(0) I from that point), on the plain math, the torch Function and the Triton variant."""
+    (2 phi'(0) I from that point), on the plain math, the torch Function and the Triton variant. (D = 9:
+    squared distances by expansion, whose clamp at 0 must not cut the second derivative there.)"""
     g = torch.Generator().manual_seed(6)
-    y, b = torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 1, generator=g, dtype=F64)
+    y, b = torch.randn(5, d, generator=g, dtype=F64), torch.randn(5, 1, generator=g, dtype=F64)
 
     def scalar(xi):
         return kernel_matvec(xi[None], y.to(xi.dtype), b.to(xi.dtype), kernel, lengthscale=0.7).sum()
