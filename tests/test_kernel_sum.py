@@ -171,6 +171,25 @@ def test_vector_b_batches_and_broadcast():
     torch.testing.assert_close(got[2], kernel_matvec(x, y5[2], sq[2]))
 
 
+@pytest.mark.parametrize("d", [3, 6, 8])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradients_keep_float32_accuracy_at_coincident_points(backend, d):
+    """K(X, X): every point meets itself, with the largest weight k'(0) of its row, but contributes nothing
+    to its own gradient. Computed as x_i sum_j w_ij - sum_j w_ij y_j, the two terms cancel and leave an
+    error of eps |x_i| sum_j |w_ij| (1e-4 relative at D = 8, points spread over 6 lengthscales, before);
+    with differences x_i - y_j it stays at float32 rounding."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(150, d, generator=g, dtype=torch.float64) * 6
+    b = torch.randn(150, 1, generator=g, dtype=torch.float64)
+    grads = {}
+    for dt in (torch.float64, torch.float32):
+        xx = x.to(dt).requires_grad_()
+        with use_backend("torch" if dt == torch.float64 else backend):
+            (grads[dt],) = torch.autograd.grad(kernel_matvec(xx, xx, b.to(dt), "matern52").sum(), xx)
+    err = (grads[torch.float32].double() - grads[torch.float64]).abs().max() / grads[torch.float64].abs().max()
+    assert err < 5e-6
+
+
 def test_operator_and_cg_solve():
     x, _, _ = points(40, 1, 2, 1, torch.float64)
     A = KernelOperator(x, kernel="matern52", lengthscale=0.5, outputscale=2.0, noise=0.1)
