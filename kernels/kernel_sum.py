@@ -123,19 +123,21 @@ def _dphi_t(s, kernel):
 
 
 def _sqdist(p, q, exact: bool):
-    """[.., n, D], [.., m, D] -> [.., n, m] squared distances: exact differences (one coordinate at a time, so
-    no [n, m, D] temporary), or the clamped expansion. In place where nothing is being differentiated (a
-    backward run with create_graph=True records these ops: there they are out of place)."""
+    """[B, n, D], [B, m, D] -> [B, n, m] squared distances: exact differences (one coordinate at a time, so
+    no [n, m, D] temporary), or the clamped expansion |y|^2 - 2 x.y (one batched GEMM) + |x|^2. In place
+    where nothing is being differentiated (a backward run with create_graph=True records these ops: there
+    they are out of place)."""
+    inplace = not torch.is_grad_enabled()
     if exact:
-        inplace = not torch.is_grad_enabled()
         s = None
         for k in range(p.shape[-1]):
             t = p[..., :, k:k + 1] - q[..., :, k].unsqueeze(-2)
             t = t.mul_(t) if inplace else t * t
             s = t if s is None else (s.add_(t) if inplace else s + t)
         return s if s is not None else p.new_zeros(p.shape[:-1] + q.shape[-2:-1])
-    s = (p * p).sum(-1, keepdim=True) + (q * q).sum(-1).unsqueeze(-2) - 2 * p @ q.transpose(-1, -2)
-    return s.clamp_min(0)
+    s = torch.baddbmm((q * q).sum(-1).unsqueeze(-2), p, q.transpose(-1, -2), alpha=-2)
+    pn = (p * p).sum(-1, keepdim=True)
+    return s.add_(pn).clamp_min_(0) if inplace else (s + pn).clamp_min(0)
 
 
 def _exact(d: int, kernel: str) -> bool:
@@ -143,16 +145,19 @@ def _exact(d: int, kernel: str) -> bool:
     return d <= 8 or kernel in _SQRT_KERNELS
 
 
-def _chunk_rows(m: int) -> int:
-    """Rows per block so a block's [rows, m] temporaries stay near 2^22 elements each."""
-    return max(1, min(65536, (1 << 22) // max(m, 1)))
+def _chunk_rows(m: int, device: torch.device) -> int:
+    """Rows per block so a block's [rows, m] temporaries stay near 2^22 elements each on a GPU (fewer, larger
+    launches) and 2^19 (2 MB in float32) on a CPU, where each fresh multi-MB temporary is page-faulted in and
+    the chain of elementwise ops runs from cache: 1.3 to 2x faster than 2^22 blocks on 2 cores (forward at
+    2000 x 2000, D = 64 and 4000 x 4000, D = 3)."""
+    return max(1, min(65536, (1 << (22 if device.type == "cuda" else 19)) // max(m, 1)))
 
 
 def _blocked_sum(p, q, v, kernel):
     """sum_j k(|p_i - q_j|) v_j for [B, n, D], [B, m, D], [B, m, R] in row blocks."""
     out = v.new_empty(p.shape[:-1] + (v.shape[-1],))
     exact = _exact(q.shape[-1], kernel)
-    step = _chunk_rows(q.shape[-2])
+    step = _chunk_rows(q.shape[-2], q.device)
     for i in range(0, p.shape[-2], step):
         out[:, i:i + step] = _phi_t(_sqdist(p[:, i:i + step], q, exact), kernel) @ v
     return out
@@ -165,7 +170,7 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
         grad x_i = 2 sum_j k'(s_ij) <g_i, b_j> (x_i - y_j),  grad y_j = 2 sum_i k'(s_ij) <g_i, b_j> (y_j - x_i),
         grad b_j = sum_i k(s_ij) g_i   (k' the derivative in s = r^2; row blocks keep memory O(block x M))."""
     exact = _exact(ys.shape[-1], kernel)
-    step = _chunk_rows(ys.shape[-2])
+    step = _chunk_rows(ys.shape[-2], ys.device)
     gx = torch.empty_like(xs) if need_x else None
     gy = torch.zeros_like(ys) if need_y else None
     gb = torch.zeros_like(b) if need_b else None

@@ -107,7 +107,7 @@ def test_torch_backward_for_any_subset_of_inputs(wants, monkeypatch):
     x, y, b = x.expand(2, -1, -1).clone(), y.expand(2, -1, -1).clone(), b.expand(2, -1, -1).clone()
     ts = [t.requires_grad_(w) for t, w in zip((x, y, b), wants)]
     g = torch.randn(2, 9, 2, dtype=torch.float64)
-    monkeypatch.setattr(ks, "_chunk_rows", lambda m: 4)  # several row blocks
+    monkeypatch.setattr(ks, "_chunk_rows", lambda m, device: 4)  # several row blocks
     with use_backend("torch"):
         got = torch.autograd.grad(kernel_matvec(x, y, b, "matern52", 0.7), [t for t in ts if t.requires_grad], g)
     xd, yd, bd = (t.detach().requires_grad_(w) for t, w in zip((x, y, b), wants))
