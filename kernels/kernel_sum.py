@@ -147,9 +147,8 @@ def _exact(d: int, kernel: str) -> bool:
 
 def _chunk_rows(m: int, device: torch.device) -> int:
     """Rows per block so a block's [rows, m] temporaries stay near 2^22 elements each on a GPU (fewer, larger
-    launches) and 2^19 (2 MB in float32) on a CPU, where each fresh multi-MB temporary is page-faulted in and
-    the chain of elementwise ops runs from cache: 1.3 to 2x faster than 2^22 blocks on 2 cores (forward at
-    2000 x 2000, D = 64 and 4000 x 4000, D = 3)."""
+    launches) and 2^19 (2 MB in float32) on a CPU, where larger temporaries are page-faulted in afresh each
+    time and a block's chain of elementwise ops runs from cache."""
     return max(1, min(65536, (1 << (22 if device.type == "cuda" else 19)) // max(m, 1)))
 
 
