@@ -1186,10 +1186,12 @@ class KANLinear(nn.Module):
         return _bspline_t(x, self.grid.to(x.dtype), self.spline_order)
 
     def curve2coeff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Least-squares coefficients [out, in, G + p] whose splines pass through y [n, in, out] at x [n, in]."""
-        A = self.b_splines(x).transpose(0, 1)  # [in, n, K]
-        sol = torch.linalg.lstsq(A, y.transpose(0, 1)).solution  # [in, K, out]
-        return sol.permute(2, 0, 1).contiguous()
+        """Least-squares coefficients [out, in, G + p] whose splines pass through y [n, in, out] at x [n, in]
+        (solved in float32 at least, returned in y's dtype)."""
+        cdt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        A = self.b_splines(x.to(cdt)).transpose(0, 1)  # [in, n, K]
+        sol = torch.linalg.lstsq(A, y.to(cdt).transpose(0, 1)).solution  # [in, K, out]
+        return sol.permute(2, 0, 1).contiguous().to(y.dtype)
 
     @property
     def scaled_spline_weight(self) -> torch.Tensor:
@@ -1209,11 +1211,14 @@ class KANLinear(nn.Module):
 
     @torch.no_grad()
     def update_grid(self, x: torch.Tensor, margin: float = 0.01):
-        """Refit knots to x's distribution (efficient-kan's rule) and re-solve the coefficients."""
-        x = x.reshape(-1, self.in_features)
+        """Refit knots to x's distribution (efficient-kan's rule) and re-solve the coefficients (in float32, or
+        float64 for a float64 layer: sort and least squares take no 16-bit dtypes; the fit is on the knots as the
+        layer stores them)."""
+        cdt = torch.float64 if self.grid.dtype == torch.float64 else torch.float32
+        x = x.reshape(-1, self.in_features).to(cdt)
         batch = x.shape[0]
         splines = self.b_splines(x).permute(1, 0, 2)  # [in, n, K]
-        orig = self.scaled_spline_weight.permute(1, 2, 0)  # [in, K, out]
+        orig = self.scaled_spline_weight.to(cdt).permute(1, 2, 0)  # [in, K, out]
         unreduced = torch.bmm(splines, orig).permute(1, 0, 2)  # [n, in, out]
         x_sorted = torch.sort(x, dim=0)[0]
         idx = torch.linspace(0, batch - 1, self.grid_size + 1, dtype=torch.int64, device=x.device)
@@ -1230,7 +1235,7 @@ class KANLinear(nn.Module):
         if self.enable_standalone_scale_spline:
             # efficient-kan copies the *scaled* coefficients into spline_weight, so its forward multiplies by
             # spline_scaler twice after an update; dividing here keeps the layer's function (the purpose of it)
-            coeff = coeff / self.spline_scaler.unsqueeze(-1)
+            coeff = coeff / self.spline_scaler.to(cdt).unsqueeze(-1)
         self.spline_weight.data.copy_(coeff)
 
     def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):

@@ -232,6 +232,19 @@ def test_fastkan_chebykan_fourierkan_modules():
         assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_update_grid_on_a_16_bit_layer(dtype):
+    """sort and lstsq take no 16-bit dtypes: the refit runs in float32 and stores in the layer's dtype."""
+    torch.manual_seed(3)
+    layer = KANLinear(4, 3, grid_size=5).to(dtype)
+    x = (torch.randn(128, 4) * 1.3).to(dtype)
+    before = layer(x).float()
+    layer.update_grid(x)
+    assert layer.grid.dtype == layer.spline_weight.dtype == dtype
+    after = layer(x).float()
+    assert (after - before).abs().max() < 0.05 * before.abs().max()  # the refit keeps the function
+
+
 def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     torch.manual_seed(2)
     x = torch.rand(40, 3) * 1.6 - 0.8
