@@ -112,9 +112,36 @@ def _bspline_t(x, grid, order, derivative=False):
     return _bspline_both(x, grid, order, value=not derivative, derivative=derivative)[1 if derivative else 0]
 
 
-def _bspline_both(x, grid, order, value=True, derivative=False):
+_FULL_MAX = 1 << 14  # n * I * NK up to which the full recursion is the faster (fewer, larger torch ops)
+
+
+def _bspline_full(x, grid, order, value=True, derivative=False):
+    """``_bspline_both`` by the Cox-de Boor recursion over all NK - 1 knot intervals at once (efficient-kan's
+    algorithm): (NK - 1) / (order + 1) times the arithmetic of the local form, on [n, I, NK] temporaries, but
+    a third of its torch calls, which is what small inputs pay for."""
+    g = grid.unsqueeze(0)  # [1, I, NK]
+    xe = x.unsqueeze(-1)
+    B = ((xe >= g[..., :-1]) & (xe < g[..., 1:])).to(x.dtype)  # degree 0: half-open intervals
+    xe = torch.nan_to_num(xe, nan=0.0, posinf=0.0, neginf=0.0)  # outside every interval all bases are 0: keep
+    lower = B  # them 0 (inf * 0 would be NaN), as the local form does
+    for k in range(1, order + 1):  # B_{i,k} from B_{i,k-1} and B_{i+1,k-1}
+        lower = B
+        B = ((xe - g[..., :-(k + 1)]) / (g[..., k:-1] - g[..., :-(k + 1)]) * B[..., :-1]
+             + (g[..., k + 1:] - xe) / (g[..., k + 1:] - g[..., 1:-k]) * B[..., 1:])
+    vals = B if value else None
+    if not derivative:
+        return vals, None
+    if order == 0:
+        return vals, torch.zeros_like(B)
+    p = order  # B'_{i,p} = p (B_{i,p-1} / (t_{i+p} - t_i) - B_{i+1,p-1} / (t_{i+p+1} - t_{i+1}))
+    d = p * (lower[..., :-1] / (g[..., p:-1] - g[..., :-(p + 1)]) - lower[..., 1:] / (g[..., p + 1:] - g[..., 1:-p]))
+    return vals, d
+
+
+def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
     """(bases, derivatives) of x [n, I] on per-feature knots grid [I, NK], each [n, I, NK - 1 - order] or
-    None when not asked for.
+    None when not asked for. ``full``: the recursion over all knots (``_bspline_full``), by default for
+    inputs of at most _FULL_MAX knot pairs, else the local form below.
 
     Local de Boor: the knot interval j of each x (t_j <= x < t_{j+1}, by search), the order + 1 bases that
     are non-zero there by the triangular recursion on [n, I] tensors, then scattered into place. The full
@@ -124,6 +151,8 @@ def _bspline_both(x, grid, order, value=True, derivative=False):
     """
     n, I = x.shape
     NK = grid.shape[1]
+    if full if full is not None else n * I * NK <= _FULL_MAX:
+        return _bspline_full(x, grid, order, value, derivative)
     NB = NK - 1 - order
     # the knots [NK, I] with `order` copies of the end knots each side: t_{j+off} for |off| <= order is a
     # gather without clamping
@@ -1502,7 +1531,8 @@ OP = register(Op(
     plain=_plain_run,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
-                                                        _bspline_both, _cheb_both, _dsilu, _block_rows)))
+                                                        _bspline_both, _bspline_full, _cheb_both, _dsilu,
+                                                        _block_rows)))
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,

@@ -122,10 +122,12 @@ def test_nonuniform_knots_and_inputs_outside(backend):
     assert_close(w.grad, dw, torch.float32, 19)
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["local", "full"])
 @pytest.mark.parametrize("order", [0, 1, 2, 3, 5])
-def test_torch_bspline_bases_and_derivatives_match_reference(order):
-    """The torch variant's local de Boor (interval by search, order + 1 bases, scattered) against the
-    reference's recursion over all knots, float64: x on every knot, between them and outside."""
+def test_torch_bspline_bases_and_derivatives_match_reference(order, full):
+    """The torch variant's two forms -- local de Boor (interval by search, order + 1 bases, scattered) and
+    the recursion over all knots (small inputs) -- against the reference, float64: x on every knot,
+    between them and outside."""
     from opforge.kernels.kan import _bspline_both
 
     gen = torch.Generator().manual_seed(order)
@@ -134,8 +136,12 @@ def test_torch_bspline_bases_and_derivatives_match_reference(order):
     grid = grid + torch.arange(G + 2 * order + 1) * 1e-2  # strictly increasing, not uniform
     x = torch.cat([grid.t(), torch.rand(40, I, generator=gen, dtype=torch.float64) * 6 - 3,
                    torch.full((1, I), float("inf")), torch.full((1, I), -float("inf"))])
-    phi, dphi = _bspline_both(x, grid, order, value=True, derivative=True)
+    phi, dphi = _bspline_both(x, grid, order, value=True, derivative=True, full=full)
     assert phi.shape == dphi.shape == (x.shape[0], I, G + order)
+    assert _bspline_both(x, grid, order, value=False, derivative=True, full=full)[0] is None
+    torch.testing.assert_close(_bspline_both(x, grid, order, full=full)[0], phi)
+    nan = _bspline_both(torch.full((1, I), float("nan"), dtype=torch.float64), grid, order, derivative=True, full=full)
+    assert (nan[0] == 0).all() and (nan[1] == 0).all()  # NaN lies in no interval, as in both forms before
     finite = x[:-2].numpy()
     np.testing.assert_allclose(phi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order), rtol=0, atol=1e-12)
     np.testing.assert_allclose(dphi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order, derivative=True),
