@@ -347,10 +347,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _sq_dot(p, pn, q, PREC: tl.constexpr):
-        """[BN, BM] squared distances as |p|^2 + |q|^2 - 2 p.q^T on tensor cores, clamped at 0."""
+        """[BN, BM] squared distances as |p|^2 + |q|^2 - 2 p.q^T on tensor cores, clamped at 0 (NaN stays NaN:
+        tl.maximum would return the 0, and a NaN point would count as coincident with every other)."""
         qn = tl.sum(q * q, axis=1)
         s = pn[:, None] + qn[None, :] - 2.0 * tl.dot(p, tl.trans(q), input_precision=PREC)
-        return tl.maximum(s, 0.0)
+        return tl.where(s < 0.0, 0.0, s)
 
     @triton.jit
     def _sq_norms(P, rn, n_mask, sPn, D, DP: tl.constexpr, DK: tl.constexpr):
@@ -377,7 +378,8 @@ if HAS_TRITON:
             qc = qc.to(tl.float32)
             qn += tl.sum(qc * qc, axis=1)
             dot += tl.dot(pc.to(tl.float32), tl.trans(qc), input_precision=PREC)
-        return tl.maximum(pn[:, None] + qn[None, :] - 2.0 * dot, 0.0)
+        s = pn[:, None] + qn[None, :] - 2.0 * dot
+        return tl.where(s < 0.0, 0.0, s)  # NaN stays NaN (see _sq_dot)
 
     @triton.jit
     def _ksum_fwd_kernel(

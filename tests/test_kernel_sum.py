@@ -190,6 +190,22 @@ def test_gradients_keep_float32_accuracy_at_coincident_points(backend, d):
     assert err < 5e-6
 
 
+@pytest.mark.parametrize("d", [3, 6, 20])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_points_give_nan_sums(backend, d):
+    """A NaN coordinate makes its row of the output NaN, and NaN everywhere when it is in y (every row sums
+    over it); a clamp of the squared distances at 0 must not turn NaN into 'coincident' (k = 1)."""
+    x, y, b = points(5, 6, d, 2)
+    with use_backend(backend):
+        clean = kernel_matvec(x, y, b)
+        x[2, d - 1] = float("nan")
+        out = kernel_matvec(x, y, b)
+        assert torch.isnan(out[2]).all()
+        torch.testing.assert_close(out[[0, 1, 3, 4]], clean[[0, 1, 3, 4]])
+        y[4, 0] = float("nan")
+        assert torch.isnan(kernel_matvec(x, y, b)).all()
+
+
 def test_operator_and_cg_solve():
     x, _, _ = points(40, 1, 2, 1, torch.float64)
     A = KernelOperator(x, kernel="matern52", lengthscale=0.5, outputscale=2.0, noise=0.1)
