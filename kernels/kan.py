@@ -122,8 +122,10 @@ def _bspline_full(x, grid, order, value=True, derivative=False):
     g = grid.unsqueeze(0)  # [1, I, NK]
     xe = x.unsqueeze(-1)
     B = ((xe >= g[..., :-1]) & (xe < g[..., 1:])).to(x.dtype)  # degree 0: half-open intervals
-    xe = torch.nan_to_num(xe, nan=0.0, posinf=0.0, neginf=0.0)  # outside every interval all bases are 0: keep
-    lower = B  # them 0 (inf * 0 would be NaN), as the local form does
+    # a NaN or infinite x lies in no interval, so its bases are all 0; finite factors keep them 0 (inf * 0
+    # would be NaN), as in the local form
+    xe = torch.nan_to_num(xe, nan=0.0, posinf=0.0, neginf=0.0)
+    lower = B
     for k in range(1, order + 1):  # B_{i,k} from B_{i,k-1} and B_{i+1,k-1}
         lower = B
         B = ((xe - g[..., :-(k + 1)]) / (g[..., k:-1] - g[..., :-(k + 1)]) * B[..., :-1]
