@@ -141,7 +141,7 @@ def test_torch_bspline_bases_and_derivatives_match_reference(order, full):
     assert _bspline_both(x, grid, order, value=False, derivative=True, full=full)[0] is None
     torch.testing.assert_close(_bspline_both(x, grid, order, full=full)[0], phi)
     nan = _bspline_both(torch.full((1, I), float("nan"), dtype=torch.float64), grid, order, derivative=True, full=full)
-    assert (nan[0] == 0).all() and (nan[1] == 0).all()  # NaN lies in no interval, as in both forms before
+    assert (nan[0] == 0).all() and (nan[1] == 0).all()  # NaN lies in no interval: every basis and slope is 0
     finite = x[:-2].numpy()
     np.testing.assert_allclose(phi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order), rtol=0, atol=1e-12)
     np.testing.assert_allclose(dphi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order, derivative=True),
