@@ -41,6 +41,7 @@ on disk afterwards); there is no other compile step.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -874,7 +875,8 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         noise: > 0, the diagonal term (observation noise variance).
         tol: stop when every column's residual norm is below ``tol * |y|``.
 
-    Returns alpha like y (and ``{"iterations", "residual"}`` with ``return_info``).
+    Returns alpha like y (and ``{"iterations", "residual", "converged"}`` with ``return_info``); a solve
+    that is not converged after ``max_iter`` iterations warns (RuntimeWarning) with its residual.
     GP posterior mean at new points: ``kernel_matvec(x_test, x, alpha, kernel, ...)``.
     """
     if not float(noise) > 0:
@@ -891,7 +893,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         p = r.clone()
         rs = (r * r).sum(-2, keepdim=True)
         bound = (tol * rhs.norm(dim=-2, keepdim=True)) ** 2
-        it = 0
+        it, converged = 0, False
         for it in range(1, max_iter + 1):
             Ap = A @ p
             alpha = rs / (p * Ap).sum(-2, keepdim=True).clamp_min(tiny)
@@ -904,8 +906,13 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
             if converged:
                 break
     out = sol.squeeze(-1) if vector else sol
+    residual = float((rs / rhs.pow(2).sum(-2, keepdim=True).clamp_min(tiny)).sqrt().max())
+    if not converged:
+        warnings.warn(f"kernel_solve: conjugate gradients did not converge in max_iter={max_iter} iterations "
+                      f"(relative residual {residual:.2e} > tol={tol:g}); raise max_iter or noise, or check the "
+                      f"lengthscale", RuntimeWarning, stacklevel=2)
     if return_info:
-        return out, {"iterations": it, "residual": float(rs.sqrt().max())}
+        return out, {"iterations": it, "residual": float(rs.sqrt().max()), "converged": converged}
     return out
 
 

@@ -220,6 +220,11 @@ def test_operator_and_cg_solve():
                                return_info=True)
     np.testing.assert_allclose(alpha.numpy(), np.linalg.solve(K, rhs.numpy()), rtol=1e-6, atol=1e-8)
     assert info["iterations"] < 200  # converged well before max_iter (CG in floating point may pass N)
+    assert info["converged"]
+    with pytest.warns(RuntimeWarning, match="did not converge in max_iter=3"):  # never silently unconverged
+        _, info = kernel_solve(x, rhs, "matern52", noise=0.1, lengthscale=0.5, outputscale=2.0, tol=1e-10,
+                               max_iter=3, return_info=True)
+    assert not info["converged"] and info["iterations"] == 3
 
 
 @pytest.mark.parametrize("bad, err, match", [
