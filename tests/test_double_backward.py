@@ -81,6 +81,18 @@ def test_torch_variant_gradgradcheck(case):
         assert gradgradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_bspline_local_form_gradgradcheck(monkeypatch):
+    """The B-spline case above is small enough for the recursion over all knots; the local form (search,
+    local de Boor, scatter) that larger inputs take must be twice differentiable too."""
+    from opforge.kernels import kan
+
+    monkeypatch.setattr(kan, "_FULL_MAX", 0)
+    f, inputs = _make(("kan", "bspline"), F64)
+    inputs = tuple(t.requires_grad_() for t in inputs)
+    with use_backend("torch"):
+        assert gradgradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
 def _pinn(f, inputs):
     """A physics-informed loss: u = f(...), du = d<u, v>/d(first input) with create_graph, L = <u, c> + |du|^2;
     returns dL/d(every input)."""
