@@ -1224,6 +1224,10 @@ class KANLinear(nn.Module):
         sol = torch.linalg.lstsq(A, y.to(cdt).transpose(0, 1)).solution  # [in, K, out]
         return sol.permute(2, 0, 1).contiguous().to(y.dtype)
 
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, grid_size={self.grid_size}, "
+                f"spline_order={self.spline_order}")
+
     @property
     def scaled_spline_weight(self) -> torch.Tensor:
         if self.enable_standalone_scale_spline:
@@ -1286,6 +1290,9 @@ class RadialBasisFunction(nn.Module):
         self.grid = nn.Parameter(torch.linspace(grid_min, grid_max, num_grids), requires_grad=False)
         self.denominator = denominator or (grid_max - grid_min) / (num_grids - 1)
 
+    def extra_repr(self) -> str:
+        return f"num_grids={self.grid.numel()}, denominator={self.denominator:g}"
+
     def forward(self, x):
         return torch.exp(-((x[..., None] - self.grid) / self.denominator) ** 2)
 
@@ -1340,6 +1347,9 @@ class ChebyKANLayer(nn.Module):
         nn.init.normal_(self.cheby_coeffs, mean=0.0, std=1 / (input_dim * (degree + 1)))
         self.register_buffer("arange", torch.arange(0, degree + 1, 1))
 
+    def extra_repr(self) -> str:
+        return f"input_dim={self.inputdim}, output_dim={self.outdim}, degree={self.degree}"
+
     def forward(self, x):
         if x.shape[-1] != self.inputdim:
             raise ValueError(f"x's last dimension must be input_dim={self.inputdim}, got {tuple(x.shape)}")
@@ -1358,6 +1368,9 @@ class FourierKANLayer(nn.Module):
         self.fouriercoeffs = nn.Parameter(torch.randn(2, outdim, inputdim, gridsize) / (math.sqrt(inputdim) * norm))
         if addbias:
             self.bias = nn.Parameter(torch.zeros(1, outdim))
+
+    def extra_repr(self) -> str:
+        return f"inputdim={self.inputdim}, outdim={self.outdim}, gridsize={self.gridsize}, addbias={self.addbias}"
 
     def forward(self, x):
         if x.shape[-1] != self.inputdim:

@@ -219,6 +219,8 @@ def test_fastkan_chebykan_fourierkan_modules():
     torch.testing.assert_close(fk(x), want, rtol=1e-5, atol=1e-5)
     ck = ChebyKANLayer(6, 4, degree=4)
     assert set(ck.state_dict()) == {"cheby_coeffs", "arange"}
+    assert repr(ck) == "ChebyKANLayer(input_dim=6, output_dim=4, degree=4)"
+    assert "RadialBasisFunction(num_grids=5" in repr(fk)
     t = torch.tanh(x)[..., None]
     want = torch.einsum("bid,iod->bo", torch.cos(torch.arange(5) * torch.acos(t)), ck.cheby_coeffs)
     torch.testing.assert_close(ck(x), want, rtol=1e-5, atol=1e-5)
@@ -255,6 +257,7 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     torch.manual_seed(2)
     x = torch.rand(40, 3) * 1.6 - 0.8
     kan = KAN([3, 5, 2], grid_size=4)
+    assert "in_features=5, out_features=2, grid_size=4, spline_order=3" in repr(kan)
     assert set(kan.state_dict()) == {f"layers.{i}.{n}" for i in (0, 1)
                                      for n in ("grid", "base_weight", "spline_weight", "spline_scaler")}
     other = KAN([3, 5, 2], grid_size=4)
