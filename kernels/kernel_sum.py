@@ -230,10 +230,11 @@ def _torch_run(p: Problem, xs, ys, b, config=None):
 
 def _phi_plain(s, kernel):
     """phi(s) written so that autograd's derivatives are also right at s = 0 (coincident points), where
-    sqrt(s) has an infinite slope: r is 0 there with a zero derivative (``_root``), and a Matern kernel is its
-    Taylor start 1 - c s plus a remainder written in r (r^2 for s) whose derivative at 0 is that zero. The
-    slopes at 0 are then _dphi_t's: -1.5 (matern32), -5/6 (matern52), 0 (laplacian, by convention), and
-    the Hessian in x at coincident points is 2 phi'(0) I."""
+    sqrt(s) has an infinite slope: r is 0 there with a zero derivative (``_root``), and near 0 (s < 1) a
+    Matern kernel is its Taylor start 1 - c s plus a remainder written in r (r^2 for s) whose derivative at
+    0 is that zero. The slopes at 0 are then _dphi_t's: -1.5 (matern32), -5/6 (matern52), 0 (laplacian, by
+    convention), and the Hessian in x at coincident points is 2 phi'(0) I. Farther out the kernel is its
+    plain formula: there the split would cancel (1 - c s against the remainder) and lose the kernel's tail."""
     if kernel not in _SQRT_KERNELS:
         return _phi_t(s, kernel)
     r = _root(s, True)
@@ -243,7 +244,7 @@ def _phi_plain(s, kernel):
         c, full = 1.5, (1 + _S3 * r) * torch.exp(-_S3 * r)
     else:
         c, full = 5.0 / 6.0, (1 + _S5 * r + (5.0 / 3.0) * r * r) * torch.exp(-_S5 * r)
-    return (1 - c * s) + (full - 1 + c * r * r)
+    return torch.where(s < 1, (1 - c * s) + (full - 1 + c * r * r), full)
 
 
 def _plain_run(p: Problem, xs, ys, b, config=None):
