@@ -1228,6 +1228,16 @@ class KANLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, grid_size={self.grid_size}, "
                 f"spline_order={self.spline_order}")
 
+    def _apply(self, fn, recurse=True):
+        """Module casts to a 16-bit dtype leave the knots in float32. bfloat16 keeps 8 significant bits:
+        knots that update_grid fits to clustered data (0.01 apart near 1, say) would round onto each other,
+        and the bases on the empty intervals divide by zero. The kernels compute in float32 anyway."""
+        grid = self.grid
+        super()._apply(fn, recurse)
+        if self.grid.dtype in (torch.float16, torch.bfloat16):
+            self.grid = grid.to(device=self.grid.device, dtype=torch.float32)
+        return self
+
     @property
     def scaled_spline_weight(self) -> torch.Tensor:
         if self.enable_standalone_scale_spline:

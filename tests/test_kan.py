@@ -240,17 +240,23 @@ def test_fastkan_chebykan_fourierkan_modules():
         assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("spread", [1.3, 0.01])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_update_grid_on_a_16_bit_layer(dtype):
-    """sort and lstsq take no 16-bit dtypes: the refit runs in float32 and stores in the layer's dtype."""
+def test_update_grid_on_a_16_bit_layer(dtype, spread):
+    """sort and lstsq take no 16-bit dtypes: the refit runs in float32 and stores the coefficients in the
+    layer's dtype. The knots stay float32 under the cast: fitted to data clustered near 1 (spread 0.01)
+    they would round onto each other in bfloat16 (and lstsq failed on the NaN bases)."""
     torch.manual_seed(3)
     layer = KANLinear(4, 3, grid_size=5).to(dtype)
-    x = (torch.randn(128, 4) * 1.3).to(dtype)
+    assert layer.grid.dtype == torch.float32 and layer.spline_weight.dtype == dtype
+    x = (torch.randn(128, 4) * spread + (1.0 if spread < 1 else 0.0)).to(dtype)
     before = layer(x).float()
     layer.update_grid(x)
-    assert layer.grid.dtype == layer.spline_weight.dtype == dtype
+    assert layer.grid.dtype == torch.float32 and layer.spline_weight.dtype == dtype
     after = layer(x).float()
+    assert torch.isfinite(after).all()
     assert (after - before).abs().max() < 0.05 * before.abs().max()  # the refit keeps the function
+    assert layer.double().grid.dtype == torch.float64 and layer.half().grid.dtype == torch.float32
 
 
 def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
