@@ -522,6 +522,11 @@ if HAS_TRITON:
                 else:
                     w = tl.sum(u[:, None, :] * v[None, :, :], axis=2)
             pw = tl.where(m_mask[None, :], _dphi(s, KERNEL) * w, 0.0)
+            if EXACT and DE == 0:
+                # exact distances beyond D = 8 (square-root kernels) go through P_ic sum_j pw_ij - sum_j pw_ij Q_jc
+                # below, where a coincident pair (s exactly 0: the diagonal of K(X, X)) adds its large weight
+                # twice to cancel; its true term pw (P_i - Q_j) is exactly 0, so it is left out
+                pw = tl.where(s > 0.0, pw, 0.0)
             if DE > 0:
                 if DE <= 4:
                     a0 = _acc_coord(a0, pw, P, rn, n_mask, sPn, Q, rm, m_mask, sQm, 0)

@@ -1,0 +1,160 @@
+"""Seeded random calls of the public functions, the way users make them: random shapes (leading dims,
+non-contiguous views, broadcasting), bases and orders, knots uniform or not, kernels, ARD lengthscales,
+vector right-hand sides, coincident points, resampled outputs, optional bias and base paths.
+
+Each call is checked twice, forward and every gradient:
+- every Triton variant (interpreter, float32) against the torch variant in float64, within ten times the
+  error of the torch variant itself in float32 (float32's own rounding is the yardstick) or 1e-4 (beyond
+  D = 8 both expand squared distances as |x|^2 + |y|^2 - 2 x.y, whose error of eps |x|^2 reaches
+  exp(-s / 2) far out, with rounding that differs between them);
+- ``vmap(grad)`` per-example gradients (the plain math under torch.func) against one autograd pass
+  through the usual path, in float64.
+
+This kind of search found a crash (b [M, M] with batched points), a cancellation (kernel-sum gradients at
+coincident points, D = 8) and the plain Matern math losing its tail. Slow (minutes on 2 cores):
+``python -m pytest -m slow tests/test_api_fuzz.py``.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from opforge.kernels import KERNELS, get_op, kan_linear, kernel_matvec, spectral_conv, use_backend
+
+pytestmark = pytest.mark.slow
+F64 = torch.float64
+
+
+def _kan(rng: random.Random):
+    basis = rng.choice(["bspline", "rbf", "chebyshev", "fourier"])
+    cin, cout = rng.randint(1, 9), rng.randint(1, 9)
+    lead = tuple(rng.randint(1, 6) for _ in range(rng.randint(1, 3)))
+    x = torch.randn(lead + (cin,)) * rng.choice([0.5, 1.0, 2.5])
+    if rng.random() < 0.3:
+        x = x.movedim(-1, 0).contiguous().movedim(0, -1)  # a strided view
+    kw = {}
+    if basis == "bspline":
+        order, G = rng.randint(0, 4), rng.randint(1, 6)
+        nk = G + 2 * order + 1
+        if rng.random() < 0.5:
+            knots = torch.linspace(-2, 2, nk).expand(cin, -1).contiguous()
+        else:
+            knots = torch.sort(torch.rand(cin, nk) * 5 - 2.5, dim=1).values + torch.arange(nk) * 1e-3
+        K, kw = G + order, dict(grid=knots, spline_order=order)
+    elif basis == "rbf":
+        K = rng.randint(2, 9)
+        kw = dict(centers=torch.linspace(-2, 2, K), width=rng.choice([0.3, 0.57, 1.0]))
+    elif basis == "chebyshev":
+        K = rng.randint(1, 9)
+    else:
+        K = 2 * rng.randint(1, 5)
+    w = torch.randn(cout, cin, K)
+    wb = torch.randn(cout, cin) if rng.random() < 0.5 else None
+    bias = torch.randn(cout) if rng.random() < 0.5 else None
+
+    def f(x, w, wb, bias):
+        return kan_linear(x, w, basis, base_weight=wb, bias=bias, **kw)
+
+    return f"{basis} x{tuple(x.shape)} K={K} {kw.get('spline_order', '')}", f, [x, w, wb, bias]
+
+
+def _ksum(rng: random.Random):
+    kernel = rng.choice(list(KERNELS))
+    D = rng.choice([1, 2, 3, 5, 8, 9, 17])
+    N, M, R = rng.randint(1, 70), rng.randint(1, 70), rng.randint(1, 4)
+    bx = rng.choice([(), (2,), (2, 1)])
+    x = torch.randn(bx + (N, D)) * rng.choice([0.3, 1, 3])
+    y = torch.randn((M, D)) * rng.choice([0.3, 1, 3])
+    if rng.random() < 0.3:  # a point of x among the y: r = 0
+        y = torch.cat([y, x.reshape(-1, D)[:1]])
+        M += 1
+    b = torch.randn((M,) if rng.random() < 0.3 else (M, R))
+    ard = rng.random() < 0.5
+    ls = torch.rand(D) + 0.4 if ard else torch.tensor(0.9)
+    os_ = torch.tensor(1.3)
+
+    def f(x, y, b, ls, os_):
+        return kernel_matvec(x, y, b, kernel, lengthscale=ls, outputscale=os_)
+
+    return f"{kernel} x{tuple(x.shape)} y{tuple(y.shape)} b{tuple(b.shape)} ard={ard}", f, [x, y, b, ls, os_]
+
+
+def _spectral(rng: random.Random):
+    d = rng.randint(1, 3)
+    grid = tuple(rng.randint(3, 13 if d < 3 else 8) for _ in range(d))
+    modes = tuple(rng.randint(1, max(1, g - 1)) for g in grid[:-1]) + (rng.randint(1, grid[-1] // 2 + 1),)
+    cin, cout, B = rng.randint(1, 4), rng.randint(1, 4), rng.randint(1, 3)
+    x = torch.randn((B, cin) + grid)
+    w = torch.randn((cin, cout) + modes, dtype=torch.complex64)
+    bias = torch.randn(cout) if rng.random() < 0.5 else None
+    out = None
+    if rng.random() < 0.4:
+        out = tuple(max(m + 1, g + rng.randint(-2, 4)) for g, m in zip(grid[:-1], modes[:-1]))
+        out += (max(2 * modes[-1], grid[-1] + rng.randint(-2, 4)),)
+
+    def f(x, w, bias):
+        return spectral_conv(x, w, bias, output_shape=out)
+
+    return f"d={d} x{tuple(x.shape)} modes={modes} out={out}", f, [x, w, bias]
+
+
+MAKERS = {"kan": _kan, "kernel_sum": _ksum, "spectral_conv": _spectral}
+CALLS = {"kan": 300, "kernel_sum": 300, "spectral_conv": 100}
+
+
+def _cast(t, dtype):
+    if not isinstance(t, torch.Tensor):
+        return t
+    dt = (torch.complex128 if dtype == F64 else torch.complex64) if t.is_complex() else dtype
+    return t.detach().to(dt).requires_grad_()
+
+
+def _run(f, inputs, dtype, **backend):
+    """Output and the gradient of every tensor input, under ``use_backend(**backend)``."""
+    ins = [_cast(t, dtype) for t in inputs]
+    with use_backend(**backend):
+        y = f(*ins)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=F64).to(y.dtype)
+        leaves = [t for t in ins if isinstance(t, torch.Tensor)]
+        return [y, *torch.autograd.grad((y * g).sum(), leaves, allow_unused=True)]
+
+
+def _err(a, b) -> float:
+    a, b = a.detach(), b.detach()
+    if a.is_complex() or b.is_complex():
+        a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+@pytest.mark.parametrize("op", list(MAKERS))
+def test_random_calls_agree_across_variants_and_transforms(op):
+    variants = [v.name for v in get_op(op).triton_variants()]
+    bad = []
+    for i in range(CALLS[op]):
+        rng = random.Random(1000 * i + 7)
+        torch.manual_seed(1000 * i + 7)
+        tag, f, inputs = MAKERS[op](rng)
+        want = _run(f, inputs, F64, backend="torch")
+        yard = [_err(a, b) for a, b in zip(_run(f, inputs, torch.float32, backend="torch"), want)]
+        for v in variants:
+            try:
+                got = _run(f, inputs, torch.float32, backend="triton", **{op: v})
+            except ValueError as e:  # the variant does not take this call (order > 3, say)
+                assert "cannot run here" in str(e), f"{tag}: {e}"
+                continue
+            errs = [_err(a, b) for a, b in zip(got, want)]
+            if any(e > max(10 * y, 1e-4) for e, y in zip(errs, yard)):
+                bad.append(f"{tag} {v}: errors {errs} vs float32 torch {yard}")
+        # per-example gradients of the first input under vmap(grad): the plain math
+        x, rest = _cast(inputs[0], F64).detach(), [_cast(t, F64) for t in inputs[1:]]
+        v = torch.randn(f(x, *rest).shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+        xg = x.clone().requires_grad_()
+        (ref,) = torch.autograd.grad((f(xg, *rest) * v).sum(), xg)
+        per = vmap(grad(lambda xi, vi: (f(xi.unsqueeze(0), *rest).squeeze(0) * vi).sum()))(x, v)
+        if _err(per, ref) > 1e-7:
+            bad.append(f"{tag} vmap(grad): error {_err(per, ref):.1e}")
+    assert not bad, "\n".join(bad[:10])
