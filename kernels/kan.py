@@ -1088,6 +1088,9 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
     if weight.dim() != 3:
         raise ValueError(f"weight must be [out, in, K], got shape {tuple(weight.shape)}")
     cout, cin, K = (int(s) for s in weight.shape)
+    if K < 1:
+        raise ValueError(f"weight must hold at least one basis function per input (K >= 1), got shape "
+                         f"{tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != cin:
         raise ValueError(f"x's last dimension must be in_features={cin} (weight is [out, in, K]), "
                          f"got x of shape {tuple(x.shape)}")
@@ -1124,7 +1127,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
             raise ValueError(f"fourier weight must have K = 2 * grid_size (cos then sin), got K={K}")
         b.grid_size = K // 2
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, cin)
+    x2 = x.reshape(math.prod(lead), cin)
     p = Problem(int(x2.shape[0]), cin, cout, K, basis, order, uniform, base_weight is not None, x.dtype, x.device)
     return p, b, x2, lead
 
@@ -1147,8 +1150,12 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
     """
     p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
     trained = [n for n, t in (("grid", grid), ("centers", centers)) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if p.rows == 0:
-        y = x2.new_zeros((0, p.cout)) + (weight.sum() * 0).to(x.dtype)
+    if p.rows == 0 or p.cin == 0:  # nothing to contract: zeros (plus the bias), as nn.Linear gives
+        # every input joins the graph (an empty sum is 0), so each gets a gradient of its shape
+        tie = sum((t.sum() * 0).to(x.dtype) for t in (x2, weight, base_weight) if t is not None)
+        y = x2.new_zeros((p.rows, p.cout)) + tie
+        if bias is not None:
+            y = y + bias.reshape(-1).to(x.dtype)
     elif trained and torch.is_grad_enabled() and not transforms_active():
         # The kernels and _TorchKAN treat the knots and centres as constants: a gradient asked for them (a
         # FastKAN layer unfrozen with requires_grad_()) would silently stay None. The plain math gives it.

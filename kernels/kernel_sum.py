@@ -183,7 +183,7 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
             graph = torch.is_grad_enabled()  # a create_graph backward records these ops: out of place there
             w, gb_ = _dphi_t(s, kernel), gblk @ b.transpose(-1, -2)  # [B, rows, m]
             w = w * gb_ if graph else w.mul_(gb_)
-            if exact:  # differences, one coordinate at a time, as the distances were: the GEMM form below
+            if exact and xs.shape[-1]:  # differences, one coordinate at a time, as the distances were: the GEMM form below
                 # cancels at (near-)coincident points far from the centroid (x_i sum_j w_ij ~ sum_j w_ij y_j)
                 cx, cy = [], []
                 for c in range(xs.shape[-1]):

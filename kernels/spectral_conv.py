@@ -182,8 +182,12 @@ def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tenso
 
 def _torch_run(p: Problem, x, weight, bias, config=None):
     d = p.d
-    if p.batch == 0:  # FFT libraries reject empty batches; keep the graph connected to weight
-        return x.new_zeros((0, p.cout) + p.out_grid) + (weight.real.sum() * 0).to(p.dtype)
+    if p.batch == 0 or p.cin == 0 or p.cout == 0:
+        # FFT libraries reject empty tensors. Zeros (plus the bias: nothing to mix), with every input in the
+        # graph so each gets a gradient of its shape; x or weight is empty here, so no NaN can leak in.
+        tie = (x.sum() * 0 + weight.real.sum() * 0).to(p.dtype)
+        y = x.new_zeros((p.batch, p.cout) + p.out_grid) + tie
+        return y if bias is None else y + bias.reshape((1, p.cout) + (1,) * d).to(p.dtype)
     double = p.dtype == torch.float64 or p.wdtype == torch.complex128
     rdt = torch.float64 if double else torch.float32
     X = torch.fft.rfftn(x.to(rdt), dim=tuple(range(-d, 0)), norm="forward")
@@ -844,7 +848,7 @@ def spectral_conv(x, weight, bias=None, output_shape: Sequence[int] | None = Non
 
 
 def _call(p: Problem, x, weight, bias):
-    if p.batch == 0:  # nothing to compute: every backend returns the empty output
+    if p.batch == 0 or p.cin == 0 or p.cout == 0:  # nothing to mix: every backend returns zeros plus the bias
         return _torch_run(p, x, weight, bias)
     return OP(p, x, weight, bias)
 

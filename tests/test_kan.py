@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opforge.kernels import (BASES, KAN, ChebyKANLayer, FastKAN, FastKANLayer, FourierKANLayer, KANLinear, get_op,
-                             kan_linear, use_backend)
+                             interpreter_enabled, kan_linear, use_backend)
 from opforge.reference import assert_close
 from opforge.reference import kan as ref
 
@@ -304,16 +304,28 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
      ValueError, "width"),
     (lambda: kan_linear(torch.randn(2, 2, dtype=torch.complex64), torch.randn(3, 2, 4), "chebyshev"), TypeError,
      "real floating"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 0), "chebyshev"), ValueError, "K >= 1"),
 ])
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
         bad()
 
 
-def test_empty_batch():
-    w = torch.randn(3, 2, 4, requires_grad=True)
-    y = kan_linear(torch.randn(0, 2), w, "chebyshev")
-    assert y.shape == (0, 3)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows, cin", [(0, 2), (3, 0), (0, 0)])
+def test_empty_batch_or_no_inputs(backend, rows, cin):
+    """Nothing to contract gives nn.Linear's answer: zeros plus the bias, with a gradient for every input."""
+    if backend == "triton" and not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    x = torch.randn(2, rows, cin, requires_grad=True)
+    w, wb, bias = (torch.randn(s, requires_grad=True) for s in ((3, cin, 4), (3, cin), (3,)))
+    with use_backend(backend):
+        y = kan_linear(x, w, "chebyshev", base_weight=wb, bias=bias)
+    assert y.shape == (2, rows, 3)
+    torch.testing.assert_close(y, bias.detach().expand(2, rows, 3))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and wb.grad.shape == wb.shape
+    torch.testing.assert_close(bias.grad, torch.full((3,), 2.0 * rows))
 
 
 def test_torch_variant_is_memory_lean():

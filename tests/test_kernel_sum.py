@@ -130,6 +130,14 @@ def test_edge_sizes_d129_and_tiny(backend):
         x, y, b = points(4, 0, 3, 2)
         out = kernel_matvec(x, y, b)
         assert out.shape == (4, 2) and not out.any()
+        # no coordinates: every distance is 0, so out = sum_j b_j; gradients of their shapes, D = 0 included
+        x, y, b = (torch.randn(s, requires_grad=True) for s in ((4, 0), (5, 0), (5, 2)))
+        for kernel in KERNELS:
+            out = kernel_matvec(x, y, b, kernel)
+            torch.testing.assert_close(out, b.detach().sum(0).expand(4, 2))
+            gx, gy, gb = torch.autograd.grad(out.sum(), (x, y, b))
+            assert gx.shape == (4, 0) and gy.shape == (5, 0)
+            torch.testing.assert_close(gb, torch.full((5, 2), 4.0))
 
 
 def test_flash_bfloat16():

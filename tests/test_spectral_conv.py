@@ -164,6 +164,21 @@ def test_non_contiguous_and_empty_batch():
     assert empty.shape == (0, 2, 5, 6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("B, cin, cout", [(0, 3, 2), (2, 0, 2), (2, 3, 0)])
+def test_empty_batch_or_channels(backend, B, cin, cout):
+    """Nothing to mix (the FFT libraries reject empty tensors): zeros plus the bias, a gradient for each input."""
+    x = torch.randn(B, cin, 8, 10, requires_grad=True)
+    w = torch.randn(cin, cout, 4, 3, dtype=torch.complex64, requires_grad=True)
+    bias = torch.randn(cout, requires_grad=True)
+    with use_backend(backend):
+        y = spectral_conv2d(x, w, bias, output_shape=(5, 6))
+    torch.testing.assert_close(y, bias.detach().reshape(1, -1, 1, 1).expand(B, cout, 5, 6))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    torch.testing.assert_close(bias.grad, torch.full((cout,), 30.0 * B))
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (lambda: spectral_conv2d(torch.randn(3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64)), ValueError, "rank 4"),
     (lambda: spectral_conv2d(torch.randn(1, 5, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64)), ValueError, "channel mismatch"),
