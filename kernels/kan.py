@@ -680,7 +680,14 @@ if HAS_TRITON:
         dphi = _dphi_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
                           BASIS, ORDER, UNIFORM, KP)
         sel = tl.where(fi[:, None] == jj[None, :], 1.0, 0.0)  # [columns, features]
-        dx = tl.dot(dphi * t, sel, input_precision=PREC)
+        v = dphi * t
+        # Each feature's columns are summed by a 0/1 matrix: a non-finite column (phi' of a NaN or infinite x)
+        # would make every feature of the row NaN there (NaN * 0), so such columns enter as 0 and their
+        # features are set to NaN after, as a sum over the feature's own columns would give.
+        fin = (v - v) == 0.0
+        dx = tl.dot(tl.where(fin, v, 0.0), sel, input_precision=PREC)
+        bad = tl.dot(tl.where(fin, 0.0, 1.0), sel, input_precision=PREC)
+        dx = tl.where(bad > 0.5, float("nan"), dx)
         if HAS_BASE:
             xf = tl.load(X + rb[:, None] * sXb + fj[None, :] * sXi, mask=b_mask[:, None] & f_ok[None, :], other=0.0)
             xf = xf.to(tl.float32)
