@@ -682,12 +682,12 @@ if HAS_TRITON:
         sel = tl.where(fi[:, None] == jj[None, :], 1.0, 0.0)  # [columns, features]
         v = dphi * t
         # Each feature's columns are summed by a 0/1 matrix: a non-finite column (phi' of a NaN or infinite x)
-        # would make every feature of the row NaN there (NaN * 0), so such columns enter as 0 and their
-        # features are set to NaN after, as a sum over the feature's own columns would give.
-        fin = (v - v) == 0.0
-        dx = tl.dot(tl.where(fin, v, 0.0), sel, input_precision=PREC)
-        bad = tl.dot(tl.where(fin, 0.0, 1.0), sel, input_precision=PREC)
-        dx = tl.where(bad > 0.5, float("nan"), dx)
+        # would make every feature of the row NaN (NaN * 0). Such a column enters as 2^100 instead, which
+        # marks its own feature's sum (no finite float32 gradient comes near 2^99), set to NaN after, as a
+        # sum over the feature's own columns gives. A second 0/1 dot for the marks made the kernel spill.
+        v = tl.where((v - v) == 0.0, v, 1.2676506002282294e30)
+        dx = tl.dot(v, sel, input_precision=PREC)
+        dx = tl.where(tl.abs(dx) >= 6.338253001141147e29, float("nan"), dx)
         if HAS_BASE:
             xf = tl.load(X + rb[:, None] * sXb + fj[None, :] * sXi, mask=b_mask[:, None] & f_ok[None, :], other=0.0)
             xf = xf.to(tl.float32)
