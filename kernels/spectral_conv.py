@@ -881,9 +881,18 @@ class SpectralConv(nn.Module):
         init_std: std of the complex normal init, ``"auto"`` = sqrt(2 / (in + out)).
         resolution_scaling_factor: optional float or per-axis floats; output
             size = round(input size * factor) when ``output_shape`` is not given.
+        max_n_modes: optional, the weight's mode dims as neuraloperator takes them (the last axis
+            already halved); default the modes ``n_modes`` keeps. ``n_modes`` may be set lower later.
 
     Shapes: x [B, in, *grid] -> y [B, out, *output_shape].
-    Parameters: ``weight`` complex64 [in, out, *modes], ``bias`` [out, 1, ..., 1].
+    Parameters: ``weight`` complex64 [in, out, *max_n_modes], ``bias`` [out, 1, ..., 1].
+
+    Fewer modes than the weight holds, as in neuraloperator: ``layer.n_modes = (8, 8)`` (totals, as in the
+    constructor; incremental training) uses the weight's centre, and a grid (input or output) too coarse
+    for the kept modes keeps those that fit on it, centred on frequency 0 (and the first ones on the last
+    axis). The weight entry of each frequency multiplies that frequency; on odd sizes, where
+    neuraloperator's centring pairs some weights with the neighbouring frequency, this follows the
+    frequencies. The functional ``spectral_conv`` instead raises on modes that do not fit.
 
     Loading neuraloperator weights: ``SpectralConv.from_neuraloperator(layer)``
     or ``load_state_dict(layer.state_dict())`` -- neuraloperator's dense weight is
@@ -891,21 +900,27 @@ class SpectralConv(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, n_modes, bias: bool = True, fft_norm: str = "forward",
-                 init_std="auto", resolution_scaling_factor=None, device=None, dtype=torch.complex64):
+                 init_std="auto", resolution_scaling_factor=None, device=None, dtype=torch.complex64,
+                 max_n_modes=None):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        n_modes = [n_modes] if isinstance(n_modes, int) else list(n_modes)
-        if not 1 <= len(n_modes) <= 3 or any(not isinstance(m, int) or m < 1 for m in n_modes):
-            raise ValueError(f"n_modes must be 1 to 3 positive ints (one per spatial axis), got {n_modes!r}")
+        kept = self._kept_modes(n_modes, None)
         if fft_norm != "forward":
             raise ValueError(f"fft_norm must be 'forward' (neuraloperator's default), got {fft_norm!r}")
         if not (isinstance(dtype, torch.dtype) and dtype.is_complex):
             raise TypeError(f"dtype must be a complex dtype for the weight, got {dtype!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.n_modes = n_modes
-        self.order = len(n_modes)
+        self.order = len(kept)
+        if max_n_modes is None:
+            modes = tuple(kept)
+        else:
+            modes = tuple([max_n_modes] if isinstance(max_n_modes, int) else max_n_modes)
+            if len(modes) != self.order or any(not isinstance(m, int) or m < k for m, k in zip(modes, kept)):
+                raise ValueError(f"max_n_modes must be {self.order} ints (the weight's mode dims, the last axis "
+                                 f"halved), each at least the {kept} modes n_modes keeps, got {max_n_modes!r}")
+        self._n_modes = kept
         self.fft_norm = fft_norm
         if resolution_scaling_factor is not None:
             f = resolution_scaling_factor
@@ -914,7 +929,6 @@ class SpectralConv(nn.Module):
                 raise ValueError(f"resolution_scaling_factor must be positive, one per axis, got {resolution_scaling_factor!r}")
             resolution_scaling_factor = f
         self.resolution_scaling_factor = resolution_scaling_factor
-        modes = tuple(n_modes[:-1]) + (n_modes[-1] // 2 + 1,)
         std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else float(init_std)
         self.weight = nn.Parameter(torch.empty((in_channels, out_channels) + modes, device=device, dtype=dtype))
         with torch.no_grad():
@@ -947,20 +961,66 @@ class SpectralConv(nn.Module):
                 self.bias.data = bias.to(device=self.bias.device, dtype=rdt)
         return self
 
+    @staticmethod
+    def _kept_modes(n_modes, order) -> list:
+        """Total modes per axis (an int or one per axis) -> kept modes (the last axis halved: n // 2 + 1)."""
+        n = [n_modes] if isinstance(n_modes, int) else list(n_modes)
+        if (not 1 <= len(n) <= 3 or (order is not None and len(n) != order)
+                or any(not isinstance(m, int) or m < 1 for m in n)):
+            want = "1 to 3" if order is None else str(order)
+            raise ValueError(f"n_modes must be {want} positive ints (one per spatial axis), got {n_modes!r}")
+        return n[:-1] + [n[-1] // 2 + 1]
+
+    @property
+    def n_modes(self) -> list:
+        """Modes kept per axis, as neuraloperator reports them (the last axis halved: n // 2 + 1). Set it
+        with totals, as in the constructor, to use fewer modes than the weight holds."""
+        return list(self._n_modes)
+
+    @n_modes.setter
+    def n_modes(self, n_modes):
+        kept = self._kept_modes(n_modes, self.order)
+        if any(k > m for k, m in zip(kept, self.max_n_modes)):
+            raise ValueError(f"n_modes {n_modes!r} keeps {kept} modes, more than the weight's {self.max_n_modes}")
+        self._n_modes = kept
+
+    @property
+    def max_n_modes(self) -> list:
+        """The weight's mode dims (the last axis halved)."""
+        return list(self.weight.shape[2:])
+
     @property
     def modes(self) -> tuple:
-        """Kept modes per axis in the weight's layout (last axis: half spectrum)."""
+        """The weight's mode dims (last axis: half spectrum)."""
         return tuple(self.weight.shape[2:])
+
+    def _weight_for(self, grid, out_grid) -> torch.Tensor:
+        """The weight's centre that this call uses: ``n_modes`` per axis, fewer where the input or the output
+        grid cannot hold them (frequencies -k//2 .. k - k//2 - 1 on the first axes, 0 .. k - 1 on the last)."""
+        w = self.weight
+        for ax, (m, k) in enumerate(zip(self.max_n_modes, self._n_modes)):
+            last = ax == self.order - 1
+            for g in (grid, out_grid):
+                if ax < len(g):
+                    k = min(k, _half(g[ax]) if last else g[ax])
+            if k < m:
+                start = 0 if last else m // 2 - k // 2
+                w = w.narrow(2 + ax, start, k)
+        return w
 
     def forward(self, x: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
         if output_shape is None and self.resolution_scaling_factor is not None:
             output_shape = tuple(round(n * f) for n, f in zip(x.shape[2:], self.resolution_scaling_factor))
-        p = _check(x, self.weight, self.bias, output_shape, self.order)
-        return _call(p, x, self.weight, self.bias)
+        grid = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) else ()
+        out_grid = grid if output_shape is None else tuple(int(n) for n in output_shape)
+        weight = self._weight_for(grid, out_grid) if len(grid) == self.order else self.weight
+        p = _check(x, weight, self.bias, output_shape, self.order)
+        return _call(p, x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, n_modes={self.n_modes}, "
-                f"bias={self.bias is not None}")
+        extra = "" if self._n_modes == self.max_n_modes else f", max_n_modes={self.max_n_modes}"
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, n_modes={self.n_modes}"
+                f"{extra}, bias={self.bias is not None}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         legacy = prefix + "weight.tensor"  # neuraloperator / tltorch ComplexDenseTensor
@@ -981,7 +1041,10 @@ class SpectralConv(nn.Module):
         modes = list(w.shape[2:])
         n_modes = modes[:-1] + [2 * (modes[-1] - 1)]
         out = cls(int(w.shape[0]), int(w.shape[1]), n_modes, bias=layer.bias is not None, device=w.device,
-                  dtype=w.dtype, resolution_scaling_factor=None)
+                  dtype=w.dtype, resolution_scaling_factor=getattr(layer, "resolution_scaling_factor", None))
+        kept = [int(m) for m in getattr(layer, "n_modes", modes)]
+        if len(kept) == len(modes) and all(1 <= k <= m for k, m in zip(kept, modes)):
+            out._n_modes = kept  # neuraloperator reports the modes it keeps with the last axis halved already
         with torch.no_grad():
             out.weight.copy_(w.detach())
             if layer.bias is not None:

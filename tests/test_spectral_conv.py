@@ -214,6 +214,59 @@ def test_module_matches_functional_and_resamples():
     assert layer.weight.grad is not None and layer.bias.grad.shape == (4, 1, 1)
 
 
+def _nop_centre(w, kept):
+    """neuraloperator 2.0's slicing of a weight [in, out, *max modes] down to ``kept`` modes per axis:
+    slice(start // 2, -start // 2) on the first axes, the first ones on the last (start = max - kept)."""
+    idx = [slice(None), slice(None)]
+    for ax, (m, k) in enumerate(zip(w.shape[2:], kept)):
+        start = m - k
+        last = ax == len(kept) - 1
+        idx.append(slice(None, m - start) if last else slice(start // 2, m + (-start // 2)))
+    return w[tuple(idx)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_module_keeps_the_modes_a_coarse_grid_holds(backend):
+    """neuraloperator's layer runs on grids too coarse for its modes (multi-resolution training) by using
+    the weight's centre; so does this one, with a gradient only there. The functional still raises."""
+    torch.manual_seed(0)
+    layer = SpectralConv(3, 4, n_modes=(16, 16))  # weight [3, 4, 16, 9]
+    x = torch.randn(2, 3, 12, 10)  # holds 12 x 6 modes
+    with use_backend(backend):
+        y = layer(x)
+        want = spectral_conv2d(x, _nop_centre(layer.weight, (12, 6)), layer.bias)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        w = layer.weight.detach()
+        assert_close(y, ref.spectral_conv(x.double().numpy(), w[:, :, 2:14, :6].to(C128).numpy(),
+                                          layer.bias.detach().double().numpy().reshape(-1)), torch.float32, 36)
+        y.square().sum().backward()
+    g = layer.weight.grad
+    assert g[:, :, 2:14, :6].abs().amax() > 0 and g[:, :, :2].abs().amax() == 0 and g[..., 6:].abs().amax() == 0
+    # an output grid too coarse for the modes keeps what fits there
+    torch.testing.assert_close(layer(torch.randn(2, 3, 32, 32), output_shape=(8, 8)).shape, (2, 4, 8, 8))
+    with pytest.raises(ValueError, match="16 modes"):
+        spectral_conv2d(x, layer.weight)
+
+
+def test_module_n_modes_setter_and_max_n_modes():
+    """``n_modes`` reads and sets as neuraloperator's (incremental training): totals in, kept modes out."""
+    torch.manual_seed(0)
+    layer = SpectralConv(3, 4, n_modes=(16, 16))
+    assert layer.n_modes == [16, 9] and layer.max_n_modes == [16, 9]
+    layer.n_modes = (8, 10)
+    assert layer.n_modes == [8, 6] and layer.weight.shape == (3, 4, 16, 9)
+    assert "max_n_modes=[16, 9]" in repr(layer)
+    x = torch.randn(2, 3, 20, 20)
+    torch.testing.assert_close(layer(x), spectral_conv2d(x, _nop_centre(layer.weight, (8, 6)), layer.bias))
+    for bad in ((17, 16), (16,), 0):
+        with pytest.raises(ValueError, match="n_modes"):
+            layer.n_modes = bad
+    small = SpectralConv(3, 4, n_modes=(8, 8), max_n_modes=(16, 9))
+    assert small.weight.shape == (3, 4, 16, 9) and small.n_modes == [8, 5]
+    with pytest.raises(ValueError, match="max_n_modes"):
+        SpectralConv(3, 4, n_modes=(8, 8), max_n_modes=(6, 9))
+
+
 C64, C128 = torch.complex64, torch.complex128
 CASTS = {  # name: (cast, weight dtype after, bias dtype after) from a complex64 layer
     "double": (lambda m: m.double(), C128, torch.float64),
@@ -259,9 +312,20 @@ def test_module_loads_neuraloperator_shaped_state_dict():
 
 
 def test_neuraloperator_parity_even_sizes():
-    """Same outputs as neuraloperator's SpectralConv on even sizes (needs neuraloperator importable)."""
+    """Same outputs as neuraloperator's SpectralConv on even sizes (needs neuraloperator importable),
+    with all its modes, grids too coarse for them, and fewer modes set through ``n_modes``."""
     nop = pytest.importorskip("neuralop.layers.spectral_convolution")
     torch.manual_seed(0)
+    for n_modes, new, grid in (([16, 16], None, (12, 10)), ([8, 8, 8], None, (6, 6, 6)), ([12], [6], (20,)),
+                               ([16, 16], [12, 10], (32, 32)), ([16, 16], [8, 8], (6, 6))):
+        theirs = nop.SpectralConv(3, 5, n_modes)
+        ours = SpectralConv.from_neuraloperator(theirs)
+        if new:
+            theirs.n_modes = new
+            ours.n_modes = new
+        assert ours.n_modes == theirs.n_modes
+        x = torch.randn(2, 3, *grid)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
     for n_modes, grid in (([8, 6], (16, 12)), ([10], (20,)), ([4, 4, 6], (8, 8, 10))):
         theirs = nop.SpectralConv(3, 5, n_modes)
         ours = SpectralConv.from_neuraloperator(theirs)
