@@ -868,6 +868,30 @@ def _fixed(d):
 spectral_conv1d, spectral_conv2d, spectral_conv3d = _fixed(1), _fixed(2), _fixed(3)
 
 
+def _spectral_resample(x: torch.Tensor, out: tuple) -> torch.Tensor:
+    """x [B, C, *grid] on the grid ``out`` through its real spectrum (norm "forward", computed in float32, as
+    neuraloperator's ``resample`` beyond 2D): on each axis but the last, k = min(old, new) frequencies are
+    kept, the first k // 2 and the last ceil(k / 2) bins (frequencies -ceil(k/2) .. k//2 - 1); on the last,
+    the first min of the two half-spectrum lengths."""
+    axes = tuple(range(2, x.dim()))
+    X = torch.fft.rfftn(x.float(), dim=axes, norm="forward")
+    spec = X.new_zeros(tuple(X.shape[:2]) + out[:-1] + (_half(out[-1]),))
+    src, dst = [slice(None), slice(None)], [slice(None), slice(None)]
+    for ax, (n_old, n_new) in enumerate(zip(X.shape[2:-1], out[:-1])):
+        k = min(n_old, n_new)
+        freqs = torch.arange(-((k + 1) // 2), k // 2, device=x.device)
+        src.append(freqs % n_old)
+        dst.append(freqs % n_new)
+    k = min(X.shape[-1], spec.shape[-1])
+    src.append(slice(0, k))
+    dst.append(slice(0, k))
+    d = len(axes)  # the index tensors of the first d - 1 axes broadcast to their outer product
+    src = [s if isinstance(s, slice) else s.view([-1] + [1] * (d - 2 - i)) for i, s in enumerate(src[2:])]
+    dst = [s if isinstance(s, slice) else s.view([-1] + [1] * (d - 2 - i)) for i, s in enumerate(dst[2:])]
+    spec[(slice(None), slice(None), *dst)] = X[(slice(None), slice(None), *src)]
+    return torch.fft.irfftn(spec, s=out, dim=axes, norm="forward")
+
+
 class SpectralConv(nn.Module):
     """Dense FNO spectral convolution with neuraloperator's ``SpectralConv`` semantics.
 
@@ -889,19 +913,21 @@ class SpectralConv(nn.Module):
 
     Fewer modes than the weight holds, as in neuraloperator: ``layer.n_modes = (8, 8)`` (totals, as in the
     constructor; incremental training) uses the weight's centre, and a grid (input or output) too coarse
-    for the kept modes keeps those that fit on it, centred on frequency 0 (and the first ones on the last
-    axis). The weight entry of each frequency multiplies that frequency; on odd sizes, where
-    neuraloperator's centring pairs some weights with the neighbouring frequency, this follows the
-    frequencies. The functional ``spectral_conv`` instead raises on modes that do not fit.
+    for the kept modes keeps those that fit on it, centred on frequency 0 (the first ones on the last
+    axis). Each weight entry multiplies its own frequency (neuraloperator 2.0 agrees when an even number
+    of modes is dropped per axis). The functional ``spectral_conv`` instead raises on modes that do not fit.
 
-    Loading neuraloperator weights: ``SpectralConv.from_neuraloperator(layer)``
-    or ``load_state_dict(layer.state_dict())`` -- neuraloperator's dense weight is
-    stored as ``weight.tensor`` (a real view [..., 2]) and is converted.
+    Works as neuraloperator's ``conv_module`` (``FNO(..., conv_module=SpectralConv)``): it takes the
+    arguments FNO blocks pass (``rank``, ``implementation``, ``fixed_rank_modes``, ``decomposition_kwargs``
+    only shape factorized weights and are ignored; factorized, separable, complex-data or half-precision
+    layers raise) and has their ``transform`` for skip connections.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, n_modes, bias: bool = True, fft_norm: str = "forward",
+    def __init__(self, in_channels: int, out_channels: int, n_modes, *, bias: bool = True, fft_norm: str = "forward",
                  init_std="auto", resolution_scaling_factor=None, device=None, dtype=torch.complex64,
-                 max_n_modes=None):
+                 max_n_modes=None, complex_data: bool = False, separable: bool = False,
+                 fno_block_precision: str = "full", factorization=None, rank=0.5, implementation="reconstructed",
+                 fixed_rank_modes=False, decomposition_kwargs=None):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(v, int) or v < 1:
@@ -909,6 +935,16 @@ class SpectralConv(nn.Module):
         kept = self._kept_modes(n_modes, None)
         if fft_norm != "forward":
             raise ValueError(f"fft_norm must be 'forward' (neuraloperator's default), got {fft_norm!r}")
+        # neuraloperator's FNOBlocks passes these to its conv_module; rank, implementation, fixed_rank_modes and
+        # decomposition_kwargs only shape factorized weights, so a dense layer takes and ignores them
+        for name, v, want in (("complex_data", complex_data, False), ("separable", separable, False),
+                              ("fno_block_precision", fno_block_precision, "full")):
+            if v != want:
+                raise ValueError(f"{name}={v!r} is not supported: only dense real-data layers in full precision "
+                                 f"({name}={want!r}; run bfloat16 inputs or autocast for 16-bit activations)")
+        if factorization is not None and str(factorization).lower() != "dense":
+            raise ValueError(f"factorization={factorization!r} is not supported: only a dense weight "
+                             f"(factorization=None)")
         if not (isinstance(dtype, torch.dtype) and dtype.is_complex):
             raise TypeError(f"dtype must be a complex dtype for the weight, got {dtype!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -1016,6 +1052,25 @@ class SpectralConv(nn.Module):
         weight = self._weight_for(grid, out_grid) if len(grid) == self.order else self.weight
         p = _check(x, weight, self.bias, output_shape, self.order)
         return _call(p, x, weight, self.bias)
+
+    def transform(self, x: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Resample a skip connection to this layer's output grid, as neuraloperator's FNO blocks call it:
+        x itself when the grid does not change, else linear interpolation (1D), bicubic (2D), both with
+        aligned corners, or (3D) the kept low frequencies of x on the new grid (``_spectral_resample``)."""
+        grid = tuple(x.shape[2:])
+        if output_shape is not None:
+            out = tuple(int(n) for n in output_shape)
+        elif self.resolution_scaling_factor is not None:
+            out = tuple(round(n * f) for n, f in zip(grid, self.resolution_scaling_factor))
+        else:
+            out = grid
+        if out == grid:
+            return x
+        if len(grid) == 1:
+            return torch.nn.functional.interpolate(x, size=out[0], mode="linear", align_corners=True)
+        if len(grid) == 2:
+            return torch.nn.functional.interpolate(x, size=out, mode="bicubic", align_corners=True)
+        return _spectral_resample(x, out)
 
     def extra_repr(self) -> str:
         extra = "" if self._n_modes == self.max_n_modes else f", max_n_modes={self.max_n_modes}"

@@ -193,6 +193,11 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
     (lambda: SpectralConv(3, 2, [4, 4, 4, 4]), ValueError, "n_modes"),
     (lambda: SpectralConv(0, 2, 4), ValueError, "in_channels"),
     (lambda: SpectralConv(3, 2, 4, fft_norm="ortho"), ValueError, "fft_norm"),
+    (lambda: SpectralConv(3, 3, 4, separable=True), ValueError, "separable"),
+    (lambda: SpectralConv(3, 2, 4, factorization="tucker"), ValueError, "factorization"),
+    (lambda: SpectralConv(3, 2, 4, complex_data=True), ValueError, "complex_data"),
+    (lambda: SpectralConv(3, 2, 4, fno_block_precision="mixed"), ValueError, "fno_block_precision"),
+    (lambda: SpectralConv(3, 2, 4, False), TypeError, "positional"),
 ])
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
@@ -265,6 +270,61 @@ def test_module_n_modes_setter_and_max_n_modes():
     assert small.weight.shape == (3, 4, 16, 9) and small.n_modes == [8, 5]
     with pytest.raises(ValueError, match="max_n_modes"):
         SpectralConv(3, 4, n_modes=(8, 8), max_n_modes=(6, 9))
+
+
+def _wave(grid, freqs):
+    """sin(2 pi sum_a f_a i_a / n_a) on ``grid``, [1, 1, *grid]: band-limited, so any grid holding its
+    frequencies samples the same function."""
+    phase = sum(f * torch.arange(n, dtype=torch.float64).view([-1] + [1] * (len(grid) - 1 - a)) / n
+                for a, (n, f) in enumerate(zip(grid, freqs)))
+    return torch.sin(2 * torch.pi * phase).float().reshape((1, 1) + tuple(grid))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("freqs", [(-2, 1), (3, -2), (0, 3)])
+def test_resolution_change_keeps_each_frequency(backend, freqs):
+    """With an all-ones weight the layer passes its kept frequencies through, so a wave on a 32 x 32 grid
+    comes out as the same wave sampled on the new grid. (neuraloperator 2.0 zero-pads its unshifted
+    spectrum at the end of every axis, which turns the first axes' negative frequencies into high positive
+    ones: the first two waves come out wrong there, max error 2.)"""
+    layer = SpectralConv(1, 1, (8, 8), bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    with use_backend(backend):
+        for out in ((64, 64), (16, 16), (20, 48)):
+            torch.testing.assert_close(layer(_wave((32, 32), freqs), output_shape=out), _wave(out, freqs),
+                                       rtol=0, atol=1e-5)
+
+
+def test_transform_resamples_skip_connections():
+    """``transform`` (what neuraloperator's FNO blocks call on the skip path): x itself on the same grid,
+    torch's linear / bicubic interpolation in 1D / 2D, and in 3D the kept frequencies: exact on a wave."""
+    layer3 = SpectralConv(1, 1, (4, 4, 4))
+    x = _wave((8, 10, 12), (1, -2, 3))
+    assert layer3.transform(x) is x
+    for out in ((16, 12, 14), (6, 5, 8)):
+        torch.testing.assert_close(layer3.transform(x, output_shape=out), _wave(out, (1, -2, 3)), rtol=0, atol=1e-5)
+    x2 = torch.randn(2, 3, 9, 11)
+    up = SpectralConv(3, 3, (4, 4), resolution_scaling_factor=2.0)
+    torch.testing.assert_close(up.transform(x2), torch.nn.functional.interpolate(
+        x2, size=(18, 22), mode="bicubic", align_corners=True))
+
+
+def test_neuraloperator_fno_takes_it_as_conv_module():
+    """``neuralop.models.FNO(..., conv_module=SpectralConv)`` builds, loads the stock FNO's state dict and
+    gives its outputs (needs neuraloperator importable), before and after its blocks' n_modes is lowered."""
+    models = pytest.importorskip("neuralop.models")
+    torch.manual_seed(0)
+    for n_modes, grid in (((8, 8), (32, 32)), ((12,), (40,)), ((8, 8, 8), (12, 12, 12))):
+        kw = dict(n_modes=n_modes, in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+        theirs, ours = models.FNO(**kw), models.FNO(**kw, conv_module=SpectralConv)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(2, 2, *grid)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+        half = tuple(m // 2 for m in n_modes)  # an even number dropped per axis: the centrings agree
+        theirs.fno_blocks.n_modes = half
+        ours.fno_blocks.n_modes = half
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
 C64, C128 = torch.complex64, torch.complex128
