@@ -872,26 +872,10 @@ class KernelOperator:
         return os_ * _phi_t(s, self.kernel) + self.noise
 
 
-def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
-                 tol: float = 1e-6, max_iter: int = 1000, return_info: bool = False):
-    """Solve ``(outputscale * K(x, x) + noise * I) alpha = y`` by conjugate gradients.
-
-    Args:
-        x: [N, D] training points; y: [N] or [N, R] right-hand sides (e.g. GP targets).
-        noise: > 0, the diagonal term (observation noise variance).
-        tol: stop when every column's residual norm is below ``tol * |y|``.
-
-    Returns alpha like y (and ``{"iterations", "residual", "converged"}`` with ``return_info``); a solve
-    that is not converged after ``max_iter`` iterations warns (RuntimeWarning) with its residual.
-    GP posterior mean at new points: ``kernel_matvec(x_test, x, alpha, kernel, ...)``.
-    """
-    if not float(noise) > 0:
-        raise ValueError(f"noise must be > 0 for a well-posed solve, got {noise}")
-    A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
-    vector = y.dim() == x.dim() - 1
-    rhs = y.unsqueeze(-1) if vector else y
-    if rhs.shape[-2] != x.shape[-2]:
-        raise ValueError(f"y must have N={x.shape[-2]} rows, got shape {tuple(y.shape)}")
+def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int):
+    """Conjugate gradients on A sol = rhs [..., N, R], every column at once, without autograd. Returns the
+    solution, the iterations run, whether every column's residual is below ``tol`` times its right-hand
+    side, and the largest relative residual."""
     tiny = torch.finfo(rhs.dtype).tiny
     with torch.no_grad():
         sol = torch.zeros_like(rhs)
@@ -911,15 +895,94 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
             rs = rs_new
             if converged:
                 break
+        residual = float((rs / rhs.pow(2).sum(-2, keepdim=True).clamp_min(tiny)).sqrt().max()) if rs.numel() else 0.0
+    return sol, it, converged, residual
+
+
+def _warn_unconverged(what: str, max_iter: int, residual: float, tol: float):
+    warnings.warn(f"kernel_solve: conjugate gradients did not converge in max_iter={max_iter} iterations{what} "
+                  f"(relative residual {residual:.2e} > tol={tol:g}); raise max_iter or noise, or check the "
+                  f"lengthscale", RuntimeWarning, stacklevel=4)
+
+
+class _KernelSolve(torch.autograd.Function):
+    """sol = A^-1 rhs with A = outputscale K(x, x) + noise I, differentiated implicitly: with lam = A^-1 g
+    (A is symmetric: one more solve), grad rhs = lam and grad theta = -lam^T (dA/dtheta) sol for x,
+    lengthscale, outputscale (one kernel_matvec backward) and noise (-lam . sol)."""
+
+    @staticmethod
+    def forward(ctx, rhs, x, lengthscale, outputscale, noise, spec):
+        kernel, tol, max_iter, info = spec
+        A = KernelOperator(x, x, kernel, lengthscale, outputscale, float(noise.detach()) if
+                           isinstance(noise, torch.Tensor) else noise)
+        sol, it, converged, residual = _cg(A, rhs, tol, max_iter)
+        info.update(iterations=it, residual=residual, converged=converged)
+        if not converged:
+            _warn_unconverged("", max_iter, residual, tol)
+        ctx.save_for_backward(*(t for t in (x, sol, lengthscale, outputscale, noise) if isinstance(t, torch.Tensor)))
+        ctx.scales = [None if isinstance(t, torch.Tensor) else t for t in (lengthscale, outputscale, noise)]
+        ctx.A, ctx.spec = A, spec
+        return sol
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        saved = list(ctx.saved_tensors)
+        x, sol = saved[0], saved[1]
+        rest = iter(saved[2:])
+        ls, os_, noise = (next(rest) if v is None else v for v in ctx.scales)
+        kernel, tol, max_iter, _ = ctx.spec
+        need = ctx.needs_input_grad
+        lam, _, converged, residual = _cg(ctx.A, g, tol, max_iter)
+        if not converged:
+            _warn_unconverged(" in the backward pass", max_iter, residual, tol)
+        grads = [lam if need[0] else None, None, None, None, None, None]
+        wanted = [(i, t) for i, t in ((1, x), (2, ls), (3, os_)) if need[i] and isinstance(t, torch.Tensor)]
+        if wanted:
+            with torch.enable_grad():
+                leaves = {i: t.detach().requires_grad_() for i, t in wanted}
+                xd = leaves.get(1, x.detach())
+                out = kernel_matvec(xd, xd, sol, kernel, leaves.get(2, ls), leaves.get(3, os_))
+                for i, gr in zip(leaves, torch.autograd.grad(out, list(leaves.values()), -lam)):
+                    grads[i] = gr
+        if need[4]:
+            grads[4] = (-(lam * sol).sum()).reshape(noise.shape).to(noise.dtype)
+        return tuple(grads)
+
+
+def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
+                 tol: float = 1e-6, max_iter: int = 1000, return_info: bool = False):
+    """Solve ``(outputscale * K(x, x) + noise * I) alpha = y`` by conjugate gradients.
+
+    Args:
+        x: [..., N, D] training points; y: [..., N] or [..., N, R] right-hand sides (e.g. GP targets).
+        noise: > 0, the diagonal term (observation noise variance): a float or a scalar tensor.
+        lengthscale, outputscale: as in ``kernel_matvec`` (floats or tensors).
+        tol: stop when every column's residual norm is below ``tol * |y|``.
+
+    Returns alpha like y (and ``{"iterations", "residual", "converged"}`` with ``return_info``, the
+    residual the largest relative one, |r| / |y| per column); a solve that is not converged after
+    ``max_iter`` iterations warns (RuntimeWarning) with its residual.
+
+    Differentiable in y, x, lengthscale, outputscale and noise (tensors requiring grad) by implicit
+    differentiation: the backward pass runs one more CG solve with the same ``tol`` and ``max_iter``, and
+    one kernel-sum backward. GP posterior mean at new points: ``kernel_matvec(x_test, x, alpha, ...)``.
+    """
+    if isinstance(noise, torch.Tensor):
+        if noise.numel() != 1 or not noise.is_floating_point():
+            raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
+                             f"of shape {tuple(noise.shape)}")
+    nz = float(noise.detach()) if isinstance(noise, torch.Tensor) else float(noise)
+    if not nz > 0:
+        raise ValueError(f"noise must be > 0 for a well-posed solve, got {nz}")
+    vector = y.dim() == x.dim() - 1
+    rhs = y.unsqueeze(-1) if vector else y
+    if rhs.dim() < 2 or rhs.shape[-2] != x.shape[-2]:
+        raise ValueError(f"y must have N={x.shape[-2]} rows, got shape {tuple(y.shape)}")
+    info: dict = {}
+    sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise, (kernel, tol, max_iter, info))
     out = sol.squeeze(-1) if vector else sol
-    residual = float((rs / rhs.pow(2).sum(-2, keepdim=True).clamp_min(tiny)).sqrt().max())
-    if not converged:
-        warnings.warn(f"kernel_solve: conjugate gradients did not converge in max_iter={max_iter} iterations "
-                      f"(relative residual {residual:.2e} > tol={tol:g}); raise max_iter or noise, or check the "
-                      f"lengthscale", RuntimeWarning, stacklevel=2)
-    if return_info:
-        return out, {"iterations": it, "residual": float(rs.sqrt().max()), "converged": converged}
-    return out
+    return (out, info) if return_info else out
 
 
 def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0,
