@@ -835,17 +835,19 @@ class KernelOperator:
 
     ``A @ b`` for b [M] or [M, R] (or batched like x); ``A.T`` swaps x and y;
     ``A.diag()`` for square operators; ``A.shape``. Use with ``kernel_solve`` or
-    any conjugate-gradient solver.
+    any conjugate-gradient solver. ``noise`` is a float or a scalar tensor (which keeps its gradient,
+    as tensor lengthscales and outputscales do).
     """
 
-    def __init__(self, x, y=None, kernel: str = "gaussian", lengthscale=1.0, outputscale=1.0, noise: float = 0.0):
+    def __init__(self, x, y=None, kernel: str = "gaussian", lengthscale=1.0, outputscale=1.0, noise=0.0):
         self.x, self.y = x, (x if y is None else y)
         self.kernel, self.lengthscale, self.outputscale = kernel, lengthscale, outputscale
-        if float(noise) < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
-        if float(noise) > 0 and self.x.shape[-2] != self.y.shape[-2]:
+        nz = float(noise.detach()) if isinstance(noise, torch.Tensor) else float(noise)
+        if not nz >= 0:
+            raise ValueError(f"noise must be >= 0, got {nz}")
+        if nz > 0 and self.x.shape[-2] != self.y.shape[-2]:
             raise ValueError("noise * I needs a square operator (x and y with the same number of points)")
-        self.noise = float(noise)
+        self.noise = noise if isinstance(noise, torch.Tensor) else nz  # a tensor keeps its gradient
         _prepare(self.x, self.y, self.y[..., :1], kernel, lengthscale, outputscale)
 
     @property
@@ -854,7 +856,7 @@ class KernelOperator:
 
     def __matmul__(self, b):
         out = kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
-        return out + self.noise * b if self.noise else out
+        return out if isinstance(self.noise, float) and self.noise == 0 else out + self.noise * b
 
     matmul = __matmul__
 
@@ -913,8 +915,7 @@ class _KernelSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rhs, x, lengthscale, outputscale, noise, spec):
         kernel, tol, max_iter, info = spec
-        A = KernelOperator(x, x, kernel, lengthscale, outputscale, float(noise.detach()) if
-                           isinstance(noise, torch.Tensor) else noise)
+        A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
         sol, it, converged, residual = _cg(A, rhs, tol, max_iter)
         info.update(iterations=it, residual=residual, converged=converged)
         if not converged:

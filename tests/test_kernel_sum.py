@@ -264,6 +264,11 @@ def test_kernel_solve_is_differentiable(backend):
     for name, a, w in zip(["x", "y", "x_test", "lengthscale", "outputscale", "noise"], got, want):
         torch.testing.assert_close(a.double(), w, rtol=1e-6 if dt == torch.float64 else 2e-3,
                                    atol=1e-8 if dt == torch.float64 else 2e-3, msg=name)
+    # the operator keeps a tensor noise's gradient too
+    v = torch.randn(30, dtype=dt, generator=torch.Generator().manual_seed(4))
+    nz = nz0.to(dt).requires_grad_()
+    (KernelOperator(x0.to(dt), noise=nz) @ v).sum().backward()
+    torch.testing.assert_close(nz.grad, v.sum())
 
 
 @pytest.mark.parametrize("bad, err, match", [
