@@ -921,6 +921,10 @@ class SpectralConv(nn.Module):
     arguments FNO blocks pass (``rank``, ``implementation``, ``fixed_rank_modes``, ``decomposition_kwargs``
     only shape factorized weights and are ignored; factorized, separable, complex-data or half-precision
     layers raise) and has their ``transform`` for skip connections.
+
+    Loading neuraloperator weights: ``SpectralConv.from_neuraloperator(layer)``
+    or ``load_state_dict(layer.state_dict())`` -- neuraloperator's dense weight is
+    stored as ``weight.tensor`` (a real view [..., 2]) and is converted.
     """
 
     def __init__(self, in_channels: int, out_channels: int, n_modes, *, bias: bool = True, fft_norm: str = "forward",
