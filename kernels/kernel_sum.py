@@ -183,8 +183,9 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
             graph = torch.is_grad_enabled()  # a create_graph backward records these ops: out of place there
             w, gb_ = _dphi_t(s, kernel), gblk @ b.transpose(-1, -2)  # [B, rows, m]
             w = w * gb_ if graph else w.mul_(gb_)
-            if exact and xs.shape[-1]:  # differences, one coordinate at a time, as the distances were: the GEMM form below
-                # cancels at (near-)coincident points far from the centroid (x_i sum_j w_ij ~ sum_j w_ij y_j)
+            if exact and xs.shape[-1]:  # differences, one coordinate at a time, as the distances were: the
+                # GEMM form below cancels at (near-)coincident points far from the centroid
+                # (x_i sum_j w_ij ~ sum_j w_ij y_j); D = 0 takes that form (empty products)
                 cx, cy = [], []
                 for c in range(xs.shape[-1]):
                     t = xb[..., :, c:c + 1] - ys[..., :, c].unsqueeze(-2)  # x_ic - y_jc [B, rows, m]
