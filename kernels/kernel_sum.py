@@ -2,7 +2,7 @@
 
 Kernels: gaussian, laplacian, matern32, matern52, imq, cauchy (formulas in
 ``opforge.reference.kernel_sum``); ``lengthscale`` a scalar or a [D] tensor
-(ARD). Gradients flow to x, y, b, lengthscale and outputscale.
+(ARD), or a batch of them. Gradients flow to x, y, b, lengthscale and outputscale.
 
 Variants:
 
@@ -738,12 +738,31 @@ def _scale_param(v, name, like: torch.Tensor, d: int | None):
         raise TypeError(f"{name} must be a real floating tensor or a float, got {v.dtype}")
     if v.device != like.device:
         raise ValueError(f"{name} is on {v.device} but x is on {like.device}")
-    if d is not None and v.dim() > 0 and v.shape != (d,) and v.numel() != 1:
-        raise ValueError(f"{name} must be a scalar or a [D={d}] tensor (ARD), got shape {tuple(v.shape)}")
-    if d is None and v.numel() != 1:
-        raise ValueError(f"{name} must be a scalar, got shape {tuple(v.shape)}")
+    if d is not None and v.dim() <= 1 and v.numel() not in (1, d):
+        raise ValueError(f"{name} must be a scalar, a [D={d}] tensor (ARD) or [..., 1, D or 1] (a batch of "
+                         f"them), got shape {tuple(v.shape)}")
+    if d is not None and v.dim() >= 2 and (v.shape[-2] != 1 or v.shape[-1] not in (1, d)):
+        raise ValueError(f"a batched {name} must be [..., 1, D={d}] or [..., 1, 1] (GPyTorch's layout), got "
+                         f"shape {tuple(v.shape)}")
     checked_once(v, _positive_finite, name)
     return v
+
+
+def _scale_batch(v, d: int | None) -> tuple:
+    """The batch dims of a checked lengthscale ([..., 1, D or 1]) or outputscale (any shape but a single
+    value: its shape): they broadcast with the points' batch dims."""
+    if not isinstance(v, torch.Tensor):
+        return ()
+    if d is not None:
+        return tuple(v.shape[:-2]) if v.dim() >= 2 else ()
+    return () if v.dim() <= 1 and v.numel() == 1 else tuple(v.shape)
+
+
+def _scaled(out: torch.Tensor, os_, cdt: torch.dtype, trailing: int) -> torch.Tensor:
+    """out * outputscale, a batched outputscale aligned with out's batch dims (``trailing`` dims after)."""
+    if isinstance(os_, torch.Tensor) and _scale_batch(os_, None):
+        return out * os_.to(cdt).reshape(os_.shape + (1,) * trailing)
+    return out * (os_.to(cdt).reshape(()) if isinstance(os_, torch.Tensor) else os_)
 
 
 def _in(v, dtype: torch.dtype):
@@ -786,14 +805,16 @@ def _prepare(x, y, b, kernel, lengthscale, outputscale):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if len({x.dtype, y.dtype, b.dtype}) != 1:
         raise TypeError(f"x, y and b must share a dtype, got {x.dtype}, {y.dtype}, {b.dtype}")
-    try:
-        lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], bb.shape[:-2])
-    except RuntimeError:
-        raise ValueError(f"batch dims of x {tuple(x.shape[:-2])}, y {tuple(y.shape[:-2])} and b "
-                         f"{tuple(bb.shape[:-2])} do not broadcast") from None
     D = x.shape[-1]
     ls = _scale_param(lengthscale, "lengthscale", x, D)
     os_ = _scale_param(outputscale, "outputscale", x, None)
+    try:
+        lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], bb.shape[:-2], _scale_batch(ls, D),
+                                      _scale_batch(os_, None))
+    except RuntimeError:
+        raise ValueError(f"batch dims of x {tuple(x.shape[:-2])}, y {tuple(y.shape[:-2])}, b "
+                         f"{tuple(bb.shape[:-2])}, lengthscale {_scale_batch(ls, D)} and outputscale "
+                         f"{_scale_batch(os_, None)} do not broadcast") from None
     return vector, bb, lead, ls, os_
 
 
@@ -806,8 +827,11 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
            [M] serves a batch of points). A b with one dimension fewer than y that ends in M is vectors
            (for b [..., M, M], when their batch dims broadcast with the points'; else it is R = M columns).
         kernel: one of gaussian, laplacian, matern32, matern52, imq, cauchy.
-        lengthscale: positive float, 0-dim tensor or [D] tensor (ARD); differentiable.
-        outputscale: positive float or 0-dim tensor; differentiable.
+        lengthscale: positive float, 0-dim tensor, [D] tensor (ARD), or a batch of either in GPyTorch's
+            layout [..., 1, D] / [..., 1, 1]; differentiable.
+        outputscale: positive float, 0-dim tensor, or a batch [...] of them; differentiable.
+            Batch dims of the lengthscale and outputscale broadcast with the points' (an ensemble of
+            hyperparameters over the same points is one call).
 
     Returns:
         [..., N, R] (or [..., N] for a vector b) in x's dtype. Leading dims broadcast.
@@ -827,7 +851,7 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
         center = ys.detach().mean(dim=1, keepdim=True)  # translation invariance: exact, and kinder to rounding
         p = Problem(xs.shape[0], N, M, D, R, kernel, x.dtype, x.device)
         out = OP(p, xs - center, ys - center, bs).reshape(lead + (N, R))
-    out = (out.to(cdt) * _in(os_, cdt)).to(x.dtype)
+    out = _scaled(out.to(cdt), os_, cdt, 2).to(x.dtype)
     return out.squeeze(-1) if vector else out
 
 
@@ -872,7 +896,7 @@ class KernelOperator:
         ls = _scale_param(self.lengthscale, "lengthscale", self.x, self.x.shape[-1])
         os_ = _scale_param(self.outputscale, "outputscale", self.x, None)
         s = (((self.x - self.y) / ls) ** 2).sum(-1)
-        return os_ * _phi_t(s, self.kernel) + self.noise
+        return _scaled(_phi_t(s, self.kernel), os_, s.dtype, 1) + self.noise
 
 
 def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int):

@@ -237,6 +237,44 @@ def test_operator_and_cg_solve():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batched_hyperparameters(backend):
+    """GPyTorch's layout: lengthscale [..., 1, D] or [..., 1, 1], outputscale [...]; their batch dims
+    broadcast with the points'. Each batch entry (and its gradients) is the unbatched call with its own
+    hyperparameters. Before, a [1, 1, 1] lengthscale raised torch's expand error and a [1, 1, 1]
+    outputscale silently added dims to the output."""
+    g = torch.Generator().manual_seed(5)
+    x, y, b = torch.randn(2, 9, 3, generator=g), torch.randn(11, 3, generator=g), torch.randn(11, 2, generator=g)
+    cases = [(torch.rand(2, 1, 3, generator=g) + 0.5, torch.rand(2, generator=g) + 0.5),  # one per batch entry
+             (torch.rand(3, 2, 1, 1, generator=g) + 0.5, torch.tensor(1.3)),  # an ensemble over the batch
+             (torch.tensor([0.8, 1.1, 0.9]), torch.rand(3, 1, generator=g) + 0.5)]
+    for ls0, os0 in cases:
+        xs, ls, os_ = (t.clone().requires_grad_() for t in (x, ls0, os0))
+        with use_backend(backend):
+            out = kernel_matvec(xs, y, b, "matern32", lengthscale=ls, outputscale=os_)
+        lead = torch.broadcast_shapes((2,), ls0.shape[:-2] if ls0.dim() >= 2 else (), os0.shape)
+        assert out.shape == lead + (9, 2)
+        w = torch.randn(out.shape, generator=g)
+        got = torch.autograd.grad((out * w).sum(), (xs, ls, os_))
+        want_out, want_gx, want_ls, want_os = torch.zeros(out.shape), torch.zeros(x.shape), 0 * ls0, 0 * os0
+        ls_e = ls0.expand(lead + ls0.shape[-2:]) if ls0.dim() >= 2 else ls0.expand(lead + (1, 3))
+        os_e = os0.expand(lead)
+        for idx in torch.cartesian_prod(*[torch.arange(n) for n in lead]).reshape(-1, len(lead)).tolist():
+            idx = tuple(idx)
+            xi, li, oi = x[idx[-1]].clone().requires_grad_(), ls_e[idx].clone().requires_grad_(), \
+                os_e[idx].clone().requires_grad_()
+            o = kernel_matvec(xi, y, b, "matern32", lengthscale=li.reshape(-1), outputscale=oi)
+            want_out[idx] = o.detach()
+            gx, gl, go = torch.autograd.grad((o * w[idx]).sum(), (xi, li, oi))
+            want_gx[idx[-1]] += gx
+            want_ls = want_ls + torch.zeros_like(ls_e).index_put_((*[torch.tensor([i]) for i in idx],), gl[None]) \
+                .sum_to_size(ls0.shape)
+            want_os = want_os + torch.zeros_like(os_e).index_put_((*[torch.tensor([i]) for i in idx],), go[None]) \
+                .sum_to_size(os0.shape)
+        for a, e in zip((out, *got), (want_out, want_gx, want_ls, want_os)):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_kernel_solve_is_differentiable(backend):
     """Gradients of a CG solve (and of a GP posterior mean through it) for y, x, ARD lengthscales,
     outputscale and noise agree with autograd through a dense solve. Before, the solve ran under no_grad
@@ -285,6 +323,10 @@ def test_kernel_solve_is_differentiable(backend):
      ValueError, "lengthscale must be positive"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=torch.ones(2)),
      ValueError, r"\[D=3\]"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=torch.ones(2, 2, 3)),
+     ValueError, r"batched lengthscale must be \[\.\.\., 1, D=3\]"),
+    (lambda: kernel_matvec(torch.randn(2, 4, 3), torch.randn(5, 3), torch.randn(5, 1),
+                           lengthscale=torch.ones(3, 1, 3)), ValueError, "lengthscale \\(3,\\) .*do not broadcast"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), outputscale=-1.0), ValueError,
      "outputscale"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1)), TypeError,
