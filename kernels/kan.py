@@ -1294,7 +1294,10 @@ class KANLinear(nn.Module):
         if self.enable_standalone_scale_spline:
             # efficient-kan copies the *scaled* coefficients into spline_weight, so its forward multiplies by
             # spline_scaler twice after an update; dividing here keeps the layer's function (the purpose of it)
-            coeff = coeff / self.spline_scaler.to(cdt).unsqueeze(-1)
+            # (a zero scaler, a pruned edge, contributes nothing whatever its weight: that weight is kept, not
+            # divided into inf / NaN, which would reach the output as 0 * inf)
+            scaler = self.spline_scaler.to(cdt).unsqueeze(-1)
+            coeff = torch.where(scaler != 0, coeff / scaler, self.spline_weight.to(cdt))
         self.spline_weight.data.copy_(coeff)
 
     def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):

@@ -226,6 +226,13 @@ def test_kanlinear_loads_efficient_kan_state_dict_and_update_grid():
     torch.testing.assert_close(after_f, after_t, rtol=1e-4, atol=1e-4)
     assert (after_t - before).abs().max() < 0.1 * before.abs().max()  # the refit keeps the function
     assert torch.isfinite(layer.regularization_loss())
+    # a zero spline_scaler (a pruned edge) keeps its weight through an update: no inf / NaN in the output
+    with torch.no_grad():
+        layer.spline_scaler[1, 2] = 0.0
+    before = layer(x)
+    layer.update_grid(x * 0.9)
+    assert torch.isfinite(layer.spline_weight).all() and torch.isfinite(layer(x)).all()
+    assert (layer(x) - before).abs().max() < 0.1 * before.abs().max()
 
 
 def test_fastkan_chebykan_fourierkan_modules():
