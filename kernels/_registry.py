@@ -318,8 +318,10 @@ class Op:
         entry, and they are what is tuned on the spot (OPFORGE_AUTOTUNE=1).
         """
         backend, pins = current_backend()
-        train = wants_grad(args)
         pinned = pins.get(self.name)
+        if pinned is None and backend == "auto" and problem.device.type != "cuda":
+            return self.torch_variant, None, "cpu"  # first: small CPU calls are bound by this overhead
+        train = wants_grad(args)
         if pinned is not None:
             if pinned not in self.variants:
                 raise ValueError(f"unknown variant {pinned!r} for op {self.name!r}; "
@@ -336,8 +338,6 @@ class Op:
             reasons = {v.name: v.why_not(problem) for v in self.triton_variants()}
             raise ValueError(f"OPFORGE_BACKEND=triton but no Triton variant of {self.name!r} "
                              f"can run this call: {reasons}; valid backends: {list(BACKENDS)}")
-        if backend == "auto" and problem.device.type != "cuda":
-            return self.torch_variant, None, "cpu"
         if not candidates:
             return self.torch_variant, None, "no triton variant supports the call"
         allowed = {v.name for v in candidates}

@@ -216,7 +216,7 @@ def _cheb_both(x, K, value=True, derivative=False):
     """T_k(tanh x) and d/dx T_k(tanh x) = k U_{k-1}(t) (1 - t^2), k < K, each [n, I, K] or None."""
     t = torch.tanh(x)
     T = [torch.ones_like(t), t]
-    U = [torch.ones_like(t), 2 * t]
+    U = [torch.ones_like(t), 2 * t] if derivative else []
     for _ in range(2, K):
         if value:
             T.append(2 * t * T[-1] - T[-2])
@@ -264,14 +264,18 @@ class _TorchKAN(torch.autograd.Function):
     def forward(ctx, x, weight, base_weight, b: _Basis):
         O, I, K = weight.shape
         W2 = weight.reshape(O, I * K)
-        y = x.new_empty((x.shape[0], O))
         step = _block_rows(I, K)
-        for s in range(0, x.shape[0], step):
-            xb = x[s:s + step]
+
+        def block(xb):
             yb = _basis_t(xb, b, K).reshape(xb.shape[0], I * K) @ W2.t()
-            if base_weight is not None:
-                yb = yb + F.silu(xb) @ base_weight.t()
-            y[s:s + step] = yb
+            return yb if base_weight is None else yb + F.silu(xb) @ base_weight.t()
+
+        if x.shape[0] <= step:  # one block: no output buffer to copy into (small layers are overhead-bound)
+            y = block(x)
+        else:
+            y = x.new_empty((x.shape[0], O))
+            for s in range(0, x.shape[0], step):
+                y[s:s + step] = block(x[s:s + step])
         ctx.save_for_backward(x, weight, base_weight)
         ctx.b = b
         return y
