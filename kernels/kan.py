@@ -1346,6 +1346,9 @@ class FastKANLayer(nn.Module):
         super().__init__()
         if not isinstance(num_grids, int) or num_grids < 2:
             raise ValueError(f"num_grids must be an int >= 2, got {num_grids!r}")
+        if use_layernorm and input_dim == 1:  # FastKAN refuses it too
+            raise ValueError("use_layernorm=True with input_dim=1 would normalise every input to 0 (the layer's "
+                             "output would not depend on x); pass use_layernorm=False")
         self.input_dim, self.output_dim, self.num_grids = input_dim, output_dim, num_grids
         self.layernorm = nn.LayerNorm(input_dim) if use_layernorm else None
         self.rbf = RadialBasisFunction(grid_min, grid_max, num_grids)
@@ -1448,16 +1451,17 @@ class KAN(nn.Module):
 
 class FastKAN(nn.Module):
     """FastKAN's ``FastKAN``: ``FastKANLayer`` layers in a ``layers`` ModuleList (its state_dict keys load).
-    ``layers_hidden`` = [d_0, ..., d_L]: x [..., d_0] -> [..., d_L]."""
+    ``layers_hidden`` = [d_0, ..., d_L]: x [..., d_0] -> [..., d_L]. ``use_layernorm`` (not in FastKAN,
+    whose layers always normalise) may be False, which a 1-D input (d_0 = 1) needs."""
 
     def __init__(self, layers_hidden, grid_min=-2.0, grid_max=2.0, num_grids=8, use_base_update=True,
-                 base_activation=F.silu, spline_weight_init_scale=0.1):
+                 base_activation=F.silu, spline_weight_init_scale=0.1, use_layernorm=True):
         super().__init__()
         widths = _widths(layers_hidden)
         self.layers = nn.ModuleList(
             FastKANLayer(i, o, grid_min=grid_min, grid_max=grid_max, num_grids=num_grids,
-                         use_base_update=use_base_update, base_activation=base_activation,
-                         spline_weight_init_scale=spline_weight_init_scale)
+                         use_base_update=use_base_update, use_layernorm=use_layernorm,
+                         base_activation=base_activation, spline_weight_init_scale=spline_weight_init_scale)
             for i, o in zip(widths, widths[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -333,6 +333,7 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     (lambda: kan_linear(torch.randn(2, 2, dtype=torch.complex64), torch.randn(3, 2, 4), "chebyshev"), TypeError,
      "real floating"),
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 0), "chebyshev"), ValueError, "K >= 1"),
+    (lambda: FastKANLayer(1, 3), ValueError, "use_layernorm=False"),
 ])
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
