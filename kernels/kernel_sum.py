@@ -930,7 +930,10 @@ def _pivoted_cholesky(A: "KernelOperator", rank: int) -> torch.Tensor | None:
             if m:
                 col = col - (L[..., :m, :] * L[..., :m, :].gather(-1, piv.unsqueeze(-2).expand(
                     batch + (m, 1)))).sum(-2)
-            row = col / top.clamp_min(torch.finfo(cdt).tiny).sqrt()
+            # a batch entry out of pivots (its remaining diagonal at rounding level, even negative) gets a zero
+            # row: col / sqrt(top) there is rounding over rounding, up to inf
+            ok = top > 1e-4 * noise
+            row = torch.where(ok, col / top.clamp_min(torch.finfo(cdt).tiny).sqrt(), 0.0)
             L[..., m, :] = row
             d = (d - row * row).scatter(-1, piv, 0.0)
     return L

@@ -258,6 +258,22 @@ def test_pivoted_cholesky_preconditioner(kernel):
     assert its[64] < its[16] < its[0] and its[64] <= its[0] // 3, its
 
 
+def test_preconditioner_with_a_low_rank_batch_entry():
+    """A batch entry whose kernel matrix has rank 1 (all its points coincide) runs out of pivots long before
+    the rank: its further factor rows are zero (not a rounding-level column over the square root of a
+    rounding-level, possibly negative, pivot) while the other entry goes on; both solves are exact."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(2, 50, 3, generator=g, dtype=torch.float64)
+    x[1] = x[1, :1]  # 50 copies of one point
+    rhs = torch.randn(2, 50, generator=g, dtype=torch.float64)
+    r = torch.cdist(x / 0.3, x / 0.3, compute_mode="donot_use_mm_for_euclid_dist")
+    want = torch.linalg.solve(torch.exp(-r ** 2 / 2) + 0.1 * torch.eye(50, dtype=x.dtype), rhs.unsqueeze(-1))[..., 0]
+    alpha, info = kernel_solve(x, rhs, "gaussian", noise=0.1, lengthscale=0.3, tol=1e-12, return_info=True,
+                               precond_rank=16)
+    assert info["converged"]
+    torch.testing.assert_close(alpha, want, rtol=1e-8, atol=1e-8)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_batched_hyperparameters(backend):
     """GPyTorch's layout: lengthscale [..., 1, D] or [..., 1, 1], outputscale [...]; their batch dims
