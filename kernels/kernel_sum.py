@@ -765,6 +765,11 @@ def _scaled(out: torch.Tensor, os_, cdt: torch.dtype, trailing: int) -> torch.Te
     return out * (os_.to(cdt).reshape(()) if isinstance(os_, torch.Tensor) else os_)
 
 
+def _value(v) -> float:
+    """A float or a one-element tensor's value (read without its graph)."""
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
 def _in(v, dtype: torch.dtype):
     """A checked scale parameter in the compute dtype (a float stays a float)."""
     return v.to(dtype) if isinstance(v, torch.Tensor) else v
@@ -867,12 +872,12 @@ class KernelOperator:
     def __init__(self, x, y=None, kernel: str = "gaussian", lengthscale=1.0, outputscale=1.0, noise=0.0):
         self.x, self.y = x, (x if y is None else y)
         self.kernel, self.lengthscale, self.outputscale = kernel, lengthscale, outputscale
-        nz = float(noise.detach()) if isinstance(noise, torch.Tensor) else float(noise)
-        if not nz >= 0:
-            raise ValueError(f"noise must be >= 0, got {nz}")
-        if nz > 0 and self.x.shape[-2] != self.y.shape[-2]:
+        self.noise_value = _value(noise)
+        if not self.noise_value >= 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise_value}")
+        if self.noise_value > 0 and self.x.shape[-2] != self.y.shape[-2]:
             raise ValueError("noise * I needs a square operator (x and y with the same number of points)")
-        self.noise = noise if isinstance(noise, torch.Tensor) else nz  # a tensor keeps its gradient
+        self.noise = noise if isinstance(noise, torch.Tensor) else self.noise_value  # a tensor keeps its grad
         _prepare(self.x, self.y, self.y[..., :1], kernel, lengthscale, outputscale)
 
     @property
@@ -904,7 +909,7 @@ def _pivoted_cholesky(A: "KernelOperator", rank: int) -> torch.Tensor | None:
     outputscale K(x, x) ~ L^T L: each step takes the point with the largest remaining diagonal and one
     kernel column (a kernel sum against that single point, O(N D)). Stops early once every remaining
     diagonal entry is below 1e-4 noise, where more rank no longer changes the preconditioner."""
-    x, noise = A.x, float(A.noise.detach()) if isinstance(A.noise, torch.Tensor) else A.noise
+    x, noise = A.x, A.noise_value
     N, D = x.shape[-2], x.shape[-1]
     rank = min(rank, N)
     if rank <= 0:
@@ -1010,8 +1015,7 @@ class _KernelSolve(torch.autograd.Function):
         kernel, tol, max_iter, info, rank = spec
         A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
         L = _pivoted_cholesky(A, rank)
-        nz = float(noise.detach()) if isinstance(noise, torch.Tensor) else float(noise)
-        precond = None if L is None else _Preconditioner(L, nz)
+        precond = None if L is None else _Preconditioner(L, A.noise_value)
         sol, it, converged, residual = _cg(A, rhs, tol, max_iter, precond)
         info.update(iterations=it, residual=residual, converged=converged,
                     precond_rank=0 if L is None else L.shape[-2])
@@ -1073,7 +1077,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         if noise.numel() != 1 or not noise.is_floating_point():
             raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
                              f"of shape {tuple(noise.shape)}")
-    nz = float(noise.detach()) if isinstance(noise, torch.Tensor) else float(noise)
+    nz = _value(noise)
     if not nz > 0:
         raise ValueError(f"noise must be > 0 for a well-posed solve, got {nz}")
     vector = y.dim() == x.dim() - 1
