@@ -1048,10 +1048,18 @@ class SpectralConv(nn.Module):
                 w = w.narrow(2 + ax, start, k)
         return w
 
+    def _output_shape(self, grid: tuple, output_shape) -> tuple | None:
+        """The output grid asked for: ``output_shape``, else the input grid times
+        ``resolution_scaling_factor`` (rounded), else None (the input grid)."""
+        if output_shape is not None:
+            return tuple(output_shape)
+        if self.resolution_scaling_factor is not None:
+            return tuple(round(n * f) for n, f in zip(grid, self.resolution_scaling_factor))
+        return None
+
     def forward(self, x: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
-        if output_shape is None and self.resolution_scaling_factor is not None:
-            output_shape = tuple(round(n * f) for n, f in zip(x.shape[2:], self.resolution_scaling_factor))
         grid = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) else ()
+        output_shape = self._output_shape(grid, output_shape)
         out_grid = grid if output_shape is None else tuple(int(n) for n in output_shape)
         weight = self._weight_for(grid, out_grid) if len(grid) == self.order else self.weight
         p = _check(x, weight, self.bias, output_shape, self.order)
@@ -1062,12 +1070,8 @@ class SpectralConv(nn.Module):
         x itself when the grid does not change, else linear interpolation (1D), bicubic (2D), both with
         aligned corners, or (3D) the kept low frequencies of x on the new grid (``_spectral_resample``)."""
         grid = tuple(x.shape[2:])
-        if output_shape is not None:
-            out = tuple(int(n) for n in output_shape)
-        elif self.resolution_scaling_factor is not None:
-            out = tuple(round(n * f) for n, f in zip(grid, self.resolution_scaling_factor))
-        else:
-            out = grid
+        out = self._output_shape(grid, output_shape)
+        out = grid if out is None else tuple(int(n) for n in out)
         if out == grid:
             return x
         if len(grid) == 1:
