@@ -77,6 +77,15 @@ class ProblemBase:
         return name + "-tf32" if self.dtype == torch.float32 and self.precision == "tf32" else name
 
 
+_SHAPES_ONLY: contextvars.ContextVar = contextvars.ContextVar("opforge_shapes_only", default=False)
+
+
+def shapes_only() -> bool:
+    """Is a custom op's fake implementation running (``_graph_op``)? Value checks are skipped there: fake
+    tensors hold no values, and the real implementation checks them when the graph runs."""
+    return _SHAPES_ONLY.get()
+
+
 _CHECKED: dict = {}  # (id(tensor), check, args) -> (weakref to the tensor, its state when checked, result)
 
 
@@ -106,6 +115,8 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     version: they are checked every call. So is a tensor seen through torch.func transforms (a vmap over
     stacked parameters), lane by lane (``lanes``); the lanes' common result is returned, None if they differ.
     """
+    if shapes_only():  # a custom op's fake implementation: no values to read (None: nothing known)
+        return None
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         results = [check(lane, *args) for lane in lanes(t)]
         return results[0] if all(r == results[0] for r in results) else None

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register,
                         transforms_active)
 from ._registry import pow2 as _pow2
@@ -1139,7 +1140,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
         b.grid_size = K // 2
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), cin)
-    p = Problem(int(x2.shape[0]), cin, cout, K, basis, order, uniform, base_weight is not None, x.dtype, x.device)
+    p = Problem(x2.shape[0], cin, cout, K, basis, order, uniform, base_weight is not None, x.dtype, x.device)
     return p, b, x2, lead
 
 
@@ -1159,6 +1160,10 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
     Returns:
         [..., out] in x's dtype.
     """
+    if (isinstance(basis, str) and isinstance(spline_order, int) and not isinstance(width, torch.Tensor)
+            and traced(x, weight, base_weight, bias, grid, centers)):  # torch.compile / export: one graph node
+        return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, spline_order, centers,
+                         None if width is None else float(width))
     p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
     trained = [n for n, t in (("grid", grid), ("centers", centers)) if isinstance(t, torch.Tensor) and t.requires_grad]
     if p.rows == 0 or p.cin == 0:  # nothing to contract: zeros (plus the bias), as nn.Linear gives
@@ -1178,6 +1183,20 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
     else:
         y = OP(p, x2, weight, base_weight, bias, b)
     return y.reshape(lead + (p.cout,))
+
+
+def _graph_eager(x, weight, basis, base_weight, bias, grid, spline_order, centers, width):
+    return kan_linear(x, weight, basis, base_weight=base_weight, bias=bias, grid=grid, spline_order=spline_order,
+                      centers=centers, width=width)
+
+
+def _graph_fake(x, weight, basis, base_weight, bias, grid, spline_order, centers, width):
+    p, _, _, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
+    return x.new_empty(tuple(lead) + (p.cout,))
+
+
+_GRAPH_OP = GraphOp("kan_linear", "Tensor x, Tensor weight, str basis, Tensor? base_weight, Tensor? bias, "
+                    "Tensor? grid, int spline_order, Tensor? centers, float? width", _graph_eager, _graph_fake)
 
 
 # --------------------------------------------------------------------------- modules

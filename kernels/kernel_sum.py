@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._graph_op import GraphOp, traced
 from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
@@ -841,6 +842,11 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     Returns:
         [..., N, R] (or [..., N] for a vector b) in x's dtype. Leading dims broadcast.
     """
+    if (all(isinstance(t, torch.Tensor) for t in (x, y, b)) and isinstance(kernel, str)
+            and all(isinstance(v, (torch.Tensor, int, float)) for v in (lengthscale, outputscale))
+            and traced(x, y, b, lengthscale, outputscale)):  # torch.compile / export: one graph node
+        scales = [a for v in (lengthscale, outputscale) for a in ((v, 1.0) if isinstance(v, torch.Tensor) else (None, v))]
+        return _GRAPH_OP(x, y, b, kernel, *scales)  # its implementation checks the values
     vector, bb, lead, ls, os_ = _prepare(x, y, b, kernel, lengthscale, outputscale)
     N, M, D, R = x.shape[-2], y.shape[-2], x.shape[-1], bb.shape[-1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -858,6 +864,20 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
         out = OP(p, xs - center, ys - center, bs).reshape(lead + (N, R))
     out = _scaled(out.to(cdt), os_, cdt, 2).to(x.dtype)
     return out.squeeze(-1) if vector else out
+
+
+def _graph_eager(x, y, b, kernel, ls, ls_value, os_, os_value):
+    return kernel_matvec(x, y, b, kernel, ls_value if ls is None else ls, os_value if os_ is None else os_)
+
+
+def _graph_fake(x, y, b, kernel, ls, ls_value, os_, os_value):
+    vector, bb, lead, _, _ = _prepare(x, y, b, kernel, ls_value if ls is None else ls,
+                                      os_value if os_ is None else os_)
+    return x.new_empty(tuple(lead) + ((x.shape[-2],) if vector else (x.shape[-2], bb.shape[-1])))
+
+
+_GRAPH_OP = GraphOp("kernel_matvec", "Tensor x, Tensor y, Tensor b, str kernel, Tensor? lengthscale, "
+                    "float lengthscale_value, Tensor? outputscale, float outputscale_value", _graph_eager, _graph_fake)
 
 
 class KernelOperator:

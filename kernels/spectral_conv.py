@@ -43,6 +43,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ._graph_op import GraphOp, traced
 from ._registry import Case, Op, ProblemBase, Target, Variant, graph_grads, register
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, offsets_fit, tl, triton
@@ -109,11 +110,11 @@ def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
                          f"{weight.shape[0]} (dim 0)")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-    grid = tuple(int(n) for n in x.shape[2:])
+    grid = tuple(x.shape[2:])  # sizes as they come: symbolic when torch.export traces a dynamic batch or grid
     if output_shape is None:
         out_grid = grid
     else:
-        out_grid = tuple(int(n) for n in output_shape)
+        out_grid = tuple(n if isinstance(n, torch.SymInt) else int(n) for n in output_shape)
         if len(out_grid) != d or any(n < 1 for n in out_grid):
             raise ValueError(f"output_shape must be {d} positive sizes, got {tuple(output_shape)}")
     modes = tuple(int(n) for n in weight.shape[2:])
@@ -134,7 +135,7 @@ def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
                              f"got shape {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    return Problem(int(x.shape[0]), int(x.shape[1]), cout, grid, out_grid, modes, x.dtype, weight.dtype,
+    return Problem(x.shape[0], x.shape[1], cout, grid, out_grid, modes, x.dtype, weight.dtype,
                    x.device, bias is not None)
 
 
@@ -848,9 +849,24 @@ def spectral_conv(x, weight, bias=None, output_shape: Sequence[int] | None = Non
 
 
 def _call(p: Problem, x, weight, bias):
+    if traced(x, weight, bias):  # torch.compile / torch.export: one graph node (kernels/_graph_op.py)
+        return _GRAPH_OP(x, weight, bias, list(p.out_grid), p.d)
     if p.batch == 0 or p.cin == 0 or p.cout == 0:  # nothing to mix: every backend returns zeros plus the bias
         return _torch_run(p, x, weight, bias)
     return OP(p, x, weight, bias)
+
+
+def _graph_eager(x, weight, bias, output_shape, d):
+    return _call(_check(x, weight, bias, output_shape, d), x, weight, bias)
+
+
+def _graph_fake(x, weight, bias, output_shape, d):
+    p = _check(x, weight, bias, output_shape, d)
+    return x.new_empty((p.batch, p.cout) + p.out_grid)
+
+
+_GRAPH_OP = GraphOp("spectral_conv", "Tensor x, Tensor weight, Tensor? bias, SymInt[] output_shape, int d",
+                    _graph_eager, _graph_fake)
 
 
 def _fixed(d):

@@ -1,12 +1,12 @@
 """torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call), forward-mode AD and
-torch.compile over opforge's ops.
+torch.compile over opforge's ops (the torch.compile / torch.export graph nodes: test_graph_op.py).
 
 The custom autograd Functions behind the memory-lean torch variants and the Triton variants do not
 compose with these transforms (forward-mode AD, batching rules). Under a transform, and on dual tensors
 of ``torch.autograd.forward_ad``, the registry runs each op's ``plain`` differentiable torch math
 instead (``Op.run_plain``), on any device. Each result here is checked against ordinary autograd through
-the ops' usual paths, in float64. torch.compile runs each op eagerly at a graph break, so its dispatch
-stays live.
+the ops' usual paths, in float64. Under torch.compile a differentiated call runs eagerly at a graph break
+and a call without gradients is an opforge graph node; either way its dispatch stays live.
 """
 import contextlib
 import warnings

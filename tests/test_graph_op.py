@@ -1,0 +1,173 @@
+"""torch.compile(fullgraph=True) and torch.export over opforge's ops (kernels/_graph_op.py).
+
+A traced call of spectral_conv, kan_linear or kernel_matvec becomes one node,
+``torch.ops.opforge.<name>``, whose implementation is the eager op (dispatch at run time) and whose
+backward recomputes it. By default (``OPFORGE_COMPILE=auto``) only calls that need no gradient, and
+exports, take that path; a differentiated call under torch.compile stays a graph break with the eager
+autograd (no recompute). ``OPFORGE_COMPILE=op`` makes every traced call the node, so fullgraph training
+works. Each result is checked against the eager op in float64.
+"""
+import pytest
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+from torch.export import Dim
+
+from opforge.kernels import (ChebyKANLayer, FastKAN, FourierKANLayer, KAN, KANLinear, SpectralConv, get_op,
+                             kernel_matvec, use_backend)
+from test_double_backward import CASES, _id, _make
+
+F64 = torch.float64
+OP_NAME = {"kan": "kan_linear", "kernel_sum": "kernel_matvec", "spectral_conv": "spectral_conv"}
+
+
+def _recording(graphs):
+    """A torch.compile backend that keeps dynamo's graphs and runs them through aot_eager (AOTAutograd:
+    functionalization, the decomposed backward, the custom op's fake and autograd registrations)."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
+def _opforge_nodes(graphs) -> list:
+    return [str(n.target) for gm in graphs for n in gm.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("opforge.")]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_fullgraph_inference_is_one_graph_node(case):
+    f, inputs = _make(case, F64)
+    graphs = []
+    compiled = torch.compile(lambda *a: f(*a).tanh(), fullgraph=True, backend=_recording(graphs))
+    with torch.no_grad():
+        got, want = compiled(*inputs), f(*inputs).tanh()
+    torch.testing.assert_close(got, want)
+    assert _opforge_nodes(graphs) == [f"opforge.{OP_NAME[case[0]]}.default"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_fullgraph_training_with_compile_mode_op(case, monkeypatch):
+    """OPFORGE_COMPILE=op: the differentiated call is the node too; its backward op recomputes the forward
+    through the eager autograd path and gives every input's gradient."""
+    monkeypatch.setenv("OPFORGE_COMPILE", "op")
+    f, inputs = _make(case, F64)
+    graphs = []
+    compiled = torch.compile(lambda *a: f(*a).sin().sum(), fullgraph=True, backend=_recording(graphs))
+
+    def grads(fn):
+        ins = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*ins)
+        return [out] + list(torch.autograd.grad(out, ins))
+
+    for got, want in zip(grads(compiled), grads(lambda *a: f(*a).sin().sum())):
+        torch.testing.assert_close(got, want)
+    assert _opforge_nodes(graphs) == [f"opforge.{OP_NAME[case[0]]}.default"]
+
+
+def test_differentiated_calls_keep_the_graph_break_by_default():
+    """OPFORGE_COMPILE=auto: a call that will be differentiated runs eagerly at a graph break (its autograd
+    Function saves what its backward needs; the node would recompute the forward), so fullgraph=True
+    refuses it; without fullgraph the gradients are the eager ones."""
+    f, inputs = _make(CASES[0], F64)
+    ins = [t.clone().requires_grad_() for t in inputs]
+    graphs = []
+    loss = torch.compile(lambda *a: f(*a).sin().sum(), backend=_recording(graphs))(*ins)
+    want = torch.autograd.grad(f(*ins).sin().sum(), ins)
+    for g, w in zip(torch.autograd.grad(loss, ins), want):
+        torch.testing.assert_close(g, w)
+    assert _opforge_nodes(graphs) == []
+    with pytest.raises(Exception, match="(?i)graph break|disable|skip"):
+        torch.compile(lambda *a: f(*a).sin().sum(), fullgraph=True, backend="eager")(*ins)
+
+
+def test_dispatch_stays_live_inside_the_node(monkeypatch):
+    """The node's implementation dispatches at run time: the torch variant is entered at every call, and a
+    backend chosen after compiling (the Triton variant, through the interpreter here) takes effect."""
+    f, inputs = _make(("kernel_sum", "matern32", 3), torch.float32)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    variant = get_op("kernel_sum").torch_variant
+    calls, torch_run = [], variant.run
+    monkeypatch.setattr(variant, "run", lambda *a, **k: calls.append(1) or torch_run(*a, **k))
+    with torch.no_grad():
+        want = [compiled(*inputs) for _ in range(2)]
+        assert len(calls) == 2
+        with use_backend("triton"):
+            got = compiled(*inputs)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_values_are_checked_when_the_graph_runs():
+    """The fake implementation checks shapes only; the values (a negative lengthscale here) are checked by
+    the real one, when the compiled graph runs, with the eager op's error."""
+    x = torch.rand(5, 2, dtype=F64)
+    compiled = torch.compile(lambda x, ls: kernel_matvec(x, x, x[:, :1], "gaussian", ls), fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad():
+        compiled(x, torch.tensor([0.5, 1.0], dtype=F64))
+        with pytest.raises(ValueError, match="lengthscale must be positive"):
+            compiled(x, torch.tensor([0.5, -1.0], dtype=F64))
+
+
+def test_unknown_compile_mode_is_an_error(monkeypatch):
+    monkeypatch.setenv("OPFORGE_COMPILE", "fast")
+    f, inputs = _make(CASES[0], F64)
+    with torch.no_grad(), pytest.raises(Exception, match=r"OPFORGE_COMPILE='fast'.*valid: \['auto', 'op'\]"):
+        torch.compile(f, fullgraph=True, backend="eager")(*inputs)
+
+
+def _modules():
+    torch.manual_seed(0)
+    return [
+        ("SpectralConv1d", SpectralConv(3, 4, (8,)), (2, 3, 17), {0: Dim("batch"), 2: Dim("n", min=8)}),
+        ("SpectralConv2d", SpectralConv(3, 4, (6, 6)), (2, 3, 16, 12),
+         {0: Dim("batch"), 2: Dim("h", min=6), 3: Dim("w", min=10)}),
+        ("SpectralConv3d", SpectralConv(2, 3, (4, 4, 4), resolution_scaling_factor=2), (2, 2, 8, 8, 9), {0: Dim("batch")}),
+        ("KANLinear", KANLinear(5, 3, grid_size=4), (4, 5), {0: Dim("batch")}),
+        ("KAN", KAN([5, 6, 3]), (4, 5), {0: Dim("batch")}),
+        ("FastKAN", FastKAN([5, 6, 3]), (4, 5), {0: Dim("batch")}),
+        ("ChebyKANLayer", ChebyKANLayer(5, 3, 4), (4, 5), {0: Dim("batch")}),
+        ("FourierKANLayer", FourierKANLayer(5, 3, 4), (4, 5), {0: Dim("batch")}),
+    ]
+
+
+@pytest.mark.parametrize("name, module, shape, dims", _modules(), ids=[m[0] for m in _modules()])
+def test_export_with_a_dynamic_batch(name, module, shape, dims):
+    """torch.export of every module, its batch size (and a spectral layer's grid) left dynamic: the program
+    holds the opforge nodes and gives the module's output on other sizes."""
+    module = module.double()
+    x = torch.randn(shape, dtype=F64)
+    program = torch.export.export(module, (x,), dynamic_shapes=(dims,))
+    nodes = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("opforge.")]
+    assert nodes and all(n in {"opforge.spectral_conv.default", "opforge.kan_linear.default"} for n in nodes)
+    other = [s + 3 if i in dims else s for i, s in enumerate(shape)]
+    for size in (shape, other):
+        xs = torch.randn(size, dtype=F64)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(xs), module(xs))
+
+
+def test_opcheck():
+    """torch.library's own checks of each node: schema, fake tensors, autograd registration, AOT dispatch
+    with dynamic shapes."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, dtype=F64):
+        return torch.randn(shape, generator=g, dtype=dtype).requires_grad_()
+
+    knots = torch.linspace(-2.2, 2.2, 10, dtype=F64).expand(3, -1).contiguous()
+    torch.library.opcheck(torch.ops.opforge.kan_linear.default,
+                          (r(5, 3), r(4, 3, 6), "bspline", r(4, 3), r(4), knots, 3, None, None))
+    torch.library.opcheck(torch.ops.opforge.kan_linear.default,
+                          (r(2, 5, 3), r(4, 3, 5), "rbf", None, None, None, 3, torch.linspace(-2, 2, 5, dtype=F64), 0.8))
+    torch.library.opcheck(torch.ops.opforge.kernel_matvec.default,
+                          (r(6, 3), r(7, 3), r(7, 2), "matern52", r(3).exp().detach().requires_grad_(), 1.0, None, 1.5))
+    torch.library.opcheck(torch.ops.opforge.spectral_conv.default,
+                          (r(2, 2, 7, 6), r(2, 3, 4, 3, dtype=torch.complex128), r(3), [7, 6], 2))
