@@ -327,6 +327,25 @@ def test_neuraloperator_fno_takes_it_as_conv_module():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
+def test_neuraloperator_fno_compiles_and_exports_whole():
+    """An FNO built with this layer is one graph for torch.compile(fullgraph=True) and torch.export
+    (inference), each block's spectral convolution an opforge node (needs neuraloperator importable)."""
+    models = pytest.importorskip("neuralop.models")
+    torch.manual_seed(0)
+    model = models.FNO(n_modes=(8, 8), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2,
+                       conv_module=SpectralConv).eval()
+    x = torch.randn(2, 2, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), want)
+    torch._dynamo.reset()
+    program = torch.export.export(model, (x,))
+    assert sum(str(n.target) == "opforge.spectral_conv.default" for n in program.graph.nodes) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), want)
+
+
 C64, C128 = torch.complex64, torch.complex128
 CASTS = {  # name: (cast, weight dtype after, bias dtype after) from a complex64 layer
     "double": (lambda m: m.double(), C128, torch.float64),
