@@ -221,7 +221,8 @@ def test_torch_compile_matches_eager_and_keeps_dispatch_live(case, monkeypatch):
     for got, want in zip(run(compiled), run(f)):
         torch.testing.assert_close(got, want)
     # dispatch runs at every call, not once when traced: the torch variant is entered each time, and a
-    # backend chosen after compiling takes effect
+    # backend chosen after compiling takes effect (without gradients the op is an opforge graph node, whose
+    # implementation dispatches: test_graph_op.py)
     variant = get_op(case[0]).torch_variant
     calls, torch_run = [], variant.run
     monkeypatch.setattr(variant, "run", lambda *a, **k: calls.append(1) or torch_run(*a, **k))

@@ -5,15 +5,15 @@ A traced call of spectral_conv, kan_linear or kernel_matvec becomes one node,
 backward recomputes it. By default (``OPFORGE_COMPILE=auto``) only calls that need no gradient, and
 exports, take that path; a differentiated call under torch.compile stays a graph break with the eager
 autograd (no recompute). ``OPFORGE_COMPILE=op`` makes every traced call the node, so fullgraph training
-works. Each result is checked against the eager op in float64.
+works. Each result is checked against the eager op in float64. That dispatch stays live inside the node
+(a backend chosen after compiling takes effect) is checked in test_func_transforms.py.
 """
 import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 from torch.export import Dim
 
-from opforge.kernels import (ChebyKANLayer, FastKAN, FourierKANLayer, KAN, KANLinear, SpectralConv, get_op,
-                             kernel_matvec, use_backend)
+from opforge.kernels import ChebyKANLayer, FastKAN, FourierKANLayer, KAN, KANLinear, SpectralConv, kernel_matvec
 from test_double_backward import CASES, _id, _make
 
 F64 = torch.float64
@@ -85,23 +85,6 @@ def test_differentiated_calls_keep_the_graph_break_by_default():
     assert _opforge_nodes(graphs) == []
     with pytest.raises(Exception, match="(?i)graph break|disable|skip"):
         torch.compile(lambda *a: f(*a).sin().sum(), fullgraph=True, backend="eager")(*ins)
-
-
-def test_dispatch_stays_live_inside_the_node(monkeypatch):
-    """The node's implementation dispatches at run time: the torch variant is entered at every call, and a
-    backend chosen after compiling (the Triton variant, through the interpreter here) takes effect."""
-    f, inputs = _make(("kernel_sum", "matern32", 3), torch.float32)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    variant = get_op("kernel_sum").torch_variant
-    calls, torch_run = [], variant.run
-    monkeypatch.setattr(variant, "run", lambda *a, **k: calls.append(1) or torch_run(*a, **k))
-    with torch.no_grad():
-        want = [compiled(*inputs) for _ in range(2)]
-        assert len(calls) == 2
-        with use_backend("triton"):
-            got = compiled(*inputs)
-    assert len(calls) == 2
-    torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
 
 
 def test_values_are_checked_when_the_graph_runs():
