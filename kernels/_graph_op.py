@@ -108,10 +108,11 @@ class GraphOp:
     def _forward(self, *args):
         with _eager_dispatch(), torch.no_grad():
             out = self.eager(*args)
-        # a custom op may not return one of its inputs or a view of one (an empty sum can be one)
+        # a custom op may not return one of its inputs or a view of one (an empty sum can be one), and its
+        # strides must be the fake implementation's (contiguous): inductor asserts them
         ptr = out.untyped_storage().data_ptr()
         shared = any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr for a in args)
-        return out.clone() if shared else out
+        return out.clone(memory_format=torch.contiguous_format) if shared else out.contiguous()
 
     @staticmethod
     def _fake(fake: Callable) -> Callable:
