@@ -142,9 +142,11 @@ class GraphOp:
             out = self.eager(*leaves)
             want = [a for a, n in zip(leaves, needs) if n]
             got = torch.autograd.grad(out, want, grad, allow_unused=True)
-        return [torch.zeros_like(w) if g is None else g for w, g in zip(want, got)]
+        # contiguous, as the fake implementation's (a spectral dx can be a strided view; inductor asserts)
+        return [torch.zeros_like(w, memory_format=torch.contiguous_format) if g is None else g.contiguous()
+                for w, g in zip(want, got)]
 
     @staticmethod
     def _fake_grads(grad, *args_needs):
         *args, needs = args_needs
-        return [torch.empty_like(a) for a, n in zip(args, needs) if n]
+        return [torch.empty_like(a, memory_format=torch.contiguous_format) for a, n in zip(args, needs) if n]

@@ -71,6 +71,21 @@ def test_fullgraph_training_with_compile_mode_op(case, monkeypatch):
     assert _opforge_nodes(graphs) == [f"opforge.{OP_NAME[case[0]]}.default"]
 
 
+@pytest.mark.parametrize("case", [CASES[0], ("kernel_sum", "matern52", 3), CASES[-3]], ids=_id)
+def test_inductor_training_with_compile_mode_op(case, monkeypatch):
+    """The same through inductor (on the CPU), which also asserts that each node's outputs have its fake
+    implementation's strides (a spectral dx came back as a strided view before)."""
+    monkeypatch.setenv("OPFORGE_COMPILE", "op")
+    f, inputs = _make(case, torch.float32)
+    ins = [t.clone().requires_grad_() for t in inputs]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(*inputs), f(*inputs))
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(lambda *a: f(*a).sin().sum(), fullgraph=True)(*ins), ins)
+    for g, w in zip(got, torch.autograd.grad(f(*ins).sin().sum(), ins)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_differentiated_calls_keep_the_graph_break_by_default():
     """OPFORGE_COMPILE=auto: a call that will be differentiated runs eagerly at a graph break (its autograd
     Function saves what its backward needs; the node would recompute the forward), so fullgraph=True
