@@ -13,7 +13,8 @@ Which traced calls become the custom op (``OPFORGE_COMPILE``, read when tracing)
 
 * ``auto`` (default): calls that need no gradient (inference, ``torch.no_grad``) and every call under
   ``torch.export``; a call that will be differentiated under torch.compile runs eagerly at a graph
-  break instead, with no recompute (the ops are large: a graph break costs less than a second forward).
+  break instead, with its autograd Function's saved tensors and no recompute (a break splits the graph;
+  the node would run the op's forward twice per step).
 * ``op``: every traced call, so ``torch.compile(fullgraph=True)`` trains too.
 
 Under torch.func transforms and on forward-mode dual tensors a traced call keeps the graph break: it
