@@ -127,7 +127,8 @@ def _modules():
         ("SpectralConv1d", SpectralConv(3, 4, (8,)), (2, 3, 17), {0: Dim("batch"), 2: Dim("n", min=8)}),
         ("SpectralConv2d", SpectralConv(3, 4, (6, 6)), (2, 3, 16, 12),
          {0: Dim("batch"), 2: Dim("h", min=6), 3: Dim("w", min=10)}),
-        ("SpectralConv3d", SpectralConv(2, 3, (4, 4, 4), resolution_scaling_factor=2), (2, 2, 8, 8, 9), {0: Dim("batch")}),
+        ("SpectralConv3d", SpectralConv(2, 3, (4, 4, 4), resolution_scaling_factor=2), (2, 2, 8, 8, 9),
+         {0: Dim("batch")}),
         ("KANLinear", KANLinear(5, 3, grid_size=4), (4, 5), {0: Dim("batch")}),
         ("KAN", KAN([5, 6, 3]), (4, 5), {0: Dim("batch")}),
         ("FastKAN", FastKAN([5, 6, 3]), (4, 5), {0: Dim("batch")}),
@@ -164,7 +165,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.opforge.kan_linear.default,
                           (r(5, 3), r(4, 3, 6), "bspline", r(4, 3), r(4), knots, 3, None, None))
     torch.library.opcheck(torch.ops.opforge.kan_linear.default,
-                          (r(2, 5, 3), r(4, 3, 5), "rbf", None, None, None, 3, torch.linspace(-2, 2, 5, dtype=F64), 0.8))
+                          (r(2, 5, 3), r(4, 3, 5), "rbf", None, None, None, 3, torch.linspace(-2, 2, 5, dtype=F64),
+                           0.8))
     torch.library.opcheck(torch.ops.opforge.kernel_matvec.default,
                           (r(6, 3), r(7, 3), r(7, 2), "matern52", r(3).exp().detach().requires_grad_(), 1.0, None, 1.5))
     torch.library.opcheck(torch.ops.opforge.spectral_conv.default,
