@@ -149,6 +149,50 @@ def dual_inputs(args: tuple) -> bool:
         isinstance(a, torch.Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on ``device``'s type, None where it is off."""
+    kind = device.type
+    try:
+        on = torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4: no device argument
+        on = torch.is_autocast_cpu_enabled() if kind == "cpu" else kind == "cuda" and torch.is_autocast_enabled()
+    if not on:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(kind)
+    return torch.get_autocast_cpu_dtype() if kind == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def no_autocast(device: torch.device):
+    """``torch.autocast`` off for ``device``'s type (a no-op where it is off): an op's variants run in the op's
+    own precision policy (16-bit inputs read, float32 accumulation), which autocast would otherwise change
+    under them by casting their torch matmuls to 16 bits, and differently per variant."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def amp_cast(t, dtype: torch.dtype):
+    """``t`` cast to ``dtype`` as autocast casts an argument: floating tensors other than float64 only."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
+def backward_without_autocast(backward: Callable) -> Callable:
+    """An autograd Function's ``backward`` run with autocast off for its gradients' device: a backward pass
+    started inside an autocast region (autograd carries the region into it) would have its torch matmuls
+    cast to 16 bits and meet float32 operands."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        dev = next((g.device for g in grads if isinstance(g, torch.Tensor)), None)
+        with contextlib.nullcontext() if dev is None else no_autocast(dev):
+            return backward(ctx, *grads)
+
+    return wrapper
+
+
 def lanes(t: torch.Tensor) -> torch.Tensor:
     """The values behind a tensor seen through torch.func transforms, as [lanes, *t.shape]: grad-tracking
     wrappers unwrapped, each vmap level's batch dimension moved to the front and all of them flattened
@@ -389,7 +433,7 @@ class Op:
             raise ValueError(f"variant {name!r} of {self.name!r} cannot run here: {reason}")
         if config is None:
             config = self.config_for(v, problem, train=wants_grad(args))
-        with on_device(problem.device):
+        with on_device(problem.device), no_autocast(problem.device):
             return v.run(problem, *args, config=config)
 
     def config_for(self, v: Variant, problem, entry: dict | None = None, train: bool = False) -> dict | None:
@@ -415,7 +459,7 @@ class Op:
                                                       "hessian), with which Triton kernels do not compose")
         if dual_inputs(args):
             return self.run_plain(problem, *args, why="on forward-mode AD dual tensors (no jvp kernels)")
-        with on_device(problem.device):
+        with on_device(problem.device), no_autocast(problem.device):
             return self._dispatch(problem, *args)
 
     def run_plain(self, problem, *args, why: str):
@@ -428,7 +472,7 @@ class Op:
             asked = "backend 'triton'" if pinned is None else f"variant {pinned!r}"
             raise ValueError(f"{self.name}: {asked} cannot run {why}; use backend 'auto' or 'torch' there, "
                              f"which run the op's differentiable torch math")
-        with on_device(problem.device):
+        with on_device(problem.device), no_autocast(problem.device):
             return (self.plain or self.torch_variant.run)(problem, *args, config=None)
 
     def _dispatch(self, problem, *args):

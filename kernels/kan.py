@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register,
-                        transforms_active)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, backward_without_autocast,
+                        checked_once, graph_grads, no_autocast, register, transforms_active)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
@@ -282,6 +282,7 @@ class _TorchKAN(torch.autograd.Function):
         return y
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, g):
         x, weight, base_weight = ctx.saved_tensors
         b = ctx.b
@@ -912,6 +913,7 @@ class _FusedKAN(torch.autograd.Function):
         return y
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, gy):
         x, weight, base_weight = ctx.saved_tensors
         p, b, cfg = ctx.p, ctx.b, ctx.cfg
@@ -1036,6 +1038,7 @@ class _SiLULinear(torch.autograd.Function):
                         None if bias is None else bias.float())
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, gy):
         x, base_weight = ctx.saved_tensors
         xf = x.float()
@@ -1159,7 +1162,15 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
 
     Returns:
         [..., out] in x's dtype.
+
+    Under ``torch.autocast`` the layer is on autocast's lower-precision list, like ``nn.Linear``: x is cast to
+    the autocast dtype (float64 stays), the weights are read as they are, and the result is in that dtype.
     """
+    lower = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if lower is not None:  # the op then runs outside autocast, in its own precision policy for 16-bit x
+        with no_autocast(x.device):
+            return kan_linear(amp_cast(x, lower), weight, basis, base_weight=base_weight, bias=bias, grid=grid,
+                              spline_order=spline_order, centers=centers, width=width)
     if (isinstance(basis, str) and isinstance(spline_order, int) and not isinstance(width, torch.Tensor)
             and traced(x, weight, base_weight, bias, grid, centers)):  # torch.compile / export: one graph node
         return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, spline_order, centers,
@@ -1295,33 +1306,34 @@ class KANLinear(nn.Module):
     def update_grid(self, x: torch.Tensor, margin: float = 0.01):
         """Refit knots to x's distribution (efficient-kan's rule) and re-solve the coefficients (in float32, or
         float64 for a float64 layer: sort and least squares take no 16-bit dtypes; the fit is on the knots as the
-        layer stores them)."""
-        cdt = torch.float64 if self.grid.dtype == torch.float64 else torch.float32
-        x = x.reshape(-1, self.in_features).to(cdt)
-        batch = x.shape[0]
-        splines = self.b_splines(x).permute(1, 0, 2)  # [in, n, K]
-        orig = self.scaled_spline_weight.to(cdt).permute(1, 2, 0)  # [in, K, out]
-        unreduced = torch.bmm(splines, orig).permute(1, 0, 2)  # [n, in, out]
-        x_sorted = torch.sort(x, dim=0)[0]
-        idx = torch.linspace(0, batch - 1, self.grid_size + 1, dtype=torch.int64, device=x.device)
-        grid_adaptive = x_sorted[idx]
-        step = (x_sorted[-1] - x_sorted[0] + 2 * margin) / self.grid_size
-        grid_uniform = (torch.arange(self.grid_size + 1, dtype=torch.float32, device=x.device).unsqueeze(1) * step
-                        + x_sorted[0] - margin)
-        grid = self.grid_eps * grid_uniform + (1 - self.grid_eps) * grid_adaptive
-        p = self.spline_order
-        grid = torch.cat([grid[:1] - step * torch.arange(p, 0, -1, device=x.device).unsqueeze(1), grid,
-                          grid[-1:] + step * torch.arange(1, p + 1, device=x.device).unsqueeze(1)], dim=0)
-        self.grid.copy_(grid.T)
-        coeff = self.curve2coeff(x, unreduced)
-        if self.enable_standalone_scale_spline:
-            # efficient-kan copies the *scaled* coefficients into spline_weight, so its forward multiplies by
-            # spline_scaler twice after an update; dividing here keeps the layer's function (the purpose of it)
-            # (a zero scaler, a pruned edge, contributes nothing whatever its weight: that weight is kept, not
-            # divided into inf / NaN, which would reach the output as 0 * inf)
-            scaler = self.spline_scaler.to(cdt).unsqueeze(-1)
-            coeff = torch.where(scaler != 0, coeff / scaler, self.spline_weight.to(cdt))
-        self.spline_weight.data.copy_(coeff)
+        layer stores them; autocast or not)."""
+        with no_autocast(x.device):  # the float32 solve, not autocast's 16-bit bmm
+            cdt = torch.float64 if self.grid.dtype == torch.float64 else torch.float32
+            x = x.reshape(-1, self.in_features).to(cdt)
+            batch = x.shape[0]
+            splines = self.b_splines(x).permute(1, 0, 2)  # [in, n, K]
+            orig = self.scaled_spline_weight.to(cdt).permute(1, 2, 0)  # [in, K, out]
+            unreduced = torch.bmm(splines, orig).permute(1, 0, 2)  # [n, in, out]
+            x_sorted = torch.sort(x, dim=0)[0]
+            idx = torch.linspace(0, batch - 1, self.grid_size + 1, dtype=torch.int64, device=x.device)
+            grid_adaptive = x_sorted[idx]
+            step = (x_sorted[-1] - x_sorted[0] + 2 * margin) / self.grid_size
+            grid_uniform = (torch.arange(self.grid_size + 1, dtype=torch.float32, device=x.device).unsqueeze(1) * step
+                            + x_sorted[0] - margin)
+            grid = self.grid_eps * grid_uniform + (1 - self.grid_eps) * grid_adaptive
+            p = self.spline_order
+            grid = torch.cat([grid[:1] - step * torch.arange(p, 0, -1, device=x.device).unsqueeze(1), grid,
+                              grid[-1:] + step * torch.arange(1, p + 1, device=x.device).unsqueeze(1)], dim=0)
+            self.grid.copy_(grid.T)
+            coeff = self.curve2coeff(x, unreduced)
+            if self.enable_standalone_scale_spline:
+                # efficient-kan copies the *scaled* coefficients into spline_weight, so its forward multiplies by
+                # spline_scaler twice after an update; dividing here keeps the layer's function (the purpose of it)
+                # (a zero scaler, a pruned edge, contributes nothing whatever its weight: that weight is kept, not
+                # divided into inf / NaN, which would reach the output as 0 * inf)
+                scaler = self.spline_scaler.to(cdt).unsqueeze(-1)
+                coeff = torch.where(scaler != 0, coeff / scaler, self.spline_weight.to(cdt))
+            self.spline_weight.data.copy_(coeff)
 
     def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):
         """efficient-kan's L1 + entropy surrogate on the spline weights."""

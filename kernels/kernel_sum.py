@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from ._graph_op import GraphOp, traced
-from ._registry import Case, Op, ProblemBase, Target, Variant, checked_once, graph_grads, register
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, backward_without_autocast,
+                        checked_once, graph_grads, no_autocast, register)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
 
@@ -217,6 +218,7 @@ class _TorchKSum(torch.autograd.Function):
         return _blocked_sum(xs, ys, b, kernel)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, g):
         xs, ys, b = ctx.saved_tensors
         k = ctx.kernel
@@ -631,6 +633,7 @@ class _FlashKSum(torch.autograd.Function):
         return out
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, g):
         xs, ys, b = ctx.saved_tensors
         k, cfg, prec = ctx.kernel, ctx.cfg, ctx.prec
@@ -841,7 +844,14 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
 
     Returns:
         [..., N, R] (or [..., N] for a vector b) in x's dtype. Leading dims broadcast.
+
+    Under ``torch.autocast`` the op is on autocast's float32 list, like ``torch.cdist``: 16-bit x, y and b are
+    cast to float32 (|x|² + |y|² − 2x·y would lose the distances of near points in 16 bits), and so is the
+    result.
     """
+    if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
+        with no_autocast(x.device):
+            return kernel_matvec(*(amp_cast(t, torch.float32) for t in (x, y, b)), kernel, lengthscale, outputscale)
     if (all(isinstance(t, torch.Tensor) for t in (x, y, b)) and isinstance(kernel, str)
             and all(isinstance(v, (torch.Tensor, int, float)) for v in (lengthscale, outputscale))
             and traced(x, y, b, lengthscale, outputscale)):  # torch.compile / export: one graph node
@@ -1049,6 +1059,7 @@ class _KernelSolve(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backward_without_autocast
     def backward(ctx, g):
         saved = list(ctx.saved_tensors)
         x, sol = saved[0], saved[1]
@@ -1093,7 +1104,12 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
     Differentiable in y, x, lengthscale, outputscale and noise (tensors requiring grad) by implicit
     differentiation: the backward pass runs one more CG solve with the same ``tol`` and ``max_iter``, and
     one kernel-sum backward. GP posterior mean at new points: ``kernel_matvec(x_test, x, alpha, ...)``.
+    Under ``torch.autocast`` it runs in float32 (16-bit x and y cast), as ``kernel_matvec`` does.
     """
+    if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
+        with no_autocast(x.device):
+            return kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
+                                outputscale, tol, max_iter, return_info, precond_rank)
     if isinstance(noise, torch.Tensor):
         if noise.numel() != 1 or not noise.is_floating_point():
             raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
