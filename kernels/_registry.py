@@ -179,18 +179,29 @@ def amp_cast(t, dtype: torch.dtype):
     return t
 
 
-def backward_without_autocast(backward: Callable) -> Callable:
-    """An autograd Function's ``backward`` run with autocast off for its gradients' device: a backward pass
-    started inside an autocast region (autograd carries the region into it) would have its torch matmuls
-    cast to 16 bits and meet float32 operands."""
+def variant_backward(backward: Callable) -> Callable:
+    """An autograd Function's ``backward`` as the variants need it: with autocast off for its gradients'
+    device (a backward pass started inside an autocast region, which autograd carries into it, would have
+    its torch matmuls cast to 16 bits and meet float32 operands) and with lazy views among the incoming
+    gradients resolved (``resolved``: the kernels read raw memory)."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         dev = next((g.device for g in grads if isinstance(g, torch.Tensor)), None)
         with contextlib.nullcontext() if dev is None else no_autocast(dev):
-            return backward(ctx, *grads)
+            return backward(ctx, *resolved(grads))
 
     return wrapper
+
+
+def resolved(args: tuple) -> tuple:
+    """``args`` with lazy negative and conjugate views materialised (``x.conj().imag`` is a real tensor whose
+    negative bit flips its sign on read): torch resolves the bits when an op reads a tensor, a Triton kernel
+    reads the raw memory and would take such a tensor with its sign or imaginary part flipped. A no-op (no
+    copy) for the usual tensors; differentiable."""
+    if not any(isinstance(a, torch.Tensor) and (a.is_neg() or a.is_conj()) for a in args):
+        return args
+    return tuple(a.resolve_conj().resolve_neg() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def lanes(t: torch.Tensor) -> torch.Tensor:
@@ -434,7 +445,7 @@ class Op:
         if config is None:
             config = self.config_for(v, problem, train=wants_grad(args))
         with on_device(problem.device), no_autocast(problem.device):
-            return v.run(problem, *args, config=config)
+            return v.run(problem, *resolved(args), config=config)
 
     def config_for(self, v: Variant, problem, entry: dict | None = None, train: bool = False) -> dict | None:
         """The config to run variant ``v`` with: its fastest timed config in this GPU's autotune cache
@@ -476,6 +487,7 @@ class Op:
             return (self.plain or self.torch_variant.run)(problem, *args, config=None)
 
     def _dispatch(self, problem, *args):
+        args = resolved(args)  # before the variants (and the tuner) read raw memory
         v, config, why = self.select(problem, args)
         if v.kind != "triton" or why == "pinned" or current_backend()[0] == "triton":
             return v.run(problem, *args, config=config)

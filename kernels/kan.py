@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, backward_without_autocast,
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, variant_backward,
                         checked_once, graph_grads, no_autocast, register, transforms_active)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
@@ -282,7 +282,7 @@ class _TorchKAN(torch.autograd.Function):
         return y
 
     @staticmethod
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, g):
         x, weight, base_weight = ctx.saved_tensors
         b = ctx.b
@@ -913,7 +913,7 @@ class _FusedKAN(torch.autograd.Function):
         return y
 
     @staticmethod
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, gy):
         x, weight, base_weight = ctx.saved_tensors
         p, b, cfg = ctx.p, ctx.b, ctx.cfg
@@ -1038,7 +1038,7 @@ class _SiLULinear(torch.autograd.Function):
                         None if bias is None else bias.float())
 
     @staticmethod
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, gy):
         x, base_weight = ctx.saved_tensors
         xf = x.float()
@@ -1128,7 +1128,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
         if grid.shape[1] - 1 - spline_order != K:
             raise ValueError(f"weight has K={K} bases per feature but grid with {grid.shape[1]} knots and order "
                              f"{spline_order} gives {grid.shape[1] - 1 - spline_order}")
-        b.grid, b.order, order = grid, spline_order, spline_order
+        b.grid, b.order, order = grid.resolve_neg(), spline_order, spline_order  # raw memory in the kernels
     elif basis == "rbf":
         if centers is None or width is None:
             raise ValueError("basis='rbf' needs centers= [K] and width=")
@@ -1136,7 +1136,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
             raise ValueError(f"centers must be [K={K}], got {tuple(centers.shape)}")
         if not (float(width) > 0 and math.isfinite(float(width))):
             raise ValueError(f"width must be positive and finite, got {width}")
-        b.centers, b.width = centers, float(width)
+        b.centers, b.width = centers.resolve_neg(), float(width)
     elif basis == "fourier":
         if K % 2:
             raise ValueError(f"fourier weight must have K = 2 * grid_size (cos then sin), got K={K}")

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, backward_without_autocast,
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, variant_backward,
                         checked_once, graph_grads, no_autocast, register)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
@@ -218,7 +218,7 @@ class _TorchKSum(torch.autograd.Function):
         return _blocked_sum(xs, ys, b, kernel)
 
     @staticmethod
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, g):
         xs, ys, b = ctx.saved_tensors
         k = ctx.kernel
@@ -633,7 +633,7 @@ class _FlashKSum(torch.autograd.Function):
         return out
 
     @staticmethod
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, g):
         xs, ys, b = ctx.saved_tensors
         k, cfg, prec = ctx.kernel, ctx.cfg, ctx.prec
@@ -1059,7 +1059,7 @@ class _KernelSolve(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, g):
         saved = list(ctx.saved_tensors)
         x, sol = saved[0], saved[1]

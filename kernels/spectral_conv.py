@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import Case, Op, ProblemBase, Target, Variant, backward_without_autocast, graph_grads, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, variant_backward, graph_grads, register
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, offsets_fit, tl, triton
 
@@ -442,7 +442,7 @@ class _ModeMixFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, gout):
         X_in, weight = ctx.saved_tensors
         p, cfg, prec = ctx.p, ctx.cfg, ctx.prec
@@ -680,7 +680,7 @@ class _DFTConvFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @backward_without_autocast
+    @variant_backward
     def backward(ctx, gy):
         X, W, x, weight = ctx.saved_tensors
         plan, cfg, prec = ctx.plan, ctx.cfg, ctx.prec
