@@ -115,7 +115,7 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     version: they are checked every call. So is a tensor seen through torch.func transforms (a vmap over
     stacked parameters), lane by lane (``lanes``); the lanes' common result is returned, None if they differ.
     """
-    if shapes_only():  # a custom op's fake implementation: no values to read (None: nothing known)
+    if shapes_only() or t.is_meta:  # a custom op's fake implementation, meta tensors: no values (None: unknown)
         return None
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         results = [check(lane, *args) for lane in lanes(t)]
@@ -149,9 +149,14 @@ def dual_inputs(args: tuple) -> bool:
         isinstance(a, torch.Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # where opforge's ops run
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype ``torch.autocast`` casts to on ``device``'s type, None where it is off."""
     kind = device.type
+    if kind not in _AUTOCAST_DEVICES:  # autocast raises for other device types (meta)
+        return None
     try:
         on = torch.is_autocast_enabled(kind)
     except TypeError:  # torch < 2.4: no device argument

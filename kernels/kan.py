@@ -1253,10 +1253,12 @@ class KANLinear(nn.Module):
     def reset_parameters(self):
         nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * self.scale_base)
         with torch.no_grad():
-            noise = (torch.rand(self.grid_size + 1, self.in_features, self.out_features) - 0.5) \
-                * self.scale_noise / self.grid_size
-            coeff = self.curve2coeff(self.grid.T[self.spline_order: -self.spline_order], noise)
-            self.spline_weight.copy_((self.scale_spline if not self.enable_standalone_scale_spline else 1.0) * coeff)
+            if not self.spline_weight.is_meta:  # a meta-device layer has shapes only: nothing to fit
+                noise = (torch.rand(self.grid_size + 1, self.in_features, self.out_features) - 0.5) \
+                    * self.scale_noise / self.grid_size
+                coeff = self.curve2coeff(self.grid.T[self.spline_order: -self.spline_order], noise)
+                self.spline_weight.copy_((self.scale_spline if not self.enable_standalone_scale_spline else 1.0)
+                                         * coeff)
             if self.enable_standalone_scale_spline:
                 nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5) * self.scale_spline)
 
