@@ -64,7 +64,7 @@ from torch import nn
 
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, variant_backward,
-                        checked_once, graph_grads, no_autocast, register, transforms_active)
+                        checked_once, graph_grads, no_autocast, register, transforms_active, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
@@ -235,9 +235,15 @@ def _basis_both(x, b: _Basis, K: int, value=True, derivative=False):
     if b.kind == "bspline":
         return _bspline_both(x, b.grid.to(x.dtype), b.order, value, derivative)
     if b.kind == "rbf":
-        z = (x.unsqueeze(-1) - b.centers.to(x.dtype)) / b.width
-        phi = torch.exp(-z * z)
-        return (phi if value else None), (-2 * z / b.width * phi if derivative else None)
+        inv = 1.0 / b.width
+        z = (x * inv).unsqueeze(-1) - b.centers.to(x.dtype) * inv  # the one pass over [n, I, K] that allocates
+        if torch.is_grad_enabled():  # differentiable math (plain path, create_graph): no in-place writes
+            phi = torch.exp(-z * z)
+            return (phi if value else None), (-2 * inv * z * phi if derivative else None)
+        if not derivative:
+            return z.square_().neg_().exp_(), None  # in place: memory passes are the cost on a CPU
+        phi = (z * z).neg_().exp_()
+        return (phi if value else None), z.mul_(phi).mul_(-2 * inv)
     if b.kind == "chebyshev":
         return _cheb_both(x, K, value, derivative)
     k = torch.arange(1, b.grid_size + 1, device=x.device, dtype=x.dtype)
@@ -260,26 +266,31 @@ def _block_rows(cin: int, K: int) -> int:
     return max(1, (1 << 22) // max(1, cin * K))
 
 
+def _torch_forward(x, weight, base_weight, b: _Basis):
+    """The layer by row blocks of at most _block_rows: the basis of one block at a time, never all rows'."""
+    O, I, K = weight.shape
+    W2 = weight.reshape(O, I * K)
+    step = _block_rows(I, K)
+
+    def block(xb):
+        yb = _basis_t(xb, b, K).reshape(xb.shape[0], I * K) @ W2.t()
+        return yb if base_weight is None else yb + F.silu(xb) @ base_weight.t()
+
+    if x.shape[0] <= step:  # one block: no output buffer to copy into (small layers are overhead-bound)
+        y = block(x)
+    else:
+        y = x.new_empty((x.shape[0], O))
+        for s in range(0, x.shape[0], step):
+            y[s:s + step] = block(x[s:s + step])
+    return y
+
+
 class _TorchKAN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, base_weight, b: _Basis):
-        O, I, K = weight.shape
-        W2 = weight.reshape(O, I * K)
-        step = _block_rows(I, K)
-
-        def block(xb):
-            yb = _basis_t(xb, b, K).reshape(xb.shape[0], I * K) @ W2.t()
-            return yb if base_weight is None else yb + F.silu(xb) @ base_weight.t()
-
-        if x.shape[0] <= step:  # one block: no output buffer to copy into (small layers are overhead-bound)
-            y = block(x)
-        else:
-            y = x.new_empty((x.shape[0], O))
-            for s in range(0, x.shape[0], step):
-                y[s:s + step] = block(x[s:s + step])
         ctx.save_for_backward(x, weight, base_weight)
         ctx.b = b
-        return y
+        return _torch_forward(x, weight, base_weight, b)
 
     @staticmethod
     @variant_backward
@@ -312,7 +323,9 @@ class _TorchKAN(torch.autograd.Function):
 def _torch_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
     wb = None if base_weight is None else base_weight.to(cdt)
-    y = _TorchKAN.apply(x.to(cdt), weight.to(cdt), wb, b)
+    # a call no gradient will flow from (inference) skips the autograd Function's cost, which small layers feel
+    run = _TorchKAN.apply if wants_grad((x, weight, base_weight)) else _torch_forward
+    y = run(x.to(cdt), weight.to(cdt), wb, b)
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(p.dtype)
