@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, variant_backward,
-                        checked_once, graph_grads, no_autocast, register, transforms_active, wants_grad)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, checked_once, graph_grads,
+                        no_autocast, register, transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 

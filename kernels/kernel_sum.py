@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, variant_backward,
-                        checked_once, graph_grads, no_autocast, register)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, checked_once, graph_grads,
+                        no_autocast, register, variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import Case, Op, ProblemBase, Target, Variant, variant_backward, graph_grads, register
+from ._registry import Case, Op, ProblemBase, Target, Variant, graph_grads, register, variant_backward
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, offsets_fit, tl, triton
 
