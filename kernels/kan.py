@@ -1250,9 +1250,8 @@ class KANLinear(nn.Module):
             raise ValueError(f"grid_range must be finite with hi > lo, got {grid_range!r}")
         self.in_features, self.out_features = in_features, out_features
         self.grid_size, self.spline_order = grid_size, spline_order
-        h = (hi - lo) / grid_size
-        grid = (torch.arange(-spline_order, grid_size + spline_order + 1) * h + lo).expand(in_features, -1).contiguous()
-        self.register_buffer("grid", grid)
+        self.grid_range = (lo, hi)
+        self.register_buffer("grid", torch.empty(in_features, grid_size + 2 * spline_order + 1))
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
         if enable_standalone_scale_spline:
@@ -1264,6 +1263,15 @@ class KANLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        """The layer as built: uniform knots on ``grid_range`` (undoing ``update_grid``), then efficient-kan's
+        initialisation. ``module.to_empty(device=...)`` after building on the meta device, then this, gives a
+        working layer (the deferred-initialisation pattern FSDP follows)."""
+        lo, hi = self.grid_range
+        p, g = self.spline_order, self.grid
+        dt = torch.float64 if g.dtype == torch.float64 else torch.get_default_dtype()
+        knots = torch.arange(-p, self.grid_size + p + 1, device=g.device, dtype=dt) * ((hi - lo) / self.grid_size) + lo
+        with torch.no_grad():
+            g.copy_(knots.expand_as(g))
         nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * self.scale_base)
         with torch.no_grad():
             if not self.spline_weight.is_meta:  # a meta-device layer has shapes only: nothing to fit
@@ -1364,8 +1372,15 @@ class RadialBasisFunction(nn.Module):
 
     def __init__(self, grid_min=-2.0, grid_max=2.0, num_grids=8, denominator=None):
         super().__init__()
+        self.grid_min, self.grid_max = grid_min, grid_max
         self.grid = nn.Parameter(torch.linspace(grid_min, grid_max, num_grids), requires_grad=False)
         self.denominator = denominator or (grid_max - grid_min) / (num_grids - 1)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The centres as built (a linspace on [grid_min, grid_max])."""
+        self.grid.copy_(torch.linspace(self.grid_min, self.grid_max, self.grid.numel(), device=self.grid.device,
+                                       dtype=self.grid.dtype))
 
     def extra_repr(self) -> str:
         return f"num_grids={self.grid.numel()}, denominator={self.denominator:g}"
@@ -1404,6 +1419,11 @@ class FastKANLayer(nn.Module):
             self.base_activation = base_activation
             self.base_linear = nn.Linear(input_dim, output_dim)
 
+    def reset_parameters(self):
+        """Re-initialise every submodule as built (for ``to_empty`` after building on the meta device)."""
+        for child in self.children():
+            child.reset_parameters()
+
     def forward(self, x, use_layernorm=True):
         if x.shape[-1] != self.input_dim:
             raise ValueError(f"x's last dimension must be input_dim={self.input_dim}, got {tuple(x.shape)}")
@@ -1424,8 +1444,14 @@ class ChebyKANLayer(nn.Module):
             raise ValueError(f"degree must be an int >= 0, got {degree!r}")
         self.inputdim, self.outdim, self.degree = input_dim, output_dim, degree
         self.cheby_coeffs = nn.Parameter(torch.empty(input_dim, output_dim, degree + 1))
-        nn.init.normal_(self.cheby_coeffs, mean=0.0, std=1 / (input_dim * (degree + 1)))
-        self.register_buffer("arange", torch.arange(0, degree + 1, 1))
+        self.register_buffer("arange", torch.empty(degree + 1, dtype=torch.int64))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """ChebyKAN's initialisation: coefficients ~ N(0, 1 / (in * (degree + 1))), and the ``arange`` buffer."""
+        nn.init.normal_(self.cheby_coeffs, mean=0.0, std=1 / (self.inputdim * (self.degree + 1)))
+        self.arange.copy_(torch.arange(0, self.degree + 1, 1))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.inputdim}, output_dim={self.outdim}, degree={self.degree}"
@@ -1444,10 +1470,22 @@ class FourierKANLayer(nn.Module):
         if not isinstance(gridsize, int) or gridsize < 1:
             raise ValueError(f"gridsize must be an int >= 1, got {gridsize!r}")
         self.gridsize, self.addbias, self.inputdim, self.outdim = gridsize, addbias, inputdim, outdim
-        norm = (torch.arange(gridsize) + 1) ** 2 if smooth_initialization else math.sqrt(gridsize)
-        self.fouriercoeffs = nn.Parameter(torch.randn(2, outdim, inputdim, gridsize) / (math.sqrt(inputdim) * norm))
+        self.smooth_initialization = smooth_initialization
+        self.fouriercoeffs = nn.Parameter(torch.empty(2, outdim, inputdim, gridsize))
         if addbias:
-            self.bias = nn.Parameter(torch.zeros(1, outdim))
+            self.bias = nn.Parameter(torch.empty(1, outdim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """FourierKAN's initialisation: N(0, 1) / (sqrt(in) * norm), norm = sqrt(G), or (k + 1)^2 per frequency
+        with ``smooth_initialization``; the bias at 0."""
+        c = self.fouriercoeffs
+        norm = ((torch.arange(self.gridsize, device=c.device, dtype=c.dtype) + 1) ** 2
+                if self.smooth_initialization else math.sqrt(self.gridsize))
+        c.normal_().div_(math.sqrt(self.inputdim) * norm)
+        if self.addbias:
+            self.bias.zero_()
 
     def extra_repr(self) -> str:
         return f"inputdim={self.inputdim}, outdim={self.outdim}, gridsize={self.gridsize}, addbias={self.addbias}"

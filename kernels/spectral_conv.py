@@ -987,15 +987,22 @@ class SpectralConv(nn.Module):
                 raise ValueError(f"resolution_scaling_factor must be positive, one per axis, got {resolution_scaling_factor!r}")
             resolution_scaling_factor = f
         self.resolution_scaling_factor = resolution_scaling_factor
-        std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else float(init_std)
+        self.init_std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else float(init_std)
         self.weight = nn.Parameter(torch.empty((in_channels, out_channels) + modes, device=device, dtype=dtype))
-        with torch.no_grad():
-            self.weight.normal_(0, std)
         if bias:
             rdt = torch.float64 if dtype == torch.complex128 else torch.float32
-            self.bias = nn.Parameter(std * torch.randn((out_channels,) + (1,) * self.order, device=device, dtype=rdt))
+            self.bias = nn.Parameter(torch.empty((out_channels,) + (1,) * self.order, device=device, dtype=rdt))
         else:
             self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """neuraloperator's initialisation: weight ~ complex N(0, init_std^2), bias ~ N(0, init_std^2)
+        (for ``to_empty`` after building on the meta device, as FSDP does)."""
+        self.weight.normal_(0, self.init_std)
+        if self.bias is not None:
+            self.bias.normal_(0, self.init_std)
 
     def _apply(self, fn, recurse=True):
         """Module casts keep the weight complex and the bias real, at the precision the cast asks for:

@@ -1,7 +1,8 @@
 """Meta tensors: shapes without values, as used for shape inference and for building a large model before its
 memory exists (``with torch.device("meta")``). Modules build there (the KAN layers' least-squares initial fit
 is skipped: nothing to fit) and every op gives its output's shape and dtype, with value checks skipped as in
-the torch.compile fake implementations (``checked_once``)."""
+the torch.compile fake implementations (``checked_once``). Deferred initialisation (build on meta, ``to_empty``,
+then ``reset_parameters`` on each submodule holding state, as FSDP does) gives the layer a normal build gives."""
 import pytest
 import torch
 
@@ -37,3 +38,38 @@ def test_kernel_matvec_on_the_meta_device():
         x, y, b = torch.randn(2, 7, 3), torch.randn(2, 5, 3), torch.randn(2, 5, 4)
         out = kernel_matvec(x, y, b, "matern32", lengthscale=torch.full((3,), 0.5))
     assert out.is_meta and tuple(out.shape) == (2, 7, 4)
+
+
+def _reset_like_fsdp(module):
+    """What FSDP does for a meta-device module: ``reset_parameters()`` on every submodule with its own state."""
+    for m in module.modules():
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            m.reset_parameters()
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_deferred_initialisation_gives_a_normal_build(name):
+    build, x_shape, _ = MODULES[name]
+    torch.manual_seed(0)
+    eager = build()
+    with torch.device("meta"):
+        module = build()
+    module = module.to_empty(device="cpu")
+    torch.manual_seed(0)
+    _reset_like_fsdp(module)
+    want, got = eager.state_dict(), module.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:  # the knots and ChebyKAN's arange buffer too, which to_empty leaves as garbage
+        torch.testing.assert_close(got[key], want[key], msg=key)
+    x = torch.randn(x_shape)
+    torch.testing.assert_close(module(x), eager(x))
+
+
+def test_reset_parameters_undoes_update_grid():
+    layer = KANLinear(3, 2, grid_range=(-2, 3))
+    knots = layer.grid.clone()
+    layer.update_grid(torch.rand(50, 3) * 0.3)
+    assert not torch.equal(layer.grid, knots)
+    layer.reset_parameters()
+    assert torch.equal(layer.grid, knots)
+    assert torch.isfinite(layer(torch.randn(4, 3))).all()
