@@ -297,6 +297,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if getattr(args, "interpret", False):
         os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit runs
+        from opforge.kernels._triton import HAS_TRITON
+
+        if not HAS_TRITON:
+            print(f"opforge {args.cmd} --interpret runs the Triton kernels through Triton's interpreter, but "
+                  f"Triton is not installed (`pip install triton`); without it opforge runs its torch variants "
+                  f"(drop --interpret)", file=sys.stderr)
+            return 2
     return args.fn(args)
 
 

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 import torch.autograd.forward_ad as _fwad
 
-from ._triton import dot_precision, interpreter_enabled, triton_can_run
+from ._triton import HAS_TRITON, dot_precision, interpreter_enabled, triton_can_run
 
 BACKENDS = ("auto", "torch", "triton")
 REF_BATCH = 2  # batch entries a reference checks when an op declares no ref_subset
@@ -396,7 +396,7 @@ class Op:
         if pinned is not None:
             if pinned not in self.variants:
                 raise ValueError(f"unknown variant {pinned!r} for op {self.name!r}; "
-                                 f"valid: {sorted(self.variants)}")
+                                 f"valid: {sorted(self.variants)}{_no_triton_note()}")
             v = self.variants[pinned]
             reason = v.why_not(problem)
             if reason:
@@ -408,7 +408,8 @@ class Op:
         if backend == "triton" and not candidates:
             reasons = {v.name: v.why_not(problem) for v in self.triton_variants()}
             raise ValueError(f"OPFORGE_BACKEND=triton but no Triton variant of {self.name!r} "
-                             f"can run this call: {reasons}; valid backends: {list(BACKENDS)}")
+                             f"can run this call: {reasons}; valid backends: {list(BACKENDS)}"
+                             f"{_no_triton_note()}")
         if not candidates:
             return self.torch_variant, None, "no triton variant supports the call"
         allowed = {v.name for v in candidates}
@@ -442,7 +443,8 @@ class Op:
     def run_variant(self, name: str, problem, *args, config: dict | None = None):
         """Run one named variant directly (tests, tuner, benchmarks)."""
         if name not in self.variants:
-            raise ValueError(f"unknown variant {name!r} for op {self.name!r}; valid: {sorted(self.variants)}")
+            raise ValueError(f"unknown variant {name!r} for op {self.name!r}; valid: {sorted(self.variants)}"
+                             f"{_no_triton_note()}")
         v = self.variants[name]
         reason = v.why_not(problem)
         if reason:
@@ -532,6 +534,11 @@ def registered_ops() -> dict[str, list[str]]:
     return {name: list(op.variants) for name, op in _OPS.items()}
 
 
+def _no_triton_note() -> str:
+    """What an error about missing Triton variants adds when Triton is not installed."""
+    return "" if HAS_TRITON else " (Triton is not installed, so only the torch variants exist: `pip install triton`)"
+
+
 def _check_backend(name: str, origin: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{origin}={name!r} is not a backend; valid: {list(BACKENDS)}")
@@ -558,7 +565,8 @@ def use_backend(backend: str = "auto", **variants: str):
     for op_name, vname in variants.items():
         op = get_op(op_name)
         if vname not in op.variants:
-            raise ValueError(f"unknown variant {vname!r} for op {op_name!r}; valid: {sorted(op.variants)}")
+            raise ValueError(f"unknown variant {vname!r} for op {op_name!r}; valid: {sorted(op.variants)}"
+                             f"{_no_triton_note()}")
     token = _OVERRIDE.set((backend, dict(variants)))
     try:
         yield

@@ -91,3 +91,69 @@ def test_sass_loop_counts():
         else:
             os.environ["TRITON_INTERPRET"] = interp
     assert mod.sass_loops(sass) == [(3, 1), (5, 1)]
+
+
+_NO_TRITON = r'''
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):  # a machine without Triton: every import of it fails
+    def find_spec(self, name, path, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Block())
+import torch
+import opforge.kernels as K
+from opforge.autotune.cli import main
+assert not K.HAS_TRITON and K.registered_ops() == {op: ["torch"] for op in ("spectral_conv", "kernel_sum", "kan")}
+torch.manual_seed(0)
+out = {}
+for name, m, x in [("spectral", K.SpectralConv(2, 3, (4, 5)), torch.randn(2, 2, 9, 8)),
+                   ("bspline", K.KANLinear(5, 3), torch.randn(7, 5)), ("rbf", K.FastKANLayer(5, 3), torch.randn(7, 5)),
+                   ("chebyshev", K.ChebyKANLayer(5, 3, 4), torch.randn(7, 5)),
+                   ("fourier", K.FourierKANLayer(5, 3, 3), torch.randn(7, 5))]:
+    x.requires_grad_()
+    y = m(x)
+    y.square().sum().backward()
+    out[name] = [y.detach(), x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
+x, y, b = torch.randn(9, 3), torch.randn(11, 3), torch.randn(11, 2)
+out["kernel_sum"] = [K.kernel_matvec(x, y, b, "matern52", lengthscale=0.7),
+                     K.kernel_solve(x, b[:9], "gaussian", noise=0.1)]
+torch.save(out, sys.argv[1])
+try:
+    with K.use_backend("triton"):
+        K.kernel_matvec(x, y, b)
+    raise SystemExit("use_backend('triton') ran without Triton")
+except ValueError as e:
+    assert "Triton is not installed" in str(e), e
+assert main(["bench", "--op", "kan"]) == 0
+assert main(["bench", "--interpret", "--op", "kan"]) == 2
+'''
+
+
+def test_without_triton_the_torch_paths_give_the_same_results(tmp_path):
+    """No Triton on the machine (macOS, Windows, a minimal image): opforge imports, registers its torch variants
+    only, and every op and module runs forward and backward with the results of a machine with Triton (CPU
+    dispatch is the torch variant there too); asking for Triton says it is missing."""
+    import torch
+
+    import opforge.kernels as K
+
+    script = tmp_path / "no_triton.py"
+    script.write_text(_NO_TRITON)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["OPFORGE_CACHE_DIR"] = str(tmp_path / "cache")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "out.pt")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Triton is not installed" in r.stderr and "FAIL" not in r.stdout
+    got = torch.load(tmp_path / "out.pt")
+    # the same calls here, with Triton importable
+    code = _NO_TRITON.split("torch.manual_seed(0)")[1].split("torch.save")[0]
+    scope = {"torch": torch, "K": K}
+    exec("torch.manual_seed(0)" + code, scope)
+    want = scope["out"]
+    assert got.keys() == want.keys()
+    for key in want:
+        assert len(got[key]) == len(want[key])
+        for g, w in zip(got[key], want[key]):
+            torch.testing.assert_close(g, w, msg=key)  # (MKL least squares in the KAN init: last-bit wobble)
