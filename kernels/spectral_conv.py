@@ -140,8 +140,25 @@ def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
 
 
 # --------------------------------------------------------------------------- torch variant
+_FREQ_INDEX: dict = {}
+
+
 def _freq_index(m: int, n: int, device) -> torch.Tensor:
-    return (torch.arange(m, device=device) - m // 2) % n
+    """Indices (on an n-point axis) of the m kept frequencies -m//2 .. m - m//2 - 1.
+
+    Cached per (m, n, device): a small call pays for each torch op, and these (three per axis and direction)
+    were a tenth of it. Only ever read; made outside inference mode, so a later differentiated call may save
+    it. Not cached: fake or meta tensors (tracing) and tensors made during CUDA graph capture (the graph's
+    memory pool)."""
+    key = (m, n, device)
+    idx = _FREQ_INDEX.get(key)
+    if idx is None:
+        with torch.inference_mode(False):
+            idx = (torch.arange(m, device=device) - m // 2) % n
+        if (type(idx) is torch.Tensor and not idx.is_meta and len(_FREQ_INDEX) < 1024
+                and not (idx.is_cuda and torch.cuda.is_current_stream_capturing())):
+            _FREQ_INDEX[key] = idx
+    return idx
 
 
 def _irfftn(spec: torch.Tensor, p: Problem) -> torch.Tensor:

@@ -432,3 +432,25 @@ def test_gpu_variants_match_reference(variant, dtype):
         dx, dw, _ = ref.spectral_conv_vjp(np64(x.cpu()), np64(w.cpu()), np64(b.cpu()), np64(g.cpu()), p.out_grid)
         assert_close(x.grad.cpu(), dx, dtype, reduction(p), f"{variant} {case.name} grad x")
         assert_close(w.grad.cpu(), dw, dtype, p.batch * int(np.prod(p.out_grid)), f"{variant} {case.name} grad w")
+
+
+def test_cached_frequency_indices_serve_every_later_call():
+    """The kept-frequency indices are cached per (modes, size, device): one made under inference mode must
+    still be savable by a later differentiated call, and fake tensors made while tracing are not kept."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from opforge.kernels.spectral_conv import _FREQ_INDEX, _freq_index
+
+    _FREQ_INDEX.clear()
+    x, w = torch.randn(2, 3, 11, 9, 7), torch.randn(3, 2, 5, 4, 3, dtype=torch.complex64)
+    with torch.inference_mode():
+        y0 = spectral_conv3d(x, w)
+    assert _FREQ_INDEX
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = spectral_conv3d(xg, wg)
+    y.square().sum().backward()  # index_select saved a cached index for the backward
+    assert torch.equal(y.detach(), y0) and xg.grad is not None and wg.grad is not None
+    with FakeTensorMode():
+        _freq_index(6, 13, torch.device("cpu"))
+    assert (6, 13, torch.device("cpu")) not in _FREQ_INDEX
+    assert all(type(t) is torch.Tensor for t in _FREQ_INDEX.values())
