@@ -1287,11 +1287,13 @@ class KANLinear(nn.Module):
         """The basis tensor [n, in, G + p] of x [n, in] (for inspection and update_grid; forward never builds it)."""
         return _bspline_t(x, self.grid.to(x.dtype), self.spline_order)
 
-    def curve2coeff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def curve2coeff(self, x: torch.Tensor, y: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """Least-squares coefficients [out, in, G + p] whose splines pass through y [n, in, out] at x [n, in]
-        (solved in float32 at least, returned in y's dtype)."""
+        (solved in float32 at least, returned in y's dtype), on the layer's knots or on ``grid``
+        [in, G + 2p + 1]."""
         cdt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-        A = self.b_splines(x.to(cdt)).transpose(0, 1)  # [in, n, K]
+        knots = self.grid if grid is None else grid
+        A = _bspline_t(x.to(cdt), knots.to(cdt), self.spline_order).transpose(0, 1)  # [in, n, K]
         sol = torch.linalg.lstsq(A, y.to(cdt).transpose(0, 1)).solution  # [in, K, out]
         return sol.permute(2, 0, 1).contiguous().to(y.dtype)
 
@@ -1329,11 +1331,21 @@ class KANLinear(nn.Module):
     def update_grid(self, x: torch.Tensor, margin: float = 0.01):
         """Refit knots to x's distribution (efficient-kan's rule) and re-solve the coefficients (in float32, or
         float64 for a float64 layer: sort and least squares take no 16-bit dtypes; the fit is on the knots as the
-        layer stores them; autocast or not)."""
+        layer stores them; autocast or not). x must hold at least one sample, all finite: otherwise, and when
+        the fitted knots would not be finite and strictly increasing in the layer's dtype (a range too wide
+        for it, or too narrow at x's magnitude), it raises and leaves the layer as it was."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
         with no_autocast(x.device):  # the float32 solve, not autocast's 16-bit bmm
             cdt = torch.float64 if self.grid.dtype == torch.float64 else torch.float32
             x = x.reshape(-1, self.in_features).to(cdt)
             batch = x.shape[0]
+            if batch == 0:
+                raise ValueError("update_grid needs at least one sample of x to fit the knots to, got none")
+            bad = (~torch.isfinite(x).all(0)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"update_grid: x holds NaN or infinite values in input feature(s) {bad[:8]}"
+                                 f"{' ...' if len(bad) > 8 else ''}; the knots are fitted to x's distribution")
             splines = self.b_splines(x).permute(1, 0, 2)  # [in, n, K]
             orig = self.scaled_spline_weight.to(cdt).permute(1, 2, 0)  # [in, K, out]
             unreduced = torch.bmm(splines, orig).permute(1, 0, 2)  # [n, in, out]
@@ -1347,8 +1359,14 @@ class KANLinear(nn.Module):
             p = self.spline_order
             grid = torch.cat([grid[:1] - step * torch.arange(p, 0, -1, device=x.device).unsqueeze(1), grid,
                               grid[-1:] + step * torch.arange(1, p + 1, device=x.device).unsqueeze(1)], dim=0)
-            self.grid.copy_(grid.T)
-            coeff = self.curve2coeff(x, unreduced)
+            grid = grid.T.to(self.grid.dtype)  # the knots as the layer will store them
+            gd = grid.double()
+            bad = (~(torch.isfinite(gd).all(1) & (gd.diff(dim=1) > 0).all(1))).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"update_grid: the knots fitted to x are not finite and strictly increasing in "
+                                 f"{self.grid.dtype} for input feature(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+                                 f"(x's range there is too wide for the dtype, or too narrow at its magnitude)")
+            coeff = self.curve2coeff(x, unreduced, grid)
             if self.enable_standalone_scale_spline:
                 # efficient-kan copies the *scaled* coefficients into spline_weight, so its forward multiplies by
                 # spline_scaler twice after an update; dividing here keeps the layer's function (the purpose of it)
@@ -1356,6 +1374,7 @@ class KANLinear(nn.Module):
                 # divided into inf / NaN, which would reach the output as 0 * inf)
                 scaler = self.spline_scaler.to(cdt).unsqueeze(-1)
                 coeff = torch.where(scaler != 0, coeff / scaler, self.spline_weight.to(cdt))
+            self.grid.copy_(grid)
             self.spline_weight.data.copy_(coeff)
 
     def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):

@@ -287,6 +287,29 @@ def test_update_grid_on_a_16_bit_layer(dtype, spread):
     assert layer.double().grid.dtype == torch.float64 and layer.half().grid.dtype == torch.float32
 
 
+@pytest.mark.parametrize("case", ["empty", "nan", "inf", "narrow", "wrong-width"])
+def test_update_grid_refuses_data_it_cannot_fit_and_keeps_the_layer(case):
+    """No samples, non-finite samples (a diverged batch), or knots that the layer's dtype cannot hold apart (a
+    range of 1 at 1e8 in float32): a clear error naming the features, before anything is written (the knots
+    were written first, so a failed least squares left NaN knots behind and the next forward pass raised)."""
+    torch.manual_seed(4)
+    layer = KANLinear(3, 2, grid_size=4)
+    x = {"empty": torch.randn(0, 3), "nan": torch.randn(20, 3).index_fill_(1, torch.tensor([2]), float("nan")),
+         "inf": torch.randn(20, 3).index_fill_(1, torch.tensor([0]), float("inf")),
+         "narrow": torch.rand(20, 3) + 1e8, "wrong-width": torch.randn(20, 4)}[case]
+    want = {"empty": "at least one sample", "nan": r"feature\(s\) \[2\]", "inf": r"feature\(s\) \[0\]",
+            "narrow": r"strictly increasing in torch.float32 for input feature\(s\) \[0, 1, 2\]",
+            "wrong-width": "in_features=3"}[case]
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=want):
+        layer.update_grid(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    if case == "narrow":  # float64 holds those knots apart
+        layer.double().update_grid(x.double())
+        assert torch.isfinite(layer(x.double())).all()
+
+
 def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     torch.manual_seed(2)
     x = torch.rand(40, 3) * 1.6 - 0.8
