@@ -131,6 +131,14 @@ def _sqdist(p, q, exact: bool):
     where nothing is being differentiated (a backward run with create_graph=True records these ops: there
     they are out of place)."""
     inplace = not torch.is_grad_enabled()
+    n, m, d = p.shape[-2], q.shape[-2], p.shape[-1]
+    if exact and inplace and n and m and (d >= 8 or (d and n * m <= 1 << 14)):
+        # torch's differences kernel: one op, no [n, m, D] temporary. On a 2-core CPU, a 131 x 4000 block took
+        # 1.3 / 2.6 / 9.8 ms at D = 8 / 17 / 64 against 1.9 / 5.2 / 22 ms by a torch op per coordinate, but
+        # 1.6 against 0.8 ms at D = 3 (its cost per pair is high, the loop's per coordinate low); tiny calls
+        # (n m <= 2^14) are bound by the loop's op count. Not differentiated through: autograd takes cdist's
+        # second derivative at r = 0 as 0 (its first masks r = 0), the coordinate loop gets it right.
+        return torch.cdist(p, q, compute_mode="donot_use_mm_for_euclid_dist").square_()
     if exact:
         s = None
         for k in range(p.shape[-1]):

@@ -414,3 +414,24 @@ def test_gp_posterior_mean_matches_dense_solution():
     np.testing.assert_allclose(mean.numpy(), want, rtol=1e-6, atol=1e-7)
     truth = torch.sin(6 * xt[:, 0]) * torch.cos(4 * xt[:, 1])
     assert (mean - truth).pow(2).mean().sqrt() < 0.1  # it actually regresses the function
+
+
+@pytest.mark.parametrize("n, m, d", [(41, 33, 17), (7, 5, 3), (300, 200, 8), (300, 200, 3)])
+def test_exact_distances_by_cdist_or_by_coordinate_agree(n, m, d):
+    """The torch variant's exact squared distances come from torch.cdist (D >= 8, or tiny calls) or from one
+    difference per coordinate; either way coincident points are exactly 0 and near ones keep their relative
+    accuracy (no |x|^2 + |y|^2 - 2 x.y cancellation), and a recorded graph (create_graph, transforms) takes
+    the coordinate loop, whose second derivative at r = 0 is right."""
+    from opforge.kernels.kernel_sum import _sqdist
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.randn(1, n, d, generator=g) * 50
+    q = torch.cat([p[:, :3], p[:, 3:m] + 1e-3 * torch.randn(1, min(m, n) - 3, d, generator=g)], 1)
+    want = ((p.double()[:, :, None] - q.double()[:, None]) ** 2).sum(-1)
+    with torch.no_grad():
+        got = _sqdist(p, q, True)
+    assert (got[0, [0, 1, 2], [0, 1, 2]] == 0).all()
+    rel = ((got.double() - want).abs() / want.clamp_min(1e-30)).max()
+    assert rel < 1e-5
+    with torch.enable_grad():
+        torch.testing.assert_close(_sqdist(p, q, True), got, rtol=1e-6, atol=0)
