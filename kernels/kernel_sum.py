@@ -196,16 +196,21 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
             if exact and xs.shape[-1]:  # differences, one coordinate at a time, as the distances were: the
                 # GEMM form below cancels at (near-)coincident points far from the centroid
                 # (x_i sum_j w_ij ~ sum_j w_ij y_j); D = 0 takes that form (empty products)
-                cx, cy = [], []
-                for c in range(xs.shape[-1]):
-                    t = xb[..., :, c:c + 1] - ys[..., :, c].unsqueeze(-2)  # x_ic - y_jc [B, rows, m]
-                    t = t * w if graph else t.mul_(w)
-                    if need_x:
-                        cx.append(t.sum(-1))
-                    if need_y:
-                        cy.append(t.sum(-2))
-                dx = 2 * torch.stack(cx, -1) if need_x else None
-                dy = -2 * torch.stack(cy, -1) if need_y else None
+                if xb.shape[-2] * ys.shape[-2] * xs.shape[-1] <= 1 << 15:  # tiny: one [rows, m, D] product,
+                    t = (xb.unsqueeze(-2) - ys.unsqueeze(-3)) * w.unsqueeze(-1)  # not four ops per coordinate
+                    dx = 2 * t.sum(-2) if need_x else None
+                    dy = -2 * t.sum(-3) if need_y else None
+                else:
+                    cx, cy = [], []
+                    for c in range(xs.shape[-1]):
+                        t = xb[..., :, c:c + 1] - ys[..., :, c].unsqueeze(-2)  # x_ic - y_jc [B, rows, m]
+                        t = t * w if graph else t.mul_(w)
+                        if need_x:
+                            cx.append(t.sum(-1))
+                        if need_y:
+                            cy.append(t.sum(-2))
+                    dx = 2 * torch.stack(cx, -1) if need_x else None
+                    dy = -2 * torch.stack(cy, -1) if need_y else None
             else:
                 dx = 2 * (xb * w.sum(-1, keepdim=True) - w @ ys) if need_x else None
                 dy = 2 * (ys * w.sum(-2).unsqueeze(-1) - w.transpose(-1, -2) @ xb) if need_y else None
