@@ -1440,8 +1440,9 @@ class FastKANLayer(nn.Module):
 
     def reset_parameters(self):
         """Re-initialise every submodule as built (for ``to_empty`` after building on the meta device)."""
-        for child in self.children():
-            child.reset_parameters()
+        for child in self.children():  # (a base_activation passed as a module has no parameters)
+            if hasattr(child, "reset_parameters"):
+                child.reset_parameters()
 
     def forward(self, x, use_layernorm=True):
         if x.shape[-1] != self.input_dim:

@@ -65,6 +65,15 @@ def test_deferred_initialisation_gives_a_normal_build(name):
     torch.testing.assert_close(module(x), eager(x))
 
 
+def test_reset_parameters_with_a_module_activation():
+    """A base_activation passed as a module (nn.SiLU()) is a child without parameters: reset skips it."""
+    layer = FastKANLayer(4, 3, base_activation=torch.nn.SiLU())
+    before = layer.spline_linear.weight.clone()
+    layer.reset_parameters()
+    assert not torch.equal(layer.spline_linear.weight, before)  # drawn again
+    assert torch.isfinite(layer(torch.randn(2, 4))).all()
+
+
 def test_reset_parameters_undoes_update_grid():
     layer = KANLinear(3, 2, grid_range=(-2, 3))
     knots = layer.grid.clone()
