@@ -1106,6 +1106,11 @@ def _validate_knots(grid: torch.Tensor) -> bool:
     return bool(torch.allclose(d, d[:, :1].expand_as(d), rtol=1e-6, atol=0))
 
 
+def _validate_centers(centers: torch.Tensor) -> None:
+    if not bool(torch.isfinite(centers.detach()).all()):
+        raise ValueError("centers (RBF centres) must be finite")
+
+
 def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("x and weight must be torch.Tensors")
@@ -1145,8 +1150,10 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
     elif basis == "rbf":
         if centers is None or width is None:
             raise ValueError("basis='rbf' needs centers= [K] and width=")
-        if centers.dim() != 1 or centers.numel() != K:
-            raise ValueError(f"centers must be [K={K}], got {tuple(centers.shape)}")
+        if not isinstance(centers, torch.Tensor) or centers.dim() != 1 or centers.numel() != K:
+            raise ValueError(f"centers must be a [K={K}] tensor, got "
+                             f"{tuple(centers.shape) if isinstance(centers, torch.Tensor) else type(centers).__name__}")
+        checked_once(centers, _validate_centers)
         if not (float(width) > 0 and math.isfinite(float(width))):
             raise ValueError(f"width must be positive and finite, got {width}")
         b.centers, b.width = centers.resolve_neg(), float(width)
