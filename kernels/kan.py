@@ -1284,7 +1284,7 @@ class KANLinear(nn.Module):
             if not self.spline_weight.is_meta:  # a meta-device layer has shapes only: nothing to fit
                 noise = (torch.rand(self.grid_size + 1, self.in_features, self.out_features) - 0.5) \
                     * self.scale_noise / self.grid_size
-                coeff = self.curve2coeff(self.grid.T[self.spline_order: -self.spline_order], noise)
+                coeff = self.curve2coeff(self.grid.T[self.spline_order: self.grid.shape[1] - self.spline_order], noise)
                 self.spline_weight.copy_((self.scale_spline if not self.enable_standalone_scale_spline else 1.0)
                                          * coeff)
             if self.enable_standalone_scale_spline:

@@ -287,6 +287,22 @@ def test_update_grid_on_a_16_bit_layer(dtype, spread):
     assert layer.double().grid.dtype == torch.float64 and layer.half().grid.dtype == torch.float32
 
 
+@pytest.mark.parametrize("order", [0, 1, 2, 5])
+def test_kanlinear_builds_and_refits_at_every_order(order):
+    """Order 0 (piecewise constant) is an order too: efficient-kan's initial fit sliced the knots [p:-p], which
+    is empty for p = 0, and the constructor failed in least squares. The layer matches the reference."""
+    torch.manual_seed(order)
+    layer = KANLinear(4, 3, grid_size=3, spline_order=order)
+    x = torch.rand(50, 4) * 2 - 1
+    y = layer(x)
+    w = layer.scaled_spline_weight.detach()
+    want = ref.kan_linear(npf(x), npf(w), "bspline", npf(layer.base_weight.detach()), grid=npf(layer.grid),
+                          order=order)
+    assert_close(y.detach(), want, torch.float32, 4 * (3 + order + 1), f"order {order}")
+    layer.update_grid(x)
+    assert torch.isfinite(layer(x)).all()
+
+
 @pytest.mark.parametrize("case", ["empty", "nan", "inf", "narrow", "wrong-width"])
 def test_update_grid_refuses_data_it_cannot_fit_and_keeps_the_layer(case):
     """No samples, non-finite samples (a diverged batch), or knots that the layer's dtype cannot hold apart (a
