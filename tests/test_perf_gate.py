@@ -82,11 +82,12 @@ def test_perf_check_end_to_end_on_cpu(tmp_path):
     """--update writes a baseline from a real run of perf/; a rerun passes against it; a doctored baseline fails."""
     base = tmp_path / "base.json"
     sel = ["-k", "1d-small-odd"]
-    r = _cli("perf-check", "--update", "--baseline", str(base), "--quiet", *sel)
+    r = _cli("perf-check", "--update", "--baseline", str(base), "--quiet", "--passes", "2", *sel)
     assert r.returncode == 0, r.stdout + r.stderr
     data = perf.read(base)
     variants = {x["variant"] for x in data["records"]}
     assert "torch" in variants and len(variants) >= 2
+    assert all(x["passes"] == 2 for x in data["records"]) and "pass 2 of 2" in r.stdout
     r = _cli("perf-check", "--baseline", str(base), "--threshold", "20", "--quiet", *sel)
     assert r.returncode == 0, r.stdout + r.stderr
     for x in data["records"]:
@@ -190,3 +191,11 @@ def test_merge_static_replaces_one_runs_records(tmp_path):
     recs = perf.read_static(path)["records"]
     assert [(x["case"], x["kernel"], x["commit"]) for x in recs] == [("a", "k2", "c2"), ("a", "k3", "c2"),
                                                                      ("b", "k1", "c1")]
+
+
+def test_least_disturbed_pass_keeps_each_records_fastest():
+    rec = lambda v, p50: {"op": "o", "case": "c", "variant": v, "mode": "fwd", "dtype": "float32",  # noqa: E731
+                          "p20": p50 * 0.9, "p50": p50, "p80": p50 * 1.1}
+    merged = perf.least_disturbed([[rec("torch", 2.0), rec("peer", 1.0)], [rec("torch", 1.5), rec("peer", 3.0)]])
+    got = {r["variant"]: (r["p50"], r["p20"], r["passes"]) for r in merged}
+    assert got == {"torch": (1.5, 1.35, 2), "peer": (1.0, 0.9, 2)}
