@@ -908,7 +908,8 @@ class KernelOperator:
     """A kernel matrix ``outputscale * K(x, y) (+ noise * I)`` that is never formed.
 
     ``A @ b`` for b [M] or [M, R] (or batched like x); ``A.T`` swaps x and y;
-    ``A.diag()`` for square operators; ``A.shape``. Use with ``kernel_solve`` or
+    ``A.diag()`` for square operators; ``A.shape`` ([..., N, M], batch dims included); ``A.to_dense()``
+    builds the [..., N, M] matrix (for checks on small problems: N M memory). Use with ``kernel_solve`` or
     any conjugate-gradient solver. ``noise`` is a float or a scalar tensor (which keeps its gradient,
     as tensor lengthscales and outputscales do).
     """
@@ -926,7 +927,13 @@ class KernelOperator:
 
     @property
     def shape(self) -> tuple:
-        return (self.x.shape[-2], self.y.shape[-2])
+        return tuple(torch.broadcast_shapes(self.x.shape[:-2], self.y.shape[:-2])) + (self.x.shape[-2],
+                                                                                      self.y.shape[-2])
+
+    def to_dense(self) -> torch.Tensor:
+        """The [..., N, M] matrix, as ``A @ I`` (one kernel sum with M right-hand sides)."""
+        eye = torch.eye(self.y.shape[-2], dtype=self.y.dtype, device=self.y.device)
+        return self @ eye
 
     def __matmul__(self, b):
         out = kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
