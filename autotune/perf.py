@@ -249,8 +249,10 @@ def changed_ops(records: list[dict]) -> list[str]:
 def markdown_table(records: list[dict], env: dict) -> str:
     """The README tables, one per op: a line per (case, mode, dtype) with each variant's time and
     speedup vs torch."""
+    passes = max((r.get("passes", 1) for r in records), default=1)
+    which = "p50 of the run" if passes == 1 else f"p50 of each record's least disturbed of {passes} passes"
     caption = (f"Measured on {env.get('gpu')} (cc {env.get('cc')}), torch {env.get('torch')}, "
-               f"Triton {env.get('triton')}, commit {env.get('commit')}; p50 of the run; "
+               f"Triton {env.get('triton')}, commit {env.get('commit')}; {which}; "
                "forward+backward rows on CUDA add the peak memory allocated and, after the slash where measured, "
                "the memory a forward pass keeps for its backward (activations), in MB.")
     changed = changed_ops(records)
