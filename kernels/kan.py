@@ -285,17 +285,30 @@ def _torch_forward(x, weight, base_weight, b: _Basis):
     return y
 
 
+_KEEP_BASIS_MAX = 1 << 14  # rows * in * K up to which the forward keeps the basis for the backward
+
+
 class _TorchKAN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, base_weight, b: _Basis):
-        ctx.save_for_backward(x, weight, base_weight)
         ctx.b = b
-        return _torch_forward(x, weight, base_weight, b)
+        O, I, K = weight.shape
+        if x.shape[0] * I * K > _KEEP_BASIS_MAX:
+            ctx.save_for_backward(x, weight, base_weight)
+            return _torch_forward(x, weight, base_weight, b)
+        # a tiny layer (64 KB of basis at most): the bases and their derivatives from one pass, kept, so the
+        # backward does not evaluate them again (per-op costs dominate there, and the recursion is most of them)
+        phi, dphi = _basis_both(x, b, K, value=True, derivative=ctx.needs_input_grad[0])
+        y = phi.reshape(x.shape[0], I * K) @ weight.reshape(O, I * K).t()
+        if base_weight is not None:
+            y = y + F.silu(x) @ base_weight.t()
+        ctx.save_for_backward(x, weight, base_weight, phi, dphi)
+        return y
 
     @staticmethod
     @variant_backward
     def backward(ctx, g):
-        x, weight, base_weight = ctx.saved_tensors
+        x, weight, base_weight, *kept = ctx.saved_tensors
         b = ctx.b
         O, I, K = weight.shape
         W2 = weight.reshape(O, I * K)
@@ -306,7 +319,10 @@ class _TorchKAN(torch.autograd.Function):
         step = _block_rows(I, K)
         for s in range(0, x.shape[0], step):
             xb, gb = x[s:s + step], g[s:s + step]
-            phi, dphi = _basis_both(xb, b, K, value=need_w, derivative=need_x)
+            if kept and not torch.is_grad_enabled():  # (create_graph: the bases again, as functions of x)
+                phi, dphi = kept
+            else:
+                phi, dphi = _basis_both(xb, b, K, value=need_w, derivative=need_x)
             if need_w:
                 dw += gb.t() @ phi.reshape(xb.shape[0], I * K)
             if need_x:
