@@ -1565,6 +1565,11 @@ class KAN(nn.Module):
                       grid_eps=grid_eps, grid_range=grid_range)
             for i, o in zip(widths, widths[1:]))
 
+    def reset_parameters(self):
+        """Every layer as built (``KANLinear.reset_parameters``)."""
+        for layer in self.layers:
+            layer.reset_parameters()
+
     def forward(self, x: torch.Tensor, update_grid: bool = False) -> torch.Tensor:
         for layer in self.layers:
             if update_grid:
@@ -1590,6 +1595,11 @@ class FastKAN(nn.Module):
                          use_base_update=use_base_update, use_layernorm=use_layernorm,
                          base_activation=base_activation, spline_weight_init_scale=spline_weight_init_scale)
             for i, o in zip(widths, widths[1:]))
+
+    def reset_parameters(self):
+        """Every layer as built (``FastKANLayer.reset_parameters``)."""
+        for layer in self.layers:
+            layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

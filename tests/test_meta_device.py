@@ -74,6 +74,21 @@ def test_reset_parameters_with_a_module_activation():
     assert torch.isfinite(layer(torch.randn(2, 4))).all()
 
 
+@pytest.mark.parametrize("name", list(MODULES))
+def test_every_module_resets_to_a_seeded_build(name):
+    """``module.reset_parameters()`` on the top module (the models included) gives a seeded build's state."""
+    build, x_shape, _ = MODULES[name]
+    module = build()
+    if hasattr(module, "layers"):
+        module(torch.rand(x_shape) * 0.5, **({"update_grid": True} if name == "KAN" else {}))
+    torch.manual_seed(1)
+    want = build().state_dict()
+    torch.manual_seed(1)
+    module.reset_parameters()
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, want[key], msg=key)
+
+
 def test_reset_parameters_undoes_update_grid():
     layer = KANLinear(3, 2, grid_range=(-2, 3))
     knots = layer.grid.clone()
