@@ -163,18 +163,19 @@ def cmd_perf_check(args) -> int:
     if args.passes < 1:
         print(f"--passes must be at least 1, got {args.passes}", file=sys.stderr)
         return 2
+    suite = [sys.executable, "-m", "pytest", str(perf_dir), "-q", "-p", "no:cacheprovider",
+             "--benchmark-disable-gc", "--benchmark-columns=median,iqr"]
+    if args.cases:
+        suite.append(f"--opforge-cases={args.cases}")
+    if args.dtypes:
+        suite.append(f"--opforge-dtypes={args.dtypes}")
+    if args.k:
+        suite += ["-k", args.k]
     passes = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.passes):
             current = Path(tmp) / f"current{i}.json"
-            cmd = [sys.executable, "-m", "pytest", str(perf_dir), "-q", "-p", "no:cacheprovider",
-                   "--benchmark-disable-gc", "--benchmark-columns=median,iqr", f"--opforge-results={current}"]
-            if args.cases:
-                cmd.append(f"--opforge-cases={args.cases}")
-            if args.dtypes:
-                cmd.append(f"--opforge-dtypes={args.dtypes}")
-            if args.k:
-                cmd += ["-k", args.k]
+            cmd = suite + [f"--opforge-results={current}"]
             print(f"running (pass {i + 1} of {args.passes}):", " ".join(cmd), flush=True)
             rc = subprocess.run(cmd, stdout=sys.stderr if args.quiet else None).returncode
             if rc != 0 or not current.exists():

@@ -381,6 +381,13 @@ class Op:
             self._hash = h.hexdigest()[:16]
         return self._hash
 
+    def variant(self, name: str) -> Variant:
+        """The variant called ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+        if name not in self.variants:
+            raise ValueError(f"unknown variant {name!r} for op {self.name!r}; valid: {sorted(self.variants)}"
+                             f"{_no_triton_note()}")
+        return self.variants[name]
+
     # ---------------------------------------------------------------- dispatch
     def select(self, problem, args: tuple = ()) -> tuple[Variant, dict | None, str]:
         """Pick (variant, config, why) for a problem under the backend in force.
@@ -394,10 +401,7 @@ class Op:
             return self.torch_variant, None, "cpu"  # first: small CPU calls are bound by this overhead
         train = wants_grad(args)
         if pinned is not None:
-            if pinned not in self.variants:
-                raise ValueError(f"unknown variant {pinned!r} for op {self.name!r}; "
-                                 f"valid: {sorted(self.variants)}{_no_triton_note()}")
-            v = self.variants[pinned]
+            v = self.variant(pinned)
             reason = v.why_not(problem)
             if reason:
                 raise ValueError(f"variant {pinned!r} of {self.name!r} cannot run here: {reason}")
@@ -442,10 +446,7 @@ class Op:
 
     def run_variant(self, name: str, problem, *args, config: dict | None = None):
         """Run one named variant directly (tests, tuner, benchmarks)."""
-        if name not in self.variants:
-            raise ValueError(f"unknown variant {name!r} for op {self.name!r}; valid: {sorted(self.variants)}"
-                             f"{_no_triton_note()}")
-        v = self.variants[name]
+        v = self.variant(name)
         reason = v.why_not(problem)
         if reason:
             raise ValueError(f"variant {name!r} of {self.name!r} cannot run here: {reason}")
@@ -563,10 +564,7 @@ def use_backend(backend: str = "auto", **variants: str):
     """
     _check_backend(backend, "backend")
     for op_name, vname in variants.items():
-        op = get_op(op_name)
-        if vname not in op.variants:
-            raise ValueError(f"unknown variant {vname!r} for op {op_name!r}; valid: {sorted(op.variants)}"
-                             f"{_no_triton_note()}")
+        get_op(op_name).variant(vname)
     token = _OVERRIDE.set((backend, dict(variants)))
     try:
         yield
