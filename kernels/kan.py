@@ -266,15 +266,20 @@ def _block_rows(cin: int, K: int) -> int:
     return max(1, (1 << 22) // max(1, cin * K))
 
 
+def _contract(phi, x, weight, base_weight):
+    """The layer's output from the bases phi [n, I, K] of x [n, I]: phi . W (+ silu(x) Wb^T)."""
+    O, I, K = weight.shape
+    y = phi.reshape(x.shape[0], I * K) @ weight.reshape(O, I * K).t()
+    return y if base_weight is None else y + F.silu(x) @ base_weight.t()
+
+
 def _torch_forward(x, weight, base_weight, b: _Basis):
     """The layer by row blocks of at most _block_rows: the basis of one block at a time, never all rows'."""
     O, I, K = weight.shape
-    W2 = weight.reshape(O, I * K)
     step = _block_rows(I, K)
 
     def block(xb):
-        yb = _basis_t(xb, b, K).reshape(xb.shape[0], I * K) @ W2.t()
-        return yb if base_weight is None else yb + F.silu(xb) @ base_weight.t()
+        return _contract(_basis_t(xb, b, K), xb, weight, base_weight)
 
     if x.shape[0] <= step:  # one block: no output buffer to copy into (small layers are overhead-bound)
         y = block(x)
@@ -299,11 +304,8 @@ class _TorchKAN(torch.autograd.Function):
         # a tiny layer (64 KB of basis at most): the bases and their derivatives from one pass, kept, so the
         # backward does not evaluate them again (per-op costs dominate there, and the recursion is most of them)
         phi, dphi = _basis_both(x, b, K, value=True, derivative=ctx.needs_input_grad[0])
-        y = phi.reshape(x.shape[0], I * K) @ weight.reshape(O, I * K).t()
-        if base_weight is not None:
-            y = y + F.silu(x) @ base_weight.t()
         ctx.save_for_backward(x, weight, base_weight, phi, dphi)
-        return y
+        return _contract(phi, x, weight, base_weight)
 
     @staticmethod
     @variant_backward
@@ -352,10 +354,8 @@ def _plain_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
     memory): what runs under torch.func transforms, with which ``_TorchKAN`` and the kernels do not compose."""
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
     x = x.to(cdt)
-    O, I, K = weight.shape
-    y = _basis_t(x, b, K).reshape(x.shape[0], I * K) @ weight.to(cdt).reshape(O, I * K).t()
-    if base_weight is not None:
-        y = y + F.silu(x) @ base_weight.to(cdt).t()
+    y = _contract(_basis_t(x, b, weight.shape[2]), x, weight.to(cdt),
+                  None if base_weight is None else base_weight.to(cdt))
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(p.dtype)
@@ -1247,6 +1247,11 @@ _GRAPH_OP = GraphOp("kan_linear", "Tensor x, Tensor weight, str basis, Tensor? b
 
 
 # --------------------------------------------------------------------------- modules
+def _listed(features: list) -> str:
+    """The first few of a list of feature indices, for an error message."""
+    return f"{features[:8]}{' ...' if len(features) > 8 else ''}"
+
+
 class KANLinear(nn.Module):
     """efficient-kan's ``KANLinear`` (same parameters, buffers and names), fused.
 
@@ -1367,8 +1372,8 @@ class KANLinear(nn.Module):
                 raise ValueError("update_grid needs at least one sample of x to fit the knots to, got none")
             bad = (~torch.isfinite(x).all(0)).nonzero().flatten().tolist()
             if bad:
-                raise ValueError(f"update_grid: x holds NaN or infinite values in input feature(s) {bad[:8]}"
-                                 f"{' ...' if len(bad) > 8 else ''}; the knots are fitted to x's distribution")
+                raise ValueError(f"update_grid: x holds NaN or infinite values in input feature(s) {_listed(bad)}; "
+                                 f"the knots are fitted to x's distribution")
             splines = self.b_splines(x).permute(1, 0, 2)  # [in, n, K]
             orig = self.scaled_spline_weight.to(cdt).permute(1, 2, 0)  # [in, K, out]
             unreduced = torch.bmm(splines, orig).permute(1, 0, 2)  # [n, in, out]
@@ -1387,7 +1392,7 @@ class KANLinear(nn.Module):
             bad = (~(torch.isfinite(gd).all(1) & (gd.diff(dim=1) > 0).all(1))).nonzero().flatten().tolist()
             if bad:
                 raise ValueError(f"update_grid: the knots fitted to x are not finite and strictly increasing in "
-                                 f"{self.grid.dtype} for input feature(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+                                 f"{self.grid.dtype} for input feature(s) {_listed(bad)} "
                                  f"(x's range there is too wide for the dtype, or too narrow at its magnitude)")
             coeff = self.curve2coeff(x, unreduced, grid)
             if self.enable_standalone_scale_spline:
