@@ -87,6 +87,7 @@ def test_bspline_local_form_gradgradcheck(monkeypatch):
     from opforge.kernels import kan
 
     monkeypatch.setattr(kan, "_FULL_MAX", 0)
+    monkeypatch.setattr(kan, "_FULL_ROWS", 0)
     f, inputs = _make(("kan", "bspline"), F64)
     inputs = tuple(t.requires_grad_() for t in inputs)
     with use_backend("torch"):
