@@ -266,9 +266,12 @@ def _basis_t(x, b: _Basis, K: int):
     return _basis_both(x, b, K)[0]
 
 
-def _dsilu(x):
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
+def _silu_vjp(g, x):
+    """g * silu'(x): one fused op, or under create_graph (aten's has no derivative) the formula."""
+    if torch.is_grad_enabled():
+        s = torch.sigmoid(x)
+        return g * (s * (1 + x * (1 - s)))
+    return torch.ops.aten.silu_backward(g, x)
 
 
 def _block_rows(cin: int, K: int) -> int:
@@ -324,26 +327,37 @@ class _TorchKAN(torch.autograd.Function):
         O, I, K = weight.shape
         W2 = weight.reshape(O, I * K)
         need_x, need_w, need_wb = ctx.needs_input_grad[:3]
-        dx = torch.empty_like(x) if need_x else None
-        dw = torch.zeros_like(W2) if need_w else None
-        dwb = torch.zeros_like(base_weight) if need_wb else None
-        step = _block_rows(I, K)
-        for s in range(0, x.shape[0], step):
-            xb, gb = x[s:s + step], g[s:s + step]
-            if kept and not torch.is_grad_enabled():  # (create_graph: the bases again, as functions of x)
-                phi, dphi = kept
-            else:
+
+        def block(xb, gb, phi=None, dphi=None):  # (dx, dW [O, I*K], dWb) of one row block
+            if phi is None:
                 phi, dphi = _basis_both(xb, b, K, value=need_w, derivative=need_x)
+            dxb = dwb = dwbb = None
             if need_w:
-                dw += gb.t() @ phi.reshape(xb.shape[0], I * K)
+                dwb = gb.t() @ phi.reshape(xb.shape[0], I * K)
             if need_x:
-                t = (gb @ W2).reshape(xb.shape[0], I, K)
-                dxb = torch.einsum("nik,nik->ni", t, dphi)
+                dxb = ((gb @ W2).reshape(xb.shape[0], I, K) * dphi).sum(-1)
                 if base_weight is not None:
-                    dxb = dxb + (gb @ base_weight) * _dsilu(xb)
-                dx[s:s + step] = dxb
+                    dxb = dxb + _silu_vjp(gb @ base_weight, xb)
             if need_wb:
-                dwb += gb.t() @ F.silu(xb)
+                dwbb = gb.t() @ F.silu(xb)
+            return dxb, dwb, dwbb
+
+        step = _block_rows(I, K)
+        if x.shape[0] <= step:  # one block (every small layer): its gradients as they are, no buffers to fill
+            # (create_graph: the bases again, as functions of x)
+            dx, dw, dwb = block(x, g, *(kept if kept and not torch.is_grad_enabled() else ()))
+        else:
+            dx = torch.empty_like(x) if need_x else None
+            dw = torch.zeros_like(W2) if need_w else None
+            dwb = torch.zeros_like(base_weight) if need_wb else None
+            for s in range(0, x.shape[0], step):
+                dxb, dwk, dwbb = block(x[s:s + step], g[s:s + step])
+                if need_x:
+                    dx[s:s + step] = dxb
+                if need_w:
+                    dw += dwk
+                if need_wb:
+                    dwb += dwbb
         return dx, (dw.reshape(O, I, K) if need_w else None), dwb, None
 
 
@@ -1732,7 +1746,7 @@ OP = register(Op(
     plain=_plain_run,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
-                                                        _bspline_both, _bspline_full, _cheb_both, _dsilu,
+                                                        _bspline_both, _bspline_full, _cheb_both, _silu_vjp,
                                                         _block_rows)))
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
