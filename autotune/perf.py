@@ -97,20 +97,34 @@ def _key(r: dict) -> tuple:
     return (r["op"], r["case"], r["mode"], r["dtype"])
 
 
+def speedup(r: dict, base: dict | None) -> tuple[float, float] | None:
+    """(torch p50 / ``r``'s p50, the larger relative (p80 - p20) / p50 of the two timings), or None.
+
+    The torch timings are ``r``'s own ``anchor_*`` quantiles where it has them (the torch variant timed in the
+    same rounds, alternately: ``perf/conftest.py``), else those of ``base``, the torch variant's record.
+    """
+    if r.get("anchor_p50"):
+        base = {"p20": r["anchor_p20"], "p50": r["anchor_p50"], "p80": r["anchor_p80"]}
+    if base is None:
+        return None
+    spread = max((x["p80"] - x["p20"]) / x["p50"] for x in (r, base))
+    return base["p50"] / r["p50"], spread
+
+
 def ratios(records: list[dict], baseline_variant: str = "torch") -> dict:
     """``{(op, case, mode, dtype, variant): (ratio, spread)}`` for every non-baseline record.
 
-    ratio = baseline p50 / variant p50 (>1: the variant is faster); spread is
-    the larger relative (p80 - p20) / p50 of the two timings.
+    ratio = baseline p50 / variant p50 (>1: the variant is faster), from the record's interleaved baseline
+    timings where it has them (``speedup``); spread is the larger relative (p80 - p20) / p50 of the two.
     """
     base = {_key(r): r for r in records if r["variant"] == baseline_variant}
     out = {}
     for r in records:
-        b = base.get(_key(r))
-        if r["variant"] == baseline_variant or b is None:
+        if r["variant"] == baseline_variant:
             continue
-        spread = max((x["p80"] - x["p20"]) / x["p50"] for x in (r, b))
-        out[_key(r) + (r["variant"],)] = (b["p50"] / r["p50"], spread)
+        sp = speedup(r, base.get(_key(r)))
+        if sp is not None:
+            out[_key(r) + (r["variant"],)] = sp
     return out
 
 
@@ -255,6 +269,10 @@ def markdown_table(records: list[dict], env: dict) -> str:
                f"Triton {env.get('triton')}, commit {env.get('commit')}; {which}; "
                "forward+backward rows on CUDA add the peak memory allocated and, after the slash where measured, "
                "the memory a forward pass keeps for its backward (activations), in MB.")
+    if any(r.get("anchor_p50") for r in records):
+        caption += (" A speedup's torch time is, where recorded, the torch variant's timed in the same rounds as "
+                    "that variant, alternately (perf/conftest.py, on a CPU by default), so the torch column, "
+                    "timed in its own test, need not give it.")
     changed = changed_ops(records)
     if changed:
         caption += (f" **Code changed since** (source hash): {', '.join(changed)}; those rows time the code of "
@@ -285,7 +303,8 @@ def _op_table(records: list[dict]) -> str:
             if r is None:
                 cells.append("-")
             else:
-                cell = f"{r['p50']:.3f}" if t is None or v == "torch" else f"{r['p50']:.3f} ({t['p50'] / r['p50']:.2f}x)"
+                sp = None if v == "torch" else speedup(r, t)
+                cell = f"{r['p50']:.3f}" if sp is None else f"{r['p50']:.3f} ({sp[0]:.2f}x)"
                 if r.get("peak_mb") is not None:
                     saved = r.get("saved_mb")
                     cell += f", {r['peak_mb']:.0f}" + ("" if saved is None else f"/{saved:.0f}") + " MB"

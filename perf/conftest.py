@@ -33,6 +33,9 @@ def pytest_addoption(parser):
     parser.addoption("--opforge-cases", default=None, help="case sets, comma-separated: small, cpu, gpu, main, all")
     parser.addoption("--opforge-case-names", default="", help="only these cases of the set (comma-separated names)")
     parser.addoption("--opforge-dtypes", default="float32")
+    parser.addoption("--opforge-interleave", default="auto", choices=("auto", "on", "off"),
+                     help="time each variant round by round alternately with the torch variant on the same inputs, "
+                          "so its speedup comes from like moments (auto: on a CPU, whose speed drifts)")
 
 
 def device() -> torch.device:
@@ -72,8 +75,19 @@ def _flush_l2(dev):
 
 
 class Perf:
-    def __init__(self, benchmark):
+    def __init__(self, benchmark, config=None):
         self.benchmark = benchmark
+        self.config = config
+
+    def anchor(self, op, variant: str, problem, make_step):
+        """The torch variant's timed call (``make_step()``) to interleave with ``variant``'s, or None: for the
+        torch variant itself, where its baseline is not timed (``Op.baseline_skip``), and unless
+        --opforge-interleave is on (auto: on a CPU)."""
+        mode = self.config.getoption("--opforge-interleave") if self.config is not None else "off"
+        on = mode == "on" or (mode == "auto" and problem.device.type == "cpu")
+        if not on or variant == "torch" or op.baseline_skip(problem):
+            return None
+        return make_step()
 
     @staticmethod
     def skip_unless_timed(op, variant: str, problem):
@@ -96,29 +110,57 @@ class Perf:
             run.forward = lambda: fwd(*args)  # for the activation-memory reading
         return run
 
-    def run(self, op, case, variant: str, mode: str, problem, fn, rounds: int | None = None):
-        """Time ``fn`` (one forward, or forward+backward) and record it."""
+    def run(self, op, case, variant: str, mode: str, problem, fn, rounds: int | None = None, anchor=None):
+        """Time ``fn`` (one forward, or forward+backward) and record it. With ``anchor`` (``Perf.anchor``: the
+        torch variant's call on the same inputs) each round times both, in alternating order, and the record
+        keeps the torch variant's quantiles of those same rounds as ``anchor_p20/p50/p80``: its speedup then
+        compares like moments of a machine whose speed drifts between tests."""
         dev = problem.device
 
-        def target():
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+        def timed(f):
+            def call():
+                f()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+            return call
 
+        target = timed(fn)
         if rounds is None:
             target()  # compiles
             t0 = time.perf_counter()
             target()  # a slow call gets fewer rounds, so a suite stays within minutes
+            if anchor is not None:
+                timed(anchor)()
             # 30 rounds within 2 s a test on a GPU, 0.5 s on a CPU (whose timings jump by 1.5x at times: 5 rounds
             # there gave a 1.6x "gap" that 25 interleaved calls did not show)
             budget = 2.0 if dev.type == "cuda" else 0.5
             rounds = max(3, min(30, int(budget / max(time.perf_counter() - t0, 1e-6))))
-        self.benchmark.pedantic(target, setup=lambda: _flush_l2(dev), rounds=rounds, warmup_rounds=2, iterations=1)
-        data = sorted(self.benchmark.stats.stats.data)
-        q = lambda f: 1e3 * data[min(len(data) - 1, int(round(f * (len(data) - 1))))]  # noqa: E731
+        if anchor is None:
+            self.benchmark.pedantic(target, setup=lambda: _flush_l2(dev), rounds=rounds, warmup_rounds=2, iterations=1)
+            data, anchor_data = sorted(self.benchmark.stats.stats.data), None
+        else:  # pytest-benchmark times the pair; each call's own time is taken here
+            times = {"target": [], "anchor": []}
+            calls = {"target": target, "anchor": timed(anchor)}
+
+            def pair():
+                order = ("anchor", "target") if len(times["target"]) % 2 else ("target", "anchor")
+                for name in order:
+                    _flush_l2(dev)
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    times[name].append(time.perf_counter() - t0)
+
+            self.benchmark.pedantic(pair, rounds=rounds, warmup_rounds=2, iterations=1)
+            data, anchor_data = sorted(times["target"][2:]), sorted(times["anchor"][2:])  # past the warm-up pairs
+
+        def q(f, d=data):
+            return 1e3 * d[min(len(d) - 1, int(round(f * (len(d) - 1))))]
+
         rec = {"op": op.name, "case": case.name, "shape": _shape(case), "variant": variant, "mode": mode,
                "dtype": problem.dtype_name, "p20": q(0.2), "p50": q(0.5), "p80": q(0.8), "rounds": len(data),
                "source_hash": op.source_hash()}  # the README tables flag rows of code changed since
+        if anchor_data:
+            rec.update(anchor_p20=q(0.2, anchor_data), anchor_p50=q(0.5, anchor_data), anchor_p80=q(0.8, anchor_data))
         if op.roofline is not None:
             roof = op.roofline(problem)
             peaks = device_peaks(device_info()["name"])
@@ -151,8 +193,8 @@ def _shape(case) -> str:
 
 
 @pytest.fixture
-def perf(benchmark):
-    return Perf(benchmark)
+def perf(benchmark, request):
+    return Perf(benchmark, request.config)
 
 
 _RESULTS_PATH: list[str] = []

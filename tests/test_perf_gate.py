@@ -23,6 +23,17 @@ def test_ratios_are_same_run_speedups():
     assert ratio == pytest.approx(4.0) and spread == pytest.approx(0.02)
 
 
+def test_an_interleaved_records_speedup_uses_its_own_torch_timings():
+    """A record timed alternately with the torch variant (perf/conftest.py's anchor) is compared with those
+    timings, not with the torch record of another test (the machine may have been slower then)."""
+    anchored = dict(rec("fast", 0.5), anchor_p20=0.95, anchor_p50=1.0, anchor_p80=1.05)
+    r = perf.ratios([rec("torch", 2.0), anchored])
+    (ratio, spread), = r.values()
+    assert ratio == pytest.approx(2.0) and spread == pytest.approx(0.1)
+    assert perf.ratios([anchored]) == r  # no torch record needed
+    assert "(2.00x)" in perf.markdown_table([rec("torch", 2.0), anchored], {})
+
+
 def test_compare_ok_regressed_missing_new():
     base = [rec("torch", 2.0), rec("fast", 0.5), rec("gone", 1.0), rec("torch", 1.0, case="d"), rec("v", 0.5, case="d")]
     cur = [rec("torch", 2.0), rec("fast", 0.52), rec("torch", 1.0, case="d"), rec("v", 1.0, case="d"),
@@ -88,6 +99,8 @@ def test_perf_check_end_to_end_on_cpu(tmp_path):
     variants = {x["variant"] for x in data["records"]}
     assert "torch" in variants and len(variants) >= 2
     assert all(x["passes"] == 2 for x in data["records"]) and "pass 2 of 2" in r.stdout
+    # on a CPU every other variant is timed alternately with the torch variant, round by round
+    assert all(x["anchor_p20"] <= x["anchor_p50"] <= x["anchor_p80"] for x in data["records"] if x["variant"] != "torch")
     r = _cli("perf-check", "--baseline", str(base), "--threshold", "20", "--quiet", *sel)
     assert r.returncode == 0, r.stdout + r.stderr
     for x in data["records"]:
