@@ -225,6 +225,21 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
 def _cheb_both(x, K, value=True, derivative=False):
     """T_k(tanh x) and d/dx T_k(tanh x) = k U_{k-1}(t) (1 - t^2), k < K, each [n, I, K] or None."""
     t = torch.tanh(x)
+    if not torch.is_grad_enabled():
+        # ChebyKAN's form, contiguous over [n, I, K] and in place: T_k = cos(k theta), theta = acos t, and
+        # k U_{k-1}(t) (1 - t^2) = k sin(k theta) sin(theta). The recurrence below stacks K planes into the
+        # trailing axis (a strided copy): 2.3x (values) and 3.5x (both) the time at 1024 x 256, K = 9, here.
+        # Not differentiable at t = +-1 (acos), so the graph-recording calls keep the recurrence.
+        theta = torch.acos(t)
+        k = torch.arange(K, device=x.device, dtype=x.dtype)
+        vals = d = None
+        if value:
+            vals = (theta.unsqueeze(-1) * k).cos_()
+            vals[..., 0] = 1  # T_0 = 1 for a NaN x too (0 * NaN is not 0), as in the recurrence and the kernels
+        if derivative:
+            d = (theta.unsqueeze(-1) * k).sin_().mul_(k).mul_(torch.sin(theta).unsqueeze(-1))
+            d[..., 0] = 0
+        return vals, d
     T = [torch.ones_like(t), t]
     U = [torch.ones_like(t), 2 * t] if derivative else []
     for _ in range(2, K):
@@ -255,10 +270,22 @@ def _basis_both(x, b: _Basis, K: int, value=True, derivative=False):
         return (phi if value else None), z.mul_(phi).mul_(-2 * inv)
     if b.kind == "chebyshev":
         return _cheb_both(x, K, value, derivative)
-    k = torch.arange(1, b.grid_size + 1, device=x.device, dtype=x.dtype)
-    kx = x.unsqueeze(-1) * k
-    c, s = torch.cos(kx), torch.sin(kx)
-    return (torch.cat([c, s], -1) if value else None), (torch.cat([-k * s, k * c], -1) if derivative else None)
+    G = b.grid_size
+    k = torch.arange(1, G + 1, device=x.device, dtype=x.dtype)
+    if torch.is_grad_enabled():  # differentiable math (plain path, create_graph)
+        kx = x.unsqueeze(-1) * k
+        c, s = torch.cos(kx), torch.sin(kx)
+        return (torch.cat([c, s], -1) if value else None), (torch.cat([-k * s, k * c], -1) if derivative else None)
+    # Out of place each [n, I, K] buffer is fresh memory (page faults on a CPU), and writing cos and sin into the
+    # two halves of one buffer runs torch's strided (scalar) loop, 8x slower than a contiguous one. So each
+    # tensor is one contiguous cosine over all K, in place: sin a = cos(a - pi/2), as in the kernels, and
+    # d/dx cos(kx) = k cos(kx + pi/2), d/dx sin(kx) = k cos(kx).
+    k2 = torch.cat([k, k])
+    shift = torch.zeros(2 * G, device=x.device, dtype=x.dtype)
+    shift[G:] = math.pi / 2  # phi = cos(k x - shift), dphi = k cos(k x + shift flipped)
+    phi = (x.unsqueeze(-1) * k2).sub_(shift).cos_() if value else None
+    dphi = (x.unsqueeze(-1) * k2).add_(shift.flip(0)).cos_().mul_(k2) if derivative else None
+    return phi, dphi
 
 
 def _basis_t(x, b: _Basis, K: int):
@@ -335,7 +362,8 @@ class _TorchKAN(torch.autograd.Function):
             if need_w:
                 dwb = gb.t() @ phi.reshape(xb.shape[0], I * K)
             if need_x:
-                dxb = ((gb @ W2).reshape(xb.shape[0], I, K) * dphi).sum(-1)
+                t = (gb @ W2).reshape(xb.shape[0], I, K)
+                dxb = (t * dphi if torch.is_grad_enabled() else t.mul_(dphi)).sum(-1)  # in place: no fresh buffer
                 if base_weight is not None:
                     dxb = dxb + _silu_vjp(gb @ base_weight, xb)
             if need_wb:
