@@ -14,7 +14,10 @@
 # time runs out: compiled correctness first, then headline timings at the default configs, then tuning):
 #
 #   OPFORGE_COMMIT=<hash> CASE_SET=main PERF_DTYPES=float32 TUNE_DTYPES=float32 TUNE_MODES=fwdbwd \
-#     TEST_CPU=0 bash perf/gpu_session.sh test perf tune
+#     TEST_CPU=0 TEST_FUSED_BASE=0 TEST_LIMIT_S=150 PERF_LIMIT_S=120 bash perf/gpu_session.sh test perf tune
+#
+# (the GPU tests within 150 s, each op's main-case perf suite within 120 s, tuning with what is left; then, on
+# the still-warm machine, a second call with the device time left: OPS=<op> ... bash perf/gpu_session.sh tune)
 #
 # Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
 # neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
@@ -70,15 +73,21 @@ tag=$(python3 -c "from opforge.kernels._triton import device_info; print(device_
 # TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16),
 # TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries), OPS the ops of
 # the tune and perf stages (default all three), CASE_SET their case set (gpu, the default, or main: the
-# issues' headline shapes), CASES case names within it, TEST_PATHS what the test stage runs (default tests).
+# issues' headline shapes), CASES case names within it, TEST_PATHS what the test stage runs (default: every
+# test file with GPU tests, the ops' own first), TEST_FUSED_BASE=0 skips the in-kernel KAN base-path test.
 for stage in "${stages[@]}"; do
   echo "== $stage (at ${SECONDS}s)" >>"$LOG"
   case "$stage" in
     test)  # compiled GPU tests, then the CPU tests through the interpreter (Triton reads TRITON_INTERPRET at import)
       fits 60 || continue
-      TAIL=15 timed "${TEST_LIMIT_S:-240}" env TRITON_INTERPRET=0 python3 -m pytest -q -m gpu ${TEST_PATHS:-tests}
+      # the ops' own GPU tests first, torch.compile's (minutes of inductor compiles) last: a time limit then
+      # cuts what matters least, and pytest still reports what ran (SIGINT)
+      TAIL=15 timed "${TEST_LIMIT_S:-240}" env TRITON_INTERPRET=0 python3 -m pytest -q -m gpu --durations=15 \
+        ${TEST_PATHS:-tests/test_spectral_conv.py tests/test_kan.py tests/test_kernel_sum.py tests/test_host_sync.py \
+        tests/test_autocast.py tests/test_func_transforms.py tests/test_graph_op.py}
       # the KAN base path inside the forward kernel (off by default: wrong compiled on an H100, kernels/kan.py)
-      TAIL=3 timed 60 env OPFORGE_KAN_FUSED_BASE=1 TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_kan.py -k bspline
+      [ "${TEST_FUSED_BASE:-1}" = 1 ] && TAIL=3 timed 60 env OPFORGE_KAN_FUSED_BASE=1 TRITON_INTERPRET=0 \
+        python3 -m pytest -q -m gpu tests/test_kan.py -k bspline
       [ "${TEST_CPU:-1}" = 1 ] && TAIL=5 timed 400 env TRITON_INTERPRET=1 python3 -m pytest -q -n 8 -m "not gpu" tests ;;
     check)  # every variant, torch included, against the torch variant in float64 (forward, main shapes)
       fits 60 || continue
