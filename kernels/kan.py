@@ -355,20 +355,20 @@ class _TorchKAN(torch.autograd.Function):
         W2 = weight.reshape(O, I * K)
         need_x, need_w, need_wb = ctx.needs_input_grad[:3]
 
-        def block(xb, gb, phi=None, dphi=None):  # (dx, dW [O, I*K], dWb) of one row block
+        def block(xb, gb, phi=None, dphi=None):  # (grad x, grad W [O, I*K], grad Wb) of one row block
             if phi is None:
                 phi, dphi = _basis_both(xb, b, K, value=need_w, derivative=need_x)
-            dxb = dwb = dwbb = None
+            gx = gw = gwb = None
             if need_w:
-                dwb = gb.t() @ phi.reshape(xb.shape[0], I * K)
+                gw = gb.t() @ phi.reshape(xb.shape[0], I * K)
             if need_x:
                 t = (gb @ W2).reshape(xb.shape[0], I, K)
-                dxb = (t * dphi if torch.is_grad_enabled() else t.mul_(dphi)).sum(-1)  # in place: no fresh buffer
+                gx = (t * dphi if torch.is_grad_enabled() else t.mul_(dphi)).sum(-1)  # in place: no fresh buffer
                 if base_weight is not None:
-                    dxb = dxb + _silu_vjp(gb @ base_weight, xb)
+                    gx = gx + _silu_vjp(gb @ base_weight, xb)
             if need_wb:
-                dwbb = gb.t() @ F.silu(xb)
-            return dxb, dwb, dwbb
+                gwb = gb.t() @ F.silu(xb)
+            return gx, gw, gwb
 
         step = _block_rows(I, K)
         if x.shape[0] <= step:  # one block (every small layer): its gradients as they are, no buffers to fill
@@ -379,13 +379,13 @@ class _TorchKAN(torch.autograd.Function):
             dw = torch.zeros_like(W2) if need_w else None
             dwb = torch.zeros_like(base_weight) if need_wb else None
             for s in range(0, x.shape[0], step):
-                dxb, dwk, dwbb = block(x[s:s + step], g[s:s + step])
+                gx, gw, gwb = block(x[s:s + step], g[s:s + step])
                 if need_x:
-                    dx[s:s + step] = dxb
+                    dx[s:s + step] = gx
                 if need_w:
-                    dw += dwk
+                    dw += gw
                 if need_wb:
-                    dwb += dwbb
+                    dwb += gwb
         return dx, (dw.reshape(O, I, K) if need_w else None), dwb, None
 
 

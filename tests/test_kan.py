@@ -44,6 +44,17 @@ def test_variants_match_reference(variant, case):
     check(variant, case)
 
 
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_torch_variant_row_blocks(case, monkeypatch):
+    """The torch variant's layers of more rows than one block (kan._block_rows; 4 MB of basis per block in
+    use): several blocks and a ragged last one, forward and every gradient, bases not kept from the forward."""
+    from opforge.kernels import kan as kan_mod
+
+    monkeypatch.setattr(kan_mod, "_block_rows", lambda cin, K: 4)  # 13 or 9 rows: 4 + 4 + 4 + 1, 4 + 4 + 1
+    monkeypatch.setattr(kan_mod, "_KEEP_BASIS_MAX", 0)
+    check("torch", case)
+
+
 @pytest.mark.parametrize("per_k", [True, False])
 @pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
 def test_fused_both_grad_w_kernels(case, per_k, monkeypatch):
