@@ -269,6 +269,10 @@ def markdown_table(records: list[dict], env: dict) -> str:
                f"Triton {env.get('triton')}, commit {env.get('commit')}; {which}; "
                "forward+backward rows on CUDA add the peak memory allocated and, after the slash where measured, "
                "the memory a forward pass keeps for its backward (activations), in MB.")
+    froms = [r["config_from"] for r in records if r.get("config_from")]
+    if froms:
+        caption += (f" Triton rows: {froms.count('cache')} at their fastest config in the autotune cache, "
+                    f"{froms.count('heuristic')} at their heuristic default.")
     if any(r.get("anchor_p50") for r in records):
         caption += (" A speedup's torch time is, where recorded, the torch variant's timed in the same rounds as "
                     "that variant, alternately (perf/conftest.py, on a CPU by default), so the torch column, "

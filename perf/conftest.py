@@ -161,6 +161,7 @@ class Perf:
                "source_hash": op.source_hash()}  # the README tables flag rows of code changed since
         if anchor_data:
             rec.update(anchor_p20=q(0.2, anchor_data), anchor_p50=q(0.5, anchor_data), anchor_p80=q(0.8, anchor_data))
+        rec.update(_config_of(op, variant, problem, train=mode == "fwdbwd"))
         if op.roofline is not None:
             roof = op.roofline(problem)
             peaks = device_peaks(device_info()["name"])
@@ -186,6 +187,20 @@ class Perf:
         _RECORDS.append(rec)
         _write_results()  # after every record: a suite cut short by a time limit keeps what it measured
         return rec
+
+
+def _config_of(op, variant: str, problem, train: bool) -> dict:
+    """For a Triton variant: the config its timed calls ran with (``Op.config_for``, as ``run_variant`` picks
+    it) and where that came from, ``cache`` (timed in this GPU's autotune cache) or ``heuristic`` (its
+    default), so a results file says which of its rows were tuned."""
+    v = op.variants.get(variant)
+    if v is None or v.kind != "triton":
+        return {}
+    from opforge.autotune import cache
+
+    entry = cache.lookup(op, problem, train=train)
+    tuned = any(t["variant"] == variant for t in (entry or {}).get("timings", []))
+    return {"config": op.config_for(v, problem, entry=entry, train=train), "config_from": "cache" if tuned else "heuristic"}
 
 
 def _shape(case) -> str:

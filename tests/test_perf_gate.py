@@ -212,3 +212,34 @@ def test_least_disturbed_pass_keeps_each_records_fastest():
     merged = perf.least_disturbed([[rec("torch", 2.0), rec("peer", 1.0)], [rec("torch", 1.5), rec("peer", 3.0)]])
     got = {r["variant"]: (r["p50"], r["p20"], r["passes"]) for r in merged}
     assert got == {"torch": (1.5, 1.35, 2), "peer": (1.0, 0.9, 2)}
+
+
+def test_records_say_which_config_a_triton_variant_ran(tmp_path, monkeypatch):
+    """perf/conftest.py records a Triton variant's config and whether the autotune cache or its heuristic
+    default gave it, and the table caption counts them: a results file says which of its rows were tuned."""
+    import importlib.util
+
+    from opforge.autotune import cache
+    from opforge.kernels import get_op
+    from opforge.kernels._triton import device_info
+
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("perf_conftest", ROOT / "perf" / "conftest.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path))
+    op = get_op("spectral_conv")
+    p, _ = op.make_inputs(next(c for c in op.cases if c.name == "2d-small-odd"), "cpu")
+    assert conf._config_of(op, "torch", p, train=False) == {}
+    got = conf._config_of(op, "fft_mix", p, train=False)
+    assert got == {"config": op.variants["fft_mix"].default_config(p), "config_from": "heuristic"}
+    fast = {"MIX_R": 16, "MIX_O": 32, "MIX_S": 16, "num_warps": 4}
+    cache.record(cache.user_dir() / cache.file_name(device_info()), device_info(), op, p,
+                 {"variant": "fft_mix", "config": fast, "ms": 1.0, "timings": [{"variant": "fft_mix", "config": fast,
+                                                                                "ms": 1.0}]})
+    assert conf._config_of(op, "fft_mix", p, train=False) == {"config": fast, "config_from": "cache"}
+    assert conf._config_of(op, "dft_gemm", p, train=False)["config_from"] == "heuristic"
+    recs = [dict(rec("fft_mix", 1.0), config_from="cache"), dict(rec("dft_gemm", 1.0), config_from="heuristic"),
+            rec("torch", 2.0)]
+    assert "Triton rows: 1 at their fastest config in the autotune cache, 1 at their heuristic default" in \
+        perf.markdown_table(recs, {})
