@@ -190,7 +190,13 @@ def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tenso
     for ax in range(d - 1):
         X = X.index_select(2 + ax, idx[ax])
     X = X[..., : p.modes[-1]]
-    Y = torch.einsum("bi...,io...->bo...", X, weight.to(X.dtype))
+    # One bmm over the modes, each operand made contiguous in [modes, rows, cols] first: an einsum left the
+    # mode axis innermost, and torch's complex bmm on a CPU then copied each mode's strided matrix apart
+    # (2112 copies at 64 x 33 modes: 3/4 of the mix's time); this took the mix 1.3-1.9x faster here
+    B, I, O, mshape = X.shape[0], X.shape[1], weight.shape[1], X.shape[2:]
+    Xm = X.reshape(B, I, -1).permute(2, 0, 1).contiguous()  # [M, B, I]
+    Wm = weight.to(X.dtype).reshape(I, O, -1).permute(2, 0, 1).contiguous()  # [M, I, O]
+    Y = torch.bmm(Xm, Wm).permute(1, 2, 0).reshape((B, O) + mshape)
     spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),))
     out_idx = [_freq_index(p.modes[ax], p.out_grid[ax], X.device) for ax in range(d - 1)]
     view = [o.view([-1] + [1] * (d - 2 - ax)) for ax, o in enumerate(out_idx)]
