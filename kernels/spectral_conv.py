@@ -843,7 +843,7 @@ OP = register(Op(
              Target("2d-256-b32-c64-m32", "fwdbwd", "frac_peak", 0.5),
              Target("2d-256-b32-c64-m32", "fwdbwd", "peak_memory", 0.5, ("neuraloperator", "neuralop-algorithm"))],
 ))
-OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run,)))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _irfftn, _freq_index)))
 if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
                    configs=lambda p: _prune_mix(p, _dft_cfgs()), default_config=_dft_default,
