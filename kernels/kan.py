@@ -1775,7 +1775,7 @@ OP = register(Op(
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
                                                         _bspline_both, _bspline_full, _cheb_both, _silu_vjp,
-                                                        _block_rows)))
+                                                        _block_rows, _torch_forward, _contract)))
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,

@@ -1254,4 +1254,5 @@ if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
                    supports=_flash_supports,
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi,
-                            _dphi, _m_splits, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run)))
+                            _dphi, _m_splits, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run, _exact, _sq_dot_chunks,
+                            _sq_norms)))

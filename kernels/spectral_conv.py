@@ -843,17 +843,17 @@ OP = register(Op(
              Target("2d-256-b32-c64-m32", "fwdbwd", "frac_peak", 0.5),
              Target("2d-256-b32-c64-m32", "fwdbwd", "peak_memory", 0.5, ("neuraloperator", "neuralop-algorithm"))],
 ))
-OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _irfftn, _freq_index)))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _irfftn, _freq_index, _half)))
 if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
                    configs=lambda p: _prune_mix(p, _dft_cfgs()), default_config=_dft_default,
                    supports=_dft_supports,
                    sources=(_bmm_kernel, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _real_stage, _complex_stage,
-                            _kept, _Plan, _DFTConvFn, _bases, _dft_cfgs, _dft_run)))
+                            _kept, _Plan, _DFTConvFn, _bases, _m2p, _dft_cfgs, _dft_run)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),
-                   sources=(_mix_kernel, _Spec, _mix, _ModeMixFn, _mix_cfgs, _fft_mix_run)))
+                   sources=(_mix_kernel, _Spec, _mix, _ModeMixFn, _mix_cfgs, _fft_mix_run, _irfftn, _half)))
 
 
 # --------------------------------------------------------------------------- public API

@@ -406,3 +406,56 @@ def test_wide_views_are_copied_for_32_bit_offsets():
     assert copy.is_contiguous() and torch.equal(copy, view)
     small = torch.zeros(4, 6)[:, :3]
     assert within_int32(small) is small
+
+
+# launch heuristics, not kernel semantics: a changed default config or SM count leaves every timed config valid
+_UNHASHED = ("_default", "_sm_count")
+
+
+def _code_of(obj) -> list:
+    import types
+
+    if hasattr(getattr(obj, "fn", None), "__code__"):  # a Triton JITFunction
+        return [obj.fn.__code__]
+    if isinstance(obj, staticmethod):
+        obj = obj.__func__
+    if isinstance(obj, property):
+        obj = obj.fget
+    if isinstance(obj, types.FunctionType):
+        return [obj.__code__]
+    if isinstance(obj, type):  # its own methods (not nested classes: autograd's _backward_cls points back)
+        return [c for v in vars(obj).values() if not isinstance(v, type) for c in _code_of(v)]
+    return []
+
+
+def _names(code) -> set:
+    import types
+
+    return set(code.co_names).union(*[_names(c) for c in code.co_consts if isinstance(c, types.CodeType)])
+
+
+@pytest.mark.parametrize("op_name", sorted(registered_ops()))
+def test_source_hash_covers_every_helper_a_variant_calls(op_name):
+    """A variant's ``sources`` (its op's source hash, which scopes cached timings and flags results of changed
+    code) must hold every private function and class of its module that it reaches: the spectral torch
+    variant once hashed only _torch_run, so an edit of its mix marked nothing stale."""
+    import importlib
+
+    op = get_op(op_name)
+    mod = importlib.import_module(f"opforge.kernels.{op_name}")
+    for v in op.variants.values():
+        seen, todo = [], list(v.sources)
+        while todo:
+            obj = todo.pop()
+            if any(obj is s for s in seen):
+                continue
+            seen.append(obj)
+            for name in set().union(*[_names(c) for c in _code_of(obj)]):
+                target = getattr(mod, name, None)
+                home = getattr(getattr(target, "fn", target), "__module__", None)
+                if (name.startswith("_") and not name.startswith("__") and not name.isupper() and target is not None
+                        and home == mod.__name__ and not name.endswith(_UNHASHED)):
+                    todo.append(target)
+        missing = sorted({getattr(getattr(o, "fn", o), "__name__", repr(o)) for o in seen
+                          if not any(o is s for s in v.sources)})
+        assert not missing, f"{op_name} variant {v.name!r} reaches {missing}, which its sources= leave out"
