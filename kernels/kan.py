@@ -186,11 +186,11 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
     lower = N
     for d in range(1, order + 1):  # N[r]: basis j - d + r of degree d
         lower = N
-        saved = torch.zeros_like(x)
+        saved = None  # (0 for r = 0: no zeros to add)
         new = []
         for r in range(d):
             temp = N[r] / (right[r + 1] + left[d - r])
-            new.append(saved + right[r + 1] * temp)
+            new.append(right[r + 1] * temp if saved is None else saved + right[r + 1] * temp)
             saved = left[d - r] * temp
         new.append(saved)
         N = new
@@ -198,12 +198,19 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
     # last slot when it does not exist or x is outside the knots
     first = (torch.arange(n * I, device=x.device) * NB).view(n, I) + jp - 2 * order  # slot of r = 0
     b = jp - 2 * order  # index of basis r = 0
-    # [order + 1, n, I]: stacking on a new leading axis copies whole planes (a trailing axis interleaves)
-    slots = torch.stack([torch.where(inside & (b >= -r) & (b < NB - r), first + r, n * I * NB)
-                         for r in range(order + 1)])
+    slots = [torch.where(inside & (b >= -r) & (b < NB - r), first + r, n * I * NB) for r in range(order + 1)]
+    # no graph and no torch.func transform: each of the order + 1 planes put in place (no stacked copies of
+    # the slots and values, no copy of the zeros: 3x faster than the scatter below at 2.6e5 values here)
+    in_place = not torch.is_grad_enabled() and not transforms_active()
 
-    def place(vals):  # out of place: vmap cannot scatter batched values (knots of a model ensemble) in place
-        flat = x.new_zeros(n * I * NB + 1).scatter(0, slots.view(-1), torch.stack(vals).view(-1))
+    def place(vals):
+        if in_place:
+            flat = x.new_zeros(n * I * NB + 1)
+            for s, v in zip(slots, vals):
+                flat.put_(s, v)
+        else:  # out of place: vmap cannot scatter batched values (knots of a model ensemble) in place
+            # [order + 1, n, I]: stacking on a new leading axis copies whole planes (a trailing axis interleaves)
+            flat = x.new_zeros(n * I * NB + 1).scatter(0, torch.stack(slots).view(-1), torch.stack(vals).view(-1))
         return flat[:-1].view(n, I, NB)
 
     vals = place(N) if value else None

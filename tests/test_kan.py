@@ -154,12 +154,18 @@ def test_nonuniform_knots_and_inputs_outside(backend):
     assert_close(w.grad, dw, torch.float32, 19)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["no-graph", "graph"])
 @pytest.mark.parametrize("full", [False, True], ids=["local", "full"])
 @pytest.mark.parametrize("order", [0, 1, 2, 3, 5])
-def test_torch_bspline_bases_and_derivatives_match_reference(order, full):
+def test_torch_bspline_bases_and_derivatives_match_reference(order, full, graph):
     """The torch variant's two forms -- local de Boor (interval by search, order + 1 bases, scattered) and
     the recursion over all knots (small inputs) -- against the reference, float64: x on every knot,
-    between them and outside."""
+    between them and outside; with grad mode on (the differentiable scatter) and off (bases put in place)."""
+    with torch.set_grad_enabled(graph):
+        _bspline_bases_match_reference(order, full)
+
+
+def _bspline_bases_match_reference(order, full):
     from opforge.kernels.kan import _bspline_both
 
     gen = torch.Generator().manual_seed(order)
