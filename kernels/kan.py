@@ -115,11 +115,11 @@ def _bspline_t(x, grid, order, derivative=False):
 
 _FULL_MAX = 1 << 14  # n * I * NK up to which the full recursion is the faster (fewer, larger torch ops)
 # and up to n * I = _FULL_ROWS when it does at most _FULL_RATIO times the local form's arithmetic:
-# (NK - 1) / (order + 1) <= 5 (G = 5 and 8 at order 3, G <= 8 at order 1); on a 2-core CPU that took a
-# 10-input layer's bases (and derivatives) at 1000 rows from about 0.75-0.94 ms to 0.57-0.66 ms, while past
-# _FULL_ROWS, or at a higher ratio, the two are even or the local form leads (G = 20: 1.7x at 2e5)
+# (NK - 1) / (order + 1) <= 4 (G = 5 and 8 at order 3, G <= 6 at order 1). On a 2-core CPU, no graph,
+# bases and derivatives: 0.76-0.92x the local form's time at 1e4 values for those, 0.9-1.35x at G = 12
+# (ratio 4.5) and past 1.6e4 values the local form leads at every ratio from 3.5 (1.55x at G = 8, 4e4)
 _FULL_ROWS = 1 << 14
-_FULL_RATIO = 5
+_FULL_RATIO = 4
 
 
 def _bspline_full(x, grid, order, value=True, derivative=False):
