@@ -513,3 +513,24 @@ def test_fused_grad_w_is_the_same_for_any_batch_split(splits):
     _, dw, _ = ref.kan_linear_vjp(npf(x), npf(w), p.basis, g.double().numpy(), npf(wb), degree=p.k - 1,
                                   grid_size=b.grid_size)
     assert_close(w.grad, dw, torch.float32, p.rows, f"grad weight with SPLITS={splits}")
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["no-graph", "graph"])
+def test_bspline_local_form_in_deterministic_mode(graph):
+    """torch.use_deterministic_algorithms(True) (put_ raises there): the local form's in-place placement
+    switches to scatter_ and gives the same bases; the layer trains."""
+    from opforge.kernels.kan import _bspline_both
+
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.linspace(-1, 1, 18).expand(10, -1).contiguous()  # G = 11, order 3
+    x = torch.randn(2000, 10, generator=gen)  # 2e4 values: the local form
+    with torch.set_grad_enabled(graph):
+        want = _bspline_both(x, grid, 3, value=True, derivative=True, full=False)
+        torch.use_deterministic_algorithms(True)
+        try:
+            got = _bspline_both(x, grid, 3, value=True, derivative=True, full=False)
+            layer = KANLinear(10, 3, grid_size=11)
+            layer(x.requires_grad_(graph)).sum().backward() if graph else layer(x)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

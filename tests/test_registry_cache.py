@@ -459,3 +459,23 @@ def test_source_hash_covers_every_helper_a_variant_calls(op_name):
         missing = sorted({getattr(getattr(o, "fn", o), "__name__", repr(o)) for o in seen
                           if not any(o is s for s in v.sources)})
         assert not missing, f"{op_name} variant {v.name!r} reaches {missing}, which its sources= leave out"
+
+
+@pytest.mark.parametrize("op_name", sorted(registered_ops()))
+def test_torch_variants_run_in_deterministic_mode(op_name):
+    """Under torch.use_deterministic_algorithms(True), where ops without a deterministic implementation
+    raise, every op's torch variant runs its small cases forward and backward, with the same results."""
+    op = get_op(op_name)
+    for case in [c for c in op.cases if "small" in c.tags]:
+        runs = []
+        for det in (False, True):
+            p, args = op.make_inputs(case, "cpu", torch.float32, requires_grad=True, seed=1)
+            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            torch.use_deterministic_algorithms(det)
+            try:
+                y = op.run_variant("torch", p, *args)
+                runs.append([y, *torch.autograd.grad(y.sum(), leaves)])
+            finally:
+                torch.use_deterministic_algorithms(False)
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{op_name} {case.name}")
