@@ -86,7 +86,6 @@ def test_kan(perf, case, dtype, variant, mode):
         name = variant
     g = torch.randn((problem.rows, problem.cout), device=dev, dtype=dtype)
 
-    anchor = perf.anchor(OP, variant, problem, lambda: perf.step(
-        lambda x: OP.run_variant("torch", problem, x, w, wb, bias, b), (x,), [t for t in (x, w, wb, bias) if t is not None],
-        g, grad))
+    anchor = perf.anchor(OP, variant, problem, (x, w, wb, bias, b), [t for t in (x, w, wb, bias) if t is not None],
+                         g, grad)
     perf.run(OP, case, name, mode, problem, perf.step(fwd, (x,), params, g, grad), anchor=anchor)

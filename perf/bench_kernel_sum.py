@@ -122,7 +122,6 @@ def test_kernel_sum(perf, case, dtype, variant, mode):
     g = torch.randn((1, problem.n, problem.r), device=dev, dtype=dtype)
 
     step = perf.step(fwd, (x, y, b), [x, y, b], g, grad)
-    anchor = perf.anchor(OP, variant, problem, lambda: perf.step(
-        lambda x, y, b: OP.run_variant("torch", problem, x, y, b), (x, y, b), [x, y, b], g, grad))
+    anchor = perf.anchor(OP, variant, problem, (x, y, b), [x, y, b], g, grad)
     perf.run(OP, case, variant, mode, problem, step, rounds=5 if problem.n * problem.m >= 10**11 else None,
              anchor=anchor)

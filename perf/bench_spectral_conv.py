@@ -79,6 +79,5 @@ def test_spectral_conv(perf, case, dtype, variant, mode):
         params = [x, w, b]
     g = torch.randn((problem.batch, problem.cout) + problem.out_grid, device=dev, dtype=dtype)
 
-    anchor = perf.anchor(OP, variant, problem, lambda: perf.step(
-        lambda x: OP.run_variant("torch", problem, x, w, b), (x,), [x, w, b], g, grad))
+    anchor = perf.anchor(OP, variant, problem, (x, w, b), [x, w, b], g, grad)
     perf.run(OP, case, variant, mode, problem, perf.step(fwd, (x,), params, g, grad), anchor=anchor)

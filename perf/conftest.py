@@ -79,15 +79,15 @@ class Perf:
         self.benchmark = benchmark
         self.config = config
 
-    def anchor(self, op, variant: str, problem, make_step):
-        """The torch variant's timed call (``make_step()``) to interleave with ``variant``'s, or None: for the
-        torch variant itself, where its baseline is not timed (``Op.baseline_skip``), and unless
+    def anchor(self, op, variant: str, problem, args: tuple, params: list, grad_out, backward: bool):
+        """The torch variant's timed call on ``args`` (``step`` of it) to interleave with ``variant``'s, or
+        None: for the torch variant itself, where its baseline is not timed (``Op.baseline_skip``), and unless
         --opforge-interleave is on (auto: on a CPU)."""
         mode = self.config.getoption("--opforge-interleave") if self.config is not None else "off"
         on = mode == "on" or (mode == "auto" and problem.device.type == "cpu")
         if not on or variant == "torch" or op.baseline_skip(problem):
             return None
-        return make_step()
+        return self.step(lambda *a: op.run_variant("torch", problem, *a), args, params, grad_out, backward)
 
     @staticmethod
     def skip_unless_timed(op, variant: str, problem):
