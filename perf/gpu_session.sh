@@ -37,14 +37,15 @@ limit() {
   local left=$((BUDGET_S - SECONDS - 15))
   if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
 }
-# run a command under limit(<seconds>) with its output appended to the log; "fits <s>" first says whether
-# anything is left at all
+# fits <s>: is anything left for a stage (else it is skipped, and the log says so)
 fits() {
   if [ "$(limit "$1")" -lt 30 ]; then
     echo "== skipped: $stage (${SECONDS}s of ${BUDGET_S}s spent)" | tee -a "$LOG"; return 1
   fi
 }
-timed() {  # timed <seconds> <command...>: SIGINT first (pytest then writes what it has), KILL 10 s later
+# timed <seconds> <command...>: the command under limit(<seconds>), its output appended to the log and the
+# last TAIL lines shown; SIGINT at the limit (pytest then reports and writes what it has), KILL 10 s later
+timed() {
   local s; s=$(limit "$1"); shift
   if [ "$s" -lt 30 ]; then echo "-- skipped (budget): $*" | tee -a "$LOG"; return 0; fi
   timeout -s INT -k 10 "$s" "$@" 2>&1 | tee -a "$LOG" | tail -"${TAIL:-12}"
