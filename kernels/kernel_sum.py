@@ -48,7 +48,7 @@ import torch
 
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, checked_once, graph_grads,
-                        no_autocast, register, variant_backward)
+                        no_autocast, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
 
@@ -241,7 +241,12 @@ class _TorchKSum(torch.autograd.Function):
 
 def _torch_run(p: Problem, xs, ys, b, config=None):
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-    out = _TorchKSum.apply(xs.to(cdt), ys.to(cdt), b.to(cdt), p.kernel)
+    xs, ys, b = xs.to(cdt), ys.to(cdt), b.to(cdt)
+    if wants_grad((xs, ys, b)):
+        out = _TorchKSum.apply(xs, ys, b, p.kernel)
+    else:  # no gradient will flow from it (inference, a CG solve): no autograd Function to pay for
+        with torch.no_grad():
+            out = _blocked_sum(xs, ys, b, p.kernel)
     return out.to(p.dtype)
 
 
@@ -779,6 +784,8 @@ def _scaled(out: torch.Tensor, os_, cdt: torch.dtype, trailing: int) -> torch.Te
     """out * outputscale, a batched outputscale aligned with out's batch dims (``trailing`` dims after)."""
     if isinstance(os_, torch.Tensor) and _scale_batch(os_, None):
         return out * os_.to(cdt).reshape(os_.shape + (1,) * trailing)
+    if not isinstance(os_, torch.Tensor) and os_ == 1.0:  # the default: out itself (no copy)
+        return out
     return out * (os_.to(cdt).reshape(()) if isinstance(os_, torch.Tensor) else os_)
 
 
@@ -790,6 +797,14 @@ def _value(v) -> float:
 def _in(v, dtype: torch.dtype):
     """A checked scale parameter in the compute dtype (a float stays a float)."""
     return v.to(dtype) if isinstance(v, torch.Tensor) else v
+
+
+def _flat(t: torch.Tensor, lead: torch.Size, nb: int) -> torch.Tensor:
+    """t [..., n, c] as [nb, n, c] over the broadcast batch dims ``lead`` (a view where it can be; the
+    expand and reshape are skipped where t has those dims already: a small call feels each)."""
+    if t.shape[:-2] != lead:
+        t = t.expand(lead + t.shape[-2:])
+    return t if t.dim() == 3 else t.reshape((nb,) + t.shape[-2:])
 
 
 def _broadcasts(*shapes) -> bool:
@@ -830,9 +845,10 @@ def _prepare(x, y, b, kernel, lengthscale, outputscale):
     D = x.shape[-1]
     ls = _scale_param(lengthscale, "lengthscale", x, D)
     os_ = _scale_param(outputscale, "outputscale", x, None)
-    try:
-        lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], bb.shape[:-2], _scale_batch(ls, D),
-                                      _scale_batch(os_, None))
+    batches = {tuple(s) for s in (x.shape[:-2], y.shape[:-2], bb.shape[:-2], _scale_batch(ls, D),
+                                  _scale_batch(os_, None))} - {()}
+    try:  # (torch.broadcast_shapes is Python code: a tenth of a small call, so only where shapes differ)
+        lead = torch.Size(batches.pop() if batches else ()) if len(batches) <= 1 else torch.broadcast_shapes(*batches)
     except RuntimeError:
         raise ValueError(f"batch dims of x {tuple(x.shape[:-2])}, y {tuple(y.shape[:-2])}, b "
                          f"{tuple(bb.shape[:-2])}, lengthscale {_scale_batch(ls, D)} and outputscale "
@@ -877,9 +893,11 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     ls_c = _in(ls, cdt)
     # scaled points stay in float32 (float64 for float64 inputs): O((N + M) D), and no second rounding
     nb = math.prod(lead)
-    xs = (x.to(cdt) / ls_c).expand(lead + (N, D)).reshape(nb, N, D)
-    ys = (y.to(cdt) / ls_c).expand(lead + (M, D)).reshape(nb, M, D)
-    bs = bb.expand(lead + (M, R)).reshape(nb, M, R)
+    if isinstance(ls_c, float) and ls_c == 1.0:  # the default lengthscale: no copy of the points to divide
+        xs, ys = x.to(cdt), y.to(cdt)
+    else:
+        xs, ys = x.to(cdt) / ls_c, y.to(cdt) / ls_c
+    xs, ys, bs = (_flat(t, lead, nb) for t in (xs, ys, bb))
     if N == 0 or M == 0 or R == 0 or nb == 0:
         out = x.new_zeros(lead + (N, R)) + (0 * (xs.sum() + ys.sum() + bs.sum())).to(x.dtype)
     else:
