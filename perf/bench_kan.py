@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opforge.kernels import get_op
+from opforge.kernels import get_op, kan_linear
 
 OP = get_op("kan")
 PEERS = {"bspline": "efficient-kan-algorithm", "rbf": "fastkan-algorithm", "chebyshev": "chebykan-algorithm",
@@ -56,7 +56,8 @@ def _peer(p, w, wb, bias, b):
     return lambda x: _fourierkan(x, w, bias)
 
 
-VARIANTS = list(OP.variants) + ["peer", "linear"]  # "linear": nn.Linear of the same in/out, the memory yardstick
+# "linear": nn.Linear of the same in/out, the memory yardstick; "public-call": kan_linear itself (checks, dispatch)
+VARIANTS = list(OP.variants) + ["peer", "linear", "public-call"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
@@ -77,6 +78,14 @@ def test_kan(perf, case, dtype, variant, mode):
             return F.linear(x, lin)
 
         name = "nn.Linear"
+    elif variant == "public-call":
+        perf.skip_public_call_on_gpu(problem)
+
+        def fwd(x):
+            return kan_linear(x, w, problem.basis, base_weight=wb, bias=bias, grid=b.grid, spline_order=b.order,
+                              centers=b.centers, width=b.width)
+
+        name = variant
     else:
         perf.skip_unless_timed(OP, variant, problem)
 

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from opforge.kernels import get_op
+from opforge.kernels import get_op, kernel_matvec
 from opforge.reference.kernel_sum import KERNELS
 
 OP = get_op("kernel_sum")
@@ -96,7 +96,7 @@ def _peer(problem):
     return dense
 
 
-VARIANTS = list(OP.variants) + [PEER]
+VARIANTS = list(OP.variants) + [PEER, "public-call"]  # "public-call": kernel_matvec itself (checks, dispatch)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
@@ -111,6 +111,11 @@ def test_kernel_sum(perf, case, dtype, variant, mode):
             pytest.skip("dense torch would need more than 2^28 kernel entries")
         if LazyTensor is not None:
             fwd(x, y, b)  # KeOps compiles the formula at its first call: keep that out of the timing
+    elif variant == "public-call":
+        perf.skip_public_call_on_gpu(problem)
+
+        def fwd(x, y, b):
+            return kernel_matvec(x, y, b, problem.kernel)
     else:
         perf.skip_unless_timed(OP, variant, problem)
         if variant == "torch" and OP.baseline_skip(problem):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opforge.kernels import get_op
+from opforge.kernels import get_op, spectral_conv
 
 OP = get_op("spectral_conv")
 
@@ -56,7 +56,7 @@ def _peer_forward(problem, w, bias):
     return layer
 
 
-VARIANTS = list(OP.variants) + [PEER]
+VARIANTS = list(OP.variants) + [PEER, "public-call"]  # "public-call": spectral_conv itself (checks, dispatch)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
@@ -70,6 +70,13 @@ def test_spectral_conv(perf, case, dtype, variant, mode):
             pytest.skip("the peer runs float32 without resampling")
         fwd = _peer_forward(problem, w, b)
         params = [x] + (list(fwd.parameters()) if isinstance(fwd, torch.nn.Module) else [w, b])
+    elif variant == "public-call":
+        perf.skip_public_call_on_gpu(problem)
+
+        def fwd(x):
+            return spectral_conv(x, w, b, output_shape=problem.out_grid)
+
+        params = [x, w, b]
     else:
         perf.skip_unless_timed(OP, variant, problem)
 

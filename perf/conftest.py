@@ -90,6 +90,13 @@ class Perf:
         return self.step(lambda *a: op.run_variant("torch", problem, *a), args, params, grad_out, backward)
 
     @staticmethod
+    def skip_public_call_on_gpu(problem):
+        """The ``public-call`` rows (the op's public function: checks, dispatch, then the variant it picks)
+        show per-call costs that matter on a CPU; a GPU run spends no device time on them."""
+        if problem.device.type == "cuda":
+            pytest.skip("the public call is timed on a CPU, where its per-call checks and dispatch show")
+
+    @staticmethod
     def skip_unless_timed(op, variant: str, problem):
         """Skip a variant that cannot run this problem, and Triton variants off the GPU (interpreter times mean nothing)."""
         reason = op.variants[variant].why_not(problem)
