@@ -243,12 +243,13 @@ def _cheb_both(x, K, value=True, derivative=False):
         # Not differentiable at t = +-1 (acos), so the graph-recording calls keep the recurrence.
         theta = torch.acos(t)
         k = torch.arange(K, device=x.device, dtype=x.dtype)
+        ktheta = theta.unsqueeze(-1) * k  # one product for both
         vals = d = None
         if value:
-            vals = (theta.unsqueeze(-1) * k).cos_()
+            vals = torch.cos(ktheta) if derivative else ktheta.cos_()
             vals[..., 0] = 1  # T_0 = 1 for a NaN x too (0 * NaN is not 0), as in the recurrence and the kernels
         if derivative:
-            d = (theta.unsqueeze(-1) * k).sin_().mul_(k).mul_(torch.sin(theta).unsqueeze(-1))
+            d = ktheta.sin_().mul_(k).mul_(torch.sin(theta).unsqueeze(-1))
             d[..., 0] = 0
         return vals, d
     T = [torch.ones_like(t), t]
