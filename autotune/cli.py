@@ -313,6 +313,12 @@ def main(argv=None) -> int:
                   f"Triton is not installed (`pip install triton`); without it opforge runs its torch variants "
                   f"(drop --interpret)", file=sys.stderr)
             return 2
+        from opforge.kernels._triton import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem:
+            print(f"opforge {args.cmd} --interpret: {problem}", file=sys.stderr)
+            return 2
     return args.fn(args)
 
 

@@ -26,6 +26,43 @@ def interpreter_enabled() -> bool:
     return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """None when Triton's CPU interpreter runs a small kernel here (or is not switched on), else what goes
+    wrong and what to do about it. Triton 3.6's interpreter fails under NumPy 2.4 on every kernel that
+    loops over a runtime bound (``int()`` of a one-element array, which NumPy 2.4 refuses); Triton 3.9
+    works with it, and Triton 3.6 with NumPy 2.3."""
+    if not interpreter_enabled():
+        return None
+
+    @triton.jit
+    def _probe(X, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i0 in range(0, n, BLOCK):
+            acc += tl.load(X + i0 + tl.arange(0, BLOCK))
+        tl.store(X + tl.arange(0, BLOCK), acc)
+
+    try:
+        x = torch.ones(8)
+        _probe[(1,)](x, 8, BLOCK=4)
+        if x[:4].tolist() != [2.0] * 4:
+            return f"Triton {triton.__version__}'s interpreter computed a wrong sum in a two-step loop here"
+    except Exception as e:  # noqa: BLE001 - any failure is the answer
+        return interpreter_advice(e)
+    return None
+
+
+def interpreter_advice(e: BaseException) -> str:
+    """What to tell a user whose Triton interpreter raised ``e`` on opforge's probe kernel."""
+    import numpy as np
+
+    msg = f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails here: {e!r}"
+    if "0-dimensional arrays" in repr(e) or "0-dimensional arrays" in repr(e.__cause__):
+        msg += (f". This Triton's interpreter needs an older NumPy than {np.__version__}: "
+                f"pip install 'numpy<2.4', or a newer Triton (3.9 works)")
+    return msg
+
+
 def triton_can_run(device: torch.device) -> bool:
     """Can a Triton kernel run on tensors of this device?"""
     if not HAS_TRITON:

@@ -12,6 +12,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    # a broken interpreter would fail every Triton test with the same error: say it once, with the fix
+    from opforge.kernels._triton import interpreter_problem
+
+    problem = interpreter_problem()
+    if problem:
+        pytest.exit(problem, returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")

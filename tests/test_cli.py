@@ -25,6 +25,21 @@ def test_bench_interpret_checks_every_triton_variant():
     assert "FAIL" not in r.stdout
 
 
+def test_interpreter_probe_passes_here_and_names_the_numpy_fix():
+    from opforge.kernels._triton import interpreter_advice, interpreter_problem
+
+    assert interpreter_problem() is None  # the conftest would have stopped the run otherwise
+    try:  # the error Triton 3.6's interpreter raises under NumPy 2.4, re-raised as Triton does
+        try:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        except TypeError as inner:
+            raise RuntimeError(repr(inner)) from inner
+    except RuntimeError as e:
+        advice = interpreter_advice(e)
+    assert "numpy<2.4" in advice and "0-dimensional" in advice
+    assert "numpy" not in interpreter_advice(ValueError("something else")).lower()
+
+
 def test_list_and_tune_without_gpu(capsys):
     assert main(["list"]) == 0
     assert "spectral_conv: torch" in capsys.readouterr().out
