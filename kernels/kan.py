@@ -113,45 +113,52 @@ def _bspline_t(x, grid, order, derivative=False):
     return _bspline_both(x, grid, order, value=not derivative, derivative=derivative)[1 if derivative else 0]
 
 
-_FULL_MAX = 1 << 14  # n * I * NK up to which the full recursion is the faster (fewer, larger torch ops)
-# and up to n * I = _FULL_ROWS when it does at most _FULL_RATIO times the local form's arithmetic:
-# (NK - 1) / (order + 1) <= 4 (G = 5 and 8 at order 3, G <= 6 at order 1). On a 2-core CPU, no graph,
-# bases and derivatives: 0.76-0.92x the local form's time at 1e4 values for those, 0.9-1.35x at G = 12
-# (ratio 4.5) and past 1.6e4 values the local form leads at every ratio from 3.5 (1.55x at G = 8, 4e4)
-_FULL_ROWS = 1 << 14
+# When the full recursion beats the local form (perf/kan_bspline_forms.py, 2-core CPU, interleaved; "ratio"
+# is (NK - 1) / (order + 1), the full form's arithmetic over the local form's). No graph (inside the op's
+# autograd Function), bases and derivatives: full/local 0.65-0.9 at ratio <= 3 (G <= 5 at order 3) from 1e4
+# to 1e6 values; at ratio 3.5 0.6-0.9 at order 1 but about 1.0 at order 3 (G = 8) past 1.6e4 values, 1.5 at
+# 1e6; at ratio 4.5 and up 0.6-0.95 up to 2e3 values, 0.8-1.5 (noise) at 1e4-1e5.
+_FULL_MAX = 1 << 14  # n * I * NK up to which the full form is taken at any ratio (no graph)
+_FULL_ROWS = 1 << 14  # n * I up to which it is taken at ratio <= _FULL_RATIO (no graph)
 _FULL_RATIO = 4
+_FULL_ROWS_LOW = 1 << 20  # and up to which at ratio <= _FULL_RATIO_LOW (no graph)
+_FULL_RATIO_LOW = 3
+# With a graph its backward costs more than the local form's: full/local 0.8-1.0 at 2e3 values, 1.0-1.1 at
+# 4e3, 1.2-1.6 at 8e3, 1.1-3 past it, at every ratio
+_FULL_ROWS_GRAPH = 1 << 12
 
 
 def _bspline_full(x, grid, order, value=True, derivative=False):
     """``_bspline_both`` by the Cox-de Boor recursion over all NK - 1 knot intervals at once (efficient-kan's
     algorithm): (NK - 1) / (order + 1) times the arithmetic of the local form, on [n, I, NK] temporaries, but
-    a third of its torch calls, which is what small inputs pay for."""
-    g = grid.unsqueeze(0)  # [1, I, NK]
-    xe = x.unsqueeze(-1)
-    B = ((xe >= g[..., :-1]) & (xe < g[..., 1:])).to(x.dtype)  # degree 0: half-open intervals
-    # a NaN or infinite x lies in no interval, so its bases are all 0; finite factors keep them 0 (inf * 0
-    # would be NaN), as in the local form
-    xe = torch.nan_to_num(xe, nan=0.0, posinf=0.0, neginf=0.0)
-    lower = B
+    a third of its torch calls, which is what small inputs pay for.
+
+    With L_i = x - t_i and R_i = 1 / (t_{i+k} - t_i), degree k is
+    B_{i,k} = L_i R_i B_{i,k-1} - L_{i+k+1} R_{i+1} B_{i+1,k-1}: one product P = R B_{k-1} and two
+    multiply-adds on slices of one L, and the derivative p (P_i - P_{i+1}) reuses the last P."""
+    L = x.unsqueeze(-1) - grid.unsqueeze(0)  # [n, I, NK]: x - t_i
+    ge = L >= 0  # a NaN or infinite x lies in no half-open interval [t_i, t_{i+1}): its bases are all 0
+    B = (ge[..., :-1] & ~ge[..., 1:]).to(x.dtype)
+    # and finite factors keep them 0 (inf * 0 would be NaN), as in the local form
+    L = torch.nan_to_num(L, nan=0.0, posinf=0.0, neginf=0.0)
+    P = None
     for k in range(1, order + 1):  # B_{i,k} from B_{i,k-1} and B_{i+1,k-1}
-        lower = B
-        B = ((xe - g[..., :-(k + 1)]) / (g[..., k:-1] - g[..., :-(k + 1)]) * B[..., :-1]
-             + (g[..., k + 1:] - xe) / (g[..., k + 1:] - g[..., 1:-k]) * B[..., 1:])
+        P = B * (1.0 / (grid[..., k:] - grid[..., :-k]))  # [n, I, NK - k]
+        B = torch.addcmul(L[..., :-(k + 1)] * P[..., :-1], L[..., k + 1:], P[..., 1:], value=-1.0)
     vals = B if value else None
     if not derivative:
         return vals, None
     if order == 0:
         return vals, torch.zeros_like(B)
-    p = order  # B'_{i,p} = p (B_{i,p-1} / (t_{i+p} - t_i) - B_{i+1,p-1} / (t_{i+p+1} - t_{i+1}))
-    d = p * (lower[..., :-1] / (g[..., p:-1] - g[..., :-(p + 1)]) - lower[..., 1:] / (g[..., p + 1:] - g[..., 1:-p]))
-    return vals, d
+    # B'_{i,p} = p (B_{i,p-1} / (t_{i+p} - t_i) - B_{i+1,p-1} / (t_{i+p+1} - t_{i+1})) = p (P_i - P_{i+1})
+    return vals, (P[..., :-1] - P[..., 1:]) * order
 
 
 def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
     """(bases, derivatives) of x [n, I] on per-feature knots grid [I, NK], each [n, I, NK - 1 - order] or
-    None when not asked for. ``full``: the recursion over all knots (``_bspline_full``), by default for
-    inputs of at most _FULL_MAX knot pairs, or of at most _FULL_ROWS values on a grid of at most _FULL_RATIO
-    times the local form's arithmetic, else the local form below.
+    None when not asked for. ``full``: the recursion over all knots (``_bspline_full``); by default where it
+    measured faster (the _FULL_* thresholds above: small inputs, and grids of little extra arithmetic when
+    no graph is recorded), else the local form below.
 
     Local de Boor: the knot interval j of each x (t_j <= x < t_{j+1}, by search), the order + 1 bases that
     are non-zero there by the triangular recursion on [n, I] tensors, then scattered into place. The full
@@ -162,7 +169,12 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
     n, I = x.shape
     NK = grid.shape[1]
     if full is None:
-        full = n * I * NK <= _FULL_MAX or (n * I <= _FULL_ROWS and NK - 1 <= _FULL_RATIO * (order + 1))
+        rows, ratio = n * I, (NK - 1) / (order + 1)
+        if torch.is_grad_enabled() and (x.requires_grad or grid.requires_grad):
+            full = rows <= _FULL_ROWS_GRAPH
+        else:
+            full = (rows * NK <= _FULL_MAX or (rows <= _FULL_ROWS and ratio <= _FULL_RATIO)
+                    or (rows <= _FULL_ROWS_LOW and ratio <= _FULL_RATIO_LOW))
     if full:
         return _bspline_full(x, grid, order, value, derivative)
     NB = NK - 1 - order

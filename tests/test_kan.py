@@ -187,6 +187,32 @@ def _bspline_bases_match_reference(order, full):
     assert (phi[-2:] == 0).all() and (dphi[-2:] == 0).all()  # +-inf lie outside every knot interval
 
 
+def test_torch_bspline_form_choice_follows_graph_and_grid(monkeypatch):
+    """The default form: the full recursion for 8192 values at G = 5, order 3 (ratio 2.75) without a graph,
+    the local form when a graph is recorded (its backward is the dearer one there) or at G = 12 (ratio 4.5);
+    each choice gives the other form's values."""
+    from opforge.kernels import kan
+
+    calls = []
+    full = kan._bspline_full
+    monkeypatch.setattr(kan, "_bspline_full", lambda *a, **k: calls.append(1) or full(*a, **k))
+
+    def form(G, graph):
+        grid = (torch.arange(-3, G + 4, dtype=torch.float32) * (2.0 / G) - 1).expand(8, -1)
+        x = (torch.rand(1024, 8) * 2.2 - 1.1).requires_grad_(graph)
+        calls.clear()
+        with torch.set_grad_enabled(graph):
+            got = kan._bspline_both(x, grid, 3, derivative=True)
+        took = "full" if calls else "local"
+        want = kan._bspline_both(x.detach(), grid, 3, derivative=True, full=took == "local")
+        torch.testing.assert_close(got, want)
+        return took
+
+    assert form(5, graph=False) == "full"
+    assert form(5, graph=True) == "local"
+    assert form(12, graph=False) == "local"
+
+
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_uniform_knots_every_order(backend, order):

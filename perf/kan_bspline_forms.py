@@ -1,0 +1,71 @@
+"""Which B-spline form the KAN torch variant should take: the full Cox-de Boor recursion over all knot
+intervals against the local de Boor form, bases and derivatives together, timed interleaved.
+
+    python perf/kan_bspline_forms.py [--graph] [--values 2048,16384,100000] [--grids 5:3,8:3,12:3,5:1]
+                                     [--device cpu]
+
+--graph records the autograd graph (x requires grad, the sum of both outputs is backpropagated), as on the
+create_graph path and ``KANLinear.b_splines``; without it, the forms run as inside the op's autograd
+Function (no graph). Each row: n * I values (I = 8 below 20000 values, else 32) on a uniform grid of G
+intervals and spline order p on [-1, 1], x uniform on [-1.1, 1.1]; "ratio" is (NK - 1) / (p + 1), the full
+form's arithmetic over the local form's; full/local is the median over 9 interleaved rounds of each form's
+mean time per call. ``_bspline_both``'s thresholds (kernels/kan.py) come from this table.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from opforge.kernels.kan import _bspline_both
+
+
+def _grid(I, G, p, device):
+    t = torch.arange(-p, G + p + 1, dtype=torch.float32, device=device) * (2.0 / G) - 1.0
+    return t.expand(I, -1).contiguous()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--graph", action="store_true", help="record the autograd graph and backpropagate")
+    ap.add_argument("--values", default="2048,16384,100000", help="n * I values per row, comma separated")
+    ap.add_argument("--grids", default="5:3,8:3,12:3,5:1", help="G:order pairs, comma separated")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def run(x, g, p, full):
+        v, d = _bspline_both(x, g, p, value=True, derivative=True, full=full)
+        if a.graph:
+            (v.sum() + d.sum()).backward()
+
+    torch.manual_seed(0)
+    print(f"{'values':>8} {'G':>3} {'p':>2} {'ratio':>5} {'full/local':>10} {'local us':>9}  "
+          f"({'graph' if a.graph else 'no graph'}, {dev})")
+    for vals in (int(v) for v in a.values.split(",")):
+        for G, p in (tuple(int(s) for s in gp.split(":")) for gp in a.grids.split(",")):
+            I = 8 if vals < 20000 else 32
+            g = _grid(I, G, p, dev)
+            x = (torch.rand(max(1, vals // I), I, device=dev) * 2.2 - 1.1).requires_grad_(a.graph)
+            reps = max(3, int(2e6 // (vals * g.shape[1])))
+            for _ in range(2):
+                run(x, g, p, True)
+                run(x, g, p, False)
+            times = {True: [], False: []}
+            for r in range(9):
+                for full in ((True, False) if r % 2 else (False, True)):
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        run(x, g, p, full)
+                    sync()
+                    times[full].append((time.perf_counter() - t0) / reps)
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            ratio = (g.shape[1] - 1) / (p + 1)
+            print(f"{vals:8d} {G:3d} {p:2d} {ratio:5.2f} {med[True] / med[False]:10.2f} {med[False] * 1e6:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
