@@ -115,16 +115,16 @@ def _bspline_t(x, grid, order, derivative=False):
 
 # When the full recursion beats the local form (perf/kan_bspline_forms.py, 2-core CPU, interleaved; "ratio"
 # is (NK - 1) / (order + 1), the full form's arithmetic over the local form's). No graph (inside the op's
-# autograd Function), bases and derivatives: full/local 0.65-0.9 at ratio <= 3 (G <= 5 at order 3) from 1e4
-# to 1e6 values; at ratio 3.5 0.6-0.9 at order 1 but about 1.0 at order 3 (G = 8) past 1.6e4 values, 1.5 at
-# 1e6; at ratio 4.5 and up 0.6-0.95 up to 2e3 values, 0.8-1.5 (noise) at 1e4-1e5.
+# autograd Function), bases and derivatives, the forms alone: full/local 0.55-0.75 at 2e3 values at every
+# ratio; 0.65-0.9 at ratio <= 3.5 from 1e4 to 1e6 values but 0.8-1.5 (noise) at ratio 4.5 and up. Whole
+# layers (--layers, KANLinear(I, I) at G = 3 and 5, order 3) gain 0.8-0.9 at 1.6e4 values but past it
+# range 0.8-1.5 from run to run (the layer's other buffers and the allocator weigh in), no steady gain: so
+# the full form up to 1.6e4 values.
 _FULL_MAX = 1 << 14  # n * I * NK up to which the full form is taken at any ratio (no graph)
 _FULL_ROWS = 1 << 14  # n * I up to which it is taken at ratio <= _FULL_RATIO (no graph)
 _FULL_RATIO = 4
-_FULL_ROWS_LOW = 1 << 20  # and up to which at ratio <= _FULL_RATIO_LOW (no graph)
-_FULL_RATIO_LOW = 3
 # With a graph its backward costs more than the local form's: full/local 0.8-1.0 at 2e3 values, 1.0-1.1 at
-# 4e3, 1.2-1.6 at 8e3, 1.1-3 past it, at every ratio
+# 4e3, 1.2-1.6 at 8e3, 1.1-3 past it, at every ratio (the forms alone, --graph)
 _FULL_ROWS_GRAPH = 1 << 12
 
 
@@ -173,8 +173,7 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
         if torch.is_grad_enabled() and (x.requires_grad or grid.requires_grad):
             full = rows <= _FULL_ROWS_GRAPH
         else:
-            full = (rows * NK <= _FULL_MAX or (rows <= _FULL_ROWS and ratio <= _FULL_RATIO)
-                    or (rows <= _FULL_ROWS_LOW and ratio <= _FULL_RATIO_LOW))
+            full = rows * NK <= _FULL_MAX or (rows <= _FULL_ROWS and ratio <= _FULL_RATIO)
     if full:
         return _bspline_full(x, grid, order, value, derivative)
     NB = NK - 1 - order

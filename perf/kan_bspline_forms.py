@@ -3,6 +3,7 @@ intervals against the local de Boor form, bases and derivatives together, timed 
 
     python perf/kan_bspline_forms.py [--graph] [--values 2048,16384,100000] [--grids 5:3,8:3,12:3,5:1]
                                      [--device cpu]
+    python perf/kan_bspline_forms.py --layers 256:256,1024:256,100:1000 [--grids 5:3] [--device cpu]
 
 --graph records the autograd graph (x requires grad, the sum of both outputs is backpropagated), as on the
 create_graph path and ``KANLinear.b_splines``; without it, the forms run as inside the op's autograd
@@ -10,6 +11,11 @@ Function (no graph). Each row: n * I values (I = 8 below 20000 values, else 32) 
 intervals and spline order p on [-1, 1], x uniform on [-1.1, 1.1]; "ratio" is (NK - 1) / (p + 1), the full
 form's arithmetic over the local form's; full/local is the median over 9 interleaved rounds of each form's
 mean time per call. ``_bspline_both``'s thresholds (kernels/kan.py) come from this table.
+
+--layers B:I,... times whole layers instead: KANLinear(I, I) on x [B, I], forward (no grad) and forward +
+backward, with every B-spline evaluation of the call forced to each form. What the layer meets (its other
+large buffers, the bases of a forward and then bases and derivatives in the backward) can differ from the
+forms alone: large inputs are decided by this table.
 """
 from __future__ import annotations
 
@@ -31,8 +37,11 @@ def main(argv=None):
     ap.add_argument("--graph", action="store_true", help="record the autograd graph and backpropagate")
     ap.add_argument("--values", default="2048,16384,100000", help="n * I values per row, comma separated")
     ap.add_argument("--grids", default="5:3,8:3,12:3,5:1", help="G:order pairs, comma separated")
+    ap.add_argument("--layers", default="", help="B:I pairs: time KANLinear(I, I) layers on x [B, I] instead")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
+    if a.layers:
+        return _layers(a)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -65,6 +74,47 @@ def main(argv=None):
             med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
             ratio = (g.shape[1] - 1) / (p + 1)
             print(f"{vals:8d} {G:3d} {p:2d} {ratio:5.2f} {med[True] / med[False]:10.2f} {med[False] * 1e6:9.0f}")
+
+
+def _interleaved(step, forms=(True, False), rounds=15):
+    """The median time of one ``step(form)`` per form, the forms alternating in order round by round."""
+    times = {f: [] for f in forms}
+    for r in range(rounds):
+        for f in (forms if r % 2 else forms[::-1]):
+            step(f)  # a warm call: what the previous form left in the allocator is not timed
+            t0 = time.perf_counter()
+            step(f)
+            times[f].append(time.perf_counter() - t0)
+    return {f: sorted(v)[len(v) // 2] for f, v in times.items()}
+
+
+def _layers(a):
+    from opforge.kernels import KANLinear, kan
+
+    both = kan._bspline_both
+    torch.manual_seed(0)
+    print(f"{'B':>6} {'I':>5} {'G':>3} {'p':>2} {'mode':>7} {'full/local':>10} {'local ms':>9}  ({a.device})")
+    for B, I in (tuple(int(s) for s in bi.split(":")) for bi in a.layers.split(",")):
+        for G, p in (tuple(int(s) for s in gp.split(":")) for gp in a.grids.split(",")):
+            layer = KANLinear(I, I, grid_size=G, spline_order=p).to(a.device)
+            x = (torch.rand(B, I, device=a.device) * 2.2 - 1.1).requires_grad_()
+            for mode in ("fwd", "fwdbwd"):
+                def step(full):
+                    kan._bspline_both = lambda *args, **kw: both(*args, **{**kw, "full": full})
+                    try:
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                layer(x)
+                        else:
+                            layer(x).sum().backward()
+                        if x.is_cuda:
+                            torch.cuda.synchronize()
+                    finally:
+                        kan._bspline_both = both
+
+                med = _interleaved(step)
+                print(f"{B:6d} {I:5d} {G:3d} {p:2d} {mode:>7} {med[True] / med[False]:10.2f} "
+                      f"{med[False] * 1e3:9.2f}", flush=True)
 
 
 if __name__ == "__main__":
