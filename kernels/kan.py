@@ -116,10 +116,10 @@ def _bspline_t(x, grid, order, derivative=False):
 # When the full recursion beats the local form (perf/kan_bspline_forms.py, 2-core CPU, interleaved; "ratio"
 # is (NK - 1) / (order + 1), the full form's arithmetic over the local form's). No graph (inside the op's
 # autograd Function), bases and derivatives, the forms alone: full/local 0.55-0.75 at 2e3 values at every
-# ratio; 0.65-0.9 at ratio <= 3.5 from 1e4 to 1e6 values but 0.8-1.5 (noise) at ratio 4.5 and up. Whole
-# layers (--layers, KANLinear(I, I) at G = 3 and 5, order 3) gain 0.8-0.9 at 1.6e4 values but past it
-# range 0.8-1.5 from run to run (the layer's other buffers and the allocator weigh in), no steady gain: so
-# the full form up to 1.6e4 values.
+# ratio; from 1e4 to 1e6 values 0.65-0.9 at ratio <= 3 (and 3.5 at order 1) but 0.8-1.5 at 3.5 (order 3)
+# and up. Whole layers (--layers, KANLinear(I, I) at G = 3 and 5, order 3) gain 0.8-0.9 at 1.6e4 values,
+# but past it they range 0.8-1.5 from run to run (the layer's other buffers and the allocator weigh in), no
+# steady gain: so the full form up to 1.6e4 values.
 _FULL_MAX = 1 << 14  # n * I * NK up to which the full form is taken at any ratio (no graph)
 _FULL_ROWS = 1 << 14  # n * I up to which it is taken at ratio <= _FULL_RATIO (no graph)
 _FULL_RATIO = 4
