@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, checked_once, graph_grads,
-                        no_autocast, register, transforms_active, variant_backward, wants_grad)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
+                        graph_grads, no_autocast, register, transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton, within_int32
 
@@ -280,7 +280,7 @@ def _cheb_both(x, K, value=True, derivative=False):
 def _basis_both(x, b: _Basis, K: int, value=True, derivative=False):
     """(phi, dphi/dx) of x [n, I], each [n, I, K] or None when not asked for; work shared between them."""
     if b.kind == "bspline":
-        return _bspline_both(x, b.grid.to(x.dtype), b.order, value, derivative)
+        return _bspline_both(x, as_dtype(b.grid, x.dtype), b.order, value, derivative)
     if b.kind == "rbf":
         inv = 1.0 / b.width
         z = (x * inv).unsqueeze(-1) - b.centers.to(x.dtype) * inv  # the one pass over [n, I, K] that allocates
@@ -414,13 +414,13 @@ class _TorchKAN(torch.autograd.Function):
 
 def _torch_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-    wb = None if base_weight is None else base_weight.to(cdt)
+    wb = None if base_weight is None else as_dtype(base_weight, cdt)
     # a call no gradient will flow from (inference) skips the autograd Function's cost, which small layers feel
     run = _TorchKAN.apply if wants_grad((x, weight, base_weight)) else _torch_forward
-    y = run(x.to(cdt), weight.to(cdt), wb, b)
+    y = run(as_dtype(x, cdt), as_dtype(weight, cdt), wb, b)
     if bias is not None:
-        y = y + bias.to(cdt)
-    return y.to(p.dtype)
+        y = y + as_dtype(bias, cdt)
+    return as_dtype(y, p.dtype)
 
 
 def _plain_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, autocast_dtype, checked_once, graph_grads,
-                        no_autocast, register, variant_backward, wants_grad)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
+                        graph_grads, no_autocast, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
 
@@ -241,13 +241,13 @@ class _TorchKSum(torch.autograd.Function):
 
 def _torch_run(p: Problem, xs, ys, b, config=None):
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-    xs, ys, b = xs.to(cdt), ys.to(cdt), b.to(cdt)
+    xs, ys, b = as_dtype(xs, cdt), as_dtype(ys, cdt), as_dtype(b, cdt)
     if wants_grad((xs, ys, b)):
         out = _TorchKSum.apply(xs, ys, b, p.kernel)
     else:  # no gradient will flow from it (inference, a CG solve): no autograd Function to pay for
         with torch.no_grad():
             out = _blocked_sum(xs, ys, b, p.kernel)
-    return out.to(p.dtype)
+    return as_dtype(out, p.dtype)
 
 
 def _phi_plain(s, kernel):
@@ -894,9 +894,9 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     # scaled points stay in float32 (float64 for float64 inputs): O((N + M) D), and no second rounding
     nb = math.prod(lead)
     if isinstance(ls_c, float) and ls_c == 1.0:  # the default lengthscale: no copy of the points to divide
-        xs, ys = x.to(cdt), y.to(cdt)
+        xs, ys = as_dtype(x, cdt), as_dtype(y, cdt)
     else:
-        xs, ys = x.to(cdt) / ls_c, y.to(cdt) / ls_c
+        xs, ys = as_dtype(x, cdt) / ls_c, as_dtype(y, cdt) / ls_c
     xs, ys, bs = (_flat(t, lead, nb) for t in (xs, ys, bb))
     if N == 0 or M == 0 or R == 0 or nb == 0:
         out = x.new_zeros(lead + (N, R)) + (0 * (xs.sum() + ys.sum() + bs.sum())).to(x.dtype)
@@ -908,7 +908,7 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
             xs, ys = xs - center, ys - center
         p = Problem(xs.shape[0], N, M, D, R, kernel, x.dtype, x.device)
         out = OP(p, xs, ys, bs).reshape(lead + (N, R))
-    out = _scaled(out.to(cdt), os_, cdt, 2).to(x.dtype)
+    out = as_dtype(_scaled(as_dtype(out, cdt), os_, cdt, 2), x.dtype)
     return out.squeeze(-1) if vector else out
 
 
