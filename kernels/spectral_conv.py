@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import Case, Op, ProblemBase, Target, Variant, graph_grads, register, variant_backward
+from ._registry import (Case, Op, ProblemBase, Target, Variant, graph_grads, register, transforms_active,
+                        variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, offsets_fit, tl, triton
 
@@ -182,6 +183,10 @@ def _irfftn(spec: torch.Tensor, p: Problem) -> torch.Tensor:
     return torch.fft.irfftn(spec, s=p.out_grid, dim=tuple(range(-d, 0)), norm="forward")
 
 
+def _contiguous(g: torch.Tensor | None) -> torch.Tensor | None:
+    return None if g is None else g.contiguous()  # (None: an undefined gradient, as gradcheck sends)
+
+
 def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tensor:
     """Full rfftn spectrum [B, in, *grid'] -> full output spectrum [B, out, *out_grid']: the kept modes
     gathered, mixed by the weight and placed at their frequencies on the output grid, zeros elsewhere."""
@@ -196,7 +201,14 @@ def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tenso
     B, I, O, mshape = X.shape[0], X.shape[1], weight.shape[1], X.shape[2:]
     Xm = X.reshape(B, I, -1).permute(2, 0, 1).contiguous()  # [M, B, I]
     Wm = weight.to(X.dtype).reshape(I, O, -1).permute(2, 0, 1).contiguous()  # [M, I, O]
-    Y = torch.bmm(Xm, Wm).permute(1, 2, 0).reshape((B, O) + mshape)
+    Y = torch.bmm(Xm, Wm)
+    if Y.requires_grad and not transforms_active():
+        # its gradient comes back as a permuted view, which the complex bmm of the backward (on a CPU) would copy
+        # apart one mode's matrix at a time (1890 copies in 10 steps at 2D 64^2, 12 modes, B = 4, C = 16; 220
+        # with this one copy first): forward + backward 1.02-1.23x faster there, interleaved on a 2-core CPU.
+        # (torch.func's transforms take no tensor hooks.)
+        Y.register_hook(_contiguous)
+    Y = Y.permute(1, 2, 0).reshape((B, O) + mshape)
     spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),))
     out_idx = [_freq_index(p.modes[ax], p.out_grid[ax], X.device) for ax in range(d - 1)]
     view = [o.view([-1] + [1] * (d - 2 - ax)) for ax, o in enumerate(out_idx)]
@@ -843,7 +855,8 @@ OP = register(Op(
              Target("2d-256-b32-c64-m32", "fwdbwd", "frac_peak", 0.5),
              Target("2d-256-b32-c64-m32", "fwdbwd", "peak_memory", 0.5, ("neuraloperator", "neuralop-algorithm"))],
 ))
-OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _irfftn, _freq_index, _half)))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _contiguous, _irfftn, _freq_index,
+                                                             _half)))
 if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
                    configs=lambda p: _prune_mix(p, _dft_cfgs()), default_config=_dft_default,
