@@ -44,8 +44,7 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, graph_grads, register, transforms_active,
-                        variant_backward)
+from ._registry import Case, Op, ProblemBase, Target, Variant, graph_grads, register, variant_backward
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, offsets_fit, tl, triton
 
@@ -202,11 +201,10 @@ def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tenso
     Xm = X.reshape(B, I, -1).permute(2, 0, 1).contiguous()  # [M, B, I]
     Wm = weight.to(X.dtype).reshape(I, O, -1).permute(2, 0, 1).contiguous()  # [M, I, O]
     Y = torch.bmm(Xm, Wm)
-    if Y.requires_grad and not transforms_active():
+    if Y.requires_grad:
         # its gradient comes back as a permuted view, which the complex bmm of the backward (on a CPU) would copy
         # apart one mode's matrix at a time (1890 copies in 10 steps at 2D 64^2, 12 modes, B = 4, C = 16; 220
-        # with this one copy first): forward + backward 1.02-1.23x faster there, interleaved on a 2-core CPU.
-        # (torch.func's transforms take no tensor hooks.)
+        # with this one copy first): forward + backward 1.02-1.23x faster there, interleaved on a 2-core CPU
         Y.register_hook(_contiguous)
     Y = Y.permute(1, 2, 0).reshape((B, O) + mshape)
     spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),))
