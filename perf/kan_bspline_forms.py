@@ -58,7 +58,7 @@ def main(argv=None):
             I = 8 if vals < 20000 else 32
             g = _grid(I, G, p, dev)
             x = (torch.rand(max(1, vals // I), I, device=dev) * 2.2 - 1.1).requires_grad_(a.graph)
-            reps = max(3, int(2e6 // (vals * g.shape[1])))
+            reps = max(3, min(200, int(2e6 // (vals * g.shape[1]))))
             for _ in range(2):
                 run(x, g, p, True)
                 run(x, g, p, False)

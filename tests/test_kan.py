@@ -562,3 +562,23 @@ def test_bspline_local_form_in_deterministic_mode(graph):
             torch.use_deterministic_algorithms(False)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert y.shape == (2000, 3) and (x.grad is not None) == graph
+
+
+def test_bspline_forms_script_times_both_forms(capsys):
+    """perf/kan_bspline_forms.py, which the torch variant's form thresholds cite, runs (tiny sizes): the forms
+    alone, with a graph, and in whole layers, one row per setting with a positive full/local ratio."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "kan_bspline_forms.py"
+    spec = importlib.util.spec_from_file_location("kan_bspline_forms_t", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for argv, rows in ((["--values", "64,96", "--grids", "3:1"], 2),
+                       (["--graph", "--values", "64", "--grids", "3:3"], 1),
+                       (["--layers", "5:3", "--grids", "3:2"], 2)):
+        mod.main(argv)
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 + rows, out
+        ratio_col = 4 if "--layers" not in argv else 5
+        assert all(float(line.split()[ratio_col]) > 0 for line in out[1:]), out
