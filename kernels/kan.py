@@ -138,12 +138,12 @@ def _bspline_full(x, grid, order, value=True, derivative=False):
     multiply-adds on slices of one L, and the derivative p (P_i - P_{i+1}) reuses the last P."""
     L = x.unsqueeze(-1) - grid.unsqueeze(0)  # [n, I, NK]: x - t_i
     ge = L >= 0  # a NaN or infinite x lies in no half-open interval [t_i, t_{i+1}): its bases are all 0
-    B = (ge[..., :-1] & ~ge[..., 1:]).to(x.dtype)
+    B = (ge[..., :-1] > ge[..., 1:]).to(x.dtype)  # t_i <= x and not t_{i+1} <= x
     # and finite factors keep them 0 (inf * 0 would be NaN), as in the local form
     L = torch.nan_to_num(L, nan=0.0, posinf=0.0, neginf=0.0)
     P = None
     for k in range(1, order + 1):  # B_{i,k} from B_{i,k-1} and B_{i+1,k-1}
-        P = B * (1.0 / (grid[..., k:] - grid[..., :-k]))  # [n, I, NK - k]
+        P = B * torch.reciprocal(grid[..., k:] - grid[..., :-k])  # [n, I, NK - k] (1 / t: 4-5 us more)
         B = torch.addcmul(L[..., :-(k + 1)] * P[..., :-1], L[..., k + 1:], P[..., 1:], value=-1.0)
     vals = B if value else None
     if not derivative:

@@ -100,7 +100,7 @@ def _phi_t(s, kernel):
     if kernel == "imq":
         return torch.rsqrt(1 + s)
     if kernel == "cauchy":
-        return 1 / (1 + s)
+        return torch.reciprocal(1 + s)  # (1 / t, through Tensor.__rdiv__, takes 4-5 us more a call)
     r = _root(s, torch.is_grad_enabled())
     if kernel == "laplacian":
         return torch.exp(-r)
@@ -115,7 +115,7 @@ def _dphi_t(s, kernel):
     if kernel == "imq":
         return -0.5 * torch.rsqrt(1 + s) ** 3
     if kernel == "cauchy":
-        return -1 / (1 + s) ** 2
+        return -torch.reciprocal(1 + s).square()
     r = _root(s, torch.is_grad_enabled())
     if kernel == "laplacian":
         pos = s > 0
