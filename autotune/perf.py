@@ -378,14 +378,19 @@ def static_table(data: dict, hashes: dict) -> str:
     arch = sorted({str(r["arch"]) for r in current})
     tritons = sorted({r["triton"] for r in current})
     commits = sorted({r["commit"] for r in current})
+    cpus = sorted({str(r["host_cpus"]) for r in current if "host_cpus" in r})
     lines = [f"Compiled for sm_{'/'.join(arch)} with Triton {', '.join(tritons)} at commit {', '.join(commits)} by "
              "`python perf/inspect_kernels.py <op> <case> <variant> --mode <mode> --json <this file>`; nothing ran: "
              "these are the compiler's counts (per launch; a loop's instructions are per thread and iteration), "
              "not timings. Each variant ran with its heuristic default config; loops of fewer than "
-             f"{SMALL_LOOP} instructions are only counted."
+             f"{SMALL_LOOP} instructions are only counted. Compile s: the seconds Triton took to compile the "
+             "kernel in an empty cache"
+             + (f" on the {' or '.join(cpus)}-CPU host that made the file" if cpus else "")
+             + " (the compile wait of an op's first call, paid on the host; a kernel launched twice alike is "
+             "compiled once)."
              + (f" {stale} records of kernels changed since are left out." if stale else ""), "",
              "| op | case | variant | mode | dtype | kernel | grid | warps | regs | spills st/ld B | MMA "
-             "| loops: instructions (MUFU) |", "|" + " --- |" * 12]
+             "| loops: instructions (MUFU) | compile s |", "|" + " --- |" * 13]
     seen = set()
     for r in current:
         loops = r.get("loops") or []
@@ -397,7 +402,8 @@ def static_table(data: dict, hashes: dict) -> str:
         grid = "x".join(str(g) for g in r["grid"]) if isinstance(r["grid"], list) else r["grid"]
         row = (f"| {r['op']} | {r['case']} | {r['variant']} | {r['mode']} | {r['dtype']} | {r['kernel']} | {grid} | "
                f"{r['warps']} | {regs} | {spills} | {' '.join(r['mma'])} | {loops} |")
-        if row not in seen:  # one line for a kernel launched twice alike (forward and grad b, say)
-            lines.append(row)
+        if row not in seen:  # one line for a kernel launched twice alike (forward and grad b, say): the first,
+            # which compiled it (a later one found it compiled)
+            lines.append(row + (f" {r['compile_s']:.2f} |" if "compile_s" in r else " - |"))
         seen.add(row)
     return "\n".join(lines)

@@ -17,18 +17,23 @@ width (4-byte accesses where 16 were possible point at unaligned strides), and, 
 (cuobjdump), the instructions in each loop with how many are MUFU (exp, sqrt, rcp, sin, cos): for a
 kernel bound by instruction issue, a loop's count over the work it does per thread (say the (i, j)
 pairs of a kernel-sum tile over the threads) is the cost to compare between versions. Outputs are garbage (nothing
-runs); only the code generation is inspected. It uses Triton internals (``driver.set_active``,
+runs); only the code generation is inspected. Each launch also reports the seconds Triton took to compile
+its kernel, in an empty cache of the run's own: the compile wait of an op's first call, on this host's CPU
+(a kernel compiled for an earlier launch of the run shows its lookup time). It uses Triton internals (``driver.set_active``,
 ``JITFunction.run``) checked on Triton 3.6 and 3.9: a leading question for the GPU, not a timing.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JIT functions, not the interpreter
@@ -146,8 +151,9 @@ def describe(rec: dict) -> str:
         report = f"{rec['regs']} regs, spills {rec['spill_st']}/{rec['spill_ld']} B st/ld"
         if rec.get("loops"):
             report += " | loops " + ", ".join(f"{n} ins ({mu} MUFU)" for n, mu in rec["loops"])
+    compiled = f" | compiled in {rec['compile_s']:.2f} s" if "compile_s" in rec else ""
     return (f"  {rec['kernel']} grid {rec['grid']} warps {rec['warps']} smem {rec['smem']} B | {report} | "
-            f"{' '.join(rec['mma'])} | {rec['access']}")
+            f"{' '.join(rec['mma'])} | {rec['access']}{compiled}")
 
 
 def main() -> None:
@@ -160,6 +166,12 @@ def main() -> None:
                     help="also merge the launches into this static-counts file (e.g. perf/results/static/"
                          "sm90_triton3.6.json; `opforge perf-table --readme` renders it)")
     args = ap.parse_args()
+    # an empty Triton cache of the run's own (Triton reads the variable when it compiles): each kernel is
+    # compiled here, so its time is the first call's compile wait (a disk cache of an earlier run would make
+    # it a lookup), and nothing of a compile-only run is kept
+    cache = tempfile.mkdtemp(prefix="opforge-inspect-")
+    os.environ["TRITON_CACHE_DIR"] = cache
+    atexit.register(shutil.rmtree, cache, True)
     from opforge.kernels._triton import allow_tf32
 
     with allow_tf32(args.tf32):
@@ -172,8 +184,9 @@ def _inspect(args) -> None:
     run = _jit.JITFunction.run
 
     def compile_only(self, *a, grid, warmup, **kw):
+        t0 = time.perf_counter()  # compiling (a kernel already compiled in this process: a cache lookup)
         kernel = run(self, *a, grid=grid, warmup=True, **kw)
-        launches.append((self.fn.__name__, grid, kw.get("num_warps", 4), kernel))
+        launches.append((self.fn.__name__, grid, kw.get("num_warps", 4), kernel, time.perf_counter() - t0))
         return kernel
 
     _jit.JITFunction.run = compile_only
@@ -193,7 +206,7 @@ def _inspect(args) -> None:
           f"with Triton {triton.__version__}; config {cfg}")
     dtype = problem.dtype_name
     records = []
-    for name, grid, warps, k in launches:
+    for name, grid, warps, k, seconds in launches:
         ptx = k.asm["ptx"]
         if os.environ.get("OPFORGE_DUMP_PTX"):
             open(os.path.join(os.environ["OPFORGE_DUMP_PTX"], f"{len(records)}_{name}.ptx"), "w").write(ptx)
@@ -204,7 +217,7 @@ def _inspect(args) -> None:
                "grid": list(grid) if isinstance(grid, tuple) else "(callable)", "warps": warps, "smem": k.metadata.shared,
                "mma": [f"{kind} x{n}" for kind, n in sorted(found.items())] or ["no MMA"],
                "access": ", ".join(f"{k_} x{n}" for k_, n in sorted(_accesses(ptx).items())),
-               **_ptxas_report(ptx, args.arch)}
+               "compile_s": round(seconds, 2), **_ptxas_report(ptx, args.arch)}
         records.append(rec)
         print(describe(rec))
     sys.stdout.flush()
@@ -212,7 +225,7 @@ def _inspect(args) -> None:
         from opforge.autotune import perf
 
         perf.merge_static(args.json, records, {"arch": args.arch, "triton": triton.__version__,
-                                               "commit": perf.git_commit()})
+                                               "commit": perf.git_commit(), "host_cpus": os.cpu_count()})
 
 
 def _run(v, problem, inputs, cfg, grad: bool) -> None:
@@ -241,7 +254,7 @@ def _inspect_grid(args, v, problem, inputs, launches) -> None:
             print(f"  {json.dumps(cfg)}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
         parts = []
-        for name, grid, warps, k in launches:
+        for name, grid, warps, k, _ in launches:
             rep = _ptxas_report(k.asm["ptx"], args.arch)
             smem = k.metadata.shared
             over = limit is not None and smem > limit

@@ -74,6 +74,8 @@ def test_inspect_kernels_compiles_for_an_h100_without_one(op, case, variant, ker
     assert [ln.split()[0] for ln in lines] == kernels, r.stdout
     assert all(re.search(r"\d+ regs", ln) and ("mma" in ln or "no MMA" in ln) for ln in lines), r.stdout
     assert all(re.search(r"loops \d+ ins \(\d+ MUFU\)", ln) for ln in lines), r.stdout
+    # its own empty Triton cache: the first launch of each kernel compiles it (a second alike finds it)
+    assert all(re.search(r"compiled in \d+\.\d\d s$", ln) for ln in lines), r.stdout
 
 
 def test_sass_loop_counts():

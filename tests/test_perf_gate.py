@@ -170,11 +170,13 @@ def test_static_table_leaves_out_records_of_changed_kernels():
                 "access": "", "regs": 96, "spill_st": 0, "spill_ld": 0, "loops": [[13, 0], [147, 16]],
                 "arch": 90, "triton": "3.6.0", "commit": "abc"}
 
-    data = {"format": 1, "kind": "static", "records": [r("_now", "h1"), r("_now", "h1"), r("_gone", "h0")]}
+    data = {"format": 1, "kind": "static", "records": [dict(r("_now", "h1"), compile_s=1.25, host_cpus=2),
+                                                        dict(r("_now", "h1"), compile_s=0.0, host_cpus=2),
+                                                        r("_gone", "h0")]}
     table = perf.static_table(data, {"op": "h1"})
     assert "_now" in table and "_gone" not in table and "1 records of kernels changed since" in table
-    assert table.count("| _now |") == 1  # a kernel launched twice alike is one line
-    assert "147 (16), 1 loops of <= 13" in table
+    assert table.count("| _now |") == 1  # a kernel launched twice alike is one line: the one that compiled it
+    assert "147 (16), 1 loops of <= 13 | 1.25 |" in table and "on the 2-CPU host" in table
     assert "rerun" in perf.static_table(data, {"op": "h2"})
 
 
