@@ -387,7 +387,7 @@ def static_table(data: dict, hashes: dict) -> str:
              "kernel in an empty cache"
              + (f" on the {' or '.join(cpus)}-CPU host that made the file" if cpus else "")
              + " (the compile wait of an op's first call, paid on the host; a kernel launched twice alike is "
-             "compiled once)."
+             "compiled once; each command's first kernel includes Triton's one-time set-up)."
              + (f" {stale} records of kernels changed since are left out." if stale else ""), "",
              "| op | case | variant | mode | dtype | kernel | grid | warps | regs | spills st/ld B | MMA "
              "| loops: instructions (MUFU) | compile s |", "|" + " --- |" * 13]
