@@ -17,10 +17,11 @@ width (4-byte accesses where 16 were possible point at unaligned strides), and, 
 (cuobjdump), the instructions in each loop with how many are MUFU (exp, sqrt, rcp, sin, cos): for a
 kernel bound by instruction issue, a loop's count over the work it does per thread (say the (i, j)
 pairs of a kernel-sum tile over the threads) is the cost to compare between versions. Outputs are garbage (nothing
-runs); only the code generation is inspected. Each launch also reports the seconds Triton took to compile
-its kernel, in an empty cache of the run's own: the compile wait of an op's first call, on this host's CPU
-(a kernel compiled for an earlier launch of the run shows its lookup time). It uses Triton internals (``driver.set_active``,
-``JITFunction.run``) checked on Triton 3.6 and 3.9: a leading question for the GPU, not a timing.
+runs); only the code generation is inspected, a leading question for the GPU, not a timing of it. Each
+launch also reports the seconds Triton took to compile its kernel in an empty cache of the run's own: the
+compile wait of an op's first call, on this host's CPU (a kernel compiled for an earlier launch of the run
+shows its lookup time). It uses Triton internals (``driver.set_active``, ``JITFunction.run``) checked on
+Triton 3.6 and 3.9.
 """
 from __future__ import annotations
 

@@ -59,29 +59,28 @@ def main(argv=None):
             g = _grid(I, G, p, dev)
             x = (torch.rand(max(1, vals // I), I, device=dev) * 2.2 - 1.1).requires_grad_(a.graph)
             reps = max(3, min(200, int(2e6 // (vals * g.shape[1]))))
-            for _ in range(2):
-                run(x, g, p, True)
-                run(x, g, p, False)
-            times = {True: [], False: []}
-            for r in range(9):
-                for full in ((True, False) if r % 2 else (False, True)):
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        run(x, g, p, full)
-                    sync()
-                    times[full].append((time.perf_counter() - t0) / reps)
-            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+            def step(full):
+                for _ in range(reps):
+                    run(x, g, p, full)
+                sync()
+
+            for full in (True, False, True, False):
+                step(full)
+            med = {k: v / reps for k, v in _interleaved(step, rounds=9, warm=False).items()}
             ratio = (g.shape[1] - 1) / (p + 1)
             print(f"{vals:8d} {G:3d} {p:2d} {ratio:5.2f} {med[True] / med[False]:10.2f} {med[False] * 1e6:9.0f}")
 
 
-def _interleaved(step, forms=(True, False), rounds=15):
-    """The median time of one ``step(form)`` per form, the forms alternating in order round by round."""
+def _interleaved(step, forms=(True, False), rounds=15, warm=True):
+    """The median time of one ``step(form)`` per form, the forms alternating in order round by round; with
+    ``warm``, each timed step after an untimed one of the same form (what the other form left in the
+    allocator is not timed)."""
     times = {f: [] for f in forms}
     for r in range(rounds):
         for f in (forms if r % 2 else forms[::-1]):
-            step(f)  # a warm call: what the previous form left in the allocator is not timed
+            if warm:
+                step(f)
             t0 = time.perf_counter()
             step(f)
             times[f].append(time.perf_counter() - t0)
