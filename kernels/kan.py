@@ -169,11 +169,11 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None):
     n, I = x.shape
     NK = grid.shape[1]
     if full is None:
-        rows, ratio = n * I, (NK - 1) / (order + 1)
+        rows = n * I
         if torch.is_grad_enabled() and (x.requires_grad or grid.requires_grad):
             full = rows <= _FULL_ROWS_GRAPH
-        else:
-            full = rows * NK <= _FULL_MAX or (rows <= _FULL_ROWS and ratio <= _FULL_RATIO)
+        else:  # the ratio: the full form's arithmetic over the local form's
+            full = rows * NK <= _FULL_MAX or (rows <= _FULL_ROWS and (NK - 1) / (order + 1) <= _FULL_RATIO)
     if full:
         return _bspline_full(x, grid, order, value, derivative)
     NB = NK - 1 - order
@@ -283,7 +283,7 @@ def _basis_both(x, b: _Basis, K: int, value=True, derivative=False):
         return _bspline_both(x, as_dtype(b.grid, x.dtype), b.order, value, derivative)
     if b.kind == "rbf":
         inv = 1.0 / b.width
-        z = (x * inv).unsqueeze(-1) - b.centers.to(x.dtype) * inv  # the one pass over [n, I, K] that allocates
+        z = (x * inv).unsqueeze(-1) - as_dtype(b.centers, x.dtype) * inv  # the one pass over [n, I, K] that allocates
         if torch.is_grad_enabled():  # differentiable math (plain path, create_graph): no in-place writes
             phi = torch.exp(-z * z)
             return (phi if value else None), (-2 * inv * z * phi if derivative else None)

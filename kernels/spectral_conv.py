@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import Case, Op, ProblemBase, Target, Variant, graph_grads, register, variant_backward
+from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, register,
+                        variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, offsets_fit, tl, triton
 
@@ -224,11 +225,11 @@ def _torch_run(p: Problem, x, weight, bias, config=None):
         return y if bias is None else y + bias.reshape((1, p.cout) + (1,) * d).to(p.dtype)
     double = p.dtype == torch.float64 or p.wdtype == torch.complex128
     rdt = torch.float64 if double else torch.float32
-    X = torch.fft.rfftn(x.to(rdt), dim=tuple(range(-d, 0)), norm="forward")
+    X = torch.fft.rfftn(as_dtype(x, rdt), dim=tuple(range(-d, 0)), norm="forward")
     y = _irfftn(_torch_mix(X, weight, p), p)
     if bias is not None:
-        y = y + bias.reshape((1, p.cout) + (1,) * d).to(rdt)
-    return y.to(p.dtype)
+        y = y + as_dtype(bias.reshape((1, p.cout) + (1,) * d), rdt)
+    return as_dtype(y, p.dtype)
 
 
 # --------------------------------------------------------------------------- shared Triton helpers
