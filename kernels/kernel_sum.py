@@ -1370,8 +1370,8 @@ OP = register(Op(
     plain=_plain_run,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_backward,
-                                                        _phi_t, _dphi_t, _phi_dphi_, _pays, _root, _sqdist,
-                                                        _exact, _chunk_rows)))
+                                                        _phi_t, _dphi_t, _phi_dphi_, _pays, _Scratch, _root,
+                                                        _sqdist, _exact, _chunk_rows)))
 if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
                    supports=_flash_supports,
