@@ -187,11 +187,12 @@ def _phi_dphi_(s, kernel: str, scratch: _Scratch, need_phi: bool = True, need_dp
     return phi, (r.mul_(_S5).add_(1).mul_(e).mul_(-5.0 / 6.0) if need_dphi else None)
 
 
-def _sqdist(p, q, exact: bool, scratch: _Scratch | None = None):
+def _sqdist(p, q, exact: bool, scratch: _Scratch | None = None, qt: torch.Tensor | None = None):
     """[B, n, D], [B, m, D] -> [B, n, m] squared distances: exact differences (one coordinate at a time, so
     no [n, m, D] temporary), or the clamped expansion |y|^2 - 2 x.y (one batched GEMM) + |x|^2. In place
     where nothing is being differentiated (a backward run with create_graph=True records these ops: there
-    they are out of place), into ``scratch``'s buffers "s" and "d" when one is given."""
+    they are out of place), into ``scratch``'s buffers "s" and "d" when one is given. ``qt``: q's coordinates
+    as contiguous rows [B, D, m] (``_coord_rows``), when the caller has them already."""
     inplace = not torch.is_grad_enabled()
     n, m, d = p.shape[-2], q.shape[-2], p.shape[-1]
     if exact and inplace and n and m and (d >= 8 or (d and n * m <= 1 << 14)):
@@ -210,8 +211,8 @@ def _sqdist(p, q, exact: bool, scratch: _Scratch | None = None):
         if d == 0:
             return p.new_zeros(shape)
         s = None
-        qt = q.transpose(-1, -2).contiguous()  # [B, D, m]: each coordinate's row contiguous, so the broadcast
-        for k in range(d):  # difference runs vectorised (a column of q, stride D, took 7x as long)
+        qt = _coord_rows(q) if qt is None else qt
+        for k in range(d):
             t = torch.sub(p[..., :, k:k + 1], qt[..., k:k + 1, :], out=buf("s" if s is None else "d"))
             t = t.mul_(t) if inplace else t * t
             s = t if s is None else (s.add_(t) if inplace else s + t)
@@ -219,6 +220,12 @@ def _sqdist(p, q, exact: bool, scratch: _Scratch | None = None):
     s = torch.baddbmm((q * q).sum(-1).unsqueeze(-2), p, q.transpose(-1, -2), alpha=-2, out=buf("s"))
     pn = (p * p).sum(-1, keepdim=True)
     return s.add_(pn).clamp_min_(0) if inplace else (s + pn).clamp_min(0)
+
+
+def _coord_rows(q: torch.Tensor) -> torch.Tensor:
+    """[B, m, D] points as [B, D, m], each coordinate's row contiguous (O(m D)): the broadcast difference
+    x_c - y_c then runs vectorised; a column of q (stride D) took 7x as long (torch profiler)."""
+    return q.transpose(-1, -2).contiguous()
 
 
 def _exact(d: int, kernel: str) -> bool:
@@ -239,8 +246,9 @@ def _blocked_sum(p, q, v, kernel):
     exact = _exact(q.shape[-1], kernel)
     step = _chunk_rows(q.shape[-2], q.device)
     scratch = None if torch.is_grad_enabled() or not _pays(p, q) else _Scratch()
+    qt = _coord_rows(q) if exact else None  # once for every block
     for i in range(0, p.shape[-2], step):
-        s = _sqdist(p[:, i:i + step], q, exact, scratch)
+        s = _sqdist(p[:, i:i + step], q, exact, scratch, qt)
         out[:, i:i + step] = (_phi_t(s, kernel) if scratch is None else _phi_dphi_(s, kernel, scratch)[0]) @ v
     return out
 
@@ -258,10 +266,10 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
     gb = torch.zeros_like(b) if need_b else None
     graph = torch.is_grad_enabled()  # a create_graph backward records these ops: out of place there
     scratch = None if graph or not _pays(xs, ys) else _Scratch()  # in place, into buffers reused block to block
-    yt = None
+    yt = _coord_rows(ys) if exact else None  # once for every block: the distances' and the gradients' loops
     for i in range(0, xs.shape[-2], step):
         xb, gblk = xs[:, i:i + step], g[:, i:i + step]
-        s = _sqdist(xb, ys, exact, scratch)
+        s = _sqdist(xb, ys, exact, scratch, yt)
         if scratch is None:
             phi = _phi_t(s, kernel) if need_b else None
             w = _dphi_t(s, kernel) if need_x or need_y else None
@@ -273,10 +281,8 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
             bt = b.transpose(-1, -2)
             if graph:
                 w = w * (gblk @ bt)
-            elif scratch is None:
-                w.mul_(gblk @ bt)
-            else:  # <g_i, b_j> [B, rows, m] into a buffer too
-                w.mul_(torch.bmm(gblk, bt, out=scratch.get("g", w.shape, w)))
+            else:  # <g_i, b_j> [B, rows, m], into a buffer too where there is scratch
+                w.mul_(torch.bmm(gblk, bt, out=None if scratch is None else scratch.get("g", w.shape, w)))
             if exact and xs.shape[-1]:  # differences, one coordinate at a time, as the distances were: the
                 # GEMM form below cancels at (near-)coincident points far from the centroid
                 # (x_i sum_j w_ij ~ sum_j w_ij y_j); D = 0 takes that form (empty products)
@@ -286,8 +292,6 @@ def _blocked_backward(xs, ys, b, g, kernel, need_x: bool, need_y: bool, need_b: 
                     dy = -2 * t.sum(-3) if need_y else None
                 else:
                     cx, cy = [], []
-                    if yt is None:
-                        yt = ys.transpose(-1, -2).contiguous()  # contiguous coordinate rows (see _sqdist)
                     for c in range(xs.shape[-1]):
                         xc, yc = xb[..., :, c:c + 1], yt[..., c:c + 1, :]
                         if graph:
@@ -1362,7 +1366,7 @@ OP = register(Op(
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _blocked_sum, _blocked_backward,
                                                         _phi_t, _dphi_t, _phi_dphi_, _pays, _Scratch, _root,
-                                                        _sqdist, _exact, _chunk_rows)))
+                                                        _sqdist, _coord_rows, _exact, _chunk_rows)))
 if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
                    supports=_flash_supports,
