@@ -44,6 +44,12 @@ def compile_mode() -> str:
 
 
 def _exporting() -> bool:
+    """Is torch.export tracing? The flag torch.export sets is read directly: torch 2.11's dynamo folds
+    ``torch.compiler.is_exporting()`` to True under every torch.compile trace (2.13 reads the flag), which
+    made differentiated calls the recomputing node instead of the graph break."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     f = getattr(torch.compiler, "is_exporting", None)
     return bool(f and f())
 
