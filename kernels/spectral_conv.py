@@ -144,18 +144,19 @@ def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
 _FREQ_INDEX: dict = {}
 
 
-def _freq_index(m: int, n: int, device) -> torch.Tensor:
-    """Indices (on an n-point axis) of the m kept frequencies -m//2 .. m - m//2 - 1.
+def _freq_index(m: int, n: int, device, centred: bool = True) -> torch.Tensor:
+    """Indices (on an n-point axis) of the m kept frequencies -m//2 .. m - m//2 - 1 (``centred``; else the
+    first m, 0 .. m - 1, as on the half spectrum's axis).
 
     Cached per (m, n, device): a small call pays for each torch op, and these (three per axis and direction)
     were a tenth of it. Only ever read; made outside inference mode, so a later differentiated call may save
     it. Not cached: fake or meta tensors (tracing) and tensors made during CUDA graph capture (the graph's
     memory pool)."""
-    key = (m, n, device)
+    key = (m, n, device, centred)
     idx = _FREQ_INDEX.get(key)
     if idx is None:
         with torch.inference_mode(False):
-            idx = (torch.arange(m, device=device) - m // 2) % n
+            idx = (torch.arange(m, device=device) - m // 2) % n if centred else torch.arange(m, device=device)
         if (type(idx) is torch.Tensor and not idx.is_meta and len(_FREQ_INDEX) < 1024
                 and not (idx.is_cuda and torch.cuda.is_current_stream_capturing())):
             _FREQ_INDEX[key] = idx
@@ -172,14 +173,22 @@ def _irfftn(spec: torch.Tensor, p: Problem) -> torch.Tensor:
     32 modes and 128^2 with 64, where float64 agreed: perf/check_float64.py). Projecting those planes
     onto their Hermitian part, S(k) <- (S(k) + conj(S(-k))) / 2 over the other axes, makes every
     implementation compute numpy's result. Modifies ``spec`` in place (a few small planes).
+
+    The projection is out of autograd's sight (``no_grad``; forward-mode AD still carries it): its adjoint is
+    itself, and the gradient autograd gives irfftn (rfftn of the output's gradient, the halved-spectrum bins
+    doubled) is already Hermitian on those planes, so the projection's backward would return it unchanged.
+    Recorded, it cost the backward a clone of the whole spectrum and more full-size passes per plane (the
+    in-place write's and the two plane views' backward; at 2D 256^2, B = 32, C = 64 the spectrum is 541 MB).
+    ``spec`` must not be saved by any node (none of its makers saves it).
     """
     d, n = p.d, p.out_grid[-1]
     lead = tuple(range(2, 2 + d - 1))
     planes = [0] + ([n // 2] if n % 2 == 0 and p.modes[-1] > n // 2 and n > 1 else [])
-    for k in planes:
-        plane = spec[..., k]
-        mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane  # index -k mod n
-        spec[..., k] = 0.5 * (plane + mirror.conj())
+    with torch.no_grad():
+        for k in planes:
+            plane = spec[..., k]
+            mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane  # index -k mod n
+            spec[..., k] = 0.5 * (plane + mirror.conj())
     return torch.fft.irfftn(spec, s=p.out_grid, dim=tuple(range(-d, 0)), norm="forward")
 
 
@@ -208,10 +217,18 @@ def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tenso
         # with this one copy first): forward + backward 1.02-1.23x faster there, interleaved on a 2-core CPU
         Y.register_hook(_contiguous)
     Y = Y.permute(1, 2, 0).reshape((B, O) + mshape)
-    spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),))
-    out_idx = [_freq_index(p.modes[ax], p.out_grid[ax], X.device) for ax in range(d - 1)]
-    view = [o.view([-1] + [1] * (d - 2 - ax)) for ax, o in enumerate(out_idx)]
-    spec[(slice(None), slice(None), *view, slice(0, p.modes[-1]))] = Y
+    # Placed so that the backward only gathers the kept modes' gradient: in 1D the last axis padded to the
+    # half spectrum (its backward is a slice view); else every axis indexed by a tensor, so that index_put_
+    # writes into the fresh zeros themselves. Writing through a sliced view of them (spec[..., :m] = Y) had
+    # autograd clone the whole spectrum's gradient first (CopySlices).
+    half = _half(p.out_grid[-1])
+    if d == 1:
+        return torch.nn.functional.pad(Y, (0, half - p.modes[-1]))
+    spec = Y.new_zeros((p.batch, p.cout) + p.out_grid[:-1] + (half,))
+    idx = [_freq_index(p.modes[ax], p.out_grid[ax], X.device) for ax in range(d - 1)]
+    idx.append(_freq_index(p.modes[-1], half, X.device, centred=False))
+    view = [o.view([-1] + [1] * (d - 1 - ax)) for ax, o in enumerate(idx)]
+    spec[(slice(None), slice(None), *view)] = Y  # leading full slices: index_put_ on spec itself
     return spec
 
 

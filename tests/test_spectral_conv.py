@@ -107,6 +107,47 @@ def test_reference_matches_direct_dft_sum():
     np.testing.assert_allclose(ref.spectral_conv(x, w)[0, 0], y, atol=1e-12)
 
 
+def _graph_nodes(t: torch.Tensor) -> list:
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("variant", ["torch", "fft_mix"])
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
+def test_backward_gathers_the_kept_modes_without_copying_the_spectrum(variant, case):
+    """The output spectrum is built so that its backward only gathers the kept modes' gradient: no in-place
+    write through a view (CopySlices, which clones the whole spectrum's gradient) and the Hermitian
+    projection outside the graph (its backward is the identity on irfftn's gradient: test below). The
+    gradients themselves are checked against the reference in float64 elsewhere."""
+    p, (x, w, b) = OP.make_inputs(case, "cpu", torch.float32, requires_grad=True)
+    names = _graph_nodes(OP.run_variant(variant, p, x, w, b))
+    assert "CopySlices" not in names and not any(n.startswith(("SelectBackward", "AsStridedBackward"))
+                                                 for n in names), names
+
+
+def test_irfftn_gradient_is_hermitian_on_the_self_conjugate_planes():
+    """Why the projection may stay out of the graph: the gradient autograd gives irfftn already satisfies
+    S(k) = conj(S(-k)) on the planes the projection touches, so the projection (its own adjoint) would
+    return it unchanged."""
+    for grid in [(16,), (17,), (9, 7), (8, 8), (7, 6, 9), (6, 8, 10)]:
+        d, n = len(grid), grid[-1]
+        s = torch.randn((2, 3) + grid[:-1] + (n // 2 + 1,), dtype=torch.complex128, requires_grad=True)
+        y = torch.fft.irfftn(s, s=grid, dim=tuple(range(-d, 0)), norm="forward")
+        g, = torch.autograd.grad(y, s, torch.randn_like(y))
+        lead = tuple(range(2, 2 + d - 1))
+        for k in [0] + ([n // 2] if n % 2 == 0 else []):
+            plane = g[..., k]
+            mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane
+            torch.testing.assert_close(plane, mirror.conj(), rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("variant", ["torch", "fft_mix"])
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 def test_inverse_transform_gets_a_hermitian_spectrum(monkeypatch, variant, case):
