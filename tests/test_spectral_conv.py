@@ -107,6 +107,16 @@ def test_reference_matches_direct_dft_sum():
     np.testing.assert_allclose(ref.spectral_conv(x, w)[0, 0], y, atol=1e-12)
 
 
+def _assert_hermitian_planes(spec: torch.Tensor, n: int, **tol):
+    """The half spectrum's self-conjugate planes (frequency 0, and n/2 for even n) satisfy S(k) = conj(S(-k))
+    over the other axes (axes 2 .. -2)."""
+    lead = tuple(range(2, spec.dim() - 1))
+    for k in [0] + ([n // 2] if n % 2 == 0 and spec.shape[-1] > n // 2 else []):
+        plane = spec[..., k]
+        mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane
+        torch.testing.assert_close(plane, mirror.conj(), **tol)
+
+
 def _graph_nodes(t: torch.Tensor) -> list:
     seen, todo, names = set(), [t.grad_fn], []
     while todo:
@@ -144,11 +154,7 @@ def test_irfftn_gradient_is_hermitian_on_the_self_conjugate_planes(device, dtype
         s = torch.randn((2, 3) + grid[:-1] + (n // 2 + 1,), dtype=dtype, generator=gen).to(device).requires_grad_()
         y = torch.fft.irfftn(s, s=grid, dim=tuple(range(-d, 0)), norm="forward")
         g, = torch.autograd.grad(y, s, torch.randn(y.shape, dtype=y.dtype, generator=gen).to(device))
-        lead = tuple(range(2, 2 + d - 1))
-        for k in [0] + ([n // 2] if n % 2 == 0 else []):
-            plane = g[..., k]
-            mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane
-            torch.testing.assert_close(plane, mirror.conj(), rtol=0, atol=atol * g.abs().max().item())
+        _assert_hermitian_planes(g, n, rtol=0, atol=atol * g.abs().max().item())
 
 
 @pytest.mark.parametrize("variant", ["torch", "fft_mix"])
@@ -160,13 +166,8 @@ def test_inverse_transform_gets_a_hermitian_spectrum(monkeypatch, variant, case)
     real_irfftn = torch.fft.irfftn
 
     def checking_irfftn(spec, s=None, dim=None, norm=None):
-        lead = tuple(range(2, spec.dim() - 1))
-        planes = [0] + ([s[-1] // 2] if s[-1] % 2 == 0 and spec.shape[-1] > s[-1] // 2 else [])
-        for k in planes:
-            plane = spec[..., k]
-            mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane
-            torch.testing.assert_close(plane, mirror.conj())
-        seen.append(k)
+        _assert_hermitian_planes(spec, s[-1])
+        seen.append(s)
         return real_irfftn(spec, s=s, dim=dim, norm=norm)
 
     monkeypatch.setattr(torch.fft, "irfftn", checking_irfftn)
