@@ -1528,6 +1528,9 @@ class FastKANLayer(nn.Module):
         super().__init__()
         if not isinstance(num_grids, int) or num_grids < 2:
             raise ValueError(f"num_grids must be an int >= 2, got {num_grids!r}")
+        if not (math.isfinite(grid_min) and math.isfinite(grid_max) and grid_max > grid_min):
+            raise ValueError(f"grid_min and grid_max must be finite with grid_max > grid_min, got {grid_min!r} and "
+                             f"{grid_max!r}")
         if use_layernorm and input_dim == 1:  # FastKAN refuses it too
             raise ValueError("use_layernorm=True with input_dim=1 would normalise every input to 0 (the layer's "
                              "output would not depend on x); pass use_layernorm=False")

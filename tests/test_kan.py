@@ -420,6 +420,7 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
      "real floating"),
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 0), "chebyshev"), ValueError, "K >= 1"),
     (lambda: FastKANLayer(1, 3), ValueError, "use_layernorm=False"),
+    (lambda: FastKANLayer(4, 3, grid_min=2.0, grid_max=-2.0), ValueError, "grid_max > grid_min"),
 ])
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
