@@ -128,6 +128,9 @@ def cmd_tune(args) -> int:
     from opforge.autotune import cache, tuner
     from opforge.kernels._triton import allow_tf32, device_info
 
+    if args.jobs is not None and args.jobs < 0:
+        print(f"--jobs must be 0 or more, got {args.jobs}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available() and not args.interpret:
         print("opforge tune needs a CUDA GPU (or --interpret to exercise the tuner on the CPU "
               "interpreter with small shapes)", file=sys.stderr)
@@ -136,9 +139,26 @@ def cmd_tune(args) -> int:
     info = device_info()
     out = Path(args.out) if args.out else cache.user_dir() / cache.file_name(info)
     tag = args.cases or ("gpu" if dev == "cuda" else "small")
+    work = [(op, [c for c in op.cases if tag in c.tags and (not args.case or c.name in args.case)])
+            for op in _ops(args.op)]
+    if dev == "cuda":  # every config's kernels compiled first, on the other CPU cores (the interpreter compiles nothing)
+        from opforge.autotune import precompile
+
+        jobs = precompile.default_jobs() if args.jobs is None else args.jobs
+        try:
+            tasks = [t for op, cases in work for t in precompile.plan(op, cases, args.dtype, args.mode)] if jobs else []
+        except Exception as exc:  # noqa: BLE001 - only a head start: the timing loop compiles what it meets
+            print(f"precompile skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            tasks = []
+        if tasks:
+            major, minor = torch.cuda.get_device_capability()
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            print(f"precompiling {len(tasks)} configs' kernels with {min(jobs, len(tasks))} workers",
+                  file=sys.stderr, flush=True)
+            precompile.precompile(tasks, jobs, 10 * major + minor, sms,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     rows = []
-    for op in _ops(args.op):
-        cases = [c for c in op.cases if tag in c.tags and (not args.case or c.name in args.case)]
+    for op, cases in work:
         for dt in args.dtype:
             base = dt.removesuffix("-tf32")
             with allow_tf32(dt != base):  # float32-tf32: entries for calls under torch's TF32 setting
@@ -281,6 +301,10 @@ def main(argv=None) -> int:
     t.add_argument("--case", nargs="+", metavar="NAME", help="only these cases of the set, by name")
     t.add_argument("--mode", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
                    help="tune inference calls (fwd), training calls (fwdbwd, stored under '<key>|train'), or both")
+    t.add_argument("--jobs", type=int, metavar="N",
+                   help="worker processes that compile every config's kernels before the timing starts (default: "
+                        "the CPU cores less one, at most one per 4 GiB of free memory; 0: each config compiles "
+                        "at its first call, in the timing loop)")
     t.add_argument("--interpret", action="store_true", help="exercise the tuner on the CPU interpreter")
     t.set_defaults(fn=cmd_tune)
     p = sub.add_parser("perf-check", help="rerun the perf suite and gate speedup ratios against the baseline")

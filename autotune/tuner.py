@@ -13,6 +13,7 @@ checked against the torch variant's too.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -103,7 +104,11 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
             def fn(v=v, cfg=cfg):
                 return _step(v, problem, args, leaves, grad_out, cfg)
             try:
-                err = _error(fn(), expected)
+                t0 = time.perf_counter()
+                got = fn()  # the first call: Triton compiles the config's kernels, or finds them precompiled
+                first_s = time.perf_counter() - t0
+                err = _error(got, expected)
+                del got
                 if not err <= _sanity_bound(problem):
                     what = "result or gradient" if train else "result"
                     failures.append({"variant": v.name, "config": cfg, "error": f"wrong {what} (rel err {err:.2e})"})
@@ -112,9 +117,10 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
             except Exception as exc:  # a config that does not compile or does not fit is skipped
                 failures.append({"variant": v.name, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
-            timings.append({"variant": v.name, "config": cfg, "ms": t["p50"], "p20": t["p20"], "p80": t["p80"]})
+            timings.append({"variant": v.name, "config": cfg, "ms": t["p50"], "p20": t["p20"], "p80": t["p80"],
+                            "first_s": round(first_s, 3)})
             if log:
-                log(f"    {v.name} {cfg} {t['p50']:.4f} ms")
+                log(f"    {v.name} {cfg} {t['p50']:.4f} ms (first call {first_s:.2f} s)")
     timings.sort(key=lambda r: r["ms"])
     if timings and (torch_ms is None or timings[0]["ms"] < torch_ms):
         win = timings[0]

@@ -72,6 +72,21 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
+# The SM count of the GPU a compile-only run compiles for (``opforge.autotune.precompile``'s workers, which
+# run launchers on CPU tensors): launchers that size their grids to the GPU (KAN's grad-W splits, kernel
+# sums' column splits) then pass the kernels the values a run on that GPU passes, so the kernels compiled
+# ahead are the ones the run looks up. None outside such a run.
+_COMPILE_TARGET_SMS: int | None = None
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of the CUDA device ``device``; on other devices those of the GPU a
+    compile-only run compiles for, or None (the interpreter's CPU runs)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _COMPILE_TARGET_SMS
+
+
 def triton_version() -> str:
     """Triton's major.minor, or "none"."""
     if not HAS_TRITON:

@@ -50,7 +50,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
                         graph_grads, no_autocast, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, tl, triton
+from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, sm_count, tl, triton
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
@@ -698,12 +698,12 @@ def _dims(d: int, r: int, kernel: str) -> dict:
 
 def _m_splits(cfg: dict, programs: int, M: int, device: torch.device) -> int:
     """Column splits S (config ``SPLIT_M``; 0: enough programs for two waves of the GPU, each split keeping
-    at least 8 column tiles, and 1 off CUDA)."""
+    at least 8 column tiles; 1 under the interpreter)."""
     s = int(cfg.get("SPLIT_M", 0))
     if s == 0:
-        if device.type != "cuda":
+        sms = sm_count(device)
+        if sms is None:  # the interpreter
             return 1
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
         s = min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(M, 8 * cfg["BLOCK_M"]))
     return max(1, s)
 

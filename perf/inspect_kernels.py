@@ -8,8 +8,9 @@ the shared memory each kernel needs against the GPU's per-block limit, registers
 (what ``opforge tune`` would spend device time finding out).
 
 Runs one variant on one case with CPU tensors while every Triton launch only *compiles* for the target
-GPU (sm_90 by default: the H100/H200) instead of running: a stand-in driver names the target, and the
-launch is turned into Triton's ``warmup`` compile. For each launched kernel it prints the grid, warps,
+GPU (sm_90 by default: the H100/H200) instead of running (``opforge.autotune.precompile.compile_only``: a
+stand-in driver names the target, launches become Triton's ``warmup`` compile, and launchers that size their
+grids to the GPU read ``--sms``). For each launched kernel it prints the grid, warps,
 shared memory, the registers and spill bytes ptxas reports, the MMA instructions (wgmma = Hopper tensor
 cores, mma.sync = the older warp-level ones, none = CUDA cores; with how many instructions: 3xTF32 has three
 times TF32's, ``--tf32`` compiles under torch's TF32 setting) and a count of global loads/stores by
@@ -20,8 +21,7 @@ pairs of a kernel-sum tile over the threads) is the cost to compare between vers
 runs); only the code generation is inspected, a leading question for the GPU, not a timing of it. Each
 launch also reports the seconds Triton took to compile its kernel in an empty cache of the run's own: the
 compile wait of an op's first call, on this host's CPU (a kernel compiled for an earlier launch of the run
-shows its lookup time). It uses Triton internals (``driver.set_active``, ``JITFunction.run``) checked on
-Triton 3.6 and 3.9.
+shows its lookup time).
 """
 from __future__ import annotations
 
@@ -34,37 +34,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JIT functions, not the interpreter
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.runtime.jit as _jit  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
 from case_args import add_case_args, case_inputs  # noqa: E402
-
-
-class _CompileOnlyDriver:
-    """Enough of a Triton driver for ``JITFunction.run(warmup=True)`` to compile for ``target``."""
-
-    def __init__(self, arch: int):
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
+from opforge.autotune.precompile import compile_only  # noqa: E402
 
 
 _ACCESS = re.compile(r"^(?:@!?%p\d+\s+)?(ld\.global|st\.global|cp\.async\.c[ag]\.shared\.global|red\.global|atom\.global)"
@@ -161,6 +139,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(ap, "fwd", "compile under torch's TF32 float32 matmul setting")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90: H100/H200)")
+    ap.add_argument("--sms", type=int, default=None,
+                    help="the GPU's SM count, which launchers size their grids by (default: 132, the H100 SXM's "
+                         "and H200's, for --arch 90)")
     ap.add_argument("--config", default=None, help="JSON config of the variant (default: its heuristic default)")
     ap.add_argument("--grid", action="store_true", help="compile every config of the variant's tuning grid")
     ap.add_argument("--json", default=None, metavar="FILE",
@@ -180,18 +161,17 @@ def main() -> None:
 
 
 def _inspect(args) -> None:
-    driver.set_active(_CompileOnlyDriver(args.arch))
     launches = []
-    run = _jit.JITFunction.run
 
-    def compile_only(self, *a, grid, warmup, **kw):
-        t0 = time.perf_counter()  # compiling (a kernel already compiled in this process: a cache lookup)
-        kernel = run(self, *a, grid=grid, warmup=True, **kw)
-        launches.append((self.fn.__name__, grid, kw.get("num_warps", 4), kernel, time.perf_counter() - t0))
-        return kernel
+    def on_launch(fn, grid, kw, kernel, seconds):  # seconds: compiling (a kernel compiled before: a lookup)
+        launches.append((fn.fn.__name__, grid, kw.get("num_warps", 4), kernel, seconds))
 
-    _jit.JITFunction.run = compile_only
+    sms = args.sms if args.sms is not None else SM_COUNT.get(args.arch)
+    with compile_only(args.arch, sms, on_launch):
+        _inspect_launches(args, launches)
 
+
+def _inspect_launches(args, launches) -> None:
     op, problem, inputs = case_inputs(args, "cpu")
     if args.variant not in op.variants or op.variants[args.variant].kind != "triton":
         raise SystemExit(f"{args.variant!r} is not a Triton variant of {args.op}; valid: "
@@ -235,6 +215,8 @@ def _run(v, problem, inputs, cfg, grad: bool) -> None:
         y.backward(torch.zeros_like(y))
 
 
+# SMs of the GPU a compute capability stands for here (the H100 SXM and the H200 both have 132)
+SM_COUNT = {90: 132}
 # Shared memory one block may use (dynamic, opt-in) per compute capability: sm_90 228 KB less 1 KB reserved.
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 

@@ -1,0 +1,156 @@
+"""opforge tune's precompile: worker processes compile every config's kernels for the GPU into Triton's disk
+cache, where a later process launching the same calls finds them (no GPU here: both compile for sm_90)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import pytest
+
+pytest.importorskip("triton")
+
+# the kernels of a small plan, compiled for sm_90 (2 kernel-sum configs and 1 KAN config, each forward and
+# forward + backward: 6 calls), precompiled in workers, then launched compile-only in a fresh process
+_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from opforge.autotune import precompile
+    from opforge.kernels import get_op
+
+    def files():
+        return sorted(os.path.relpath(os.path.join(d, f), os.environ["TRITON_CACHE_DIR"])
+                      for d, _, fs in os.walk(os.environ["TRITON_CACHE_DIR"]) for f in fs)
+
+    tasks = []
+    for name, case, n in [("kernel_sum", "small-d3-r1", 2), ("kan", "rbf-small-odd", 1)]:
+        op = get_op(name)
+        plan = precompile.plan(op, [c for c in op.cases if c.name == case], ["float32"], ["fwd", "fwdbwd"])
+        cfgs = list(dict.fromkeys(json.dumps(t[5], sort_keys=True) for t in plan))[:n]
+        tasks += [t for t in plan if json.dumps(t[5], sort_keys=True) in cfgs]
+    if sys.argv[1] == "workers":
+        logged = []
+        summary = precompile.precompile(tasks, 2, 90, 132, log=logged.append)
+        print(json.dumps({"summary": summary, "log": logged, "files": files(), "tasks": len(tasks)}))
+    else:  # the tuner's side: the same calls launched in this process, compile-only, on the cache just filled
+        seconds = []
+        with precompile.compile_only(90, 132, lambda fn, grid, kw, kernel, s: seconds.append(s)):
+            errors = [precompile._compile_task(t)[2] for t in tasks]
+        print(json.dumps({"files": files(), "errors": errors, "launches": len(seconds)}))
+""")
+
+
+def _run(tmp_path, mode):
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    env["TRITON_INTERPRET"] = "0"
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, mode], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_precompiled_kernels_are_found_by_a_later_process(tmp_path):
+    first = _run(tmp_path, "workers")
+    summary = first["summary"]
+    assert first["tasks"] == 6 and summary["tasks"] == 6
+    assert summary["compiled"] == 6 and summary["failed"] == 0 and summary["jobs"] == 2, first
+    assert any(f.endswith(".cubin") for f in first["files"]), first["files"]
+    assert "6 of 6 configs' kernels for sm_90" in first["log"][-1]
+    second = _run(tmp_path, "lookup")
+    assert second["errors"] == [None] * 6
+    assert second["launches"] > 6  # every call launches a kernel, forward + backward several
+    assert second["files"] == first["files"]  # nothing compiled again: every kernel was in the cache
+
+
+def test_precompile_survives_configs_that_do_not_compile_and_no_jobs():
+    from opforge.autotune import precompile
+
+    logged, before = [], os.environ.get("TRITON_INTERPRET")
+    import torch
+
+    from opforge.kernels import get_op
+
+    op = get_op("kernel_sum")
+    problem, _ = op.make_inputs(next(c for c in op.cases if c.name == "small-d3-r1"), "cpu", torch.float32)
+    cfg = dict(op.variants["flash"].default_config(problem), BLOCK_N=3)  # not a power of two: no compile
+    bad = ("kernel_sum", "small-d3-r1", "float32", "fwd", "flash", cfg)
+    summary = precompile.precompile([bad], 1, 90, 132, log=logged.append)
+    assert summary["failed"] == 1 and summary["compiled"] == 0, (summary, logged)
+    assert precompile.precompile([bad], 0, 90, 132, log=logged.append)["jobs"] == 0
+    assert os.environ.get("TRITON_INTERPRET") == before  # the caller's interpreter setting is back
+
+
+def test_plan_lists_every_config_the_tuner_times():
+    import torch
+
+    from opforge.kernels import get_op
+
+    from opforge.autotune import precompile
+
+    op = get_op("kan")
+    case = next(c for c in op.cases if c.name == "rbf-small-odd")
+    plan = precompile.plan(op, [case], ["float32", "float32-tf32"], ["fwd", "fwdbwd"])
+    problem, _ = op.make_inputs(case, "cpu", torch.float32)
+    n = len(op.variants["fused"].configs(problem))
+    assert len(plan) == 4 * n
+    assert [t[2:4] for t in plan[::n]] == [("float32", "fwd"), ("float32", "fwdbwd"), ("float32-tf32", "fwd"),
+                                           ("float32-tf32", "fwdbwd")]
+
+
+def test_launchers_size_their_grids_by_the_target_gpu(monkeypatch):
+    """In a compile-only run the launchers read the SM count of the GPU compiled for, as on that GPU."""
+    import torch
+
+    from opforge.kernels import _triton, get_op, kan
+
+    op = get_op("kan")
+    case = next(c for c in op.cases if c.name == "rbf-small-odd")
+    problem, _ = op.make_inputs(case, "cpu", torch.float32)
+    cfg = dict(op.variants["fused"].default_config(problem), BLOCK_B=16, SPLITS=0)
+    cpu = torch.device("cpu")
+    assert _triton.sm_count(cpu) is None and kan._sm_count(cpu) == 4
+    interpreted = kan._dw_splits(problem, cfg, 4096, cpu)
+    monkeypatch.setattr(_triton, "_COMPILE_TARGET_SMS", 132)
+    assert _triton.sm_count(cpu) == 132 and kan._sm_count(cpu) == 132
+    assert kan._dw_splits(problem, cfg, 4096, cpu) > interpreted
+
+
+def test_tune_refuses_negative_jobs():
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "opforge.autotune.cli", "tune", "--jobs", "-1"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--jobs must be 0 or more" in r.stderr
+
+
+
+def test_tune_on_a_gpu_precompiles_the_configs_it_will_time(monkeypatch, tmp_path):
+    """The CUDA branch of ``opforge tune`` (no GPU here: CUDA's answers stubbed, the timing loop too): the plan
+    covers the selected ops, cases, dtypes and modes, for the GPU's compute capability and SM count."""
+    import types
+
+    import torch
+
+    from opforge.autotune import cli, precompile, tuner
+    from opforge.kernels import _triton
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(_triton, "device_info", lambda *a: {"name": "NVIDIA H100 80GB HBM3", "cc": "9.0",
+                                                            "triton": "3.6", "tag": "h100"})
+    seen, timed = {}, []
+    monkeypatch.setattr(precompile, "precompile", lambda tasks, jobs, arch, sms, log: seen.update(
+        tasks=tasks, jobs=jobs, arch=arch, sms=sms))
+    monkeypatch.setattr(tuner, "tune_op", lambda op, cases, dev, dtype, out, modes: timed.append(
+        (op.name, [c.name for c in cases], dev, dtype, modes)) or [])
+    assert cli.main(["tune", "--op", "kan", "--cases", "small", "--case", "rbf-small-odd", "--dtype", "float32",
+                     "float32-tf32", "--mode", "fwdbwd", "--jobs", "3", "--out", str(tmp_path / "c.json")]) == 0
+    assert (seen["jobs"], seen["arch"], seen["sms"]) == (3, 90, 132)
+    assert {t[:5] for t in seen["tasks"]} == {("kan", "rbf-small-odd", dt, "fwdbwd", "fused")
+                                              for dt in ("float32", "float32-tf32")}
+    assert len(seen["tasks"]) == 2 * len({str(t[5]) for t in seen["tasks"]})
+    assert timed == [("kan", ["rbf-small-odd"], "cuda", torch.float32, ("fwdbwd",))] * 2  # then timed, per dtype
+    seen.clear()
+    assert cli.main(["tune", "--op", "kan", "--cases", "small", "--case", "rbf-small-odd", "--jobs", "0",
+                     "--out", str(tmp_path / "c.json")]) == 0
+    assert seen == {}  # --jobs 0: nothing precompiled
