@@ -11,13 +11,19 @@
 # timed stage gets at most what is left of it less a 15-second reserve, and a stage with under 30 seconds
 # left is skipped and says so in the log. A lent machine now has 15 device-minutes a session, starts
 # included, which fits one such call; the call for it (the stages in the order that matters most when
-# time runs out: compiled correctness first, then headline timings at the default configs, then tuning):
+# time runs out: compiled correctness first, then tuning, then headline timings at the tuned configs):
 #
 #   OPFORGE_COMMIT=<hash> CASE_SET=main PERF_DTYPES=float32 TUNE_DTYPES=float32 TUNE_MODES=fwdbwd \
-#     TEST_CPU=0 TEST_FUSED_BASE=0 TEST_LIMIT_S=150 PERF_LIMIT_S=120 bash perf/gpu_session.sh test perf tune
+#     TEST_CPU=0 TEST_FUSED_BASE=0 TEST_LIMIT_S=120 TUNE_LIMIT_S=100 PERF_LIMIT_S=90 \
+#     bash perf/gpu_session.sh test tune perf
 #
-# (the GPU tests within 150 s, each op's main-case perf suite within 120 s, tuning with what is left; then, on
-# the still-warm machine, a second call with the device time left: OPS=<op> ... bash perf/gpu_session.sh tune)
+# (the GPU tests within 120 s, each op's main-case tuning within 100 s, each op's main-case perf suite within
+# 90 s with what is left). The tuner compiles every config's kernels in worker processes on the host's CPU
+# cores before it times them (autotune/precompile.py); compiled one at a time in the timing loop, the 118
+# forward + backward configs of the main cases would spend minutes compiling alone (the static table's
+# 0.3-2 s a kernel, several kernels a config), which is why tuning came last before. The tune log's "first call" seconds per config say whether
+# the precompiled kernels were found (not yet run on a GPU). With device time left on the still-warm machine,
+# a second call: OPS=<op> ... bash perf/gpu_session.sh tune perf.
 #
 # Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
 # neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
