@@ -90,7 +90,7 @@ for stage in "${stages[@]}"; do
       # the ops' own GPU tests first, torch.compile's (minutes of inductor compiles) last: a time limit then
       # cuts what matters least, and pytest still reports what ran (SIGINT)
       TAIL=15 timed "${TEST_LIMIT_S:-240}" env TRITON_INTERPRET=0 python3 -m pytest -q -m gpu --durations=15 \
-        ${TEST_PATHS:-tests/test_spectral_conv.py tests/test_kan.py tests/test_kernel_sum.py tests/test_host_sync.py \
+        ${TEST_PATHS:-tests/test_spectral_conv.py tests/test_kan.py tests/test_kernel_sum.py tests/test_precompile.py tests/test_host_sync.py \
         tests/test_autocast.py tests/test_func_transforms.py tests/test_graph_op.py}
       # the KAN base path inside the forward kernel (off by default: wrong compiled on an H100, kernels/kan.py)
       [ "${TEST_FUSED_BASE:-1}" = 1 ] && TAIL=3 timed 60 env OPFORGE_KAN_FUSED_BASE=1 TRITON_INTERPRET=0 \

@@ -32,6 +32,26 @@ _SCRIPT = textwrap.dedent("""
         logged = []
         summary = precompile.precompile(tasks, 2, 90, 132, log=logged.append)
         print(json.dumps({"summary": summary, "log": logged, "files": files(), "tasks": len(tasks)}))
+    elif sys.argv[1] == "cuda":  # on a GPU: workers compile for it, then the tuner's real launches find them
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        summary = precompile.precompile(tasks, 2, 10 * major + minor, sms, log=lambda m: None)
+        before = files()
+        for op_name, case_name, dt, mode, variant, cfg in tasks:  # as autotune/tuner.py calls each config
+            op = get_op(op_name)
+            case = next(c for c in op.cases if c.name == case_name)
+            problem, args = op.make_inputs(case, "cuda", getattr(torch, dt), requires_grad=mode == "fwdbwd")
+            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            with torch.enable_grad() if leaves else torch.no_grad():
+                out = op.variants[variant].run(problem, *args, config=cfg)
+                if leaves:
+                    torch.autograd.grad(out, leaves, torch.randn_like(out), allow_unused=True)
+            torch.cuda.synchronize()
+        after = files()
+        print(json.dumps({"summary": summary, "new": [f for f in after if f not in before],
+                          "cubins": sum(f.endswith(".cubin") for f in before)}))
     else:  # the tuner's side: the same calls launched in this process, compile-only, on the cache just filled
         seconds = []
         with precompile.compile_only(90, 132, lambda fn, grid, kw, kernel, s: seconds.append(s)):
@@ -59,6 +79,16 @@ def test_precompiled_kernels_are_found_by_a_later_process(tmp_path):
     assert second["errors"] == [None] * 6
     assert second["launches"] > 6  # every call launches a kernel, forward + backward several
     assert second["files"] == first["files"]  # nothing compiled again: every kernel was in the cache
+
+
+@pytest.mark.gpu
+def test_precompiled_kernels_are_found_by_launches_on_the_gpu(tmp_path):
+    """The claim the tuner relies on, on a real GPU: kernels compiled by the CPU-tensor workers for this GPU's
+    arch and SM count are the ones its CUDA launches look up (no kernel binary compiled again; the launcher
+    stubs Triton builds at a first launch are not kernels)."""
+    got = _run(tmp_path, "cuda")
+    assert got["summary"]["compiled"] == 6 and got["cubins"] > 0, got
+    assert [f for f in got["new"] if f.endswith((".cubin", ".ptx", ".ttgir"))] == [], got["new"]
 
 
 def test_precompile_survives_configs_that_do_not_compile_and_no_jobs():
