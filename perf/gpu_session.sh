@@ -57,6 +57,9 @@ timed() {
   timeout -s INT -k 10 "$s" "$@" 2>&1 | tee -a "$LOG" | tail -"${TAIL:-12}"
 }
 
+# xdist <n>: pytest's options for n worker processes where pytest-xdist is installed (the GPU image has it)
+xdist() { [ "$1" -gt 0 ] && python3 -c "import xdist" 2>/dev/null && echo "-n $1"; }
+
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -81,21 +84,25 @@ tag=$(python3 -c "from opforge.kernels._triton import device_info; print(device_
 # TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries), OPS the ops of
 # the tune and perf stages (default all three), CASE_SET their case set (gpu, the default, or main: the
 # issues' headline shapes), CASES case names within it, TEST_PATHS what the test stage runs (default: every
-# test file with GPU tests, the ops' own first), TEST_FUSED_BASE=0 skips the in-kernel KAN base-path test.
+# test file with GPU tests, the ops' own first), TEST_WORKERS the test processes sharing the GPU (default 8),
+# TEST_FUSED_BASE=0 skips the in-kernel KAN base-path test.
 for stage in "${stages[@]}"; do
   echo "== $stage (at ${SECONDS}s)" >>"$LOG"
   case "$stage" in
     test)  # compiled GPU tests, then the CPU tests through the interpreter (Triton reads TRITON_INTERPRET at import)
       fits 60 || continue
       # the ops' own GPU tests first, torch.compile's (minutes of inductor compiles) last: a time limit then
-      # cuts what matters least, and pytest still reports what ran (SIGINT)
-      TAIL=15 timed "${TEST_LIMIT_S:-240}" env TRITON_INTERPRET=0 python3 -m pytest -q -m gpu --durations=15 \
+      # cuts what matters least, and pytest still reports what ran (SIGINT). Most of their time is Triton and
+      # inductor compiling on one CPU core, so TEST_WORKERS (default 8) processes share the GPU (pytest-xdist,
+      # in the image), two CPU threads each; TEST_WORKERS=0 runs them in one process, in file order.
+      TAIL=15 timed "${TEST_LIMIT_S:-240}" env TRITON_INTERPRET=0 OMP_NUM_THREADS=2 python3 -m pytest -q -m gpu \
+        --durations=15 $(xdist "${TEST_WORKERS:-8}") \
         ${TEST_PATHS:-tests/test_spectral_conv.py tests/test_kan.py tests/test_kernel_sum.py tests/test_precompile.py tests/test_host_sync.py \
         tests/test_autocast.py tests/test_func_transforms.py tests/test_graph_op.py}
       # the KAN base path inside the forward kernel (off by default: wrong compiled on an H100, kernels/kan.py)
       [ "${TEST_FUSED_BASE:-1}" = 1 ] && TAIL=3 timed 60 env OPFORGE_KAN_FUSED_BASE=1 TRITON_INTERPRET=0 \
         python3 -m pytest -q -m gpu tests/test_kan.py -k bspline
-      [ "${TEST_CPU:-1}" = 1 ] && TAIL=5 timed 400 env TRITON_INTERPRET=1 python3 -m pytest -q -n 8 -m "not gpu" tests ;;
+      [ "${TEST_CPU:-1}" = 1 ] && TAIL=5 timed 400 env TRITON_INTERPRET=1 python3 -m pytest -q $(xdist 8) -m "not gpu" tests ;;
     check)  # every variant, torch included, against the torch variant in float64 (forward, main shapes)
       fits 60 || continue
       TAIL=30 timed 300 python3 perf/check_float64.py --ops spectral_conv kan
