@@ -157,16 +157,21 @@ def cmd_tune(args) -> int:
                   file=sys.stderr, flush=True)
             precompile.precompile(tasks, jobs, 10 * major + minor, sms,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))
-    rows = []
-    for op, cases in work:
-        for dt in args.dtype:
-            base = dt.removesuffix("-tf32")
-            with allow_tf32(dt != base):  # float32-tf32: entries for calls under torch's TF32 setting
-                rows += tuner.tune_op(op, cases, dev, getattr(torch, base), out=out, modes=tuple(args.mode))
-    print(f"\nwinners on {info['name']} (cc {info['cc']}, Triton {info['triton']}) -> {out}")
+    rows, interrupted = [], False
+    try:
+        for op, cases in work:
+            for dt in args.dtype:
+                base = dt.removesuffix("-tf32")
+                with allow_tf32(dt != base):  # float32-tf32: entries for calls under torch's TF32 setting
+                    tuner.tune_op(op, cases, dev, getattr(torch, base), out=out, modes=tuple(args.mode), rows=rows)
+    except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGINT: what was timed is in the cache file already
+        interrupted = True
+    print(f"\nwinners on {info['name']} (cc {info['cc']}, Triton {info['triton']}) -> {out}"
+          + (" (interrupted: the shapes finished so far, and the one in progress marked partial in the file)"
+             if interrupted else ""))
     print(_table(rows, [("op", "op"), ("case", "case"), ("dtype", "dtype"), ("mode", "mode"), ("variant", "variant"),
                         ("config", "config"), ("ms", "ms"), ("torch ms", "torch_ms"), ("speedup", "speedup")]))
-    return 0
+    return 130 if interrupted else 0
 
 
 # --------------------------------------------------------------------------- perf-check

@@ -111,7 +111,7 @@ def plan(op, cases, dtypes, modes) -> list[tuple]:
             for mode in modes:
                 for v in op.triton_variants():
                     if v.supports is None or v.supports(problem) is None:
-                        out += [(op.name, case.name, dt, mode, v.name, cfg) for cfg in v.configs(problem)]
+                        out += [(op.name, case.name, dt, mode, v.name, cfg) for cfg in v.tuning_configs(problem)]
     return out
 
 
@@ -193,6 +193,8 @@ def precompile(tasks: list[tuple], jobs: int, arch: int, sms: int | None, log=pr
             for done, fut in enumerate(as_completed(futures), 1):
                 task, _, err = fut.result()
                 summary["failed" if err else "compiled"] += 1
+                if err and summary["failed"] <= 3:  # the first few, to see why (the tuner logs every one)
+                    log(f"    did not compile: {' '.join(map(str, task[:5]))} {task[5]}: {err}")
                 if done % step == 0 or done == n:
                     log(f"    precompiled {done}/{n} configs ({time.perf_counter() - t0:.0f} s)")
     except Exception as exc:  # noqa: BLE001 - a broken pool: the tuner compiles what is left itself

@@ -97,30 +97,34 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
     torch_ms = None if skip else bench(lambda: _step(op.torch_variant, problem, args, leaves, grad_out, None),
                                        problem.device)["p50"]
     timings, failures = [], []
-    for v in op.triton_variants():
-        if v.why_not(problem):
-            continue
-        for cfg in v.configs(problem):
-            def fn(v=v, cfg=cfg):
-                return _step(v, problem, args, leaves, grad_out, cfg)
-            try:
-                t0 = time.perf_counter()
-                got = fn()  # the first call: Triton compiles the config's kernels, or finds them precompiled
-                first_s = time.perf_counter() - t0
-                err = _error(got, expected)
-                del got
-                if not err <= _sanity_bound(problem):
-                    what = "result or gradient" if train else "result"
-                    failures.append({"variant": v.name, "config": cfg, "error": f"wrong {what} (rel err {err:.2e})"})
-                    continue
-                t = bench(fn, problem.device)
-            except Exception as exc:  # a config that does not compile or does not fit is skipped
-                failures.append({"variant": v.name, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    calls = _calls(op, problem)
+    interrupted = None
+    for i, (v, cfg) in enumerate(calls):
+        def fn(v=v, cfg=cfg):
+            return _step(v, problem, args, leaves, grad_out, cfg)
+        try:
+            t0 = time.perf_counter()
+            got = fn()  # the first call: Triton compiles the config's kernels, or finds them precompiled
+            first_s = time.perf_counter() - t0
+            err = _error(got, expected)
+            del got
+            if not err <= _sanity_bound(problem):
+                what = "result or gradient" if train else "result"
+                failures.append({"variant": v.name, "config": cfg, "error": f"wrong {what} (rel err {err:.2e})"})
                 continue
-            timings.append({"variant": v.name, "config": cfg, "ms": t["p50"], "p20": t["p20"], "p80": t["p80"],
-                            "first_s": round(first_s, 3)})
-            if log:
-                log(f"    {v.name} {cfg} {t['p50']:.4f} ms (first call {first_s:.2f} s)")
+            t = bench(fn, problem.device)
+        except KeyboardInterrupt as exc:  # a time limit (SIGINT): keep what was timed, then stop
+            interrupted = (exc, len(calls) - i)
+            break
+        except Exception as exc:  # a config that does not compile or does not fit is skipped
+            failures.append({"variant": v.name, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        timings.append({"variant": v.name, "config": cfg, "ms": t["p50"], "p20": t["p20"], "p80": t["p80"],
+                        "first_s": round(first_s, 3)})
+        if log:
+            log(f"    {v.name} {cfg} {t['p50']:.4f} ms (first call {first_s:.2f} s)")
+    if interrupted and not timings and torch_ms is None:
+        raise interrupted[0]
     timings.sort(key=lambda r: r["ms"])
     if timings and (torch_ms is None or timings[0]["ms"] < torch_ms):
         win = timings[0]
@@ -134,20 +138,40 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
                   "mode": "fwdbwd" if train else "fwd"})
     if skip:
         entry["baseline"] = f"torch not timed: {skip}; configs screened against {ruler.name} at its default"
+    if interrupted:
+        entry["partial"] = f"interrupted with {interrupted[1]} of {len(calls)} configs untimed (the defaults first)"
     if persist:
         target = Path(path) if path else cache.user_dir() / cache.file_name(device)
         cache.record(target, device, op, problem, entry, train=train)
+    if interrupted:
+        if log:
+            log(f"    interrupted: {entry['partial']}; kept the {len(timings)} timed")
+        raise interrupted[0]
     return entry
+
+
+def _calls(op, problem) -> list[tuple]:
+    """The (variant, config) pairs to time (``Variant.tuning_configs``): every runnable Triton variant's
+    default config first, then the rest of each grid, so a run cut short has timed what a miss runs."""
+    first, rest = [], []
+    for v in op.triton_variants():
+        if v.why_not(problem):
+            continue
+        cfgs = v.tuning_configs(problem)
+        n = 1 if v.default_config is not None and cfgs else 0
+        first += [(v, c) for c in cfgs[:n]]
+        rest += [(v, c) for c in cfgs[n:]]
+    return first + rest
 
 
 MODES = ("fwd", "fwdbwd")
 
 
 def tune_op(op, cases, device: str, dtype: torch.dtype, out: Path | None = None, stream=sys.stderr,
-            modes: tuple = MODES) -> list[dict]:
+            modes: tuple = MODES, rows: list | None = None) -> list[dict]:
     """Tune ``op`` over ``cases`` in each mode (``fwd``, ``fwdbwd``); one row per case and mode for the
-    winners table."""
-    rows = []
+    winners table, appended to ``rows`` as each is done (so a caller stopped midway has the finished ones)."""
+    rows = [] if rows is None else rows
     for i, case in enumerate(cases, 1):
         for mode in modes:
             train = mode == "fwdbwd"

@@ -280,6 +280,15 @@ class Variant:
     supports: Callable[[Any], str | None] | None = None
     sources: tuple = ()
 
+    def tuning_configs(self, problem) -> list[dict]:
+        """The configs ``opforge tune`` times: the heuristic default first (what a cache miss runs, so a
+        tuned winner has always been compared with it, in or out of the grid), then the rest of the grid."""
+        grid = list(self.configs(problem)) if self.configs else []
+        if self.default_config is None:
+            return grid
+        default = self.default_config(problem)
+        return [default] + [c for c in grid if c != default]
+
     def why_not(self, problem) -> str | None:
         if self.kind == "triton" and not triton_can_run(problem.device):
             return (f"Triton variants need CUDA tensors or TRITON_INTERPRET=1 with CPU tensors "

@@ -223,7 +223,7 @@ SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 
 def _inspect_grid(args, v, problem, inputs, launches) -> None:
     limit = SMEM_LIMIT.get(args.arch)
-    cfgs = v.configs(problem)
+    cfgs = v.tuning_configs(problem)  # the grid, its default first
     print(f"{args.op} {args.case} {args.variant} {args.mode} {args.dtype}: {len(cfgs)} configs compiled for "
           f"sm_{args.arch} with Triton {triton.__version__}; shared memory limit per block "
           f"{limit if limit else 'unknown'} B")

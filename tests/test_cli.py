@@ -174,3 +174,20 @@ def test_without_triton_the_torch_paths_give_the_same_results(tmp_path):
         assert len(got[key]) == len(want[key])
         for g, w in zip(got[key], want[key]):
             torch.testing.assert_close(g, w, msg=key)  # (MKL least squares in the KAN init: last-bit wobble)
+
+
+def test_tune_stopped_by_sigint_prints_what_it_finished(monkeypatch, tmp_path, capsys):
+    """A time limit's SIGINT in the middle of ``opforge tune``: the shapes finished so far are in the winners
+    table, the output says it was interrupted, and the exit status is 130 (the shell's for SIGINT)."""
+    from opforge.autotune import cli, tuner
+
+    def tune_op(op, cases, dev, dtype, out, modes, rows):
+        rows.append({"op": op.name, "case": cases[0].name, "dtype": "float32", "mode": "fwd", "variant": "torch",
+                     "config": None, "ms": 1.0, "torch_ms": 1.0, "speedup": 1.0})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuner, "tune_op", tune_op)
+    rc = cli.main(["tune", "--interpret", "--op", "kan", "--case", "rbf-small-odd", "--dtype", "float32",
+                   "--out", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert rc == 130 and "interrupted" in out and "rbf-small-odd" in out

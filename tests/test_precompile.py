@@ -120,7 +120,7 @@ def test_plan_lists_every_config_the_tuner_times():
     case = next(c for c in op.cases if c.name == "rbf-small-odd")
     plan = precompile.plan(op, [case], ["float32", "float32-tf32"], ["fwd", "fwdbwd"])
     problem, _ = op.make_inputs(case, "cpu", torch.float32)
-    n = len(op.variants["fused"].configs(problem))
+    n = len(op.variants["fused"].tuning_configs(problem))
     assert len(plan) == 4 * n
     assert [t[2:4] for t in plan[::n]] == [("float32", "fwd"), ("float32", "fwdbwd"), ("float32-tf32", "fwd"),
                                            ("float32-tf32", "fwdbwd")]
@@ -171,8 +171,8 @@ def test_tune_on_a_gpu_precompiles_the_configs_it_will_time(monkeypatch, tmp_pat
     seen, timed = {}, []
     monkeypatch.setattr(precompile, "precompile", lambda tasks, jobs, arch, sms, log: seen.update(
         tasks=tasks, jobs=jobs, arch=arch, sms=sms))
-    monkeypatch.setattr(tuner, "tune_op", lambda op, cases, dev, dtype, out, modes: timed.append(
-        (op.name, [c.name for c in cases], dev, dtype, modes)) or [])
+    monkeypatch.setattr(tuner, "tune_op", lambda op, cases, dev, dtype, out, modes, rows: timed.append(
+        (op.name, [c.name for c in cases], dev, dtype, modes)) or rows)
     assert cli.main(["tune", "--op", "kan", "--cases", "small", "--case", "rbf-small-odd", "--dtype", "float32",
                      "float32-tf32", "--mode", "fwdbwd", "--jobs", "3", "--out", str(tmp_path / "c.json")]) == 0
     assert (seen["jobs"], seen["arch"], seen["sms"]) == (3, 90, 132)
@@ -184,3 +184,4 @@ def test_tune_on_a_gpu_precompiles_the_configs_it_will_time(monkeypatch, tmp_pat
     assert cli.main(["tune", "--op", "kan", "--cases", "small", "--case", "rbf-small-odd", "--jobs", "0",
                      "--out", str(tmp_path / "c.json")]) == 0
     assert seen == {}  # --jobs 0: nothing precompiled
+

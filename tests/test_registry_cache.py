@@ -222,6 +222,46 @@ def test_tuner_without_a_timed_baseline_screens_against_the_triton_default(tmp_p
     assert all(r["torch_ms"] is None and r["speedup"] is None for r in rows)
 
 
+def test_tuner_times_each_default_first_even_outside_the_grid(tmp_path, monkeypatch):
+    """What a cache miss runs is timed first, so a winner has always been compared with it (dft_gemm's default
+    mixing tile is not in its grid on some cases), and a run cut short by SIGINT (a time limit) keeps what it
+    timed, marked partial, before it stops."""
+    p, args = problem()
+    for v in OP.triton_variants():  # two configs each keep the interpreter run short
+        monkeypatch.setattr(v, "configs", lambda problem, v=v, c=v.configs: c(problem)[:2])
+    dft = OP.variants["dft_gemm"]
+    outside = dict(dft.default_config(p), MIX_S=64)
+    assert outside not in dft.configs(p)
+    monkeypatch.setattr(dft, "default_config", lambda problem: outside)
+    calls = tuner._calls(OP, p)
+    defaults = [(v.name, v.default_config(p)) for v in OP.triton_variants()]
+    assert [(v.name, c) for v, c in calls[:2]] == defaults
+    assert len(calls) == 2 + 2 + 1  # fft_mix's default is in its first two configs; dft_gemm's is not
+    assert [c for v, c in calls[2:] if v.name == "dft_gemm"] == dft.configs(p)
+    entry = tuner.tune_problem(OP, p, args, persist=False)
+    assert [(t["variant"], t["config"]) for t in entry["timings"]] != [] and not entry["failures"]
+    assert {(t["variant"], json.dumps(t["config"])) for t in entry["timings"]} == {
+        (v.name, json.dumps(c)) for v, c in calls}
+
+    # interrupted at the third config: the two defaults were timed and the entry is kept
+    real_bench, n = tuner.bench, []
+
+    def bench(fn, device, *a, **k):
+        n.append(1)
+        if len(n) == 4:  # the torch baseline, the two defaults, then SIGINT
+            raise KeyboardInterrupt
+        return real_bench(fn, device, *a, **k)
+
+    monkeypatch.setattr(tuner, "bench", bench)
+    out = tmp_path / "t.json"
+    with pytest.raises(KeyboardInterrupt):
+        tuner.tune_problem(OP, p, args, persist=True, path=out)
+    stored = json.loads(out.read_text())["ops"]["spectral_conv"][OP.source_hash()][cache.entry_key(p)]
+    assert [(t["variant"], t["config"]) for t in sorted(stored["timings"], key=lambda t: t["variant"])] == sorted(
+        defaults)
+    assert stored["partial"] == "interrupted with 3 of 5 configs untimed (the defaults first)"
+
+
 def test_kernel_sum_baseline_is_untimed_only_for_huge_gpu_problems():
     from opforge.kernels.kernel_sum import Problem as KP
 
