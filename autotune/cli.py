@@ -155,8 +155,12 @@ def cmd_tune(args) -> int:
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
             print(f"precompiling {len(tasks)} configs' kernels with {min(jobs, len(tasks))} workers",
                   file=sys.stderr, flush=True)
-            precompile.precompile(tasks, jobs, 10 * major + minor, sms,
-                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+            try:
+                precompile.precompile(tasks, jobs, 10 * major + minor, sms,
+                                      log=lambda m: print(m, file=sys.stderr, flush=True))
+            except KeyboardInterrupt:  # a time limit before any timing: nothing tuned, nothing written
+                print("interrupted while precompiling: nothing tuned", file=sys.stderr)
+                return 130
     rows, interrupted = [], False
     try:
         for op, cases in work:

@@ -185,3 +185,12 @@ def test_tune_on_a_gpu_precompiles_the_configs_it_will_time(monkeypatch, tmp_pat
                      "--out", str(tmp_path / "c.json")]) == 0
     assert seen == {}  # --jobs 0: nothing precompiled
 
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompile, "precompile", interrupted)  # a time limit's SIGINT while precompiling
+    timed.clear()
+    assert cli.main(["tune", "--op", "kan", "--cases", "small", "--case", "rbf-small-odd", "--jobs", "2",
+                     "--out", str(tmp_path / "c.json")]) == 130
+    assert timed == []
+
