@@ -772,12 +772,17 @@ def _dft_supports(p: Problem) -> str | None:
                           * _m2p(p.modes[-1])})
 
 
-def _dft_cfgs() -> list[dict]:
+def _dft_cfgs(p: Problem) -> list[dict]:
+    """GEMM tiles x mixing tiles: two fixed ones and the problem's default (``_mix_default``), so the grid
+    holds the default config (its mixing tile was outside the grid on five of the GPU cases)."""
+    mixes = [{"MIX_R": 16, "MIX_O": 32, "MIX_S": 32}, {"MIX_R": 32, "MIX_O": 64, "MIX_S": 16}]
+    mix_default = {k: v for k, v in _mix_default(p).items() if k.startswith("MIX_")}
+    mixes += [mix_default] if mix_default not in mixes else []
     out = []
     for bm, bk, w, s in ((64, 32, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (256, 32, 8, 3)):
-        for mix in ({"MIX_R": 16, "MIX_O": 32, "MIX_S": 32}, {"MIX_R": 32, "MIX_O": 64, "MIX_S": 16}):
+        for mix in mixes:
             out.append({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": bk, "num_warps": w, "num_stages": s, **mix})
-    return out
+    return _prune_mix(p, out)
 
 
 def _dft_default(p: Problem) -> dict:
@@ -875,14 +880,15 @@ OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _c
                                                              _half)))
 if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
-                   configs=lambda p: _prune_mix(p, _dft_cfgs()), default_config=_dft_default,
+                   configs=_dft_cfgs, default_config=_dft_default,
                    supports=_dft_supports,
                    sources=(_bmm_kernel, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _real_stage, _complex_stage,
-                            _kept, _Plan, _DFTConvFn, _bases, _m2p, _dft_cfgs, _dft_run)))
+                            _kept, _Plan, _DFTConvFn, _bases, _m2p, _dft_cfgs, _mix_default, _prune_mix, _dft_run)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),
-                   sources=(_mix_kernel, _Spec, _mix, _ModeMixFn, _mix_cfgs, _fft_mix_run, _irfftn, _half)))
+                   sources=(_mix_kernel, _Spec, _mix, _ModeMixFn, _mix_cfgs, _prune_mix, _fft_mix_run, _irfftn,
+                            _half)))
 
 
 # --------------------------------------------------------------------------- public API
