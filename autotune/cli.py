@@ -131,6 +131,8 @@ def cmd_tune(args) -> int:
     if args.jobs is not None and args.jobs < 0:
         print(f"--jobs must be 0 or more, got {args.jobs}", file=sys.stderr)
         return 2
+    if args.compile_only is not None:
+        return _compile_only(args)
     if not torch.cuda.is_available() and not args.interpret:
         print("opforge tune needs a CUDA GPU (or --interpret to exercise the tuner on the CPU "
               "interpreter with small shapes)", file=sys.stderr)
@@ -138,9 +140,7 @@ def cmd_tune(args) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     info = device_info()
     out = Path(args.out) if args.out else cache.user_dir() / cache.file_name(info)
-    tag = args.cases or ("gpu" if dev == "cuda" else "small")
-    work = [(op, [c for c in op.cases if tag in c.tags and (not args.case or c.name in args.case)])
-            for op in _ops(args.op)]
+    work = _tune_work(args, args.cases or ("gpu" if dev == "cuda" else "small"))
     if dev == "cuda":  # every config's kernels compiled first, on the other CPU cores (the interpreter compiles nothing)
         from opforge.autotune import precompile
 
@@ -176,6 +176,39 @@ def cmd_tune(args) -> int:
     print(_table(rows, [("op", "op"), ("case", "case"), ("dtype", "dtype"), ("mode", "mode"), ("variant", "variant"),
                         ("config", "config"), ("ms", "ms"), ("torch ms", "torch_ms"), ("speedup", "speedup")]))
     return 130 if interrupted else 0
+
+
+def _tune_work(args, tag: str) -> list[tuple]:
+    """(op, its cases) that ``opforge tune`` covers: the case set ``tag``, narrowed by ``--case``."""
+    return [(op, [c for c in op.cases if tag in c.tags and (not args.case or c.name in args.case)])
+            for op in _ops(args.op)]
+
+
+def _compile_only(args) -> int:
+    """``opforge tune --compile-only ARCH``: a tuning run's precompile alone, for a GPU that need not be here:
+    every config's kernels compiled into Triton's disk cache, nothing timed."""
+    from opforge.autotune import precompile
+    from opforge.kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        print("--compile-only needs Triton", file=sys.stderr)
+        return 2
+    arch = args.compile_only
+    sms = args.sms if args.sms is not None else precompile.SM_COUNT.get(arch)
+    if sms is None or sms < 1:
+        print(f"--compile-only {arch} needs --sms N, the GPU's SM count (known: "
+              f"{', '.join(f'sm_{a}: {n}' for a, n in precompile.SM_COUNT.items())})", file=sys.stderr)
+        return 2
+    jobs = precompile.default_jobs() if args.jobs is None else args.jobs
+    if jobs < 1:
+        print("--compile-only needs --jobs 1 or more", file=sys.stderr)
+        return 2
+    tasks = [t for op, cases in _tune_work(args, args.cases or "gpu")
+             for t in precompile.plan(op, cases, args.dtype, args.mode)]
+    cache_dir = os.environ.get("TRITON_CACHE_DIR") or "Triton's default cache folder (~/.triton/cache)"
+    print(f"compiling {len(tasks)} configs' kernels for sm_{arch} ({sms} SMs) into {cache_dir}", flush=True)
+    summary = precompile.precompile(tasks, jobs, arch, sms, log=lambda m: print(m, flush=True))
+    return 0 if summary["compiled"] == summary["tasks"] else 1  # (a config that failed is named in the log)
 
 
 # --------------------------------------------------------------------------- perf-check
@@ -314,6 +347,10 @@ def main(argv=None) -> int:
                    help="worker processes that compile every config's kernels before the timing starts (default: "
                         "the CPU cores less one, at most one per 4 GiB of free memory; 0: each config compiles "
                         "at its first call, in the timing loop)")
+    t.add_argument("--compile-only", type=int, metavar="ARCH",
+                   help="only compile every config's kernels for compute capability ARCH x10 (90: H100/H200) into "
+                        "Triton's disk cache, with --jobs workers; no GPU needed, nothing timed or written")
+    t.add_argument("--sms", type=int, metavar="N", help="with --compile-only: the GPU's SM count (default: 132 for 90)")
     t.add_argument("--interpret", action="store_true", help="exercise the tuner on the CPU interpreter")
     t.set_defaults(fn=cmd_tune)
     p = sub.add_parser("perf-check", help="rerun the perf suite and gate speedup ratios against the baseline")

@@ -25,6 +25,9 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+# SMs of the GPU a compute capability stands for when it is not here (the H100 SXM and the H200 both have 132)
+SM_COUNT = {90: 132}
+
 # a worker holds the CPU inputs of one case at a time; the main spectral case in forward + backward (x of
 # 537 MB, CPU FFTs of its size in fft_mix) peaked at about 3 GB, so one worker per 4 GiB of free memory
 _WORKER_BYTES = 4 << 30

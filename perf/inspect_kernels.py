@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from case_args import add_case_args, case_inputs  # noqa: E402
-from opforge.autotune.precompile import compile_only  # noqa: E402
+from opforge.autotune.precompile import SM_COUNT, compile_only  # noqa: E402
 
 
 _ACCESS = re.compile(r"^(?:@!?%p\d+\s+)?(ld\.global|st\.global|cp\.async\.c[ag]\.shared\.global|red\.global|atom\.global)"
@@ -215,8 +215,6 @@ def _run(v, problem, inputs, cfg, grad: bool) -> None:
         y.backward(torch.zeros_like(y))
 
 
-# SMs of the GPU a compute capability stands for here (the H100 SXM and the H200 both have 132)
-SM_COUNT = {90: 132}
 # Shared memory one block may use (dynamic, opt-in) per compute capability: sm_90 228 KB less 1 KB reserved.
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 

@@ -194,3 +194,17 @@ def test_tune_on_a_gpu_precompiles_the_configs_it_will_time(monkeypatch, tmp_pat
                      "--out", str(tmp_path / "c.json")]) == 130
     assert timed == []
 
+
+
+def test_tune_compile_only_fills_the_triton_cache_for_a_gpu_that_is_not_here(tmp_path):
+    """``opforge tune --compile-only 90``: the precompile alone, on a machine without a GPU."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "tc"), TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-m", "opforge.autotune.cli", "tune", "--op", "kernel_sum", "--cases", "small",
+           "--case", "small-d3-r1", "--mode", "fwd", "--jobs", "1"]
+    r = subprocess.run(cmd + ["--compile-only", "90"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "for sm_90 (132 SMs)" in r.stdout and "0 did not compile" in r.stdout, r.stdout
+    cubins = [f for _, _, fs in os.walk(tmp_path / "tc") for f in fs if f.endswith(".cubin")]
+    assert cubins
+    r = subprocess.run(cmd + ["--compile-only", "75"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs --sms N" in r.stderr
