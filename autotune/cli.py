@@ -146,7 +146,7 @@ def cmd_tune(args) -> int:
 
         jobs = precompile.default_jobs() if args.jobs is None else args.jobs
         try:
-            tasks = [t for op, cases in work for t in precompile.plan(op, cases, args.dtype, args.mode)] if jobs else []
+            tasks = _plan(work, args) if jobs else []
         except Exception as exc:  # noqa: BLE001 - only a head start: the timing loop compiles what it meets
             print(f"precompile skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
             tasks = []
@@ -184,6 +184,13 @@ def _tune_work(args, tag: str) -> list[tuple]:
             for op in _ops(args.op)]
 
 
+def _plan(work, args) -> list[tuple]:
+    """Every (op, case, dtype, mode, variant, config) the tuner will time (``precompile.plan`` over ``work``)."""
+    from opforge.autotune import precompile
+
+    return [t for op, cases in work for t in precompile.plan(op, cases, args.dtype, args.mode)]
+
+
 def _compile_only(args) -> int:
     """``opforge tune --compile-only ARCH``: a tuning run's precompile alone, for a GPU that need not be here:
     every config's kernels compiled into Triton's disk cache, nothing timed."""
@@ -203,8 +210,7 @@ def _compile_only(args) -> int:
     if jobs < 1:
         print("--compile-only needs --jobs 1 or more", file=sys.stderr)
         return 2
-    tasks = [t for op, cases in _tune_work(args, args.cases or "gpu")
-             for t in precompile.plan(op, cases, args.dtype, args.mode)]
+    tasks = _plan(_tune_work(args, args.cases or "gpu"), args)
     cache_dir = os.environ.get("TRITON_CACHE_DIR") or "Triton's default cache folder (~/.triton/cache)"
     print(f"compiling {len(tasks)} configs' kernels for sm_{arch} ({sms} SMs) into {cache_dir}", flush=True)
     summary = precompile.precompile(tasks, jobs, arch, sms, log=lambda m: print(m, flush=True))
