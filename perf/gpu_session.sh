@@ -21,9 +21,9 @@
 # 90 s with what is left). The tuner compiles every config's kernels in worker processes on the host's CPU
 # cores before it times them (autotune/precompile.py); compiled one at a time in the timing loop, the 118
 # forward + backward configs of the main cases would spend minutes compiling alone (the static table's
-# 0.3-2 s a kernel, several kernels a config), which is why tuning came last before. The tune log's "first call" seconds per config say whether
-# the precompiled kernels were found (not yet run on a GPU). With device time left on the still-warm machine,
-# a second call: OPS=<op> ... bash perf/gpu_session.sh tune perf.
+# 0.3-2 s a kernel, several kernels a config), which is why tuning came last before. The tune log's
+# "first call" seconds per config say whether the precompiled kernels were found (not yet run on a GPU).
+# With device time left on the still-warm machine, a second call: OPS=<op> ... bash perf/gpu_session.sh tune perf.
 #
 # Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
 # neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
