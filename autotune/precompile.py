@@ -120,14 +120,25 @@ def plan(op, cases, dtypes, modes) -> list[tuple]:
 
 def default_jobs() -> int:
     """Worker processes by default: the CPU cores less one (the tuner's), at most one per 4 GiB of the
-    memory free now (Linux; elsewhere the cores alone)."""
+    memory available now (Linux's MemAvailable, which counts the page cache the kernel can drop; elsewhere
+    the cores alone)."""
     jobs = max(1, (os.cpu_count() or 2) - 1)
+    free = _available_bytes()
+    return min(jobs, max(1, free // _WORKER_BYTES)) if free is not None else jobs
+
+
+def _available_bytes() -> int | None:
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        jobs = min(jobs, max(1, free // _WORKER_BYTES))
-    except (ValueError, OSError, AttributeError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return jobs
+    try:  # free pages only (no page cache): an underestimate
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 _WORKER: dict = {}

@@ -208,3 +208,14 @@ def test_tune_compile_only_fills_the_triton_cache_for_a_gpu_that_is_not_here(tmp
     assert cubins
     r = subprocess.run(cmd + ["--compile-only", "75"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs --sms N" in r.stderr
+
+
+def test_default_jobs_leaves_a_core_and_4_gib_a_worker(monkeypatch):
+    from opforge.autotune import precompile
+
+    monkeypatch.setattr(precompile.os, "cpu_count", lambda: 16)
+    for available, jobs in ((None, 15), (9 << 30, 2), (1 << 30, 1), (512 << 30, 15)):
+        monkeypatch.setattr(precompile, "_available_bytes", lambda a=available: a)
+        assert precompile.default_jobs() == jobs
+    monkeypatch.undo()
+    assert precompile._available_bytes() > 0  # read from /proc/meminfo (or sysconf) here
