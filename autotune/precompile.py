@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 SM_COUNT = {90: 132}
 
 # a worker holds the CPU inputs of one case at a time; the main spectral case in forward + backward (x of
-# 537 MB, CPU FFTs of its size in fft_mix) peaked at about 3 GB, so one worker per 4 GiB of free memory
+# 537 MB, CPU FFTs of its size in fft_mix) peaked at about 3 GB, so one worker per 4 GiB of available memory
 _WORKER_BYTES = 4 << 30
 
 
@@ -158,6 +158,7 @@ def _compile_task(task: tuple) -> tuple:
     """Run one planned call compile-only: (task, seconds, error or None)."""
     import torch
 
+    from opforge.autotune.tuner import _step
     from opforge.kernels import get_op
     from opforge.kernels._triton import allow_tf32
 
@@ -175,10 +176,7 @@ def _compile_task(task: tuple) -> tuple:
                 _WORKER["key"] = key
             problem, args = _WORKER["inputs"]
             leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            with torch.enable_grad() if leaves else torch.no_grad():  # as the tuner calls it
-                out = op.variants[variant].run(problem, *args, config=cfg)
-                if leaves:
-                    torch.autograd.grad(out, leaves, torch.zeros_like(out), allow_unused=True)
+            _step(op.variants[variant], problem, args, leaves, None, cfg)  # as the tuner calls it
     except Exception as exc:  # noqa: BLE001 - the tuner meets the same config and records why it fails
         return task, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"[:300]
     return task, time.perf_counter() - t0, None

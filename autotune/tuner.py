@@ -36,12 +36,14 @@ def _rel(a, b) -> float:
 
 
 def _step(v, problem, args, leaves, grad_out, cfg):
-    """One call of variant ``v``: the output, or with ``leaves`` (output, gradients wrt the leaves)."""
+    """One call of variant ``v``: the output, or with ``leaves`` (output, gradients wrt the leaves, of
+    ``grad_out``; None: zeros, for calls made only to compile their kernels)."""
     if not leaves:
         with torch.no_grad():
             return v.run(problem, *args, config=cfg), ()
     with torch.enable_grad():
         out = v.run(problem, *args, config=cfg)
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     return out.detach(), grads
 

@@ -34,6 +34,7 @@ _SCRIPT = textwrap.dedent("""
         print(json.dumps({"summary": summary, "log": logged, "files": files(), "tasks": len(tasks)}))
     elif sys.argv[1] == "cuda":  # on a GPU: workers compile for it, then the tuner's real launches find them
         import torch
+        from opforge.autotune import tuner
 
         major, minor = torch.cuda.get_device_capability()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -44,10 +45,7 @@ _SCRIPT = textwrap.dedent("""
             case = next(c for c in op.cases if c.name == case_name)
             problem, args = op.make_inputs(case, "cuda", getattr(torch, dt), requires_grad=mode == "fwdbwd")
             leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            with torch.enable_grad() if leaves else torch.no_grad():
-                out = op.variants[variant].run(problem, *args, config=cfg)
-                if leaves:
-                    torch.autograd.grad(out, leaves, torch.randn_like(out), allow_unused=True)
+            tuner._step(op.variants[variant], problem, args, leaves, None, cfg)
             torch.cuda.synchronize()
         after = files()
         print(json.dumps({"summary": summary, "new": [f for f in after if f not in before],
