@@ -514,13 +514,15 @@ class Op:
         v, config, why = self.select(problem, args)
         if v.kind != "triton" or why == "pinned" or current_backend()[0] == "triton":
             return v.run(problem, *args, config=config)
-        key = (v.name, problem.key, problem.dtype_name, json.dumps(config, sort_keys=True))
-        if key in self._broken:
+        def key():  # formed only when needed: json.dumps costs microseconds a call
+            return (v.name, problem.key, problem.dtype_name, json.dumps(config, sort_keys=True))
+
+        if self._broken and key() in self._broken:
             return self.torch_variant.run(problem, *args, config=None)
         try:
             return v.run(problem, *args, config=config)
         except Exception as exc:  # e.g. a config that does not compile on this GPU: say so, stay correct
-            self._broken.add(key)
+            self._broken.add(key())
             warnings.warn(f"opforge: {self.name} variant {v.name!r} with config {config} failed on this device "
                           f"({type(exc).__name__}: {exc}); using the torch variant for this shape from now on. "
                           f"Force it with use_backend('triton') to see the error.", RuntimeWarning, stacklevel=2)

@@ -66,7 +66,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
                         graph_grads, no_autocast, register, transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, sm_count, tl, triton, within_int32
+from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton, within_int32
 
 __all__ = ["kan_linear", "KAN", "KANLinear", "FastKAN", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -987,12 +987,12 @@ def _dw_splits(p: Problem, cfg: dict, rows: int, device: torch.device) -> int:
     want = cfg.get("SPLITS", 0)
     if want <= 0:
         if _dw_per_k(p, cfg):
-            tiles = (triton.cdiv(p.cin, cfg.get("BLOCK_IF", 32)) * triton.cdiv(p.cout, cfg["BLOCK_O"])
+            tiles = (cdiv(p.cin, cfg.get("BLOCK_IF", 32)) * cdiv(p.cout, cfg["BLOCK_O"])
                      * (p.k + p.has_base))
         else:
-            tiles = triton.cdiv(p.cin, cfg["BLOCK_I"]) * triton.cdiv(p.cout, cfg["BLOCK_O"])
-        want = triton.cdiv(2 * _sm_count(device), tiles)
-    return max(1, min(want, 16, triton.cdiv(rows, cfg["BLOCK_B"])))
+            tiles = cdiv(p.cin, cfg["BLOCK_I"]) * cdiv(p.cout, cfg["BLOCK_O"])
+        want = cdiv(2 * _sm_count(device), tiles)
+    return max(1, min(want, 16, cdiv(rows, cfg["BLOCK_B"])))
 
 
 class _FusedKAN(torch.autograd.Function):
@@ -1004,7 +1004,7 @@ class _FusedKAN(torch.autograd.Function):
         W3 = weight.permute(2, 1, 0).contiguous()
         WBT = base_weight.t().contiguous() if base_weight is not None else W3
         y = torch.empty((x.shape[0], p.cout), dtype=p.dtype, device=x.device)
-        launch = (triton.cdiv(x.shape[0], cfg["BLOCK_B"]), triton.cdiv(p.cout, cfg["BLOCK_O"]))
+        launch = (cdiv(x.shape[0], cfg["BLOCK_B"]), cdiv(p.cout, cfg["BLOCK_O"]))
         _kan_fwd_kernel[launch](
             x, W3, WBT, bias if bias is not None else W3, y, grid, cent, width,
             x.shape[0], p.cin, p.cout, p.k, NK, x.stride(0), x.stride(1), y.stride(0), y.stride(1), sGi,
@@ -1036,7 +1036,7 @@ class _FusedKAN(torch.autograd.Function):
             WF = _blocked_weight(weight, fpb, bc)
             wb = base_weight if base_weight is not None else WF
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            launch = (triton.cdiv(rows, cfg["BLOCK_B"]), triton.cdiv(p.cin, fpb))
+            launch = (cdiv(rows, cfg["BLOCK_B"]), cdiv(p.cin, fpb))
             _kan_dx_kernel[launch](
                 x, gy, WF, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, fpb, WF.stride(0),
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
@@ -1047,11 +1047,11 @@ class _FusedKAN(torch.autograd.Function):
         if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p, cfg):
             bif = cfg.get("BLOCK_IF", 32)
             splits = _dw_splits(p, cfg, rows, x.device)
-            per = triton.cdiv(triton.cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
-            splits = triton.cdiv(rows, per)
+            per = cdiv(cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
+            splits = cdiv(rows, per)
             part = torch.empty((splits, p.cout, p.cin, p.k), dtype=torch.float32, device=x.device)
             partb = torch.empty((splits, p.cout, p.cin), dtype=torch.float32, device=x.device) if p.has_base else part
-            launch = (triton.cdiv(p.cin, bif), triton.cdiv(p.cout, cfg["BLOCK_O"]), splits * (p.k + p.has_base))
+            launch = (cdiv(p.cin, bif), cdiv(p.cout, cfg["BLOCK_O"]), splits * (p.k + p.has_base))
             _kan_dwk_kernel[launch](
                 x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, NK, per,
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi,
@@ -1065,11 +1065,11 @@ class _FusedKAN(torch.autograd.Function):
         elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             KP = meta["KP"]
             splits = _dw_splits(p, cfg, rows, x.device)
-            per = triton.cdiv(triton.cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
-            splits = triton.cdiv(rows, per)
+            per = cdiv(cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
+            splits = cdiv(rows, per)
             part = torch.empty((splits, p.cout, p.cin, KP), dtype=torch.float32, device=x.device)
             partb = torch.empty((splits, p.cout, p.cin), dtype=torch.float32, device=x.device) if p.has_base else part
-            launch = (triton.cdiv(p.cin, cfg["BLOCK_I"]), triton.cdiv(p.cout, cfg["BLOCK_O"]), splits)
+            launch = (cdiv(p.cin, cfg["BLOCK_I"]), cdiv(p.cout, cfg["BLOCK_O"]), splits)
             _kan_dw_kernel[launch](
                 x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, per,
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi, **meta)

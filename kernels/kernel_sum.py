@@ -50,7 +50,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
                         graph_grads, no_autocast, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, offsets_fit, sm_count, tl, triton
+from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
@@ -704,7 +704,7 @@ def _m_splits(cfg: dict, programs: int, M: int, device: torch.device) -> int:
         sms = sm_count(device)
         if sms is None:  # the interpreter
             return 1
-        s = min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(M, 8 * cfg["BLOCK_M"]))
+        s = min(cdiv(2 * sms, max(programs, 1)), cdiv(M, 8 * cfg["BLOCK_M"]))
     return max(1, s)
 
 
@@ -716,11 +716,11 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
     M, R = q.shape[1], tensors[-1].shape[2]
     dims = _dims(D, R, kernel)
     d_blocks = dims["DP"] // dims["DK"] if kernel_fn is _ksum_grad_kernel else 1  # grad: one program per block
-    rows = triton.cdiv(N, cfg["BLOCK_N"])
+    rows = cdiv(N, cfg["BLOCK_N"])
     S = _m_splits(cfg, rows * B * d_blocks, M, p.device)
     S = min(S, max(1, GRID_YZ_MAX // B))  # batch x splits share the grid's second dimension
-    chunk = triton.cdiv(triton.cdiv(max(M, 1), S), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    S = max(1, triton.cdiv(M, chunk))
+    chunk = cdiv(cdiv(max(M, 1), S), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    S = max(1, cdiv(M, chunk))
     dst = out if S == 1 else torch.empty((S,) + tuple(out.shape), dtype=torch.float32, device=out.device)
     d0 = dst if S == 1 else dst[0]
     strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [d0.stride(0), d0.stride(1)]

@@ -47,7 +47,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, register,
                         variant_backward)
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, offsets_fit, tl, triton
+from ._triton import HAS_TRITON, cdiv, offsets_fit, tl, triton
 
 __all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
 
@@ -427,11 +427,11 @@ def _mix(a: _Spec, b: _Spec, out: _Spec, R, S, O, modes, conj_a, conj_b, zero_fi
     d = len(modes)
     m3 = [1] * (3 - d) + list(modes)
     BR, BO, BS = cfg["MIX_R"], cfg["MIX_O"], cfg["MIX_S"]
-    tiles_r, tiles_o = triton.cdiv(R, BR), triton.cdiv(O, BO)
+    tiles_r, tiles_o = cdiv(R, BR), cdiv(O, BO)
     n_mix = m3[0] * m3[1] * m3[2] * tiles_r * tiles_o
     n_zero = out.t.numel() // 2 if zero_fill else 0
     zblock = 1024
-    grid = (n_mix + (triton.cdiv(n_zero, zblock) if zero_fill else 0),)
+    grid = (n_mix + (cdiv(n_zero, zblock) if zero_fill else 0),)
     (sA1, NA1, HA1), (sA2, NA2, HA2) = a.axes
     (sB1, NB1, HB1), (sB2, NB2, HB2) = b.axes
     (sO1, NO1, HO1), (sO2, NO2, HO2) = out.axes
@@ -590,7 +590,7 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
     # half the rows (perf/inspect_kernels.py spectral_conv 2d-128-b8-c64-m64 dft_gemm --grid)
     while BM > 16 and BM * BN > 64 * 32 * warps:
         BM //= 2
-    tm, tn = triton.cdiv(M, BM), triton.cdiv(N, BN)
+    tm, tn = cdiv(M, BM), cdiv(N, BN)
     grid = (batch * tm * tn,)
     _bmm_kernel[grid](
         a, a if a2 is None else a2, b, c, c if bias is None else bias, M, N, K, tm, tn,
