@@ -199,6 +199,34 @@ def test_gradients_keep_float32_accuracy_at_coincident_points(backend, d):
     assert err < 5e-6
 
 
+
+@pytest.mark.parametrize("d, kernel", [(3, "gaussian"), (16, "gaussian"), (16, "imq")])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_points_far_from_the_origin_keep_float32_accuracy(backend, d, kernel):
+    """Data 100 away from the origin (1 apart): the points are centred, then divided by the lengthscale.
+    Divided first, their rounding at magnitude 100 / l put eps 100 / l into every distance (flash's D = 3
+    grad x: 2e-5 relative error), and the lengthscale's gradient by autograd, -(sum x.gx + sum y.gy) / l^2,
+    held centre . (sum gx + sum gy), zero in exact arithmetic but in float32 the point gradients' rounding
+    times 100 (1e-5 to 7e-5 relative error, both variants). Centred first, all stay under 1e-6 (seeds 0-3).
+    The data are float32 values, so that the float64 reference sees the points the float32 call sees."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, d, generator=g, dtype=torch.float64) + 100
+    y = torch.randn(45, d, generator=g, dtype=torch.float64) + 100
+    b = torch.randn(45, 2, generator=g, dtype=torch.float64)
+    v = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    x, y, b = (t.float().double() for t in (x, y, b))
+    ls0 = 0.5 if d == 3 else 3.0
+    grads = {}
+    for dt in (torch.float64, torch.float32):
+        xx = x.to(dt).requires_grad_()
+        ls = torch.full((d,), ls0, dtype=dt, requires_grad=True)
+        with use_backend("torch" if dt == torch.float64 else backend):
+            out = kernel_matvec(xx, y.to(dt), b.to(dt), kernel, lengthscale=ls)
+        grads[dt] = torch.autograd.grad((out * v.to(dt)).sum(), (xx, ls))
+    for name, got, want in zip(("x", "lengthscale"), grads[torch.float32], grads[torch.float64]):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 2e-6, f"grad {name}: relative error {err:.1e}"
+
 @pytest.mark.parametrize("d", [3, 6, 20])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nan_points_give_nan_sums(backend, d):
