@@ -995,6 +995,12 @@ def _dw_splits(p: Problem, cfg: dict, rows: int, device: torch.device) -> int:
     return max(1, min(want, 16, cdiv(rows, cfg["BLOCK_B"])))
 
 
+def _split_sum(part: torch.Tensor) -> torch.Tensor:
+    """The grad-W partials [splits, ...] summed over the splits in a fixed order (deterministic); one split
+    is the gradient itself (no pass over a W-sized buffer to copy it)."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
 class _FusedKAN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
@@ -1059,9 +1065,9 @@ class _FusedKAN(torch.autograd.Function):
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=bif, KC=p.k, PREC=meta["PREC"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             if ctx.needs_input_grad[1]:
-                dw = part.sum(0).to(weight.dtype)  # fixed-order sum over splits: deterministic
+                dw = _split_sum(part).to(weight.dtype)
             if ctx.needs_input_grad[2]:
-                dwb = partb.sum(0).to(base_weight.dtype)
+                dwb = _split_sum(partb).to(base_weight.dtype)
         elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             KP = meta["KP"]
             splits = _dw_splits(p, cfg, rows, x.device)
@@ -1074,9 +1080,9 @@ class _FusedKAN(torch.autograd.Function):
                 x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, per,
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi, **meta)
             if ctx.needs_input_grad[1]:
-                dw = part.sum(0)[..., : p.k].to(weight.dtype)  # fixed-order sum over splits: deterministic
+                dw = _split_sum(part)[..., : p.k].to(weight.dtype)
             if ctx.needs_input_grad[2]:
-                dwb = partb.sum(0).to(base_weight.dtype)
+                dwb = _split_sum(partb).to(base_weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             dbias = gy.to(torch.float32).sum(0)
         return dx, dw, dwb, dbias, None, None, None
