@@ -951,9 +951,12 @@ def _meta(p: Problem, cfg, prec: str):
 
 def _blocked_weight(weight: torch.Tensor, fpb: int, bc: int) -> torch.Tensor:
     """W [O, I, K] as [O, ceil(I / fpb), bc]: block j holds features j * fpb .. (j + 1) * fpb - 1, (i, k)
-    contiguous, zero-padded to bc columns (one copy of W, about bc / (fpb K) its size)."""
+    contiguous, zero-padded to bc columns (one copy of W, about bc / (fpb K) its size); a view of a contiguous
+    W where no padding is needed (K a power of two and the feature blocks dividing I: K = 8 at G = 5, order 3)."""
     O, I, K = weight.shape
     nb = -(-I // fpb)
+    if fpb * K == bc and nb * fpb == I and weight.is_contiguous():  # no padding: W is that layout already
+        return weight.view(O, nb, bc)
     out = weight.new_zeros((O, nb, bc))
     w = weight if nb * fpb == I else torch.cat([weight, weight.new_zeros((O, nb * fpb - I, K))], 1)
     out[..., : fpb * K] = w.reshape(O, nb, fpb * K)

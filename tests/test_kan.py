@@ -154,6 +154,24 @@ def test_nonuniform_knots_and_inputs_outside(backend):
     assert_close(w.grad, dw, torch.float32, 19)
 
 
+@pytest.mark.parametrize("I, K, bi, kp", [(16, 8, 4, 8), (13, 8, 4, 8), (16, 11, 4, 16), (7, 3, 8, 4), (8, 1, 16, 2)])
+def test_blocked_weight_layout(I, K, bi, kp):
+    """grad x's weight layout [O, feature blocks, BLOCK_C] (features of a block, (i, k) contiguous, zeros
+    after them): a copy where padding is needed, W's own memory (a view) where it is not."""
+    from opforge.kernels.kan import _blocked_weight
+
+    w = torch.randn(5, I, K)
+    bc = bi * kp
+    fpb = bc // K
+    got = _blocked_weight(w, fpb, bc)
+    nb = -(-I // fpb)
+    want = torch.zeros(5, nb, bc)
+    for i in range(I):
+        want[:, i // fpb, (i % fpb) * K:(i % fpb + 1) * K] = w[:, i]
+    assert torch.equal(got, want)
+    assert (got.data_ptr() == w.data_ptr()) == (fpb * K == bc and nb * fpb == I)
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["no-graph", "graph"])
 @pytest.mark.parametrize("full", [False, True], ids=["local", "full"])
 @pytest.mark.parametrize("order", [0, 1, 2, 3, 5])
