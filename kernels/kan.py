@@ -933,11 +933,20 @@ if HAS_TRITON:
             tl.store(baseb + oo[None, :] * I + ii[:, None], accb, mask=i_mask[:, None] & o_mask[None, :])
 
 
+_FILLERS: dict = {}  # device -> a float32 tensor of one zero, for the pointer arguments a basis does not read
+
+
 def _basis_args(p: Problem, b: _Basis, x):
-    dev = x.device
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
-    grid = b.grid.to(torch.float32).contiguous() if b.grid is not None else dummy
-    cent = b.centers.to(torch.float32).contiguous() if b.centers is not None else dummy
+    grid = b.grid.to(torch.float32).contiguous() if b.grid is not None else None
+    cent = b.centers.to(torch.float32).contiguous() if b.centers is not None else None
+    if grid is None or cent is None:  # the knots or centres stand in for what the basis lacks, or one kept
+        filler = grid if grid is not None else cent  # zero per device (a new one was a fill launch per call)
+        if filler is None:
+            filler = _FILLERS.get(x.device)
+            if filler is None:
+                filler = _FILLERS[x.device] = torch.zeros(1, dtype=torch.float32, device=x.device)
+        grid = filler if grid is None else grid
+        cent = filler if cent is None else cent
     NK = grid.shape[1] if b.grid is not None else 1
     sGi = grid.stride(0) if b.grid is not None else 0
     return grid, cent, float(b.width), NK, sGi
