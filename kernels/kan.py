@@ -966,9 +966,16 @@ def _blocked_weight(weight: torch.Tensor, fpb: int, bc: int) -> torch.Tensor:
     nb = -(-I // fpb)
     if fpb * K == bc and nb * fpb == I and weight.is_contiguous():  # no padding: W is that layout already
         return weight.view(O, nb, bc)
-    out = weight.new_zeros((O, nb, bc))
-    w = weight if nb * fpb == I else torch.cat([weight, weight.new_zeros((O, nb * fpb - I, K))], 1)
-    out[..., : fpb * K] = w.reshape(O, nb, fpb * K)
+    # W copied once into place and only the padding zeroed (a zero fill of it all and a padded copy of W made
+    # by cat were two more passes of W's size)
+    full, rem = divmod(I, fpb)
+    out = weight.new_empty((O, nb, bc))
+    if bc > fpb * K:
+        out[..., fpb * K:].zero_()
+    out[:, :full, : fpb * K] = weight[:, : full * fpb].reshape(O, full, fpb * K)
+    if rem:
+        out[:, full, : rem * K] = weight[:, full * fpb:].reshape(O, rem * K)
+        out[:, full, rem * K: fpb * K].zero_()
     return out
 
 
@@ -1148,29 +1155,30 @@ def _fused_default(p: Problem) -> dict:
 
 
 class _SiLULinear(torch.autograd.Function):
-    """silu(x) @ Wb^T (+ bias) in float32, saving only x and Wb (silu is recomputed in the backward). torch's
-    fused silu and silu_backward: one elementwise pass each where x * sigmoid(x) and its derivative written
-    out took two and five (each a launch and a pass over [rows, in] on a GPU)."""
+    """y + silu(x) @ Wb^T in float32: one GEMM that adds its product to y (addmm), saving only x and Wb (silu
+    is recomputed in the backward). torch's fused silu and silu_backward: one elementwise pass each where
+    x * sigmoid(x) and its derivative written out took two and five, and addmm's sum none where y + a
+    linear layer's output took one (each a launch and a pass over [rows, in] or [rows, out] on a GPU)."""
 
     @staticmethod
-    def forward(ctx, x, base_weight, bias):
+    def forward(ctx, y, x, base_weight):
         ctx.save_for_backward(x, base_weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.silu(x.float()), base_weight.float(), None if bias is None else bias.float())
+        ctx.y_dtype = y.dtype
+        return torch.addmm(y.float(), F.silu(x.float()), base_weight.float().t())
 
     @staticmethod
     @variant_backward
     def backward(ctx, gy):
         x, base_weight = ctx.saved_tensors
         xf = x.float()
-        dx = dwb = dbias = None
+        gyy = dx = dwb = None
         if ctx.needs_input_grad[0]:
-            dx = _silu_vjp(gy @ base_weight.float(), xf).to(x.dtype)
+            gyy = gy.to(ctx.y_dtype)
         if ctx.needs_input_grad[1]:
+            dx = _silu_vjp(gy @ base_weight.float(), xf).to(x.dtype)
+        if ctx.needs_input_grad[2]:
             dwb = (gy.t() @ F.silu(xf)).to(base_weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = gy.sum(0)
-        return dx, dwb, dbias
+        return gyy, dx, dwb
 
 
 def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
@@ -1184,8 +1192,8 @@ def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
     # basis contraction alone and every gradient kernel were right and the interpreter agreed on all of
     # it; this was the error first put down to the B-spline basis. OPFORGE_KAN_FUSED_BASE=1 runs the
     # in-kernel path (tested under the interpreter) so it can be tried on a GPU again.
-    y = _FusedKAN.apply(x, weight, None, None, replace(p, has_base=False), b, cfg)
-    return (y.float() + _SiLULinear.apply(x, base_weight, bias)).to(p.dtype)
+    y = _FusedKAN.apply(x, weight, None, bias, replace(p, has_base=False), b, cfg)  # the bias added in the kernel
+    return _SiLULinear.apply(y, x, base_weight).to(p.dtype)
 
 
 # --------------------------------------------------------------------------- checks and the public API
@@ -1825,4 +1833,4 @@ if HAS_TRITON:
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
-                            _basis_args, _meta, _SiLULinear, _fused_run, _dphi_cols, _dx_chunk)))
+                            _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _dx_chunk)))
