@@ -472,62 +472,110 @@ def _prune_mix(p: Problem, cfgs: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- variant fft_mix
-class _ModeMixFn(torch.autograd.Function):
-    """Full rfftn spectrum [B, in, *grid'] -> full output spectrum [B, out, *out_grid'] via the mix kernel."""
+def _gather(S: torch.Tensor, modes: tuple, grid: tuple) -> torch.Tensor:
+    """The kept modes of a half spectrum [B, C, *grid[:-1], half] as a compact [B, C, *modes] in the weight's
+    layout (index j on the first axes is frequency j - m // 2)."""
+    for ax in range(len(modes) - 1):
+        S = S.index_select(2 + ax, _freq_index(modes[ax], grid[ax], S.device))
+    return S[..., : modes[-1]].contiguous()
+
+
+def _bin_counts(m: int, n: int) -> list:
+    """How often each of the first m bins of an n-point half spectrum counts in the whole spectrum: 1 for
+    frequency 0 and (n even) n / 2, 2 for the others (a c2r transform's Hermitian doubling)."""
+    return [1.0 if k == 0 or 2 * k == n else 2.0 for k in range(m)]
+
+
+def _scale_bins_(t: torch.Tensor, factors: list) -> torch.Tensor:
+    """t[..., k] *= factors[k] in place, one slice op per run of equal factors other than 1 (no factor tensor:
+    on a GPU that would be a host-to-device copy)."""
+    k = 0
+    while k < len(factors):
+        end = k + 1
+        while end < len(factors) and factors[end] == factors[k]:
+            end += 1
+        if factors[k] != 1:
+            t[..., k:end].mul_(factors[k])  # (`*=` on a subscript also copies the slice onto itself)
+        k = end
+    return t
+
+
+class _FFTMixFn(torch.autograd.Function):
+    """fft_mix: y = irfftn(mix(rfftn(x)) + bias at frequency 0), the mix kernel reading the kept modes straight
+    from the rfftn output and writing the output spectrum (zeros elsewhere) in one launch.
+
+    The backward is written out instead of autograd's through torch.fft, which for irfftn makes rfftn of dy
+    and doubles the inner bins of the whole half spectrum (a pass over it), and for rfftn zero-fills a full
+    complex spectrum (twice x's size), copies the gradient in and runs a complex transform of it all. With
+    R = rfftn(dy) unnormalised (the mix kernel reads its kept modes): dW = sum_b conj(X) R c_out,
+    dx = irfftn(mix^H(R c_out / c_in)) (backward normalisation; the kernel zero-fills the rest),
+    db = sum_b R at frequency 0, where c_out, c_in are the bins' Hermitian counts on the output and input
+    grids (1 or 2; their ratio is 1 but for a kept Nyquist bin of one grid). The bias enters as frequency 0
+    of the output spectrum (with fft_norm "forward" a constant), not as a pass over y. Saved: x (the
+    caller's tensor) and the kept modes of its spectrum, not the whole spectrum (the size of x).
+    ``tests/test_spectral_conv.py`` checks every gradient against autograd through the transforms."""
 
     @staticmethod
-    def forward(ctx, X_in, weight, p: Problem, cfg):
-        X = X_in.contiguous()
+    def forward(ctx, x, weight, bias, p: Problem, cfg):
+        d = p.d
+        X = torch.fft.rfftn(x.to(torch.float32), dim=tuple(range(-d, 0)), norm="forward")
         W = weight.resolve_conj().contiguous()
-        prec = p.precision
-        out = torch.empty((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),),
-                          dtype=torch.complex64, device=X.device)
-        Xr, Wr, outr = torch.view_as_real(X), torch.view_as_real(W), torch.view_as_real(out)
+        spec = torch.empty((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),), dtype=torch.complex64,
+                           device=X.device)
         in_full = p.grid[:-1] + (_half(p.grid[-1]),)
         out_full = p.out_grid[:-1] + (_half(p.out_grid[-1]),)
-        _mix(_Spec.of(Xr, (0, 1), p.modes, in_full, True), _Spec.of(Wr, (0, 1), p.modes, p.modes, False),
-             _Spec.of(outr, (0, 1), p.modes, out_full, True), p.batch, p.cin, p.cout, p.modes,
-             False, False, True, cfg, prec)
-        ctx.save_for_backward(X_in, weight)  # the caller's tensors (the graph of a double backward starts there)
-        ctx.p, ctx.cfg, ctx.prec = p, cfg, prec
-        return out
+        _mix(_Spec.of(torch.view_as_real(X), (0, 1), p.modes, in_full, True),
+             _Spec.of(torch.view_as_real(W), (0, 1), p.modes, p.modes, False),
+             _Spec.of(torch.view_as_real(spec), (0, 1), p.modes, out_full, True), p.batch, p.cin, p.cout, p.modes,
+             False, False, True, cfg, p.precision)
+        if bias is not None:  # frequency 0 of the output: a constant on the grid (fft_norm "forward")
+            spec[(slice(None), slice(None)) + (0,) * d].add_(bias.reshape(-1).to(torch.float32))
+        y = _irfftn(spec, p)
+        ctx.save_for_backward(x, weight, bias, _gather(X, p.modes, p.grid) if ctx.needs_input_grad[1] else None)
+        ctx.p, ctx.cfg, ctx.prec = p, cfg, p.precision
+        return y.to(p.dtype)
 
     @staticmethod
     @variant_backward
-    def backward(ctx, gout):
-        X_in, weight = ctx.saved_tensors
+    def backward(ctx, gy):
+        x, weight, bias, Xk = ctx.saved_tensors
         p, cfg, prec = ctx.p, ctx.cfg, ctx.prec
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
-            return graph_grads(lambda X, w: _torch_mix(X, w, p), (X_in, weight), ctx.needs_input_grad[:2],
-                               gout) + (None, None)
-        X, W = X_in.contiguous(), weight.resolve_conj().contiguous()
-        g = gout.resolve_conj().contiguous()
-        gr, Xr, Wr = torch.view_as_real(g), torch.view_as_real(X), torch.view_as_real(W)
+            return graph_grads(lambda x, w, b: _torch_run(p, x, w, b), (x, weight, bias), (need_x, need_w, need_b),
+                               gy) + (None, None)
+        d = p.d
+        R = torch.fft.rfftn(gy.to(torch.float32), dim=tuple(range(-d, 0)), norm="backward")
+        Rr = torch.view_as_real(R)
         in_full = p.grid[:-1] + (_half(p.grid[-1]),)
         out_full = p.out_grid[:-1] + (_half(p.out_grid[-1]),)
-        gX = gW = None
-        if ctx.needs_input_grad[0]:
-            gX = torch.empty_like(X)
-            _mix(_Spec.of(gr, (0, 1), p.modes, out_full, True), _Spec.of(Wr, (1, 0), p.modes, p.modes, False),
+        c_out = _bin_counts(p.modes[-1], p.out_grid[-1])
+        gx = gw = gb = None
+        if need_b:  # frequency 0: the sum of dy over the grid
+            gb = R[(slice(None), slice(None)) + (0,) * d].real.sum(0).reshape(bias.shape).to(bias.dtype)
+        if need_w:
+            gw = torch.empty(weight.shape, dtype=torch.complex64, device=R.device)
+            _mix(_Spec.of(torch.view_as_real(Xk), (1, 0), p.modes, p.modes, False),
+                 _Spec.of(Rr, (0, 1), p.modes, out_full, True),
+                 _Spec.of(torch.view_as_real(gw), (0, 1), p.modes, p.modes, False),
+                 p.cin, p.batch, p.cout, p.modes, True, False, False, cfg, prec)
+            gw = _scale_bins_(gw, c_out).to(weight.dtype)
+        if need_x:
+            ratio = [a / b for a, b in zip(c_out, _bin_counts(p.modes[-1], p.grid[-1]))]
+            if any(r != 1 for r in ratio):  # R is this backward's own: scaled in place, after grad W read it
+                _scale_bins_(R[..., : p.modes[-1]], ratio)
+            W = weight.resolve_conj().contiguous()
+            gX = torch.empty((p.batch, p.cin) + in_full, dtype=torch.complex64, device=R.device)
+            _mix(_Spec.of(Rr, (0, 1), p.modes, out_full, True),
+                 _Spec.of(torch.view_as_real(W), (1, 0), p.modes, p.modes, False),
                  _Spec.of(torch.view_as_real(gX), (0, 1), p.modes, in_full, True),
                  p.batch, p.cout, p.cin, p.modes, False, True, True, cfg, prec)
-        if ctx.needs_input_grad[1]:
-            gW = torch.empty_like(W)
-            _mix(_Spec.of(Xr, (1, 0), p.modes, in_full, True), _Spec.of(gr, (0, 1), p.modes, out_full, True),
-                 _Spec.of(torch.view_as_real(gW), (0, 1), p.modes, p.modes, False),
-                 p.cin, p.batch, p.cout, p.modes, True, False, False, cfg, prec)
-        return gX, gW, None, None
+            gx = torch.fft.irfftn(gX, s=p.grid, dim=tuple(range(-d, 0)), norm="backward").to(x.dtype)
+        return gx, gw, gb, None, None
 
 
 def _fft_mix_run(p: Problem, x, weight, bias, config=None):
-    cfg = config or _mix_default(p)
-    dims = tuple(range(-p.d, 0))
-    X = torch.fft.rfftn(x.to(torch.float32), dim=dims, norm="forward")
-    spec = _ModeMixFn.apply(X, weight, p, cfg)
-    y = _irfftn(spec, p)
-    if bias is not None:
-        y = y + bias.reshape((1, p.cout) + (1,) * p.d).to(torch.float32)
-    return y.to(p.dtype)
+    return _FFTMixFn.apply(x, weight, bias, p, config or _mix_default(p))
 
 
 # --------------------------------------------------------------------------- variant dft_gemm
@@ -887,8 +935,8 @@ if HAS_TRITON:
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),
-                   sources=(_mix_kernel, _Spec, _mix, _ModeMixFn, _mix_cfgs, _prune_mix, _fft_mix_run, _irfftn,
-                            _half)))
+                   sources=(_mix_kernel, _Spec, _mix, _FFTMixFn, _gather, _freq_index, _bin_counts, _scale_bins_,
+                            _mix_cfgs, _prune_mix, _fft_mix_run, _irfftn, _half)))
 
 
 # --------------------------------------------------------------------------- public API

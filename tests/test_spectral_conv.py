@@ -1,5 +1,6 @@
 """Spectral convolution: NumPy reference vs torch variant vs every Triton variant (interpreter),
 forward and backward, odd sizes, resampling, dtypes, modules, neuraloperator parity and bad input."""
+import math
 import warnings
 
 import numpy as np
@@ -140,6 +141,49 @@ def test_backward_gathers_the_kept_modes_without_copying_the_spectrum(variant, c
     names = _graph_nodes(OP.run_variant(variant, p, x, w, b))
     assert "CopySlices" not in names and not any(n.startswith(("SelectBackward", "AsStridedBackward"))
                                                  for n in names), names
+
+
+@pytest.mark.parametrize("grid, modes, out", [
+    ((9,), (5,), None), ((8,), (5,), None), ((8,), (5,), (11,)), ((9,), (4,), (6,)), ((7,), (3,), (8,)),
+    ((6, 8), (5, 5), None), ((6, 8), (4, 4), (9, 6)), ((7, 6), (7, 4), (7, 10)), ((4, 5, 6), (3, 2, 4), (5, 5, 6))])
+def test_fft_mix_backward_matches_autograd_through_the_transforms(grid, modes, out):
+    """fft_mix's backward is written out (``_FFTMixFn``): R = rfftn(dy) read at the kept modes, scaled by each
+    bin's Hermitian count on the output grid for grad W and by the ratio of its counts on the output and
+    input grids for grad x, grad bias from R's frequency 0. Against the torch variant (autograd through
+    torch.fft) in float64, every gradient, with Nyquist bins kept on the input grid, the output grid or
+    both (all last-axis modes of an even grid, resampled up and down), odd grids and a bias."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((2, 3) + grid, generator=g, dtype=torch.float64)
+    w = torch.randn((3, 2) + modes, generator=g, dtype=torch.complex128)
+    b = torch.randn(2, generator=g, dtype=torch.float64)
+    res = {}
+    for variant, dt, cdt in (("torch", torch.float64, torch.complex128), ("fft_mix", torch.float32, torch.complex64)):
+        xs, ws, bs = (t.to(c).requires_grad_() for t, c in ((x, dt), (w, cdt), (b, dt)))
+        p = spectral_conv.__globals__["_check"](xs, ws, bs, out, None)
+        y = OP.run_variant(variant, p, xs, ws, bs)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dt)
+        res[variant] = (y,) + torch.autograd.grad((y * dy).sum(), (xs, ws, bs))
+    red = 3 * math.prod(grid)
+    for name, got, want in zip(("forward", "grad x", "grad weight", "grad bias"), res["fft_mix"], res["torch"]):
+        assert_close(got, want.detach().numpy(), torch.float32, red, name)
+
+
+def test_fft_mix_keeps_only_the_kept_modes_for_its_backward():
+    """What a forward saves for its backward beyond its inputs: the kept modes of x's spectrum (complex64
+    [B, in, *modes]), not the whole half spectrum, which is the size of x."""
+    case = next(c for c in OP.cases if c.name == "2d-small-odd")
+    p, (x, w, b) = OP.make_inputs(case, "cpu", torch.float32, requires_grad=True)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w, b)}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        OP.run_variant("fft_mix", p, x, w, b)
+    assert sum(saved.values()) == p.batch * p.cin * math.prod(p.modes) * 8, saved
 
 
 @pytest.mark.parametrize("device,dtype,atol", [("cpu", torch.complex128, 1e-14),
