@@ -787,12 +787,17 @@ class _DFTConvFn(torch.autograd.Function):
         gx = gw = gb = None
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
             gx, gw = graph_grads(lambda x, w: _torch_run(p, x, w, None), (x, weight), ctx.needs_input_grad[:2], gy)
-        if ctx.needs_input_grad[2]:
+        spectral = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        if ctx.needs_input_grad[2] and (torch.is_grad_enabled() or not spectral):
             dims = (0,) + tuple(range(2, 2 + p.d))
             gb = gy.to(torch.float32).sum(dim=dims).reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not spectral:
             return gx, gw, gb, None, None
         gY = plan.synthesis_adjoint(gy, cfg, prec)
+        if ctx.needs_input_grad[2]:  # gY's frequency 0 (index m // 2 on the first axes, 0 on the last; real part)
+            # is the sum of dy over the grid: the bias gradient without a pass over dy of its own
+            dc = (slice(None), slice(None)) + tuple(m // 2 for m in p.modes[:-1]) + (0, 0)
+            gb = gY[dc].sum(0).reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
         if ctx.needs_input_grad[0]:
             gX = plan.spectrum(p.batch, p.cin, X.device)
             _mix(_Spec.of(_kept(gY, p), (0, 1), p.modes, p.modes, False), _Spec.of(W, (1, 0), p.modes, p.modes, False),
