@@ -944,7 +944,10 @@ def _basis_args(p: Problem, b: _Basis, x):
         if filler is None:
             filler = _FILLERS.get(x.device)
             if filler is None:
-                filler = _FILLERS[x.device] = torch.zeros(1, dtype=torch.float32, device=x.device)
+                with torch.inference_mode(False):
+                    filler = torch.zeros(1, dtype=torch.float32, device=x.device)
+                if not (filler.is_cuda and torch.cuda.is_current_stream_capturing()):  # not a CUDA graph's memory
+                    _FILLERS[x.device] = filler
         grid = filler if grid is None else grid
         cent = filler if cent is None else cent
     NK = grid.shape[1] if b.grid is not None else 1
