@@ -609,6 +609,8 @@ def test_fused_training_step_copies_the_weight_only_for_the_forward_layout(monke
     and nothing else. Grad x reads W as it is (no padded copy) and one batch split's grad-W partial is the
     gradient (no sum over splits); the base path adds into the kernel's output and never writes [rows, out]
     twice."""
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1")
     import triton.runtime.interpreter as interp
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
