@@ -191,3 +191,15 @@ def test_tune_stopped_by_sigint_prints_what_it_finished(monkeypatch, tmp_path, c
                    "--out", str(tmp_path / "c.json")])
     out = capsys.readouterr().out
     assert rc == 130 and "interrupted" in out and "rbf-small-odd" in out
+
+
+def test_host_overhead_script_times_every_op():
+    """perf/host_overhead.py: one line per op with a positive host time per step (kernel runs stubbed out)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "perf" / "host_overhead.py"
+    r = subprocess.run([sys.executable, str(script), "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["kan", "spectral_conv", "kernel_sum"], r.stdout
+    assert all(float(ln.split()[1]) > 0 for ln in lines), r.stdout
