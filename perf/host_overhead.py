@@ -6,20 +6,39 @@ Triton interpreter runs the launchers on CPU tensors and its kernel runs are rep
 outputs are garbage; only the time is read). Tiny shapes, so that the torch ops' own work stays small.
 Interleave two checkouts' runs when comparing (this host's timings drift): the minimum of several rounds.
 
-    python perf/host_overhead.py [--rounds 4] [op ...]      # ops: kan spectral_conv kernel_sum
+    python perf/host_overhead.py [--rounds 4] [--json FILE] [op ...]   # ops: kan spectral_conv kernel_sum
+
+``--json`` adds this run's records (op, microseconds, the opforge checkout's commit, torch and Triton versions)
+to FILE, keeping the lower time where a record of the same commit and op is there: runs of two checkouts
+interleaved into one file converge on each one's least disturbed time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import subprocess
 import timeit
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
+import opforge.kernels  # noqa: E402
 from opforge.kernels import KANLinear, SpectralConv, kernel_matvec, use_backend  # noqa: E402
+
+
+def _commit() -> str:
+    """The commit of the opforge checkout imported (which may be another worktree than this script's)."""
+    where = Path(opforge.kernels.__file__).resolve().parent
+    r = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (r.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
 def _steps() -> dict:
@@ -40,7 +59,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ops", nargs="*", help="ops to time (default: all)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 9 x 100 steps; the minimum is reported")
+    ap.add_argument("--json", help="add the records to this JSON file")
     args = ap.parse_args(argv)
+    records = []
     interpreter.InterpretedFunction.run = lambda self, *a, **k: None  # kernel runs become no-ops
     steps = _steps()
     for name in args.ops or list(steps):
@@ -50,6 +71,17 @@ def main(argv=None) -> None:
                 step()
             best = min(min(timeit.repeat(step, number=100, repeat=9)) for _ in range(args.rounds)) / 100
         print(f"{name:14s} {best * 1e6:7.1f} us per forward + backward step (host only)")
+        records.append({"op": name, "us": round(best * 1e6, 1), "commit": _commit(), "torch": torch.__version__,
+                        "triton": triton.__version__,
+                        "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "rounds": args.rounds})
+    if args.json:
+        path = Path(args.json)
+        old = json.loads(path.read_text()) if path.exists() else []
+        merged = {(r["commit"], r["op"]): r for r in old}
+        for r in records:
+            prev = merged.get((r["commit"], r["op"]))
+            merged[(r["commit"], r["op"])] = r if prev is None or r["us"] < prev["us"] else prev
+        path.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
 
 
 if __name__ == "__main__":
