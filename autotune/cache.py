@@ -38,7 +38,6 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "caches"
 
 _memo: dict[str, tuple[tuple, dict]] = {}
 _paths_memo: dict[tuple, tuple[str, ...]] = {}
-_lookup_memo: dict[tuple, tuple[tuple, dict | None]] = {}  # lookup()'s answers
 
 
 def user_dir() -> Path:
@@ -97,13 +96,15 @@ def save(path: Path, data: dict) -> None:
             os.unlink(tmp)
         raise
     _memo.pop(str(path), None)
-    _lookup_memo.clear()  # a rewrite within the clock's granularity keeps the stamp when the size matches
+
+
+TRAIN = "|train"  # the suffix of an entry tuned on forward + backward
 
 
 def entry_key(problem, train: bool = False) -> str:
     """``<shape key>|<dtype>``, plus ``|train`` for an entry tuned on forward + backward."""
     key = f"{problem.key}|{problem.dtype_name}"
-    return key + "|train" if train else key
+    return key + TRAIN if train else key
 
 
 def paths_for(device: dict) -> tuple[str, ...]:
@@ -118,45 +119,26 @@ def paths_for(device: dict) -> tuple[str, ...]:
     return paths
 
 
-def _stamp(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
-
-
 def lookup(op, problem, device: dict | None = None, train: bool = False) -> dict | None:
     """The winning ``{"variant", "config", ...}`` for this call, or None on a miss.
 
     With ``train`` (the call will be differentiated) a forward + backward entry is preferred in any
-    cache file, then the forward entry. Every CUDA call looks up, so the answer is memoised per problem
-    on the files' modification times and sizes: a repeated lookup costs one ``stat`` per file."""
+    cache file, then the forward entry. Every CUDA call looks up: each file is read once per call (one
+    ``stat``, ``load``'s memo) and the shape key formed once."""
     if device is None:
         from opforge.kernels._triton import device_info
 
         idx = problem.device.index if problem.device.type == "cuda" else None
         device = device_info(idx)
     h = op.source_hash()
-    base = f"{problem.key}|{problem.dtype_name}"  # entry_key's, formed once
-    paths = paths_for(device)
-    stamps = tuple(_stamp(path) for path in paths)
-    memo_key = (op.name, h, base, train, paths)
-    hit = _lookup_memo.get(memo_key)
-    if hit is not None and hit[0] == stamps:
-        return hit[1]
-    found = None
-    for k in ([base + "|train"] if train else []) + [base]:
-        for path in paths:
-            found = load(path)["ops"].get(op.name, {}).get(h, {}).get(k)
-            if found is not None:
-                break
-        if found is not None:
-            break
-    if len(_lookup_memo) > 4096:
-        _lookup_memo.clear()
-    _lookup_memo[memo_key] = (stamps, found)
-    return found
+    tables = [load(path)["ops"].get(op.name, {}).get(h, {}) for path in paths_for(device)]
+    fwd = entry_key(problem)
+    for k in ([fwd + TRAIN] if train else []) + [fwd]:
+        for table in tables:
+            entry = table.get(k)
+            if entry is not None:
+                return entry
+    return None
 
 
 def record(path: Path, device: dict, op, problem, entry: dict, train: bool = False) -> None:
