@@ -8,7 +8,8 @@ Interleave two checkouts' runs when comparing (this host's timings drift): the m
 
     python perf/host_overhead.py [--rounds 4] [--json FILE] [op ...]   # ops: kan spectral_conv kernel_sum
 
-``--json`` adds this run's records (op, microseconds, the opforge checkout's commit, torch and Triton versions)
+``--json`` adds this run's records (op, microseconds, the commit as perf results record it: the working
+directory's, run the script from the checkout it times, or OPFORGE_COMMIT; torch and Triton versions)
 to FILE, keeping the lower time where a record of the same commit and op is there: runs of two checkouts
 interleaved into one file converge on each one's least disturbed time.
 """
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import timeit
 from pathlib import Path
 
@@ -28,17 +28,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
-import opforge.kernels  # noqa: E402
+from opforge.autotune.perf import git_commit  # noqa: E402
 from opforge.kernels import KANLinear, SpectralConv, kernel_matvec, use_backend  # noqa: E402
-
-
-def _commit() -> str:
-    """The commit of the opforge checkout imported (which may be another worktree than this script's)."""
-    where = Path(opforge.kernels.__file__).resolve().parent
-    r = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return (r.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
 def _steps() -> dict:
@@ -61,7 +52,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 9 x 100 steps; the minimum is reported")
     ap.add_argument("--json", help="add the records to this JSON file")
     args = ap.parse_args(argv)
-    records = []
+    records, commit = [], git_commit()
     interpreter.InterpretedFunction.run = lambda self, *a, **k: None  # kernel runs become no-ops
     steps = _steps()
     for name in args.ops or list(steps):
@@ -71,7 +62,7 @@ def main(argv=None) -> None:
                 step()
             best = min(min(timeit.repeat(step, number=100, repeat=9)) for _ in range(args.rounds)) / 100
         print(f"{name:14s} {best * 1e6:7.1f} us per forward + backward step (host only)")
-        records.append({"op": name, "us": round(best * 1e6, 1), "commit": _commit(), "torch": torch.__version__,
+        records.append({"op": name, "us": round(best * 1e6, 1), "commit": commit, "torch": torch.__version__,
                         "triton": triton.__version__,
                         "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "rounds": args.rounds})
     if args.json:
