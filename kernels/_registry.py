@@ -136,6 +136,21 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     return result
 
 
+def kept_tensor(cache: dict, key, make: Callable[[], torch.Tensor], limit: int = 1024) -> torch.Tensor:
+    """``cache[key]``, made by ``make()`` on a miss: a small constant tensor that launchers reuse call after call
+    instead of making it (a torch op each, a launch on a GPU). Made outside inference mode, so a later
+    differentiated call may save it; not kept when fake or meta (tracing), made during CUDA graph capture
+    (the graph's memory pool), or past ``limit`` entries."""
+    t = cache.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = make()
+        if (type(t) is torch.Tensor and not t.is_meta and len(cache) < limit
+                and not (t.is_cuda and torch.cuda.is_current_stream_capturing())):
+            cache[key] = t
+    return t
+
+
 def transforms_active() -> bool:
     """Is a torch.func transform (vmap, grad, jacrev, jacfwd, jvp, hessian) in force? Ops then run their
     ``plain`` math: custom autograd Functions and Triton kernels do not compose with them."""

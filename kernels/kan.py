@@ -64,7 +64,8 @@ from torch import nn
 
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, no_autocast, register, transforms_active, variant_backward, wants_grad)
+                        graph_grads, kept_tensor, no_autocast, register, transforms_active, variant_backward,
+                        wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton, within_int32
 
@@ -940,14 +941,9 @@ def _basis_args(p: Problem, b: _Basis, x):
     grid = b.grid.to(torch.float32).contiguous() if b.grid is not None else None
     cent = b.centers.to(torch.float32).contiguous() if b.centers is not None else None
     if grid is None or cent is None:  # the knots or centres stand in for what the basis lacks, or one kept
-        filler = grid if grid is not None else cent  # zero per device (a new one was a fill launch per call)
-        if filler is None:
-            filler = _FILLERS.get(x.device)
-            if filler is None:
-                with torch.inference_mode(False):
-                    filler = torch.zeros(1, dtype=torch.float32, device=x.device)
-                if not (filler.is_cuda and torch.cuda.is_current_stream_capturing()):  # not a CUDA graph's memory
-                    _FILLERS[x.device] = filler
+        # zero per device (a new one was a fill launch per call)
+        filler = grid if grid is not None else cent if cent is not None else kept_tensor(
+            _FILLERS, x.device, lambda: torch.zeros(1, dtype=torch.float32, device=x.device))
         grid = filler if grid is None else grid
         cent = filler if cent is None else cent
     NK = grid.shape[1] if b.grid is not None else 1

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, register,
+from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, register,
                         variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, cdiv, offsets_fit, tl, triton
@@ -148,19 +148,13 @@ def _freq_index(m: int, n: int, device, centred: bool = True) -> torch.Tensor:
     """Indices (on an n-point axis) of the m kept frequencies -m//2 .. m - m//2 - 1 (``centred``; else the
     first m, 0 .. m - 1, as on the half spectrum's axis).
 
-    Cached per (m, n, device): a small call pays for each torch op, and these (three per axis and direction)
-    were a tenth of it. Only ever read; made outside inference mode, so a later differentiated call may save
-    it. Not cached: fake or meta tensors (tracing) and tensors made during CUDA graph capture (the graph's
-    memory pool)."""
-    key = (m, n, device, centred)
-    idx = _FREQ_INDEX.get(key)
-    if idx is None:
-        with torch.inference_mode(False):
-            idx = (torch.arange(m, device=device) - m // 2) % n if centred else torch.arange(m, device=device)
-        if (type(idx) is torch.Tensor and not idx.is_meta and len(_FREQ_INDEX) < 1024
-                and not (idx.is_cuda and torch.cuda.is_current_stream_capturing())):
-            _FREQ_INDEX[key] = idx
-    return idx
+    Cached per (m, n, device) (``kept_tensor``): a small call pays for each torch op, and these (three per axis
+    and direction) were a tenth of it. Only ever read."""
+
+    def make():
+        return (torch.arange(m, device=device) - m // 2) % n if centred else torch.arange(m, device=device)
+
+    return kept_tensor(_FREQ_INDEX, (m, n, device, centred), make)
 
 
 def _irfftn(spec: torch.Tensor, p: Problem) -> torch.Tensor:
@@ -196,14 +190,19 @@ def _contiguous(g: torch.Tensor | None) -> torch.Tensor | None:
     return None if g is None else g.contiguous()  # (None: an undefined gradient, as gradcheck sends)
 
 
+def _gather(S: torch.Tensor, modes: tuple, grid: tuple) -> torch.Tensor:
+    """The kept modes of a half spectrum [B, C, *grid[:-1], half] as [B, C, *modes] in the weight's layout
+    (index j on the first axes is frequency j - m // 2; the last axis a slice view)."""
+    for ax in range(len(modes) - 1):
+        S = S.index_select(2 + ax, _freq_index(modes[ax], grid[ax], S.device))
+    return S[..., : modes[-1]]
+
+
 def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tensor:
     """Full rfftn spectrum [B, in, *grid'] -> full output spectrum [B, out, *out_grid']: the kept modes
     gathered, mixed by the weight and placed at their frequencies on the output grid, zeros elsewhere."""
     d = p.d
-    idx = [_freq_index(p.modes[ax], p.grid[ax], X.device) for ax in range(d - 1)]
-    for ax in range(d - 1):
-        X = X.index_select(2 + ax, idx[ax])
-    X = X[..., : p.modes[-1]]
+    X = _gather(X, p.modes, p.grid)
     # One bmm over the modes, each operand made contiguous in [modes, rows, cols] first: an einsum left the
     # mode axis innermost, and torch's complex bmm on a CPU then copied each mode's strided matrix apart
     # (2112 copies at 64 x 33 modes: 3/4 of the mix's time); this took the mix 1.3-1.9x faster here
@@ -472,14 +471,6 @@ def _prune_mix(p: Problem, cfgs: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- variant fft_mix
-def _gather(S: torch.Tensor, modes: tuple, grid: tuple) -> torch.Tensor:
-    """The kept modes of a half spectrum [B, C, *grid[:-1], half] as a compact [B, C, *modes] in the weight's
-    layout (index j on the first axes is frequency j - m // 2)."""
-    for ax in range(len(modes) - 1):
-        S = S.index_select(2 + ax, _freq_index(modes[ax], grid[ax], S.device))
-    return S[..., : modes[-1]].contiguous()
-
-
 def _bin_counts(m: int, n: int) -> list:
     """How often each of the first m bins of an n-point half spectrum counts in the whole spectrum: 1 for
     frequency 0 and (n even) n / 2, 2 for the others (a c2r transform's Hermitian doubling)."""
@@ -531,7 +522,8 @@ class _FFTMixFn(torch.autograd.Function):
         if bias is not None:  # frequency 0 of the output: a constant on the grid (fft_norm "forward")
             spec[(slice(None), slice(None)) + (0,) * d].add_(bias.reshape(-1).to(torch.float32))
         y = _irfftn(spec, p)
-        ctx.save_for_backward(x, weight, bias, _gather(X, p.modes, p.grid) if ctx.needs_input_grad[1] else None)
+        ctx.save_for_backward(x, weight, bias,
+                              _gather(X, p.modes, p.grid).contiguous() if ctx.needs_input_grad[1] else None)
         ctx.p, ctx.cfg, ctx.prec = p, cfg, p.precision
         return y.to(p.dtype)
 
@@ -929,8 +921,8 @@ OP = register(Op(
              Target("2d-256-b32-c64-m32", "fwdbwd", "frac_peak", 0.5),
              Target("2d-256-b32-c64-m32", "fwdbwd", "peak_memory", 0.5, ("neuraloperator", "neuralop-algorithm"))],
 ))
-OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _contiguous, _irfftn, _freq_index,
-                                                             _half)))
+OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _gather, _contiguous, _irfftn,
+                                                             _freq_index, _half)))
 if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
                    configs=_dft_cfgs, default_config=_dft_default,
