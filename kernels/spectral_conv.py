@@ -601,10 +601,7 @@ def _bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
     if last:
         ang = 2 * math.pi * ((src[:, None] * j[None, :]) % n).double() / n
         F = torch.stack([torch.cos(ang), -torch.sin(ang)], dim=-1).reshape(n, 2 * m) / n
-        c = torch.full((m,), 2.0, dtype=torch.float64)
-        c[0] = 1.0
-        if out_n % 2 == 0 and m > out_n // 2:
-            c[out_n // 2] = 1.0
+        c = torch.tensor(_bin_counts(m, out_n), dtype=torch.float64)
         ang = 2 * math.pi * ((j[:, None] * dst[None, :]) % out_n).double() / out_n
         G = torch.stack([c[:, None] * torch.cos(ang), -c[:, None] * torch.sin(ang)], dim=1).reshape(2 * m, out_n)
         pad = _m2p(m) - 2 * m
@@ -928,7 +925,7 @@ if HAS_TRITON:
                    configs=_dft_cfgs, default_config=_dft_default,
                    supports=_dft_supports,
                    sources=(_bmm_kernel, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _real_stage, _complex_stage,
-                            _kept, _Plan, _DFTConvFn, _bases, _m2p, _dft_cfgs, _mix_default, _prune_mix, _dft_run)))
+                            _kept, _Plan, _DFTConvFn, _bases, _bin_counts, _m2p, _dft_cfgs, _mix_default, _prune_mix, _dft_run)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),
