@@ -925,7 +925,8 @@ if HAS_TRITON:
                    configs=_dft_cfgs, default_config=_dft_default,
                    supports=_dft_supports,
                    sources=(_bmm_kernel, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _real_stage, _complex_stage,
-                            _kept, _Plan, _DFTConvFn, _bases, _bin_counts, _m2p, _dft_cfgs, _mix_default, _prune_mix, _dft_run)))
+                            _kept, _Plan, _DFTConvFn, _bases, _bin_counts, _m2p, _dft_cfgs, _mix_default, _prune_mix,
+                            _dft_run)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),
