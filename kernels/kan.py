@@ -312,6 +312,39 @@ def _basis_both(x, b: _Basis, K: int, value=True, derivative=False):
     return phi, dphi
 
 
+_DMATS: dict = {}  # (basis, K, device, dtype) -> its derivative matrix
+
+
+def _derivative_matrix(kind: str, K: int, device, dtype) -> torch.Tensor | None:
+    """D [K, K] with dphi_k/dx = sum_j D[k, j] phi_j(x) (+ a term in T_K, below), for the bases whose derivatives
+    are combinations of themselves, else None. fourier: d/dx cos(kx) = -k sin(kx), d/dx sin(kx) = k cos(kx).
+    chebyshev: d/dx T_k(tanh x) = k U_{k-1}(t) (1 - t^2) = k (T_{k-1}(t) - T_{k+1}(t)) / 2, t = tanh x; for the
+    last, k = K - 1, the term in T_K is not a basis, and the caller adds it: -(K - 1) / 2 T_K(t) per input.
+
+    The backward folds D into the weight, W D, so that grad x reads the same bases as grad W:
+    sum_k (g W)_k dphi_k = sum_j (g W D)_j phi_j. One basis pass over [rows, in, K] instead of two. (Two terms
+    per row, not the sum of every lower T_j that k U_{k-1} also is: its terms grow with k and cancel, which
+    made grad x 3x less accurate in float32 at K = 33.)"""
+    if kind not in ("fourier", "chebyshev"):
+        return None
+
+    def make():
+        d = [[0.0] * K for _ in range(K)]
+        if kind == "fourier":
+            G = K // 2
+            for j in range(G):
+                d[j][G + j] = -(j + 1.0)  # cos((j+1) x)' = -(j+1) sin((j+1) x)
+                d[G + j][j] = j + 1.0  # sin((j+1) x)' = (j+1) cos((j+1) x)
+        else:
+            for k in range(1, K):
+                d[k][k - 1] = k / 2
+                if k + 1 < K:
+                    d[k][k + 1] = -k / 2
+        return torch.tensor(d, dtype=dtype, device=device)
+
+    return kept_tensor(_DMATS, (kind, K, device, dtype), make)
+
+
 def _basis_t(x, b: _Basis, K: int):
     """phi of x [n, I]: [n, I, K]."""
     return _basis_both(x, b, K)[0]
@@ -366,7 +399,8 @@ class _TorchKAN(torch.autograd.Function):
             return _torch_forward(x, weight, base_weight, b)
         # a tiny layer (64 KB of basis at most): the bases and their derivatives from one pass, kept, so the
         # backward does not evaluate them again (per-op costs dominate there, and the recursion is most of them)
-        phi, dphi = _basis_both(x, b, K, value=True, derivative=ctx.needs_input_grad[0])
+        fold = b.kind in ("fourier", "chebyshev")  # grad x from phi itself (_derivative_matrix): no dphi kept
+        phi, dphi = _basis_both(x, b, K, value=True, derivative=ctx.needs_input_grad[0] and not fold)
         ctx.save_for_backward(x, weight, base_weight, phi, dphi)
         return _contract(phi, x, weight, base_weight)
 
@@ -378,16 +412,25 @@ class _TorchKAN(torch.autograd.Function):
         O, I, K = weight.shape
         W2 = weight.reshape(O, I * K)
         need_x, need_w, need_wb = ctx.needs_input_grad[:3]
+        D = _derivative_matrix(b.kind, K, weight.device, weight.dtype) if need_x else None
+        # grad x = f(x) sum_j (g W D)_j phi_j where the derivatives are combinations of the bases: W D is
+        # weight-sized, and the basis pass over [rows, in, K] that grad W needs serves grad x too
+        Wx = W2 if D is None else (weight.reshape(O * I, K) @ D).reshape(O, I * K)
+        W_last = weight[:, :, K - 1].contiguous() if D is not None and b.kind == "chebyshev" and K > 1 else None
 
         def block(xb, gb, phi=None, dphi=None):  # (grad x, grad W [O, I*K], grad Wb) of one row block
             if phi is None:
-                phi, dphi = _basis_both(xb, b, K, value=need_w, derivative=need_x)
+                phi, dphi = _basis_both(xb, b, K, value=need_w or D is not None, derivative=need_x and D is None)
             gx = gw = gwb = None
             if need_w:
                 gw = gb.t() @ phi.reshape(xb.shape[0], I * K)
             if need_x:
-                t = (gb @ W2).reshape(xb.shape[0], I, K)
-                gx = (t * dphi if torch.is_grad_enabled() else t.mul_(dphi)).sum(-1)  # in place: no fresh buffer
+                t = (gb @ Wx).reshape(xb.shape[0], I, K)
+                dt = phi if D is not None else dphi
+                gx = (t * dt if torch.is_grad_enabled() else t.mul_(dt)).sum(-1)  # in place: no fresh buffer
+                if W_last is not None:  # chebyshev's term in T_K(t) = 2 t T_{K-1}(t) - T_{K-2}(t)
+                    T_K = 2 * torch.tanh(xb) * phi[..., K - 1] - phi[..., K - 2]
+                    gx = gx - (K - 1) / 2 * (gb @ W_last) * T_K
                 if base_weight is not None:
                     gx = gx + _silu_vjp(gb @ base_weight, xb)
             if need_wb:

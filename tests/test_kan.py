@@ -619,3 +619,37 @@ def test_fused_training_step_copies_the_weight_only_for_the_forward_layout(big_w
         y = kan_linear(x, w, "bspline", grid=grid, spline_order=3, base_weight=wb)
         torch.autograd.grad(y, (x, w, wb), dy)
     assert ops == ["clone"], ops
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 8, 9, 33])
+@pytest.mark.parametrize("basis", ["chebyshev", "fourier"])
+def test_basis_derivatives_fold_into_the_weight(basis, K):
+    """The torch variant's grad x for the bases closed under d/dx: dphi_k = sum_j D[k, j] phi_j (chebyshev: plus
+    -(K - 1) / 2 T_K for the last), D folded into the weight, against the derivatives written out (float64,
+    x saturating tanh and beyond); and its backward evaluates no derivative pass."""
+    from opforge.kernels import kan as kan_mod
+
+    if basis == "fourier" and K % 2:
+        K += 1  # cos and sin of each k
+    b = kan_mod._Basis(basis, grid_size=K // 2) if basis == "fourier" else kan_mod._Basis(basis)
+    x = torch.cat([torch.linspace(-4, 4, 41, dtype=torch.float64), torch.tensor([-30.0, 30.0, 1e3])])[:, None]
+    with torch.no_grad():
+        phi, dphi = kan_mod._basis_both(x, b, K, value=True, derivative=True)
+    D = kan_mod._derivative_matrix(basis, K, x.device, x.dtype)
+    folded = phi @ D.t()  # [n, 1, K]: sum_j D[k, j] phi_j
+    if basis == "chebyshev" and K > 1:
+        t = torch.tanh(x)
+        folded[..., K - 1] -= (K - 1) / 2 * (2 * t * phi[..., K - 1] - phi[..., K - 2])
+    torch.testing.assert_close(folded, dphi, rtol=0, atol=1e-12 * K * K)
+
+    calls = []
+    both = kan_mod._basis_both
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kan_mod, "_basis_both", lambda *a, **kw: calls.append(kw.get("derivative")) or both(*a, **kw))
+        mp.setattr(kan_mod, "_KEEP_BASIS_MAX", 0)  # the bases evaluated again in the backward
+        w = torch.randn(3, 1, K, dtype=torch.float64, requires_grad=True)
+        xs = x.clone().requires_grad_()
+        y = kan_linear(xs, w, basis)
+        gx, gw = torch.autograd.grad(y, (xs, w), torch.ones_like(y))
+    assert len(calls) == 2 and not any(calls), calls  # forward, backward: values only
+    torch.testing.assert_close(gx, (dphi * w.detach().sum(0)).sum(-1), rtol=1e-12, atol=1e-12 * K * K)
