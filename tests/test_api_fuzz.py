@@ -53,9 +53,9 @@ def _kan(rng: random.Random):
         K = rng.randint(2, 9)
         kw = dict(centers=torch.linspace(-2, 2, K), width=rng.choice([0.3, 0.57, 1.0]))
     elif basis == "chebyshev":
-        K = rng.randint(1, 9)
+        K = rng.randint(1, 17)
     else:
-        K = 2 * rng.randint(1, 5)
+        K = 2 * rng.randint(1, 8)
     w = torch.randn(cout, cin, K)
     wb = torch.randn(cout, cin) if rng.random() < 0.5 else None
     bias = torch.randn(cout) if rng.random() < 0.5 else None
