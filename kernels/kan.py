@@ -413,8 +413,8 @@ class _TorchKAN(torch.autograd.Function):
         W2 = weight.reshape(O, I * K)
         need_x, need_w, need_wb = ctx.needs_input_grad[:3]
         D = _derivative_matrix(b.kind, K, weight.device, weight.dtype) if need_x else None
-        # grad x = f(x) sum_j (g W D)_j phi_j where the derivatives are combinations of the bases: W D is
-        # weight-sized, and the basis pass over [rows, in, K] that grad W needs serves grad x too
+        # grad x = sum_j (g W D)_j phi_j (+ chebyshev's term in T_K) where the derivatives are combinations of the
+        # bases: W D is weight-sized, and the basis pass over [rows, in, K] that grad W needs serves grad x too
         Wx = W2 if D is None else (weight.reshape(O * I, K) @ D).reshape(O, I * K)
         W_last = weight[:, :, K - 1].contiguous() if D is not None and b.kind == "chebyshev" and K > 1 else None
 
