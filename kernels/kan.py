@@ -313,6 +313,7 @@ def _basis_both(x, b: _Basis, K: int, value=True, derivative=False):
 
 
 _DMATS: dict = {}  # (basis, K, device, dtype) -> its derivative matrix
+_FOLDED = ("fourier", "chebyshev")  # the bases with a derivative matrix
 
 
 def _derivative_matrix(kind: str, K: int, device, dtype) -> torch.Tensor | None:
@@ -325,7 +326,7 @@ def _derivative_matrix(kind: str, K: int, device, dtype) -> torch.Tensor | None:
     sum_k (g W)_k dphi_k = sum_j (g W D)_j phi_j. One basis pass over [rows, in, K] instead of two. (Two terms
     per row, not the sum of every lower T_j that k U_{k-1} also is: its terms grow with k and cancel, which
     made grad x 3x less accurate in float32 at K = 33.)"""
-    if kind not in ("fourier", "chebyshev"):
+    if kind not in _FOLDED:
         return None
 
     def make():
@@ -399,7 +400,7 @@ class _TorchKAN(torch.autograd.Function):
             return _torch_forward(x, weight, base_weight, b)
         # a tiny layer (64 KB of basis at most): the bases and their derivatives from one pass, kept, so the
         # backward does not evaluate them again (per-op costs dominate there, and the recursion is most of them)
-        fold = b.kind in ("fourier", "chebyshev")  # grad x from phi itself (_derivative_matrix): no dphi kept
+        fold = b.kind in _FOLDED  # grad x from phi itself (_derivative_matrix): no dphi kept
         phi, dphi = _basis_both(x, b, K, value=True, derivative=ctx.needs_input_grad[0] and not fold)
         ctx.save_for_backward(x, weight, base_weight, phi, dphi)
         return _contract(phi, x, weight, base_weight)
@@ -1868,7 +1869,7 @@ OP = register(Op(
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
                                                         _bspline_both, _bspline_full, _cheb_both, _silu_vjp,
-                                                        _block_rows, _torch_forward, _contract)))
+                                                        _block_rows, _torch_forward, _contract, _derivative_matrix)))
 if HAS_TRITON:
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,
