@@ -1,14 +1,16 @@
 """Which B-spline form the KAN torch variant should take: the full Cox-de Boor recursion over all knot
 intervals against the local de Boor form, bases and derivatives together, timed interleaved.
 
-    python perf/kan_bspline_forms.py [--graph] [--values 2048,16384,100000] [--grids 5:3,8:3,12:3,5:1]
+    python perf/kan_bspline_forms.py [--graph | --even] [--values 2048,16384,100000] [--grids 5:3,8:3,12:3,5:1]
                                      [--device cpu]
-    python perf/kan_bspline_forms.py --layers 256:256,1024:256,100:1000 [--grids 5:3] [--device cpu]
+    python perf/kan_bspline_forms.py --layers 256:256,1024:256,100:1000 [--even] [--grids 5:3] [--device cpu]
 
 --graph records the autograd graph (x requires grad, the sum of both outputs is backpropagated), as on the
 create_graph path and ``KANLinear.b_splines``; without it, the forms run as inside the op's autograd
-Function (no graph). Each row: n * I values (I = 8 below 20000 values, else 32) on a uniform grid of G
-intervals and spline order p on [-1, 1], x uniform on [-1.1, 1.1]; "ratio" is (NK - 1) / (p + 1), the full
+Function (no graph). --even lets the local form locate x by arithmetic on the evenly spaced knots (no
+search; order >= 2, no graph), as the layers' own knots are until update_grid; without it, by search.
+Each row: n * I values (I = 8 below 20000 values, else 32) on a uniform grid of G intervals and spline
+order p on [-1, 1], x uniform on [-1.1, 1.1]; "ratio" is (NK - 1) / (p + 1), the full
 form's arithmetic over the local form's; full/local is the median over 9 interleaved rounds of each form's
 mean time per call. ``_bspline_both``'s thresholds (kernels/kan.py) come from this table.
 
@@ -38,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--values", default="2048,16384,100000", help="n * I values per row, comma separated")
     ap.add_argument("--grids", default="5:3,8:3,12:3,5:1", help="G:order pairs, comma separated")
     ap.add_argument("--layers", default="", help="B:I pairs: time KANLinear(I, I) layers on x [B, I] instead")
+    ap.add_argument("--even", action="store_true", help="the local form's even-knots path (no search)")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     if a.layers:
@@ -46,13 +49,13 @@ def main(argv=None):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def run(x, g, p, full):
-        v, d = _bspline_both(x, g, p, value=True, derivative=True, full=full)
+        v, d = _bspline_both(x, g, p, value=True, derivative=True, full=full, even=a.even)
         if a.graph:
             (v.sum() + d.sum()).backward()
 
     torch.manual_seed(0)
     print(f"{'values':>8} {'G':>3} {'p':>2} {'ratio':>5} {'full/local':>10} {'local us':>9}  "
-          f"({'graph' if a.graph else 'no graph'}, {dev})")
+          f"({'graph' if a.graph else 'no graph'}, {'even knots' if a.even else 'search'}, {dev})")
     for vals in (int(v) for v in a.values.split(",")):
         for G, p in (tuple(int(s) for s in gp.split(":")) for gp in a.grids.split(",")):
             I = 8 if vals < 20000 else 32
@@ -92,14 +95,16 @@ def _layers(a):
 
     both = kan._bspline_both
     torch.manual_seed(0)
-    print(f"{'B':>6} {'I':>5} {'G':>3} {'p':>2} {'mode':>7} {'full/local':>10} {'local ms':>9}  ({a.device})")
+    print(f"{'B':>6} {'I':>5} {'G':>3} {'p':>2} {'mode':>7} {'full/local':>10} {'local ms':>9}  "
+          f"({'even knots' if a.even else 'search'}, {a.device})")
     for B, I in (tuple(int(s) for s in bi.split(":")) for bi in a.layers.split(",")):
         for G, p in (tuple(int(s) for s in gp.split(":")) for gp in a.grids.split(",")):
             layer = KANLinear(I, I, grid_size=G, spline_order=p).to(a.device)
             x = (torch.rand(B, I, device=a.device) * 2.2 - 1.1).requires_grad_()
             for mode in ("fwd", "fwdbwd"):
                 def step(full):
-                    kan._bspline_both = lambda *args, **kw: both(*args, **{**kw, "full": full})
+                    kan._bspline_both = lambda *args, **kw: both(*args, **{**kw, "full": full,
+                                                                         "even": kw.get("even") and a.even})
                     try:
                         if mode == "fwd":
                             with torch.no_grad():

@@ -231,6 +231,62 @@ def test_torch_bspline_form_choice_follows_graph_and_grid(monkeypatch):
     assert form(12, graph=False) == "local"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("order", [2, 3, 5])
+def test_torch_bspline_even_knots_by_arithmetic(order, dtype):
+    """Evenly spaced knots, no graph: the local form finds each interval as floor((x - t_0) / h), no search,
+    and gives the search's bases and slopes (x on every knot, between them, outside, NaN and +-inf); with a
+    graph recorded the flag is ignored."""
+    from opforge.kernels import kan
+
+    I, G = 3, 6
+    grid = (torch.arange(-order, G + order + 1, dtype=dtype) * 0.3 - 0.9).expand(I, -1).contiguous()
+    gen = torch.Generator().manual_seed(order)
+    x = torch.cat([grid.t(), (torch.rand(200, I, generator=gen, dtype=torch.float64) * 6 - 3).to(dtype),
+                   torch.tensor([[float("nan"), float("inf"), -float("inf")]], dtype=dtype)])
+    searches, fulls = [], []
+    real, full = torch.searchsorted, kan._bspline_full
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "searchsorted", lambda *a, **k: searches.append(1) or real(*a, **k))
+        mp.setattr(kan, "_bspline_full", lambda *a, **k: fulls.append(1) or full(*a, **k))
+        with torch.no_grad():
+            got = kan._bspline_both(x, grid, order, derivative=True, full=False, even=True)
+            assert not searches
+            kan._bspline_both(x.repeat(100, 1), grid, order, even=True)  # the default form past 2^18 values
+            assert not searches and not fulls
+        want = kan._bspline_both(x, grid, order, derivative=True, full=False)
+        assert searches
+    tol = dict(rtol=0, atol=1e-12 if dtype == torch.float64 else 2e-6)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **{**tol, "atol": tol["atol"] * 10 / 0.3})
+    assert (got[0][-1] == 0).all() and (got[1][-1] == 0).all()  # NaN and +-inf lie in no interval
+    xg = x[:-1].clone().requires_grad_(True)
+    phi = kan._bspline_both(xg, grid, order, even=True)[0]  # a graph: the differentiable search form
+    assert phi.requires_grad
+    torch.testing.assert_close(phi.detach(), want[0][:-1], **tol)
+
+
+def test_knot_spacing_levels():
+    """How evenly knots are spaced, as dispatch reads it: float64 arange knots to float64's precision,
+    efficient-kan's float32 knots (and those cast to float64) to float32's, knots moved by data not at all."""
+    from opforge.kernels.kan import _validate_knots
+
+    def knots(dtype, G=5, p=3, lo=-1.0, hi=1.0):
+        return (torch.arange(-p, G + p + 1, dtype=dtype) * ((hi - lo) / G) + lo).expand(4, -1)
+
+    assert _validate_knots(knots(torch.float64)) == 2
+    assert _validate_knots(knots(torch.float64, G=1000, lo=-50.0, hi=70.0)) == 2
+    assert _validate_knots(knots(torch.float32)) >= 1
+    assert _validate_knots(knots(torch.float32, G=32)) >= 1
+    assert _validate_knots(knots(torch.float32, G=7, lo=0.1, hi=0.3).double()) >= 1
+    moved = knots(torch.float64).clone()
+    moved[:, 4] += 1e-3
+    assert _validate_knots(moved) == 0
+    layer = KANLinear(4, 2, grid_size=5)
+    layer.update_grid(torch.randn(64, 4) ** 3)
+    assert _validate_knots(layer.grid) == 0
+
+
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_uniform_knots_every_order(backend, order):
