@@ -84,7 +84,7 @@ class Problem(ProblemBase):
     k: int  # basis functions per input feature
     basis: str
     order: int  # B-spline order (0 for the other bases)
-    uniform: bool  # B-spline knots uniformly spaced
+    uniform: bool  # B-spline knots evenly spaced to float32's precision (_validate_knots >= 1)
     has_base: bool
     dtype: torch.dtype
     device: torch.device
