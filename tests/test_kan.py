@@ -173,17 +173,23 @@ def test_blocked_weight_layout(I, K, bi, kp):
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["no-graph", "graph"])
-@pytest.mark.parametrize("full", [False, True], ids=["local", "full"])
+@pytest.mark.parametrize("full", [False, "binary", True], ids=["local", "local-binary-search", "full"])
 @pytest.mark.parametrize("order", [0, 1, 2, 3, 5])
-def test_torch_bspline_bases_and_derivatives_match_reference(order, full, graph):
-    """The torch variant's two forms -- local de Boor (interval by search, order + 1 bases, scattered) and
-    the recursion over all knots (small inputs) -- against the reference, float64: x on every knot,
-    between them and outside; with grad mode on (the differentiable scatter) and off (bases put in place)."""
+def test_torch_bspline_bases_and_derivatives_match_reference(order, full, graph, monkeypatch):
+    """The torch variant's two forms -- local de Boor (interval by counting the knots below x, or by binary
+    search past _COUNT_KNOTS knots; order + 1 bases, scattered) and the recursion over all knots (small
+    inputs) -- against the reference, float64: x on every knot, between them and outside; with x requiring
+    grad (the differentiable scatter) and not (bases put in place)."""
+    from opforge.kernels import kan
+
+    if full == "binary":
+        monkeypatch.setattr(kan, "_COUNT_KNOTS", 0)
+        full = False
     with torch.set_grad_enabled(graph):
-        _bspline_bases_match_reference(order, full)
+        _bspline_bases_match_reference(order, full, graph)
 
 
-def _bspline_bases_match_reference(order, full):
+def _bspline_bases_match_reference(order, full, graph=False):
     from opforge.kernels.kan import _bspline_both
 
     gen = torch.Generator().manual_seed(order)
@@ -191,14 +197,15 @@ def _bspline_bases_match_reference(order, full):
     grid = torch.sort(torch.rand(I, G + 2 * order + 1, generator=gen, dtype=torch.float64) * 4 - 2, dim=1).values
     grid = grid + torch.arange(G + 2 * order + 1) * 1e-2  # strictly increasing, not uniform
     x = torch.cat([grid.t(), torch.rand(40, I, generator=gen, dtype=torch.float64) * 6 - 3,
-                   torch.full((1, I), float("inf")), torch.full((1, I), -float("inf"))])
+                   torch.full((1, I), float("inf")), torch.full((1, I), -float("inf"))]).requires_grad_(graph)
     phi, dphi = _bspline_both(x, grid, order, value=True, derivative=True, full=full)
     assert phi.shape == dphi.shape == (x.shape[0], I, G + order)
     assert _bspline_both(x, grid, order, value=False, derivative=True, full=full)[0] is None
     torch.testing.assert_close(_bspline_both(x, grid, order, full=full)[0], phi)
     nan = _bspline_both(torch.full((1, I), float("nan"), dtype=torch.float64), grid, order, derivative=True, full=full)
     assert (nan[0] == 0).all() and (nan[1] == 0).all()  # NaN lies in no interval: every basis and slope is 0
-    finite = x[:-2].numpy()
+    assert phi.requires_grad == (graph and order > 0)  # with x requiring grad, differentiable (order 0: constant)
+    phi, dphi, finite = phi.detach(), dphi.detach(), x[:-2].detach().numpy()
     np.testing.assert_allclose(phi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order), rtol=0, atol=1e-12)
     np.testing.assert_allclose(dphi[:-2].numpy(), ref.bspline_basis(finite, grid.numpy(), order, derivative=True),
                                rtol=0, atol=1e-9)
@@ -249,6 +256,7 @@ def test_torch_bspline_even_knots_by_arithmetic(order, dtype):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "searchsorted", lambda *a, **k: searches.append(1) or real(*a, **k))
         mp.setattr(kan, "_bspline_full", lambda *a, **k: fulls.append(1) or full(*a, **k))
+        mp.setattr(kan, "_COUNT_KNOTS", 0)  # the search form by torch.searchsorted, which the spy sees
         with torch.no_grad():
             got = kan._bspline_both(x, grid, order, derivative=True, full=False, even=True)
             assert not searches
