@@ -133,7 +133,7 @@ _FULL_ROWS_GRAPH = 1 << 12
 _EVEN_FULL_MAX = 1 << 16  # n * I * NK up to which the full form is taken on evenly spaced knots (no graph)
 # The local form's interval search on other knots: NK compares counted into int32 took 1.4 / 1.2 / 3.1 ms where
 # torch.searchsorted (a binary search per value) took 7.5 / 3.0 / 8.5 ms (1024 x 256 x 15, 8192 x 32 x 12,
-# 1024 x 256 x 39 values x knots); a pass per knot, so up to this many knots
+# 1024 x 256 x 39 values x knots); a pass per knot, so up to this many knots, and on a CPU only
 _COUNT_KNOTS = 48
 
 
@@ -217,7 +217,8 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
         # gather without clamping
         gt = grid.t()
         gt = torch.cat([gt[:1].expand(order, I), gt, gt[-1:].expand(order + 1, I)]).contiguous()
-        if NK <= _COUNT_KNOTS:  # the interval: the knots at or below x, less one (NaN: none, -1, outside)
+        if NK <= _COUNT_KNOTS and x.device.type == "cpu":  # the interval: the knots at or below x, less one
+            # (NaN: none, -1, outside); on a GPU searchsorted is one kernel, the count NK launches
             c = (x >= grid[:, 0]).to(torch.int32)
             for k in range(1, NK):
                 c = c.add_(x >= grid[:, k]) if in_place else c + (x >= grid[:, k])
