@@ -171,8 +171,9 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
 
     ``even``: the caller knows the knots are evenly spaced (``_validate_knots``) to x's precision. Then, order
     >= 2 and no graph recorded, the local form finds the interval as floor((x - t_0) / h) instead of by search,
-    and its recursion's denominators are d h (no knot gathers): 2.5x (bases) and 4x (bases and slopes) the
-    speed of the search here (1024 x 256 inputs, G = 8, order 3, no graph). Below order 2 a value (order 0)
+    and its recursion's denominators are d h (no knot gathers): bases alone or with slopes in 4.0 and 5.7 ms
+    where the counting search below takes 7.5 and 9.2, and torch.searchsorted's 11 and 26 (best of 10 here,
+    1024 x 256 inputs, G = 8, order 3, no graph). Below order 2 a value (order 0)
     or slope (order 1) jumps at the knots, where rounding in (x - t_0) / h could put x on the wrong side;
     those orders keep the search.
 
