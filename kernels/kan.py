@@ -173,9 +173,8 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
     >= 2 and no graph recorded, the local form finds the interval as floor((x - t_0) / h) instead of by search,
     and its recursion's denominators are d h (no knot gathers): bases alone or with slopes in 4.0 and 5.7 ms
     where the counting search below takes 7.5 and 9.2, and torch.searchsorted's 11 and 26 (best of 10 here,
-    1024 x 256 inputs, G = 8, order 3, no graph). Below order 2 a value (order 0)
-    or slope (order 1) jumps at the knots, where rounding in (x - t_0) / h could put x on the wrong side;
-    those orders keep the search.
+    1024 x 256 inputs, G = 8, order 3, no graph). Below order 2 a value (order 0) or slope (order 1) jumps at
+    the knots, where rounding in (x - t_0) / h could put x on the wrong side; those orders keep the search.
 
     Local de Boor: the knot interval j of each x (t_j <= x < t_{j+1}: the count of knots at or below x, less
     one; a binary search past _COUNT_KNOTS knots), the order + 1 bases that are non-zero there by the
@@ -186,7 +185,7 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
     """
     n, I = x.shape
     NK = grid.shape[1]
-    graph = torch.is_grad_enabled() and (x.requires_grad or grid.requires_grad)
+    graph = wants_grad((x, grid))
     # no graph and no torch.func transform: bases placed in place (below), and evenly spaced knots located
     # by arithmetic
     in_place = not graph and not transforms_active()
