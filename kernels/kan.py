@@ -219,9 +219,9 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
         gt = torch.cat([gt[:1].expand(order, I), gt, gt[-1:].expand(order + 1, I)]).contiguous()
         if NK <= _COUNT_KNOTS and x.device.type == "cpu":  # the interval: the knots at or below x, less one
             # (NaN: none, -1, outside); on a GPU searchsorted is one kernel, the count NK launches
-            c = (x >= grid[:, 0]).to(torch.int32)
+            c = (x >= grid[:, 0]).to(torch.int32)  # (batched under vmap exactly as each comparison is)
             for k in range(1, NK):
-                c = c.add_(x >= grid[:, k]) if in_place else c + (x >= grid[:, k])
+                c += x >= grid[:, k]
             j = c.long() - 1
         else:
             j = (torch.searchsorted(grid.contiguous(), x.t().contiguous(), right=True) - 1).t()  # [n, I]
