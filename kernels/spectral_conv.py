@@ -935,7 +935,7 @@ if HAS_TRITON:
 
 
 # --------------------------------------------------------------------------- public API
-def spectral_conv(x, weight, bias=None, output_shape: Sequence[int] | None = None):
+def spectral_conv(x, weight, bias=None, output_shape: Sequence[int] | None = None, fft_norm: str = "forward"):
     """Spectral convolution of any dimension (taken from ``weight``'s rank).
 
     Args:
@@ -943,44 +943,68 @@ def spectral_conv(x, weight, bias=None, output_shape: Sequence[int] | None = Non
         weight: complex tensor [in, out, m_1, ..., m_d], neuraloperator's layout.
         bias: [out] or [out, 1, ..., 1], or None.
         output_shape: spatial size of y (resolution change), default the input grid.
+        fft_norm: ``norm`` of the forward and the inverse transform, as in ``torch.fft``: "forward" (the
+            default, neuraloperator's), "backward" or "ortho". They differ only when the grid changes.
 
     Returns:
         y [B, out, *output_shape] in x's dtype.
     """
     p = _check(x, weight, bias, output_shape, None)
-    return _call(p, x, weight, bias)
+    return _call(p, x, weight, bias, fft_norm)
 
 
-def _call(p: Problem, x, weight, bias):
+FFT_NORMS = ("forward", "backward", "ortho")
+
+
+def _normed(weight: torch.Tensor, p: Problem, fft_norm: str) -> torch.Tensor:
+    """The weight that gives ``fft_norm``'s output through the "forward"-normed kernels.
+
+    Norm "forward" divides the forward transform by the input grid's N_in points and leaves the inverse
+    alone; "backward" divides the inverse by the output grid's N_out; "ortho" divides each by the root of
+    its size. End to end the three differ by a constant: "backward" is N_in / N_out times "forward", and
+    "ortho" the root of that. So the weight is scaled, once per call and only where the grid changes."""
+    if fft_norm == "forward" or p.grid == p.out_grid:
+        return weight
+    ratio = math.prod(p.grid) / math.prod(p.out_grid)
+    return weight * (ratio if fft_norm == "backward" else ratio ** 0.5)
+
+
+def _call(p: Problem, x, weight, bias, fft_norm: str = "forward"):
+    if fft_norm not in FFT_NORMS:
+        raise ValueError(f"fft_norm must be one of {list(FFT_NORMS)}, got {fft_norm!r}")
     if traced(x, weight, bias):  # torch.compile / torch.export: one graph node (kernels/_graph_op.py)
-        return _GRAPH_OP(x, weight, bias, list(p.out_grid), p.d)
+        # (the norm's scaling inside it: inductor generates no code for complex arithmetic, and warns)
+        return _GRAPH_OP(x, weight, bias, list(p.out_grid), p.d, fft_norm)
+    weight = _normed(weight, p, fft_norm)
     if p.batch == 0 or p.cin == 0 or p.cout == 0:  # nothing to mix: every backend returns zeros plus the bias
         return _torch_run(p, x, weight, bias)
     return OP(p, x, weight, bias)
 
 
-def _graph_eager(x, weight, bias, output_shape, d):
-    return _call(_check(x, weight, bias, output_shape, d), x, weight, bias)
+def _graph_eager(x, weight, bias, output_shape, d, fft_norm):
+    return _call(_check(x, weight, bias, output_shape, d), x, weight, bias, fft_norm)
 
 
-def _graph_fake(x, weight, bias, output_shape, d):
+def _graph_fake(x, weight, bias, output_shape, d, fft_norm):
     p = _check(x, weight, bias, output_shape, d)
     return x.new_empty((p.batch, p.cout) + p.out_grid)
 
 
-_GRAPH_OP = GraphOp("spectral_conv", "Tensor x, Tensor weight, Tensor? bias, SymInt[] output_shape, int d",
+_GRAPH_OP = GraphOp("spectral_conv", "Tensor x, Tensor weight, Tensor? bias, SymInt[] output_shape, int d, "
+                    "str fft_norm",
                     _graph_eager, _graph_fake)
 
 
 def _fixed(d):
-    def f(x, weight, bias=None, output_shape=None):
+    def f(x, weight, bias=None, output_shape=None, fft_norm="forward"):
         p = _check(x, weight, bias, output_shape, d)
-        return _call(p, x, weight, bias)
+        return _call(p, x, weight, bias, fft_norm)
 
     f.__name__ = f"spectral_conv{d}d"
     f.__doc__ = (f"{d}D spectral convolution: x [B, in, {', '.join('n%d' % (i + 1) for i in range(d))}] real, "
-                 f"weight [in, out, {', '.join('m%d' % (i + 1) for i in range(d))}] complex, bias [out] or None; "
-                 f"returns [B, out, *output_shape]. See ``spectral_conv``.")
+                 f"weight [in, out, {', '.join('m%d' % (i + 1) for i in range(d))}] complex, bias [out] or None, "
+                 f"fft_norm 'forward' (default), 'backward' or 'ortho'; returns [B, out, *output_shape]. "
+                 f"See ``spectral_conv``.")
     return f
 
 
@@ -1020,7 +1044,8 @@ class SpectralConv(nn.Module):
             modes kept; the last axis keeps ``n_modes[-1] // 2 + 1`` half-spectrum
             modes, the others ``n_modes[i]`` modes centred on frequency 0.
         bias: learn a bias of shape [out, 1, ..., 1].
-        fft_norm: only ``"forward"`` (neuraloperator's default) is supported.
+        fft_norm: the transforms' ``norm``: ``"forward"`` (neuraloperator's default), ``"backward"`` or
+            ``"ortho"``, as torch.fft takes it; they give different outputs only on a resolution change.
         init_std: std of the complex normal init, ``"auto"`` = sqrt(2 / (in + out)).
         resolution_scaling_factor: optional float or per-axis floats; output
             size = round(input size * factor) when ``output_shape`` is not given.
@@ -1056,8 +1081,9 @@ class SpectralConv(nn.Module):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         kept = self._kept_modes(n_modes, None)
-        if fft_norm != "forward":
-            raise ValueError(f"fft_norm must be 'forward' (neuraloperator's default), got {fft_norm!r}")
+        if fft_norm not in FFT_NORMS:
+            raise ValueError(f"fft_norm must be one of {list(FFT_NORMS)} (torch.fft's norms; neuraloperator's default "
+                             f"'forward'), got {fft_norm!r}")
         # neuraloperator's FNOBlocks passes these to its conv_module; rank, implementation, fixed_rank_modes and
         # decomposition_kwargs only shape factorized weights, so a dense layer takes and ignores them
         for name, v, want in (("complex_data", complex_data, False), ("separable", separable, False),
@@ -1189,7 +1215,7 @@ class SpectralConv(nn.Module):
         out_grid = grid if output_shape is None else tuple(int(n) for n in output_shape)
         weight = self._weight_for(grid, out_grid) if len(grid) == self.order else self.weight
         p = _check(x, weight, self.bias, output_shape, self.order)
-        return _call(p, x, weight, self.bias)
+        return _call(p, x, weight, self.bias, self.fft_norm)
 
     def transform(self, x: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
         """Resample a skip connection to this layer's output grid, as neuraloperator's FNO blocks call it:
@@ -1208,6 +1234,7 @@ class SpectralConv(nn.Module):
 
     def extra_repr(self) -> str:
         extra = "" if self._n_modes == self.max_n_modes else f", max_n_modes={self.max_n_modes}"
+        extra += "" if self.fft_norm == "forward" else f", fft_norm={self.fft_norm!r}"
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, n_modes={self.n_modes}"
                 f"{extra}, bias={self.bias is not None}")
 
@@ -1230,7 +1257,8 @@ class SpectralConv(nn.Module):
         modes = list(w.shape[2:])
         n_modes = modes[:-1] + [2 * (modes[-1] - 1)]
         out = cls(int(w.shape[0]), int(w.shape[1]), n_modes, bias=layer.bias is not None, device=w.device,
-                  dtype=w.dtype, resolution_scaling_factor=getattr(layer, "resolution_scaling_factor", None))
+                  dtype=w.dtype, resolution_scaling_factor=getattr(layer, "resolution_scaling_factor", None),
+                  fft_norm=getattr(layer, "fft_norm", "forward"))
         kept = [int(m) for m in getattr(layer, "n_modes", modes)]
         if len(kept) == len(modes) and all(1 <= k <= m for k, m in zip(kept, modes)):
             out._n_modes = kept  # neuraloperator reports the modes it keeps with the last axis halved already

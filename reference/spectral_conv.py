@@ -7,6 +7,8 @@ Semantics (Li et al., "Fourier Neural Operator", with neuraloperator's layout):
     y  = irfftn(Y placed at its frequencies in an [B, out, *output_grid] spectrum,
                 s=output_grid, norm="forward")  + bias[o]
 
+(``fft_norm`` "backward" or "ortho" puts the 1/N on the inverse, or 1/sqrt(N) on each, instead.)
+
 Kept modes, in the weight's layout W[in, out, m_1, ..., m_d]:
 
 * on every axis but the last, index j is frequency ``j - m // 2`` (negative and
@@ -69,8 +71,9 @@ def check_modes(modes, grid, what: str) -> None:
             raise ValueError(f"{what}: {modes[ax]} modes on axis {ax} do not fit a grid of {grid[ax]} (at most {limit})")
 
 
-def spectral_conv(x, weight, bias=None, output_shape=None) -> np.ndarray:
-    """Forward pass. x [B, in, *grid] real; weight [in, out, *modes] complex; bias [out] or None."""
+def spectral_conv(x, weight, bias=None, output_shape=None, fft_norm="forward") -> np.ndarray:
+    """Forward pass. x [B, in, *grid] real; weight [in, out, *modes] complex; bias [out] or None;
+    ``fft_norm`` the norm of both transforms (numpy's: "forward", "backward" or "ortho")."""
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(weight, dtype=np.complex128)
     d = w.ndim - 2
@@ -80,9 +83,9 @@ def spectral_conv(x, weight, bias=None, output_shape=None) -> np.ndarray:
     check_modes(modes, grid, "input grid")
     check_modes(modes, out_grid, "output grid")
     axes = tuple(range(2, 2 + d))
-    X = _gather(np.fft.rfftn(x, axes=axes, norm="forward"), modes, grid)
+    X = _gather(np.fft.rfftn(x, axes=axes, norm=fft_norm), modes, grid)
     Y = np.einsum("bi...,io...->bo...", X, w)
-    y = np.fft.irfftn(_scatter(Y, modes, out_grid), s=out_grid, axes=axes, norm="forward")
+    y = np.fft.irfftn(_scatter(Y, modes, out_grid), s=out_grid, axes=axes, norm=fft_norm)
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64).reshape((1, -1) + (1,) * d)
     return y

@@ -168,7 +168,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.opforge.kernel_matvec.default,
                           (r(6, 3), r(7, 3), r(7, 2), "matern52", r(3).exp().detach().requires_grad_(), 1.0, None, 1.5))
     torch.library.opcheck(torch.ops.opforge.spectral_conv.default,
-                          (r(2, 2, 7, 6), r(2, 3, 4, 3, dtype=torch.complex128), r(3), [7, 6], 2))
+                          (r(2, 2, 7, 6), r(2, 3, 4, 3, dtype=torch.complex128), r(3), [7, 6], 2, "forward"))
+    torch.library.opcheck(torch.ops.opforge.spectral_conv.default,
+                          (r(2, 2, 7, 6), r(2, 3, 4, 3, dtype=torch.complex128), r(3), [9, 5], 2, "ortho"))
 
 
 @pytest.mark.gpu
@@ -191,3 +193,24 @@ def test_cuda_inductor_fullgraph(case, monkeypatch):
     want = _loss_and_grads(lambda *a: f(*a).sin().sum(), inputs)[1:]
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= 2e-4 * max(float(w.abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("fft_norm", ["backward", "ortho"])
+def test_fft_norm_scaling_stays_inside_the_node(fft_norm, monkeypatch):
+    """A resampling layer under another ``fft_norm``: the weight's scaling is done inside the one node (no
+    complex op in the graph around it, which inductor cannot generate code for), inference and training."""
+    monkeypatch.setenv("OPFORGE_COMPILE", "op")
+    torch.manual_seed(0)
+    layer = SpectralConv(3, 2, (4, 6), fft_norm=fft_norm).double()
+    x = torch.randn(2, 3, 9, 8, dtype=F64)
+    graphs = []
+    compiled = torch.compile(lambda x: layer(x, output_shape=(12, 10)).sin().sum(), fullgraph=True,
+                             backend=_recording(graphs))
+    eager = lambda x: layer(x, output_shape=(12, 10)).sin().sum()  # noqa: E731
+    for got, want in zip(_loss_and_grads(compiled, (x,)), _loss_and_grads(eager, (x,))):
+        torch.testing.assert_close(got, want)
+    assert _opforge_nodes(graphs) == ["opforge.spectral_conv.default"]
+    complex_ops = [str(n.target) for gm in graphs for n in gm.graph.nodes
+                   if n.op != "placeholder" and str(n.target) != "opforge.spectral_conv.default"
+                   and isinstance(n.meta.get("example_value"), torch.Tensor) and n.meta["example_value"].is_complex()]
+    assert not complex_ops

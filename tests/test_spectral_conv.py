@@ -299,7 +299,9 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
     (lambda: spectral_conv(torch.randn(1, 3, 8), torch.randn(3, 2, dtype=torch.complex64)), ValueError, "rank 3, 4 or 5"),
     (lambda: SpectralConv(3, 2, [4, 4, 4, 4]), ValueError, "n_modes"),
     (lambda: SpectralConv(0, 2, 4), ValueError, "in_channels"),
-    (lambda: SpectralConv(3, 2, 4, fft_norm="ortho"), ValueError, "fft_norm"),
+    (lambda: SpectralConv(3, 2, 4, fft_norm="none"), ValueError, "fft_norm must be one of"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), fft_norm=None),
+     ValueError, "fft_norm must be one of"),
     (lambda: SpectralConv(3, 3, 4, separable=True), ValueError, "separable"),
     (lambda: SpectralConv(3, 2, 4, factorization="tucker"), ValueError, "factorization"),
     (lambda: SpectralConv(3, 2, 4, complex_data=True), ValueError, "complex_data"),
@@ -324,6 +326,40 @@ def test_module_matches_functional_and_resamples():
     loss = layer(x).square().sum()
     loss.backward()
     assert layer.weight.grad is not None and layer.bias.grad.shape == (4, 1, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fft_norm", ["forward", "backward", "ortho"])
+def test_fft_norms_match_the_reference(fft_norm, backend):
+    """Each ``fft_norm`` against NumPy's transforms under that norm, on the same grid and on resolution
+    changes (odd sizes; up and down; 1D to 3D): functional forward and gradients, and the module."""
+    torch.manual_seed(0)
+    for grid, out, modes in (((15,), (22,), (5,)), ((9, 11), (13, 8), (6, 4)), ((9, 11), None, (6, 4)),
+                             ((6, 7, 5), (9, 5, 8), (4, 3, 3))):
+        x = torch.randn(2, 3, *grid, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, 2, *modes, dtype=torch.complex128, requires_grad=True)
+        bias = torch.randn(2, dtype=torch.float64)
+        with use_backend(backend):
+            xs = x if backend == "torch" else x.detach().float().requires_grad_()
+            ws = w if backend == "torch" else w.detach().to(torch.complex64).requires_grad_()
+            y = spectral_conv(xs, ws, bias.to(xs.dtype), output_shape=out, fft_norm=fft_norm)
+        expected = ref.spectral_conv(x.detach().numpy(), w.detach().numpy(), bias.numpy(), out, fft_norm=fft_norm)
+        dtype = torch.float64 if backend == "torch" else torch.float32
+        assert_close(y.detach(), expected, dtype, 3, f"{fft_norm} {grid}->{out} forward")
+        # linear in x and w: the gradients of <y, g> are those of the "forward"-normed op, scaled as y is
+        g = torch.randn(y.shape, dtype=y.dtype)
+        dx, dw = torch.autograd.grad((y * g).sum(), (xs, ws))
+        n_in, n_out = math.prod(grid), math.prod(out or grid)
+        c = {"forward": 1.0, "backward": n_in / n_out, "ortho": (n_in / n_out) ** 0.5}[fft_norm]
+        rx, rw, _ = ref.spectral_conv_vjp(x.detach().numpy(), w.detach().numpy(), bias.numpy(), g.double().numpy(), out)
+        assert_close(dx, c * rx, dtype, 3, f"{fft_norm} {grid}->{out} grad x")
+        assert_close(dw, c * rw, dtype, 2 * n_out, f"{fft_norm} {grid}->{out} grad w")
+    layer = SpectralConv(3, 2, (6, 8), fft_norm=fft_norm).double()
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    expected = ref.spectral_conv(x.numpy(), layer.weight.detach().numpy(), layer.bias.detach().numpy().ravel(),
+                                 (12, 14), fft_norm=fft_norm)
+    assert_close(layer(x, output_shape=(12, 14)).detach(), expected, torch.float64, 3, f"module {fft_norm}")
+    assert ("fft_norm" in repr(layer)) == (fft_norm != "forward")
 
 
 def _nop_centre(w, kept):
@@ -512,6 +548,12 @@ def test_neuraloperator_parity_even_sizes():
         assert ours.n_modes == theirs.n_modes
         x = torch.randn(2, 3, *grid)
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    for norm in ("backward", "ortho"):  # (1D: its resampling is right there)
+        theirs = nop.SpectralConv(3, 5, [10], fft_norm=norm)
+        ours = SpectralConv.from_neuraloperator(theirs)
+        x = torch.randn(2, 3, 20)
+        for out in ((20,), (32,), (12,)):
+            torch.testing.assert_close(ours(x, output_shape=out), theirs(x, output_shape=out), rtol=1e-4, atol=1e-5)
     for n_modes, grid in (([8, 6], (16, 12)), ([10], (20,)), ([4, 4, 6], (8, 8, 10))):
         theirs = nop.SpectralConv(3, 5, n_modes)
         ours = SpectralConv.from_neuraloperator(theirs)
