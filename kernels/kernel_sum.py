@@ -845,6 +845,8 @@ def _scale_param(v, name, like: torch.Tensor, d: int | None):
     per version (``checked_once``: one sync the first time a GPU tensor is seen)."""
     if not isinstance(v, torch.Tensor):
         try:
+            if isinstance(v, (str, bytes)):  # float("1") would take it: a string here is a misplaced argument
+                raise TypeError
             f = float(v)
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a float or a tensor, got {type(v).__name__}") from None

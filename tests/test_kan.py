@@ -360,6 +360,52 @@ def test_kanlinear_loads_efficient_kan_state_dict_and_update_grid():
     assert (layer(x) - before).abs().max() < 0.1 * before.abs().max()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kanlinear_other_base_activation_and_no_standalone_scaler(backend):
+    """efficient-kan's options off their defaults: a base activation other than SiLU (its linear term added
+    beside the op, which fuses only SiLU) and enable_standalone_scale_spline=False (no spline_scaler;
+    spline_weight used as it is, initialised times scale_spline); then update_grid keeps the function."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    layer = KANLinear(5, 3, grid_size=4, spline_order=2, base_activation=torch.nn.GELU,
+                      enable_standalone_scale_spline=False).to(dtype)
+    assert set(layer.state_dict()) == {"grid", "base_weight", "spline_weight"}
+    assert layer.scaled_spline_weight is layer.spline_weight
+    x = (torch.rand(17, 5, dtype=dtype) * 2.4 - 1.2).requires_grad_()
+    g = torch.randn(17, 3, dtype=dtype)
+    with use_backend(backend):
+        y = layer(x)
+        grads = torch.autograd.grad((y * g).sum(), (x, layer.base_weight, layer.spline_weight))
+    x64, w64, wb64 = (t.detach().double() for t in (x, layer.spline_weight, layer.base_weight))
+    basis = torch.from_numpy(ref.bspline_basis(x64.numpy(), layer.grid.double().numpy(), 2))
+    dbasis = torch.from_numpy(ref.bspline_basis(x64.numpy(), layer.grid.double().numpy(), 2, derivative=True))
+    gelu = torch.nn.functional.gelu
+    assert_close(y, (gelu(x64) @ wb64.T + torch.einsum("bik,oik->bo", basis, w64)).numpy(), dtype, 5 * 6, "forward")
+    xr = x64.clone().requires_grad_()
+    dgelu, = torch.autograd.grad(gelu(xr).sum(), xr)
+    g64 = g.double()
+    want = (dgelu * (g64 @ wb64) + torch.einsum("bo,oik,bik->bi", g64, w64, dbasis),
+            g64.T @ gelu(x64), torch.einsum("bo,bik->oik", g64, basis))
+    for got, exp, name, red in zip(grads, want, ("x", "base_weight", "spline_weight"), (3 * 6, 17, 17)):
+        assert_close(got, exp.numpy(), dtype, red, f"grad {name}")
+    with torch.no_grad(), use_backend(backend):
+        before = layer(x)
+        layer.update_grid(x)
+        assert (layer(x) - before).abs().max() < 0.1 * before.abs().max()
+
+
+def test_fastkan_radial_basis_submodule_and_fourier_repr():
+    """FastKAN's ``rbf`` submodule called on its own gives its bases (the layer never calls it: fused), and
+    FourierKANLayer reprs as the peer's layer does."""
+    fk = FastKANLayer(4, 2, grid_min=-1.5, grid_max=2.5, num_grids=6)
+    x = torch.randn(3, 4)
+    c = torch.linspace(-1.5, 2.5, 6)
+    torch.testing.assert_close(fk.rbf(x), torch.exp(-(((x[..., None] - c) / 0.8) ** 2)))
+    fo = FourierKANLayer(3, 2, gridsize=4, addbias=False)
+    assert repr(fo) == "FourierKANLayer(inputdim=3, outdim=2, gridsize=4, addbias=False)"
+    assert fo(torch.randn(5, 3)).shape == (5, 2)
+
+
 def test_fastkan_chebykan_fourierkan_modules():
     torch.manual_seed(0)
     x = torch.randn(9, 6)
@@ -501,6 +547,32 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     (lambda: kan_linear(torch.randn(2, 2, dtype=torch.complex64), torch.randn(3, 2, 4), "chebyshev"), TypeError,
      "real floating"),
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 0), "chebyshev"), ValueError, "K >= 1"),
+    (lambda: kan_linear(torch.randn(2, 2), [[0.0]], "chebyshev"), TypeError, "torch.Tensors"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 8), "chebyshev"), ValueError, "\\[out, in, K\\]"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4, device="meta"), "chebyshev"), ValueError,
+     "weight is on meta but x is on cpu"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "chebyshev", base_weight=torch.randn(2, 3)),
+     ValueError, "base_weight must be \\[out=3, in=2\\]"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "chebyshev", bias=torch.randn(2)), ValueError,
+     "bias must have out=3"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "bspline", spline_order=1.0,
+                        grid=torch.linspace(0, 1, 6).expand(2, -1)), ValueError, "spline_order must be an int"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "bspline", spline_order=1), ValueError,
+     "needs grid="),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "bspline", spline_order=1,
+                        grid=torch.linspace(0, 1, 6).expand(3, -1)), ValueError, "in_features=2"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 1), "bspline", spline_order=2,
+                        grid=torch.linspace(0, 1, 4).expand(2, -1)), ValueError, "order 2 needs at least 6"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "rbf", width=1.0), ValueError, "needs centers="),
+    (lambda: KANLinear(0, 3), ValueError, "in_features must be a positive int"),
+    (lambda: KANLinear(4, 3, grid_range=(1, -1)), ValueError, "grid_range"),
+    (lambda: KANLinear(4, 3, spline_order=2.0), ValueError, "spline_order"),
+    (lambda: FastKANLayer(4, 3, num_grids=1), ValueError, "num_grids must be an int >= 2"),
+    (lambda: FastKANLayer(4, 3)(torch.randn(2, 5)), ValueError, "input_dim=4"),
+    (lambda: ChebyKANLayer(4, 3, degree=-1), ValueError, "degree must be an int >= 0"),
+    (lambda: ChebyKANLayer(4, 3, degree=2)(torch.randn(2, 5)), ValueError, "input_dim=4"),
+    (lambda: FourierKANLayer(4, 3, gridsize=0), ValueError, "gridsize must be an int >= 1"),
+    (lambda: FourierKANLayer(4, 3, gridsize=2)(torch.randn(2, 5)), ValueError, "inputdim=4"),
     (lambda: FastKANLayer(1, 3), ValueError, "use_layernorm=False"),
     (lambda: FastKANLayer(4, 3, grid_min=2.0, grid_max=-2.0), ValueError, "grid_max > grid_min"),
 ])
@@ -705,6 +777,10 @@ def test_basis_derivatives_fold_into_the_weight(basis, K):
         t = torch.tanh(x)
         folded[..., K - 1] -= (K - 1) / 2 * (2 * t * phi[..., K - 1] - phi[..., K - 2])
     torch.testing.assert_close(folded, dphi, rtol=0, atol=1e-12 * K * K)
+    with torch.enable_grad():  # the differentiable forms a recorded graph takes (recurrences, out of place)
+        phi_g, dphi_g = kan_mod._basis_both(x, b, K, value=True, derivative=True)
+    torch.testing.assert_close(phi_g, phi, rtol=0, atol=1e-12 * K)
+    torch.testing.assert_close(dphi_g, dphi, rtol=0, atol=1e-11 * K * K)
 
     calls = []
     both = kan_mod._basis_both

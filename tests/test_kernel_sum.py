@@ -54,7 +54,21 @@ def test_torch_float64_matches_reference(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("d, r", [(3, 1), (5, 3), (17, 5), (1, 16)])
+def test_torch_in_place_blocks_match_reference(kernel, monkeypatch):
+    """The torch variant's no-graph loops of calls past 2^15 pairs (temporaries made in place in buffers
+    reused from block to block, ``_Scratch``; kernel values and derivatives sharing their exponentials),
+    forced on small calls of several row blocks, the last one shorter: forward and every gradient."""
+    from opforge.kernels import kernel_sum as ks
+
+    monkeypatch.setattr(ks, "_pays", lambda p, q: True)
+    monkeypatch.setattr(ks, "_chunk_rows", lambda m, device: 4)
+    check("torch", kernel, 13, 11, 3, 2, torch.float64, ard=True)
+    check("torch", kernel, 9, 12, 17, 1, torch.float64)
+    check("torch", kernel, 10, 7, 2, 1, torch.float64, coincide=True)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("d, r", [(3, 1), (4, 2), (5, 3), (17, 5), (1, 16)])
 def test_flash_matches_reference(kernel, d, r):
     check("triton", kernel, 37, 29, d, r, ard=(d == 3))
 
@@ -267,6 +281,15 @@ def test_operator_and_cg_solve():
         _, info = kernel_solve(x, rhs, "matern52", noise=0.1, lengthscale=0.5, outputscale=2.0, tol=1e-10,
                                max_iter=3, return_info=True, precond_rank=0)
     assert not info["converged"] and info["iterations"] == 3
+    xg = x.clone().requires_grad_()  # the backward's solve is checked as well: it warns on its own
+    with pytest.warns(RuntimeWarning) as caught:
+        kernel_solve(xg, rhs, "matern52", noise=0.1, lengthscale=0.5, tol=1e-10, max_iter=3, precond_rank=0
+                     ).square().sum().backward()
+    heads = [str(w.message).split(" (")[0] for w in caught]  # the forward's solve, then the backward's
+    assert len(heads) == 2 and heads[0].endswith("max_iter=3 iterations"), heads
+    assert heads[1].endswith("max_iter=3 iterations in the backward pass"), heads
+    zero, info = kernel_solve(x, torch.zeros(40, 2, dtype=torch.float64), "matern52", noise=0.1, return_info=True)
+    assert not zero.any() and info["converged"] and info["iterations"] == 0  # b = 0: solved before any step
 
 
 @pytest.mark.parametrize("kernel", ["matern52", "gaussian", "laplacian"])
@@ -404,6 +427,20 @@ def test_kernel_solve_is_differentiable(backend):
      "share a dtype"),
     (lambda: kernel_matvec(torch.randn(4, 3, dtype=torch.complex64), torch.randn(5, 3), torch.randn(5, 1)), TypeError,
      "real floating"),
+    (lambda: kernel_matvec([[0.0]], torch.randn(5, 3), torch.randn(5, 1)), TypeError, "x must be a torch.Tensor"),
+    (lambda: kernel_matvec(torch.randn(3), torch.randn(5, 3), torch.randn(5, 1)), ValueError,
+     r"x and y must be \[\.\.\., N, D\]"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3, device="meta"), torch.randn(5, 1)), ValueError,
+     "y is on meta but x is on cpu"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale="1"), TypeError,
+     "lengthscale must be a float or a tensor, got str"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=torch.ones(3, dtype=torch.int64)),
+     TypeError, "lengthscale must be a real floating tensor"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), outputscale=torch.ones((), device="meta")),
+     ValueError, "outputscale is on meta but x is on cpu"),
+    (lambda: KernelOperator(torch.randn(4, 3), noise=-1.0), ValueError, "noise must be >= 0"),
+    (lambda: KernelOperator(torch.randn(4, 3), torch.randn(5, 3), noise=0.1), ValueError, "square operator"),
+    (lambda: KernelOperator(torch.randn(4, 3), torch.randn(5, 3)).diag(), ValueError, "diag\\(\\) needs a square"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=0.0), ValueError, "noise"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=torch.ones(2)), ValueError, "noise"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(5)), ValueError, "N=4"),
@@ -468,3 +505,35 @@ def test_exact_distances_by_cdist_or_by_coordinate_agree(n, m, d):
     assert rel < 1e-5
     with torch.enable_grad():
         torch.testing.assert_close(_sqdist(p, q, True), got, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "matern52", "laplacian"])
+def test_torch_double_backward_past_the_tiny_product(kernel):
+    """A gradient taken with create_graph=True on a call whose grad loop goes one coordinate at a time
+    (rows x M x D past 2^15: the recorded, out-of-place branch), differentiated again: against autograd
+    through the dense kernel matrix, float64, no coincident points."""
+    x, y, b = points(70, 60, 8, 2, torch.float64)
+    v = torch.randn(70, 8, dtype=torch.float64)
+    g = torch.randn(70, 2, dtype=torch.float64)
+
+    def dense(x, y, b):
+        r2 = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1) / 0.8 ** 2
+        return _dense_phi(r2, kernel) @ b
+
+    got, want = [], []
+    for f, out in ((lambda *a: kernel_matvec(*a, kernel, 0.8), got), (dense, want)):
+        xs, ys, bs = (t.clone().requires_grad_() for t in (x, y, b))
+        with use_backend("torch"):
+            gx, = torch.autograd.grad((f(xs, ys, bs) * g).sum(), xs, create_graph=True)
+            out.extend(torch.autograd.grad((gx * v).sum(), (xs, ys, bs)))
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9)
+
+
+def _dense_phi(s, kernel):
+    r = s.sqrt()
+    if kernel == "gaussian":
+        return torch.exp(-s / 2)
+    if kernel == "laplacian":
+        return torch.exp(-r)
+    return (1 + 5 ** 0.5 * r + 5 / 3 * s) * torch.exp(-(5 ** 0.5) * r)

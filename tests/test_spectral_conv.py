@@ -1,6 +1,7 @@
 """Spectral convolution: NumPy reference vs torch variant vs every Triton variant (interpreter),
 forward and backward, odd sizes, resampling, dtypes, modules, neuraloperator parity and bad input."""
 import math
+import types
 import warnings
 
 import numpy as np
@@ -297,6 +298,24 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
     (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), output_shape=(8,)), ValueError, "output_shape"),
     (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), output_shape=(2, 8)), ValueError, "output_shape"),
     (lambda: spectral_conv(torch.randn(1, 3, 8), torch.randn(3, 2, dtype=torch.complex64)), ValueError, "rank 3, 4 or 5"),
+    (lambda: spectral_conv2d([[0.0]], torch.randn(3, 2, 4, 3, dtype=torch.complex64)), TypeError,
+     "x must be a torch.Tensor, got list"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), None), TypeError, "weight must be a torch.Tensor, got NoneType"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, 3, dtype=torch.complex64)), ValueError,
+     "weight must have rank 4"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64, device="meta")),
+     ValueError, "weight is on meta but x is on cpu"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), [0.0, 1.0]),
+     TypeError, "bias must be a torch.Tensor or None, got list"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64),
+                             torch.randn(2, dtype=torch.complex64)), TypeError, "bias must be real"),
+    (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64),
+                             torch.randn(2, device="meta")), ValueError, "bias is on meta but x is on cpu"),
+    (lambda: SpectralConv(3, 2, 4, dtype=torch.float32), TypeError, "dtype must be a complex dtype"),
+    (lambda: SpectralConv(3, 2, (4, 4), resolution_scaling_factor=(2.0, -1.0)), ValueError,
+     "resolution_scaling_factor must be positive"),
+    (lambda: SpectralConv.from_neuraloperator(types.SimpleNamespace(separable=True)), ValueError,
+     "only dense, non-separable"),
     (lambda: SpectralConv(3, 2, [4, 4, 4, 4]), ValueError, "n_modes"),
     (lambda: SpectralConv(0, 2, 4), ValueError, "in_channels"),
     (lambda: SpectralConv(3, 2, 4, fft_norm="none"), ValueError, "fft_norm must be one of"),
@@ -311,6 +330,15 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
         bad()
+
+
+def test_triton_variants_say_why_they_cannot_run():
+    """A call the Triton variants cannot take names each one's reason when Triton is asked for."""
+    x = torch.randn(1, 3, 8, 8)
+    with use_backend("triton"), pytest.raises(ValueError, match="take a complex64 weight, got torch.complex128"):
+        spectral_conv2d(x, torch.randn(3, 2, 4, 3, dtype=torch.complex128))
+    with use_backend("triton", spectral_conv="dft_gemm"), pytest.raises(ValueError, match="at most 64 last-axis"):
+        spectral_conv2d(torch.randn(1, 3, 8, 140), torch.randn(3, 2, 4, 65, dtype=torch.complex64))
 
 
 def test_module_matches_functional_and_resamples():
@@ -442,6 +470,11 @@ def test_resolution_change_keeps_each_frequency(backend, freqs):
 def test_transform_resamples_skip_connections():
     """``transform`` (what neuraloperator's FNO blocks call on the skip path): x itself on the same grid,
     torch's linear / bicubic interpolation in 1D / 2D, and in 3D the kept frequencies: exact on a wave."""
+    layer1 = SpectralConv(2, 2, 4, resolution_scaling_factor=1.5)
+    x1 = torch.randn(2, 2, 10)
+    assert layer1.modes == (3,) and layer1.transform(x1, output_shape=(10,)) is x1
+    torch.testing.assert_close(layer1.transform(x1), torch.nn.functional.interpolate(
+        x1, size=15, mode="linear", align_corners=True))
     layer3 = SpectralConv(1, 1, (4, 4, 4))
     x = _wave((8, 10, 12), (1, -2, 3))
     assert layer3.transform(x) is x
