@@ -162,6 +162,36 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     assert cache.load(path)["ops"] == {}
 
 
+def test_failed_save_keeps_the_old_file_and_no_temp_file(tmp_path):
+    """A write that fails part way (here: a value JSON cannot hold) leaves the previous cache as it was."""
+    path = tmp_path / "c.json"
+    good = {"format": cache.FORMAT, "device": {}, "ops": {"spectral_conv": {}}}
+    cache.save(path, good)
+    with pytest.raises(TypeError):
+        cache.save(path, {"format": cache.FORMAT, "device": {}, "ops": {"x": object()}})
+    assert [f.name for f in tmp_path.iterdir()] == ["c.json"]
+    assert json.loads(path.read_text()) == good
+
+
+def test_a_json_file_of_another_format_is_ignored_with_a_warning(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"format": cache.FORMAT + 1, "ops": {}}))
+    with pytest.warns(RuntimeWarning, match=f"not an opforge cache of format {cache.FORMAT}"):
+        assert cache.load(path)["ops"] == {}
+
+
+def test_user_cache_folder(monkeypatch, tmp_path):
+    """OPFORGE_CACHE_DIR, else $XDG_CACHE_HOME/opforge, else ~/.cache/opforge."""
+    monkeypatch.setenv("OPFORGE_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.user_dir() == tmp_path / "mine"
+    monkeypatch.delenv("OPFORGE_CACHE_DIR")
+    assert cache.user_dir() == tmp_path / "xdg" / "opforge"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.user_dir() == tmp_path / "home" / ".cache" / "opforge"
+
+
 def test_source_hash_changes_with_grid(monkeypatch):
     h = OP.source_hash()
     v = OP.variants["fft_mix"]
@@ -295,6 +325,38 @@ def test_tuner_rejects_a_config_with_a_wrong_backward(tmp_path, monkeypatch):
     assert "fft_mix" not in {t["variant"] for t in entry["timings"]}
     fwd = tuner.tune_problem(OP, *problem(), persist=False)
     assert "fft_mix" in {t["variant"] for t in fwd["timings"]}
+
+
+def test_tuner_skips_a_config_that_raises_and_says_why(monkeypatch):
+    """A config that fails to compile or launch (on a GPU: more shared memory than a block may have) is
+    recorded as a failure with its error and skipped; the others are timed and one of them wins. Where the
+    torch baseline is not timed, every config failing, or no Triton variant running, is an error that says so
+    (not an entry without a winner)."""
+    p, args = problem()
+    v = OP.variants["fft_mix"]
+    cfgs = v.tuning_configs(p)
+    assert len(cfgs) >= 2
+    bad = cfgs[-1]
+    run = v.run
+
+    def flaky(problem, *a, config=None):
+        if config == bad:
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return run(problem, *a, config=config)
+
+    monkeypatch.setattr(v, "run", flaky)
+    entry = tuner.tune_problem(OP, p, args, persist=False)
+    failed = [f for f in entry["failures"] if f["variant"] == "fft_mix"]
+    assert [f["config"] for f in failed] == [bad] and "RuntimeError: out of resource" in failed[0]["error"]
+    timed = [t["config"] for t in entry["timings"] if t["variant"] == "fft_mix"]
+    assert len(timed) == len(cfgs) - 1 and bad not in timed
+    monkeypatch.setattr(OP, "baseline_skip", lambda problem: "too slow here")
+    monkeypatch.setattr(tuner, "_calls", lambda op, problem: [(v, bad)])
+    with pytest.raises(RuntimeError, match="every config failed and the torch baseline is not timed here"):
+        tuner.tune_problem(OP, p, args, persist=False)
+    monkeypatch.setattr(OP, "triton_variants", lambda: [])
+    with pytest.raises(ValueError, match="no Triton variant runs .* torch baseline is not timed here"):
+        tuner.tune_problem(OP, p, args, persist=False)
 
 
 def test_training_calls_use_the_train_entry_then_the_forward_entry(tmp_path, monkeypatch):
