@@ -11,10 +11,11 @@ Public API::
 """
 from ._registry import BACKENDS, current_backend, get_op, registered_ops, use_backend
 from ._triton import HAS_TRITON, interpreter_enabled
-from .spectral_conv import SpectralConv, spectral_conv, spectral_conv1d, spectral_conv2d, spectral_conv3d
+from .spectral_conv import (FactorizedWeight, SpectralConv, spectral_conv, spectral_conv1d, spectral_conv2d,
+                            spectral_conv3d)
 
 __all__ = [
-    "BACKENDS", "HAS_TRITON", "SpectralConv", "current_backend", "get_op", "interpreter_enabled",
+    "BACKENDS", "FactorizedWeight", "HAS_TRITON", "SpectralConv", "current_backend", "get_op", "interpreter_enabled",
     "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "use_backend",
 ]
 from .kernel_sum import KERNELS, KernelOperator, gp_posterior_mean, kernel_matvec, kernel_solve  # noqa: E402

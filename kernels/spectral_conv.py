@@ -1035,8 +1035,182 @@ def _spectral_resample(x: torch.Tensor, out: tuple) -> torch.Tensor:
     return torch.fft.irfftn(spec, s=out, dim=axes, norm="forward")
 
 
+# --------------------------------------------------------------------------- factorized weights (TFNO)
+FACTORIZATIONS = ("dense", "tucker", "cp", "tt")
+
+
+def _fraction_rank(kind: str, shape: tuple, rank: float, fixed: list) -> tuple:
+    """Ranks that keep about ``rank`` times the dense tensor's parameters, by the rules tensorly applies to
+    a float rank (so that layers built alike have the same factor shapes and load each other's weights):
+
+    * tucker: ranks c * n_k (at least 1; the ``fixed`` modes keep their full size), where c solves
+      c^N' prod(n) + c (sum over free modes of n_k^2 + sum over fixed modes of n_k^2) = rank prod(n),
+      N' the number of free modes (core plus factors);
+    * cp: round(rank prod(n) / sum(n));
+    * tt: ranks c (n_k + n_{k+1}) / 2 between modes (at least 1), 1 at both ends, where c solves
+      a c^2 + b c = rank prod(n) for the cores' sizes written with those mean widths.
+    Rounding is to the nearest integer, ties to even (numpy's, and Python's ``round``)."""
+    n = list(shape)
+    total = math.prod(n)
+    if kind == "cp":
+        return (int(round(total * rank / sum(n))),)
+    if kind == "tucker":
+        free = [s for i, s in enumerate(n) if i not in fixed]
+        sq = sum(s * s for s in free) + sum(n[i] ** 2 for i in fixed)
+
+        def budget(c):
+            return total * c ** len(free) + sq * c - rank * total
+
+        lo, hi = 0.0, max(rank, 1.0)  # budget(0) < 0 <= budget(hi): bisection to float precision
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if budget(mid) < 0 else (lo, mid)
+        c = (lo + hi) / 2
+        return tuple(s if i in fixed else max(int(round(s * c)), 1) for i, s in enumerate(n))
+    avg = [(n[i] + n[i + 1]) / 2 for i in range(len(n) - 1)]
+    a = sum(avg[i - 1] * n[i] * avg[i] for i in range(1, len(n) - 1)) if len(avg) > 1 else avg[0] ** 2 * n[0]
+    b = n[0] * avg[0] + n[-1] * avg[-1]
+    c = (-b + math.sqrt(b * b + 4 * a * total * rank)) / (2 * a)
+    return (1,) + tuple(max(int(round(d * c)), 1) for d in avg) + (1,)
+
+
+class _Factors(nn.Module):
+    """The factors, as parameters ``factor_0``, ``factor_1``, ... (tltorch's ``FactorList`` names)."""
+
+    def __init__(self, shapes, device, dtype):
+        super().__init__()
+        for i, s in enumerate(shapes):
+            self.register_parameter(f"factor_{i}", nn.Parameter(torch.empty(s, device=device, dtype=dtype)))
+        self.n = len(shapes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return getattr(self, f"factor_{i}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def reset_parameters(self):
+        """Nothing: the factors are drawn by their ``FactorizedWeight`` (one deviation for all of them), which
+        a per-module reset (FSDP's deferred initialisation) reaches as well."""
+
+
+class FactorizedWeight(nn.Module):
+    """A spectral weight [in, out, *modes] held in factored form, as neuraloperator's factorized layers hold it
+    (TFNO: tltorch's tensors), under the same parameter names, so their state dicts load:
+
+    * ``"tucker"``: ``core`` [r_1, ..., r_N] and ``factors.factor_k`` [n_k, r_k];
+    * ``"cp"``: ``weights`` [R] and ``factors.factor_k`` [n_k, R];
+    * ``"tt"``: ``factors.factor_k`` [r_k, n_k, r_{k+1}], r_0 = r_N = 1.
+
+    ``rank``: a float (the fraction of the dense tensor's parameters to keep, ranks chosen as tensorly chooses
+    them), or the ranks themselves (tucker: an int for every mode or N ints; cp: an int; tt: an int between
+    modes or N + 1 ints). ``fixed_rank_modes``: modes a Tucker rank keeps at full size. Every call rebuilds
+    the dense tensor (``to_tensor()``, differentiable: einsum over the factors, [in, out, *modes] values)
+    and the layer's kernels run on it; the factors get their gradients through it."""
+
+    def __init__(self, kind: str, shape, rank=0.5, fixed_rank_modes=None, device=None, dtype=torch.complex64):
+        super().__init__()
+        if kind not in FACTORIZATIONS[1:]:
+            raise ValueError(f"factorization must be one of {list(FACTORIZATIONS)} (or None), got {kind!r}")
+        self.kind, self.shape = kind, tuple(int(s) for s in shape)
+        N = len(self.shape)
+        fixed = sorted(int(m) for m in (fixed_rank_modes or ()))
+        if any(not 0 <= m < N for m in fixed) or (fixed and kind != "tucker"):
+            raise ValueError(f"fixed_rank_modes must be modes of the weight (0 to {N - 1}) and applies to "
+                             f"factorization='tucker' only, got {fixed_rank_modes!r} for {kind!r}")
+        want = {"tucker": N, "cp": 1, "tt": N + 1}[kind]
+        if isinstance(rank, float) and not isinstance(rank, bool):
+            if not 0 < rank:
+                raise ValueError(f"a fractional rank must be positive, got {rank!r}")
+            ranks = _fraction_rank(kind, self.shape, rank, fixed)
+        elif isinstance(rank, int) and not isinstance(rank, bool):
+            ranks = {"tucker": tuple(self.shape[i] if i in fixed else rank for i in range(N)), "cp": (rank,),
+                     "tt": (1,) + (rank,) * (N - 1) + (1,)}[kind]
+        else:
+            ranks = tuple(rank) if isinstance(rank, (tuple, list)) else ()
+            if len(ranks) != want or any(not isinstance(r, int) for r in ranks):
+                ranks = ()
+        if not ranks or len(ranks) != want or any(r < 1 for r in ranks) or (kind == "tt" and (ranks[0], ranks[-1]) != (1, 1)):
+            raise ValueError(f"rank for factorization={kind!r} of a weight of shape {self.shape} must be a positive "
+                             f"float (a fraction of its parameters) or {'an int or ' if kind != 'cp' else ''}"
+                             f"{want} positive int{'s' if want > 1 else ''}"
+                             f"{' starting and ending in 1' if kind == 'tt' else ''}, got {rank!r}")
+        self.rank = ranks if kind != "cp" else ranks[0]
+        if kind == "tucker":
+            self.core = nn.Parameter(torch.empty(ranks, device=device, dtype=dtype))
+            shapes = [(n, r) for n, r in zip(self.shape, ranks)]
+        elif kind == "cp":
+            self.weights = nn.Parameter(torch.empty(ranks[0], device=device, dtype=dtype))
+            shapes = [(n, ranks[0]) for n in self.shape]
+        else:
+            shapes = [(ranks[k], n, ranks[k + 1]) for k, n in enumerate(self.shape)]
+        self.factors = _Factors(shapes, device, dtype)
+        self.init_std = 1.0  # the dense entries' deviation reset_parameters draws (SpectralConv sets its own)
+
+    def reset_parameters(self):
+        """Draw the factors anew: ``normal_(0, init_std)``."""
+        self.normal_(0, self.init_std)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.factors[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.factors[0].device
+
+    @torch.no_grad()
+    def normal_(self, mean: float = 0.0, std: float = 1.0) -> "FactorizedWeight":
+        """Factors drawn so that the dense tensor's entries have standard deviation ``std``: each entry is a sum
+        of prod(r) products of independent draws, so s = (std / sqrt(prod r))^(1 / factors per product).
+        tucker: the core and every factor N(0, s^2), s = (std / prod sqrt(r_k))^(1 / (N + 1)); cp: weights 1,
+        factors s = (std / sqrt(R))^(1 / N) (both tltorch's rules); tt: cores s = (std / prod sqrt(r_k))^(1 / N).
+        (tltorch divides by prod r_k for TT, which leaves the entries std / sqrt(prod r_k): 200x too small for
+        a 32-channel layer at rank 0.5.)"""
+        if mean != 0:
+            raise ValueError(f"only mean=0 is supported, got {mean}")
+        N = len(self.shape)
+        if self.kind == "tucker":
+            s = (std / math.prod(math.sqrt(r) for r in self.rank)) ** (1 / (N + 1))
+            self.core.normal_(0, s)
+        elif self.kind == "cp":
+            s = (std / math.sqrt(self.rank)) ** (1 / N)
+            self.weights.fill_(1)
+        else:
+            s = (std / math.prod(math.sqrt(r) for r in self.rank)) ** (1 / N)
+        for k in range(N):
+            self.factors[k].normal_(0, s)
+        return self
+
+    def to_tensor(self) -> torch.Tensor:
+        """The dense [in, out, *modes] tensor (differentiable in the factors)."""
+        N, letters = len(self.shape), "abcdefgh"
+        idx, rk = letters[:N], "pqrstuvw"[:N]
+        f = [self.factors[k] for k in range(N)]
+        if self.kind == "tucker":
+            return torch.einsum(f"{rk}," + ",".join(f"{i}{r}" for i, r in zip(idx, rk)) + f"->{idx}", self.core, *f)
+        if self.kind == "cp":
+            return torch.einsum("z," + ",".join(f"{i}z" for i in idx) + f"->{idx}", self.weights, *f)
+        t = f[0].reshape(self.shape[0], -1)  # [n_0, r_1]
+        for k in range(1, N):
+            t = (t @ f[k].reshape(f[k].shape[0], -1)).reshape(-1, f[k].shape[-1])
+        return t.reshape(self.shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # tltorch's Complex* tensors store each factor as a real view [..., 2]
+        for name, p in self.named_parameters():
+            key = prefix + name
+            t = state_dict.get(key)
+            if isinstance(t, torch.Tensor) and p.is_complex() and not t.is_complex() and t.shape == p.shape + (2,):
+                state_dict[key] = torch.view_as_complex(t.contiguous())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind!r}, shape={self.shape}, rank={self.rank}"
+
+
 class SpectralConv(nn.Module):
-    """Dense FNO spectral convolution with neuraloperator's ``SpectralConv`` semantics.
+    """FNO spectral convolution with neuraloperator's ``SpectralConv`` semantics, dense or factorized (TFNO).
 
     Args:
         in_channels, out_channels: channel counts.
@@ -1051,9 +1225,17 @@ class SpectralConv(nn.Module):
             size = round(input size * factor) when ``output_shape`` is not given.
         max_n_modes: optional, the weight's mode dims as neuraloperator takes them (the last axis
             already halved); default the modes ``n_modes`` keeps. ``n_modes`` may be set lower later.
+        factorization: None or ``"dense"`` (a complex ``weight`` parameter), or ``"tucker"``, ``"cp"``,
+            ``"tt"`` (case-insensitive): the weight held in factored form (``FactorizedWeight``, TFNO's
+            layers), with ``rank`` (a fraction of the dense parameters, or the ranks) and
+            ``fixed_rank_modes`` (True: the in-channel mode keeps its full Tucker rank, or a list of modes).
+            Each call rebuilds the dense weight from its factors and runs the same kernels.
+        implementation: "reconstructed" or "factorized", accepted for neuraloperator: both compute the same
+            function here (the weight is rebuilt, then mixed densely).
 
     Shapes: x [B, in, *grid] -> y [B, out, *output_shape].
-    Parameters: ``weight`` complex64 [in, out, *max_n_modes], ``bias`` [out, 1, ..., 1].
+    Parameters: ``weight`` complex64 [in, out, *max_n_modes] (or a ``FactorizedWeight`` of that shape),
+    ``bias`` [out, 1, ..., 1].
 
     Fewer modes than the weight holds, as in neuraloperator: ``layer.n_modes = (8, 8)`` (totals, as in the
     constructor; incremental training) uses the weight's centre, and a grid (input or output) too coarse
@@ -1062,13 +1244,13 @@ class SpectralConv(nn.Module):
     of modes is dropped per axis). The functional ``spectral_conv`` instead raises on modes that do not fit.
 
     Works as neuraloperator's ``conv_module`` (``FNO(..., conv_module=SpectralConv)``): it takes the
-    arguments FNO blocks pass (``rank``, ``implementation``, ``fixed_rank_modes``, ``decomposition_kwargs``
-    only shape factorized weights and are ignored; factorized, separable, complex-data or half-precision
-    layers raise) and has their ``transform`` for skip connections.
+    arguments FNO blocks pass (``TFNO``'s factorized weights included; separable, complex-data or
+    half-precision layers raise) and has their ``transform`` for skip connections.
 
     Loading neuraloperator weights: ``SpectralConv.from_neuraloperator(layer)``
     or ``load_state_dict(layer.state_dict())`` -- neuraloperator's dense weight is
-    stored as ``weight.tensor`` (a real view [..., 2]) and is converted.
+    stored as ``weight.tensor`` (a real view [..., 2]) and is converted; factorized weights load under
+    their names (``weight.core``, ``weight.factors.factor_0``, ...) into a layer built alike.
     """
 
     def __init__(self, in_channels: int, out_channels: int, n_modes, *, bias: bool = True, fft_norm: str = "forward",
@@ -1084,16 +1266,24 @@ class SpectralConv(nn.Module):
         if fft_norm not in FFT_NORMS:
             raise ValueError(f"fft_norm must be one of {list(FFT_NORMS)} (torch.fft's norms; neuraloperator's default "
                              f"'forward'), got {fft_norm!r}")
-        # neuraloperator's FNOBlocks passes these to its conv_module; rank, implementation, fixed_rank_modes and
-        # decomposition_kwargs only shape factorized weights, so a dense layer takes and ignores them
+        # neuraloperator's FNOBlocks passes these to its conv_module; rank and fixed_rank_modes only shape
+        # factorized weights (a dense layer ignores them)
         for name, v, want in (("complex_data", complex_data, False), ("separable", separable, False),
                               ("fno_block_precision", fno_block_precision, "full")):
             if v != want:
                 raise ValueError(f"{name}={v!r} is not supported: only dense real-data layers in full precision "
                                  f"({name}={want!r}; run bfloat16 inputs or autocast for 16-bit activations)")
-        if factorization is not None and str(factorization).lower() != "dense":
-            raise ValueError(f"factorization={factorization!r} is not supported: only a dense weight "
-                             f"(factorization=None)")
+        kind = "dense" if factorization is None else str(factorization).lower()
+        if kind not in FACTORIZATIONS:
+            raise ValueError(f"factorization must be None or one of {list(FACTORIZATIONS)} (any case), got "
+                             f"{factorization!r}")
+        if implementation not in ("reconstructed", "factorized"):
+            raise ValueError(f"implementation must be 'reconstructed' or 'factorized', got {implementation!r}")
+        if decomposition_kwargs:
+            raise ValueError(f"decomposition_kwargs are not supported (factors are drawn, not decomposed from a "
+                             f"tensor), got {decomposition_kwargs!r}")
+        if isinstance(fixed_rank_modes, bool):  # neuraloperator's: True keeps the in-channel mode's full rank
+            fixed_rank_modes = [0] if fixed_rank_modes else None
         if not (isinstance(dtype, torch.dtype) and dtype.is_complex):
             raise TypeError(f"dtype must be a complex dtype for the weight, got {dtype!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -1115,7 +1305,13 @@ class SpectralConv(nn.Module):
             resolution_scaling_factor = f
         self.resolution_scaling_factor = resolution_scaling_factor
         self.init_std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else float(init_std)
-        self.weight = nn.Parameter(torch.empty((in_channels, out_channels) + modes, device=device, dtype=dtype))
+        shape = (in_channels, out_channels) + modes
+        if kind == "dense":
+            self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        else:
+            self.weight = FactorizedWeight(kind, shape, rank, fixed_rank_modes, device=device, dtype=dtype)
+            self.weight.init_std = self.init_std
+        self.factorization = None if kind == "dense" else kind
         if bias:
             rdt = torch.float64 if dtype == torch.complex128 else torch.float32
             self.bias = nn.Parameter(torch.empty((out_channels,) + (1,) * self.order, device=device, dtype=rdt))
@@ -1126,7 +1322,8 @@ class SpectralConv(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """neuraloperator's initialisation: weight ~ complex N(0, init_std^2), bias ~ N(0, init_std^2)
-        (for ``to_empty`` after building on the meta device, as FSDP does)."""
+        (for ``to_empty`` after building on the meta device, as FSDP does). A factorized weight's factors
+        are drawn so that its dense tensor's entries have that deviation (``FactorizedWeight.normal_``)."""
         self.weight.normal_(0, self.init_std)
         if self.bias is not None:
             self.bias.normal_(0, self.init_std)
@@ -1136,18 +1333,23 @@ class SpectralConv(nn.Module):
         torch's ``Module.to(<real dtype>)`` would cast the weight to real, dropping its imaginary part,
         ``.double()`` leaves complex tensors at complex64, and ``.to(<complex dtype>)`` makes the bias
         complex. float64 or complex128 give a complex128 weight; float32, 16-bit dtypes or complex64 a
-        complex64 one (16-bit inputs are computed in float32)."""
-        weight, bias = self.weight.data, None if self.bias is None else self.bias.data  # the values before
+        complex64 one (16-bit inputs are computed in float32). A factorized weight's factors alike."""
+        # the values before: the complex weight (or each factor of a factorized one) and the bias
+        weights = {name: p.data for name, p in self.named_parameters() if p.is_complex()}
+        bias = None if self.bias is None else self.bias.data
         with warnings.catch_warnings():  # the imaginary parts torch warns it discards are put back below
             warnings.filterwarnings("ignore", message="Casting complex values to real")
             super()._apply(fn, recurse)
         # what the cast makes of real tensors: float32 and float64 kept as they are for a move (.cuda())
-        to = {fn(torch.zeros(1, device=weight.device, dtype=dt)).dtype for dt in (torch.float32, torch.float64)}
+        probe = next(iter(weights.values()))
+        to = {fn(torch.zeros(1, device=probe.device, dtype=dt)).dtype for dt in (torch.float32, torch.float64)}
         if to != {torch.float32, torch.float64} and len(to) == 1:
             to = to.pop()
             cdt = torch.complex128 if to in (torch.float64, torch.complex128) else torch.complex64
-            if self.weight.dtype != cdt:
-                self.weight.data = weight.to(device=self.weight.device, dtype=cdt)
+            params = dict(self.named_parameters())
+            for name, before in weights.items():
+                if params[name].dtype != cdt:
+                    params[name].data = before.to(device=params[name].device, dtype=cdt)
             if bias is not None and self.bias.is_complex():
                 rdt = torch.float64 if cdt == torch.complex128 else torch.float32
                 self.bias.data = bias.to(device=self.bias.device, dtype=rdt)
@@ -1186,10 +1388,14 @@ class SpectralConv(nn.Module):
         """The weight's mode dims (last axis: half spectrum)."""
         return tuple(self.weight.shape[2:])
 
-    def _weight_for(self, grid, out_grid) -> torch.Tensor:
-        """The weight's centre that this call uses: ``n_modes`` per axis, fewer where the input or the output
-        grid cannot hold them (frequencies -k//2 .. k - k//2 - 1 on the first axes, 0 .. k - 1 on the last)."""
-        w = self.weight
+    def dense_weight(self) -> torch.Tensor:
+        """The complex weight [in, out, *max_n_modes]: the parameter itself, or a factorized weight rebuilt."""
+        return self.weight if self.factorization is None else self.weight.to_tensor()
+
+    def _weight_for(self, w, grid, out_grid) -> torch.Tensor:
+        """The centre of the weight ``w`` that this call uses: ``n_modes`` per axis, fewer where the input or the
+        output grid cannot hold them (frequencies -k//2 .. k - k//2 - 1 on the first axes, 0 .. k - 1 on the
+        last)."""
         for ax, (m, k) in enumerate(zip(self.max_n_modes, self._n_modes)):
             last = ax == self.order - 1
             for g in (grid, out_grid):
@@ -1213,7 +1419,8 @@ class SpectralConv(nn.Module):
         grid = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) else ()
         output_shape = self._output_shape(grid, output_shape)
         out_grid = grid if output_shape is None else tuple(int(n) for n in output_shape)
-        weight = self._weight_for(grid, out_grid) if len(grid) == self.order else self.weight
+        weight = self.dense_weight()
+        weight = self._weight_for(weight, grid, out_grid) if len(grid) == self.order else weight
         p = _check(x, weight, self.bias, output_shape, self.order)
         return _call(p, x, weight, self.bias, self.fft_norm)
 
@@ -1235,6 +1442,7 @@ class SpectralConv(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self._n_modes == self.max_n_modes else f", max_n_modes={self.max_n_modes}"
         extra += "" if self.fft_norm == "forward" else f", fft_norm={self.fft_norm!r}"
+        extra += "" if self.factorization is None else f", factorization={self.factorization!r}, rank={self.weight.rank}"
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, n_modes={self.n_modes}"
                 f"{extra}, bias={self.bias is not None}")
 
@@ -1249,21 +1457,31 @@ class SpectralConv(nn.Module):
 
     @classmethod
     def from_neuraloperator(cls, layer) -> "SpectralConv":
-        """Build from a neuraloperator dense ``SpectralConv`` (2D/1D/3D, real data, not separable)."""
+        """Build from a neuraloperator ``SpectralConv`` (1D/2D/3D, real data, not separable): a dense weight is
+        copied; a Tucker, CP or TT one (TFNO) keeps its factors, and any other factored form is rebuilt dense."""
         if getattr(layer, "separable", False) or getattr(layer, "complex_data", False):
             raise ValueError("only dense, non-separable, real-data neuraloperator SpectralConv layers convert")
         w = layer.weight
-        w = w if isinstance(w, torch.Tensor) else w.to_tensor()
-        modes = list(w.shape[2:])
+        kind = {"TuckerTensor": "tucker", "CPTensor": "cp", "TTTensor": "tt", "ComplexTuckerTensor": "tucker",
+                "ComplexCPTensor": "cp", "ComplexTTTensor": "tt"}.get(type(w).__name__)
+        dense = w if isinstance(w, torch.Tensor) else None if kind else w.to_tensor()
+        ref = dense if dense is not None else w.factors[0]
+        shape = tuple(int(n) for n in (dense.shape if dense is not None else w.shape))
+        modes = list(shape[2:])
         n_modes = modes[:-1] + [2 * (modes[-1] - 1)]
-        out = cls(int(w.shape[0]), int(w.shape[1]), n_modes, bias=layer.bias is not None, device=w.device,
-                  dtype=w.dtype, resolution_scaling_factor=getattr(layer, "resolution_scaling_factor", None),
-                  fft_norm=getattr(layer, "fft_norm", "forward"))
+        rank = 0.5 if kind is None else w.rank if isinstance(w.rank, int) else tuple(int(r) for r in w.rank)
+        cdt = ref.dtype if ref.is_complex() else torch.complex64
+        out = cls(shape[0], shape[1], n_modes, bias=layer.bias is not None, device=ref.device,
+                  dtype=cdt, resolution_scaling_factor=getattr(layer, "resolution_scaling_factor", None),
+                  fft_norm=getattr(layer, "fft_norm", "forward"), factorization=kind, rank=rank)
         kept = [int(m) for m in getattr(layer, "n_modes", modes)]
         if len(kept) == len(modes) and all(1 <= k <= m for k, m in zip(kept, modes)):
             out._n_modes = kept  # neuraloperator reports the modes it keeps with the last axis halved already
         with torch.no_grad():
-            out.weight.copy_(w.detach())
+            if kind is None:
+                out.weight.copy_(dense.detach())
+            else:
+                out.weight.load_state_dict(w.state_dict())
             if layer.bias is not None:
                 out.bias.copy_(layer.bias.detach())
         return out

@@ -322,7 +322,16 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
     (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), fft_norm=None),
      ValueError, "fft_norm must be one of"),
     (lambda: SpectralConv(3, 3, 4, separable=True), ValueError, "separable"),
-    (lambda: SpectralConv(3, 2, 4, factorization="tucker"), ValueError, "factorization"),
+    (lambda: SpectralConv(3, 2, 4, factorization="tensor-train"), ValueError,
+     r"factorization must be None or one of \['dense', 'tucker', 'cp', 'tt'\]"),
+    (lambda: SpectralConv(3, 2, 4, factorization="cp", rank=(2, 3)), ValueError, "rank for factorization='cp'"),
+    (lambda: SpectralConv(3, 2, (4, 4), factorization="tt", rank=(2, 2, 2, 2, 1)), ValueError, "ending in 1"),
+    (lambda: SpectralConv(3, 2, (4, 4), factorization="tucker", rank=-0.5), ValueError, "must be positive"),
+    (lambda: SpectralConv(3, 2, 4, factorization="cp", fixed_rank_modes=True), ValueError, "tucker' only"),
+    (lambda: SpectralConv(3, 2, 4, factorization="tucker", fixed_rank_modes=[3]), ValueError, "modes of the weight"),
+    (lambda: SpectralConv(3, 2, 4, factorization="tucker", decomposition_kwargs={"init": "svd"}), ValueError,
+     "decomposition_kwargs"),
+    (lambda: SpectralConv(3, 2, 4, implementation="fused"), ValueError, "implementation"),
     (lambda: SpectralConv(3, 2, 4, complex_data=True), ValueError, "complex_data"),
     (lambda: SpectralConv(3, 2, 4, fno_block_precision="mixed"), ValueError, "fno_block_precision"),
     (lambda: SpectralConv(3, 2, 4, False), TypeError, "positional"),
@@ -554,6 +563,113 @@ def test_module_casts_keep_the_weight_complex(cast):
     assert got.dtype == bdt
     tol = 1e-2 if bdt in (torch.float16, torch.bfloat16) else 1e-5
     assert (got.double() - want.double()).abs().max() <= tol * want.abs().max()
+
+
+def _tucker(core, factors):
+    t = core
+    for k, u in enumerate(factors):  # mode-k product: t x_k u
+        t = torch.movedim(torch.tensordot(u, torch.movedim(t, k, 0), dims=([1], [0])), 0, k)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["tucker", "cp", "tt"])
+def test_factorized_weights(kind):
+    """TFNO's weights: the dense tensor rebuilt from the factors (against mode products, sums of outer
+    products, a chain of cores), the layer equal to the functional op on it for either backend and the
+    factors' gradients to autograd through that; ranks as given; the initial entries' deviation near
+    init_std; casts keep the factors complex; tltorch's real-view factors load."""
+    torch.manual_seed(0)
+    rank = {"tucker": (2, 3, 4, 3), "cp": 5, "tt": (1, 2, 3, 3, 1)}[kind]
+    layer = SpectralConv(3, 4, (8, 6), factorization=kind, rank=rank).double()
+    fw = layer.weight
+    assert fw.shape == (3, 4, 8, 4) and fw.rank == rank and fw.dtype == torch.complex128
+    assert layer.bias.dtype == torch.float64 and "factorization" in repr(layer)
+    f = [fw.factors[k] for k in range(4)]
+    want = {"tucker": lambda: _tucker(fw.core, f),
+            "cp": lambda: torch.einsum("r,ir,jr,kr,lr->ijkl", fw.weights, *f),
+            "tt": lambda: torch.einsum("aib,bjc,ckd,dle->ijkl", *f)}[kind]()
+    torch.testing.assert_close(fw.to_tensor(), want)
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            xs = x if backend == "torch" else x.float()
+            lay = layer if backend == "torch" else layer.float()
+            y = lay(xs)
+            w = lay.weight.to_tensor()
+            assert_close(y.detach(), ref.spectral_conv(x.numpy(), w.detach().cdouble().numpy(),
+                                                          lay.bias.detach().double().numpy().ravel()),
+                         xs.dtype, 3, f"{kind} {backend}")
+            g = torch.randn(y.shape, dtype=y.dtype)
+            params = [p for _, p in lay.weight.named_parameters()]
+            got = torch.autograd.grad((y * g).sum(), params)
+            want = torch.autograd.grad((spectral_conv2d(xs, lay.weight.to_tensor(), lay.bias) * g).sum(), params)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
+    layer = layer.double()
+    assert layer.weight.dtype == torch.complex128 and layer.float().weight.dtype == torch.complex64
+    layer = layer.double()
+    big = SpectralConv(32, 32, (16, 16), factorization=kind, rank=0.5)
+    std = big.weight.to_tensor().abs().pow(2).mean().sqrt().item()
+    assert 0.5 * big.init_std < std < 2 * big.init_std, (std, big.init_std)
+    sd = {k: torch.view_as_real(v) for k, v in layer.state_dict().items() if v.is_complex()}
+    sd["bias"] = layer.bias.detach().clone()
+    other = SpectralConv(3, 4, (8, 6), factorization=kind, rank=rank).double()
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other(x), layer(x))
+
+
+def test_factorized_fractional_ranks():
+    """A float rank keeps about that fraction of the dense parameters, by tensorly's rules (hand-checked
+    shapes), fixed_rank_modes=True keeping the in-channel mode's full Tucker rank."""
+    def ranks(kind, rank, fixed=False, n_modes=(8, 8)):
+        return SpectralConv(3, 5, n_modes, factorization=kind, rank=rank, fixed_rank_modes=fixed).weight.rank
+    assert ranks("tucker", 0.5) == (2, 4, 6, 4)
+    assert ranks("cp", 0.5) == 14  # round(0.5 * 600 / 21)
+    assert ranks("tt", 0.5) == (1, 3, 5, 5, 1)
+    assert ranks("tucker", 0.1, True, (8, 6)) == (3, 2, 2, 1)
+    assert ranks("tucker", 3, True) == (3, 3, 3, 3) and ranks("tt", 2) == (1, 2, 2, 2, 1)
+    for kind in ("tucker", "cp", "tt"):
+        w = SpectralConv(16, 16, (12, 12), factorization=kind, rank=0.3).weight
+        n = sum(p.numel() for p in w.parameters())
+        assert 0.2 < n / (16 * 16 * 12 * 7) < 0.4, (kind, n)
+
+
+def test_factorized_weights_match_neuraloperator():
+    """neuraloperator's factorized layers (TFNO): the same parameter names and shapes for fractional ranks
+    and fixed_rank_modes, their state dicts load, the same outputs and factor gradients; from_neuraloperator
+    keeps the factors; TFNO(..., conv_module=SpectralConv) loads a stock TFNO and agrees, also with fewer
+    modes (needs neuraloperator importable)."""
+    nop = pytest.importorskip("neuralop.layers.spectral_convolution")
+    models = pytest.importorskip("neuralop.models")
+    torch.manual_seed(0)
+    for kind in ("tucker", "cp", "tt"):
+        for n_modes, grid, rank, fixed in (((8, 8), (16, 16), 0.5, False), ((12,), (20,), 0.42, False),
+                                           ((6, 6, 6), (8, 8, 8), 1.0, True), ((8, 6), (16, 12), 0.1, True)):
+            fixed = fixed and kind == "tucker"
+            theirs = nop.SpectralConv(3, 5, n_modes, factorization=kind, rank=rank, fixed_rank_modes=fixed)
+            ours = SpectralConv(3, 5, n_modes, factorization=kind, rank=rank, fixed_rank_modes=fixed)
+            assert ({k: tuple(v.shape) for k, v in ours.state_dict().items()}
+                    == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}), (kind, n_modes, rank)
+            ours.load_state_dict(theirs.state_dict())
+            converted = SpectralConv.from_neuraloperator(theirs)
+            assert converted.factorization == kind
+            x = torch.randn(2, 3, *grid)
+            g = torch.randn(2, 5, *grid)
+            for mine in (ours, converted):
+                torch.testing.assert_close(mine(x), theirs(x), rtol=1e-4, atol=1e-5)
+            (ours(x) * g).sum().backward()
+            (theirs(x) * g).sum().backward()
+            for name, p in theirs.weight.named_parameters():
+                torch.testing.assert_close(dict(ours.weight.named_parameters())[name].grad, p.grad,
+                                           rtol=1e-4, atol=1e-5)
+    kw = dict(n_modes=(8, 8), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2, rank=0.3)
+    theirs, ours = models.TFNO(**kw), models.TFNO(**kw, conv_module=SpectralConv)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 2, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    theirs.fno_blocks.n_modes = (4, 4)
+    ours.fno_blocks.n_modes = (4, 4)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
 def test_module_loads_neuraloperator_shaped_state_dict():
