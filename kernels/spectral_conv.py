@@ -1341,8 +1341,9 @@ class SpectralConv(nn.Module):
             warnings.filterwarnings("ignore", message="Casting complex values to real")
             super()._apply(fn, recurse)
         # what the cast makes of real tensors: float32 and float64 kept as they are for a move (.cuda())
-        probe = next(iter(weights.values()))
-        to = {fn(torch.zeros(1, device=probe.device, dtype=dt)).dtype for dt in (torch.float32, torch.float64)}
+        probe = next(iter(weights.values()), None)
+        to = set() if probe is None else {fn(torch.zeros(1, device=probe.device, dtype=dt)).dtype
+                                          for dt in (torch.float32, torch.float64)}
         if to != {torch.float32, torch.float64} and len(to) == 1:
             to = to.pop()
             cdt = torch.complex128 if to in (torch.float64, torch.complex128) else torch.complex64
