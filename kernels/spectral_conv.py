@@ -1095,7 +1095,8 @@ class _Factors(nn.Module):
 
 
 class FactorizedWeight(nn.Module):
-    """A spectral weight [in, out, *modes] held in factored form, as neuraloperator's factorized layers hold it
+    """A spectral weight (a layer's [in, out, *modes], or [C, *modes] when separable) held in factored form, as
+    neuraloperator's factorized layers hold it
     (TFNO: tltorch's tensors), under the same parameter names, so their state dicts load:
 
     * ``"tucker"``: ``core`` [r_1, ..., r_N] and ``factors.factor_k`` [n_k, r_k];
@@ -1183,7 +1184,7 @@ class FactorizedWeight(nn.Module):
         return self
 
     def to_tensor(self) -> torch.Tensor:
-        """The dense [in, out, *modes] tensor (differentiable in the factors)."""
+        """The dense tensor of ``shape`` (differentiable in the factors)."""
         N, letters = len(self.shape), "abcdefgh"
         idx, rk = letters[:N], "pqrstuvw"[:N]
         f = [self.factors[k] for k in range(N)]
@@ -1232,6 +1233,9 @@ class SpectralConv(nn.Module):
             Each call rebuilds the dense weight from its factors and runs the same kernels.
         implementation: "reconstructed" or "factorized", accepted for neuraloperator: both compute the same
             function here (the weight is rebuilt, then mixed densely).
+        separable: a weight [C, *max_n_modes] that multiplies each channel's modes by its own (in_channels ==
+            out_channels = C), neuraloperator's separable layer: mixed as the [C, C, *modes] weight with it on
+            the diagonal (``dense_weight()``), by the same kernels.
 
     Shapes: x [B, in, *grid] -> y [B, out, *output_shape].
     Parameters: ``weight`` complex64 [in, out, *max_n_modes] (or a ``FactorizedWeight`` of that shape),
@@ -1244,7 +1248,7 @@ class SpectralConv(nn.Module):
     of modes is dropped per axis). The functional ``spectral_conv`` instead raises on modes that do not fit.
 
     Works as neuraloperator's ``conv_module`` (``FNO(..., conv_module=SpectralConv)``): it takes the
-    arguments FNO blocks pass (``TFNO``'s factorized weights included; separable, complex-data or
+    arguments FNO blocks pass (``TFNO``'s factorized weights and separable layers included; complex-data or
     half-precision layers raise) and has their ``transform`` for skip connections.
 
     Loading neuraloperator weights: ``SpectralConv.from_neuraloperator(layer)``
@@ -1268,11 +1272,14 @@ class SpectralConv(nn.Module):
                              f"'forward'), got {fft_norm!r}")
         # neuraloperator's FNOBlocks passes these to its conv_module; rank and fixed_rank_modes only shape
         # factorized weights (a dense layer ignores them)
-        for name, v, want in (("complex_data", complex_data, False), ("separable", separable, False),
+        for name, v, want in (("complex_data", complex_data, False),
                               ("fno_block_precision", fno_block_precision, "full")):
             if v != want:
-                raise ValueError(f"{name}={v!r} is not supported: only dense real-data layers in full precision "
+                raise ValueError(f"{name}={v!r} is not supported: only real-data layers in full precision "
                                  f"({name}={want!r}; run bfloat16 inputs or autocast for 16-bit activations)")
+        if separable and in_channels != out_channels:
+            raise ValueError(f"separable=True mixes each channel with itself: in_channels must equal out_channels, "
+                             f"got {in_channels} and {out_channels}")
         kind = "dense" if factorization is None else str(factorization).lower()
         if kind not in FACTORIZATIONS:
             raise ValueError(f"factorization must be None or one of {list(FACTORIZATIONS)} (any case), got "
@@ -1305,7 +1312,8 @@ class SpectralConv(nn.Module):
             resolution_scaling_factor = f
         self.resolution_scaling_factor = resolution_scaling_factor
         self.init_std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else float(init_std)
-        shape = (in_channels, out_channels) + modes
+        self.separable = bool(separable)
+        shape = ((in_channels,) if separable else (in_channels, out_channels)) + modes
         if kind == "dense":
             self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         else:
@@ -1382,16 +1390,18 @@ class SpectralConv(nn.Module):
     @property
     def max_n_modes(self) -> list:
         """The weight's mode dims (the last axis halved)."""
-        return list(self.weight.shape[2:])
+        return list(self.weight.shape[1 if self.separable else 2:])
 
     @property
     def modes(self) -> tuple:
         """The weight's mode dims (last axis: half spectrum)."""
-        return tuple(self.weight.shape[2:])
+        return tuple(self.max_n_modes)
 
     def dense_weight(self) -> torch.Tensor:
-        """The complex weight [in, out, *max_n_modes]: the parameter itself, or a factorized weight rebuilt."""
-        return self.weight if self.factorization is None else self.weight.to_tensor()
+        """The complex weight [in, out, *max_n_modes]: the parameter itself, or a factorized weight rebuilt;
+        a separable layer's [C, *modes] weight on the diagonal of a [C, C, *modes] one."""
+        w = self.weight if self.factorization is None else self.weight.to_tensor()
+        return torch.diag_embed(w.movedim(0, -1), dim1=0, dim2=1) if self.separable else w
 
     def _weight_for(self, w, grid, out_grid) -> torch.Tensor:
         """The centre of the weight ``w`` that this call uses: ``n_modes`` per axis, fewer where the input or the
@@ -1444,6 +1454,7 @@ class SpectralConv(nn.Module):
         extra = "" if self._n_modes == self.max_n_modes else f", max_n_modes={self.max_n_modes}"
         extra += "" if self.fft_norm == "forward" else f", fft_norm={self.fft_norm!r}"
         extra += "" if self.factorization is None else f", factorization={self.factorization!r}, rank={self.weight.rank}"
+        extra += ", separable=True" if self.separable else ""
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, n_modes={self.n_modes}"
                 f"{extra}, bias={self.bias is not None}")
 
@@ -1458,21 +1469,23 @@ class SpectralConv(nn.Module):
 
     @classmethod
     def from_neuraloperator(cls, layer) -> "SpectralConv":
-        """Build from a neuraloperator ``SpectralConv`` (1D/2D/3D, real data, not separable): a dense weight is
-        copied; a Tucker, CP or TT one (TFNO) keeps its factors, and any other factored form is rebuilt dense."""
-        if getattr(layer, "separable", False) or getattr(layer, "complex_data", False):
-            raise ValueError("only dense, non-separable, real-data neuraloperator SpectralConv layers convert")
+        """Build from a neuraloperator ``SpectralConv`` (1D/2D/3D, real data, separable or not): a dense weight
+        is copied; a Tucker, CP or TT one (TFNO) keeps its factors, and any other factored form is rebuilt dense."""
+        if getattr(layer, "complex_data", False):
+            raise ValueError("only real-data neuraloperator SpectralConv layers convert (complex_data=False)")
+        separable = bool(getattr(layer, "separable", False))
         w = layer.weight
         kind = {"TuckerTensor": "tucker", "CPTensor": "cp", "TTTensor": "tt", "ComplexTuckerTensor": "tucker",
                 "ComplexCPTensor": "cp", "ComplexTTTensor": "tt"}.get(type(w).__name__)
         dense = w if isinstance(w, torch.Tensor) else None if kind else w.to_tensor()
         ref = dense if dense is not None else w.factors[0]
         shape = tuple(int(n) for n in (dense.shape if dense is not None else w.shape))
-        modes = list(shape[2:])
+        modes = list(shape[1 if separable else 2:])
         n_modes = modes[:-1] + [2 * (modes[-1] - 1)]
         rank = 0.5 if kind is None else w.rank if isinstance(w.rank, int) else tuple(int(r) for r in w.rank)
         cdt = ref.dtype if ref.is_complex() else torch.complex64
-        out = cls(shape[0], shape[1], n_modes, bias=layer.bias is not None, device=ref.device,
+        out = cls(shape[0], shape[0 if separable else 1], n_modes, bias=layer.bias is not None, device=ref.device,
+                  separable=separable,
                   dtype=cdt, resolution_scaling_factor=getattr(layer, "resolution_scaling_factor", None),
                   fft_norm=getattr(layer, "fft_norm", "forward"), factorization=kind, rank=rank)
         kept = [int(m) for m in getattr(layer, "n_modes", modes)]

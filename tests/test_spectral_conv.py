@@ -314,14 +314,14 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
     (lambda: SpectralConv(3, 2, 4, dtype=torch.float32), TypeError, "dtype must be a complex dtype"),
     (lambda: SpectralConv(3, 2, (4, 4), resolution_scaling_factor=(2.0, -1.0)), ValueError,
      "resolution_scaling_factor must be positive"),
-    (lambda: SpectralConv.from_neuraloperator(types.SimpleNamespace(separable=True)), ValueError,
-     "only dense, non-separable"),
+    (lambda: SpectralConv.from_neuraloperator(types.SimpleNamespace(complex_data=True)), ValueError,
+     "only real-data neuraloperator SpectralConv layers convert"),
     (lambda: SpectralConv(3, 2, [4, 4, 4, 4]), ValueError, "n_modes"),
     (lambda: SpectralConv(0, 2, 4), ValueError, "in_channels"),
     (lambda: SpectralConv(3, 2, 4, fft_norm="none"), ValueError, "fft_norm must be one of"),
     (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), fft_norm=None),
      ValueError, "fft_norm must be one of"),
-    (lambda: SpectralConv(3, 3, 4, separable=True), ValueError, "separable"),
+    (lambda: SpectralConv(3, 2, 4, separable=True), ValueError, "in_channels must equal out_channels"),
     (lambda: SpectralConv(3, 2, 4, factorization="tensor-train"), ValueError,
      r"factorization must be None or one of \['dense', 'tucker', 'cp', 'tt'\]"),
     (lambda: SpectralConv(3, 2, 4, factorization="cp", rank=(2, 3)), ValueError, "rank for factorization='cp'"),
@@ -616,6 +616,59 @@ def test_factorized_weights(kind):
     other = SpectralConv(3, 4, (8, 6), factorization=kind, rank=rank).double()
     other.load_state_dict(sd)
     torch.testing.assert_close(other(x), layer(x))
+
+
+@pytest.mark.parametrize("factorization", [None, "cp"])
+def test_separable_layer_is_the_diagonal_dense_one(factorization):
+    """separable=True: a weight [C, *modes] multiplying each channel's modes by its own, the same as a dense
+    layer with that weight on the diagonal of [C, C, *modes] (both backends, forward and gradients: the
+    diagonal's gradient is the separable weight's)."""
+    torch.manual_seed(0)
+    sep = SpectralConv(3, 3, (6, 8), separable=True, factorization=factorization, rank=4)
+    assert sep.max_n_modes == [6, 5] and "separable=True" in repr(sep)
+    w = sep.weight if factorization is None else sep.weight.to_tensor()
+    assert w.shape == (3, 6, 5)
+    dense = SpectralConv(3, 3, (6, 8))
+    with torch.no_grad():
+        dense.weight.zero_()
+        for c in range(3):
+            dense.weight[c, c] = w[c]
+        dense.bias.copy_(sep.bias)
+    x = torch.randn(2, 3, 13, 10)
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            y = sep(x, output_shape=(15, 12))
+            torch.testing.assert_close(y, dense(x, output_shape=(15, 12)), rtol=1e-5, atol=1e-6)
+            g = torch.randn_like(y)
+            (gs,) = torch.autograd.grad((y * g).sum(), [w] if factorization is None else [sep.weight.factors[0]])
+            (gd,) = torch.autograd.grad((dense(x, output_shape=(15, 12)) * g).sum(), dense.weight)
+            if factorization is None:
+                torch.testing.assert_close(gs, torch.stack([gd[c, c] for c in range(3)]), rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.isfinite(torch.view_as_real(gs)).all() and gs.abs().max() > 0
+
+
+@pytest.mark.filterwarnings("ignore:Determining the tt-rank")  # tensorly's, for neuraloperator's 1D TT layer
+def test_separable_layers_match_neuraloperator():
+    """neuraloperator's separable layers, dense and factorized: the same parameter shapes, their state dicts
+    load, the same outputs; from_neuraloperator converts them; FNO(separable=True, conv_module=SpectralConv)
+    loads a stock one and agrees (needs neuraloperator importable)."""
+    nop = pytest.importorskip("neuralop.layers.spectral_convolution")
+    models = pytest.importorskip("neuralop.models")
+    torch.manual_seed(0)
+    for fac in (None, "tucker", "tt"):
+        for n_modes, grid in (((8, 8), (16, 16)), ((12,), (20,))):
+            theirs = nop.SpectralConv(4, 4, n_modes, separable=True, factorization=fac, rank=0.5)
+            ours = SpectralConv(4, 4, n_modes, separable=True, factorization=fac, rank=0.5)
+            ours.load_state_dict(theirs.state_dict())
+            x = torch.randn(2, 4, *grid)
+            for mine in (ours, SpectralConv.from_neuraloperator(theirs)):
+                torch.testing.assert_close(mine(x), theirs(x), rtol=1e-4, atol=1e-5)
+    kw = dict(n_modes=(8, 8), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2, separable=True)
+    theirs, ours = models.FNO(**kw), models.FNO(**kw, conv_module=SpectralConv)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 2, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
 def test_factorized_fractional_ranks():
