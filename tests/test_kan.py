@@ -315,6 +315,36 @@ def test_uniform_knots_every_order(backend, order):
     assert_close(w.grad, dw, torch.float32, 23, f"order {order} grad weight")
 
 
+@pytest.mark.parametrize("per_k", [True, False], ids=["dw-per-k", "dw-tile"])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "nonuniform"])
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_fused_bspline_every_order_knots_and_grad_w_kernel(order, uniform, per_k, monkeypatch):
+    """The fused kernels' B-spline forms at every order they take: cardinal polynomials on uniform knots,
+    the search and local de Boor triangle (values and derivatives) on others, in the forward, grad x and
+    both grad W kernels (the tile one evaluates the whole basis tile); inputs inside and outside."""
+    from opforge.kernels import kan as kan_mod
+
+    monkeypatch.setattr(kan_mod, "_dw_per_k", lambda p, cfg: per_k)
+    torch.manual_seed(10 * order + uniform)
+    I, O, G, B = 5, 3, 3, 17
+    n = G + 2 * order + 1
+    if uniform:
+        grid = (torch.arange(-order, G + order + 1) * 0.5 - 0.75).repeat(I, 1)
+    else:
+        grid = torch.sort(torch.rand(I, n) * 3 - 1.5, dim=1).values + torch.arange(n) * 2e-2
+    w = torch.randn(O, I, G + order, requires_grad=True)
+    x = (torch.rand(B, I) * 4 - 2).requires_grad_(True)
+    g = torch.randn(B, O, dtype=torch.float64)
+    with use_backend("triton"):
+        y = kan_linear(x, w, "bspline", grid=grid, spline_order=order)
+        (y * g.float()).sum().backward()
+    args = dict(grid=npf(grid), order=order)
+    assert_close(y, ref.kan_linear(npf(x), npf(w), "bspline", **args), torch.float32, I * (G + order), "forward")
+    dx, dw, _ = ref.kan_linear_vjp(npf(x), npf(w), "bspline", g.numpy(), **args)
+    assert_close(x.grad, dx, torch.float32, O * (G + order), "grad x")
+    assert_close(w.grad, dw, torch.float32, B, "grad weight")
+
+
 def test_fused_bfloat16_and_leading_dims():
     layer = KANLinear(6, 4, grid_size=4)
     x = torch.rand(2, 5, 6) * 2 - 1
