@@ -108,12 +108,21 @@ def test_grad_w_kernel_choice():
     assert not per_k("rbf", 32) and not per_k("fourier", 32)
 
 
+@pytest.mark.parametrize("per_k", [True, False], ids=["dw-per-k", "dw-tile"])
 @pytest.mark.parametrize("case", [c for c in SMALL if c.params["basis"] == "bspline"],
                          ids=lambda c: c.name)
-def test_fused_in_kernel_base_path(case, monkeypatch):
-    """The base path inside the kernels (off by default: wrong compiled on an H100, see kernels/kan.py)."""
+def test_fused_in_kernel_base_path(case, per_k, monkeypatch):
+    """The base path inside the kernels (off by default: wrong compiled on an H100, see kernels/kan.py),
+    its weight's gradient summed by either grad-W kernel (the tile one also with 16-feature blocks, where
+    it takes a dot product rather than a sum)."""
+    from opforge.kernels import kan as kan_mod
+
     monkeypatch.setenv("OPFORGE_KAN_FUSED_BASE", "1")
+    monkeypatch.setattr(kan_mod, "_dw_per_k", lambda p, cfg: per_k)
     check("fused", case)
+    if not per_k:
+        p, _ = OP.make_inputs(case, "cpu", torch.float32)
+        check("fused", case, config=dict(OP.variants["fused"].default_config(p), BLOCK_I=16))
 
 
 @pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
