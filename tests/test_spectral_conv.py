@@ -42,6 +42,18 @@ def check_variant(variant, case, dtype):
     assert_close(b.grad, db, dtype, red_w, f"{variant} grad bias")
 
 
+@pytest.mark.parametrize("variant", TRITON)
+def test_triton_variants_with_many_last_axis_modes(variant):
+    """More than 32 kept modes on the last axis (over 64 interleaved columns): dft_gemm's last-axis
+    stages take 128-column tiles there and halve their rows to keep the accumulators in registers; the
+    mixing kernels meet a padded width past one tile. Odd grid, resolution change."""
+    from opforge.kernels._registry import Case
+
+    case = Case("wide-last-axis", {"batch": 1, "cin": 2, "cout": 3, "grid": (5, 83), "modes": (3, 40),
+                                   "out_grid": (6, 81)}, ())
+    check_variant(variant, case, torch.float32)
+
+
 @pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
 def test_torch_variant_float64_matches_reference(case):
     check_variant("torch", case, torch.float64)
