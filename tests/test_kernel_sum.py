@@ -132,6 +132,19 @@ def test_torch_backward_for_any_subset_of_inputs(wants, monkeypatch):
         torch.testing.assert_close(a, w)
 
 
+def test_flash_says_why_it_cannot_run():
+    """Calls past the flash kernel's limits name the limit when Triton is asked for (auto takes torch)."""
+    for shape_x, shape_b, dtype, match in (((4, 257), (5, 1), torch.float32, "D <= 256, got 257"),
+                                            ((4, 3), (5, 129), torch.float32, "R <= 128"),
+                                            ((4, 3), (5, 1), torch.float64, "float64 runs on torch")):
+        x = torch.randn(shape_x, dtype=dtype)
+        y = torch.randn(5, shape_x[1], dtype=dtype)
+        b = torch.randn(shape_b, dtype=dtype)
+        with use_backend("triton"), pytest.raises(ValueError, match=match):
+            kernel_matvec(x, y, b)
+        assert kernel_matvec(x, y, b).shape == (4, shape_b[1])
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_edge_sizes_d129_and_tiny(backend):
     with use_backend(backend):
