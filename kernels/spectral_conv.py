@@ -1095,9 +1095,9 @@ class _Factors(nn.Module):
 
 
 class FactorizedWeight(nn.Module):
-    """A spectral weight (a layer's [in, out, *modes], or [C, *modes] when separable) held in factored form, as
-    neuraloperator's factorized layers hold it
-    (TFNO: tltorch's tensors), under the same parameter names, so their state dicts load:
+    """A spectral weight (a layer's [in, out, *modes], or [C, *modes] when separable) held in factored form,
+    as neuraloperator's factorized layers (TFNO: tltorch's tensors) hold it, under the same parameter names,
+    so their state dicts load:
 
     * ``"tucker"``: ``core`` [r_1, ..., r_N] and ``factors.factor_k`` [n_k, r_k];
     * ``"cp"``: ``weights`` [R] and ``factors.factor_k`` [n_k, R];
