@@ -969,9 +969,14 @@ def _normed(weight: torch.Tensor, p: Problem, fft_norm: str) -> torch.Tensor:
     return weight * (ratio if fft_norm == "backward" else ratio ** 0.5)
 
 
-def _call(p: Problem, x, weight, bias, fft_norm: str = "forward"):
+def _check_fft_norm(fft_norm) -> None:
     if fft_norm not in FFT_NORMS:
-        raise ValueError(f"fft_norm must be one of {list(FFT_NORMS)}, got {fft_norm!r}")
+        raise ValueError(f"fft_norm must be one of {list(FFT_NORMS)} (torch.fft's norms; neuraloperator's default "
+                         f"'forward'), got {fft_norm!r}")
+
+
+def _call(p: Problem, x, weight, bias, fft_norm: str = "forward"):
+    _check_fft_norm(fft_norm)
     if traced(x, weight, bias):  # torch.compile / torch.export: one graph node (kernels/_graph_op.py)
         # (the norm's scaling inside it: inductor generates no code for complex arithmetic, and warns)
         return _GRAPH_OP(x, weight, bias, list(p.out_grid), p.d, fft_norm)
@@ -1267,9 +1272,7 @@ class SpectralConv(nn.Module):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         kept = self._kept_modes(n_modes, None)
-        if fft_norm not in FFT_NORMS:
-            raise ValueError(f"fft_norm must be one of {list(FFT_NORMS)} (torch.fft's norms; neuraloperator's default "
-                             f"'forward'), got {fft_norm!r}")
+        _check_fft_norm(fft_norm)
         # neuraloperator's FNOBlocks passes these to its conv_module; rank and fixed_rank_modes only shape
         # factorized weights (a dense layer ignores them)
         for name, v, want in (("complex_data", complex_data, False),
