@@ -52,6 +52,17 @@ def pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def number(v, name: str) -> float:
+    """A numeric argument as a Python float: anything ``float()`` takes (int, float, a NumPy or one-element
+    tensor scalar) except text, which ``float("1")`` would parse: a string there is a misplaced argument."""
+    try:
+        if isinstance(v, (str, bytes)):
+            raise TypeError
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
+
+
 def wants_grad(args: tuple) -> bool:
     """Will this call be differentiated? (grad mode on and a tensor argument requires grad)"""
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)

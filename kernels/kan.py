@@ -64,8 +64,8 @@ from torch import nn
 
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, kept_tensor, no_autocast, register, transforms_active, variant_backward,
-                        wants_grad)
+                        graph_grads, kept_tensor, no_autocast, number, register, transforms_active,
+                        variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton, within_int32
 
@@ -1368,9 +1368,10 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
             raise ValueError(f"centers must be a [K={K}] tensor, got "
                              f"{tuple(centers.shape) if isinstance(centers, torch.Tensor) else type(centers).__name__}")
         checked_once(centers, _validate_centers)
-        if not (float(width) > 0 and math.isfinite(float(width))):
+        w = number(width, "width")
+        if not (w > 0 and math.isfinite(w)):
             raise ValueError(f"width must be positive and finite, got {width}")
-        b.centers, b.width = centers.resolve_neg(), float(width)
+        b.centers, b.width = centers.resolve_neg(), w
     elif basis == "fourier":
         if K % 2:
             raise ValueError(f"fourier weight must have K = 2 * grid_size (cos then sin), got K={K}")

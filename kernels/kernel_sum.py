@@ -49,7 +49,7 @@ import torch
 
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, no_autocast, register, variant_backward, wants_grad)
+                        graph_grads, no_autocast, number, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton
 
@@ -844,12 +844,7 @@ def _scale_param(v, name, like: torch.Tensor, d: int | None):
     host-to-device copy); a tensor has its type, device and shape checked every call and its values once
     per version (``checked_once``: one sync the first time a GPU tensor is seen)."""
     if not isinstance(v, torch.Tensor):
-        try:
-            if isinstance(v, (str, bytes)):  # float("1") would take it: a string here is a misplaced argument
-                raise TypeError
-            f = float(v)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(v).__name__}") from None
+        f = number(v, name)
         if not (math.isfinite(f) and f > 0):
             raise ValueError(f"{name} must be positive and finite, got {f}")
         return f
@@ -886,9 +881,9 @@ def _scaled(out: torch.Tensor, os_, cdt: torch.dtype, trailing: int) -> torch.Te
     return out * (os_.to(cdt).reshape(()) if isinstance(os_, torch.Tensor) else os_)
 
 
-def _value(v) -> float:
-    """A float or a one-element tensor's value (read without its graph)."""
-    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+def _value(v, name: str = "noise") -> float:
+    """A number or a one-element tensor's value (read without its graph)."""
+    return number(v.detach() if isinstance(v, torch.Tensor) else v, name)
 
 
 def _in(v, dtype: torch.dtype):
@@ -1267,6 +1262,10 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         raise ValueError(f"y must have N={x.shape[-2]} rows, got shape {tuple(y.shape)}")
     if not isinstance(precond_rank, int) or precond_rank < 0:
         raise ValueError(f"precond_rank must be an int >= 0, got {precond_rank!r}")
+    if not (number(tol, "tol") > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be positive and finite (a relative residual), got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     info: dict = {}
     sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise, (kernel, tol, max_iter, info, precond_rank))
     out = sol.squeeze(-1) if vector else sol

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, register,
-                        variant_backward)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, number,
+                        register, variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, cdiv, offsets_fit, tl, triton
 
@@ -115,6 +115,8 @@ def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
     if output_shape is None:
         out_grid = grid
     else:
+        if any(isinstance(n, float) and not n.is_integer() for n in output_shape):
+            raise ValueError(f"output_shape must be whole numbers of points, got {tuple(output_shape)}")
         out_grid = tuple(n if isinstance(n, torch.SymInt) else int(n) for n in output_shape)
         if len(out_grid) != d or any(n < 1 for n in out_grid):
             raise ValueError(f"output_shape must be {d} positive sizes, got {tuple(output_shape)}")
@@ -1314,7 +1316,9 @@ class SpectralConv(nn.Module):
                 raise ValueError(f"resolution_scaling_factor must be positive, one per axis, got {resolution_scaling_factor!r}")
             resolution_scaling_factor = f
         self.resolution_scaling_factor = resolution_scaling_factor
-        self.init_std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else float(init_std)
+        self.init_std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else number(init_std, "init_std")
+        if not (self.init_std >= 0 and math.isfinite(self.init_std)):
+            raise ValueError(f"init_std must be 'auto' or a finite number >= 0, got {init_std!r}")
         self.separable = bool(separable)
         shape = ((in_channels,) if separable else (in_channels, out_channels)) + modes
         if kind == "dense":

@@ -603,6 +603,8 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 1), "bspline", spline_order=2,
                         grid=torch.linspace(0, 1, 4).expand(2, -1)), ValueError, "order 2 needs at least 6"),
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "rbf", width=1.0), ValueError, "needs centers="),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "rbf", centers=torch.zeros(4), width="1"), TypeError,
+     "width must be a number, got str"),
     (lambda: KANLinear(0, 3), ValueError, "in_features must be a positive int"),
     (lambda: KANLinear(4, 3, grid_range=(1, -1)), ValueError, "grid_range"),
     (lambda: KANLinear(4, 3, spline_order=2.0), ValueError, "spline_order"),
