@@ -1331,6 +1331,9 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
         raise TypeError(f"x must be a real floating tensor, got {x.dtype}")
     if basis not in BASES:
         raise ValueError(f"unknown basis {basis!r}; valid: {list(BASES)}")
+    for name, t in (("weight", weight), ("base_weight", base_weight), ("bias", bias)):
+        if isinstance(t, torch.Tensor) and (t.is_complex() or not t.is_floating_point()):
+            raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
     if weight.dim() != 3:
         raise ValueError(f"weight must be [out, in, K], got shape {tuple(weight.shape)}")
     cout, cin, K = (int(s) for s in weight.shape)

@@ -1254,8 +1254,10 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
             raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
                              f"of shape {tuple(noise.shape)}")
     nz = _value(noise)
-    if not nz > 0:
-        raise ValueError(f"noise must be > 0 for a well-posed solve, got {nz}")
+    if not (nz > 0 and math.isfinite(nz)):
+        raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
+    if not isinstance(y, torch.Tensor) or y.is_complex() or not y.is_floating_point():
+        raise TypeError(f"y must be a real floating tensor, got {getattr(y, 'dtype', type(y).__name__)}")
     vector = y.dim() == x.dim() - 1
     rhs = y.unsqueeze(-1) if vector else y
     if rhs.dim() < 2 or rhs.shape[-2] != x.shape[-2]:
