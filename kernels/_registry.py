@@ -63,6 +63,13 @@ def number(v, name: str) -> float:
         raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
 
 
+def positive_ints(**sizes) -> None:
+    """A module's sizes (``in_features=4, ...``): each a positive int, else a ValueError naming it."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 def wants_grad(args: tuple) -> bool:
     """Will this call be differentiated? (grad mode on and a tensor argument requires grad)"""
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)

@@ -64,8 +64,8 @@ from torch import nn
 
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, kept_tensor, no_autocast, number, register, transforms_active,
-                        variant_backward, wants_grad)
+                        graph_grads, kept_tensor, no_autocast, number, positive_ints, register,
+                        transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton, within_int32
 
@@ -1468,9 +1468,7 @@ class KANLinear(nn.Module):
                  scale_spline=1.0, enable_standalone_scale_spline=True, base_activation=nn.SiLU, grid_eps=0.02,
                  grid_range=(-1, 1)):
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_ints(in_features=in_features, out_features=out_features)
         if not isinstance(grid_size, int) or grid_size < 1:
             raise ValueError(f"grid_size must be an int >= 1, got {grid_size!r}")
         if not isinstance(spline_order, int) or spline_order < 0:
@@ -1654,6 +1652,7 @@ class FastKANLayer(nn.Module):
     def __init__(self, input_dim, output_dim, grid_min=-2.0, grid_max=2.0, num_grids=8, use_base_update=True,
                  use_layernorm=True, base_activation=F.silu, spline_weight_init_scale=0.1):
         super().__init__()
+        positive_ints(input_dim=input_dim, output_dim=output_dim)
         if not isinstance(num_grids, int) or num_grids < 2:
             raise ValueError(f"num_grids must be an int >= 2, got {num_grids!r}")
         if not (math.isfinite(grid_min) and math.isfinite(grid_max) and grid_max > grid_min):
@@ -1693,6 +1692,7 @@ class ChebyKANLayer(nn.Module):
 
     def __init__(self, input_dim, output_dim, degree):
         super().__init__()
+        positive_ints(input_dim=input_dim, output_dim=output_dim)
         if not isinstance(degree, int) or degree < 0:
             raise ValueError(f"degree must be an int >= 0, got {degree!r}")
         self.inputdim, self.outdim, self.degree = input_dim, output_dim, degree
@@ -1720,6 +1720,7 @@ class FourierKANLayer(nn.Module):
 
     def __init__(self, inputdim, outdim, gridsize, addbias=True, smooth_initialization=False):
         super().__init__()
+        positive_ints(inputdim=inputdim, outdim=outdim)
         if not isinstance(gridsize, int) or gridsize < 1:
             raise ValueError(f"gridsize must be an int >= 1, got {gridsize!r}")
         self.gridsize, self.addbias, self.inputdim, self.outdim = gridsize, addbias, inputdim, outdim

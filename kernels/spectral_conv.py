@@ -45,7 +45,7 @@ from torch import nn
 
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, number,
-                        register, variant_backward)
+                        positive_ints, register, variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, cdiv, offsets_fit, tl, triton
 
@@ -1270,9 +1270,7 @@ class SpectralConv(nn.Module):
                  fno_block_precision: str = "full", factorization=None, rank=0.5, implementation="reconstructed",
                  fixed_rank_modes=False, decomposition_kwargs=None):
         super().__init__()
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_ints(in_channels=in_channels, out_channels=out_channels)
         kept = self._kept_modes(n_modes, None)
         _check_fft_norm(fft_norm)
         # neuraloperator's FNOBlocks passes these to its conv_module; rank and fixed_rank_modes only shape
