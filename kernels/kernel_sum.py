@@ -881,7 +881,7 @@ def _scaled(out: torch.Tensor, os_, cdt: torch.dtype, trailing: int) -> torch.Te
     return out * (os_.to(cdt).reshape(()) if isinstance(os_, torch.Tensor) else os_)
 
 
-def _value(v, name: str = "noise") -> float:
+def _value(v, name: str) -> float:
     """A number or a one-element tensor's value (read without its graph)."""
     return number(v.detach() if isinstance(v, torch.Tensor) else v, name)
 
@@ -1036,7 +1036,7 @@ class KernelOperator:
     def __init__(self, x, y=None, kernel: str = "gaussian", lengthscale=1.0, outputscale=1.0, noise=0.0):
         self.x, self.y = x, (x if y is None else y)
         self.kernel, self.lengthscale, self.outputscale = kernel, lengthscale, outputscale
-        self.noise_value = _value(noise)
+        self.noise_value = _value(noise, "noise")
         if not self.noise_value >= 0:
             raise ValueError(f"noise must be >= 0, got {self.noise_value}")
         if self.noise_value > 0 and self.x.shape[-2] != self.y.shape[-2]:
@@ -1253,7 +1253,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         if noise.numel() != 1 or not noise.is_floating_point():
             raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
                              f"of shape {tuple(noise.shape)}")
-    nz = _value(noise)
+    nz = _value(noise, "noise")
     if not (nz > 0 and math.isfinite(nz)):
         raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
     if not isinstance(y, torch.Tensor) or y.is_complex() or not y.is_floating_point():
@@ -1264,7 +1264,8 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         raise ValueError(f"y must have N={x.shape[-2]} rows, got shape {tuple(y.shape)}")
     if not isinstance(precond_rank, int) or precond_rank < 0:
         raise ValueError(f"precond_rank must be an int >= 0, got {precond_rank!r}")
-    if not (number(tol, "tol") > 0 and math.isfinite(tol)):
+    tol = number(tol, "tol")
+    if not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be positive and finite (a relative residual), got {tol!r}")
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
