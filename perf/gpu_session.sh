@@ -25,9 +25,9 @@
 # "first call" seconds per config say whether the precompiled kernels were found (not yet run on a GPU).
 # With device time left on the still-warm machine, a second call: OPS=<op> ... bash perf/gpu_session.sh tune perf.
 #
-# Peers: carry the wheels of ../shared/gpu-wheels (plus an opt_einsum wheel) in .whl/ to time
-# neuraloperator and KeOps in the same run; without them the suites fall back to the labelled
-# plain-torch algorithms. Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/,
+# Peers: `bash perf/peer_wheels.sh` here fills .whl/ (the wheels of ../shared/gpu-wheels plus opt_einsum and
+# pybind11, which KeOps builds its binder with); name .whl in the call's carry to time neuraloperator and
+# KeOps in the same run. Without them the suites fall back to the labelled plain-torch algorithms. Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/,
 # $OUT/results/*.json to perf/results/, run `opforge perf-table --readme README.md` and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
