@@ -4,7 +4,8 @@
 
 ``lengthscale`` is a scalar or one value per dimension (ARD). Kernels, as in
 GPyTorch (``RBFKernel``, ``MaternKernel`` nu=3/2, 5/2) and KeOps' usual
-formulas, written with s = r^2:
+formulas (``tests/test_keops_parity.py`` checks opforge against KeOps itself, with
+those formulas written as a KeOps user writes them), with s = r^2:
 
     gaussian   exp(-s / 2)
     laplacian  exp(-r)
