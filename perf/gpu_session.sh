@@ -61,8 +61,14 @@ timed() {
 xdist() { [ "$1" -gt 0 ] && python3 -c "import xdist" 2>/dev/null && echo "-n $1"; }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  pipt() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+  # all at once; where one wheel does not fit this Python (pip then installs none), one by one, so the
+  # others still install and the log names the misfit
+  export PIP_ROOT_USER_ACTION=ignore
+  pipt .whl/*.whl 2>/dev/null || for w in .whl/*.whl; do
+    pipt "$w" >/dev/null 2>&1 || echo "-- peer wheel not installed (not for this Python or platform): $w" >>"$LOG"
+  done
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 # The device machine reaches no package index, so nothing is pip-installed: the opforge.* namespace is
 # laid out with symlinks (the same mapping as pyproject's package-dir) and put on PYTHONPATH.

@@ -203,3 +203,36 @@ def test_host_overhead_script_times_every_op():
     lines = r.stdout.splitlines()
     assert [ln.split()[0] for ln in lines] == ["kan", "spectral_conv", "kernel_sum"], r.stdout
     assert all(float(ln.split()[1]) > 0 for ln in lines), r.stdout
+
+
+def _gpu_session(tmp_path, *stages, **env_over):
+    """perf/gpu_session.sh as a lent GPU runs it, here on the CPU: ``python3`` is this interpreter."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shim = tmp_path / "bin"
+    if not shim.exists():
+        shim.mkdir()
+        (shim / "python3").symlink_to(sys.executable)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", **env_over)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(["bash", str(root / "perf" / "gpu_session.sh"), *stages], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    return r, (tmp_path / "out" / "session.log").read_text()
+
+
+def test_gpu_session_script_runs_a_perf_stage_and_keeps_to_its_budget(tmp_path):
+    """The one command a lent GPU gets (perf/gpu_session.sh) runs its perf stage end to end on a CPU: the
+    log, a results file with records, the table; a budget too small for a stage skips it and says so."""
+    r, log = _gpu_session(tmp_path, "perf", OPS="kernel_sum", CASE_SET="small", CASES="small-d3-r1",
+                          PERF_DTYPES="float32", BUDGET_S="300", OPFORGE_COMMIT="abc1234")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "== perf (at" in log and "== done at" in log and "commit abc1234" in log
+    (results,) = (tmp_path / "out" / "results").glob("*.json")
+    from opforge.autotune import perf
+
+    data = perf.read(results)
+    assert {x["variant"] for x in data["records"]} >= {"torch", "public-call"}
+    assert "| kernel_sum | small-d3-r1 |" in r.stdout
+    r, log = _gpu_session(tmp_path, "perf", OPS="kernel_sum", BUDGET_S="40")
+    assert r.returncode == 0 and "== skipped: perf" in log, r.stdout + r.stderr
