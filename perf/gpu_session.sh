@@ -27,8 +27,9 @@
 #
 # Peers: `bash perf/peer_wheels.sh` here fills .whl/ (the wheels of ../shared/gpu-wheels plus opt_einsum and
 # pybind11, which KeOps builds its binder with); name .whl in the call's carry to time neuraloperator and
-# KeOps in the same run. Without them the suites fall back to the labelled plain-torch algorithms. Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/,
-# $OUT/results/*.json to perf/results/, run `opforge perf-table --readme README.md` and commit.
+# KeOps in the same run. Without them the suites fall back to the labelled plain-torch algorithms.
+# Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/, $OUT/results/*.json to
+# perf/results/, run `opforge perf-table --readme README.md` and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/opforge-out}"
