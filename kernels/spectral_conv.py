@@ -1113,7 +1113,7 @@ class FactorizedWeight(nn.Module):
     ``rank``: a float (the fraction of the dense tensor's parameters to keep, ranks chosen as tensorly chooses
     them), or the ranks themselves (tucker: an int for every mode or N ints; cp: an int; tt: an int between
     modes or N + 1 ints). ``fixed_rank_modes``: modes a Tucker rank keeps at full size. Every call rebuilds
-    the dense tensor (``to_tensor()``, differentiable: einsum over the factors, [in, out, *modes] values)
+    the dense tensor (``to_tensor()``, differentiable: a product per factor, [in, out, *modes] values)
     and the layer's kernels run on it; the factors get their gradients through it."""
 
     def __init__(self, kind: str, shape, rank=0.5, fixed_rank_modes=None, device=None, dtype=torch.complex64):
@@ -1191,14 +1191,24 @@ class FactorizedWeight(nn.Module):
         return self
 
     def to_tensor(self) -> torch.Tensor:
-        """The dense tensor of ``shape`` (differentiable in the factors)."""
-        N, letters = len(self.shape), "abcdefgh"
-        idx, rk = letters[:N], "pqrstuvw"[:N]
+        """The dense tensor of ``shape``, contiguous (differentiable in the factors): one matrix product per
+        factor (tensorly's mode products), where a single einsum over every factor made a strided tensor
+        several times slower to build."""
+        N = len(self.shape)
         f = [self.factors[k] for k in range(N)]
         if self.kind == "tucker":
-            return torch.einsum(f"{rk}," + ",".join(f"{i}{r}" for i, r in zip(idx, rk)) + f"->{idx}", self.core, *f)
+            # t: [r_k, ..., r_{N-1}, n_0, ..., n_{k-1}]; each step contracts its leading rank with factor k
+            # and appends n_k, so the last step leaves [n_0, ..., n_{N-1}] in order
+            t = self.core
+            for k in range(N):
+                t = (t.reshape(t.shape[0], -1).T @ f[k].T).reshape(t.shape[1:] + (self.shape[k],))
+            return t
         if self.kind == "cp":
-            return torch.einsum("z," + ",".join(f"{i}z" for i in idx) + f"->{idx}", self.weights, *f)
+            # Khatri-Rao rows of the first N - 1 factors (the weights folded into the first), then one product
+            t = f[0] * self.weights
+            for k in range(1, N - 1):
+                t = (t[:, None, :] * f[k][None, :, :]).reshape(-1, t.shape[-1])
+            return (t @ f[N - 1].T).reshape(self.shape)
         t = f[0].reshape(self.shape[0], -1)  # [n_0, r_1]
         for k in range(1, N):
             t = (t @ f[k].reshape(f[k].shape[0], -1)).reshape(-1, f[k].shape[-1])

@@ -5,14 +5,22 @@ The peer is neuraloperator's ``SpectralConv`` when neuraloperator is installed
 algorithm written plainly in torch (``neuralop-algorithm``: rfftn, fftshift,
 a zero-filled full spectrum, slice assignment, fftshift, irfftn), labelled as such.
 
+A second test times a Tucker-factorized layer (TFNO's, rank 0.1) where neuraloperator is installed:
+its ``SpectralConv(factorization="tucker")`` against opforge's ``SpectralConv`` built from it
+(``from_neuraloperator``: the same factors), under each opforge variant, as case ``<case>-tucker0.1``.
+Both rebuild the dense weight from the factors at every call (neuraloperator's default
+"reconstructed" implementation), then run the convolution.
+
     pytest perf/bench_spectral_conv.py --opforge-results /tmp/r.json
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from opforge.kernels import get_op, spectral_conv
+from opforge.kernels import SpectralConv, get_op, spectral_conv, use_backend
 
 OP = get_op("spectral_conv")
 
@@ -88,3 +96,39 @@ def test_spectral_conv(perf, case, dtype, variant, mode):
 
     anchor = perf.anchor(OP, variant, problem, (x, w, b), [x, w, b], g, grad)
     perf.run(OP, case, variant, mode, problem, perf.step(fwd, (x,), params, g, grad), anchor=anchor)
+
+
+TUCKER_RANK = 0.1  # TFNO's rank in neuraloperator's examples and papers
+
+
+@pytest.mark.skipif(_NeuralopConv is None, reason="the Tucker layers are built from neuraloperator's")
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("variant", list(OP.variants) + ["neuraloperator"])
+def test_tucker_layer(perf, case, dtype, variant, mode):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    grad = mode == "fwdbwd"
+    problem, (x, _, _) = OP.make_inputs(case, dev, dtype, requires_grad=grad)
+    if problem.out_grid != problem.grid or dtype != torch.float32:
+        pytest.skip("the peer runs float32 without resampling")
+    if variant != "neuraloperator":
+        perf.skip_unless_timed(OP, variant, problem)
+    modes = list(problem.modes)
+    torch.manual_seed(0)
+    theirs = _NeuralopConv(problem.cin, problem.cout, modes[:-1] + [2 * (modes[-1] - 1)], bias=True,
+                           factorization="tucker", rank=TUCKER_RANK).to(dev)
+    ours = SpectralConv.from_neuraloperator(theirs)
+
+    def with_variant(v):
+        def fwd(x):
+            with use_backend("torch") if v == "torch" else use_backend("triton", spectral_conv=v):
+                return ours(x)
+        return fwd
+
+    fwd = theirs if variant == "neuraloperator" else with_variant(variant)
+    params = [x] + list((theirs if variant == "neuraloperator" else ours).parameters())
+    g = torch.randn((problem.batch, problem.cout) + problem.out_grid, device=dev, dtype=dtype)
+    tucker = dataclasses.replace(case, name=f"{case.name}-tucker{TUCKER_RANK}",
+                                 params={**case.params, "factorization": "tucker", "rank": TUCKER_RANK})
+    anchor = perf.anchor(OP, variant, problem, (x,), [x] + list(ours.parameters()), g, grad,
+                         torch_fwd=with_variant("torch"))
+    perf.run(OP, tucker, variant, mode, problem, perf.step(fwd, (x,), params, g, grad), anchor=anchor)

@@ -79,15 +79,18 @@ class Perf:
         self.benchmark = benchmark
         self.config = config
 
-    def anchor(self, op, variant: str, problem, args: tuple, params: list, grad_out, backward: bool):
+    def anchor(self, op, variant: str, problem, args: tuple, params: list, grad_out, backward: bool,
+               torch_fwd=None):
         """The torch variant's timed call on ``args`` (``step`` of it) to interleave with ``variant``'s, or
         None: for the torch variant itself, where its baseline is not timed (``Op.baseline_skip``), and unless
-        --opforge-interleave is on (auto: on a CPU)."""
+        --opforge-interleave is on (auto: on a CPU). ``torch_fwd``: the torch variant's call where a row times
+        more than the op (a module around it), else ``op.run_variant("torch", problem, *args)``."""
         mode = self.config.getoption("--opforge-interleave") if self.config is not None else "off"
         on = mode == "on" or (mode == "auto" and problem.device.type == "cpu")
         if not on or variant == "torch" or op.baseline_skip(problem):
             return None
-        return self.step(lambda *a: op.run_variant("torch", problem, *a), args, params, grad_out, backward)
+        fwd = torch_fwd or (lambda *a: op.run_variant("torch", problem, *a))
+        return self.step(fwd, args, params, grad_out, backward)
 
     @staticmethod
     def skip_public_call_on_gpu(problem):
