@@ -36,6 +36,8 @@ OUT="${OUT:-/tmp/opforge-out}"
 mkdir -p "$OUT/caches" "$OUT/results"
 LOG="$OUT/session.log"
 BUDGET_S="${BUDGET_S:-560}"
+# SCRATCH (default /tmp) holds the peers installed from .whl/ and the opforge namespace of symlinks
+SCRATCH="${SCRATCH:-/tmp}"
 stages=("${@:-test check bench tune perf example}")
 stages=(${stages[*]})
 
@@ -62,21 +64,21 @@ timed() {
 xdist() { [ "$1" -gt 0 ] && python3 -c "import xdist" 2>/dev/null && echo "-n $1"; }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  pipt() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+  pipt() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SCRATCH/site" "$@"; }
   # all at once; where one wheel does not fit this Python (pip then installs none), one by one, so the
   # others still install and the log names the misfit
   export PIP_ROOT_USER_ACTION=ignore
   pipt .whl/*.whl 2>/dev/null || for w in .whl/*.whl; do
     pipt "$w" >/dev/null 2>&1 || echo "-- peer wheel not installed (not for this Python or platform): $w" >>"$LOG"
   done
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  export PYTHONPATH="$SCRATCH/site:${PYTHONPATH:-}"
 fi
 # The device machine reaches no package index, so nothing is pip-installed: the opforge.* namespace is
 # laid out with symlinks (the same mapping as pyproject's package-dir) and put on PYTHONPATH.
-src=/tmp/opforge-src/opforge
+src="$SCRATCH/opforge-src/opforge"
 mkdir -p "$src"
 for pkg in kernels autotune reference; do ln -sfn "$PWD/$pkg" "$src/$pkg"; done
-export PYTHONPATH=/tmp/opforge-src:${PYTHONPATH:-}
+export PYTHONPATH="$SCRATCH/opforge-src:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 # the tune stage writes $OUT/caches/<tag>.json, the user cache file of this GPU under this folder, so later
 # stages of the call (perf, profile, example) dispatch with the configs just tuned

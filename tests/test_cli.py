@@ -111,12 +111,10 @@ def test_sass_loop_counts():
 
 
 _NO_TRITON = r'''
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):  # a machine without Triton: every import of it fails
-    def find_spec(self, name, path, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ImportError(f"No module named {name!r}")
-sys.meta_path.insert(0, _Block())
+import sys
+# a machine without Triton: `import triton` fails and importlib.util.find_spec("triton") is None (what a
+# finder that raised instead would break: torch 2.13's CUDA build probes for Triton with find_spec at import)
+sys.modules["triton"] = None
 import torch
 import opforge.kernels as K
 from opforge.autotune.cli import main
@@ -213,8 +211,11 @@ def _gpu_session(tmp_path, *stages, **env_over):
     shim = tmp_path / "bin"
     if not shim.exists():
         shim.mkdir()
-        (shim / "python3").symlink_to(sys.executable)
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", **env_over)
+        # a script, not a link: a virtual environment's python linked from elsewhere leaves the environment
+        (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (shim / "python3").chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}",
+               SCRATCH=str(tmp_path), **env_over)
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(["bash", str(root / "perf" / "gpu_session.sh"), *stages], cwd=root, env=env,
                        capture_output=True, text=True, timeout=600)
