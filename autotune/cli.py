@@ -195,10 +195,10 @@ def _compile_only(args) -> int:
     """``opforge tune --compile-only ARCH``: a tuning run's precompile alone, for a GPU that need not be here:
     every config's kernels compiled into Triton's disk cache, nothing timed."""
     from opforge.autotune import precompile
-    from opforge.kernels._triton import HAS_TRITON
+    from opforge.kernels._triton import HAS_TRITON, TRITON_MISSING
 
     if not HAS_TRITON:
-        print("--compile-only needs Triton", file=sys.stderr)
+        print(f"--compile-only needs Triton: {TRITON_MISSING}", file=sys.stderr)
         return 2
     arch = args.compile_only
     sms = args.sms if args.sms is not None else precompile.SM_COUNT.get(arch)
@@ -382,11 +382,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if getattr(args, "interpret", False):
         os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit runs
-        from opforge.kernels._triton import HAS_TRITON
+        from opforge.kernels._triton import HAS_TRITON, TRITON_MISSING
 
         if not HAS_TRITON:
             print(f"opforge {args.cmd} --interpret runs the Triton kernels through Triton's interpreter, but "
-                  f"Triton is not installed (`pip install triton`); without it opforge runs its torch variants "
+                  f"{TRITON_MISSING} (`pip install -U triton`); without it opforge runs its torch variants "
                   f"(drop --interpret)", file=sys.stderr)
             return 2
         from opforge.kernels._triton import interpreter_problem

@@ -7,16 +7,17 @@ Public API::
 
 ``registered_ops()`` lists ``{op: [variants]}``; ``use_backend("torch")`` (or
 ``OPFORGE_BACKEND=torch|triton|auto``) overrides dispatch, and
-``use_backend("triton", spectral_conv="dft_gemm")`` pins a variant.
+``use_backend("triton", spectral_conv="dft_gemm")`` pins a variant. ``HAS_TRITON`` says whether the Triton
+variants exist here; where not, ``TRITON_MISSING`` says why (not installed, or older than the kernels need).
 """
 from ._registry import BACKENDS, current_backend, get_op, registered_ops, use_backend
-from ._triton import HAS_TRITON, interpreter_enabled
+from ._triton import HAS_TRITON, TRITON_MISSING, interpreter_enabled
 from .spectral_conv import (FactorizedWeight, SpectralConv, spectral_conv, spectral_conv1d, spectral_conv2d,
                             spectral_conv3d)
 
 __all__ = [
-    "BACKENDS", "FactorizedWeight", "HAS_TRITON", "SpectralConv", "current_backend", "get_op", "interpreter_enabled",
-    "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "use_backend",
+    "BACKENDS", "FactorizedWeight", "HAS_TRITON", "SpectralConv", "TRITON_MISSING", "current_backend", "get_op",
+    "interpreter_enabled", "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "use_backend",
 ]
 from .kernel_sum import KERNELS, KernelOperator, gp_posterior_mean, kernel_matvec, kernel_solve  # noqa: E402
 

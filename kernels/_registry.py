@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 import torch.autograd.forward_ad as _fwad
 
-from ._triton import HAS_TRITON, dot_precision, interpreter_enabled, triton_can_run
+from ._triton import HAS_TRITON, TRITON_MISSING, dot_precision, interpreter_enabled, triton_can_run
 
 BACKENDS = ("auto", "torch", "triton")
 REF_BATCH = 2  # batch entries a reference checks when an op declares no ref_subset
@@ -463,7 +463,7 @@ class Op:
                              f"can run this call: {reasons}; valid backends: {list(BACKENDS)}"
                              f"{_no_triton_note()}")
         if not candidates:
-            return self.torch_variant, None, "no triton variant supports the call"
+            return self.torch_variant, None, TRITON_MISSING or "no triton variant supports the call"
         allowed = {v.name for v in candidates}
         if backend == "auto":
             allowed.add("torch")
@@ -586,8 +586,8 @@ def registered_ops() -> dict[str, list[str]]:
 
 
 def _no_triton_note() -> str:
-    """What an error about missing Triton variants adds when Triton is not installed."""
-    return "" if HAS_TRITON else " (Triton is not installed, so only the torch variants exist: `pip install triton`)"
+    """What an error about missing Triton variants adds when Triton is not installed (or is too old)."""
+    return "" if HAS_TRITON else f" ({TRITON_MISSING}, so only the torch variants exist: `pip install -U triton`)"
 
 
 def _check_backend(name: str, origin: str) -> str:

@@ -7,18 +7,37 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 
 import torch
 
-try:  # Triton is optional: opforge's torch paths work without it.
+# The oldest Triton opforge's kernels run on: the test suite passes with Triton 3.3, 3.6, 3.7 and 3.9 (the
+# interpreter, and compiled for sm_90 without a GPU). Triton 3.2's tl.dot rejects the tiles under 16 rows,
+# columns or depth that small calls' configs use, and the interpreter of 3.0 and 3.1 fails on a kernel with
+# a loop (interpreter_problem's probe).
+MIN_TRITON = (3, 3)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "3.4.0+git1234"."""
+    return tuple(int(m.group()) if (m := re.match(r"\d+", p)) else 0 for p in version.split(".")[:2])
+
+
+try:  # Triton is optional: opforge's torch paths work without it, and with a Triton older than MIN_TRITON.
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
+    if _release(triton.__version__) < MIN_TRITON:
+        TRITON_MISSING = (f"Triton {triton.__version__} is older than the {'.'.join(map(str, MIN_TRITON))} "
+                          f"opforge's kernels need")
+        triton = tl = None
+    else:
+        TRITON_MISSING = None
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
     tl = None
-    HAS_TRITON = False
+    TRITON_MISSING = "Triton is not installed"
+HAS_TRITON = TRITON_MISSING is None
 
 
 def interpreter_enabled() -> bool:

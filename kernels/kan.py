@@ -67,7 +67,7 @@ from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dty
                         graph_grads, kept_tensor, no_autocast, number, positive_ints, register,
                         transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton, within_int32
+from ._triton import GRID_YZ_MAX, HAS_TRITON, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton, within_int32
 
 __all__ = ["kan_linear", "KAN", "KANLinear", "FastKAN", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -640,7 +640,8 @@ if HAS_TRITON:
         kk = tl.arange(0, KP)
         kk3 = kk[None, None, :]
         k_ok = kk3 < K
-        if BASIS == 0 and UNIFORM and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
+        # (the parentheses: Triton 3.3 and older reject a chain of boolean operators in a kernel)
+        if (BASIS == 0 and UNIFORM) and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
             t0 = tl.load(GRID + ii * sGi, mask=i_mask, other=0.0)[None, :]
             tn = tl.load(GRID + ii * sGi + NK - 1, mask=i_mask, other=1.0)[None, :]
             inv_h = (NK - 1) / (tn - t0)
@@ -800,7 +801,7 @@ if HAS_TRITON:
         """phi'_k(x) of a [rows, columns] tile where column c holds feature ii[c] and basis function kk[c]
         (``_basis_tile``'s derivative, one basis function per column instead of a KP axis)."""
         k2 = kk[None, :]
-        if BASIS == 0 and UNIFORM and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
+        if (BASIS == 0 and UNIFORM) and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
             t0 = tl.load(GRID + ii * sGi, mask=c_ok, other=0.0)[None, :]
             tn = tl.load(GRID + ii * sGi + NK - 1, mask=c_ok, other=1.0)[None, :]
             inv_h = (NK - 1) / (tn - t0)
@@ -1199,7 +1200,7 @@ class _FusedKAN(torch.autograd.Function):
 
 def _fused_supports(p: Problem) -> str | None:
     if not HAS_TRITON:
-        return "triton is not installed"
+        return TRITON_MISSING
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"fused takes float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
     if p.basis == "bspline" and p.order > 3:

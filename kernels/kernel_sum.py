@@ -51,7 +51,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
                         graph_grads, no_autocast, number, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, cdiv, offsets_fit, sm_count, tl, triton
+from ._triton import GRID_YZ_MAX, HAS_TRITON, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
@@ -774,7 +774,7 @@ class _FlashKSum(torch.autograd.Function):
 
 def _flash_supports(p: Problem) -> str | None:
     if not HAS_TRITON:
-        return "triton is not installed"
+        return TRITON_MISSING
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"flash takes float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
     if p.d > 256:

@@ -47,7 +47,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, number,
                         positive_ints, register, variant_backward)
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, cdiv, offsets_fit, tl, triton
+from ._triton import HAS_TRITON, TRITON_MISSING, cdiv, offsets_fit, tl, triton
 
 __all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
 
@@ -253,7 +253,7 @@ def _torch_run(p: Problem, x, weight, bias, config=None):
 # --------------------------------------------------------------------------- shared Triton helpers
 def _triton_supports(p: Problem) -> str | None:
     if not HAS_TRITON:
-        return "triton is not installed"
+        return TRITON_MISSING
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"Triton variants take float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
     if p.wdtype != torch.complex64:

@@ -174,6 +174,36 @@ def test_without_triton_the_torch_paths_give_the_same_results(tmp_path):
             torch.testing.assert_close(g, w, msg=key)  # (MKL least squares in the KAN init: last-bit wobble)
 
 
+_OLD_TRITON = r'''
+import triton
+triton.__version__ = "3.2.0"  # a Triton older than the kernels need (torch 2.6 pins this one)
+import torch
+import opforge.kernels as K
+from opforge.autotune.cli import main
+assert not K.HAS_TRITON and K.TRITON_MISSING == "Triton 3.2.0 is older than the 3.3 opforge's kernels need"
+assert K.registered_ops() == {op: ["torch"] for op in ("spectral_conv", "kernel_sum", "kan")}
+x, y, b = torch.randn(9, 3), torch.randn(11, 3), torch.randn(11, 2)
+assert K.kernel_matvec(x, y, b).shape == (9, 2)
+try:
+    with K.use_backend("triton"):
+        K.kernel_matvec(x, y, b)
+    raise SystemExit("use_backend('triton') ran with a Triton too old")
+except ValueError as e:
+    assert "Triton 3.2.0 is older than the 3.3" in str(e) and "pip install -U triton" in str(e), e
+assert main(["bench", "--interpret", "--op", "kan"]) == 2
+'''
+
+
+def test_a_triton_too_old_for_the_kernels_leaves_the_torch_variants_and_says_so():
+    """Triton older than ``MIN_TRITON`` (its kernels fail to compile there, or its interpreter runs none): opforge
+    registers the torch variants only, as without Triton, and every request for Triton names the version."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", _OLD_TRITON], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Triton 3.2.0 is older than the 3.3 opforge's kernels need (`pip install -U triton`)" in r.stderr
+
+
 def test_tune_stopped_by_sigint_prints_what_it_finished(monkeypatch, tmp_path, capsys):
     """A time limit's SIGINT in the middle of ``opforge tune``: the shapes finished so far are in the winners
     table, the output says it was interrupted, and the exit status is 130 (the shell's for SIGINT)."""
