@@ -17,7 +17,8 @@ from .spectral_conv import (FactorizedWeight, SpectralConv, spectral_conv, spect
 
 __all__ = [
     "BACKENDS", "FactorizedWeight", "HAS_TRITON", "SpectralConv", "TRITON_MISSING", "current_backend", "get_op",
-    "interpreter_enabled", "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "use_backend",
+    "interpreter_enabled", "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d",
+    "use_backend",
 ]
 from .kernel_sum import KERNELS, KernelOperator, gp_posterior_mean, kernel_matvec, kernel_solve  # noqa: E402
 
