@@ -185,7 +185,24 @@ def _irfftn(spec: torch.Tensor, p: Problem) -> torch.Tensor:
             plane = spec[..., k]
             mirror = torch.roll(torch.flip(plane, lead), [1] * len(lead), lead) if lead else plane  # index -k mod n
             spec[..., k] = 0.5 * (plane + mirror.conj())
-    return torch.fft.irfftn(spec, s=p.out_grid, dim=tuple(range(-d, 0)), norm="forward")
+    return _fft_grad_ready(torch.fft.irfftn(spec, s=p.out_grid, dim=tuple(range(-d, 0)), norm="forward"))
+
+
+def _fft_ready(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a contiguous copy of it when it has a zero stride (an expanded tensor, such as the gradient
+    ``y.sum()`` sends back): torch 2.7's CPU FFT (MKL) rejects those with "Inconsistent configuration
+    parameters"; later torch copies them itself. Every FFT input that can come from outside goes through it."""
+    if t is None or all(st != 0 or n <= 1 for st, n in zip(t.stride(), t.shape)):
+        return t
+    return t.contiguous()
+
+
+def _fft_grad_ready(y: torch.Tensor) -> torch.Tensor:
+    """``y`` (an FFT's output), with its incoming gradient passed through ``_fft_ready`` before autograd's FFT
+    backward transforms it."""
+    if y.requires_grad:
+        y.register_hook(_fft_ready)
+    return y
 
 
 def _contiguous(g: torch.Tensor | None) -> torch.Tensor | None:
@@ -221,7 +238,8 @@ def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tenso
     # Placed so that the backward only gathers the kept modes' gradient: in 1D the last axis padded to the
     # half spectrum (its backward is a slice view); else every axis indexed by a tensor, so that index_put_
     # writes into the fresh zeros themselves. Writing through a sliced view of them (spec[..., :m] = Y) had
-    # autograd clone the whole spectrum's gradient first (CopySlices).
+    # autograd clone the whole spectrum's gradient first (CopySlices); so did ``spec[:, :, *idx] = Y`` in
+    # torch 2.7 (the leading full slices made a view; 2.13 does not), hence the aten op with None for them.
     half = _half(p.out_grid[-1])
     if d == 1:
         return torch.nn.functional.pad(Y, (0, half - p.modes[-1]))
@@ -229,7 +247,7 @@ def _torch_mix(X: torch.Tensor, weight: torch.Tensor, p: Problem) -> torch.Tenso
     idx = [_freq_index(p.modes[ax], p.out_grid[ax], X.device) for ax in range(d - 1)]
     idx.append(_freq_index(p.modes[-1], half, X.device, centred=False))
     view = [o.view([-1] + [1] * (d - 1 - ax)) for ax, o in enumerate(idx)]
-    spec[(slice(None), slice(None), *view)] = Y  # leading full slices: index_put_ on spec itself
+    torch.ops.aten.index_put_(spec, [None, None, *view], Y)
     return spec
 
 
@@ -243,7 +261,7 @@ def _torch_run(p: Problem, x, weight, bias, config=None):
         return y if bias is None else y + bias.reshape((1, p.cout) + (1,) * d).to(p.dtype)
     double = p.dtype == torch.float64 or p.wdtype == torch.complex128
     rdt = torch.float64 if double else torch.float32
-    X = torch.fft.rfftn(as_dtype(x, rdt), dim=tuple(range(-d, 0)), norm="forward")
+    X = torch.fft.rfftn(_fft_ready(as_dtype(x, rdt)), dim=tuple(range(-d, 0)), norm="forward")
     y = _irfftn(_torch_mix(X, weight, p), p)
     if bias is not None:
         y = y + as_dtype(bias.reshape((1, p.cout) + (1,) * d), rdt)
@@ -511,7 +529,7 @@ class _FFTMixFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: Problem, cfg):
         d = p.d
-        X = torch.fft.rfftn(x.to(torch.float32), dim=tuple(range(-d, 0)), norm="forward")
+        X = torch.fft.rfftn(_fft_ready(x.to(torch.float32)), dim=tuple(range(-d, 0)), norm="forward")
         W = weight.resolve_conj().contiguous()
         spec = torch.empty((p.batch, p.cout) + p.out_grid[:-1] + (_half(p.out_grid[-1]),), dtype=torch.complex64,
                            device=X.device)
@@ -539,7 +557,7 @@ class _FFTMixFn(torch.autograd.Function):
             return graph_grads(lambda x, w, b: _torch_run(p, x, w, b), (x, weight, bias), (need_x, need_w, need_b),
                                gy) + (None, None)
         d = p.d
-        R = torch.fft.rfftn(gy.to(torch.float32), dim=tuple(range(-d, 0)), norm="backward")
+        R = torch.fft.rfftn(_fft_ready(gy.to(torch.float32)), dim=tuple(range(-d, 0)), norm="backward")
         Rr = torch.view_as_real(R)
         in_full = p.grid[:-1] + (_half(p.grid[-1]),)
         out_full = p.out_grid[:-1] + (_half(p.out_grid[-1]),)
@@ -921,7 +939,7 @@ OP = register(Op(
              Target("2d-256-b32-c64-m32", "fwdbwd", "peak_memory", 0.5, ("neuraloperator", "neuralop-algorithm"))],
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _torch_mix, _gather, _contiguous, _irfftn,
-                                                             _freq_index, _half)))
+                                                             _fft_ready, _fft_grad_ready, _freq_index, _half)))
 if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
                    configs=_dft_cfgs, default_config=_dft_default,
@@ -933,7 +951,7 @@ if HAS_TRITON:
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),
                    sources=(_mix_kernel, _Spec, _mix, _FFTMixFn, _gather, _freq_index, _bin_counts, _scale_bins_,
-                            _mix_cfgs, _prune_mix, _fft_mix_run, _irfftn, _half)))
+                            _mix_cfgs, _prune_mix, _fft_mix_run, _irfftn, _fft_ready, _fft_grad_ready, _half)))
 
 
 # --------------------------------------------------------------------------- public API
@@ -1024,7 +1042,7 @@ def _spectral_resample(x: torch.Tensor, out: tuple) -> torch.Tensor:
     kept, the first k // 2 and the last ceil(k / 2) bins (frequencies -ceil(k/2) .. k//2 - 1); on the last,
     the first min of the two half-spectrum lengths."""
     axes = tuple(range(2, x.dim()))
-    X = torch.fft.rfftn(x.float(), dim=axes, norm="forward")
+    X = torch.fft.rfftn(_fft_ready(x.float()), dim=axes, norm="forward")
     spec = X.new_zeros(tuple(X.shape[:2]) + out[:-1] + (_half(out[-1]),))
     src, dst = [slice(None), slice(None)], [slice(None), slice(None)]
     for ax, (n_old, n_new) in enumerate(zip(X.shape[2:-1], out[:-1])):
@@ -1039,7 +1057,7 @@ def _spectral_resample(x: torch.Tensor, out: tuple) -> torch.Tensor:
     src = [s if isinstance(s, slice) else s.view([-1] + [1] * (d - 2 - i)) for i, s in enumerate(src[2:])]
     dst = [s if isinstance(s, slice) else s.view([-1] + [1] * (d - 2 - i)) for i, s in enumerate(dst[2:])]
     spec[(slice(None), slice(None), *dst)] = X[(slice(None), slice(None), *src)]
-    return torch.fft.irfftn(spec, s=out, dim=axes, norm="forward")
+    return _fft_grad_ready(torch.fft.irfftn(spec, s=out, dim=axes, norm="forward"))
 
 
 # --------------------------------------------------------------------------- factorized weights (TFNO)

@@ -133,15 +133,16 @@ def _assert_hermitian_planes(spec: torch.Tensor, n: int, **tol):
 
 
 def _graph_nodes(t: torch.Tensor) -> list:
-    seen, todo, names = set(), [t.grad_fn], []
+    """The autograd nodes ``t`` was made by."""
+    seen, todo, nodes = set(), [t.grad_fn], []
     while todo:
         fn = todo.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        names.append(type(fn).__name__)
+        nodes.append(fn)
         todo.extend(f for f, _ in fn.next_functions)
-    return names
+    return nodes
 
 
 @pytest.mark.parametrize("variant", ["torch", "fft_mix"])
@@ -152,7 +153,7 @@ def test_backward_gathers_the_kept_modes_without_copying_the_spectrum(variant, c
     projection outside the graph (its backward is the identity on irfftn's gradient: test below). The
     gradients themselves are checked against the reference in float64 elsewhere."""
     p, (x, w, b) = OP.make_inputs(case, "cpu", torch.float32, requires_grad=True)
-    names = _graph_nodes(OP.run_variant(variant, p, x, w, b))
+    names = [type(fn).__name__ for fn in _graph_nodes(OP.run_variant(variant, p, x, w, b))]
     assert "CopySlices" not in names and not any(n.startswith(("SelectBackward", "AsStridedBackward"))
                                                  for n in names), names
 
@@ -252,6 +253,51 @@ def test_inverse_transform_gets_a_hermitian_spectrum(monkeypatch, variant, case)
     assert seen, "irfftn was not called"
     expected = ref.spectral_conv(np64(x), np64(w), np64(b), p.out_grid)
     assert_close(y, expected, torch.float32, reduction(p), f"{variant} {case.name}")
+
+
+def _no_zero_stride(t, what):
+    assert all(st != 0 or n <= 1 for st, n in zip(t.stride(), t.shape)), f"{what}: zero stride {t.stride()}"
+
+
+@pytest.mark.parametrize("variant", ["torch"] + TRITON)
+@pytest.mark.parametrize("grid, modes, out", [((16,), (5,), None), ((8, 9), (4, 4), (10, 11)),
+                                              ((6, 5, 6), (3, 3, 3), None)], ids=["1d", "2d-resample", "3d"])
+def test_expanded_inputs_and_sum_gradients_reach_no_transform(monkeypatch, variant, grid, modes, out):
+    """torch 2.7's CPU FFT (MKL) rejects an input with a zero stride ("Inconsistent configuration parameters"),
+    and ``y.sum().backward()`` sends exactly that: an expanded gradient, which autograd's irfftn backward
+    transforms. Later torch copies such inputs itself, so the check is made here: on every transform opforge
+    calls and on every gradient autograd's FFT nodes receive. The input x is expanded too."""
+    for name in ("rfftn", "irfftn"):
+        real = getattr(torch.fft, name)
+
+        def strict(t, *args, _real=real, _name=name, **kwargs):
+            _no_zero_stride(t, f"torch.fft.{_name}'s input")
+            return _real(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.fft, name, strict)
+    d = len(grid)
+    x0 = torch.randn((1, 3) + (1,) * (d - 1) + grid[-1:], dtype=torch.float32, requires_grad=True)
+    x = x0.expand((2, 3) + grid)
+    w = torch.randn((3, 4) + modes, dtype=torch.complex64, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    with use_backend("torch" if variant == "torch" else "triton", spectral_conv=variant):
+        y = spectral_conv(x, w, b, output_shape=out)
+    fft_nodes = [n for n in _graph_nodes(y) if n.name().startswith("Fft")]
+    assert len(fft_nodes) == (2 if variant == "torch" else 0), [n.name() for n in fft_nodes]
+    for node in fft_nodes:
+        node.register_prehook(lambda grads, _n=node.name(): _no_zero_stride(grads[0], f"{_n}'s gradient"))
+    y.sum().backward()
+    out_grid = out or grid
+    g = np.ones((2, 4) + out_grid)
+    xs = np64(x)
+    expected = ref.spectral_conv(xs, np64(w), np64(b), out_grid)
+    dx, dw, db = ref.spectral_conv_vjp(xs, np64(w), np64(b), g, out_grid)
+    red = 3 * math.prod(grid)
+    assert_close(y, expected, torch.float32, red, f"{variant} forward")
+    assert_close(x0.grad, dx.sum(axis=(0,) + tuple(range(2, 1 + d)), keepdims=True), torch.float32, 2 * red,
+                 f"{variant} grad x")
+    assert_close(w.grad, dw, torch.float32, 2 * math.prod(out_grid), f"{variant} grad weight")
+    assert_close(b.grad, db, torch.float32, 2 * math.prod(out_grid), f"{variant} grad bias")
 
 
 def test_functional_dims_and_dispatch_on_cpu():
