@@ -37,10 +37,16 @@ HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4; before, tra
 
 
 def compile_mode() -> str:
+    """``OPFORGE_COMPILE``, checked. Run, not traced, when dynamo meets it (``_dynamo_marked_constant``, what
+    ``torch._dynamo.assume_constant_result`` sets, set here without importing torch._dynamo): a traced raise
+    reached the user of torch 2.7 as dynamo's "Observed exception", without this message."""
     mode = os.environ.get("OPFORGE_COMPILE", "auto").strip() or "auto"
     if mode not in COMPILE_MODES:
         raise ValueError(f"OPFORGE_COMPILE={mode!r} is not a compile mode; valid: {list(COMPILE_MODES)}")
     return mode
+
+
+compile_mode._dynamo_marked_constant = True
 
 
 def _exporting() -> bool:
