@@ -33,7 +33,6 @@ import torch
 from ._registry import _SHAPES_ONLY, dual_inputs, transforms_active
 
 COMPILE_MODES = ("auto", "op")
-HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4; before, traced calls keep the graph break
 
 
 def compile_mode() -> str:
@@ -64,7 +63,7 @@ def traced(*args) -> bool:
     """Should this call be the custom op? True while torch.compile or torch.export traces it, outside
     torch.func transforms and forward-mode AD, and (``OPFORGE_COMPILE=auto``) when it needs no gradient
     or is being exported."""
-    if not HAS_CUSTOM_OP or not torch.compiler.is_compiling() or transforms_active() or dual_inputs(args):
+    if not torch.compiler.is_compiling() or transforms_active() or dual_inputs(args):
         return False
     if compile_mode() == "op" or _exporting():
         return True
@@ -104,8 +103,6 @@ class GraphOp:
     def __init__(self, name: str, schema: str, eager: Callable, fake: Callable):
         self.name, self.eager = name, eager
         self.tensor_args = [bool(re.match(r"\s*Tensor\??\s", a)) for a in schema.split(",")]
-        if not HAS_CUSTOM_OP:
-            return
         lib = "opforge"
         self.op = torch.library.custom_op(f"{lib}::{name}", self._forward, mutates_args=(),
                                           schema=f"({schema}) -> Tensor")
