@@ -190,15 +190,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     kind = device.type
     if kind not in _AUTOCAST_DEVICES:  # autocast raises for other device types (meta)
         return None
-    try:
-        on = torch.is_autocast_enabled(kind)
-    except TypeError:  # torch < 2.4: no device argument
-        on = torch.is_autocast_cpu_enabled() if kind == "cpu" else kind == "cuda" and torch.is_autocast_enabled()
-    if not on:
-        return None
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(kind)
-    return torch.get_autocast_cpu_dtype() if kind == "cpu" else torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def no_autocast(device: torch.device):
