@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 from typing import Callable
 
@@ -49,14 +50,19 @@ compile_mode._dynamo_marked_constant = True
 
 
 def _exporting() -> bool:
-    """Is torch.export tracing? The flag torch.export sets is read directly: torch 2.11's dynamo folds
-    ``torch.compiler.is_exporting()`` to True under every torch.compile trace (2.13 reads the flag), which
-    made differentiated calls the recomputing node instead of the graph break."""
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    if isinstance(flag, bool):
-        return flag
-    f = getattr(torch.compiler, "is_exporting", None)
-    return bool(f and f())
+    """Is torch.export tracing? Run, not traced, under dynamo (as ``compile_mode``). The flag torch.export
+    sets is read directly: torch 2.11's dynamo folds ``torch.compiler.is_exporting()`` to True under every
+    torch.compile trace (2.13 reads the flag), which made differentiated calls the recomputing node instead
+    of the graph break. torch 2.7's strict export sets the flag only after its dynamo capture; there the
+    capturing translator says so (its ``export``), or a call needing a gradient met its graph break."""
+    if getattr(torch.compiler, "_is_exporting_flag", False) is True:
+        return True
+    dynamo = sys.modules.get("torch._dynamo.symbolic_convert")
+    tx = getattr(dynamo.tls, "current_tx", None) if dynamo is not None else None
+    return getattr(tx, "export", False) is True
+
+
+_exporting._dynamo_marked_constant = True
 
 
 def traced(*args) -> bool:

@@ -137,8 +137,7 @@ def _modules():
 
 def _strict_export_flags_its_trace() -> bool:
     """Does torch.export's strict (dynamo) capture run with the flag ``_graph_op._exporting`` reads set? Not
-    in torch 2.7, which sets it for the later AOT stage only; there the capture takes a differentiated call
-    for torch.compile's and meets its graph break (README, "torch.compile and torch.export")."""
+    in torch 2.7, which sets it for the later AOT stage only (``_exporting`` asks its dynamo translator)."""
     class Probe(torch.nn.Module):
         def forward(self, x):
             return x + 1 if torch.compiler._is_exporting_flag else x - 1
@@ -148,18 +147,16 @@ def _strict_export_flags_its_trace() -> bool:
 
 @pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
 @pytest.mark.parametrize("module, shape, dims", _modules())
-def test_export_with_a_dynamic_batch(module, shape, dims, strict, monkeypatch):
+def test_export_with_a_dynamic_batch(module, shape, dims, strict):
     """torch.export of every module, its batch size (and a spectral layer's grid) left dynamic: the program
     holds the opforge nodes and gives the module's output on other sizes. Non-strict and strict (dynamo)
-    capture, each torch's default in turn. Where strict capture cannot be recognised as an export (torch
-    2.7), a call needing a gradient fails there by default and exports with ``OPFORGE_COMPILE=op``; with the
-    batch alone dynamic, as that torch's dynamo guards the grid sizes above the minimums given here."""
+    capture, each torch's default in turn; the modules' parameters need a gradient, so that the capture must
+    be recognised as an export (``_graph_op._exporting``), which torch 2.7's strict capture is by its dynamo
+    translator, not by the flag. There the batch alone is dynamic: that dynamo guards the grid sizes above
+    the minimums given here."""
     module = module.double()
     x = torch.randn(shape, dtype=F64)
     if strict and not _strict_export_flags_its_trace():
-        with pytest.raises(Exception, match="marked as skipped"):
-            torch.export.export(module, (x,), dynamic_shapes=(dims,), strict=True)
-        monkeypatch.setenv("OPFORGE_COMPILE", "op")
         dims = {0: dims[0]}
     program = torch.export.export(module, (x,), dynamic_shapes=(dims,), strict=strict)
     nodes = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("opforge.")]
