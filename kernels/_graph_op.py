@@ -53,8 +53,9 @@ def _exporting() -> bool:
     """Is torch.export tracing? Run, not traced, under dynamo (as ``compile_mode``). The flag torch.export
     sets is read directly: torch 2.11's dynamo folds ``torch.compiler.is_exporting()`` to True under every
     torch.compile trace (2.13 reads the flag), which made differentiated calls the recomputing node instead
-    of the graph break. torch 2.7's strict export sets the flag only after its dynamo capture; there the
-    capturing translator says so (its ``export``), or a call needing a gradient met its graph break."""
+    of the graph break. torch 2.7's strict export sets the flag only after its dynamo capture, so during the
+    capture its translator's ``export`` is asked (without it a call needing a gradient met the graph break,
+    which an export refuses)."""
     if getattr(torch.compiler, "_is_exporting_flag", False) is True:
         return True
     dynamo = sys.modules.get("torch._dynamo.symbolic_convert")
