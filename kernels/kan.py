@@ -887,7 +887,10 @@ if HAS_TRITON:
         # would make every feature of the row NaN (NaN * 0). Such a column enters as 2^100 instead, which
         # marks its own feature's sum (no finite float32 gradient comes near 2^99), set to NaN after, as a
         # sum over the feature's own columns gives. A second 0/1 dot for the marks made the kernel spill.
-        v = tl.where((v - v) == 0.0, v, 1.2676506002282294e30)
+        # The finiteness test is |v| <= FLT_MAX (false for NaN and +-inf), not (v - v) == 0: compiled, v - v of
+        # v = dphi * t became fma(dphi, t, -v), the product's rounding error, rarely 0, which marked almost
+        # every column and made the whole gradient NaN on a GPU (the interpreter rounds each op).
+        v = tl.where(tl.abs(v) <= 3.4028234663852886e38, v, 1.2676506002282294e30)
         dx = tl.dot(v, sel, input_precision=PREC)
         dx = tl.where(tl.abs(dx) >= 6.338253001141147e29, float("nan"), dx)
         if HAS_BASE:
