@@ -121,6 +121,11 @@ def eager_under_compile(fn: Callable) -> Callable:
     return wrapper
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Is a CUDA graph being captured on the current stream, t being a GPU tensor (its values unreadable)?"""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @eager_under_compile  # under torch.compile too: a value check is a host read, not graph material
 def checked_once(t: torch.Tensor, check: Callable, *args):
     """``check(t, *args)`` -- a validation that reads t's values, so a host sync on a GPU -- run once per
@@ -132,20 +137,28 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     Writes through a NumPy view are invisible to torch and so to this cache. Inference tensors track no
     version: they are checked every call. So is a tensor seen through torch.func transforms (a vmap over
     stacked parameters), lane by lane (``lanes``); the lanes' common result is returned, None if they differ.
+    While a CUDA graph is being captured (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``) a
+    GPU tensor's values cannot be read (a sync is an error there): the remembered result is used if this
+    version was checked before, else nothing is checked and None (unknown) is returned. Such a graph replays
+    whatever values its inputs hold later, so a check at capture would not cover them either; the same call
+    run eagerly checks them.
     """
     if shapes_only() or t.is_meta:  # a custom op's fake implementation, meta tensors: no values (None: unknown)
         return None
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         results = [check(lane, *args) for lane in lanes(t)]
         return results[0] if all(r == results[0] for r in results) else None
+    capturing = _capturing(t)
     try:
         state = (t._version, t.data_ptr())
     except RuntimeError:  # inference tensors do not track a version counter
-        return check(t, *args)
+        return None if capturing else check(t, *args)
     key = (id(t), check, args)
     seen = _CHECKED.get(key)
     if seen is not None and seen[0]() is t and seen[1] == state:
         return seen[2]
+    if capturing:
+        return None
     result = check(t, *args)
     if len(_CHECKED) > 4096:  # drop the entries of tensors that are gone
         for k in [k for k, v in _CHECKED.items() if v[0]() is None]:

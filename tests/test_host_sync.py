@@ -119,6 +119,29 @@ def test_checked_once_sees_changes():
     assert checked_once(u, check, "a") == 2.0 and checked_once(u, check, "a") == 2.0 and len(calls) == 6
 
 
+
+def test_checked_once_reads_nothing_during_cuda_graph_capture(monkeypatch):
+    """Inside CUDA graph capture (_capturing, stood in for here: the GPU test of inductor's CUDA graphs in
+    test_graph_op runs the real one) a version checked before gives its remembered result, an unseen one is
+    not read and gives None; after capture it is checked as usual."""
+    from opforge.kernels import _registry
+
+    calls = []
+
+    def check(t):
+        calls.append(1)
+        return float(t.sum())
+
+    seen, unseen = torch.ones(3), torch.full((2,), 5.0)
+    assert checked_once(seen, check) == 3.0 and len(calls) == 1
+    monkeypatch.setattr(_registry, "_capturing", lambda t: True)
+    assert checked_once(seen, check) == 3.0 and checked_once(unseen, check) is None and len(calls) == 1
+    with torch.inference_mode():
+        inf = torch.ones(2)
+    assert checked_once(inf, check) is None and len(calls) == 1
+    monkeypatch.setattr(_registry, "_capturing", lambda t: False)
+    assert checked_once(unseen, check) == 10.0 and len(calls) == 2
+
 def test_edited_parameters_are_checked_again():
     layer = K.KANLinear(4, 3, grid_size=3)
     x = torch.randn(2, 4)
