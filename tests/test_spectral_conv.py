@@ -238,7 +238,9 @@ def test_irfftn_gradient_is_hermitian_on_the_self_conjugate_planes(device, dtype
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 def test_inverse_transform_gets_a_hermitian_spectrum(monkeypatch, variant, case):
     """c2r is defined only for Hermitian-consistent input (cuFFT's float32 path differed from numpy
-    otherwise): the self-conjugate planes handed to irfftn must satisfy S(k) = conj(S(-k))."""
+    otherwise): the self-conjugate planes handed to irfftn must satisfy S(k) = conj(S(-k)), in the forward
+    and in fft_mix's grad x (an inverse transform of the input-side spectrum, which cuFFT got wrong at 2D
+    256^2 with 32 modes on an H200 before it was projected too)."""
     seen = []
     real_irfftn = torch.fft.irfftn
 
@@ -248,11 +250,34 @@ def test_inverse_transform_gets_a_hermitian_spectrum(monkeypatch, variant, case)
         return real_irfftn(spec, s=s, dim=dim, norm=norm)
 
     monkeypatch.setattr(torch.fft, "irfftn", checking_irfftn)
-    p, (x, w, b) = OP.make_inputs(case, "cpu", torch.float32)
+    p, (x, w, b) = OP.make_inputs(case, "cpu", torch.float32, requires_grad=True)
     y = OP.run_variant(variant, p, x, w, b)
     assert seen, "irfftn was not called"
     expected = ref.spectral_conv(np64(x), np64(w), np64(b), p.out_grid)
     assert_close(y, expected, torch.float32, reduction(p), f"{variant} {case.name}")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    n_before = len(seen)
+    dx, = torch.autograd.grad(y, x, g)
+    assert len(seen) == n_before + (variant == "fft_mix")  # (the torch variant's grad x is autograd's own r2c)
+    want = ref.spectral_conv_vjp(np64(x), np64(w), np64(b), g.double().numpy(), p.out_grid)[0]
+    assert_close(dx, want, torch.float32, 2 * reduction(p), f"{variant} {case.name} grad x")
+
+
+@pytest.mark.parametrize("grid, out", [((8, 10), (12, 12)), ((12, 12), (8, 10)), ((6, 8, 10), (8, 6, 12))])
+def test_resampling_hands_irfftn_a_hermitian_spectrum(monkeypatch, grid, out):
+    """The resampling path keeps frequencies -k/2 .. k/2 - 1 of an even k (one mirror bin short): its
+    self-conjugate planes are projected before the c2r transform as well, and the result is numpy's."""
+    real_irfftn = torch.fft.irfftn
+
+    def checking_irfftn(spec, s=None, dim=None, norm=None):
+        _assert_hermitian_planes(spec, s[-1])
+        return real_irfftn(spec, s=s, dim=dim, norm=norm)
+
+    x = torch.randn((2, 3) + grid, dtype=torch.float64)
+    want = spectral_conv.__globals__["_spectral_resample"](x, out)
+    monkeypatch.setattr(torch.fft, "irfftn", checking_irfftn)
+    got = spectral_conv.__globals__["_spectral_resample"](x, out)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def _no_zero_stride(t, what):
