@@ -11,6 +11,7 @@ on a CPU (``~/.cache/keops<version>``); a formula compiled once is reused by lat
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 
@@ -36,8 +37,15 @@ def probe(device: str = "cpu", timeout: float = 300.0) -> tuple[bool, str]:
                               timeout=timeout)
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"the probe did not finish: {e!r}"
-    # what KeOps printed (its compiler and library lookups): the lead for making it work
-    return done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace").strip()[-1500:]
+    # what KeOps printed (its compiler and library lookups) and how the child ended (on the H200 image it
+    # printed only 'Generating code ...' before dying): the lead for making it work
+    said = (done.stdout + done.stderr).decode(errors="replace").strip()[-1500:]
+    rc = done.returncode
+    if rc != 0:
+        how = f"killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() \
+            else f"exit status {rc}"
+        said += f"\n[the probe process ended: {how}]"
+    return rc == 0, said
 
 
 def kernel_of_s(s, kernel: str, sqrt, exp):
