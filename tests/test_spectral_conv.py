@@ -873,6 +873,40 @@ def test_gpu_variants_match_reference(variant, dtype):
         assert_close(w.grad.cpu(), dw, dtype, p.batch * int(np.prod(p.out_grid)), f"{variant} {case.name} grad w")
 
 
+
+def _against_float64_torch(variant, case_name, device):
+    """``variant`` at a case in float32 against the torch variant in float64 on the same device, forward and
+    the gradients of x, weight and bias (the helper of the GPU test below; its logic runs on the CPU too)."""
+    case = next(c for c in OP.cases if c.name == case_name)
+    p, (x, w, b) = OP.make_inputs(case, device, torch.float32, requires_grad=True, seed=2)
+    g = torch.randn((p.batch, p.cout) + p.out_grid, generator=torch.Generator().manual_seed(3)).to(device)
+    y = OP.run_variant(variant, p, x, w, b)
+    got = [y.detach()] + list(torch.autograd.grad(y, (x, w, b), g))
+    del y
+    p64, (x64, w64, b64) = OP.make_inputs(case, device, torch.float64, requires_grad=True, seed=2)
+    y64 = OP.run_variant("torch", p64, x64, w64, b64)
+    want = [y64.detach()] + list(torch.autograd.grad(y64, (x64, w64, b64), g.double()))
+    red = reduction(p)
+    for what, a, e, r in zip(("forward", "grad x", "grad w", "grad bias"), got, want,
+                             (red, 2 * red, p.batch * math.prod(p.out_grid), p.batch * math.prod(p.out_grid))):
+        assert_close(a.cpu(), e.cpu().numpy(), torch.float32, r, f"{variant} {case_name} {what}")
+
+
+def test_float64_comparison_helper_on_the_cpu():
+    """The GPU test's helper, run here on a small case through the interpreter."""
+    for variant in TRITON:
+        _against_float64_torch(variant, SMALL[0].name, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", TRITON)
+@pytest.mark.parametrize("case_name", ["2d-256-b32-c64-m32", "2d-128-b8-c64-m64"])
+def test_gpu_variants_at_the_big_cases(variant, case_name):
+    """The sizes where cuFFT's float32 c2r transform differed from numpy's on non-Hermitian planes (an H100 in
+    the forward, an H200 in fft_mix's grad x, which the small cases above passed): every Triton variant
+    against the torch variant in float64 (cuFFT's float64 agreed with numpy there), forward and gradients."""
+    _against_float64_torch(variant, case_name, "cuda")
+
 def test_cached_frequency_indices_serve_every_later_call():
     """The kept-frequency indices are cached per (modes, size, device): one made under inference mode must
     still be savable by a later differentiated call, and fake tensors made while tracing are not kept."""
