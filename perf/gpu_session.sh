@@ -14,15 +14,17 @@
 # time runs out: compiled correctness first, then tuning, then headline timings at the tuned configs):
 #
 #   OPFORGE_COMMIT=<hash> CASE_SET=main PERF_DTYPES=float32 TUNE_DTYPES=float32 TUNE_MODES=fwdbwd \
-#     TEST_CPU=0 TEST_FUSED_BASE=0 TEST_LIMIT_S=120 TUNE_LIMIT_S=100 PERF_LIMIT_S=90 \
+#     TUNE_MODES_kernel_sum=fwd TEST_CPU=0 TEST_FUSED_BASE=0 TEST_LIMIT_S=120 TUNE_LIMIT_S=90 PERF_LIMIT_S=110 \
 #     bash perf/gpu_session.sh test tune perf
 #
-# (the GPU tests within 120 s, each op's main-case tuning within 100 s, each op's main-case perf suite within
-# 90 s with what is left). The tuner compiles every config's kernels in worker processes on the host's CPU
-# cores before it times them (autotune/precompile.py); compiled one at a time in the timing loop, the 118
-# forward + backward configs of the main cases would spend minutes compiling alone (the static table's
-# 0.3-2 s a kernel, several kernels a config), which is why tuning came last before. The tune log's
-# "first call" seconds per config say whether the precompiled kernels were found (not yet run on a GPU).
+# (the GPU tests within 120 s, each op's main-case tuning within 90 s, kernel sums for the forward call their
+# targets name, each op's main-case perf suite within 110 s with what is left). Run so on an H200 at commit
+# bde7c61 (BUDGET_S=565), it ended at 486 s: the tests took 83 s, the tuning 218 s (the kernel-sum training
+# call at 1e6 points cut at 100 s after 6 of 14 configs, about 2 s a call), the suites 175 s (the spectral one
+# cut at its 90 s). The tuner compiles every config's kernels in worker processes on the host's CPU
+# cores before it times them (autotune/precompile.py): there, 20 spectral configs in 31 s and 84 KAN ones in
+# about 30 s with 15 workers, after which 91 of the 100 timed configs' first calls took 0.00-0.04 s (found precompiled)
+# and a few 0.37-1.7 s (the process's first launch, a case's first config; a 1e6-point call itself runs 0.4 s).
 # With device time left on the still-warm machine, a second call: OPS=<op> ... bash perf/gpu_session.sh tune perf.
 #
 # Peers: `bash perf/peer_wheels.sh` here fills .whl/ (the wheels of ../shared/gpu-wheels plus opt_einsum and
@@ -90,7 +92,8 @@ tag=$(python3 -c "from opforge.kernels._triton import device_info; print(device_
 # The device gets a copy of the working tree whose git metadata can be older than the code: pass the
 # commit that runs as OPFORGE_COMMIT=<hash> so results files name it.
 # TUNE_DTYPES and PERF_DTYPES pick the dtypes of the tune and perf stages (default float32 bfloat16),
-# TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries), OPS the ops of
+# TUNE_MODES the tuned call kinds (default "fwd fwdbwd": inference and training entries; TUNE_MODES_<op> for
+# one op), TUNE_ARGS more `opforge tune` options (--interpret: the stage on a CPU, tests/test_cli.py), OPS the ops of
 # the tune and perf stages (default all three), CASE_SET their case set (gpu, the default, or main: the
 # issues' headline shapes), CASES case names within it, TEST_PATHS what the test stage runs (default: every
 # test file with GPU tests, the ops' own first), TEST_WORKERS the test processes sharing the GPU (default 8),
@@ -125,8 +128,9 @@ for stage in "${stages[@]}"; do
     tune)
       fits 60 || continue
       for op in ${OPS:-spectral_conv kan kernel_sum}; do
+        modes="TUNE_MODES_$op"  # TUNE_MODES_<op> (say TUNE_MODES_kernel_sum=fwd) overrides TUNE_MODES for one op
         TAIL=30 timed "${TUNE_LIMIT_S:-300}" python3 -m opforge.autotune.cli tune --op "$op" --dtype ${TUNE_DTYPES:-float32 bfloat16} \
-          --mode ${TUNE_MODES:-fwd fwdbwd} --cases "${CASE_SET:-gpu}" ${CASES:+--case $CASES} --out "$OUT/caches/$tag.json"
+          --mode ${!modes:-${TUNE_MODES:-fwd fwdbwd}} --cases "${CASE_SET:-gpu}" ${CASES:+--case $CASES} --out "$OUT/caches/$tag.json" ${TUNE_ARGS:-}
       done ;;
     perf)  # one suite per op, each under its own time limit; records accumulate in one results file
       fits 60 || continue
