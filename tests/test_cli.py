@@ -253,7 +253,6 @@ def _gpu_session(tmp_path, *stages, **env_over):
     return r, (tmp_path / "out" / "session.log").read_text()
 
 
-
 def test_gpu_session_tune_stage_takes_per_op_modes(tmp_path):
     """The tune stage end to end on a CPU (TUNE_ARGS=--interpret): TUNE_MODES_<op> overrides TUNE_MODES for that
     op (kernel sums tuned for the forward call their targets name), and the cache lands in $OUT/caches."""
@@ -264,6 +263,7 @@ def test_gpu_session_tune_stage_takes_per_op_modes(tmp_path):
     (cache_file,) = (tmp_path / "out" / "caches").glob("*.json")
     keys = [k for by_hash in json.loads(cache_file.read_text())["ops"]["kernel_sum"].values() for k in by_hash]
     assert keys and all(not k.endswith("|train") for k in keys), keys
+
 
 def test_gpu_session_script_runs_a_perf_stage_and_keeps_to_its_budget(tmp_path):
     """The one command a lent GPU gets (perf/gpu_session.sh) runs its perf stage end to end on a CPU: the

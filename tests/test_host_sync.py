@@ -119,7 +119,6 @@ def test_checked_once_sees_changes():
     assert checked_once(u, check, "a") == 2.0 and checked_once(u, check, "a") == 2.0 and len(calls) == 6
 
 
-
 def test_checked_once_reads_nothing_during_cuda_graph_capture(monkeypatch):
     """Inside CUDA graph capture (_capturing, stood in for here: the GPU test of inductor's CUDA graphs in
     test_graph_op runs the real one) a version checked before gives its remembered result, an unseen one is
@@ -141,6 +140,7 @@ def test_checked_once_reads_nothing_during_cuda_graph_capture(monkeypatch):
     assert checked_once(inf, check) is None and len(calls) == 1
     monkeypatch.setattr(_registry, "_capturing", lambda t: False)
     assert checked_once(unseen, check) == 10.0 and len(calls) == 2
+
 
 def test_edited_parameters_are_checked_again():
     layer = K.KANLinear(4, 3, grid_size=3)

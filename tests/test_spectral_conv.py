@@ -873,7 +873,6 @@ def test_gpu_variants_match_reference(variant, dtype):
         assert_close(w.grad.cpu(), dw, dtype, p.batch * int(np.prod(p.out_grid)), f"{variant} {case.name} grad w")
 
 
-
 def _against_float64_torch(variant, case_name, device):
     """``variant`` at a case in float32 against the torch variant in float64 on the same device, forward and
     the gradients of x, weight and bias (the helper of the GPU test below; its logic runs on the CPU too)."""
@@ -906,6 +905,7 @@ def test_gpu_variants_at_the_big_cases(variant, case_name):
     the forward, an H200 in fft_mix's grad x, which the small cases above passed): every Triton variant
     against the torch variant in float64 (cuFFT's float64 agreed with numpy there), forward and gradients."""
     _against_float64_torch(variant, case_name, "cuda")
+
 
 def test_cached_frequency_indices_serve_every_later_call():
     """The kept-frequency indices are cached per (modes, size, device): one made under inference mode must
