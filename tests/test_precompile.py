@@ -217,3 +217,51 @@ def test_default_jobs_leaves_a_core_and_4_gib_a_worker(monkeypatch):
         assert precompile.default_jobs() == jobs
     monkeypatch.undo()
     assert precompile._available_bytes() > 0  # read from /proc/meminfo (or sysconf) here
+
+
+# Every op's Triton variants at its small cases (float32, forward + backward, default configs) compiled for
+# sm_90, each kernel's PTX kept: the registers that FMA instructions write, and the float compares against an
+# exact 0 that read one of them
+_FMA_SCAN = textwrap.dedent(r"""
+    import json, re
+    from opforge.autotune import precompile
+    from opforge.kernels import get_op, registered_ops
+
+    fma = re.compile(r"fma\.rn\.f32\s+(%[rf]\d+),")
+    zero_test = re.compile(r"setp\.(?:eq|ne|equ|neu)\.f32\s+%p\d+,\s*(?:(%[rf]\d+),\s*0f00000000|0f00000000,\s*(%[rf]\d+));")
+    hits, kernels = [], set()
+
+    def on_launch(fn, grid, kwargs, kernel, seconds):
+        ptx = kernel.asm["ptx"]
+        kernels.add(fn.__name__)
+        written = set(fma.findall(ptx))
+        for a, b in zero_test.findall(ptx):
+            if (a or b) in written:
+                hits.append(fn.__name__)
+
+    tasks = []
+    for name in registered_ops():
+        op = get_op(name)
+        small = [c for c in op.cases if "small" in c.tags]
+        for t in precompile.plan(op, small, ["float32"], ["fwdbwd"]):
+            if (name,) + t[1:5] + (None,) not in tasks:
+                tasks.append((name,) + t[1:5] + (None,))  # each variant at its default config
+    with precompile.compile_only(90, 132, on_launch):
+        errors = [e for _, _, e in map(precompile._compile_task, tasks) if e]
+    print(json.dumps({"tasks": len(tasks), "errors": errors, "kernels": sorted(kernels), "hits": sorted(set(hits))}))
+""")
+
+
+def test_no_kernel_compares_an_fma_result_with_exact_zero(tmp_path):
+    """Compiled, Triton fuses a product and a sum into one FMA (FP fusion, its default), whose result is not
+    the rounded product's: ``(v - v) == 0`` on v = a * b became ``fma(a, b, -v) == 0``, the product's rounding
+    error, and the fused KAN grad x came back NaN on an H200 while every interpreter test passed (the
+    interpreter rounds each op). An exact test against 0 of an FMA's result is that hazard: no kernel of any
+    op, compiled for sm_90, has one (the old grad-x kernel fails this under Triton 3.3 and 3.9)."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", _FMA_SCAN], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["errors"] == [] and got["tasks"] > 10, got
+    assert {"_kan_dx_kernel", "_ksum_fwd_kernel", "_mix_kernel"} <= set(got["kernels"]), got["kernels"]
+    assert got["hits"] == [], f"kernels comparing an FMA result with exact 0: {got['hits']}"
