@@ -581,3 +581,37 @@ def test_torch_variants_run_in_deterministic_mode(op_name):
                 torch.use_deterministic_algorithms(False)
         for a, b in zip(*runs):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{op_name} {case.name}")
+
+
+@pytest.mark.parametrize("op_name", sorted(registered_ops()))
+def test_triton_variants_read_no_uninitialised_memory(op_name):
+    """On a CPU, fresh memory is mostly zeros, so a kernel that read an output or padding buffer it had not
+    written (``torch.empty``) would still pass the interpreter tests, and read garbage on a GPU. With
+    ``torch.utils.deterministic.fill_uninitialized_memory`` every ``empty`` is filled with NaN instead: each
+    Triton variant's small cases, forward and every gradient, stay finite and agree with the torch variant."""
+    import torch.utils.deterministic as det
+
+    op = get_op(op_name)
+    filled = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4).isnan().all()  # the setting is in force
+        for case in [c for c in op.cases if "small" in c.tags]:
+            p, args = op.make_inputs(case, "cpu", torch.float32, requires_grad=True, seed=1)
+            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            want = op.run_variant("torch", p, *args)
+            g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+            want = [want.detach(), *torch.autograd.grad(want, leaves, g)]
+            for v in op.triton_variants():
+                if v.why_not(p):
+                    continue
+                y = op.run_variant(v.name, p, *args)
+                got = [y.detach(), *torch.autograd.grad(y, leaves, g)]
+                for i, (a, b) in enumerate(zip(got, want)):
+                    assert torch.isfinite(a).all(), f"{op_name} {v.name} {case.name}: output {i} not finite"
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6,
+                                               msg=f"{op_name} {v.name} {case.name} output {i}")
+    finally:
+        det.fill_uninitialized_memory = filled
+        torch.use_deterministic_algorithms(False)
