@@ -615,3 +615,38 @@ def test_triton_variants_read_no_uninitialised_memory(op_name):
     finally:
         det.fill_uninitialized_memory = filled
         torch.use_deterministic_algorithms(False)
+
+
+def _nan_fenced(t, pad: int = 64):
+    """``t``'s values in the middle of a buffer whose other elements are NaN (a view of it, a leaf when ``t``
+    requires grad): a kernel reading past either end of the tensor reads NaN."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    buf = torch.full((t.numel() + 2 * pad,), float("nan"), dtype=t.dtype)
+    buf[pad:pad + t.numel()] = t.detach().reshape(-1)
+    out = buf[pad:pad + t.numel()].view(t.shape)
+    return out.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("op_name", sorted(registered_ops()))
+def test_triton_variants_read_nothing_past_their_inputs(op_name):
+    """The interpreter does not bounds-check a load (neither does a GPU, short of compute-sanitizer): every
+    input and the incoming gradient sit between NaN fences, and each Triton variant's small cases, forward and
+    gradients, stay finite and equal to the torch variant's on the same tensors."""
+    op = get_op(op_name)
+    for case in [c for c in op.cases if "small" in c.tags]:
+        p, args = op.make_inputs(case, "cpu", torch.float32, requires_grad=True, seed=1)
+        args = tuple(_nan_fenced(a) for a in args)
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        want = op.run_variant("torch", p, *args)
+        g = _nan_fenced(torch.randn(want.shape, generator=torch.Generator().manual_seed(2)))
+        want = [want.detach(), *torch.autograd.grad(want, leaves, g)]
+        for v in op.triton_variants():
+            if v.why_not(p):
+                continue
+            y = op.run_variant(v.name, p, *args)
+            got = [y.detach(), *torch.autograd.grad(y, leaves, g)]
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert torch.isfinite(a).all(), f"{op_name} {v.name} {case.name}: output {i} not finite"
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6,
+                                           msg=f"{op_name} {v.name} {case.name} output {i}")
