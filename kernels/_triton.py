@@ -175,6 +175,13 @@ INT32_MAX = 2**31 - 1
 GRID_YZ_MAX = 65535  # CUDA's limit on a launch grid's second and third dimensions
 
 
+# Options every kernel launch passes. FP fusion (a * b + c compiled as one FMA) stays on, as every Triton up
+# to 3.9 defaults to: the kernels were tuned, timed and checked on a GPU so (tests/test_precompile.py keeps them
+# free of the one hazard it brings, an exact test of an FMA's result against 0). Triton 3.9 warns at a
+# process's first compile that 3.10 turns the default off; a launch that names the option pins it and is not
+# warned about.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 def offsets_fit(**elements: int) -> str | None:
     """None when every named tensor's element count stays within 32-bit offsets, else why not (for a
     variant's ``supports``: dispatch then runs the torch variant)."""

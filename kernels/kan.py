@@ -67,7 +67,8 @@ from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dty
                         graph_grads, kept_tensor, no_autocast, number, positive_ints, register,
                         transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton, within_int32
+from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton,
+                      within_int32)
 
 __all__ = ["kan_linear", "KAN", "KANLinear", "FastKAN", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -1129,7 +1130,7 @@ class _FusedKAN(torch.autograd.Function):
             x.shape[0], p.cin, p.cout, p.k, NK, x.stride(0), x.stride(1), y.stride(0), y.stride(1), sGi,
             BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"], HAS_BASE=meta["HAS_BASE"],
             HAS_BIAS=bias is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg.get("BLOCK_IF", 32),
-            PREC=meta["PREC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            PREC=meta["PREC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
         ctx.save_for_backward(x, weight, base_weight)
         ctx.p, ctx.b, ctx.cfg, ctx.has_bias, ctx.prec = p, b, cfg, bias is not None, meta["PREC"]
         return y
@@ -1162,7 +1163,7 @@ class _FusedKAN(torch.autograd.Function):
                 dx.stride(0), dx.stride(1), sGi, BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"],
                 HAS_BASE=meta["HAS_BASE"], BLOCK_B=cfg["BLOCK_B"], BLOCK_O=_dx_chunk(cfg), BLOCK_C=bc,
                 FPBP=max(16, _pow2(fpb)), KP=meta["KP"], PREC=meta["PREC"], num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
+                num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
         if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p, cfg):
             bif = cfg.get("BLOCK_IF", 32)
             splits = _dw_splits(p, cfg, rows, x.device)
@@ -1176,7 +1177,7 @@ class _FusedKAN(torch.autograd.Function):
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi,
                 BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"], HAS_BASE=meta["HAS_BASE"],
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=bif, KC=p.k, PREC=meta["PREC"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
             if ctx.needs_input_grad[1]:
                 dw = _split_sum(part).to(weight.dtype)
             if ctx.needs_input_grad[2]:
@@ -1191,7 +1192,7 @@ class _FusedKAN(torch.autograd.Function):
             launch = (cdiv(p.cin, cfg["BLOCK_I"]), cdiv(p.cout, cfg["BLOCK_O"]), splits)
             _kan_dw_kernel[launch](
                 x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, per,
-                x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi, **meta)
+                x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi, **meta, **LAUNCH_OPTIONS)
             if ctx.needs_input_grad[1]:
                 dw = _split_sum(part)[..., : p.k].to(weight.dtype)
             if ctx.needs_input_grad[2]:

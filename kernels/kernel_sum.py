@@ -51,7 +51,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
                         graph_grads, no_autocast, number, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton
+from ._triton import GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
@@ -729,7 +729,7 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
     kid = _KID_GAUSS_NEG if kernel == "gaussian" and dims["DE"] > 0 else _KID[kernel]
     kernel_fn[grid](*tensors, dst, N, M, D, R, *strides, S, chunk, dst.stride(0) if S > 1 else 0, KERNEL=kid,
                     BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"], **dims)
+                    num_stages=cfg["num_stages"], **dims, **LAUNCH_OPTIONS)
     if S > 1:
         out.copy_(dst.sum(0))
     return out

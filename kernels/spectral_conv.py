@@ -47,7 +47,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, number,
                         positive_ints, register, variant_backward)
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, TRITON_MISSING, cdiv, offsets_fit, tl, triton
+from ._triton import HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, tl, triton
 
 __all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
 
@@ -471,7 +471,7 @@ def _mix(a: _Spec, b: _Spec, out: _Spec, R, S, O, modes, conj_a, conj_b, zero_fi
         m3[0], m3[1], m3[2], n_mix, tiles_r, tiles_o, n_zero,
         CONJ_A=conj_a, CONJ_B=conj_b, ZERO_FILL=zero_fill,
         BLOCK_R=BR, BLOCK_O=BO, BLOCK_S=BS, ZBLOCK=zblock, PREC=prec,
-        num_warps=cfg.get("num_warps", 4),
+        num_warps=cfg.get("num_warps", 4), **LAUNCH_OPTIONS,
     )
 
 
@@ -666,7 +666,7 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
         sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], bias_div, bias_n,
         SWAP=a2 is not None, HAS_BIAS=bias is not None,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec,
-        num_warps=warps, num_stages=cfg.get("num_stages", 2),
+        num_warps=warps, num_stages=cfg.get("num_stages", 2), **LAUNCH_OPTIONS,
     )
 
 
