@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _registry
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
                         graph_grads, kept_tensor, no_autocast, number, positive_ints, register,
@@ -89,6 +90,8 @@ class Problem(ProblemBase):
     has_base: bool
     dtype: torch.dtype
     device: torch.device
+    # B-spline knots first seen while a CUDA graph is captured: their values (so their spacing) are unread
+    knots_unread: bool = False
 
     @property
     def key(self) -> str:
@@ -1213,6 +1216,11 @@ def _fused_supports(p: Problem) -> str | None:
         return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
     if p.cin > GRID_YZ_MAX:  # grad x launches feature blocks on the grid's second dimension (one a block at worst)
         return f"fused takes at most {GRID_YZ_MAX} input features (CUDA's grid limit), got {p.cin}"
+    if p.knots_unread:
+        # the kernel for knots of unknown spacing may not be the one the warm-up call loaded, and a Triton kernel
+        # cannot be loaded during capture (cuModuleLoadData is refused there)
+        return ("fused needs the B-spline knots' spacing, which cannot be read during CUDA graph capture of knots "
+                "not seen before (the torch variant runs; warm up with the same knot tensor to capture the kernel)")
     # rows and weights are indexed with 32-bit offsets (the grad-W split partials with 64-bit ones)
     return offsets_fit(x=p.rows * p.cin, y=p.rows * p.cout, weight=p.cout * p.cin * max(2, _pow2(p.k)))
 
@@ -1292,9 +1300,9 @@ def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
 
 
 # --------------------------------------------------------------------------- checks and the public API
-def _check_grid(grid: torch.Tensor, cin: int, order: int) -> int:
-    """Validate B-spline knots [in, G + 2p + 1]; returns how evenly they are spaced (``_validate_knots``; 0
-    where the values cannot be read: fake and meta tensors).
+def _check_grid(grid: torch.Tensor, cin: int, order: int) -> int | None:
+    """Validate B-spline knots [in, G + 2p + 1]; returns how evenly they are spaced (``_validate_knots``; None
+    where the values cannot be read: fake and meta tensors, and unseen knots during CUDA graph capture).
 
     The values are checked once per version of the tensor (``checked_once``: a module's grid changes only
     through update_grid or load_state_dict), so the forward pass does not synchronise with the GPU every call.
@@ -1304,7 +1312,7 @@ def _check_grid(grid: torch.Tensor, cin: int, order: int) -> int:
                          f"{None if not isinstance(grid, torch.Tensor) else tuple(grid.shape)}")
     if grid.shape[1] < 2 * order + 2:
         raise ValueError(f"grid has {grid.shape[1]} knots per feature; order {order} needs at least {2 * order + 2}")
-    return checked_once(grid, _validate_knots) or 0
+    return checked_once(grid, _validate_knots)
 
 
 def _validate_knots(grid: torch.Tensor) -> int:
@@ -1357,13 +1365,15 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
     if bias is not None and bias.numel() != cout:
         raise ValueError(f"bias must have out={cout} elements, got shape {tuple(bias.shape)}")
     b = _Basis(basis)
-    uniform, order = False, 0
+    uniform, order, unread = False, 0, False
     if basis == "bspline":
         if not isinstance(spline_order, int) or spline_order < 0:
             raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
         if grid is None:
             raise ValueError("basis='bspline' needs grid= (knots [in, G + 2*order + 1])")
-        b.even = _check_grid(grid, cin, spline_order)
+        even = _check_grid(grid, cin, spline_order)
+        b.even = even or 0  # unknown spacing: the forms and kernels for any knots
+        unread = even is None and _registry._capturing(grid)
         uniform = b.even >= 1
         if grid.shape[1] - 1 - spline_order != K:
             raise ValueError(f"weight has K={K} bases per feature but grid with {grid.shape[1]} knots and order "
@@ -1386,7 +1396,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
         b.grid_size = K // 2
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), cin)
-    p = Problem(x2.shape[0], cin, cout, K, basis, order, uniform, base_weight is not None, x.dtype, x.device)
+    p = Problem(x2.shape[0], cin, cout, K, basis, order, uniform, base_weight is not None, x.dtype, x.device, unread)
     return p, b, x2, lead
 
 

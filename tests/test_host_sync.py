@@ -142,6 +142,30 @@ def test_checked_once_reads_nothing_during_cuda_graph_capture(monkeypatch):
     assert checked_once(unseen, check) == 10.0 and len(calls) == 2
 
 
+
+def test_kan_knots_first_seen_during_capture_leave_the_fused_kernel(monkeypatch):
+    """During CUDA graph capture (stood in for, as above) B-spline knots checked before keep their spacing, and
+    the fused kernel; knots not seen before have no known spacing, and a kernel other than the warm-up's could
+    not be loaded there (cuModuleLoadData is refused during capture), so the fused variant declines them and
+    the torch variant runs, for knots of any spacing."""
+    import importlib
+
+    from opforge.kernels import _registry
+
+    kan = importlib.import_module("opforge.kernels.kan")
+    fused = K.get_op("kan").variants["fused"]
+    x, w = torch.randn(5, 3), torch.randn(4, 3, 6)
+    seen = torch.linspace(-2.2, 2.2, 10).expand(3, -1).contiguous()  # evenly spaced knots
+    unseen = seen.clone()
+    p0 = kan._prepare(x, w, "bspline", None, None, seen, 3, None, None)[0]
+    monkeypatch.setattr(_registry, "_capturing", lambda t: True)
+    p1 = kan._prepare(x, w, "bspline", None, None, seen, 3, None, None)[0]
+    p2 = kan._prepare(x, w, "bspline", None, None, unseen, 3, None, None)[0]
+    assert p0.uniform and p1 == p0 and not p1.knots_unread and fused.why_not(p1) is None
+    assert p2.knots_unread and not p2.uniform and "capture" in fused.why_not(p2)
+    monkeypatch.setattr(_registry, "_capturing", lambda t: False)
+    assert kan._prepare(x, w, "bspline", None, None, unseen, 3, None, None)[0] == p0  # read once capture is over
+
 def test_edited_parameters_are_checked_again():
     layer = K.KANLinear(4, 3, grid_size=3)
     x = torch.randn(2, 4)
