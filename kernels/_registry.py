@@ -148,16 +148,15 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         results = [check(lane, *args) for lane in lanes(t)]
         return results[0] if all(r == results[0] for r in results) else None
-    capturing = _capturing(t)
     try:
         state = (t._version, t.data_ptr())
     except RuntimeError:  # inference tensors do not track a version counter
-        return None if capturing else check(t, *args)
+        return None if _capturing(t) else check(t, *args)
     key = (id(t), check, args)
     seen = _CHECKED.get(key)
     if seen is not None and seen[0]() is t and seen[1] == state:
         return seen[2]
-    if capturing:
+    if _capturing(t):
         return None
     result = check(t, *args)
     if len(_CHECKED) > 4096:  # drop the entries of tensors that are gone
