@@ -68,8 +68,8 @@ from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dty
                         graph_grads, kept_tensor, no_autocast, number, positive_ints, register,
                         transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton,
-                      within_int32)
+from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count, split_tf32,
+                      tl, triton, within_int32)
 
 __all__ = ["kan_linear", "KAN", "KANLinear", "FastKAN", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -533,6 +533,7 @@ def _plain_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
 
 # --------------------------------------------------------------------------- Triton variant
 if HAS_TRITON:
+    from ._triton import SPLIT_SOURCES, dot3, tf32_hi_lo
 
     @triton.jit
     def _knot(GRID, row, j, NK):
@@ -717,20 +718,34 @@ if HAS_TRITON:
         return j, v0, v1, v2, v3
 
     @triton.jit
+    def _wdot(acc, a, w_ptr, wl_ptr, w_mask, PREC: tl.constexpr, PRESPLIT: tl.constexpr):
+        """acc + a @ the weight tile at ``w_ptr``: with PRESPLIT, 3xTF32 on the weight split on the host (its
+        low part at ``wl_ptr``; ``dot3``), else one dot at PREC."""
+        w = tl.load(w_ptr, mask=w_mask, other=0.0)
+        if PRESPLIT:
+            a_hi, a_lo = tf32_hi_lo(a)
+            acc = dot3(acc, a_hi, a_lo, w, tl.load(wl_ptr, mask=w_mask, other=0.0))
+        else:
+            acc = tl.dot(a, w.to(tl.float32), acc, input_precision=PREC)
+        return acc
+
+    @triton.jit
     def _kan_fwd_kernel(
-        X, W3, WBT, BIAS, Y, GRID, CENT, width,
+        X, W3, W3L, WBT, BIAS, Y, GRID, CENT, width,
         B, I, O, K, NK,
         sXb, sXi, sYb, sYo, sGi,
         BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, PRESPLIT: tl.constexpr,
     ):
-        """y[b, o] = sum_i sum_k phi_k(x[b, i]) W3[k, i, o]  (+ sum_i silu(x[b, i]) WBT[i, o] + bias[o]).
+        """y[b, o] = sum_i sum_k phi_k(x[b, i]) W3[k, o, i]  (+ sum_i silu(x[b, i]) WBT[i, o] + bias[o]).
 
         One tl.dot per basis function k: phi_k of the [rows, BLOCK_I] tile of x is a 2-D tile made in
         registers (O(1) work per k: a recurrence in k for Chebyshev and Fourier) times the [BLOCK_I, out]
-        tile of W3 = W laid out [k, i, o] (o-contiguous: vector loads). The k loop is the inner loop (its
-        weight loads are the pipelined ones); no padding of K, no [rows, in, K] tile, no reshape.
+        tile of W3 = W laid out [k, o, i] (i-contiguous: the tile is k-major for the tensor cores, loaded
+        from shared memory by ldmatrix, where o-contiguous tiles took a scalar load per element). The k loop
+        is the inner loop (its weight loads are the pipelined ones); no padding of K, no [rows, in, K] tile,
+        no reshape. PRESPLIT (3xTF32): W3 is the host split's high part and W3L its low part (``dot3``).
         """
         pid_b = tl.program_id(0)
         pid_o = tl.program_id(1)
@@ -745,8 +760,11 @@ if HAS_TRITON:
             # masked features: x = 0 and zero weight rows, so their (finite) basis values add nothing
             x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
             x = x.to(tl.float32)
-            w_ptr = W3 + ii[:, None].to(tl.int64) * O + oo[None, :]
+            w_off = oo[None, :].to(tl.int64) * I + ii[:, None]
+            w_ptr = W3 + w_off
+            wl_ptr = W3L + w_off
             w_mask = i_mask[:, None] & o_mask[None, :]
+            kstep = O * I  # W3's stride between basis functions
             if BASIS == 3:  # fourier: (cos jx, sin jx), j = 1..G, by angle addition from (cos x, sin x)
                 c1 = tl.cos(x)
                 s1 = tl.sin(x)
@@ -754,10 +772,9 @@ if HAS_TRITON:
                 sj = s1
                 G = K // 2
                 for j in range(0, G):
-                    wc = tl.load(w_ptr + j * I * O, mask=w_mask, other=0.0)
-                    acc += tl.dot(cj, wc.to(tl.float32), input_precision=PREC)
-                    ws = tl.load(w_ptr + (G + j) * I * O, mask=w_mask, other=0.0)
-                    acc += tl.dot(sj, ws.to(tl.float32), input_precision=PREC)
+                    acc = _wdot(acc, cj, w_ptr + j * kstep, wl_ptr + j * kstep, w_mask, PREC, PRESPLIT)
+                    acc = _wdot(acc, sj, w_ptr + (G + j) * kstep, wl_ptr + (G + j) * kstep, w_mask, PREC,
+                                PRESPLIT)
                     cn = cj * c1 - sj * s1
                     sj = sj * c1 + cj * s1
                     cj = cn
@@ -768,28 +785,24 @@ if HAS_TRITON:
                 t_k = tl.zeros(x.shape, dtype=tl.float32) + 1.0
                 t_next = t
                 for k in range(0, K):
-                    wk = tl.load(w_ptr + k * I * O, mask=w_mask, other=0.0)
-                    acc += tl.dot(t_k, wk.to(tl.float32), input_precision=PREC)
+                    acc = _wdot(acc, t_k, w_ptr + k * kstep, wl_ptr + k * kstep, w_mask, PREC, PRESPLIT)
                     t_after = 2.0 * t * t_next - t_k
                     t_k = t_next
                     t_next = t_after
             elif BASIS == 1:  # rbf
                 for k in range(0, K):
                     z = (x - tl.load(CENT + k)) / width
-                    wk = tl.load(w_ptr + k * I * O, mask=w_mask, other=0.0)
-                    acc += tl.dot(tl.exp(-z * z), wk.to(tl.float32), input_precision=PREC)
+                    acc = _wdot(acc, tl.exp(-z * z), w_ptr + k * kstep, wl_ptr + k * kstep, w_mask, PREC, PRESPLIT)
             elif UNIFORM and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
                 j, v0, v1, v2, v3 = _cardinal_local(x, GRID, ii, i_mask, sGi, NK, ORDER)
                 for k in range(0, K):
-                    wk = tl.load(w_ptr + k * I * O, mask=w_mask, other=0.0)
-                    acc += tl.dot(_local_pick(j, k, v0, v1, v2, v3, ORDER), wk.to(tl.float32),
-                                  input_precision=PREC)
+                    acc = _wdot(acc, _local_pick(j, k, v0, v1, v2, v3, ORDER), w_ptr + k * kstep,
+                                wl_ptr + k * kstep, w_mask, PREC, PRESPLIT)
             else:  # bspline, general knots: the knot interval by search, then the local de Boor triangle
                 j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, ii, i_mask, sGi, NK, ORDER, UNIFORM)
                 for k in range(0, K):
-                    wk = tl.load(w_ptr + k * I * O, mask=w_mask, other=0.0)
-                    acc += tl.dot(_local_pick(j, k, v0, v1, v2, v3, ORDER), wk.to(tl.float32),
-                                  input_precision=PREC)
+                    acc = _wdot(acc, _local_pick(j, k, v0, v1, v2, v3, ORDER), w_ptr + k * kstep,
+                                wl_ptr + k * kstep, w_mask, PREC, PRESPLIT)
             if HAS_BASE:
                 sx = x / (1.0 + tl.exp(-x))
                 wb = tl.load(WBT + ii[:, None] * O + oo[None, :], mask=w_mask, other=0.0)
@@ -840,12 +853,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _kan_dx_kernel(
-        X, GY, WF, WB, DX, GRID, CENT, width,
+        X, GY, GYL, WF, WFL, WB, DX, GRID, CENT, width,
         B, I, O, K, G, NK, FPB, sWo,
         sXb, sXi, sGb, sGo, sWBo, sWBi, sDb, sDi, sGi,
         BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, FPBP: tl.constexpr,
-        KP: tl.constexpr, PREC: tl.constexpr,
+        KP: tl.constexpr, PREC: tl.constexpr, PRESPLIT: tl.constexpr,
     ):
         """dx[b, i] = sum_k phi'_k(x[b, i]) (dy @ W[:, i, k])[b]  (+ silu'(x) (dy @ Wb)[b, i]).
 
@@ -853,7 +866,9 @@ if HAS_TRITON:
         FPB * K columns (Chebyshev's K = 9 fills 63 of 64, where k padded to a power of two took 16 per
         feature), applies phi' per column (``_dphi_cols``) and sums each feature's K columns with a 0/1 matrix
         on the tensor cores. WF is W laid out [o, feature block, BLOCK_C] (``_blocked_weight``): each
-        program's columns start 16-byte aligned."""
+        program's columns start 16-byte aligned. PRESPLIT (3xTF32): GY and WF are the host split's high parts
+        of dy and W, GYL and WFL their low parts (``dot3``; every feature block's program loads the same dy). Under 3xTF32 the 0/1 matrix, exact in TF32, takes two products (the columns'
+        high and low parts), not Triton's three."""
         pid_b = tl.program_id(0)
         pid_i = tl.program_id(1)
         rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -872,12 +887,19 @@ if HAS_TRITON:
         for o0 in range(0, O, BLOCK_O):
             oo = o0 + tl.arange(0, BLOCK_O)
             o_mask = oo < O
-            g = tl.load(GY + rb[:, None] * sGb + oo[None, :] * sGo, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
+            g_off = rb[:, None] * sGb + oo[None, :] * sGo
+            g = tl.load(GY + g_off, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
             g = g.to(tl.float32)
             # no column mask: the blocked layout is zero past each block's FPB * K columns and past feature I,
             # so the loads stay 16-byte vectors
-            wt = tl.load(WF + oo[:, None].to(tl.int64) * sWo + col[None, :], mask=o_mask[:, None], other=0.0)
-            t += tl.dot(g, wt.to(tl.float32), input_precision=PREC)
+            w_off = oo[:, None].to(tl.int64) * sWo + col[None, :]
+            wt = tl.load(WF + w_off, mask=o_mask[:, None], other=0.0)
+            if PRESPLIT:
+                g_lo = tl.load(GYL + g_off, mask=b_mask[:, None] & o_mask[None, :], other=0.0)
+                t = dot3(t, g, g_lo, wt, tl.load(WFL + w_off, mask=o_mask[:, None], other=0.0))
+                g = g + g_lo  # dy itself (to 2^-22) for the base path's product below
+            else:
+                t += tl.dot(g, wt.to(tl.float32), input_precision=PREC)
             if HAS_BASE:
                 wb = tl.load(WB + oo[:, None] * sWBo + fj[None, :] * sWBi, mask=o_mask[:, None] & f_ok[None, :],
                              other=0.0)
@@ -895,7 +917,11 @@ if HAS_TRITON:
         # v = dphi * t became fma(dphi, t, -v), the product's rounding error, rarely 0, which marked almost
         # every column and made the whole gradient NaN on a GPU (the interpreter rounds each op).
         v = tl.where(tl.abs(v) <= 3.4028234663852886e38, v, 1.2676506002282294e30)
-        dx = tl.dot(v, sel, input_precision=PREC)
+        if PREC == "tf32x3":
+            v_hi, v_lo = tf32_hi_lo(v)
+            dx = tl.dot(v_hi, sel, tl.dot(v_lo, sel, input_precision="tf32"), input_precision="tf32")
+        else:
+            dx = tl.dot(v, sel, input_precision=PREC)
         dx = tl.where(tl.abs(dx) >= 6.338253001141147e29, float("nan"), dx)
         if HAS_BASE:
             xf = tl.load(X + rb[:, None] * sXb + fj[None, :] * sXi, mask=b_mask[:, None] & f_ok[None, :], other=0.0)
@@ -950,15 +976,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _kan_dwk_kernel(
-        X, GY, DW, DWB, GRID, CENT, width,
+        X, GY, GYL, DW, DWB, GRID, CENT, width,
         B, I, O, K, NK, rows_per_split,
         sXb, sXi, sGb, sGo, sGi,
         BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr,
+        PRESPLIT: tl.constexpr,
     ):
         """Partial sums over one batch split for one basis function k (program axis 2 = split x slots + k):
         DW[split, o, i, k] = sum_b dy[b, o] phi_k(x[b, i]) as dy^T @ phi_k on [out, in-block] tiles, the
-        slot k = K (with HAS_BASE) giving DWB[split, o, i] = sum_b dy[b, o] silu(x[b, i])."""
+        slot k = K (with HAS_BASE) giving DWB[split, o, i] = sum_b dy[b, o] silu(x[b, i]). PRESPLIT (3xTF32):
+        GY is dy's high part from the host split, GYL its low part (every (in, k) program loads the same dy
+        tiles: ``dot3``)."""
         pid_i = tl.program_id(0)
         pid_o = tl.program_id(1)
         slots = K + HAS_BASE
@@ -981,7 +1010,14 @@ if HAS_TRITON:
                     phi = _phi_k(x, k, ii, i_mask, GRID, sGi, NK, CENT, width, K, BASIS, ORDER, UNIFORM, KC)
             else:
                 phi = _phi_k(x, k, ii, i_mask, GRID, sGi, NK, CENT, width, K, BASIS, ORDER, UNIFORM, KC)
-            acc += tl.dot(tl.trans(g), phi, input_precision=PREC)
+            if PRESPLIT:
+                rb = b0 + tl.arange(0, BLOCK_B)
+                g_lo = tl.load(GYL + rb[:, None] * sGb + oo[None, :] * sGo,
+                               mask=((rb < B) & (rb < start + rows_per_split))[:, None] & o_mask[None, :], other=0.0)
+                phi_hi, phi_lo = tf32_hi_lo(phi)
+                acc = dot3(acc, tl.trans(g), tl.trans(g_lo), phi_hi, phi_lo)
+            else:
+                acc += tl.dot(tl.trans(g), phi, input_precision=PREC)
         w_mask = o_mask[:, None] & i_mask[None, :]
         if k < K:  # DW partial laid out [split, O, I, K]
             base = DW + split.to(tl.int64) * O * I * K
@@ -1077,6 +1113,15 @@ def _blocked_weight(weight: torch.Tensor, fpb: int, bc: int) -> torch.Tensor:
     return out
 
 
+def _presplit(cfg: dict, prec: str, w: torch.Tensor) -> bool:
+    """Split the float32 weight for 3xTF32 once on the host (``split_tf32``) instead of in every program that
+    loads a tile of it (config PRESPLIT, on by default). Compiled for sm_90 with Triton 3.6 (main shapes,
+    perf/inspect_kernels.py) the forward's loop over basis functions takes 288 instructions per k for 408
+    with Triton's "tf32x3" (the same 48 tensor-core ones: no per-tile split of W, no NaN patch of the
+    correction terms), at twice the weight bytes read per tile; not yet timed on a GPU, hence the knob."""
+    return prec == "tf32x3" and w.dtype == torch.float32 and bool(cfg.get("PRESPLIT", 1))
+
+
 def _dx_chunk(cfg: dict) -> int:
     """Outputs summed per step of the grad-x loop: the config's out tile, at most 64. The forward gains from
     128-wide out tiles (half the basis evaluations); compiled for sm_90 (Triton 3.6) the grad-x kernel spilled
@@ -1123,17 +1168,21 @@ class _FusedKAN(torch.autograd.Function):
     def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
         grid, cent, width, NK, sGi = _basis_args(p, b, x)
         meta = _meta(p, cfg, p.precision)
-        # the weights o-contiguous: W3 [k, i, o] and Wb^T [i, o] (one small copy each per call)
-        W3 = weight.permute(2, 1, 0).contiguous()
+        # W3 [k, o, i] (one small copy per call; split for 3xTF32 once here, not in every program: _presplit)
+        # and Wb^T [i, o]
+        W3 = weight.permute(2, 0, 1).contiguous()
+        presplit = _presplit(cfg, meta["PREC"], W3)
+        W3, W3L = split_tf32(W3) if presplit else (W3, W3)
         WBT = base_weight.t().contiguous() if base_weight is not None else W3
         y = torch.empty((x.shape[0], p.cout), dtype=p.dtype, device=x.device)
         launch = (cdiv(x.shape[0], cfg["BLOCK_B"]), cdiv(p.cout, cfg["BLOCK_O"]))
         _kan_fwd_kernel[launch](
-            x, W3, WBT, bias if bias is not None else W3, y, grid, cent, width,
+            x, W3, W3L, WBT, bias if bias is not None else W3, y, grid, cent, width,
             x.shape[0], p.cin, p.cout, p.k, NK, x.stride(0), x.stride(1), y.stride(0), y.stride(1), sGi,
             BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"], HAS_BASE=meta["HAS_BASE"],
             HAS_BIAS=bias is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg.get("BLOCK_IF", 32),
-            PREC=meta["PREC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
+            PREC=meta["PREC"], PRESPLIT=presplit, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **LAUNCH_OPTIONS)
         ctx.save_for_backward(x, weight, base_weight)
         ctx.p, ctx.b, ctx.cfg, ctx.has_bias, ctx.prec = p, b, cfg, bias is not None, meta["PREC"]
         return y
@@ -1150,6 +1199,10 @@ class _FusedKAN(torch.autograd.Function):
             return dx, dw, dwb, dbias, None, None, None
         gy = gy.contiguous()
         grid, cent, width, NK, sGi = _basis_args(p, b, x)
+        # dy split once for 3xTF32 (_presplit) for both the grad-x and the per-k grad-W kernel
+        presplit = (_presplit(cfg, ctx.prec, gy) and weight.dtype == torch.float32
+                    and (ctx.needs_input_grad[0] or (any(ctx.needs_input_grad[1:3]) and _dw_per_k(p, cfg))))
+        GY, GYL = split_tf32(gy) if presplit else (gy, gy)
         rows = x.shape[0]
         meta = _meta(p, cfg, ctx.prec)
         dx = dw = dwb = dbias = None
@@ -1157,15 +1210,16 @@ class _FusedKAN(torch.autograd.Function):
             bc = cfg["BLOCK_I"] * meta["KP"]
             fpb = bc // p.k
             WF = _blocked_weight(weight, fpb, bc)
+            WF, WFL = split_tf32(WF) if presplit else (WF, WF)
             wb = base_weight if base_weight is not None else WF
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             launch = (cdiv(rows, cfg["BLOCK_B"]), cdiv(p.cin, fpb))
             _kan_dx_kernel[launch](
-                x, gy, WF, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, fpb, WF.stride(0),
+                x, GY, GYL, WF, WFL, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, fpb, WF.stride(0),
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), wb.stride(0), wb.stride(1),
                 dx.stride(0), dx.stride(1), sGi, BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"],
                 HAS_BASE=meta["HAS_BASE"], BLOCK_B=cfg["BLOCK_B"], BLOCK_O=_dx_chunk(cfg), BLOCK_C=bc,
-                FPBP=max(16, _pow2(fpb)), KP=meta["KP"], PREC=meta["PREC"], num_warps=cfg["num_warps"],
+                FPBP=max(16, _pow2(fpb)), KP=meta["KP"], PREC=meta["PREC"], PRESPLIT=presplit, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
         if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p, cfg):
             bif = cfg.get("BLOCK_IF", 32)
@@ -1176,11 +1230,11 @@ class _FusedKAN(torch.autograd.Function):
             partb = torch.empty((splits, p.cout, p.cin), dtype=torch.float32, device=x.device) if p.has_base else part
             launch = (cdiv(p.cin, bif), cdiv(p.cout, cfg["BLOCK_O"]), splits * (p.k + p.has_base))
             _kan_dwk_kernel[launch](
-                x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, NK, per,
+                x, GY, GYL, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, NK, per,
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi,
                 BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"], HAS_BASE=meta["HAS_BASE"],
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=bif, KC=p.k, PREC=meta["PREC"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
+                PRESPLIT=presplit, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
             if ctx.needs_input_grad[1]:
                 dw = _split_sum(part).to(weight.dtype)
             if ctx.needs_input_grad[2]:
@@ -1227,9 +1281,10 @@ def _fused_supports(p: Problem) -> str | None:
 
 def _fused_cfgs(p: Problem) -> list[dict]:
     """(rows, out) tiles x, per tile: the forward/grad-W feature block BLOCK_IF 16 or 32 at the default
-    grad-x block, and the other grad-x block (BLOCK_I x K spanning 32 or 64) at BLOCK_IF 32. Out tiles
-    of 32 columns are left out: 18 configs keep a forward+backward tuning of the four main KAN cases
-    inside one 10-minute GPU call."""
+    grad-x block, and the other grad-x block (BLOCK_I x K spanning 32 or 64) at BLOCK_IF 32, each with the
+    host's 3xTF32 split (PRESPLIT), and the default config with Triton's split. Out tiles of 32 columns are
+    left out: 19 configs keep a forward+backward tuning of the four main KAN cases inside one 10-minute GPU
+    call."""
     kp = max(2, _pow2(p.k))
     bi0 = _fused_default(p)["BLOCK_I"]
     out = []
@@ -1239,7 +1294,9 @@ def _fused_cfgs(p: Problem) -> list[dict]:
             alt = [bi for bi in (1, 2, 4, 8, 16) if bi * kp in (32, 64) and bi != bi0 and bb * bi * kp <= 8192]
             for bi, bif in [(bi0, 16), (bi0, 32)] + [(bi, 32) for bi in alt[:1]]:
                 out.append({"BLOCK_B": bb, "BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_IF": bif, "num_warps": w,
-                            "num_stages": 2, "SPLITS": 0})
+                            "num_stages": 2, "SPLITS": 0, "PRESPLIT": 1})
+    # the default's tiles with Triton's own 3xTF32 split too (_presplit: not yet timed against each other)
+    out.append(dict(_fused_default(p), PRESPLIT=0))
     return out
 
 
@@ -1254,7 +1311,7 @@ def _fused_default(p: Problem) -> dict:
     # earlier default of 64-row tiles on batches >= 4096 (fewer instructions per row compiled for sm_90) was
     # 1.15-1.41x slower than these at every basis.
     return {"BLOCK_B": 32, "BLOCK_O": 64, "BLOCK_I": bi, "BLOCK_IF": 32, "num_warps": 4, "num_stages": 2,
-            "SPLITS": 0}
+            "SPLITS": 0, "PRESPLIT": 1}
 
 
 class _SiLULinear(torch.autograd.Function):
@@ -1952,4 +2009,5 @@ if HAS_TRITON:
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
-                            _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _dx_chunk)))
+                            _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _dx_chunk,
+                            _wdot, _presplit, *SPLIT_SOURCES)))

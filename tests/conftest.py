@@ -82,3 +82,46 @@ def big_writes(monkeypatch):
             yield log.ops
 
     return watch
+
+
+@pytest.fixture
+def tf32_tensor_cores(monkeypatch):
+    """The interpreter's float32 dot products as a GPU's tensor cores make them. Without this the interpreter
+    multiplies in full float32 whatever the input precision, so a kernel that hands a TF32 product an operand
+    not exact in TF32 (an unsplit 3xTF32 operand, say) passes here and errs by ~2^-11 on a GPU. With it,
+    "tf32" reads only each operand's top 19 bits (the 13 low mantissa bits truncated, as the tensor cores
+    read a float32 register) and "tf32x3" is Triton's split (high part rounded to nearest at 10 bits, low part
+    the rest, three products of truncated operands, low x low dropped)."""
+    import numpy as np
+
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    ir = interpreter._ir
+    builder = interpreter.InterpreterBuilder
+
+    def trunc(a):
+        return (a.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def rna(a):
+        return ((a.view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    real = builder.create_dot
+    seen = []
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype == np.float32 and b.data.dtype == np.float32:
+            seen.append(input_precision)
+            if input_precision == ir.INPUT_PRECISION.TF32:
+                out = np.matmul(trunc(a.data), trunc(b.data), dtype=np.float32)
+                return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+            if input_precision == ir.INPUT_PRECISION.TF32x3:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    a_hi, b_hi = rna(a.data), rna(b.data)
+                    a_lo, b_lo = a.data - a_hi, b.data - b_hi
+                    small = (np.matmul(trunc(a_lo), b_hi, dtype=np.float32)
+                             + np.matmul(a_hi, trunc(b_lo), dtype=np.float32))
+                    out = np.where(np.isnan(small), 0, small) + np.matmul(a_hi, b_hi, dtype=np.float32)
+                return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+        return real(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+    return seen

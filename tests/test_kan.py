@@ -842,3 +842,18 @@ def test_basis_derivatives_fold_into_the_weight(basis, K):
         gx, gw = torch.autograd.grad(y, (xs, w), torch.ones_like(y))
     assert len(calls) == 2 and not any(calls), calls  # forward, backward: values only
     torch.testing.assert_close(gx, (dphi * w.detach().sum(0)).sum(-1), rtol=1e-12, atol=1e-12 * K * K)
+
+
+@pytest.mark.parametrize("presplit", [1, 0])
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_fused_float32_under_tf32_tensor_cores(case, presplit, tf32_tensor_cores, monkeypatch):
+    """float32 forward and every gradient within float32's tolerance when each dot product is computed as the
+    tensor cores compute it (conftest's tf32_tensor_cores): with the weight and dy split for 3xTF32 on the
+    host (PRESPLIT, the default) and with Triton's own split, through both grad-W kernels."""
+    from opforge.kernels import kan as kan_mod
+
+    p, _ = OP.make_inputs(case, "cpu", torch.float32)
+    for per_k in (True, False):
+        monkeypatch.setattr(kan_mod, "_dw_per_k", lambda p, cfg: per_k)
+        check("fused", case, config=dict(OP.variants["fused"].default_config(p), PRESPLIT=presplit))
+    assert tf32_tensor_cores, "no float32 dot product ran"

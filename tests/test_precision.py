@@ -108,3 +108,29 @@ def test_tf32_calls_are_tuned_and_looked_up_apart(tmp_path):
     with tf32_matmuls():
         assert cache.entry_key(p) in stored
     assert cache.entry_key(p) not in stored
+
+
+def test_split_tf32_host_split():
+    """split_tf32: both parts exact in TF32 (13 low mantissa bits clear), their sum the value to 2^-22 of it
+    (where the low part is a normal number: |t| >= 2^-100, as for Triton's own split), no rounding up to infinity, non-finite values kept whole (low part 0, a NaN stays NaN); the Triton pass
+    (interpreter here) bit for bit the torch operations'."""
+    from opforge.kernels._triton import split_tf32, split_tf32_torch
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4099, generator=g) * torch.logspace(-35, 35, 4099)
+    t[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4028234663852886e38, 0.0, -0.0])
+    t[6] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # a NaN whose payload is all low bits
+    hi, lo = split_tf32(t)
+    ref_hi, ref_lo = split_tf32_torch(t)
+    assert torch.equal(hi.view(torch.int32), ref_hi.view(torch.int32))
+    assert torch.equal(lo.view(torch.int32), ref_lo.view(torch.int32))
+    assert ((hi.view(torch.int32) & 8191) == 0)[torch.isfinite(t)].all()
+    assert ((lo.view(torch.int32) & 8191) == 0).all()
+    fin = torch.isfinite(t) & (t.abs() >= 2.0 ** -100)
+    err = ((hi.double() + lo.double() - t.double()).abs() / t.double().abs())[fin]
+    assert err.max() <= 2.0 ** -22
+    assert torch.isfinite(hi[3]) and hi[3] <= t[3]
+    assert hi[0] == float("inf") and hi[1] == -float("inf") and torch.isnan(hi[2]) and torch.isnan(hi[6])
+    assert (lo[:3] == 0).all() and lo[6] == 0
+    with pytest.raises(TypeError, match="float32"):
+        split_tf32(t.double())
