@@ -47,7 +47,7 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, number,
                         positive_ints, register, variant_backward)
 from ._registry import pow2 as _pow2
-from ._triton import HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, tl, triton
+from ._triton import HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, split_tf32_torch, tl, triton
 
 __all__ = ["spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d", "SpectralConv"]
 
@@ -295,6 +295,7 @@ def _full_spectra_fit(p: Problem) -> str | None:
 
 
 if HAS_TRITON:
+    from ._triton import SPLIT_SOURCES, dot3, tf32_hi_lo
 
     @triton.jit
     def _mix_kernel(
@@ -367,10 +368,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _bmm_kernel(
-        A, A2, B, C, BIAS, M, N, K, n_tiles_m, n_tiles_n,
+        A, A2, B, C, BIAS, AL, A2L, BL, M, N, K, n_tiles_m, n_tiles_n,
         sAb, sAm, sAk, sBb, sBk, sBn, sCb, sCm, sCn, bias_div, bias_n,
         SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+        PRESPLIT: tl.constexpr,
     ):
         """C[b] = A[b] @ B[b]  (+ A2[b] @ (i * B[b]) when SWAP)  (+ bias[(row // bias_div) % bias_n]).
 
@@ -383,6 +385,10 @@ if HAS_TRITON:
         each pair's columns exchanged: 4-byte loads, and spills at 128 rows;
         a reshape/join of the loaded tile itself crashes Triton 3.6's Hopper
         lowering under TF32.)
+
+        PRESPLIT (3xTF32 with the DFT basis split once on the host, ``split_tf32``): 1, B is the basis's
+        high part and BL its low part; 2, A (and A2) are, with AL (A2L); the data operand is split here and
+        ``dot3`` makes the products (0: Triton's "tf32x3" or PREC, splitting both operands of every tile).
         """
         pid = tl.program_id(0)
         per_b = n_tiles_m * n_tiles_n
@@ -404,12 +410,28 @@ if HAS_TRITON:
             a_mask = (rm[:, None] < M) & k_ok[None, :]
             b_mask = k_ok[:, None] & n_ok[None, :]
             b_rows = b.to(tl.int64) * sBb + kk[:, None].to(tl.int64) * sBk
-            a = tl.load(A + a_rows + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
-            bb = tl.load(B + b_rows + rn[None, :] * sBn, mask=b_mask, other=0.0).to(tl.float32)
-            acc += tl.dot(a, bb, input_precision=PREC)
-            if SWAP:
-                a2 = tl.load(A2 + a_rows + kk[None, :] * sAk, mask=a_mask, other=0.0).to(tl.float32)
-                acc2 += tl.dot(a2, bb, input_precision=PREC)
+            a_off = a_rows + kk[None, :] * sAk
+            b_off = b_rows + rn[None, :] * sBn
+            a = tl.load(A + a_off, mask=a_mask, other=0.0).to(tl.float32)
+            bb = tl.load(B + b_off, mask=b_mask, other=0.0).to(tl.float32)
+            if PRESPLIT == 1:  # the basis is B
+                bl = tl.load(BL + b_off, mask=b_mask, other=0.0)
+                a_hi, a_lo = tf32_hi_lo(a)
+                acc = dot3(acc, a_hi, a_lo, bb, bl)
+                if SWAP:
+                    a2_hi, a2_lo = tf32_hi_lo(tl.load(A2 + a_off, mask=a_mask, other=0.0).to(tl.float32))
+                    acc2 = dot3(acc2, a2_hi, a2_lo, bb, bl)
+            elif PRESPLIT == 2:  # the basis is A (and A2): the data tile split once for both products
+                b_hi, b_lo = tf32_hi_lo(bb)
+                acc = dot3(acc, a, tl.load(AL + a_off, mask=a_mask, other=0.0), b_hi, b_lo)
+                if SWAP:
+                    a2 = tl.load(A2 + a_off, mask=a_mask, other=0.0)
+                    acc2 = dot3(acc2, a2, tl.load(A2L + a_off, mask=a_mask, other=0.0), b_hi, b_lo)
+            else:
+                acc += tl.dot(a, bb, input_precision=PREC)
+                if SWAP:
+                    a2 = tl.load(A2 + a_off, mask=a_mask, other=0.0).to(tl.float32)
+                    acc2 += tl.dot(a2, bb, input_precision=PREC)
         if SWAP:  # i * (re + i im) = -im + i re on each (re, im) column pair
             re, im = tl.split(tl.reshape(acc2, (BLOCK_M, BLOCK_N // 2, 2)))
             acc += tl.reshape(tl.join(-im, re), (BLOCK_M, BLOCK_N))
@@ -649,8 +671,30 @@ def _bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
             "G": (f32(Gr), f32(Gi)), "G_adj": (f32(Gr.t()), f32(-Gi.t()))}
 
 
-def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div=1, bias_n=1, block_n=None):
-    """Launch _bmm_kernel; sa/sb/sc are (batch, row, col) strides."""
+@functools.lru_cache(maxsize=256)
+def _split_bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
+    """``_bases`` with every matrix as its split for 3xTF32, (hi, lo) (``split_tf32``): made once per basis
+    instead of in every program of every GEMM that loads a tile of it."""
+    def split(t):
+        return tuple(split_tf32_torch(t))
+
+    return {k: split(v) if isinstance(v, torch.Tensor) else tuple(split(t) for t in v)
+            for k, v in _bases(n, m, last, out_n, device).items()}
+
+
+def _presplit(cfg: dict, prec: str) -> bool:
+    """Split the DFT bases for 3xTF32 on the host (config PRESPLIT, on by default): compiled for sm_90 with
+    Triton 3.6 the GEMM loops take fewer instructions (no per-tile split of the basis or NaN patch of the
+    correction terms; the complex stages split their data tile once for both products), at twice the basis
+    bytes read per tile; not yet timed on a GPU, hence the knob."""
+    return prec == "tf32x3" and bool(cfg.get("PRESPLIT", 1))
+
+
+def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div=1, bias_n=1, block_n=None,
+         a_lo=None, a2_lo=None, b_lo=None):
+    """Launch _bmm_kernel; sa/sb/sc are (batch, row, col) strides. ``a_lo`` (with ``a2_lo``) or ``b_lo``: that
+    operand is a DFT basis split on the host for 3xTF32 (``_Plan``), given as its high part and this low part
+    (same strides)."""
     BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
     BN = block_n or cfg["BLOCK_N"]
     warps = cfg.get("num_warps", 4)
@@ -661,11 +705,13 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
         BM //= 2
     tm, tn = cdiv(M, BM), cdiv(N, BN)
     grid = (batch * tm * tn,)
+    presplit = 1 if b_lo is not None else 2 if a_lo is not None else 0
     _bmm_kernel[grid](
-        a, a if a2 is None else a2, b, c, c if bias is None else bias, M, N, K, tm, tn,
+        a, a if a2 is None else a2, b, c, c if bias is None else bias, a if a_lo is None else a_lo,
+        a if a2_lo is None else a2_lo, b if b_lo is None else b_lo, M, N, K, tm, tn,
         sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], bias_div, bias_n,
         SWAP=a2 is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec, PRESPLIT=presplit,
         num_warps=warps, num_stages=cfg.get("num_stages", 2), **LAUNCH_OPTIONS,
     )
 
@@ -675,20 +721,22 @@ def _last_block_n(cols: int) -> int:
 
 
 def _real_stage(inp, mat, rows, K, N, cfg, prec, out_dtype, transpose=False, bias=None, bias_div=1, bias_n=1):
-    """[rows, K] @ mat (or mat^T) -> [rows, N] on the last axis."""
+    """[rows, K] @ mat (or mat^T) -> [rows, N] on the last axis. ``mat``: a basis, or its host split (hi, lo)."""
     out = torch.empty((rows, N), dtype=out_dtype, device=inp.device)
+    mat, lo = mat if isinstance(mat, tuple) else (mat, None)
     sb = (0, mat.stride(1), mat.stride(0)) if transpose else (0, mat.stride(0), mat.stride(1))
     _bmm(inp, None, mat, out, 1, rows, N, K, (0, K, 1), sb, (0, N, 1), cfg, prec,
-         bias=bias, bias_div=bias_div, bias_n=bias_n, block_n=_last_block_n(N) if N <= 128 else None)
+         bias=bias, bias_div=bias_div, bias_n=bias_n, block_n=_last_block_n(N) if N <= 128 else None, b_lo=lo)
     return out
 
 
 def _complex_stage(inp, mat, P, L, Q, K_out, cfg, prec):
     """out[p] = (re + i im) @ inp[p] on interleaved complex columns; inp [P, L, Q] -> [P, K_out, Q].
 
-    ``mat`` is a (re, im) pair of contiguous [K_out, L] matrices.
+    ``mat`` is a (re, im) pair of contiguous [K_out, L] matrices, or of their host splits (hi, lo).
     """
     mr, mi = mat
+    (mr, mr_lo), (mi, mi_lo) = (mr, mi) if isinstance(mr, tuple) else ((mr, None), (mi, None))
     out = torch.empty((P, K_out, Q), dtype=torch.float32, device=inp.device)
     # 64-row tiles (one Hopper warpgroup MMA), where the second accumulator of i*A2 @ B fits: compiled for
     # sm_90 (Triton 3.6) at 2D 256^2, 32 modes, the stage into the modes takes 650 loop instructions per
@@ -696,7 +744,10 @@ def _complex_stage(inp, mat, P, L, Q, K_out, cfg, prec):
     # 128-row tiles and the swapped reloads of B, the stage out to the grid 650 per 64 rows against 1361 per
     # 128 with 368 B of spills (perf/inspect_kernels.py); the config's BLOCK_M still sets the real stages
     cfg = dict(cfg, BLOCK_M=64)
-    _bmm(mr, mi, inp, out, P, K_out, Q, L, (0, L, 1), (L * Q, Q, 1), (K_out * Q, Q, 1), cfg, prec)
+    if mr_lo is not None:  # four basis tiles a stage: 3 stages took 128 KB of shared memory (one block per SM)
+        cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
+    _bmm(mr, mi, inp, out, P, K_out, Q, L, (0, L, 1), (L * Q, Q, 1), (K_out * Q, Q, 1), cfg, prec,
+         a_lo=mr_lo, a2_lo=mi_lo)
     return out
 
 
@@ -709,11 +760,13 @@ class _Plan:
     """Bases and sizes of one dft_gemm problem. Compact spectra are [B, C, *modes[:-1], m2p / 2, 2]
     float32 with the last axis padded by zero modes to ``_m2p`` floats (aligned rows)."""
 
-    def __init__(self, p: Problem):
+    def __init__(self, p: Problem, split: bool = False):
         d, dev = p.d, str(p.device)
         self.p = p
-        self.last = _bases(p.grid[-1], p.modes[-1], True, p.out_grid[-1], dev)
-        self.mid = [_bases(p.grid[ax], p.modes[ax], False, p.out_grid[ax], dev) for ax in range(d - 1)]
+        # split: each basis as its host split (hi, lo) for 3xTF32 (_split_bases)
+        bases = _split_bases if split else _bases
+        self.last = bases(p.grid[-1], p.modes[-1], True, p.out_grid[-1], dev)
+        self.mid = [bases(p.grid[ax], p.modes[ax], False, p.out_grid[ax], dev) for ax in range(d - 1)]
 
     def spectrum(self, batch: int, channels: int, device) -> torch.Tensor:
         """A zeroed padded compact spectrum (the mix writes the kept modes; the padding must read 0)."""
@@ -782,8 +835,8 @@ class _Plan:
 class _DFTConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: Problem, cfg):
-        plan = _Plan(p)
         prec = p.precision
+        plan = _Plan(p, _presplit(cfg, prec))
         W = torch.view_as_real(weight.resolve_conj().contiguous())
         X = plan.analysis(x, cfg, prec)
         Y = plan.spectrum(p.batch, p.cout, x.device)
@@ -848,14 +901,17 @@ def _dft_supports(p: Problem) -> str | None:
 
 def _dft_cfgs(p: Problem) -> list[dict]:
     """GEMM tiles x mixing tiles: two fixed ones and the problem's default (``_mix_default``), so the grid
-    holds the default config (its mixing tile was outside the grid on five of the GPU cases)."""
+    holds the default config (its mixing tile was outside the grid on five of the GPU cases); each with the
+    DFT bases split on the host for 3xTF32 (PRESPLIT), and the default with Triton's split."""
     mixes = [{"MIX_R": 16, "MIX_O": 32, "MIX_S": 32}, {"MIX_R": 32, "MIX_O": 64, "MIX_S": 16}]
     mix_default = {k: v for k, v in _mix_default(p).items() if k.startswith("MIX_")}
     mixes += [mix_default] if mix_default not in mixes else []
     out = []
     for bm, bk, w, s in ((64, 32, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (256, 32, 8, 3)):
         for mix in mixes:
-            out.append({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": bk, "num_warps": w, "num_stages": s, **mix})
+            out.append({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": bk, "num_warps": w, "num_stages": s, **mix,
+                        "PRESPLIT": 1})
+    out.append(dict(_dft_default(p), PRESPLIT=0))  # Triton's own 3xTF32 split at the default's tiles (_presplit)
     return _prune_mix(p, out)
 
 
@@ -865,7 +921,8 @@ def _dft_default(p: Problem) -> dict:
     # on the 94^2 grid, 2.00 against 2.18 ms forward on the 256^2 one; 64-row 2-stage tiles won only the 64^2
     # forward and the m16x8 training call. (On Triton 3.6 these tiles spilled ~350 B in the complex stages and
     # were measured faster all the same; the complex stages now run 64-row tiles whatever the config.)
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3, **_mix_default(p)}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3, **_mix_default(p),
+            "PRESPLIT": 1}
 
 
 def _dft_run(p: Problem, x, weight, bias, config=None):
@@ -959,7 +1016,7 @@ if HAS_TRITON:
                    supports=_dft_supports,
                    sources=(_bmm_kernel, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _real_stage, _complex_stage,
                             _kept, _Plan, _DFTConvFn, _bases, _bin_counts, _m2p, _dft_cfgs, _mix_default, _prune_mix,
-                            _dft_run)))
+                            _dft_run, _split_bases, _presplit, *SPLIT_SOURCES)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,
                    configs=lambda p: _prune_mix(p, _mix_cfgs()), default_config=_mix_default,
                    supports=lambda p: _triton_supports(p) or _full_spectra_fit(p),

@@ -28,12 +28,12 @@ def reduction(p):
     return OP.reduction(p)
 
 
-def check_variant(variant, case, dtype):
+def check_variant(variant, case, dtype, config=None):
     p, (x, w, b) = OP.make_inputs(case, "cpu", dtype, requires_grad=True, seed=1)
     g = torch.randn((p.batch, p.cout) + p.out_grid, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     expected = ref.spectral_conv(np64(x), np64(w), np64(b), p.out_grid)
     dx, dw, db = ref.spectral_conv_vjp(np64(x), np64(w), np64(b), g.numpy(), p.out_grid)
-    y = OP.run_variant(variant, p, x, w, b)
+    y = OP.run_variant(variant, p, x, w, b, config=config)
     assert y.shape == (p.batch, p.cout) + p.out_grid and y.dtype == dtype
     assert_close(y, expected, dtype, reduction(p), f"{variant} forward")
     (y * g.to(dtype)).sum().backward()
@@ -69,6 +69,19 @@ def test_torch_variant_float32(case):
 @pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
 def test_triton_variant_matches_reference(variant, case):
     check_variant(variant, case, torch.float32)
+
+
+@pytest.mark.parametrize("presplit", [1, 0])
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_dft_gemm_float32_under_tf32_tensor_cores(case, presplit, tf32_tensor_cores):
+    """dft_gemm's float32 forward and gradients within float32's tolerance when each dot product is computed as
+    the tensor cores compute it (conftest's tf32_tensor_cores): with the DFT bases split for 3xTF32 on the
+    host (PRESPLIT, the default; the basis is one GEMM operand in the last-axis stages, the other in the
+    complex ones) and with Triton's own split."""
+    p, _ = OP.make_inputs(case, "cpu", torch.float32)
+    check_variant("dft_gemm", case, torch.float32, config=dict(OP.variants["dft_gemm"].default_config(p),
+                                                                PRESPLIT=presplit))
+    assert tf32_tensor_cores, "no float32 dot product ran"
 
 
 def test_dft_gemm_tall_axis():
