@@ -189,8 +189,9 @@ def split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     13 mantissa bits TF32 drops cleared (never rounded up to infinity), ``lo = t - hi`` (exact) rounded to
     nearest at TF32's 10 bits, so ``hi + lo`` is ``t`` to 2^-22 of it (|t| >= 2^-100, where ``lo`` is
     normal) and both are exact in TF32 (the tensor cores' truncation of an operand loses nothing).
-    Non-finite ``t``: ``hi = t``, ``lo = 0``, so a product with it is what IEEE arithmetic gives. One Triton
-    pass where a kernel can run on ``t``'s device, else torch operations."""
+    Non-finite ``t``: ``hi = t``, ``lo = 0`` (the split itself makes no NaN; in ``dot3`` an infinite part
+    times the other operand's zero part is NaN, as in an IEEE product sum with a zero term). One Triton pass
+    where a kernel can run on ``t``'s device, else torch operations."""
     if t.dtype != torch.float32:
         raise TypeError(f"split_tf32 takes float32, got {t.dtype}")
     if not triton_can_run(t.device) or t.numel() == 0:

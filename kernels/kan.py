@@ -867,8 +867,9 @@ if HAS_TRITON:
         feature), applies phi' per column (``_dphi_cols``) and sums each feature's K columns with a 0/1 matrix
         on the tensor cores. WF is W laid out [o, feature block, BLOCK_C] (``_blocked_weight``): each
         program's columns start 16-byte aligned. PRESPLIT (3xTF32): GY and WF are the host split's high parts
-        of dy and W, GYL and WFL their low parts (``dot3``; every feature block's program loads the same dy). Under 3xTF32 the 0/1 matrix, exact in TF32, takes two products (the columns'
-        high and low parts), not Triton's three."""
+        of dy and W, GYL and WFL their low parts (``dot3``; every feature block's program loads the same dy).
+        Under 3xTF32 the 0/1 matrix, exact in TF32, takes two products (the columns' high and low parts), not
+        Triton's three."""
         pid_b = tl.program_id(0)
         pid_i = tl.program_id(1)
         rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
