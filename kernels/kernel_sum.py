@@ -51,7 +51,8 @@ from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
                         graph_grads, no_autocast, number, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count, tl, triton
+from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count,
+                      split_tf32, tl, triton)
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
 
@@ -383,6 +384,7 @@ _EXP2_SCALE = math.sqrt(0.5 / math.log(2.0))
 _KID_GAUSS_NEG = len(KERNELS)  # the Gaussian with s holding -s (``_sq_small`` with NEG: the sign rides on its FMAs)
 
 if HAS_TRITON:
+    from ._triton import SPLIT_SOURCES, dot3, tf32_hi_lo
 
     @triton.jit
     def _phi(s, KERNEL: tl.constexpr):
@@ -501,14 +503,36 @@ if HAS_TRITON:
         return tl.where(s < 0.0, 0.0, s)  # NaN stays NaN (see _sq_dot)
 
     @triton.jit
+    def _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N: tl.constexpr,
+                 BLOCK_M: tl.constexpr, DP: tl.constexpr, DK: tl.constexpr):
+        """``_sq_dot_chunks`` on points split for 3xTF32 on the host (PRESPLIT): P, Q their TF32 high parts,
+        PL, QL the low parts, pn, qn the squared norms (``_split_points``). No tile is split here: the loads
+        go to the tensor cores as they are (``dot3``)."""
+        dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for d0 in tl.static_range(0, DP, DK):
+            dd = d0 + tl.arange(0, DK)
+            pm = n_mask[:, None] & (dd[None, :] < D)
+            qm = m_mask[:, None] & (dd[None, :] < D)
+            ph = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=pm, other=0.0)
+            pl = tl.load(PL + rn[:, None] * sPn + dd[None, :], mask=pm, other=0.0)
+            qh = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
+            ql = tl.load(QL + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
+            dot = dot3(dot, ph, pl, tl.trans(qh), tl.trans(ql))
+        s = pn[:, None] + qn[None, :] - 2.0 * dot
+        return tl.where(s < 0.0, 0.0, s)  # NaN stays NaN (see _sq_dot)
+
+    @triton.jit
     def _ksum_fwd_kernel(
-        P, Q, V, OUT, N, M, D, R,
+        P, Q, V, OUT, PL, QL, PN, QN, N, M, D, R,
         sPb, sPn, sQb, sQm, sVb, sVm, sOb, sOn, S, m_chunk, sOs,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, DE: tl.constexpr, RP: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, PRESPLIT: tl.constexpr,
     ):
         """OUT[b, i, :] = sum_j k(|P_i - Q_j|^2) V[b, j, :] for a block of rows i.
+
+        PRESPLIT (3xTF32 distances): P, Q hold the points' TF32 high parts, PL, QL their low parts and PN, QN
+        their squared norms [batch, N] and [batch, M] (``_split_points``); else PL, QL, PN, QN are unused.
 
         DE > 0: D = DE <= 8 coordinates, exact differences one coordinate at a time (``_sq_small``).
         R = 1: the products are summed into a [BN, BM] accumulator, reduced over j once at the end.
@@ -528,7 +552,15 @@ if HAS_TRITON:
         P += bt * sPb
         Q += bt * sQb
         V += bt * sVb
-        if not EXACT:
+        PL += bt * sPb
+        QL += bt * sQb
+        if PRESPLIT:
+            pn = tl.load(PN + bt * N + rn, mask=n_mask, other=0.0)
+            if DK == DP:  # the row block's two parts stay in registers
+                p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
+                pl = tl.load(PL + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D),
+                             other=0.0)
+        elif not EXACT:
             if DK == DP:  # the row block stays in registers
                 p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
                 p = p.to(tl.float32)
@@ -544,6 +576,17 @@ if HAS_TRITON:
                 s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 6)
             elif EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
+            elif PRESPLIT:
+                qn = tl.load(QN + bt * M + rm, mask=m_mask, other=0.0)
+                if DK == DP:
+                    qm = m_mask[:, None] & (dd[None, :] < D)
+                    qh = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
+                    ql = tl.load(QL + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
+                    s = pn[:, None] + qn[None, :] - 2.0 * dot3(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), p, pl,
+                                                               tl.trans(qh), tl.trans(ql))
+                    s = tl.where(s < 0.0, 0.0, s)
+                else:
+                    s = _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N, BLOCK_M, DP, DK)
             elif DK == DP:
                 q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
                 s = _sq_dot(p, pn, q.to(tl.float32), PREC)
@@ -567,25 +610,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _ksum_grad_kernel(
-        P, Q, U, V, OUT, N, M, D, R,
+        P, Q, U, V, OUT, PL, QL, PN, QN, N, M, D, R,
         sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn, S, m_chunk, sOs,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, DE: tl.constexpr, RP: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, PRESPLIT: tl.constexpr, DG: tl.constexpr,
     ):
-        """OUT[b, i, c] = 2 sum_j k'(s_ij) <U_i, V_j> (P_ic - Q_jc) for a block of rows i and the DK
-        coordinates c of program axis 2 (DP / DK programs per row block when D is large: each
-        recomputes the distances, none holds [BN, D] accumulators). Program axis 1 is (batch, split), as in
-        ``_ksum_fwd_kernel``."""
+        """OUT[b, i, c] = 2 sum_j k'(s_ij) <U_i, V_j> (P_ic - Q_jc) for a block of rows i and the DG
+        coordinates c of program axis 2. DG = DP: one program per row block, its [BN, DP] accumulator
+        summing over the streamed columns, the distances computed once (DP > DK: the row block read per
+        column tile, as in the forward); DG = DK < DP: DP / DK programs per row block, each recomputing the
+        distances for its coordinate block. Program axis 1 is (batch, split), and PRESPLIT's PL, QL, PN, QN
+        are, as in ``_ksum_fwd_kernel``; under PRESPLIT the weighted column sum sum_j pw_ij Q_jc is 3xTF32
+        too, pw split here, Q's parts as they are."""
         pid = tl.program_id(0)
         bt = (tl.program_id(1) // S).to(tl.int64)
         sp = tl.program_id(1) % S
         m_lo = sp * m_chunk
         m_hi = tl.minimum(M, m_lo + m_chunk)
         OUT += sp.to(tl.int64) * sOs
-        c0 = tl.program_id(2) * DK
+        c0 = tl.program_id(2) * DG
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        dd = c0 + tl.arange(0, DK)
+        dd = c0 + tl.arange(0, DG)
         rr = tl.arange(0, RP)
         n_mask = rn < N
         d_mask = dd < D
@@ -593,9 +639,16 @@ if HAS_TRITON:
         Q += bt * sQb
         U += bt * sUb
         V += bt * sVb
-        p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        p = p.to(tl.float32)
-        if not EXACT:
+        PL += bt * sPb
+        QL += bt * sQb
+        if DK == DP:  # the row block stays in registers (else it is loaded after the loop)
+            p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            p = p.to(tl.float32)
+            if PRESPLIT:
+                pl = tl.load(PL + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if PRESPLIT:
+            pn = tl.load(PN + bt * N + rn, mask=n_mask, other=0.0)
+        elif not EXACT:
             if DK == DP:
                 pn = tl.sum(p * p, axis=1)
             else:
@@ -605,7 +658,7 @@ if HAS_TRITON:
         if RP == 1:
             u1 = tl.load(U + rn * sUn, mask=n_mask, other=0.0).to(tl.float32)
         acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_q = tl.zeros((BLOCK_N, DK), dtype=tl.float32)
+        acc_q = tl.zeros((BLOCK_N, DG), dtype=tl.float32)
         if DE > 0:
             if DE <= 4:  # one [BN, BM] accumulator per coordinate: no cross-lane reduction inside the loop
                 a0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -620,10 +673,20 @@ if HAS_TRITON:
             m_mask = rm < m_hi
             q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             q = q.to(tl.float32)
+            if PRESPLIT:
+                ql = tl.load(QL + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             if DE > 0:
                 s = _sq_small(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, DE, BLOCK_N, BLOCK_M, KERNEL == 6)
             elif EXACT:
                 s = _sq_exact(P, rn, n_mask, sPn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DC)
+            elif PRESPLIT:
+                qn = tl.load(QN + bt * M + rm, mask=m_mask, other=0.0)
+                if DK == DP:
+                    s = pn[:, None] + qn[None, :] - 2.0 * dot3(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), p, pl,
+                                                               tl.trans(q), tl.trans(ql))
+                    s = tl.where(s < 0.0, 0.0, s)
+                else:
+                    s = _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N, BLOCK_M, DP, DK)
             elif DK == DP:
                 s = _sq_dot(p, pn, q, PREC)
             else:
@@ -663,10 +726,20 @@ if HAS_TRITON:
                                           0.0)
             else:
                 acc_w += tl.sum(pw, axis=1)
-                if DK >= 16:
+                if PRESPLIT:  # (D > 8: DG >= 16)
+                    pw_hi, pw_lo = tf32_hi_lo(pw)
+                    acc_q = dot3(acc_q, pw_hi, pw_lo, q, ql)
+                elif DG >= 16:
                     acc_q += tl.dot(pw, q, input_precision=PREC)
                 else:
                     acc_q += tl.sum(pw[:, :, None] * q[None, :, :], axis=1)
+        if DK < DP:
+            p = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            p = p.to(tl.float32)
+            if PRESPLIT:
+                pl = tl.load(PL + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if PRESPLIT:
+            p = p + pl
         if DE > 4:
             g = 2.0 * acc_q
         else:
@@ -709,14 +782,52 @@ def _m_splits(cfg: dict, programs: int, M: int, device: torch.device) -> int:
     return max(1, s)
 
 
-def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
+# Two layouts chosen by config, each defaulting by the padded dimension DP, untimed on a GPU (hence the keys;
+# the tuning grid holds the default tiles with the other choice). Compiled for sm_90 with Triton 3.6
+# (perf/inspect_kernels.py, 64 x 32 tiles, fwd+bwd, instructions per loop step):
+#   PRESPLIT (points split for 3xTF32 on the host): D = 64 forward 441 -> 298, grad 862 -> 662; D = 128
+#   forward 697 -> 579, registers 152 -> 82; at D = 256 the high and low tiles take more shared memory than a
+#   block may have (266 KB forward), so it is off there.
+#   GRAD_SPLIT_D = 0 (one grad program per row block for D > 64, distances computed once): D = 128 grad
+#   1387 per row block for 2 x 1310; at D = 256 its [64, 256] accumulator spills (0.2-1.7 KB), so D > 128
+#   keeps one program per 64 coordinates.
+_LAYOUT_DP = 128  # the widest DP whose defaults are PRESPLIT = 1 and GRAD_SPLIT_D = 0
+
+
+def _presplit(cfg: dict, prec: str, dims: dict) -> bool:
+    """Split the points for 3xTF32 once on the host (``_split_points``) instead of in every program that
+    loads a tile of them (config PRESPLIT): float32 points whose distances are tensor-core products (D > 8,
+    no square root's exact differences). Default: on up to D = 128 (see _LAYOUT_DP)."""
+    on = cfg.get("PRESPLIT", int(dims["DP"] <= _LAYOUT_DP))
+    return prec == "tf32x3" and not dims["EXACT"] and bool(on)
+
+
+def _grad_split_d(cfg: dict, dims: dict) -> bool:
+    """One grad program per DK-coordinate block (config GRAD_SPLIT_D), each recomputing the distances, instead
+    of one per row block holding every coordinate. Default: past D = 128 (see _LAYOUT_DP)."""
+    return dims["DP"] > dims["DK"] and bool(cfg.get("GRAD_SPLIT_D", int(dims["DP"] > _LAYOUT_DP)))
+
+
+def _split_points(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 points [B, N, D] as their TF32 high and low parts (``split_tf32``) and squared norms [B, N]."""
+    hi, lo = split_tf32(t)
+    return hi, lo, (t * t).sum(-1).contiguous()
+
+
+def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None):
     """Run one flash kernel into ``out`` [B, N, R or D]. With S > 1 column splits (few row blocks: small N),
-    each split writes a float32 partial [S, B, N, .] and the partials are summed in a fixed order."""
+    each split writes a float32 partial [S, B, N, .] and the partials are summed in a fixed order.
+    ``split``: the points' low parts and squared norms (PL, QL, PN, QN; ``tensors`` then holds the high
+    parts), for the kernels' PRESPLIT."""
     p, q = tensors[0], tensors[1]
     B, N, D = p.shape
     M, R = q.shape[1], tensors[-1].shape[2]
     dims = _dims(D, R, kernel)
-    d_blocks = dims["DP"] // dims["DK"] if kernel_fn is _ksum_grad_kernel else 1  # grad: one program per block
+    extra = {}
+    d_blocks = 1
+    if kernel_fn is _ksum_grad_kernel:  # one program per DK-coordinate block, or per row block (_grad_split_d)
+        extra["DG"] = dims["DK"] if _grad_split_d(cfg, dims) else dims["DP"]
+        d_blocks = dims["DP"] // extra["DG"]
     rows = cdiv(N, cfg["BLOCK_N"])
     S = _m_splits(cfg, rows * B * d_blocks, M, p.device)
     S = min(S, max(1, GRID_YZ_MAX // B))  # batch x splits share the grid's second dimension
@@ -727,9 +838,10 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec):
     strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [d0.stride(0), d0.stride(1)]
     grid = (rows, B * S, d_blocks)
     kid = _KID_GAUSS_NEG if kernel == "gaussian" and dims["DE"] > 0 else _KID[kernel]
-    kernel_fn[grid](*tensors, dst, N, M, D, R, *strides, S, chunk, dst.stride(0) if S > 1 else 0, KERNEL=kid,
+    kernel_fn[grid](*tensors, dst, *(split or (p, q, p, q)), N, M, D, R, *strides, S, chunk,
+                    dst.stride(0) if S > 1 else 0, KERNEL=kid, PRESPLIT=split is not None,
                     BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"], **dims, **LAUNCH_OPTIONS)
+                    num_stages=cfg["num_stages"], **dims, **extra, **LAUNCH_OPTIONS)
     if S > 1:
         out.copy_(dst.sum(0))
     return out
@@ -742,8 +854,18 @@ class _FlashKSum(torch.autograd.Function):
         ctx.kernel, ctx.cfg, ctx.prec, ctx.out_dtype = kernel, cfg, prec, out_dtype
         xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
         out = torch.empty(xs.shape[:-1] + (b.shape[-1],), dtype=out_dtype, device=xs.device)
-        _launch(_ksum_fwd_kernel, (xs, ys, b), out, kernel, cfg, prec)
+        (xs, ys), split = _FlashKSum.split(xs, ys, kernel, cfg, prec)
+        _launch(_ksum_fwd_kernel, (xs, ys, b), out, kernel, cfg, prec, split)
         return out
+
+    @staticmethod
+    def split(xs, ys, kernel, cfg, prec):
+        """(x, y) and None, or, under PRESPLIT, their high parts and (low parts, squared norms) for _launch."""
+        if not _presplit(cfg, prec, _dims(xs.shape[-1], 1, kernel)):
+            return (xs, ys), None
+        xh, xl, xn = _split_points(xs)
+        yh, yl, yn = _split_points(ys)
+        return (xh, yh), (xl, yl, xn, yn)
 
     @staticmethod
     @variant_backward
@@ -760,13 +882,17 @@ class _FlashKSum(torch.autograd.Function):
         xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
         g = g.contiguous()
         gx = gy = gb = None
+        (ph, qh), split = _FlashKSum.split(xs, ys, k, cfg, prec)
+        flip = None if split is None else (split[1], split[0], split[3], split[2])  # y's rows against x's
         if ctx.needs_input_grad[0]:
-            gx = _launch(_ksum_grad_kernel, (xs, ys, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec)
+            gx = _launch(_ksum_grad_kernel, (ph, qh, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec,
+                         split)
         if ctx.needs_input_grad[1]:
-            gy = _launch(_ksum_grad_kernel, (ys, xs, b, g), torch.empty_like(ys, dtype=torch.float32), k, cfg, prec)
+            gy = _launch(_ksum_grad_kernel, (qh, ph, b, g), torch.empty_like(ys, dtype=torch.float32), k, cfg, prec,
+                         flip)
         if ctx.needs_input_grad[2]:
-            gb = _launch(_ksum_fwd_kernel, (ys, xs, g), torch.empty(b.shape, dtype=torch.float32, device=b.device),
-                         k, cfg, prec).to(b.dtype)
+            gb = _launch(_ksum_fwd_kernel, (qh, ph, g), torch.empty(b.shape, dtype=torch.float32, device=b.device),
+                         k, cfg, prec, flip).to(b.dtype)
         gx = None if gx is None else gx.to(xs.dtype)
         gy = None if gy is None else gy.to(ys.dtype)
         return gx, gy, gb, None, None, None, None
@@ -808,7 +934,15 @@ def _flash_cfgs(p: Problem) -> list[dict]:
                 if bn * bm > (64 * 64 if w == 4 else 128 * 64):
                     continue
                 out.append({"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w, "num_stages": 2})
-    return out or [_flash_default(p)]
+    base = _flash_default(p)
+    out = out or [base]
+    # the other layouts (_presplit, _grad_split_d) at the default's tiles, up to D = 128: past it they need
+    # more shared memory than a block may have there (262-299 KB at D = 256), so they could not launch
+    if not dims["EXACT"] and 16 <= dims["DP"] <= _LAYOUT_DP:
+        out.append(dict(base, PRESPLIT=0))
+    if dims["DK"] < dims["DP"] <= _LAYOUT_DP:
+        out.append(dict(base, GRAD_SPLIT_D=1))
+    return out
 
 
 def _flash_default(p: Problem) -> dict:
@@ -1383,4 +1517,4 @@ if HAS_TRITON:
                    supports=_flash_supports,
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi,
                             _dphi, _m_splits, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run, _exact, _sq_dot_chunks,
-                            _sq_norms)))
+                            _sq_norms, _sq_dot3, _split_points, _presplit, _grad_split_d, *SPLIT_SOURCES)))

@@ -94,6 +94,34 @@ def test_flash_column_splits(d, r, kernel):
                  45 * d, "split forward")
 
 
+@pytest.mark.parametrize("d, r, kernel", [(20, 1, "gaussian"), (20, 16, "imq"), (129, 3, "gaussian"),
+                                          (72, 16, "cauchy")])
+def test_flash_float32_under_tf32_tensor_cores(d, r, kernel, tf32_tensor_cores):
+    """float32 forward and every gradient within float32's tolerance when each dot product is computed as the
+    tensor cores compute it (conftest's tf32_tensor_cores): with the points split for 3xTF32 on the host
+    (PRESPLIT) and with Triton's own split, and, for D > 64, the grad kernel holding every coordinate or
+    one program per 64-coordinate block (GRAD_SPLIT_D), whatever the defaults at this D."""
+    from opforge.kernels._registry import Case
+
+    case = Case("tc", {"n": 21, "m": 35, "d": d, "r": r, "kernel": kernel})
+    p, (x, y, b) = OP.make_inputs(case, "cpu", torch.float32, requires_grad=True)
+    x.data.mul_(1.0 / (0.3 * d ** 0.5))  # distances of order 1: the kernel values and gradients are not all ~0
+    y.data.mul_(1.0 / (0.3 * d ** 0.5))
+    g = torch.randn(1, 21, r, generator=torch.Generator().manual_seed(2))
+    x64, y64, b64 = np64(x[0]), np64(y[0]), np64(b[0])
+    want = [ref.kernel_matvec(x64, y64, b64, kernel)]
+    want += list(ref.kernel_matvec_vjp(x64, y64, b64, g[0].double().numpy(), kernel, 1.0, 1.0)[:3])
+    base = OP.variants["flash"].default_config(p)
+    layouts = [{"PRESPLIT": pre, "GRAD_SPLIT_D": gs} for pre in (0, 1) for gs in ((0, 1) if d > 64 else (0,))]
+    for extra in layouts:
+        cfg = dict(base, BLOCK_N=16, BLOCK_M=16, **extra)
+        out = OP.run_variant("flash", p, x, y, b, config=cfg)
+        got = [out.detach()] + list(torch.autograd.grad(out, (x, y, b), g))
+        for name, a, w in zip(("forward", "grad x", "grad y", "grad b"), got, want):
+            assert_close(a[0], w, torch.float32, 35 * d * (21 if name != "forward" else 1), f"{extra} {name}")
+    assert "TF32" in {str(t).rsplit(".", 1)[-1] for t in tf32_tensor_cores}, "no TF32 dot product ran"
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kernel", ["laplacian", "matern32", "matern52"])
 @pytest.mark.parametrize("d", [2, 24])
