@@ -488,11 +488,12 @@ if HAS_TRITON:
     @triton.jit
     def _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N: tl.constexpr,
                        BLOCK_M: tl.constexpr, DP: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr):
-        """``_sq_dot`` for large D: DK coordinates at a time, the row block re-read (from L1) per chunk
-        instead of held in registers (a [BN, 256] block spilled kilobytes compiled for sm_90)."""
+        """``_sq_dot`` for large D: DK coordinates at a time in a loop of its own (pipelined over the chunks),
+        the row block re-read per column tile instead of held in registers (a [BN, 256] block spilled kilobytes
+        compiled for sm_90)."""
         dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         qn = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for d0 in tl.static_range(0, DP, DK):
+        for d0 in range(0, D, DK):
             dd = d0 + tl.arange(0, DK)
             pc = tl.load(P + rn[:, None] * sPn + dd[None, :], mask=n_mask[:, None] & (dd[None, :] < D), other=0.0)
             qc = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
@@ -509,7 +510,7 @@ if HAS_TRITON:
         PL, QL the low parts, pn, qn the squared norms (``_split_points``). No tile is split here: the loads
         go to the tensor cores as they are (``dot3``)."""
         dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for d0 in tl.static_range(0, DP, DK):
+        for d0 in range(0, D, DK):
             dd = d0 + tl.arange(0, DK)
             pm = n_mask[:, None] & (dd[None, :] < D)
             qm = m_mask[:, None] & (dd[None, :] < D)
@@ -758,11 +759,12 @@ if HAS_TRITON:
         tl.store(o_ptr, g.to(OUT.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
 
-_DK_MAX = 64  # widest coordinate block held in registers; larger D is streamed in blocks of this
+_DK_MAX = 64  # widest coordinate block held in registers; larger D is streamed in chunks (config BLOCK_D, default this)
 
 
 def _dims(d: int, r: int, kernel: str) -> dict:
-    """Block sizes: DP (padded D), DK (coordinate block: DP up to ``_DK_MAX``), DC (exact-difference
+    """Block sizes: DP (padded D), DK (coordinate chunk: DP up to ``_DK_MAX``; ``_launch`` takes a config's
+    BLOCK_D past it), DC (exact-difference
     chunk), RP (padded R) and the distance mode."""
     exact = _exact(d, kernel)
     dp = _pow2(d) if d <= 8 else max(16, _pow2(d))
@@ -782,30 +784,33 @@ def _m_splits(cfg: dict, programs: int, M: int, device: torch.device) -> int:
     return max(1, s)
 
 
-# Two layouts chosen by config, each defaulting by the padded dimension DP, untimed on a GPU (hence the keys;
-# the tuning grid holds the default tiles with the other choice). Compiled for sm_90 with Triton 3.6
-# (perf/inspect_kernels.py, 64 x 32 tiles, fwd+bwd, instructions per loop step):
-#   PRESPLIT (points split for 3xTF32 on the host): D = 64 forward 441 -> 298, grad 862 -> 662; D = 128
-#   forward 697 -> 579, registers 152 -> 82; at D = 256 the high and low tiles take more shared memory than a
-#   block may have (266 KB forward), so it is off there.
-#   GRAD_SPLIT_D = 0 (one grad program per row block for D > 64, distances computed once): D = 128 grad
-#   1387 per row block for 2 x 1310; at D = 256 its [64, 256] accumulator spills (0.2-1.7 KB), so D > 128
-#   keeps one program per 64 coordinates.
-_LAYOUT_DP = 128  # the widest DP whose defaults are PRESPLIT = 1 and GRAD_SPLIT_D = 0
+# Layout keys of the flash config, untimed on a GPU (hence keys, with the default tiles at the other setting in
+# the tuning grid). Compiled for sm_90 with Triton 3.6 (perf/inspect_kernels.py, fwd+bwd; per (i, j) pair:
+# loop instructions x threads / pairs of a tile, summed over a row block's programs):
+#   PRESPLIT (points split for 3xTF32 on the host, default on): D = 64 (64 x 32 tiles) forward 441 -> 298
+#   instructions per loop step, grad 862 -> 662, registers 108 -> 72 (forward).
+#   BLOCK_D (past D = 64: the coordinate chunk of the distance loop, which is a loop of its own, pipelined over
+#   chunks, no longer unrolled into the column loop): with PRESPLIT the chunks' tiles take little shared memory,
+#   so D > 64 takes 128 x 64 tiles in 32-coordinate chunks: D = 256 forward 153 -> 54 instructions per pair,
+#   grad x 930 -> 284 (147 and 180 KB of shared memory, no spills; the 64 x 32 tiles' unrolled chunks with
+#   Triton's split needed 180 KB for 2048 pairs a step); D = 128 forward 87 -> 37, grad 326 -> 59.
+#   GRAD_SPLIT_D (default past D = 128): grad x / grad y in one program per 64-coordinate block, each
+#   recomputing the distances, instead of one per row block holding every coordinate's sums; at D = 256 those
+#   [rows, 256] sums spill (0.2-1.7 KB).
+_WIDE_DP = 128  # past this DP the grad kernel splits its coordinates by default
 
 
 def _presplit(cfg: dict, prec: str, dims: dict) -> bool:
     """Split the points for 3xTF32 once on the host (``_split_points``) instead of in every program that
-    loads a tile of them (config PRESPLIT): float32 points whose distances are tensor-core products (D > 8,
-    no square root's exact differences). Default: on up to D = 128 (see _LAYOUT_DP)."""
-    on = cfg.get("PRESPLIT", int(dims["DP"] <= _LAYOUT_DP))
-    return prec == "tf32x3" and not dims["EXACT"] and bool(on)
+    loads a tile of them (config PRESPLIT, default on): float32 points whose distances are tensor-core
+    products (D > 8, no square root's exact differences)."""
+    return prec == "tf32x3" and not dims["EXACT"] and bool(cfg.get("PRESPLIT", 1))
 
 
 def _grad_split_d(cfg: dict, dims: dict) -> bool:
-    """One grad program per DK-coordinate block (config GRAD_SPLIT_D), each recomputing the distances, instead
-    of one per row block holding every coordinate. Default: past D = 128 (see _LAYOUT_DP)."""
-    return dims["DP"] > dims["DK"] and bool(cfg.get("GRAD_SPLIT_D", int(dims["DP"] > _LAYOUT_DP)))
+    """One grad program per 64-coordinate block (config GRAD_SPLIT_D), each recomputing the distances, instead
+    of one per row block holding every coordinate. Default: past D = 128 (``_WIDE_DP``)."""
+    return dims["DP"] > _DK_MAX and bool(cfg.get("GRAD_SPLIT_D", int(dims["DP"] > _WIDE_DP)))
 
 
 def _split_points(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -823,10 +828,12 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None):
     B, N, D = p.shape
     M, R = q.shape[1], tensors[-1].shape[2]
     dims = _dims(D, R, kernel)
+    if dims["DP"] > dims["DK"]:  # the distance loop's chunk (config BLOCK_D)
+        dims["DK"] = cfg.get("BLOCK_D", dims["DK"])
     extra = {}
     d_blocks = 1
     if kernel_fn is _ksum_grad_kernel:  # one program per DK-coordinate block, or per row block (_grad_split_d)
-        extra["DG"] = dims["DK"] if _grad_split_d(cfg, dims) else dims["DP"]
+        extra["DG"] = min(dims["DP"], _DK_MAX) if _grad_split_d(cfg, dims) else dims["DP"]
         d_blocks = dims["DP"] // extra["DG"]
     rows = cdiv(N, cfg["BLOCK_N"])
     S = _m_splits(cfg, rows * B * d_blocks, M, p.device)
@@ -925,8 +932,9 @@ def _flash_cfgs(p: Problem) -> list[dict]:
                 if cells > 64 * 1024 or (dims["DP"] >= 128 and bn > 64):
                     continue
                 # Compiled for sm_90 with Triton 3.6 (`perf/inspect_kernels.py kernel_sum <case> flash --mode fwdbwd
-                # --grid`): at D = 256 the grad kernel of 64 x 64 tiles and every 128-column tile need more
-                # than the 227 KB of shared memory a block may have (they cannot launch); 4 warps on
+                # --grid`), before the distance chunks had a loop of their own (a1a33d1): at D = 256 the grad
+                # kernel of 64 x 64 tiles and every 128-column tile needed more than the 227 KB of shared
+                # memory a block may have (they could not launch); 4 warps on
                 # 64 x 128, 128 x 64 or 128 x 128 tiles, and 8 on 128 x 128, spill 0.7 to 19 KB at D = 3
                 # and 64, a time the tuner need not spend finding them slow.
                 if dims["DP"] >= 256 and (bm > 64 or bn * bm > 64 * 32):
@@ -936,17 +944,23 @@ def _flash_cfgs(p: Problem) -> list[dict]:
                 out.append({"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w, "num_stages": 2})
     base = _flash_default(p)
     out = out or [base]
-    # the other layouts (_presplit, _grad_split_d) at the default's tiles, up to D = 128: past it they need
-    # more shared memory than a block may have there (262-299 KB at D = 256), so they could not launch
-    if not dims["EXACT"] and 16 <= dims["DP"] <= _LAYOUT_DP:
+    if dims["DP"] > _DK_MAX and not dims["EXACT"]:  # 128-row tiles in BLOCK_D-coordinate chunks (_flash_default)
+        out += [{"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": 8, "num_stages": st, "BLOCK_D": bd}
+                for bn, bm, st, bd in ((128, 64, 2, 32), (64, 64, 3, 32), (128, 64, 3, 16))]
+    # the other layouts (_presplit, _grad_split_d) at the default's tiles
+    if not dims["EXACT"] and dims["DP"] >= 16:
         out.append(dict(base, PRESPLIT=0))
-    if dims["DK"] < dims["DP"] <= _LAYOUT_DP:
+    if _DK_MAX < dims["DP"] <= _WIDE_DP:  # (at D = 256 the default's tiles holding every coordinate need 272 KB)
         out.append(dict(base, GRAD_SPLIT_D=1))
     return out
 
 
 def _flash_default(p: Problem) -> dict:
     dims = _dims(p.d, p.r, p.kernel)
+    if dims["DP"] > _DK_MAX and not dims["EXACT"]:
+        # 128 x 64 tiles, the distances in 32-coordinate chunks pipelined in a loop of their own (see the layout
+        # keys' note above _WIDE_DP): 147 KB of shared memory in the forward, 180 KB in grad, no spills
+        return {"BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 3, "BLOCK_D": 32}
     if dims["DP"] >= 128:
         # D = 256, compiled for sm_90 (Triton 3.6): 64 x 32 tiles on 8 warps take wgmma and 4.75 (forward) and
         # 7.2 (grad) warp instructions per (i, j) pair and 64-coordinate block, against 17.9 and 10.7 with the
