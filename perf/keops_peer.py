@@ -17,6 +17,11 @@ import sys
 
 _PROBE = """
 import torch
+try:  # what KeOps found of CUDA (libraries, version, include path, arch flags): the lead when it fails below
+    from keopscore.config import cuda_config
+    cuda_config.print_all()
+except Exception as e:
+    print("keopscore's CUDA configuration did not print:", repr(e))
 from pykeops.torch import LazyTensor
 x = torch.rand(100, 3, device={device!r})
 print(float((-(((LazyTensor(x[:, None, :]) - LazyTensor(x[None, :, :])) ** 2).sum(-1))).exp().sum(1).sum()))
@@ -27,19 +32,20 @@ def probe(device: str = "cpu", timeout: float = 300.0) -> tuple[bool, str]:
     """(works, what it printed): pykeops imports and compiles and runs a tiny Gaussian sum on ``device``.
 
     Run in a child process: KeOps' compile segfaulted on the H100 image (CUDA 13, pykeops 2.3), and a
-    crash there must not take the caller with it."""
+    crash there must not take the caller with it. The child prints keopscore's CUDA configuration first and
+    runs with Python's faulthandler, so a crash names the Python call it happened in."""
     try:
         import pykeops  # noqa: F401
     except Exception as e:  # not installed, or its import fails here
         return False, f"pykeops does not import: {e!r}"
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE.format(device=device)], capture_output=True,
-                              timeout=timeout)
+        done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _PROBE.format(device=device)],
+                              capture_output=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"the probe did not finish: {e!r}"
     # what KeOps printed (its compiler and library lookups) and how the child ended (on the H200 image it
     # printed only 'Generating code ...' before dying): the lead for making it work
-    said = (done.stdout + done.stderr).decode(errors="replace").strip()[-1500:]
+    said = (done.stdout + done.stderr).decode(errors="replace").strip()[-4000:]
     rc = done.returncode
     if rc != 0:
         how = f"killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() \
