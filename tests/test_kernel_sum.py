@@ -504,7 +504,7 @@ def test_bad_input_is_a_clear_error(bad, err, match):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_flash_matches_reference(kernel, dtype):
-    for n, m, d, r in ((1000, 777, 3, 1), (513, 700, 64, 16), (300, 200, 129, 3)):
+    for n, m, d, r in ((1000, 777, 3, 1), (513, 700, 64, 16), (300, 200, 72, 16), (300, 200, 129, 3)):
         x, y, b = (t.cuda().requires_grad_() for t in points(n, m, d, r, dtype))
         ls = torch.tensor(0.9, device="cuda", requires_grad=True)
         with use_backend("triton"):
