@@ -612,10 +612,10 @@ if HAS_TRITON:
     @triton.jit
     def _ksum_grad_kernel(
         P, Q, U, V, OUT, PL, QL, PN, QN, N, M, D, R,
-        sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn, S, m_chunk, sOs,
+        sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn, S, m_chunk, sOs, OUTB, sBb, sBn, sBs,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, DE: tl.constexpr, RP: tl.constexpr,
-        PREC: tl.constexpr, PRESPLIT: tl.constexpr, DG: tl.constexpr,
+        PREC: tl.constexpr, PRESPLIT: tl.constexpr, DG: tl.constexpr, WITH_B: tl.constexpr,
     ):
         """OUT[b, i, c] = 2 sum_j k'(s_ij) <U_i, V_j> (P_ic - Q_jc) for a block of rows i and the DG
         coordinates c of program axis 2. DG = DP: one program per row block, its [BN, DP] accumulator
@@ -623,7 +623,9 @@ if HAS_TRITON:
         column tile, as in the forward); DG = DK < DP: DP / DK programs per row block, each recomputing the
         distances for its coordinate block. Program axis 1 is (batch, split), and PRESPLIT's PL, QL, PN, QN
         are, as in ``_ksum_fwd_kernel``; under PRESPLIT the weighted column sum sum_j pw_ij Q_jc is 3xTF32
-        too, pw split here, Q's parts as they are."""
+        too, pw split here, Q's parts as they are. WITH_B (one program per row block): also
+        OUTB[b, i, :] = sum_j k(s_ij) V_j, the forward's sum with the roles swapped (grad b in grad y's pass:
+        one pass over the pairs fewer), into OUTB + sp * sBs."""
         pid = tl.program_id(0)
         bt = (tl.program_id(1) // S).to(tl.int64)
         sp = tl.program_id(1) % S
@@ -660,6 +662,10 @@ if HAS_TRITON:
             u1 = tl.load(U + rn * sUn, mask=n_mask, other=0.0).to(tl.float32)
         acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc_q = tl.zeros((BLOCK_N, DG), dtype=tl.float32)
+        if WITH_B:
+            acc_b = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+            if RP == 1:
+                acc_b1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if DE > 0:
             if DE <= 4:  # one [BN, BM] accumulator per coordinate: no cross-lane reduction inside the loop
                 a0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -702,6 +708,15 @@ if HAS_TRITON:
                     w = tl.dot(u, tl.trans(v), input_precision=PREC)
                 else:
                     w = tl.sum(u[:, None, :] * v[None, :, :], axis=2)
+            if WITH_B:  # (k and k' share their exponential and square root: one evaluation after CSE)
+                if RP == 1:  # columns past M: v = 0 zeroes them, as in the forward
+                    acc_b1 += _phi(s, KERNEL) * v1[None, :]
+                else:
+                    kb = tl.where(m_mask[None, :], _phi(s, KERNEL), 0.0)
+                    if RP >= 16:
+                        acc_b += tl.dot(kb, v, input_precision=PREC)
+                    else:
+                        acc_b += tl.sum(kb[:, :, None] * v[None, :, :], axis=1)
             pw = tl.where(m_mask[None, :], _dphi(s, KERNEL) * w, 0.0)
             if EXACT and DE == 0:
                 # exact distances beyond D = 8 (square-root kernels) go through P_ic sum_j pw_ij - sum_j pw_ij Q_jc
@@ -757,6 +772,11 @@ if HAS_TRITON:
                 g = 2.0 * g
         o_ptr = OUT + bt * sOb + rn[:, None] * sOn + dd[None, :]
         tl.store(o_ptr, g.to(OUT.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+        if WITH_B:
+            if RP == 1:
+                acc_b += tl.sum(acc_b1, axis=1)[:, None]
+            ob_ptr = OUTB + sp.to(tl.int64) * sBs + bt * sBb + rn[:, None] * sBn + rr[None, :]
+            tl.store(ob_ptr, acc_b.to(OUTB.dtype.element_ty), mask=n_mask[:, None] & (rr[None, :] < R))
 
 
 _DK_MAX = 64  # widest coordinate block held in registers; larger D is streamed in chunks (config BLOCK_D, default this)
@@ -813,17 +833,27 @@ def _grad_split_d(cfg: dict, dims: dict) -> bool:
     return dims["DP"] > _DK_MAX and bool(cfg.get("GRAD_SPLIT_D", int(dims["DP"] > _WIDE_DP)))
 
 
+def _grad_b_fused(cfg: dict, dims: dict) -> bool:
+    """grad b summed in grad y's pass over the pairs (the grad kernel's WITH_B; config GRAD_B_FUSED, default
+    on) instead of a forward-kernel pass of its own, where grad y's programs are one per row block. Compiled
+    for sm_90 with Triton 3.6 (default configs), the fused loop against the two loops it replaces: 1e6-d3 258
+    instructions for 242 + 145 (164 registers, no spills), 2e5-d64 700 for 662 + 298 (R = 1) and 1080 for
+    755 + 633 (R = 16), spilling 56 and 160 B; not timed on a GPU."""
+    return bool(cfg.get("GRAD_B_FUSED", 1)) and not _grad_split_d(cfg, dims)
+
+
 def _split_points(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 points [B, N, D] as their TF32 high and low parts (``split_tf32``) and squared norms [B, N]."""
     hi, lo = split_tf32(t)
     return hi, lo, (t * t).sum(-1).contiguous()
 
 
-def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None):
+def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None, out_b=None):
     """Run one flash kernel into ``out`` [B, N, R or D]. With S > 1 column splits (few row blocks: small N),
     each split writes a float32 partial [S, B, N, .] and the partials are summed in a fixed order.
     ``split``: the points' low parts and squared norms (PL, QL, PN, QN; ``tensors`` then holds the high
-    parts), for the kernels' PRESPLIT."""
+    parts), for the kernels' PRESPLIT. ``out_b`` (the grad kernel, one program per row block): float32
+    [B, N, R] for its WITH_B sum (grad b, in grad y's pass)."""
     p, q = tensors[0], tensors[1]
     B, N, D = p.shape
     M, R = q.shape[1], tensors[-1].shape[2]
@@ -841,16 +871,30 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None):
     chunk = cdiv(cdiv(max(M, 1), S), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     S = max(1, cdiv(M, chunk))
     dst = out if S == 1 else torch.empty((S,) + tuple(out.shape), dtype=torch.float32, device=out.device)
+    tail = ()
+    if kernel_fn is _ksum_grad_kernel:  # WITH_B's output and strides (unused without out_b)
+        if out_b is not None and d_blocks > 1:
+            raise ValueError("the grad kernel's WITH_B sum needs one program per row block (GRAD_SPLIT_D off)")
+        if out_b is None or S == 1:
+            dst_b, sbs = (dst if out_b is None else out_b), 0
+        else:
+            dst_b = torch.empty((S,) + tuple(out_b.shape), dtype=torch.float32, device=out.device)
+            sbs = dst_b.stride(0)
+        b0 = dst_b[0] if sbs else dst_b
+        extra["WITH_B"] = out_b is not None
+        tail = (dst_b, b0.stride(0), b0.stride(1), sbs)
     d0 = dst if S == 1 else dst[0]
     strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [d0.stride(0), d0.stride(1)]
     grid = (rows, B * S, d_blocks)
     kid = _KID_GAUSS_NEG if kernel == "gaussian" and dims["DE"] > 0 else _KID[kernel]
     kernel_fn[grid](*tensors, dst, *(split or (p, q, p, q)), N, M, D, R, *strides, S, chunk,
-                    dst.stride(0) if S > 1 else 0, KERNEL=kid, PRESPLIT=split is not None,
+                    dst.stride(0) if S > 1 else 0, *tail, KERNEL=kid, PRESPLIT=split is not None,
                     BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], PREC=prec, num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"], **dims, **extra, **LAUNCH_OPTIONS)
     if S > 1:
         out.copy_(dst.sum(0))
+    if out_b is not None and S > 1:
+        out_b.copy_(dst_b.sum(0))  # (float32 partials, in a fixed order like out's)
     return out
 
 
@@ -894,10 +938,13 @@ class _FlashKSum(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _launch(_ksum_grad_kernel, (ph, qh, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec,
                          split)
+        fuse_b = ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and _grad_b_fused(cfg, _dims(xs.shape[-1], 1, k))
         if ctx.needs_input_grad[1]:
+            gb = torch.empty(b.shape, dtype=torch.float32, device=b.device) if fuse_b else None
             gy = _launch(_ksum_grad_kernel, (qh, ph, b, g), torch.empty_like(ys, dtype=torch.float32), k, cfg, prec,
-                         flip)
-        if ctx.needs_input_grad[2]:
+                         flip, gb)
+            gb = None if gb is None else gb.to(b.dtype)
+        if ctx.needs_input_grad[2] and not fuse_b:
             gb = _launch(_ksum_fwd_kernel, (qh, ph, g), torch.empty(b.shape, dtype=torch.float32, device=b.device),
                          k, cfg, prec, flip).to(b.dtype)
         gx = None if gx is None else gx.to(xs.dtype)
@@ -1531,4 +1578,4 @@ if HAS_TRITON:
                    supports=_flash_supports,
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi,
                             _dphi, _m_splits, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run, _exact, _sq_dot_chunks,
-                            _sq_norms, _sq_dot3, _split_points, _presplit, _grad_split_d, *SPLIT_SOURCES)))
+                            _sq_norms, _sq_dot3, _split_points, _presplit, _grad_split_d, _grad_b_fused, *SPLIT_SOURCES)))

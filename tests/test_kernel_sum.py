@@ -122,6 +122,31 @@ def test_flash_float32_under_tf32_tensor_cores(d, r, kernel, tf32_tensor_cores):
     assert "TF32" in {str(t).rsplit(".", 1)[-1] for t in tf32_tensor_cores}, "no TF32 dot product ran"
 
 
+@pytest.mark.parametrize("d, r, kernel", [(3, 1, "gaussian"), (3, 3, "matern32"), (20, 16, "imq"),
+                                          (5, 2, "laplacian")])
+def test_flash_backward_for_any_subset_of_inputs(d, r, kernel):
+    """The flash backward computes what is asked for, and that right: grad b summed in grad y's pass
+    (GRAD_B_FUSED, the default, when both are asked for) or in a pass of its own, with one and two column
+    splits (the second output's partial sums)."""
+    from opforge.kernels._registry import Case
+
+    case = Case("subsets", {"n": 23, "m": 31, "d": d, "r": r, "kernel": kernel})
+    p, (x0, y0, b0) = OP.make_inputs(case, "cpu", torch.float32)
+    g = torch.randn(1, 23, r, generator=torch.Generator().manual_seed(3))
+    want = ref.kernel_matvec_vjp(np64(x0[0]), np64(y0[0]), np64(b0[0]), g[0].double().numpy(), kernel, 1.0, 1.0)
+    base = OP.variants["flash"].default_config(p)
+    for wants in ((True, False, False), (False, True, False), (False, False, True), (False, True, True),
+                  (True, False, True), (True, True, True)):
+        for extra in ({"SPLIT_M": 1}, {"SPLIT_M": 2}, {"SPLIT_M": 1, "GRAD_B_FUSED": 0}):
+            x, y, b = (t.clone().requires_grad_(w) for t, w in zip((x0, y0, b0), wants))
+            out = OP.run_variant("flash", p, x, y, b, config=dict(base, BLOCK_N=16, BLOCK_M=16, **extra))
+            got = torch.autograd.grad(out, [t for t in (x, y, b) if t.requires_grad], g)
+            names = [n for n, w in zip(("x", "y", "b"), wants) if w]
+            wanted = [w for w, on in zip(want[:3], wants) if on]
+            for name, a, w in zip(names, got, wanted):
+                assert_close(a[0], w, torch.float32, 23 * 31 * d, f"{wants} {extra} grad {name}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kernel", ["laplacian", "matern32", "matern52"])
 @pytest.mark.parametrize("d", [2, 24])
