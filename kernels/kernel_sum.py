@@ -615,7 +615,7 @@ if HAS_TRITON:
         sPb, sPn, sQb, sQm, sUb, sUn, sVb, sVm, sOb, sOn, S, m_chunk, sOs, OUTB, sBb, sBn, sBs,
         KERNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         DP: tl.constexpr, DK: tl.constexpr, DC: tl.constexpr, DE: tl.constexpr, RP: tl.constexpr,
-        PREC: tl.constexpr, PRESPLIT: tl.constexpr, DG: tl.constexpr, WITH_B: tl.constexpr,
+        PREC: tl.constexpr, PRESPLIT: tl.constexpr, DG: tl.constexpr, WITH_B: tl.constexpr, SYM: tl.constexpr,
     ):
         """OUT[b, i, c] = 2 sum_j k'(s_ij) <U_i, V_j> (P_ic - Q_jc) for a block of rows i and the DG
         coordinates c of program axis 2. DG = DP: one program per row block, its [BN, DP] accumulator
@@ -625,7 +625,9 @@ if HAS_TRITON:
         are, as in ``_ksum_fwd_kernel``; under PRESPLIT the weighted column sum sum_j pw_ij Q_jc is 3xTF32
         too, pw split here, Q's parts as they are. WITH_B (one program per row block): also
         OUTB[b, i, :] = sum_j k(s_ij) V_j, the forward's sum with the roles swapped (grad b in grad y's pass:
-        one pass over the pairs fewer), into OUTB + sp * sBs."""
+        one pass over the pairs fewer), into OUTB + sp * sBs. SYM (K(X, X): P and Q the same points, U the
+        output gradient and V the right-hand sides): the whole gradient of the points, as rows and as columns,
+        <U_i, V_j> + <U_j, V_i> weighting each pair; WITH_B's sum then takes U at the columns."""
         pid = tl.program_id(0)
         bt = (tl.program_id(1) // S).to(tl.int64)
         sp = tl.program_id(1) % S
@@ -660,6 +662,11 @@ if HAS_TRITON:
         u = u.to(tl.float32)
         if RP == 1:
             u1 = tl.load(U + rn * sUn, mask=n_mask, other=0.0).to(tl.float32)
+        if SYM:  # V at the rows
+            vr = tl.load(V + rn[:, None] * sVm + rr[None, :], mask=n_mask[:, None] & (rr[None, :] < R), other=0.0)
+            vr = vr.to(tl.float32)
+            if RP == 1:
+                vr1 = tl.load(V + rn * sVm, mask=n_mask, other=0.0).to(tl.float32)
         acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc_q = tl.zeros((BLOCK_N, DG), dtype=tl.float32)
         if WITH_B:
@@ -701,22 +708,34 @@ if HAS_TRITON:
             if RP == 1:
                 v1 = tl.load(V + rm * sVm, mask=m_mask, other=0.0).to(tl.float32)
                 w = u1[:, None] * v1[None, :]
+                vb1 = v1  # the columns' values WITH_B sums
+                if SYM:  # U at the columns
+                    vb1 = tl.load(U + rm * sUn, mask=m_mask, other=0.0).to(tl.float32)
+                    w += vr1[:, None] * vb1[None, :]
             else:
                 v = tl.load(V + rm[:, None] * sVm + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
                 v = v.to(tl.float32)
+                vb = v
+                if SYM:
+                    vb = tl.load(U + rm[:, None] * sUn + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R),
+                                 other=0.0).to(tl.float32)
                 if RP >= 16:
                     w = tl.dot(u, tl.trans(v), input_precision=PREC)
+                    if SYM:
+                        w = tl.dot(vr, tl.trans(vb), w, input_precision=PREC)
                 else:
                     w = tl.sum(u[:, None, :] * v[None, :, :], axis=2)
+                    if SYM:
+                        w += tl.sum(vr[:, None, :] * vb[None, :, :], axis=2)
             if WITH_B:  # (k and k' share their exponential and square root: one evaluation after CSE)
                 if RP == 1:  # columns past M: v = 0 zeroes them, as in the forward
-                    acc_b1 += _phi(s, KERNEL) * v1[None, :]
+                    acc_b1 += _phi(s, KERNEL) * vb1[None, :]
                 else:
                     kb = tl.where(m_mask[None, :], _phi(s, KERNEL), 0.0)
                     if RP >= 16:
-                        acc_b += tl.dot(kb, v, input_precision=PREC)
+                        acc_b += tl.dot(kb, vb, input_precision=PREC)
                     else:
-                        acc_b += tl.sum(kb[:, :, None] * v[None, :, :], axis=1)
+                        acc_b += tl.sum(kb[:, :, None] * vb[None, :, :], axis=1)
             pw = tl.where(m_mask[None, :], _dphi(s, KERNEL) * w, 0.0)
             if EXACT and DE == 0:
                 # exact distances beyond D = 8 (square-root kernels) go through P_ic sum_j pw_ij - sum_j pw_ij Q_jc
@@ -848,12 +867,12 @@ def _split_points(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return hi, lo, (t * t).sum(-1).contiguous()
 
 
-def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None, out_b=None):
+def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None, out_b=None, sym=False):
     """Run one flash kernel into ``out`` [B, N, R or D]. With S > 1 column splits (few row blocks: small N),
     each split writes a float32 partial [S, B, N, .] and the partials are summed in a fixed order.
     ``split``: the points' low parts and squared norms (PL, QL, PN, QN; ``tensors`` then holds the high
     parts), for the kernels' PRESPLIT. ``out_b`` (the grad kernel, one program per row block): float32
-    [B, N, R] for its WITH_B sum (grad b, in grad y's pass)."""
+    [B, N, R] for its WITH_B sum (grad b, in grad y's pass). ``sym``: the grad kernel's SYM (K(X, X))."""
     p, q = tensors[0], tensors[1]
     B, N, D = p.shape
     M, R = q.shape[1], tensors[-1].shape[2]
@@ -882,6 +901,7 @@ def _launch(kernel_fn, tensors, out, kernel, cfg, prec, split=None, out_b=None):
             sbs = dst_b.stride(0)
         b0 = dst_b[0] if sbs else dst_b
         extra["WITH_B"] = out_b is not None
+        extra["SYM"] = sym
         tail = (dst_b, b0.stride(0), b0.stride(1), sbs)
     d0 = dst if S == 1 else dst[0]
     strides = [s for t in tensors for s in (t.stride(0), t.stride(1))] + [d0.stride(0), d0.stride(1)]
@@ -903,6 +923,7 @@ class _FlashKSum(torch.autograd.Function):
     def forward(ctx, xs, ys, b, kernel, cfg, out_dtype, prec):
         ctx.save_for_backward(xs, ys, b)  # the caller's tensors (the graph of a double backward starts there)
         ctx.kernel, ctx.cfg, ctx.prec, ctx.out_dtype = kernel, cfg, prec, out_dtype
+        ctx.sym = xs is ys  # K(X, X) with one tensor of points: one grad pass gives their whole gradient
         xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
         out = torch.empty(xs.shape[:-1] + (b.shape[-1],), dtype=out_dtype, device=xs.device)
         (xs, ys), split = _FlashKSum.split(xs, ys, kernel, cfg, prec)
@@ -911,11 +932,12 @@ class _FlashKSum(torch.autograd.Function):
 
     @staticmethod
     def split(xs, ys, kernel, cfg, prec):
-        """(x, y) and None, or, under PRESPLIT, their high parts and (low parts, squared norms) for _launch."""
+        """(x, y) and None, or, under PRESPLIT, their high parts and (low parts, squared norms) for _launch
+        (made once where x is y)."""
         if not _presplit(cfg, prec, _dims(xs.shape[-1], 1, kernel)):
             return (xs, ys), None
         xh, xl, xn = _split_points(xs)
-        yh, yl, yn = _split_points(ys)
+        yh, yl, yn = (xh, xl, xn) if ys is xs else _split_points(ys)
         return (xh, yh), (xl, yl, xn, yn)
 
     @staticmethod
@@ -930,15 +952,26 @@ class _FlashKSum(torch.autograd.Function):
             def recompute(xs, ys, b):
                 return _TorchKSum.apply(xs.float() * c, ys.float() * c, b.float(), k).to(ctx.out_dtype)
             return graph_grads(recompute, (xs, ys, b), ctx.needs_input_grad[:3], g) + (None,) * 4
-        xs, ys, b = xs.contiguous(), ys.contiguous(), b.contiguous()
+        xs, b = xs.contiguous(), b.contiguous()
+        ys = xs if ctx.sym else ys.contiguous()
         g = g.contiguous()
         gx = gy = gb = None
         (ph, qh), split = _FlashKSum.split(xs, ys, k, cfg, prec)
         flip = None if split is None else (split[1], split[0], split[3], split[2])  # y's rows against x's
+        dims = _dims(xs.shape[-1], 1, k)
+        if ctx.sym and ctx.needs_input_grad[0]:  # x is y: its whole gradient (as rows and as columns) in one pass
+            fuse_b = ctx.needs_input_grad[2] and _grad_b_fused(cfg, dims)
+            gb = torch.empty(b.shape, dtype=torch.float32, device=b.device) if fuse_b else None
+            gx = _launch(_ksum_grad_kernel, (ph, ph, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec,
+                         split, gb, sym=True)
+            if ctx.needs_input_grad[2] and not fuse_b:
+                gb = _launch(_ksum_fwd_kernel, (ph, ph, g), torch.empty(b.shape, dtype=torch.float32,
+                                                                          device=b.device), k, cfg, prec, split)
+            return gx.to(xs.dtype), None, None if gb is None else gb.to(b.dtype), None, None, None, None
         if ctx.needs_input_grad[0]:
             gx = _launch(_ksum_grad_kernel, (ph, qh, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec,
                          split)
-        fuse_b = ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and _grad_b_fused(cfg, _dims(xs.shape[-1], 1, k))
+        fuse_b = ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and _grad_b_fused(cfg, dims)
         if ctx.needs_input_grad[1]:
             gb = torch.empty(b.shape, dtype=torch.float32, device=b.device) if fuse_b else None
             gy = _launch(_ksum_grad_kernel, (qh, ph, b, g), torch.empty_like(ys, dtype=torch.float32), k, cfg, prec,
@@ -1023,7 +1056,9 @@ def _flash_default(p: Problem) -> dict:
 def _flash_run(p: Problem, xs, ys, b, config=None):
     cfg = config or _flash_default(p)
     if p.kernel == "gaussian":  # exp(-|x - y|^2 / 2) = exp2(-|c x - c y|^2), c^2 = log2(e) / 2; autograd takes the c
-        xs, ys = xs.float() * _EXP2_SCALE, ys.float() * _EXP2_SCALE
+        same = ys is xs
+        xs = xs.float() * _EXP2_SCALE
+        ys = xs if same else ys.float() * _EXP2_SCALE  # (one tensor for K(X, X): _FlashKSum's ctx.sym)
     return _FlashKSum.apply(xs, ys, b, p.kernel, cfg, p.dtype, p.precision)
 
 
@@ -1164,6 +1199,9 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     Under ``torch.autocast`` the op is on autocast's float32 list, like ``torch.cdist``: 16-bit x, y and b are
     cast to float32 (|x|² + |y|² − 2x·y would lose the distances of near points in 16 bits), and so is the
     result.
+
+    For K(X, X) pass one tensor as both x and y (``kernel_matvec(x, x, b)``, as ``KernelOperator(x)`` does):
+    the Triton backward then computes the points' whole gradient in one pass over the pairs, not two.
     """
     if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
         with no_autocast(x.device):
@@ -1181,7 +1219,9 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     # scaled points stay in float32 (float64 for float64 inputs): O((N + M) D), and no second rounding
     nb = math.prod(lead)
     empty = N == 0 or M == 0 or R == 0 or nb == 0
-    xs, ys = as_dtype(x, cdt), as_dtype(y, cdt)
+    same = x is y  # K(X, X): kept one tensor through the steps below (the flash backward's one pass for both)
+    xs = as_dtype(x, cdt)
+    ys = xs if same else as_dtype(y, cdt)
     if not empty:
         # Centred (kernels are translation invariant: exact), then scaled. The expansion |x|^2 + |y|^2 - 2 x.y
         # (D > 8) cancels as |x|^2 / |x - y|^2, and the points' rounding when scaled (by 1 / l, and by flash's
@@ -1191,10 +1231,13 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
         # exact arithmetic, in float32 the point gradients' rounding times the centre's size (with data 100
         # away from the origin, D = 16: 2e-5 relative error against 2e-7 centred first)
         center = ys.detach().mean(dim=-2, keepdim=True)
-        xs, ys = xs - center, ys - center
+        xs = xs - center
+        ys = xs if same else ys - center
     if not (isinstance(ls_c, float) and ls_c == 1.0):  # the default lengthscale: no copy of the points to divide
-        xs, ys = xs / ls_c, ys / ls_c
+        xs = xs / ls_c
+        ys = xs if same else ys / ls_c
     xs, ys, bs = (_flat(t, lead, nb) for t in (xs, ys, bb))
+    ys = xs if same else ys
     if empty:
         out = x.new_zeros(lead + (N, R)) + (0 * (xs.sum() + ys.sum() + bs.sum())).to(x.dtype)
     else:

@@ -147,6 +147,34 @@ def test_flash_backward_for_any_subset_of_inputs(d, r, kernel):
                 assert_close(a[0], w, torch.float32, 23 * 31 * d, f"{wants} {extra} grad {name}")
 
 
+@pytest.mark.parametrize("d, r, kernel", [(3, 1, "gaussian"), (3, 2, "matern32"), (20, 16, "imq"),
+                                          (17, 5, "laplacian"), (129, 3, "gaussian")])
+def test_flash_one_tensor_of_points(d, r, kernel, monkeypatch):
+    """K(X, X) with x and y one tensor: the flash backward takes the points' whole gradient (as rows and as
+    columns) in one grad pass (SYM), grad b in it where grad y would hold it, and agrees with the reference's
+    grad x + grad y, the lengthscale's gradient too."""
+    from opforge.kernels import kernel_sum as ks
+
+    syms = []
+    real = ks._launch
+    monkeypatch.setattr(ks, "_launch", lambda *a, **k: (syms.append(k.get("sym", False)), real(*a, **k))[1])
+    x, _, b = points(27, 27, d, r, seed=4)
+    ls = torch.tensor(0.9, requires_grad=True)
+    for t in (x, b):
+        t.requires_grad_(True)
+    g = torch.randn(27, r, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with use_backend("triton"):
+        out = kernel_matvec(x, x, b, kernel, ls)
+        (out * g.float()).sum().backward()
+    assert True in syms and len(syms) == (2 if d <= 128 else 3), syms  # forward, one grad pass (+ grad b's)
+    x64, b64 = np64(x), np64(b)
+    assert_close(out, ref.kernel_matvec(x64, x64, b64, kernel, 0.9), torch.float32, 27 * d, "forward")
+    dx, dy, db, dl = ref.kernel_matvec_vjp(x64, x64, b64, g.numpy(), kernel, 0.9, 1.0)
+    assert_close(x.grad, dx + dy, torch.float32, 27 * 27 * d, "grad of the points")
+    assert_close(b.grad, db, torch.float32, 27, "grad b")
+    assert abs(ls.grad.item() - float(dl)) <= 1e-3 * max(1.0, abs(float(dl))), (ls.grad.item(), float(dl))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kernel", ["laplacian", "matern32", "matern52"])
 @pytest.mark.parametrize("d", [2, 24])
