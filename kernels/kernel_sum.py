@@ -1532,6 +1532,10 @@ def _make_inputs(case: Case, device, dtype=torch.float32, requires_grad=False, s
     scale = 0.3 * math.sqrt(c["d"])  # keeps kernel values away from all-0 / all-1 at every D
     x, y = x / scale, y / scale
     x, y, b = (t.to(device=device, dtype=dtype).unsqueeze(0).requires_grad_(requires_grad) for t in (x, y, b))
+    if c.get("same"):  # K(X, X): one tensor of points
+        if c["n"] != c["m"]:
+            raise ValueError(f"case {case.name}: same points need n = m, got {c['n']} and {c['m']}")
+        y = x
     p = Problem(1, c["n"], c["m"], c["d"], c["r"], c.get("kernel", "gaussian"), dtype, torch.device(device))
     return p, (x, y, b)
 
@@ -1573,8 +1577,9 @@ def _untimed_baseline(p: Problem) -> str | None:
             f"at {pairs:.1e} > 2^34 pairs (H100)")
 
 
-def _case(name, n, m, d, r, tags, kernel="gaussian"):
-    return Case(name, {"n": n, "m": m, "d": d, "r": r, "kernel": kernel}, tags)
+def _case(name, n, m, d, r, tags, kernel="gaussian", same=False):
+    """A case; ``same``: K(X, X), y the very tensor x (n = m), as ``KernelOperator(x)`` calls it."""
+    return Case(name, {"n": n, "m": m, "d": d, "r": r, "kernel": kernel, **({"same": True} if same else {})}, tags)
 
 
 CASES = [
@@ -1585,12 +1590,15 @@ CASES = [
     _case("2e5-d64-r16", 200_000, 200_000, 64, 16, ("gpu", "main")),
     _case("1e4-d256-r1", 10_000, 10_000, 256, 1, ("gpu", "main")),
     _case("1e5-d3-r1-matern52", 100_000, 100_000, 3, 1, ("gpu",), kernel="matern52"),
+    # K(X, X) with one tensor of points (a GP's training call): the flash backward's one pass for both sides
+    _case("1e5-d3-r1-kxx", 100_000, 100_000, 3, 1, ("gpu",), same=True),
     _case("4e3-d3-r1", 4000, 4000, 3, 1, ("cpu",)),  # the torch variant at sizes a CPU user meets
     _case("2e3-d64-r16", 2000, 2000, 64, 16, ("cpu",)),
     _case("small-d3-r1", 37, 29, 3, 1, ("small",)),
     _case("small-d17-r5-laplacian", 41, 33, 17, 5, ("small",), kernel="laplacian"),
     _case("small-d24-r16-gaussian", 23, 40, 24, 16, ("small",)),
     _case("small-d1-r2-matern32", 23, 40, 1, 2, ("small",), kernel="matern32"),
+    _case("small-d20-r2-kxx", 31, 31, 20, 2, ("small",), kernel="imq", same=True),
 ]
 
 # issue 4, H100: at least KeOps' speed at D = 3 and 5x KeOps at D >= 64, against the blocked torch variant
