@@ -1,14 +1,16 @@
 """Where the time goes: one op variant on one case under torch.profiler, a table of its kernels.
 
     python perf/profile_op.py spectral_conv 2d-256-b32-c64-m32 dft_gemm [--mode fwdbwd] [--dtype float32] [--tf32]
+                              [--config '{"BLOCK_N": 128, ..., "GRAD_B_FUSED": 0}']
 
 Prints the kernels (CUDA time, calls) of a few profiled repetitions after a warm-up, longest first,
-and the total; on a CPU it profiles the CPU ops (the Triton kernels then run through the interpreter
+and the total (``--config``: the variant's whole config, for an A/B of one key; default: what dispatch picks); on a CPU it profiles the CPU ops (the Triton kernels then run through the interpreter
 only with TRITON_INTERPRET=1). Use it before changing a variant: it names the stage to fix.
 """
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(ap, "fwdbwd", "float32 with TF32 allowed in torch's matmul setting")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--config", type=json.loads, default=None, help="JSON config of the variant")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     with allow_tf32(args.tf32):
@@ -35,10 +38,10 @@ def profile_case(args: argparse.Namespace) -> None:
     def step():
         if not grad:
             with torch.no_grad():
-                return op.run_variant(args.variant, problem, *inputs)
+                return op.run_variant(args.variant, problem, *inputs, config=args.config)
         for t in leaves:
             t.grad = None
-        y = op.run_variant(args.variant, problem, *inputs)
+        y = op.run_variant(args.variant, problem, *inputs, config=args.config)
         y.backward(torch.ones_like(y))
 
     cuda = problem.device.type == "cuda"
