@@ -959,27 +959,21 @@ class _FlashKSum(torch.autograd.Function):
         (ph, qh), split = _FlashKSum.split(xs, ys, k, cfg, prec)
         flip = None if split is None else (split[1], split[0], split[3], split[2])  # y's rows against x's
         dims = _dims(xs.shape[-1], 1, k)
-        if ctx.sym and ctx.needs_input_grad[0]:  # x is y: its whole gradient (as rows and as columns) in one pass
-            fuse_b = ctx.needs_input_grad[2] and _grad_b_fused(cfg, dims)
-            gb = torch.empty(b.shape, dtype=torch.float32, device=b.device) if fuse_b else None
-            gx = _launch(_ksum_grad_kernel, (ph, ph, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec,
-                         split, gb, sym=True)
-            if ctx.needs_input_grad[2] and not fuse_b:
-                gb = _launch(_ksum_fwd_kernel, (ph, ph, g), torch.empty(b.shape, dtype=torch.float32,
-                                                                          device=b.device), k, cfg, prec, split)
-            return gx.to(xs.dtype), None, None if gb is None else gb.to(b.dtype), None, None, None, None
+        # the pass that sums the points' gradient as columns also sums grad b (WITH_B) where it can: grad y's,
+        # or, for x is y (SYM: the whole gradient, as rows and as columns, in one pass), grad x's
+        sym = ctx.sym and ctx.needs_input_grad[0]
+        fuse_b = ctx.needs_input_grad[2] and (sym or ctx.needs_input_grad[1]) and _grad_b_fused(cfg, dims)
+        gb = torch.empty(b.shape, dtype=torch.float32, device=b.device) if fuse_b else None
         if ctx.needs_input_grad[0]:
             gx = _launch(_ksum_grad_kernel, (ph, qh, g, b), torch.empty_like(xs, dtype=torch.float32), k, cfg, prec,
-                         split)
-        fuse_b = ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and _grad_b_fused(cfg, dims)
-        if ctx.needs_input_grad[1]:
-            gb = torch.empty(b.shape, dtype=torch.float32, device=b.device) if fuse_b else None
+                         split, gb if sym else None, sym=sym)
+        if ctx.needs_input_grad[1] and not sym:
             gy = _launch(_ksum_grad_kernel, (qh, ph, b, g), torch.empty_like(ys, dtype=torch.float32), k, cfg, prec,
                          flip, gb)
-            gb = None if gb is None else gb.to(b.dtype)
-        if ctx.needs_input_grad[2] and not fuse_b:
+        if ctx.needs_input_grad[2] and not fuse_b:  # (x is y: qh is ph, and flip holds split's tensors)
             gb = _launch(_ksum_fwd_kernel, (qh, ph, g), torch.empty(b.shape, dtype=torch.float32, device=b.device),
-                         k, cfg, prec, flip).to(b.dtype)
+                         k, cfg, prec, flip)
+        gb = None if gb is None else gb.to(b.dtype)
         gx = None if gx is None else gx.to(xs.dtype)
         gy = None if gy is None else gy.to(ys.dtype)
         return gx, gy, gb, None, None, None, None
