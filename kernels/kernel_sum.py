@@ -621,9 +621,9 @@ if HAS_TRITON:
         coordinates c of program axis 2. DG = DP: one program per row block, its [BN, DP] accumulator
         summing over the streamed columns, the distances computed once (DP > DK: the row block read per
         column tile, as in the forward); DG = DK < DP: DP / DK programs per row block, each recomputing the
-        distances for its coordinate block. Program axis 1 is (batch, split), and PRESPLIT's PL, QL, PN, QN
-        are, as in ``_ksum_fwd_kernel``; under PRESPLIT the weighted column sum sum_j pw_ij Q_jc is 3xTF32
-        too, pw split here, Q's parts as they are. WITH_B (one program per row block): also
+        distances for its coordinate block. Program axis 1 (batch, split) and PRESPLIT's PL, QL, PN, QN are
+        as in ``_ksum_fwd_kernel``; under PRESPLIT the weighted column sum sum_j pw_ij Q_jc is 3xTF32 too, pw
+        split here and Q's parts taken as they are. WITH_B (one program per row block): also
         OUTB[b, i, :] = sum_j k(s_ij) V_j, the forward's sum with the roles swapped (grad b in grad y's pass:
         one pass over the pairs fewer), into OUTB + sp * sBs. SYM (K(X, X): P and Q the same points, U the
         output gradient and V the right-hand sides): the whole gradient of the points, as rows and as columns,
@@ -803,8 +803,7 @@ _DK_MAX = 64  # widest coordinate block held in registers; larger D is streamed 
 
 def _dims(d: int, r: int, kernel: str) -> dict:
     """Block sizes: DP (padded D), DK (coordinate chunk: DP up to ``_DK_MAX``; ``_launch`` takes a config's
-    BLOCK_D past it), DC (exact-difference
-    chunk), RP (padded R) and the distance mode."""
+    BLOCK_D past it), DC (exact-difference chunk), RP (padded R) and the distance mode."""
     exact = _exact(d, kernel)
     dp = _pow2(d) if d <= 8 else max(16, _pow2(d))
     return {"DP": dp, "DK": min(dp, _DK_MAX), "DC": min(8, _pow2(d)), "DE": d if exact and d <= 8 else 0,
