@@ -467,12 +467,17 @@ if HAS_TRITON:
         return a + pw * (pc[:, None] - qc[None, :])
 
     @triton.jit
-    def _sq_dot(p, pn, q, PREC: tl.constexpr):
-        """[BN, BM] squared distances as |p|^2 + |q|^2 - 2 p.q^T on tensor cores, clamped at 0 (NaN stays NaN:
-        tl.maximum would return the 0, and a NaN point would count as coincident with every other)."""
-        qn = tl.sum(q * q, axis=1)
-        s = pn[:, None] + qn[None, :] - 2.0 * tl.dot(p, tl.trans(q), input_precision=PREC)
+    def _sq_of(pn, qn, dot):
+        """[BN, BM] squared distances |p|^2 + |q|^2 - 2 p.q^T from the norms and the dot products, clamped at 0
+        (NaN stays NaN: tl.maximum would return the 0, and a NaN point would count as coincident with every
+        other)."""
+        s = pn[:, None] + qn[None, :] - 2.0 * dot
         return tl.where(s < 0.0, 0.0, s)
+
+    @triton.jit
+    def _sq_dot(p, pn, q, PREC: tl.constexpr):
+        """[BN, BM] squared distances on tensor cores (``_sq_of``)."""
+        return _sq_of(pn, tl.sum(q * q, axis=1), tl.dot(p, tl.trans(q), input_precision=PREC))
 
     @triton.jit
     def _sq_norms(P, rn, n_mask, sPn, D, DP: tl.constexpr, DK: tl.constexpr):
@@ -487,7 +492,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N: tl.constexpr,
-                       BLOCK_M: tl.constexpr, DP: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_M: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr):
         """``_sq_dot`` for large D: DK coordinates at a time in a loop of its own (pipelined over the chunks),
         the row block re-read per column tile instead of held in registers (a [BN, 256] block spilled kilobytes
         compiled for sm_90)."""
@@ -500,12 +505,11 @@ if HAS_TRITON:
             qc = qc.to(tl.float32)
             qn += tl.sum(qc * qc, axis=1)
             dot += tl.dot(pc.to(tl.float32), tl.trans(qc), input_precision=PREC)
-        s = pn[:, None] + qn[None, :] - 2.0 * dot
-        return tl.where(s < 0.0, 0.0, s)  # NaN stays NaN (see _sq_dot)
+        return _sq_of(pn, qn, dot)
 
     @triton.jit
     def _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N: tl.constexpr,
-                 BLOCK_M: tl.constexpr, DP: tl.constexpr, DK: tl.constexpr):
+                 BLOCK_M: tl.constexpr, DK: tl.constexpr):
         """``_sq_dot_chunks`` on points split for 3xTF32 on the host (PRESPLIT): P, Q their TF32 high parts,
         PL, QL the low parts, pn, qn the squared norms (``_split_points``). No tile is split here: the loads
         go to the tensor cores as they are (``dot3``)."""
@@ -519,8 +523,7 @@ if HAS_TRITON:
             qh = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
             ql = tl.load(QL + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
             dot = dot3(dot, ph, pl, tl.trans(qh), tl.trans(ql))
-        s = pn[:, None] + qn[None, :] - 2.0 * dot
-        return tl.where(s < 0.0, 0.0, s)  # NaN stays NaN (see _sq_dot)
+        return _sq_of(pn, qn, dot)
 
     @triton.jit
     def _ksum_fwd_kernel(
@@ -583,16 +586,15 @@ if HAS_TRITON:
                     qm = m_mask[:, None] & (dd[None, :] < D)
                     qh = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
                     ql = tl.load(QL + rm[:, None] * sQm + dd[None, :], mask=qm, other=0.0)
-                    s = pn[:, None] + qn[None, :] - 2.0 * dot3(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), p, pl,
-                                                               tl.trans(qh), tl.trans(ql))
-                    s = tl.where(s < 0.0, 0.0, s)
+                    s = _sq_of(pn, qn, dot3(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), p, pl, tl.trans(qh),
+                                            tl.trans(ql)))
                 else:
-                    s = _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N, BLOCK_M, DP, DK)
+                    s = _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N, BLOCK_M, DK)
             elif DK == DP:
                 q = tl.load(Q + rm[:, None] * sQm + dd[None, :], mask=m_mask[:, None] & (dd[None, :] < D), other=0.0)
                 s = _sq_dot(p, pn, q.to(tl.float32), PREC)
             else:
-                s = _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DP, DK, PREC)
+                s = _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DK, PREC)
             if RP == 1:  # columns past M: q = 0 keeps k finite and v = 0 zeroes them
                 v1 = tl.load(V + rm * sVm, mask=m_mask, other=0.0).to(tl.float32)
                 acc1 += _phi(s, KERNEL) * v1[None, :]
@@ -696,15 +698,14 @@ if HAS_TRITON:
             elif PRESPLIT:
                 qn = tl.load(QN + bt * M + rm, mask=m_mask, other=0.0)
                 if DK == DP:
-                    s = pn[:, None] + qn[None, :] - 2.0 * dot3(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), p, pl,
-                                                               tl.trans(q), tl.trans(ql))
-                    s = tl.where(s < 0.0, 0.0, s)
+                    s = _sq_of(pn, qn, dot3(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), p, pl, tl.trans(q),
+                                            tl.trans(ql)))
                 else:
-                    s = _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N, BLOCK_M, DP, DK)
+                    s = _sq_dot3(P, PL, rn, n_mask, sPn, pn, Q, QL, rm, m_mask, sQm, qn, D, BLOCK_N, BLOCK_M, DK)
             elif DK == DP:
                 s = _sq_dot(p, pn, q, PREC)
             else:
-                s = _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DP, DK, PREC)
+                s = _sq_dot_chunks(P, rn, n_mask, sPn, pn, Q, rm, m_mask, sQm, D, BLOCK_N, BLOCK_M, DK, PREC)
             if RP == 1:
                 v1 = tl.load(V + rm * sVm, mask=m_mask, other=0.0).to(tl.float32)
                 w = u1[:, None] * v1[None, :]
@@ -1622,4 +1623,5 @@ if HAS_TRITON:
                    supports=_flash_supports,
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi,
                             _dphi, _m_splits, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run, _exact, _sq_dot_chunks,
-                            _sq_norms, _sq_dot3, _split_points, _presplit, _grad_split_d, _grad_b_fused, *SPLIT_SOURCES)))
+                            _sq_norms, _sq_dot3, _sq_of, _split_points, _presplit, _grad_split_d, _grad_b_fused,
+                            *SPLIT_SOURCES)))
