@@ -28,9 +28,11 @@ Variants:
     tile it replaced, with K no longer padded to a power of two. The SiLU base path
     runs beside the kernel as one float32 GEMM (``_SiLULinear``: inside the
     forward kernel it was wrong compiled for an H100, see ``_fused_run``). The
-    weights are re-laid out once per call ([k, i, o] for the forward; for grad x
-    (i, k)-contiguous in blocks of whole features) so weight tiles load as
-    aligned vectors instead of strided scalars. Backward: grad x
+    weights are re-laid out once per call ([k, o, i] for the forward, rows padded
+    to 16 features, ``_w3``; for grad x (i, k)-contiguous in blocks of whole
+    features) so weight tiles load as aligned vectors instead of strided
+    scalars. On a small batch the forward also splits the features over
+    programs (``_fwd_splits``). Backward: grad x
     with the basis derivative in the same kind of tile (dy @ W^T contracted
     against phi'), grad W (and grad Wb) as per-tile partial sums over batch
     splits, summed in a fixed order: deterministic, no atomics; the number of
@@ -732,13 +734,14 @@ if HAS_TRITON:
     @triton.jit
     def _kan_fwd_kernel(
         X, W3, W3L, WBT, BIAS, Y, GRID, CENT, width,
-        B, I, O, K, NK,
-        sXb, sXi, sYb, sYo, sGi,
+        B, I, O, K, NK, per_i,
+        sXb, sXi, sWo, sYs, sYb, sYo, sGi,
         BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, HAS_BASE: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
         PREC: tl.constexpr, PRESPLIT: tl.constexpr,
     ):
-        """y[b, o] = sum_i sum_k phi_k(x[b, i]) W3[k, o, i]  (+ sum_i silu(x[b, i]) WBT[i, o] + bias[o]).
+        """y[b, o] = sum_i sum_k phi_k(x[b, i]) W3[k, o, i]  (+ sum_i silu(x[b, i]) WBT[i, o] + bias[o]),
+        W3's rows ``sWo`` apart (``_w3``).
 
         One tl.dot per basis function k: phi_k of the [rows, BLOCK_I] tile of x is a 2-D tile made in
         registers (O(1) work per k: a recurrence in k for Chebyshev and Fourier) times the [BLOCK_I, out]
@@ -746,25 +749,33 @@ if HAS_TRITON:
         from shared memory by ldmatrix, where o-contiguous tiles took a scalar load per element). The k loop
         is the inner loop (its weight loads are the pipelined ones); no padding of K, no [rows, in, K] tile,
         no reshape. PRESPLIT (3xTF32): W3 is the host split's high part and W3L its low part (``dot3``).
+        The grid's third dimension splits the features, ``per_i`` a program (``_fwd_splits``): split s sums
+        features s * per_i .. (s + 1) * per_i - 1 into its float32 partial at Y + s * sYs (one split: y
+        itself, sYs 0), and split 0 adds the bias.
         """
         pid_b = tl.program_id(0)
         pid_o = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        i_lo = pid_s * per_i
+        i_hi = tl.minimum(i_lo + per_i, I)
         rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         oo = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         b_mask = rb < B
         o_mask = oo < O
         acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
+        for i0 in range(i_lo, i_hi, BLOCK_I):
             ii = i0 + tl.arange(0, BLOCK_I)
-            i_mask = ii < I
+            i_mask = ii < i_hi
             # masked features: x = 0 and zero weight rows, so their (finite) basis values add nothing
             x = tl.load(X + rb[:, None] * sXb + ii[None, :] * sXi, mask=b_mask[:, None] & i_mask[None, :], other=0.0)
             x = x.to(tl.float32)
-            w_off = oo[None, :].to(tl.int64) * I + ii[:, None]
+            w_off = oo[None, :].to(tl.int64) * sWo + ii[:, None]
             w_ptr = W3 + w_off
             wl_ptr = W3L + w_off
-            w_mask = i_mask[:, None] & o_mask[None, :]
-            kstep = O * I  # W3's stride between basis functions
+            # W3's zeroed row padding read as weights (a split ends on a BLOCK_I multiple, so i_mask adds nothing
+            # there): a bound of 16 features lets a masked tile load in 16-byte pieces
+            w_mask = (ii < sWo)[:, None] & o_mask[None, :]
+            kstep = O * sWo  # W3's stride between basis functions
             if BASIS == 3:  # fourier: (cos jx, sin jx), j = 1..G, by angle addition from (cos x, sin x)
                 c1 = tl.cos(x)
                 s1 = tl.sin(x)
@@ -805,11 +816,12 @@ if HAS_TRITON:
                                 wl_ptr + k * kstep, w_mask, PREC, PRESPLIT)
             if HAS_BASE:
                 sx = x / (1.0 + tl.exp(-x))
-                wb = tl.load(WBT + ii[:, None] * O + oo[None, :], mask=w_mask, other=0.0)
+                wb = tl.load(WBT + ii[:, None] * O + oo[None, :], mask=i_mask[:, None] & o_mask[None, :], other=0.0)
                 acc += tl.dot(sx, wb.to(tl.float32), input_precision=PREC)
         if HAS_BIAS:
-            acc += tl.load(BIAS + oo, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rb[:, None] * sYb + oo[None, :] * sYo, acc.to(Y.dtype.element_ty),
+            bias = tl.load(BIAS + oo, mask=o_mask, other=0.0).to(tl.float32)
+            acc += tl.where(pid_s == 0, bias, 0.0)[None, :]
+        tl.store(Y + pid_s * sYs + rb[:, None] * sYb + oo[None, :] * sYo, acc.to(Y.dtype.element_ty),
                  mask=b_mask[:, None] & o_mask[None, :])
 
     @triton.jit
@@ -1158,6 +1170,39 @@ def _dw_splits(p: Problem, cfg: dict, rows: int, device: torch.device) -> int:
     return max(1, min(want, 16, cdiv(rows, cfg["BLOCK_B"])))
 
 
+def _w3(weight: torch.Tensor) -> torch.Tensor:
+    """W [O, I, K] as the forward's [K, O, I] with rows of a multiple of 16 features: Triton assumes an integer
+    argument 16-divisible only where it is, so at I = 1000 (B = 100, 1000 -> 1000: compiled for sm_90, Triton
+    3.6) every weight tile came in 4-byte loads (64 cp.async a step); rows of 1008, their padding zeroed and
+    masked at 1008, take 16-byte ones."""
+    O, I, K = weight.shape
+    ip = cdiv(I, 16) * 16
+    if ip == I:
+        return weight.permute(2, 0, 1).contiguous()
+    out = weight.new_empty((K, O, ip))
+    out[..., :I] = weight.permute(2, 0, 1)
+    out[..., I:].zero_()
+    return out
+
+
+def _fwd_splits(p: Problem, cfg: dict, device: torch.device) -> tuple[int, int]:
+    """(splits, features per split) of the forward's feature sum: the config's SPLIT_I, or with SPLIT_I 0
+    (auto) enough for four programs per SM where the (rows, out) tiles alone launch fewer, so a small batch
+    fills the GPU. Each program's loop is then 1/splits as long. At B = 1024, 256 -> 256 (the G = 32 case)
+    the default's 32 x 64 tiles are 128 programs, one per SM of an H100 with its 4 warps alone there, each
+    summing 8 feature blocks x 35 basis functions in turn; at B = 100, 1000 -> 1000 they are 64. Splits cost
+    a float32 partial of y's size each and one sum over them; none is made where the tiles fill the GPU."""
+    bif = cfg.get("BLOCK_IF", 32)
+    blocks = cdiv(p.cin, bif)
+    want = cfg.get("SPLIT_I", 0)
+    if want <= 0:
+        tiles = max(1, cdiv(p.rows, cfg["BLOCK_B"]) * cdiv(p.cout, cfg["BLOCK_O"]))
+        want = cdiv(4 * _sm_count(device), tiles)
+    want = max(1, min(want, 16, blocks))
+    per_i = cdiv(blocks, want) * bif
+    return cdiv(p.cin, per_i) if p.cin else 1, per_i
+
+
 def _split_sum(part: torch.Tensor) -> torch.Tensor:
     """The grad-W partials [splits, ...] summed over the splits in a fixed order (deterministic); one split
     is the gradient itself (no pass over a W-sized buffer to copy it)."""
@@ -1171,19 +1216,27 @@ class _FusedKAN(torch.autograd.Function):
         meta = _meta(p, cfg, p.precision)
         # W3 [k, o, i] (one small copy per call; split for 3xTF32 once here, not in every program: _presplit)
         # and Wb^T [i, o]
-        W3 = weight.permute(2, 0, 1).contiguous()
+        W3 = _w3(weight)
         presplit = _presplit(cfg, meta["PREC"], W3)
         W3, W3L = split_tf32(W3) if presplit else (W3, W3)
         WBT = base_weight.t().contiguous() if base_weight is not None else W3
-        y = torch.empty((x.shape[0], p.cout), dtype=p.dtype, device=x.device)
-        launch = (cdiv(x.shape[0], cfg["BLOCK_B"]), cdiv(p.cout, cfg["BLOCK_O"]))
+        bif = cfg.get("BLOCK_IF", 32)
+        splits, per_i = _fwd_splits(p, cfg, x.device)
+        # one split writes y; several write float32 partials [splits, rows, out], summed in a fixed order
+        y = (torch.empty((x.shape[0], p.cout), dtype=p.dtype, device=x.device) if splits == 1 else
+             torch.empty((splits, x.shape[0], p.cout), dtype=torch.float32, device=x.device))
+        launch = (cdiv(x.shape[0], cfg["BLOCK_B"]), cdiv(p.cout, cfg["BLOCK_O"]), splits)
         _kan_fwd_kernel[launch](
             x, W3, W3L, WBT, bias if bias is not None else W3, y, grid, cent, width,
-            x.shape[0], p.cin, p.cout, p.k, NK, x.stride(0), x.stride(1), y.stride(0), y.stride(1), sGi,
+            x.shape[0], p.cin, p.cout, p.k, NK, per_i, x.stride(0), x.stride(1), W3.stride(1),
+            y.stride(0) if splits > 1 else 0,
+            y.stride(-2), y.stride(-1), sGi,
             BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"], HAS_BASE=meta["HAS_BASE"],
-            HAS_BIAS=bias is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg.get("BLOCK_IF", 32),
+            HAS_BIAS=bias is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=bif,
             PREC=meta["PREC"], PRESPLIT=presplit, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **LAUNCH_OPTIONS)
+        if splits > 1:
+            y = _split_sum(y).to(p.dtype)
         ctx.save_for_backward(x, weight, base_weight)
         ctx.p, ctx.b, ctx.cfg, ctx.has_bias, ctx.prec = p, b, cfg, bias is not None, meta["PREC"]
         return y
@@ -1277,15 +1330,16 @@ def _fused_supports(p: Problem) -> str | None:
         return ("fused needs the B-spline knots' spacing, which cannot be read during CUDA graph capture of knots "
                 "not seen before (the torch variant runs; warm up with the same knot tensor to capture the kernel)")
     # rows and weights are indexed with 32-bit offsets (the grad-W split partials with 64-bit ones)
-    return offsets_fit(x=p.rows * p.cin, y=p.rows * p.cout, weight=p.cout * p.cin * max(2, _pow2(p.k)))
+    return offsets_fit(x=p.rows * p.cin, y=p.rows * p.cout,
+                       weight=p.cout * max(p.cin * max(2, _pow2(p.k)), cdiv(p.cin, 16) * 16 * p.k))
 
 
 def _fused_cfgs(p: Problem) -> list[dict]:
     """(rows, out) tiles x, per tile: the forward/grad-W feature block BLOCK_IF 16 or 32 at the default
     grad-x block, and the other grad-x block (BLOCK_I x K spanning 32 or 64) at BLOCK_IF 32, each with the
-    host's 3xTF32 split (PRESPLIT), and the default config with Triton's split. Out tiles of 32 columns are
-    left out: 19 configs keep a forward+backward tuning of the four main KAN cases inside one 10-minute GPU
-    call."""
+    host's 3xTF32 split (PRESPLIT), the default config with Triton's split, and on a small batch the default
+    without the forward's feature split (SPLIT_I 1). Out tiles of 32 columns are left out: 19 configs (20 at
+    G = 32) keep a forward+backward tuning of the four main KAN cases inside one 10-minute GPU call."""
     kp = max(2, _pow2(p.k))
     bi0 = _fused_default(p)["BLOCK_I"]
     out = []
@@ -1298,6 +1352,11 @@ def _fused_cfgs(p: Problem) -> list[dict]:
                             "num_stages": 2, "SPLITS": 0, "PRESPLIT": 1})
     # the default's tiles with Triton's own 3xTF32 split too (_presplit: not yet timed against each other)
     out.append(dict(_fused_default(p), PRESPLIT=0))
+    d = _fused_default(p)
+    if cdiv(p.rows, d["BLOCK_B"]) * cdiv(p.cout, d["BLOCK_O"]) < 4 * 132:  # (an H100's SMs)
+        # where the forward's tiles alone may not fill the GPU, the default without the feature split too
+        # (_fwd_splits: not yet timed)
+        out.append(dict(d, SPLIT_I=1))
     return out
 
 
@@ -2011,4 +2070,4 @@ if HAS_TRITON:
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
                             _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _dx_chunk,
-                            _wdot, _presplit, *SPLIT_SOURCES)))
+                            _wdot, _presplit, _fwd_splits, _w3, *SPLIT_SOURCES)))

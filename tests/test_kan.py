@@ -745,6 +745,40 @@ def test_fused_grad_w_is_the_same_for_any_batch_split(splits):
     assert_close(w.grad, dw, torch.float32, p.rows, f"grad weight with SPLITS={splits}")
 
 
+@pytest.mark.parametrize("cin", [16, 37])
+def test_forward_weight_layout_pads_rows_to_16_features(cin):
+    """The forward's [K, O, I] weight has rows of a multiple of 16 features (16-byte loads on a GPU) and its
+    padding, which the kernel reads as weights, is zero."""
+    from opforge.kernels.kan import _w3
+
+    w = torch.randn(5, cin, 3)
+    w3 = _w3(w)
+    ip = -(-cin // 16) * 16
+    assert w3.shape == (3, 5, ip) and w3.is_contiguous()
+    assert torch.equal(w3[..., :cin], w.permute(2, 0, 1)) and not w3[..., cin:].any()
+
+
+WIDE = [dataclasses.replace(c, name=c.name + "-in37", params={**c.params, "cin": 37}) for c in SMALL]
+
+
+@pytest.mark.parametrize("splits", [0, 2, 3])
+@pytest.mark.parametrize("case", WIDE, ids=[c.name for c in WIDE])
+def test_fused_forward_feature_splits(case, splits, monkeypatch):
+    """The forward's feature sum split over programs (SPLIT_I; 0 = automatic, here 3 splits of 16 features
+    with the interpreter's 4 SMs): float32 partials summed in a fixed order, the bias added once, the in-kernel
+    base path split with the features, and 16-bit outputs cast after the sum."""
+    from opforge.kernels import kan as kan_mod
+
+    p, _ = OP.make_inputs(case, "cpu", torch.float32)
+    cfg = dict(OP.variants["fused"].default_config(p), BLOCK_IF=16, SPLIT_I=splits)
+    assert kan_mod._fwd_splits(p, cfg, torch.device("cpu")) == ({0: 3}.get(splits, splits), 16 if splits != 2 else 32)
+    check("fused", case, config=cfg)
+    if case.params["basis"] == "bspline":
+        monkeypatch.setenv("OPFORGE_KAN_FUSED_BASE", "1")
+        check("fused", case, config=cfg)
+        check("fused", case, torch.bfloat16, config=cfg)
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["no-graph", "graph"])
 def test_bspline_local_form_in_deterministic_mode(graph):
     """torch.use_deterministic_algorithms(True) (put_ raises there): the local form's in-place placement
