@@ -70,8 +70,8 @@ from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dty
                         graph_grads, kept_tensor, no_autocast, number, positive_ints, register,
                         transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
-from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count, split_tf32,
-                      tl, triton, within_int32)
+from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, allow_tf32, cdiv, offsets_fit, sm_count,
+                      split_tf32, tl, triton, within_int32)
 
 __all__ = ["kan_linear", "KAN", "KANLinear", "FastKAN", "FastKANLayer", "ChebyKANLayer", "FourierKANLayer", "BASES"]
 
@@ -825,10 +825,12 @@ if HAS_TRITON:
                  mask=b_mask[:, None] & o_mask[None, :])
 
     @triton.jit
-    def _dphi_cols(x, ii, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
-                   BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr):
-        """phi'_k(x) of a [rows, columns] tile where column c holds feature ii[c] and basis function kk[c]
-        (``_basis_tile``'s derivative, one basis function per column instead of a KP axis)."""
+    def _phi_cols(x, ii, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                  BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr,
+                  DERIV: tl.constexpr):
+        """phi_k(x), or with DERIV phi'_k(x), of a [rows, columns] tile where column c holds feature ii[c] and
+        basis function kk[c] (``_basis_tile``'s values, one basis function per column instead of a KP axis);
+        0 in columns outside c_ok."""
         k2 = kk[None, :]
         if (BASIS == 0 and UNIFORM) and ORDER >= 1:  # bspline, uniform knots: B_k(x) = N_p((x - t_0) / h - k)
             t0 = tl.load(GRID + ii * sGi, mask=c_ok, other=0.0)[None, :]
@@ -836,32 +838,60 @@ if HAS_TRITON:
             inv_h = (NK - 1) / (tn - t0)
             t = (x - t0) * inv_h - k2.to(tl.float32)
             seg = tl.floor(t)
-            out = _cardinal(seg, t - seg, ORDER, True) * inv_h
+            if DERIV:
+                out = _cardinal(seg, t - seg, ORDER, True) * inv_h
+            else:
+                out = _cardinal(seg, t - seg, ORDER, False)
         elif BASIS == 0:  # bspline, general knots (and order 0): interval search, the local triangle, pick k
             j, v0, v1, v2, v3, d0, d1, d2, d3 = _bspline_local(x, GRID, ii, c_ok, sGi, NK, ORDER, UNIFORM)
-            out = _local_pick(j, k2, d0, d1, d2, d3, ORDER)
+            if DERIV:
+                out = _local_pick(j, k2, d0, d1, d2, d3, ORDER)
+            else:
+                out = _local_pick(j, k2, v0, v1, v2, v3, ORDER)
         elif BASIS == 1:  # rbf
             c = tl.load(CENT + kk, mask=c_ok, other=0.0)[None, :]
             z = (x - c) / width
-            out = -2.0 * z / width * tl.exp(-z * z)
-        elif BASIS == 2:  # chebyshev: d/dx T_k(tanh x) = k U_{k-1}(t) (1 - t^2), U by its recurrence
+            if DERIV:
+                out = -2.0 * z / width * tl.exp(-z * z)
+            else:
+                out = tl.exp(-z * z)
+        elif BASIS == 2:  # chebyshev, t = tanh x
             e = tl.exp(-2.0 * tl.abs(x))
             t = (1.0 - e) / (1.0 + e)
             t = tl.where(x < 0, -t, t)
-            u_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
-            u_cur = 2.0 * t
-            out = tl.where(k2 == 1, u_prev, 0.0)
-            for k in tl.static_range(2, KP):
-                out += tl.where(k2 == k, k * u_cur, 0.0)
-                u_next = 2.0 * t * u_cur - u_prev
-                u_prev = u_cur
-                u_cur = u_next
-            out = out * (1.0 - t * t)
-        else:  # fourier: d/dx cos(fx) = f cos(fx + pi/2), d/dx sin(fx) = f cos(fx)
+            if DERIV:  # d/dx T_k(tanh x) = k U_{k-1}(t) (1 - t^2), U by its recurrence
+                u_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
+                u_cur = 2.0 * t
+                out = tl.where(k2 == 1, u_prev, 0.0)
+                for k in tl.static_range(2, KP):
+                    out += tl.where(k2 == k, k * u_cur, 0.0)
+                    u_next = 2.0 * t * u_cur - u_prev
+                    u_prev = u_cur
+                    u_cur = u_next
+                out = out * (1.0 - t * t)
+            else:  # T_k(t) by its recurrence
+                t_prev = tl.zeros(x.shape, dtype=tl.float32) + 1.0
+                t_cur = t
+                out = tl.where(k2 == 0, t_prev, tl.where(k2 == 1, t_cur, 0.0))
+                for k in tl.static_range(2, KP):
+                    t_next = 2.0 * t * t_cur - t_prev
+                    t_prev = t_cur
+                    t_cur = t_next
+                    out += tl.where(k2 == k, t_cur, 0.0)
+        else:  # fourier: cos(fx), sin(fx) = cos(fx - pi/2); d/dx cos(fx) = f cos(fx + pi/2), d/dx sin(fx) = f cos(fx)
             is_cos = k2 < G
             freq = tl.where(is_cos, k2 + 1, k2 - G + 1).to(tl.float32)
-            out = freq * tl.cos(x * freq + tl.where(is_cos, 1.5707963267948966, 0.0))
+            if DERIV:
+                out = freq * tl.cos(x * freq + tl.where(is_cos, 1.5707963267948966, 0.0))
+            else:
+                out = tl.cos(x * freq - tl.where(is_cos, 0.0, 1.5707963267948966))
         return tl.where(c_ok[None, :], out, 0.0)
+
+    @triton.jit
+    def _dphi_cols(x, ii, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                   BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr):
+        """phi'_k(x) of a [rows, columns] tile (``_phi_cols``)."""
+        return _phi_cols(x, ii, kk, c_ok, GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP, True)
 
     @triton.jit
     def _kan_dx_kernel(
@@ -1080,6 +1110,69 @@ if HAS_TRITON:
         if HAS_BASE:
             baseb = DWB + split.to(tl.int64) * O * I
             tl.store(baseb + oo[None, :] * I + ii[:, None], accb, mask=i_mask[:, None] & o_mask[None, :])
+
+    @triton.jit
+    def _kan_basis_kernel(
+        X, PHI, PHIL, GRID, CENT, width,
+        B, I, K, G, NK,
+        sXb, sXi, sPb, sGi,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """The basis of a block of rows as the GEMM operand PHI[b, i * K + k] = phi_k(x[b, i]) (the ``staged``
+        variant): a [BLOCK_B, BLOCK_C] tile of the (feature, basis function) columns per program. With SPLIT
+        (3xTF32) PHI holds the values' TF32 high parts and PHIL the rest (``tf32_hi_lo``), so three TF32
+        GEMMs give float32 products."""
+        pid_b = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_mask = rb < B
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        feat = c // K
+        kk = c - feat * K
+        c_ok = c < I * K
+        mask = b_mask[:, None] & c_ok[None, :]
+        x = tl.load(X + rb[:, None].to(tl.int64) * sXb + feat[None, :] * sXi, mask=mask, other=0.0)
+        phi = _phi_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                        BASIS, ORDER, UNIFORM, KP, False)
+        off = rb[:, None].to(tl.int64) * sPb + c[None, :]
+        if SPLIT:
+            hi, lo = tf32_hi_lo(phi)
+            tl.store(PHI + off, hi, mask=mask)
+            tl.store(PHIL + off, lo, mask=mask)
+        else:
+            tl.store(PHI + off, phi, mask=mask)
+
+    @triton.jit
+    def _kan_dx_cols_kernel(
+        X, T, DX, GRID, CENT, width,
+        B, I, K, G, NK,
+        sXb, sXi, sTb, sDb, sDi, sGi,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr,
+        BLOCK_B: tl.constexpr, FPB: tl.constexpr,
+    ):
+        """dx[b, i] = sum_k phi'_k(x[b, i]) T[b, i * K + k], T = dy @ W as [rows, in * K] (the ``staged``
+        variant's grad x after its GEMM): FPB features x KP slots per program, each feature's slots summed
+        on their own axis (a non-finite phi' stays in its feature)."""
+        pid_b = tl.program_id(0)
+        pid_f = tl.program_id(1)
+        rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_mask = rb < B
+        c = tl.arange(0, FPB * KP)
+        fi = c // KP
+        kk = c - fi * KP
+        feat = pid_f * FPB + fi
+        c_ok = (kk < K) & (feat < I)
+        mask = b_mask[:, None] & c_ok[None, :]
+        row = rb[:, None].to(tl.int64)
+        x = tl.load(X + row * sXb + feat[None, :] * sXi, mask=mask, other=0.0)
+        dphi = _phi_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                         BASIS, ORDER, UNIFORM, KP, True)
+        t = tl.load(T + row * sTb + (feat * K + kk)[None, :], mask=mask, other=0.0)
+        dx = tl.sum(tl.reshape(dphi * t, (BLOCK_B, FPB, KP)), axis=2)
+        fj = pid_f * FPB + tl.arange(0, FPB)
+        tl.store(DX + row * sDb + fj[None, :] * sDi, dx.to(DX.dtype.element_ty),
+                 mask=b_mask[:, None] & (fj < I)[None, :])
 
 
 _FILLERS: dict = {}  # device -> a float32 tensor of one zero, for the pointer arguments a basis does not read
@@ -1414,6 +1507,158 @@ def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
     # in-kernel path (tested under the interpreter) so it can be tried on a GPU again.
     y = _FusedKAN.apply(x, weight, None, bias, replace(p, has_base=False), b, cfg)  # the bias added in the kernel
     return _SiLULinear.apply(y, x, base_weight).to(p.dtype)
+
+
+def _staged_rows(p: Problem, cfg: dict) -> int:
+    """Rows per block of the ``staged`` variant: as many as keep each [rows, in * K] float32 buffer (the
+    basis, its TF32 low part, grad x's dy @ W) within the config's CHUNK elements."""
+    return max(1, min(p.rows, cfg["CHUNK"] // max(1, p.cin * p.k)))
+
+
+def _staged_blocks(x, p: Problem, b: _Basis, cfg: dict, split: bool, basis: bool = True):
+    """(r0, r1, phi, phi_lo) for each block of rows of x: the block's basis [r1 - r0, in * K] in float32
+    (``_kan_basis_kernel``; with ``split`` its TF32 high part, and the low part as phi_lo, else None),
+    in two buffers reused from block to block; with ``basis`` False only the row ranges."""
+    rows, cols = x.shape[0], p.cin * p.k
+    step = _staged_rows(p, cfg)
+    phi = phil = None
+    if basis and cols:
+        grid, cent, width, NK, sGi = _basis_args(p, b, x)
+        n = min(rows, step)
+        phi = torch.empty((n, cols), dtype=torch.float32, device=x.device)
+        phil = torch.empty_like(phi) if split else phi
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if phi is None:
+            yield r0, r1, None, None
+            continue
+        xb, out, outl = x[r0:r1], phi[: r1 - r0], phil[: r1 - r0]
+        launch = (cdiv(r1 - r0, cfg["BLOCK_B"]), cdiv(cols, cfg["BLOCK_C"]))
+        _kan_basis_kernel[launch](
+            xb, out, outl, grid, cent, width, r1 - r0, p.cin, p.k, b.grid_size, NK,
+            xb.stride(0), xb.stride(1), out.stride(0), sGi, BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform,
+            KP=max(2, _pow2(p.k)), SPLIT=split, BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"],
+            num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
+        yield r0, r1, out, (outl if split else None)
+
+
+def _gemm(out, a, b, accumulate: bool):
+    """out = a @ b, or out += a @ b with ``accumulate``: the ``staged`` variant's GEMMs, made by cuBLAS under
+    TF32 (``allow_tf32``) on a GPU."""
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def _mm3(out, a, a_lo, w, w_lo, accumulate: bool = False):
+    """out (+)= (a + a_lo) @ (w + w_lo) by TF32 GEMMs: a @ w, then a_lo @ w and a @ w_lo when the operands
+    are split (3xTF32: the parts' products are exact in TF32 up to a_lo's own rounding, 2^-22 of a, and
+    a_lo @ w_lo, below that, is dropped, as in ``dot3``)."""
+    _gemm(out, a, w, accumulate)
+    if a_lo is not None:
+        _gemm(out, a_lo, w, True)
+        _gemm(out, a, w_lo, True)
+    return out
+
+
+class _StagedKAN(torch.autograd.Function):
+    """The ``staged`` variant: for each block of rows the Triton basis kernel writes the basis [rows, in * K]
+    (split for 3xTF32), and cuBLAS multiplies it on the tensor cores in TF32 (three GEMMs, or one where the
+    call computes in TF32): y = phi @ W^T; grad W = dy^T @ phi, grad x = sum_k phi'_k (dy @ W)_k
+    (``_kan_dx_cols_kernel``). Saves x and W only; the basis is remade in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p: Problem, b: _Basis, cfg):
+        O, I, K = weight.shape
+        split = p.precision == "tf32x3"
+        w2 = weight.reshape(O, I * K).float()
+        wh, wl = split_tf32(w2) if split else (w2, None)
+        y = torch.empty((x.shape[0], O), dtype=torch.float32, device=x.device)
+        with allow_tf32(True):
+            for r0, r1, phi, phil in _staged_blocks(x, p, b, cfg, split):
+                yb = y[r0:r1]
+                if phi is None:  # no input features
+                    yb.zero_()
+                else:
+                    _mm3(yb, phi, phil, wh.t(), None if wl is None else wl.t())
+        if bias is not None:
+            y += bias.float()
+        ctx.save_for_backward(x, weight)
+        ctx.p, ctx.b, ctx.cfg, ctx.split, ctx.has_bias = p, b, cfg, split, bias is not None
+        return y.to(p.dtype)
+
+    @staticmethod
+    @variant_backward
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        p, b, cfg, split = ctx.p, ctx.b, ctx.cfg, ctx.split
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
+            dx, dw, _ = graph_grads(lambda x, w: _torch_run(p, x, w, None, None, b), (x, weight), (need_x, need_w),
+                                    gy)
+            dbias = gy.to(torch.float32).sum(0) if ctx.has_bias and need_b else None
+            return dx, dw, dbias, None, None, None
+        O, I, K = weight.shape
+        gy = gy.to(torch.float32).contiguous()
+        gh, gl = split_tf32(gy) if split else (gy, None)
+        dx = dw2 = None
+        if need_x or need_w:
+            w2 = weight.reshape(O, I * K).float()
+            wh, wl = split_tf32(w2) if split and need_x else (w2, None)
+            if need_w:
+                dw2 = torch.zeros((O, I * K), dtype=torch.float32, device=x.device)
+            if need_x:
+                dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                tbuf = torch.empty((min(x.shape[0], _staged_rows(p, cfg)), I * K), dtype=torch.float32,
+                                   device=x.device)
+                grid, cent, width, NK, sGi = _basis_args(p, b, x)
+                kp = max(2, _pow2(p.k))
+                fpb = max(1, 128 // kp)
+            with allow_tf32(True):
+                for r0, r1, phi, phil in _staged_blocks(x, p, b, cfg, split, basis=need_w):
+                    g, g_lo = gh[r0:r1], (None if gl is None else gl[r0:r1])
+                    if need_w and phi is not None:
+                        _mm3(dw2, g.t(), None if g_lo is None else g_lo.t(), phi, phil, accumulate=True)
+                    if need_x:
+                        xb, dxb = x[r0:r1], dx[r0:r1]
+                        if I * K == 0:
+                            dxb.zero_()
+                            continue
+                        t = _mm3(tbuf[: r1 - r0], g, g_lo, wh, wl)
+                        launch = (cdiv(r1 - r0, cfg["BLOCK_B"]), cdiv(I, fpb))
+                        _kan_dx_cols_kernel[launch](
+                            xb, t, dxb, grid, cent, width, r1 - r0, I, K, b.grid_size, NK,
+                            xb.stride(0), xb.stride(1), t.stride(0), dxb.stride(0), dxb.stride(1), sGi,
+                            BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, KP=kp, BLOCK_B=cfg["BLOCK_B"],
+                            FPB=fpb, num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
+        dw = dw2.view(O, I, K).to(weight.dtype) if need_w else None
+        dbias = gy.sum(0) if ctx.has_bias and need_b else None
+        return dx, dw, dbias, None, None, None
+
+
+def _staged_cfgs(p: Problem) -> list[dict]:
+    """Row blocks of 2^22 and 2^24 basis values (16 and 64 MB a buffer), basis tiles of 32 x 128 and 64 x 64."""
+    return [{"BLOCK_B": bb, "BLOCK_C": bc, "CHUNK": ch, "num_warps": 4}
+            for ch in (1 << 24, 1 << 22) for bb, bc in ((32, 128), (64, 64))]
+
+
+def _staged_default(p: Problem) -> dict:
+    return {"BLOCK_B": 32, "BLOCK_C": 128, "CHUNK": 1 << 24, "num_warps": 4}
+
+
+def _staged_supports(p: Problem) -> str | None:
+    reason = _fused_supports(p)
+    if reason:
+        return reason.replace("fused", "staged")
+    return offsets_fit(basis_block=_staged_rows(p, _staged_default(p)) * p.cin * p.k)
+
+
+def _staged_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
+    cfg = config or _staged_default(p)
+    x = within_int32(x)
+    y = _StagedKAN.apply(x, weight, bias, replace(p, has_base=False), b, cfg)
+    return y if base_weight is None else _SiLULinear.apply(y, x, base_weight).to(p.dtype)
 
 
 # --------------------------------------------------------------------------- checks and the public API
@@ -2064,10 +2309,16 @@ OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _ba
                                                         _bspline_both, _bspline_full, _cheb_both, _silu_vjp,
                                                         _block_rows, _torch_forward, _contract, _derivative_matrix)))
 if HAS_TRITON:
+    OP.add(Variant("staged", "triton", _staged_run, configs=_staged_cfgs, default_config=_staged_default,
+                   supports=_staged_supports,
+                   sources=(_kan_basis_kernel, _kan_dx_cols_kernel, _phi_cols, _bspline_local, _cardinal, _local_pick,
+                            _knot, _nz, _StagedKAN, _staged_blocks, _staged_rows, _mm3, _gemm, _staged_cfgs, _staged_default,
+                            _staged_supports, _staged_run, _basis_args, _SiLULinear, _silu_vjp, _fused_supports, allow_tf32,
+                            *SPLIT_SOURCES)))
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
-                            _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _dx_chunk,
+                            _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _phi_cols, _dx_chunk,
                             _wdot, _presplit, _fwd_splits, _w3, *SPLIT_SOURCES)))

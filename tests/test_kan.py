@@ -38,7 +38,7 @@ def check(variant, case, dtype=torch.float32, config=None):
         assert_close(bias.grad, g.sum(0).numpy(), dtype, p.rows, f"{variant} grad bias")
 
 
-@pytest.mark.parametrize("variant", ["torch", "fused"])
+@pytest.mark.parametrize("variant", ["torch", "fused", "staged"])
 @pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
 def test_variants_match_reference(variant, case):
     check(variant, case)
@@ -86,15 +86,17 @@ def test_non_finite_inputs_stay_in_their_feature(case):
     x[1, 2], x[2, 0], x[2, 5] = float("nan"), float("inf"), -float("inf")
     g = torch.randn(p.rows, p.cout, generator=torch.Generator().manual_seed(6))
     got = {}
-    for variant in ("torch", "fused"):
+    for variant in ("torch", "fused", "staged"):
         ins = [t if t is None else t.detach().clone().requires_grad_() for t in (x, w, wb, bias)]
         y = OP.run_variant(variant, p, *ins, b)
         grads = torch.autograd.grad((y * g).nansum(), [t for t in ins if t is not None], allow_unused=True)
         got[variant] = [y, *grads]
-    for name, a, want in zip(["y", "x", "w", "wb", "bias"], got["fused"], got["torch"]):
-        if name == "x":  # finite rows keep every feature finite
-            assert torch.isfinite(a[0]).all() and torch.isfinite(a[3:]).all()
-        torch.testing.assert_close(a, want, rtol=1e-4, atol=1e-4, equal_nan=True, msg=f"{case.name} {name}")
+    for variant in ("fused", "staged"):
+        for name, a, want in zip(["y", "x", "w", "wb", "bias"], got[variant], got["torch"]):
+            if name == "x":  # finite rows keep every feature finite
+                assert torch.isfinite(a[0]).all() and torch.isfinite(a[3:]).all()
+            torch.testing.assert_close(a, want, rtol=1e-4, atol=1e-4, equal_nan=True,
+                                       msg=f"{variant} {case.name} {name}")
 
 
 def test_grad_w_kernel_choice():
@@ -672,15 +674,16 @@ def test_fused_with_base_path_saves_only_x_and_weights():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fused", "staged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("basis", BASES)
-def test_gpu_fused_matches_reference(basis, dtype):
+def test_gpu_variants_match_reference(basis, dtype, variant):
     case = next(c for c in OP.cases if c.params["basis"] == basis and "gpu" in c.tags)
     p, (x, w, wb, bias, b) = OP.make_inputs(case, "cuda", dtype, requires_grad=True)
-    reason = OP.variants["fused"].why_not(p)
+    reason = OP.variants[variant].why_not(p)
     if reason:
         pytest.xfail(reason)
-    y = OP.run_variant("fused", p, x, w, wb, bias, b)
+    y = OP.run_variant(variant, p, x, w, wb, bias, b)
     want = ref.kan_linear(npf(x[:256].cpu()), npf(w.cpu()), p.basis, npf(None if wb is None else wb.cpu()),
                           npf(None if bias is None else bias.cpu()), grid=npf(None if b.grid is None else b.grid.cpu()),
                           order=b.order, centers=npf(None if b.centers is None else b.centers.cpu()), width=b.width,
@@ -834,7 +837,7 @@ def test_fused_training_step_copies_the_weight_only_for_the_forward_layout(big_w
     wb = torch.randn(24, 16, generator=g, requires_grad=True)
     grid = torch.linspace(-2.2, 2.2, 12).expand(16, -1).contiguous()
     dy = torch.randn(40, 24, generator=g)
-    with use_backend("triton"), big_writes(w.numel() * 4) as ops:
+    with use_backend("triton", kan="fused"), big_writes(w.numel() * 4) as ops:
         y = kan_linear(x, w, "bspline", grid=grid, spline_order=3, base_weight=wb)
         torch.autograd.grad(y, (x, w, wb), dy)
     assert ops == ["clone"], ops
@@ -891,3 +894,67 @@ def test_fused_float32_under_tf32_tensor_cores(case, presplit, tf32_tensor_cores
         monkeypatch.setattr(kan_mod, "_dw_per_k", lambda p, cfg: per_k)
         check("fused", case, config=dict(OP.variants["fused"].default_config(p), PRESPLIT=presplit))
     assert tf32_tensor_cores, "no float32 dot product ran"
+
+
+def _tf32_gemms(monkeypatch) -> list:
+    """The staged variant's GEMMs as cuBLAS makes them under TF32: each operand read at TF32's precision (the
+    13 low mantissa bits truncated), float32 sums; each GEMM checks it runs with TF32 allowed."""
+    from opforge.kernels import kan as kan_mod
+    from opforge.kernels._triton import tf32_allowed
+
+    real, calls = kan_mod._gemm, []
+
+    def trunc(t):
+        return (t.contiguous().view(torch.int32) & -8192).view(torch.float32)
+
+    def gemm(out, a, b, accumulate):
+        assert tf32_allowed(), "a staged GEMM ran without TF32"
+        calls.append(a.shape)
+        real(out, trunc(a), trunc(b), accumulate)
+
+    monkeypatch.setattr(kan_mod, "_gemm", gemm)
+    return calls
+
+
+@pytest.mark.parametrize("blocks", [1, 4], ids=["one-block", "row-blocks"])
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_staged_float32_under_tf32_gemms(case, blocks, monkeypatch):
+    """The staged variant (basis kernel + GEMMs + grad-x kernel) within float32's tolerance, forward and
+    every gradient, when its GEMMs read their operands as TF32 tensor cores do: the basis, dy and W split
+    for 3xTF32 (three GEMMs a product); in one block of rows and in blocks of 4 rows (CHUNK)."""
+    calls = _tf32_gemms(monkeypatch)
+    p, _ = OP.make_inputs(case, "cpu", torch.float32)
+    rows = p.rows if blocks == 1 else 4
+    check("staged", case, config=dict(OP.variants["staged"].default_config(p), CHUNK=rows * p.cin * p.k))
+    # forward, grad W and grad x: three GEMMs per row block each
+    assert len(calls) == 3 * 3 * -(-p.rows // rows)
+
+
+def test_staged_tf32_and_16_bit_calls_take_one_gemm(monkeypatch):
+    """Where the call computes in TF32 (torch's TF32 setting, or 16-bit data) the staged variant makes one
+    GEMM a product, on unsplit operands, within that precision's tolerance."""
+    from opforge.kernels._triton import allow_tf32
+
+    case = next(c for c in SMALL if c.params["basis"] == "rbf")
+    calls = _tf32_gemms(monkeypatch)
+    check("staged", case, torch.bfloat16)
+    assert len(calls) == 3
+    with allow_tf32(True):
+        p, (x, w, wb, bias, b) = OP.make_inputs(case, "cpu", torch.float32, requires_grad=True, seed=3)
+        assert p.dtype_name == "float32-tf32"
+        y = OP.run_variant("staged", p, x, w, wb, bias, b)
+        want = OP.run_variant("torch", p, *(None if t is None else t.detach().double() for t in (x, w, wb, bias)),
+                              b)
+    assert len(calls) == 4
+    assert_close(y, want.numpy(), "float32-tf32", OP.reduction(p), "staged forward under TF32")
+
+
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_staged_saves_only_x_and_the_weights(case):
+    """Activation memory: the staged forward keeps x and W for its backward, never a basis block."""
+    p, (x, w, wb, bias, b) = OP.make_inputs(case, "cpu", torch.float32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        OP.run_variant("staged", p, x, w, wb, bias, b)
+    assert sorted(saved, key=str) == sorted([x.shape, w.shape] + ([x.shape, wb.shape] if wb is not None else []),
+                                            key=str)

@@ -118,7 +118,7 @@ def test_plan_lists_every_config_the_tuner_times():
     case = next(c for c in op.cases if c.name == "rbf-small-odd")
     plan = precompile.plan(op, [case], ["float32", "float32-tf32"], ["fwd", "fwdbwd"])
     problem, _ = op.make_inputs(case, "cpu", torch.float32)
-    n = len(op.variants["fused"].tuning_configs(problem))
+    n = sum(len(v.tuning_configs(problem)) for v in op.triton_variants())
     assert len(plan) == 4 * n
     assert [t[2:4] for t in plan[::n]] == [("float32", "fwd"), ("float32", "fwdbwd"), ("float32-tf32", "fwd"),
                                            ("float32-tf32", "fwdbwd")]
@@ -174,8 +174,8 @@ def test_tune_on_a_gpu_precompiles_the_configs_it_will_time(monkeypatch, tmp_pat
     assert cli.main(["tune", "--op", "kan", "--cases", "small", "--case", "rbf-small-odd", "--dtype", "float32",
                      "float32-tf32", "--mode", "fwdbwd", "--jobs", "3", "--out", str(tmp_path / "c.json")]) == 0
     assert (seen["jobs"], seen["arch"], seen["sms"]) == (3, 90, 132)
-    assert {t[:5] for t in seen["tasks"]} == {("kan", "rbf-small-odd", dt, "fwdbwd", "fused")
-                                              for dt in ("float32", "float32-tf32")}
+    assert {t[:5] for t in seen["tasks"]} == {("kan", "rbf-small-odd", dt, "fwdbwd", v)
+                                              for dt in ("float32", "float32-tf32") for v in ("staged", "fused")}
     assert len(seen["tasks"]) == 2 * len({str(t[5]) for t in seen["tasks"]})
     assert timed == [("kan", ["rbf-small-odd"], "cuda", torch.float32, ("fwdbwd",))] * 2  # then timed, per dtype
     seen.clear()
