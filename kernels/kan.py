@@ -1595,8 +1595,7 @@ class _StagedKAN(torch.autograd.Function):
         p, b, cfg, split = ctx.p, ctx.b, ctx.cfg, ctx.split
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
-            dx, dw, _ = graph_grads(lambda x, w: _torch_run(p, x, w, None, None, b), (x, weight), (need_x, need_w),
-                                    gy)
+            dx, dw = graph_grads(lambda x, w: _torch_run(p, x, w, None, None, b), (x, weight), (need_x, need_w), gy)
             dbias = gy.to(torch.float32).sum(0) if ctx.has_bias and need_b else None
             return dx, dw, dbias, None, None, None
         O, I, K = weight.shape
