@@ -11,6 +11,7 @@ run spectral_conv 2d-256-b32-c64-m32 dft_gemm --mode fwdbwd
 run spectral_conv 2d-256-b32-c64-m32 fft_mix --mode fwdbwd
 for c in bspline-b4096-512-g8 rbf-b4096-512-g8 chebyshev-b4096-512-d8 fourier-b4096-512-g8; do
   run kan "$c" fused --mode fwdbwd
+  run kan "$c" staged --mode fwdbwd
 done
 for c in 1e6-d3-r1 2e5-d64-r1 2e5-d64-r16 1e4-d256-r1; do
   run kernel_sum "$c" flash --mode fwdbwd

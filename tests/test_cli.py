@@ -57,6 +57,8 @@ def test_list_and_tune_without_gpu(capsys):
 @pytest.mark.parametrize("op, case, variant, kernels", [
     ("kan", "rbf-small-odd", "fused", ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel"]),
     ("kan", "chebyshev-small-odd", "fused", ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dwk_kernel"]),
+    # (the forward's basis, then the backward's: grad W's GEMMs read it, grad x's kernel follows its GEMMs)
+    ("kan", "fourier-small-odd", "staged", ["_kan_basis_kernel", "_kan_basis_kernel", "_kan_dx_cols_kernel"]),
     # (grad b is summed in grad y's pass: GRAD_B_FUSED)
     ("kernel_sum", "small-d3-r1", "flash", ["_ksum_fwd_kernel", "_ksum_grad_kernel", "_ksum_grad_kernel"]),
 ])
