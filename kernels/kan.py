@@ -46,6 +46,18 @@ Variants:
     per k and came out at more instructions (59k against 51k per 32 Chebyshev
     features, with spills).
 
+``staged``
+    Triton + cuBLAS, the default on a GPU until a tuned cache says otherwise.
+    For each block of rows (at most CHUNK basis values) ``_kan_basis_kernel``
+    writes the basis as a [rows, in * K] float32 matrix, split into TF32 high
+    and low parts for float32 calls, and cuBLAS multiplies it in TF32: three
+    GEMMs per product (high x high, low x high, high x low: 3xTF32), or one
+    where the call computes in TF32. y = phi @ W^T, grad W = dy^T @ phi, grad
+    x = sum_k phi'_k (dy @ W)_k (``_kan_dx_cols_kernel``). Only x and W are
+    saved, and the backward remakes the basis. The basis makes a round trip
+    through memory, which ``fused`` avoids, but the contraction runs in
+    cuBLAS's GEMMs.
+
 ``perf/inspect_kernels.py kan <case> fused`` shows what the compiler makes of
 these kernels for an H100 without one (registers, spills, MMA kind, access
 widths, instructions per loop).

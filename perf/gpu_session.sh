@@ -147,6 +147,7 @@ for stage in "${stages[@]}"; do
       fits 60 || continue
       for spec in "spectral_conv 2d-256-b32-c64-m32 dft_gemm" "spectral_conv 2d-256-b32-c64-m32 fft_mix" \
                   "spectral_conv 2d-256-b32-c64-m32 torch" "spectral_conv 2d-256-b32-c64-m32 dft_gemm --mode fwd" \
+                  "kan rbf-b4096-512-g8 staged" "kan bspline-b4096-512-g8 staged" \
                   "kan rbf-b4096-512-g8 fused" "kan chebyshev-b4096-512-d8 fused" \
                   "kan chebyshev-b4096-512-d8 fused --tf32" "kan chebyshev-b4096-512-d8 torch" \
                   "kan bspline-b4096-512-g8 fused" "kan fourier-b4096-512-g8 fused" \
