@@ -53,8 +53,9 @@ Variants:
     and low parts for float32 calls, and cuBLAS multiplies it in TF32: three
     GEMMs per product (high x high, low x high, high x low: 3xTF32), or one
     where the call computes in TF32. y = phi @ W^T, grad W = dy^T @ phi, grad
-    x = sum_k phi'_k (dy @ W)_k (``_kan_dx_cols_kernel``). Only x and W are
-    saved, and the backward remakes the basis. The basis makes a round trip
+    x = sum_k phi'_k (dy @ W)_k (``_kan_dx_cols_kernel``); the SiLU base path
+    is one more basis column, silu(x). Only x and the weights are saved, and
+    the backward remakes the basis. The basis makes a round trip
     through memory, which ``fused`` avoids, but the contraction runs in
     cuBLAS's GEMMs.
 
@@ -1124,29 +1125,47 @@ if HAS_TRITON:
             tl.store(baseb + oo[None, :] * I + ii[:, None], accb, mask=i_mask[:, None] & o_mask[None, :])
 
     @triton.jit
+    def _staged_cols(x, ii, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                     BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr,
+                     DERIV: tl.constexpr, BASE: tl.constexpr):
+        """``_phi_cols`` for columns k < K, and with BASE silu(x) (with DERIV silu'(x)) in column k = K: the
+        staged variant's base-path column; 0 outside c_ok."""
+        out = _phi_cols(x, ii, kk, c_ok & (kk < K), GRID, sGi, NK, CENT, width, K, G, BASIS, ORDER, UNIFORM, KP,
+                        DERIV)
+        if BASE:
+            sg = 1.0 / (1.0 + tl.exp(-x))
+            if DERIV:
+                base = sg * (1.0 + x * (1.0 - sg))
+            else:
+                base = x * sg
+            out = tl.where((c_ok & (kk == K))[None, :], base, out)
+        return out
+
+    @triton.jit
     def _kan_basis_kernel(
         X, PHI, PHIL, GRID, CENT, width,
-        B, I, K, G, NK,
+        B, I, K, KC, G, NK,
         sXb, sXi, sPb, sGi,
         BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        BASE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """The basis of a block of rows as the GEMM operand PHI[b, i * K + k] = phi_k(x[b, i]) (the ``staged``
-        variant): a [BLOCK_B, BLOCK_C] tile of the (feature, basis function) columns per program. With SPLIT
-        (3xTF32) PHI holds the values' TF32 high parts and PHIL the rest (``tf32_hi_lo``), so three TF32
-        GEMMs give float32 products."""
+        """The basis of a block of rows as the GEMM operand PHI[b, i * KC + k] = phi_k(x[b, i]) (the ``staged``
+        variant): a [BLOCK_B, BLOCK_C] tile of the (feature, basis function) columns per program; KC = K + 1
+        puts silu(x) in column K of each feature (the base path in the same GEMM). With SPLIT (3xTF32) PHI
+        holds the values' TF32 high parts and PHIL the rest (``tf32_hi_lo``), so three TF32 GEMMs give
+        float32 products."""
         pid_b = tl.program_id(0)
         pid_c = tl.program_id(1)
         rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         b_mask = rb < B
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        feat = c // K
-        kk = c - feat * K
-        c_ok = c < I * K
+        feat = c // KC
+        kk = c - feat * KC
+        c_ok = c < I * KC
         mask = b_mask[:, None] & c_ok[None, :]
         x = tl.load(X + rb[:, None].to(tl.int64) * sXb + feat[None, :] * sXi, mask=mask, other=0.0)
-        phi = _phi_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
-                        BASIS, ORDER, UNIFORM, KP, False)
+        phi = _staged_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                           BASIS, ORDER, UNIFORM, KP, False, BASE)
         off = rb[:, None].to(tl.int64) * sPb + c[None, :]
         if SPLIT:
             hi, lo = tf32_hi_lo(phi)
@@ -1158,14 +1177,15 @@ if HAS_TRITON:
     @triton.jit
     def _kan_dx_cols_kernel(
         X, T, DX, GRID, CENT, width,
-        B, I, K, G, NK,
+        B, I, K, KC, G, NK,
         sXb, sXi, sTb, sDb, sDi, sGi,
-        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr,
+        BASIS: tl.constexpr, ORDER: tl.constexpr, UNIFORM: tl.constexpr, KP: tl.constexpr, BASE: tl.constexpr,
         BLOCK_B: tl.constexpr, FPB: tl.constexpr,
     ):
-        """dx[b, i] = sum_k phi'_k(x[b, i]) T[b, i * K + k], T = dy @ W as [rows, in * K] (the ``staged``
-        variant's grad x after its GEMM): FPB features x KP slots per program, each feature's slots summed
-        on their own axis (a non-finite phi' stays in its feature)."""
+        """dx[b, i] = sum_k phi'_k(x[b, i]) T[b, i * KC + k], T = dy @ W as [rows, in * KC] (the ``staged``
+        variant's grad x after its GEMM; with KC = K + 1 column K is the base path's, silu'): FPB features x
+        KP slots per program, each feature's slots summed on their own axis (a non-finite phi' stays in its
+        feature)."""
         pid_b = tl.program_id(0)
         pid_f = tl.program_id(1)
         rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -1174,13 +1194,13 @@ if HAS_TRITON:
         fi = c // KP
         kk = c - fi * KP
         feat = pid_f * FPB + fi
-        c_ok = (kk < K) & (feat < I)
+        c_ok = (kk < KC) & (feat < I)
         mask = b_mask[:, None] & c_ok[None, :]
         row = rb[:, None].to(tl.int64)
         x = tl.load(X + row * sXb + feat[None, :] * sXi, mask=mask, other=0.0)
-        dphi = _phi_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
-                         BASIS, ORDER, UNIFORM, KP, True)
-        t = tl.load(T + row * sTb + (feat * K + kk)[None, :], mask=mask, other=0.0)
+        dphi = _staged_cols(x.to(tl.float32), feat, kk, c_ok, GRID, sGi, NK, CENT, width, K, G,
+                            BASIS, ORDER, UNIFORM, KP, True, BASE)
+        t = tl.load(T + row * sTb + (feat * KC + kk)[None, :], mask=mask, other=0.0)
         dx = tl.sum(tl.reshape(dphi * t, (BLOCK_B, FPB, KP)), axis=2)
         fj = pid_f * FPB + tl.arange(0, FPB)
         tl.store(DX + row * sDb + fj[None, :] * sDi, dx.to(DX.dtype.element_ty),
@@ -1521,17 +1541,23 @@ def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None)
     return _SiLULinear.apply(y, x, base_weight).to(p.dtype)
 
 
+def _staged_kc(p: Problem) -> int:
+    """Columns per feature of the staged variant's basis: K, plus silu(x)'s where there is a base path."""
+    return p.k + (1 if p.has_base else 0)
+
+
 def _staged_rows(p: Problem, cfg: dict) -> int:
-    """Rows per block of the ``staged`` variant: as many as keep each [rows, in * K] float32 buffer (the
+    """Rows per block of the ``staged`` variant: as many as keep each [rows, in * KC] float32 buffer (the
     basis, its TF32 low part, grad x's dy @ W) within the config's CHUNK elements."""
-    return max(1, min(p.rows, cfg["CHUNK"] // max(1, p.cin * p.k)))
+    return max(1, min(p.rows, cfg["CHUNK"] // max(1, p.cin * _staged_kc(p))))
 
 
 def _staged_blocks(x, p: Problem, b: _Basis, cfg: dict, split: bool, basis: bool = True):
-    """(r0, r1, phi, phi_lo) for each block of rows of x: the block's basis [r1 - r0, in * K] in float32
+    """(r0, r1, phi, phi_lo) for each block of rows of x: the block's basis [r1 - r0, in * KC] in float32
     (``_kan_basis_kernel``; with ``split`` its TF32 high part, and the low part as phi_lo, else None),
     in two buffers reused from block to block; with ``basis`` False only the row ranges."""
-    rows, cols = x.shape[0], p.cin * p.k
+    kc = _staged_kc(p)
+    rows, cols = x.shape[0], p.cin * kc
     step = _staged_rows(p, cfg)
     phi = phil = None
     if basis and cols:
@@ -1547,11 +1573,20 @@ def _staged_blocks(x, p: Problem, b: _Basis, cfg: dict, split: bool, basis: bool
         xb, out, outl = x[r0:r1], phi[: r1 - r0], phil[: r1 - r0]
         launch = (cdiv(r1 - r0, cfg["BLOCK_B"]), cdiv(cols, cfg["BLOCK_C"]))
         _kan_basis_kernel[launch](
-            xb, out, outl, grid, cent, width, r1 - r0, p.cin, p.k, b.grid_size, NK,
+            xb, out, outl, grid, cent, width, r1 - r0, p.cin, p.k, kc, b.grid_size, NK,
             xb.stride(0), xb.stride(1), out.stride(0), sGi, BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform,
-            KP=max(2, _pow2(p.k)), SPLIT=split, BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"],
+            KP=max(2, _pow2(kc)), SPLIT=split, BASE=p.has_base, BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"],
             num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
         yield r0, r1, out, (outl if split else None)
+
+
+def _staged_weight(weight, base_weight) -> torch.Tensor:
+    """W [O, I, K] as the staged GEMMs' float32 [O, I * KC]: W itself (a view where it is float32 and
+    contiguous), or W with the base weight as each feature's column K."""
+    O, I, K = weight.shape
+    if base_weight is None:
+        return weight.reshape(O, I * K).float()
+    return torch.cat([weight.float(), base_weight.float().unsqueeze(-1)], -1).view(O, I * (K + 1))
 
 
 def _gemm(out, a, b, accumulate: bool):
@@ -1575,18 +1610,18 @@ def _mm3(out, a, a_lo, w, w_lo, accumulate: bool = False):
 
 
 class _StagedKAN(torch.autograd.Function):
-    """The ``staged`` variant: for each block of rows the Triton basis kernel writes the basis [rows, in * K]
-    (split for 3xTF32), and cuBLAS multiplies it on the tensor cores in TF32 (three GEMMs, or one where the
-    call computes in TF32): y = phi @ W^T; grad W = dy^T @ phi, grad x = sum_k phi'_k (dy @ W)_k
-    (``_kan_dx_cols_kernel``). Saves x and W only; the basis is remade in the backward."""
+    """The ``staged`` variant: for each block of rows the Triton basis kernel writes the basis [rows, in * KC]
+    (split for 3xTF32; with a base path silu(x) as each feature's column K, so the base weight rides in the
+    same GEMMs), and cuBLAS multiplies it on the tensor cores in TF32 (three GEMMs, or one where the call
+    computes in TF32): y = phi @ W^T; grad W = dy^T @ phi, grad x = sum_k phi'_k (dy @ W)_k
+    (``_kan_dx_cols_kernel``). Saves x and the weights only; the basis is remade in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, p: Problem, b: _Basis, cfg):
-        O, I, K = weight.shape
+    def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
         split = p.precision == "tf32x3"
-        w2 = weight.reshape(O, I * K).float()
+        w2 = _staged_weight(weight, base_weight)
         wh, wl = split_tf32(w2) if split else (w2, None)
-        y = torch.empty((x.shape[0], O), dtype=torch.float32, device=x.device)
+        y = torch.empty((x.shape[0], w2.shape[0]), dtype=torch.float32, device=x.device)
         with allow_tf32(True):
             for r0, r1, phi, phil in _staged_blocks(x, p, b, cfg, split):
                 yb = y[r0:r1]
@@ -1596,56 +1631,60 @@ class _StagedKAN(torch.autograd.Function):
                     _mm3(yb, phi, phil, wh.t(), None if wl is None else wl.t())
         if bias is not None:
             y += bias.float()
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, base_weight)
         ctx.p, ctx.b, ctx.cfg, ctx.split, ctx.has_bias = p, b, cfg, split, bias is not None
         return y.to(p.dtype)
 
     @staticmethod
     @variant_backward
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
+        x, weight, base_weight = ctx.saved_tensors
         p, b, cfg, split = ctx.p, ctx.b, ctx.cfg, ctx.split
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, need_wb, need_b = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
-            dx, dw = graph_grads(lambda x, w: _torch_run(p, x, w, None, None, b), (x, weight), (need_x, need_w), gy)
+            dx, dw, dwb = graph_grads(lambda x, w, wb: _torch_run(p, x, w, wb, None, b), (x, weight, base_weight),
+                                      (need_x, need_w, need_wb), gy)
             dbias = gy.to(torch.float32).sum(0) if ctx.has_bias and need_b else None
-            return dx, dw, dbias, None, None, None
+            return dx, dw, dwb, dbias, None, None, None
         O, I, K = weight.shape
+        kc = _staged_kc(p)
         gy = gy.to(torch.float32).contiguous()
         gh, gl = split_tf32(gy) if split else (gy, None)
         dx = dw2 = None
-        if need_x or need_w:
-            w2 = weight.reshape(O, I * K).float()
+        if need_x or need_w or need_wb:
+            w2 = _staged_weight(weight, base_weight)
             wh, wl = split_tf32(w2) if split and need_x else (w2, None)
-            if need_w:
-                dw2 = torch.zeros((O, I * K), dtype=torch.float32, device=x.device)
+            if need_w or need_wb:
+                dw2 = torch.zeros((O, I * kc), dtype=torch.float32, device=x.device)
             if need_x:
                 dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                tbuf = torch.empty((min(x.shape[0], _staged_rows(p, cfg)), I * K), dtype=torch.float32,
+                tbuf = torch.empty((min(x.shape[0], _staged_rows(p, cfg)), I * kc), dtype=torch.float32,
                                    device=x.device)
                 grid, cent, width, NK, sGi = _basis_args(p, b, x)
-                kp = max(2, _pow2(p.k))
+                kp = max(2, _pow2(kc))
                 fpb = max(1, 128 // kp)
             with allow_tf32(True):
-                for r0, r1, phi, phil in _staged_blocks(x, p, b, cfg, split, basis=need_w):
+                for r0, r1, phi, phil in _staged_blocks(x, p, b, cfg, split, basis=dw2 is not None):
                     g, g_lo = gh[r0:r1], (None if gl is None else gl[r0:r1])
-                    if need_w and phi is not None:
+                    if dw2 is not None and phi is not None:
                         _mm3(dw2, g.t(), None if g_lo is None else g_lo.t(), phi, phil, accumulate=True)
                     if need_x:
                         xb, dxb = x[r0:r1], dx[r0:r1]
-                        if I * K == 0:
+                        if I * kc == 0:
                             dxb.zero_()
                             continue
                         t = _mm3(tbuf[: r1 - r0], g, g_lo, wh, wl)
                         launch = (cdiv(r1 - r0, cfg["BLOCK_B"]), cdiv(I, fpb))
                         _kan_dx_cols_kernel[launch](
-                            xb, t, dxb, grid, cent, width, r1 - r0, I, K, b.grid_size, NK,
+                            xb, t, dxb, grid, cent, width, r1 - r0, I, K, kc, b.grid_size, NK,
                             xb.stride(0), xb.stride(1), t.stride(0), dxb.stride(0), dxb.stride(1), sGi,
-                            BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, KP=kp, BLOCK_B=cfg["BLOCK_B"],
-                            FPB=fpb, num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
-        dw = dw2.view(O, I, K).to(weight.dtype) if need_w else None
+                            BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, KP=kp, BASE=p.has_base,
+                            BLOCK_B=cfg["BLOCK_B"], FPB=fpb, num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
+        dw3 = None if dw2 is None else dw2.view(O, I, kc)
+        dw = dw3[..., :K].to(weight.dtype) if need_w else None
+        dwb = dw3[..., K].to(base_weight.dtype) if need_wb else None
         dbias = gy.sum(0) if ctx.has_bias and need_b else None
-        return dx, dw, dbias, None, None, None
+        return dx, dw, dwb, dbias, None, None, None
 
 
 def _staged_cfgs(p: Problem) -> list[dict]:
@@ -1662,14 +1701,12 @@ def _staged_supports(p: Problem) -> str | None:
     reason = _fused_supports(p)
     if reason:
         return reason.replace("fused", "staged")
-    return offsets_fit(basis_block=_staged_rows(p, _staged_default(p)) * p.cin * p.k)
+    return offsets_fit(basis_block=_staged_rows(p, _staged_default(p)) * p.cin * _staged_kc(p))
 
 
 def _staged_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
     cfg = config or _staged_default(p)
-    x = within_int32(x)
-    y = _StagedKAN.apply(x, weight, bias, replace(p, has_base=False), b, cfg)
-    return y if base_weight is None else _SiLULinear.apply(y, x, base_weight).to(p.dtype)
+    return _StagedKAN.apply(within_int32(x), weight, base_weight, bias, p, b, cfg)
 
 
 # --------------------------------------------------------------------------- checks and the public API
@@ -2324,7 +2361,8 @@ if HAS_TRITON:
                    supports=_staged_supports,
                    sources=(_kan_basis_kernel, _kan_dx_cols_kernel, _phi_cols, _bspline_local, _cardinal, _local_pick,
                             _knot, _nz, _StagedKAN, _staged_blocks, _staged_rows, _mm3, _gemm, _staged_cfgs, _staged_default,
-                            _staged_supports, _staged_run, _basis_args, _SiLULinear, _silu_vjp, _fused_supports, allow_tf32,
+                            _staged_supports, _staged_run, _basis_args, _fused_supports, allow_tf32, _staged_cols,
+                            _staged_kc, _staged_weight,
                             *SPLIT_SOURCES)))
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
                    supports=_fused_supports,
