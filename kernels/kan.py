@@ -1652,8 +1652,9 @@ class _StagedKAN(torch.autograd.Function):
         gh, gl = split_tf32(gy) if split else (gy, None)
         dx = dw2 = None
         if need_x or need_w or need_wb:
-            w2 = _staged_weight(weight, base_weight)
-            wh, wl = split_tf32(w2) if split and need_x else (w2, None)
+            if need_x:  # grad x's GEMMs read the weights
+                w2 = _staged_weight(weight, base_weight)
+                wh, wl = split_tf32(w2) if split else (w2, None)
             if need_w or need_wb:
                 dw2 = torch.zeros((O, I * kc), dtype=torch.float32, device=x.device)
             if need_x:
