@@ -13,6 +13,7 @@ for c in bspline-b4096-512-g8 rbf-b4096-512-g8 chebyshev-b4096-512-d8 fourier-b4
   run kan "$c" fused --mode fwdbwd
   run kan "$c" staged --mode fwdbwd
 done
+run kan bspline-b100-1000-g5 fused --mode fwdbwd  # in and out not multiples of 16, a small batch (SPLIT_I)
 for c in 1e6-d3-r1 2e5-d64-r1 2e5-d64-r16 1e4-d256-r1; do
   run kernel_sum "$c" flash --mode fwdbwd
 done
