@@ -1,4 +1,5 @@
-"""Perf suite of KAN layers: fused vs the memory-lean torch variant vs each peer's published algorithm.
+"""Perf suite of KAN layers: every opforge variant (staged, fused, the memory-lean torch one) vs each peer's
+published algorithm.
 
 efficient-kan, FastKAN and ChebyKAN are not on PyPI, so the peers here are their published forward
 algorithms written plainly in torch (materialise the [batch, in, K] basis, then a matmul), labelled
