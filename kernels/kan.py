@@ -1609,12 +1609,22 @@ def _mm3(out, a, a_lo, w, w_lo, accumulate: bool = False):
     return out
 
 
+def _k_concat(a, a_lo, w, w_lo):
+    """(A, W) with A @ W = (a + a_lo) @ (w + w_lo) as ``_mm3`` makes it, in one GEMM: A = [a | a_lo | a],
+    W = [w; w; w_lo] (the operands themselves where they are not split). One GEMM writes its [rows, cols]
+    product once where three write it three times and read it twice (grad x's dy @ W, [rows, in * KC]:
+    100 MB at the main B-spline shape)."""
+    if a_lo is None:
+        return a, w
+    return torch.cat([a, a_lo, a], 1), torch.cat([w, w, w_lo], 0)
+
+
 class _StagedKAN(torch.autograd.Function):
     """The ``staged`` variant: for each block of rows the Triton basis kernel writes the basis [rows, in * KC]
     (split for 3xTF32; with a base path silu(x) as each feature's column K, so the base weight rides in the
-    same GEMMs), and cuBLAS multiplies it on the tensor cores in TF32 (three GEMMs, or one where the call
-    computes in TF32): y = phi @ W^T; grad W = dy^T @ phi, grad x = sum_k phi'_k (dy @ W)_k
-    (``_kan_dx_cols_kernel``). Saves x and the weights only; the basis is remade in the backward."""
+    same GEMMs), and cuBLAS multiplies it on the tensor cores in TF32 (three GEMMs a product, ``_mm3``, or one
+    where the call computes in TF32): y = phi @ W^T; grad W = dy^T @ phi, grad x = sum_k phi'_k (dy @ W)_k
+    (``_kan_dx_cols_kernel``; dy @ W one GEMM either way, ``_k_concat``). Saves x and the weights only; the basis is remade in the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
@@ -1652,9 +1662,9 @@ class _StagedKAN(torch.autograd.Function):
         gh, gl = split_tf32(gy) if split else (gy, None)
         dx = dw2 = None
         if need_x or need_w or need_wb:
-            if need_x:  # grad x's GEMMs read the weights
+            if need_x:  # grad x's GEMM: dy @ W, split for 3xTF32 as one GEMM over a K three times as long
                 w2 = _staged_weight(weight, base_weight)
-                wh, wl = split_tf32(w2) if split else (w2, None)
+                gk, wk = _k_concat(gh, gl, *(split_tf32(w2) if split else (w2, None)))
             if need_w or need_wb:
                 dw2 = torch.zeros((O, I * kc), dtype=torch.float32, device=x.device)
             if need_x:
@@ -1674,7 +1684,8 @@ class _StagedKAN(torch.autograd.Function):
                         if I * kc == 0:
                             dxb.zero_()
                             continue
-                        t = _mm3(tbuf[: r1 - r0], g, g_lo, wh, wl)
+                        t = tbuf[: r1 - r0]
+                        _gemm(t, gk[r0:r1], wk, False)
                         launch = (cdiv(r1 - r0, cfg["BLOCK_B"]), cdiv(I, fpb))
                         _kan_dx_cols_kernel[launch](
                             xb, t, dxb, grid, cent, width, r1 - r0, I, K, kc, b.grid_size, NK,
