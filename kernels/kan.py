@@ -1598,47 +1598,43 @@ def _gemm(out, a, b, accumulate: bool):
         torch.mm(a, b, out=out)
 
 
-def _mm3(out, a, a_lo, w, w_lo, accumulate: bool = False):
-    """out (+)= (a + a_lo) @ (w + w_lo) by TF32 GEMMs: a @ w, then a_lo @ w and a @ w_lo when the operands
-    are split (3xTF32: the parts' products are exact in TF32 up to a_lo's own rounding, 2^-22 of a, and
-    a_lo @ w_lo, below that, is dropped, as in ``dot3``)."""
-    _gemm(out, a, w, accumulate)
-    if a_lo is not None:
-        _gemm(out, a_lo, w, True)
-        _gemm(out, a, w_lo, True)
-    return out
-
-
-def _k_concat(a, a_lo, w, w_lo):
-    """(A, W) with A @ W = (a + a_lo) @ (w + w_lo) as ``_mm3`` makes it, in one GEMM: A = [a | a_lo | a],
-    W = [w; w; w_lo] (the operands themselves where they are not split). One GEMM writes its [rows, cols]
-    product once where three write it three times and read it twice (grad x's dy @ W, [rows, in * KC]:
-    100 MB at the main B-spline shape)."""
-    if a_lo is None:
-        return a, w
-    return torch.cat([a, a_lo, a], 1), torch.cat([w, w, w_lo], 0)
+def _tf32_parts(t: torch.Tensor, split: bool):
+    """(high, low) TF32 parts of a float32 operand (``split_tf32``) for 3xTF32, or (t, None) unsplit."""
+    return split_tf32(t) if split else (t, None)
 
 
 class _StagedKAN(torch.autograd.Function):
     """The ``staged`` variant: for each block of rows the Triton basis kernel writes the basis [rows, in * KC]
     (split for 3xTF32; with a base path silu(x) as each feature's column K, so the base weight rides in the
-    same GEMMs), and cuBLAS multiplies it on the tensor cores in TF32 (three GEMMs a product, ``_mm3``, or one
-    where the call computes in TF32): y = phi @ W^T; grad W = dy^T @ phi, grad x = sum_k phi'_k (dy @ W)_k
-    (``_kan_dx_cols_kernel``; dy @ W one GEMM either way, ``_k_concat``). Saves x and the weights only; the basis is remade in the backward."""
+    same GEMMs), and cuBLAS multiplies it on the tensor cores in TF32: y = phi @ W^T; grad W = dy^T @ phi,
+    grad x = sum_k phi'_k (dy @ W)_k (``_kan_dx_cols_kernel``). Saves x and the weights only; the basis is
+    remade in the backward.
+
+    A float32 call splits the basis, W and dy into TF32 high and low parts and forms each product a @ w as
+    a_hi w_hi + a_lo w_hi + a_hi w_lo (3xTF32; a_lo w_lo, 2^-22 of it, is dropped, as in ``dot3``), in GEMMs
+    that read each basis block once: y as phi_hi [W_hi; W_lo]^T (its two halves of columns summed after) plus
+    phi_lo W_hi^T; grad W as [dy_hi | dy_lo]^T phi_hi (its two halves of rows summed after) plus
+    dy_hi^T phi_lo; dy @ W as one GEMM, [dy_hi | dy_lo | dy_hi] [W_hi; W_hi; W_lo], whose [rows, in * KC]
+    product is written once. A call that computes in TF32 takes one GEMM a product."""
 
     @staticmethod
     def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
         split = p.precision == "tf32x3"
-        w2 = _staged_weight(weight, base_weight)
-        wh, wl = split_tf32(w2) if split else (w2, None)
-        y = torch.empty((x.shape[0], w2.shape[0]), dtype=torch.float32, device=x.device)
+        O = weight.shape[0]
+        wh, wl = _tf32_parts(_staged_weight(weight, base_weight), split)
+        wpair = wh if wl is None else torch.cat([wh, wl], 0)  # [O or 2 O, in * KC]
+        # split: columns :O take phi_hi W_hi^T + phi_lo W_hi^T, columns O: phi_hi W_lo^T
+        ypair = torch.empty((x.shape[0], wpair.shape[0]), dtype=torch.float32, device=x.device)
         with allow_tf32(True):
             for r0, r1, phi, phil in _staged_blocks(x, p, b, cfg, split):
-                yb = y[r0:r1]
+                yb = ypair[r0:r1]
                 if phi is None:  # no input features
                     yb.zero_()
-                else:
-                    _mm3(yb, phi, phil, wh.t(), None if wl is None else wl.t())
+                    continue
+                _gemm(yb, phi, wpair.t(), False)
+                if split:
+                    _gemm(yb[:, :O], phil, wh.t(), True)
+        y = ypair[:, :O] + ypair[:, O:] if split else ypair
         if bias is not None:
             y += bias.float()
         ctx.save_for_backward(x, weight, base_weight)
@@ -1659,14 +1655,17 @@ class _StagedKAN(torch.autograd.Function):
         O, I, K = weight.shape
         kc = _staged_kc(p)
         gy = gy.to(torch.float32).contiguous()
-        gh, gl = split_tf32(gy) if split else (gy, None)
+        gh, gl = _tf32_parts(gy, split)
         dx = dw2 = None
         if need_x or need_w or need_wb:
-            if need_x:  # grad x's GEMM: dy @ W, split for 3xTF32 as one GEMM over a K three times as long
-                w2 = _staged_weight(weight, base_weight)
-                gk, wk = _k_concat(gh, gl, *(split_tf32(w2) if split else (w2, None)))
-            if need_w or need_wb:
-                dw2 = torch.zeros((O, I * kc), dtype=torch.float32, device=x.device)
+            need_dw = need_w or need_wb
+            # split: [dy_hi | dy_lo | dy_hi] (the third part for grad x's GEMM only)
+            gcat = gh if gl is None else torch.cat([gh, gl, gh] if need_x else [gh, gl], 1)
+            if need_x:  # grad x's dy @ W: with split one GEMM over a K three times as long
+                wh, wl = _tf32_parts(_staged_weight(weight, base_weight), split)
+                wk = wh if wl is None else torch.cat([wh, wh, wl], 0)
+            if need_dw:  # split: rows :O take dy_hi^T phi_hi + dy_hi^T phi_lo, rows O: dy_lo^T phi_hi
+                dw2 = torch.zeros(((2 if split else 1) * O, I * kc), dtype=torch.float32, device=x.device)
             if need_x:
                 dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
                 tbuf = torch.empty((min(x.shape[0], _staged_rows(p, cfg)), I * kc), dtype=torch.float32,
@@ -1676,22 +1675,25 @@ class _StagedKAN(torch.autograd.Function):
                 fpb = max(1, 128 // kp)
             with allow_tf32(True):
                 for r0, r1, phi, phil in _staged_blocks(x, p, b, cfg, split, basis=dw2 is not None):
-                    g, g_lo = gh[r0:r1], (None if gl is None else gl[r0:r1])
-                    if dw2 is not None and phi is not None:
-                        _mm3(dw2, g.t(), None if g_lo is None else g_lo.t(), phi, phil, accumulate=True)
+                    if need_dw and phi is not None:
+                        _gemm(dw2, gcat[r0:r1, : dw2.shape[0]].t(), phi, True)
+                        if split:
+                            _gemm(dw2[:O], gh[r0:r1].t(), phil, True)
                     if need_x:
                         xb, dxb = x[r0:r1], dx[r0:r1]
                         if I * kc == 0:
                             dxb.zero_()
                             continue
                         t = tbuf[: r1 - r0]
-                        _gemm(t, gk[r0:r1], wk, False)
+                        _gemm(t, gcat[r0:r1], wk, False)
                         launch = (cdiv(r1 - r0, cfg["BLOCK_B"]), cdiv(I, fpb))
                         _kan_dx_cols_kernel[launch](
                             xb, t, dxb, grid, cent, width, r1 - r0, I, K, kc, b.grid_size, NK,
                             xb.stride(0), xb.stride(1), t.stride(0), dxb.stride(0), dxb.stride(1), sGi,
                             BASIS=_BID[p.basis], ORDER=p.order, UNIFORM=p.uniform, KP=kp, BASE=p.has_base,
                             BLOCK_B=cfg["BLOCK_B"], FPB=fpb, num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
+        if dw2 is not None and split:
+            dw2 = dw2[:O] + dw2[O:]
         dw3 = None if dw2 is None else dw2.view(O, I, kc)
         dw = dw3[..., :K].to(weight.dtype) if need_w else None
         dwb = dw3[..., K].to(base_weight.dtype) if need_wb else None
@@ -2374,7 +2376,7 @@ if HAS_TRITON:
     OP.add(Variant("staged", "triton", _staged_run, configs=_staged_cfgs, default_config=_staged_default,
                    supports=_staged_supports,
                    sources=(_kan_basis_kernel, _kan_dx_cols_kernel, _phi_cols, _bspline_local, _cardinal, _local_pick,
-                            _knot, _nz, _StagedKAN, _staged_blocks, _staged_rows, _mm3, _gemm, _staged_cfgs, _staged_default,
+                            _knot, _nz, _StagedKAN, _staged_blocks, _staged_rows, _tf32_parts, _gemm, _staged_cfgs, _staged_default,
                             _staged_supports, _staged_run, _basis_args, _fused_supports, allow_tf32, _staged_cols,
                             _staged_kc, _staged_weight,
                             *SPLIT_SOURCES)))

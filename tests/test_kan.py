@@ -909,7 +909,7 @@ def _tf32_gemms(monkeypatch) -> list:
 
     def gemm(out, a, b, accumulate):
         assert tf32_allowed(), "a staged GEMM ran without TF32"
-        calls.append(a.shape)
+        calls.append((tuple(a.shape), tuple(b.shape)))
         real(out, trunc(a), trunc(b), accumulate)
 
     monkeypatch.setattr(kan_mod, "_gemm", gemm)
@@ -921,18 +921,20 @@ def _tf32_gemms(monkeypatch) -> list:
 def test_staged_float32_under_tf32_gemms(case, blocks, monkeypatch):
     """The staged variant (basis kernel + GEMMs + grad-x kernel) within float32's tolerance, forward and
     every gradient (the base weight's too: silu(x) is a column of the basis), when its GEMMs read their
-    operands as TF32 tensor cores do: the basis, dy and W split for 3xTF32 (three GEMMs a product, or one
-    over the three products' operands side by side); in one block of rows and in blocks of 4 rows (CHUNK)."""
+    operands as TF32 tensor cores do: the basis, dy and W split for 3xTF32 (three products each, in GEMMs
+    that read each basis block once); in one block of rows and in blocks of 4 rows (CHUNK)."""
     from opforge.kernels.kan import _staged_kc
 
     calls = _tf32_gemms(monkeypatch)
     p, _ = OP.make_inputs(case, "cpu", torch.float32)
     rows = p.rows if blocks == 1 else 4
     check("staged", case, config=dict(OP.variants["staged"].default_config(p), CHUNK=rows * p.cin * _staged_kc(p)))
-    # per row block: the forward and grad W three GEMMs each, grad x's dy @ W one, over [dy | dy_lo | dy]
     sizes = [min(rows, p.rows - r0) for r0 in range(0, p.rows, rows)]
-    assert len(calls) == 7 * len(sizes)
-    assert [c for c in calls if c[1] == 3 * p.cout] == [(n, 3 * p.cout) for n in sizes]
+    O, C = p.cout, p.cin * _staged_kc(p)
+    fwd = [((n, C), (C, w)) for n in sizes for w in (2 * O, O)]  # phi_hi [W_hi; W_lo]^T, phi_lo W_hi^T
+    # per block of the backward: [dy_hi | dy_lo]^T phi_hi, dy_hi^T phi_lo, [dy_hi | dy_lo | dy_hi] [W_hi; W_hi; W_lo]
+    bwd = [c for n in sizes for c in (((2 * O, n), (n, C)), ((O, n), (n, C)), ((n, 3 * O), (3 * O, C)))]
+    assert calls == fwd + bwd
 
 
 def test_staged_tf32_and_16_bit_calls_take_one_gemm(monkeypatch):
