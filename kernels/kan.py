@@ -1438,25 +1438,32 @@ class _FusedKAN(torch.autograd.Function):
         return dx, dw, dwb, dbias, None, None, None
 
 
-def _fused_supports(p: Problem) -> str | None:
+def _triton_limits(p: Problem, name: str) -> str | None:
+    """Why the Triton variant ``name`` cannot take ``p`` (what both KAN variants' basis code needs), or None."""
     if not HAS_TRITON:
         return TRITON_MISSING
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"fused takes float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
+        return f"{name} takes float32/bfloat16/float16 inputs, got {p.dtype} (float64 runs on torch)"
     if p.basis == "bspline" and p.order > 3:
-        return f"fused evaluates B-splines of order <= 3 in registers, got order {p.order}"
+        return f"{name} evaluates B-splines of order <= 3 in registers, got order {p.order}"
     if p.k > 64:
-        return f"fused keeps K <= 64 basis functions per feature in registers, got {p.k}"
+        return f"{name} keeps K <= 64 basis functions per feature in registers, got {p.k}"
     if p.cin > GRID_YZ_MAX:  # grad x launches feature blocks on the grid's second dimension (one a block at worst)
-        return f"fused takes at most {GRID_YZ_MAX} input features (CUDA's grid limit), got {p.cin}"
+        return f"{name} takes at most {GRID_YZ_MAX} input features (CUDA's grid limit), got {p.cin}"
     if p.knots_unread:
         # the kernel for knots of unknown spacing may not be the one the warm-up call loaded, and a Triton kernel
         # cannot be loaded during capture (cuModuleLoadData is refused there)
-        return ("fused needs the B-spline knots' spacing, which cannot be read during CUDA graph capture of knots "
-                "not seen before (the torch variant runs; warm up with the same knot tensor to capture the kernel)")
+        return (f"{name} needs the B-spline knots' spacing, which cannot be read during CUDA graph capture of "
+                "knots not seen before (the torch variant runs; warm up with the same knot tensor to capture the "
+                "kernel)")
+    return None
+
+
+def _fused_supports(p: Problem) -> str | None:
     # rows and weights are indexed with 32-bit offsets (the grad-W split partials with 64-bit ones)
-    return offsets_fit(x=p.rows * p.cin, y=p.rows * p.cout,
-                       weight=p.cout * max(p.cin * max(2, _pow2(p.k)), cdiv(p.cin, 16) * 16 * p.k))
+    return _triton_limits(p, "fused") or offsets_fit(
+        x=p.rows * p.cin, y=p.rows * p.cout,
+        weight=p.cout * max(p.cin * max(2, _pow2(p.k)), cdiv(p.cin, 16) * 16 * p.k))
 
 
 def _fused_cfgs(p: Problem) -> list[dict]:
@@ -1714,10 +1721,11 @@ def _staged_default(p: Problem) -> dict:
 
 
 def _staged_supports(p: Problem) -> str | None:
-    reason = _fused_supports(p)
-    if reason:
-        return reason.replace("fused", "staged")
-    return offsets_fit(basis_block=_staged_rows(p, _staged_default(p)) * p.cin * _staged_kc(p))
+    # the Triton kernels see one block of rows of x, dx and the basis at a time, indexed with 32-bit offsets
+    # (within_int32 makes x contiguous where its strides reach further); y and the GEMMs are torch's and
+    # cuBLAS's, so the batch itself is not bounded
+    return _triton_limits(p, "staged") or offsets_fit(
+        basis_block=_staged_rows(p, _staged_default(p)) * p.cin * _staged_kc(p))
 
 
 def _staged_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
@@ -2377,7 +2385,7 @@ if HAS_TRITON:
                    supports=_staged_supports,
                    sources=(_kan_basis_kernel, _kan_dx_cols_kernel, _phi_cols, _bspline_local, _cardinal, _local_pick,
                             _knot, _nz, _StagedKAN, _staged_blocks, _staged_rows, _tf32_parts, _gemm, _staged_cfgs, _staged_default,
-                            _staged_supports, _staged_run, _basis_args, _fused_supports, allow_tf32, _staged_cols,
+                            _staged_supports, _staged_run, _basis_args, _triton_limits, allow_tf32, _staged_cols,
                             _staged_kc, _staged_weight,
                             *SPLIT_SOURCES)))
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
@@ -2386,4 +2394,4 @@ if HAS_TRITON:
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
                             _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _phi_cols, _dx_chunk,
-                            _wdot, _presplit, _fwd_splits, _w3, *SPLIT_SOURCES)))
+                            _wdot, _presplit, _fwd_splits, _w3, _fused_supports, _triton_limits, *SPLIT_SOURCES)))
