@@ -367,12 +367,49 @@ if HAS_TRITON:
                 tl.store(OUT + 2 * e + 1, zero, mask=zmask)
 
     @triton.jit
+    def _bmm_cols(acc, acc2, a, a_x, a2, a2_x, B, BL, b_rows, k_ok, rn, N, sBn,
+                  SWAP: tl.constexpr, PREC: tl.constexpr, PRESPLIT: tl.constexpr):
+        """One K step of ``_bmm_kernel`` on the column tile ``rn``: acc += A @ B[:, rn] (and acc2 += A2 @ B[:, rn]
+        with SWAP). ``a``/``a2`` are the A tiles as the kernel prepared them for PRESPLIT: 1, their TF32 high
+        parts with the low parts ``a_x``/``a2_x``; 2, the basis's host split (high, low); 0, as loaded."""
+        b_mask = k_ok[:, None] & (rn < N)[None, :]
+        b_off = b_rows + rn[None, :] * sBn
+        bb = tl.load(B + b_off, mask=b_mask, other=0.0).to(tl.float32)
+        if PRESPLIT == 1:  # the basis is B
+            bl = tl.load(BL + b_off, mask=b_mask, other=0.0)
+            acc = dot3(acc, a, a_x, bb, bl)
+            if SWAP:
+                acc2 = dot3(acc2, a2, a2_x, bb, bl)
+        elif PRESPLIT == 2:  # the basis is A (and A2): the data tile split once for both products
+            b_hi, b_lo = tf32_hi_lo(bb)
+            acc = dot3(acc, a, a_x, b_hi, b_lo)
+            if SWAP:
+                acc2 = dot3(acc2, a2, a2_x, b_hi, b_lo)
+        else:
+            acc += tl.dot(a, bb, input_precision=PREC)
+            if SWAP:
+                acc2 += tl.dot(a2, bb, input_precision=PREC)
+        return acc, acc2
+
+    @triton.jit
+    def _bmm_store(acc, acc2, C, BIAS, c_rows, rm, rn, M, N, sCn, bias_div, bias_n,
+                   SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr):
+        """The epilogue of ``_bmm_kernel`` for the column tile ``rn`` (BN columns)."""
+        if SWAP:  # i * (re + i im) = -im + i re on each (re, im) column pair
+            re, im = tl.split(tl.reshape(acc2, (BLOCK_M, BN // 2, 2)))
+            acc += tl.reshape(tl.join(-im, re), (BLOCK_M, BN))
+        if HAS_BIAS:
+            bias = tl.load(BIAS + (rm // bias_div) % bias_n, mask=rm < M, other=0.0).to(tl.float32)
+            acc += bias[:, None]
+        tl.store(C + c_rows + rn[None, :] * sCn, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn < N)[None, :])
+
+    @triton.jit
     def _bmm_kernel(
         A, A2, B, C, BIAS, AL, A2L, BL, M, N, K, n_tiles_m, n_tiles_n,
         sAb, sAm, sAk, sBb, sBk, sBn, sCb, sCm, sCn, bias_div, bias_n,
         SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-        PRESPLIT: tl.constexpr,
+        PRESPLIT: tl.constexpr, BLOCK_N2: tl.constexpr,
     ):
         """C[b] = A[b] @ B[b]  (+ A2[b] @ (i * B[b]) when SWAP)  (+ bias[(row // bias_div) % bias_n]).
 
@@ -389,6 +426,10 @@ if HAS_TRITON:
         PRESPLIT (3xTF32 with the DFT basis split once on the host, ``split_tf32``): 1, B is the basis's
         high part and BL its low part; 2, A (and A2) are, with AL (A2L); the data operand is split here and
         ``dot3`` makes the products (0: Triton's "tf32x3" or PREC, splitting both operands of every tile).
+
+        BLOCK_N2 > 0: each program takes BLOCK_N + BLOCK_N2 columns as two tiles that share every A tile (48
+        as 32 + 16, where one power-of-2 tile would be 64 with a quarter of its tensor-core work on zero
+        columns; ``_col_tiles``).
         """
         pid = tl.program_id(0)
         per_b = n_tiles_m * n_tiles_n
@@ -397,48 +438,48 @@ if HAS_TRITON:
         pid_m = t // n_tiles_n
         pid_n = t % n_tiles_n
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = pid_n * (BLOCK_N + BLOCK_N2) + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         a_rows = b.to(tl.int64) * sAb + rm[:, None].to(tl.int64) * sAm
         c_rows = b.to(tl.int64) * sCb + rm[:, None].to(tl.int64) * sCm
-        n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # A2 @ B (SWAP), times i after the loop
+        if BLOCK_N2 > 0:
+            rn2 = pid_n * (BLOCK_N + BLOCK_N2) + BLOCK_N + tl.arange(0, BLOCK_N2)
+            acc_b = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+            acc2_b = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
             a_mask = (rm[:, None] < M) & k_ok[None, :]
-            b_mask = k_ok[:, None] & n_ok[None, :]
             b_rows = b.to(tl.int64) * sBb + kk[:, None].to(tl.int64) * sBk
             a_off = a_rows + kk[None, :] * sAk
-            b_off = b_rows + rn[None, :] * sBn
             a = tl.load(A + a_off, mask=a_mask, other=0.0).to(tl.float32)
-            bb = tl.load(B + b_off, mask=b_mask, other=0.0).to(tl.float32)
-            if PRESPLIT == 1:  # the basis is B
-                bl = tl.load(BL + b_off, mask=b_mask, other=0.0)
-                a_hi, a_lo = tf32_hi_lo(a)
-                acc = dot3(acc, a_hi, a_lo, bb, bl)
+            if PRESPLIT == 1:  # the data tile split here, once for every column tile
+                a_t, a_x = tf32_hi_lo(a)
+                a2_t, a2_x = a_t, a_x
                 if SWAP:
-                    a2_hi, a2_lo = tf32_hi_lo(tl.load(A2 + a_off, mask=a_mask, other=0.0).to(tl.float32))
-                    acc2 = dot3(acc2, a2_hi, a2_lo, bb, bl)
-            elif PRESPLIT == 2:  # the basis is A (and A2): the data tile split once for both products
-                b_hi, b_lo = tf32_hi_lo(bb)
-                acc = dot3(acc, a, tl.load(AL + a_off, mask=a_mask, other=0.0), b_hi, b_lo)
+                    a2_t, a2_x = tf32_hi_lo(tl.load(A2 + a_off, mask=a_mask, other=0.0).to(tl.float32))
+            elif PRESPLIT == 2:
+                a_t, a_x = a, tl.load(AL + a_off, mask=a_mask, other=0.0)
+                a2_t, a2_x = a_t, a_x
                 if SWAP:
-                    a2 = tl.load(A2 + a_off, mask=a_mask, other=0.0)
-                    acc2 = dot3(acc2, a2, tl.load(A2L + a_off, mask=a_mask, other=0.0), b_hi, b_lo)
+                    a2_t = tl.load(A2 + a_off, mask=a_mask, other=0.0)
+                    a2_x = tl.load(A2L + a_off, mask=a_mask, other=0.0)
             else:
-                acc += tl.dot(a, bb, input_precision=PREC)
+                a_t, a_x = a, a
+                a2_t, a2_x = a, a
                 if SWAP:
-                    a2 = tl.load(A2 + a_off, mask=a_mask, other=0.0).to(tl.float32)
-                    acc2 += tl.dot(a2, bb, input_precision=PREC)
-        if SWAP:  # i * (re + i im) = -im + i re on each (re, im) column pair
-            re, im = tl.split(tl.reshape(acc2, (BLOCK_M, BLOCK_N // 2, 2)))
-            acc += tl.reshape(tl.join(-im, re), (BLOCK_M, BLOCK_N))
-        if HAS_BIAS:
-            bias = tl.load(BIAS + (rm // bias_div) % bias_n, mask=rm < M, other=0.0).to(tl.float32)
-            acc += bias[:, None]
-        tl.store(C + c_rows + rn[None, :] * sCn, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
+                    a2_t = tl.load(A2 + a_off, mask=a_mask, other=0.0).to(tl.float32)
+            acc, acc2 = _bmm_cols(acc, acc2, a_t, a_x, a2_t, a2_x, B, BL, b_rows, k_ok, rn, N, sBn,
+                                  SWAP, PREC, PRESPLIT)
+            if BLOCK_N2 > 0:
+                acc_b, acc2_b = _bmm_cols(acc_b, acc2_b, a_t, a_x, a2_t, a2_x, B, BL, b_rows, k_ok, rn2, N, sBn,
+                                          SWAP, PREC, PRESPLIT)
+        _bmm_store(acc, acc2, C, BIAS, c_rows, rm, rn, M, N, sCn, bias_div, bias_n, SWAP, HAS_BIAS, BLOCK_M, BLOCK_N)
+        if BLOCK_N2 > 0:
+            _bmm_store(acc_b, acc2_b, C, BIAS, c_rows, rm, rn2, M, N, sCn, bias_div, bias_n, SWAP, HAS_BIAS,
+                       BLOCK_M, BLOCK_N2)
 
 
 class _Spec:
@@ -640,7 +681,10 @@ def _bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
 
     last axis:  "F" [n, m2p]: x -> interleaved half spectrum (with 1/n), zero columns past 2m;
                 "G" [m2p, out_n]: interleaved half spectrum -> real (with multiplicities 1 or 2),
-                zero rows past 2m (``_m2p``).
+                zero rows past 2m (``_m2p``);
+                "FT", "GT": their transposes, contiguous, which the forward's stages read as F and G
+                (reduction axis contiguous; see ``_Plan.analysis``), as the backward's read F and G as
+                F^T and G^T.
     other axes: "F" (re, im) [m, n] analysis with 1/n, "G" (re, im) [out_n, m] synthesis, and
                 "F_adj"/"G_adj": their conjugate transposes (re, im) for the backward pass.
     """
@@ -661,7 +705,7 @@ def _bases(n: int, m: int, last: bool, out_n: int, device: str) -> dict:
         pad = _m2p(m) - 2 * m
         F = torch.nn.functional.pad(F, (0, pad))
         G = torch.nn.functional.pad(G, (0, 0, 0, pad))
-        return {"F": f32(F), "G": f32(G)}
+        return {"F": f32(F), "G": f32(G), "FT": f32(F.t()), "GT": f32(G.t())}
     f = j - m // 2
     ang = 2 * math.pi * ((f[:, None] * src[None, :]) % n).double() / n
     Fr, Fi = torch.cos(ang) / n, -torch.sin(ang) / n
@@ -696,14 +740,17 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
     operand is a DFT basis split on the host for 3xTF32 (``_Plan``), given as its high part and this low part
     (same strides)."""
     BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    BN = block_n or cfg["BLOCK_N"]
+    BN, BN2 = block_n or cfg["BLOCK_N"], 0
+    if cfg.get("TILE_FIT", 0):
+        BN, BN2 = _col_tiles(N, BN)
+        BK = _fit_k(K, BK)
     warps = cfg.get("num_warps", 4)
     # at most 64 float32 accumulators a thread: compiled for sm_90 (Triton 3.6), the last-axis stages of 33 to 64
     # kept modes (128 columns) spilled 1.3 KB with 128 x 128 tiles on 4 warps and 256 x 128 on 8, and none with
     # half the rows (perf/inspect_kernels.py spectral_conv 2d-128-b8-c64-m64 dft_gemm --grid)
-    while BM > 16 and BM * BN > 64 * 32 * warps:
+    while BM > 16 and BM * (BN + BN2) > 64 * 32 * warps:
         BM //= 2
-    tm, tn = cdiv(M, BM), cdiv(N, BN)
+    tm, tn = cdiv(M, BM), cdiv(N, BN + BN2)
     grid = (batch * tm * tn,)
     presplit = 1 if b_lo is not None else 2 if a_lo is not None else 0
     _bmm_kernel[grid](
@@ -711,13 +758,38 @@ def _bmm(a, a2, b, c, batch, M, N, K, sa, sb, sc, cfg, prec, bias=None, bias_div
         a if a2_lo is None else a2_lo, b if b_lo is None else b_lo, M, N, K, tm, tn,
         sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], bias_div, bias_n,
         SWAP=a2 is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec, PRESPLIT=presplit,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PREC=prec, PRESPLIT=presplit, BLOCK_N2=BN2,
         num_warps=warps, num_stages=cfg.get("num_stages", 2), **LAUNCH_OPTIONS,
     )
 
 
 def _last_block_n(cols: int) -> int:
     return max(16, min(128, _pow2(cols)))
+
+
+def _col_tiles(cols: int, bn: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) for a stage of ``cols`` columns that one tile of ``bn`` would cover with padding
+    (config TILE_FIT): the largest power of 2 up to ``cols``, then the rest rounded up to a power of 2 (at
+    least 16, the smallest tensor-core tile), where the two cover fewer columns than ``bn``. The padded
+    last axis of 17 to 24 kept modes is 48 columns: 32 + 16 where one tile computes 64."""
+    if cols >= bn:
+        return bn, 0
+    if cols <= 16 or _pow2(cols) == cols:
+        return max(16, _pow2(cols)), 0
+    hi = _pow2(cols) // 2
+    lo = max(16, _pow2(cols - hi))
+    return (hi, lo) if hi >= 16 and hi + lo < bn else (bn, 0)
+
+
+def _fit_k(k: int, bk: int) -> int:
+    """BLOCK_K for a reduction of ``k`` (config TILE_FIT): a smaller power of 2 (not below 16) where it cuts
+    the padded reduction by at least an eighth (48 in steps of 16, not two steps of 32 of which the last
+    is half zeros), else ``bk``."""
+    best = bk
+    for c in (bk // 2, bk // 4, bk // 8):
+        if c >= 16 and cdiv(k, c) * c * 8 <= cdiv(k, best) * best * 7:
+            best = c
+    return best
 
 
 def _real_stage(inp, mat, rows, K, N, cfg, prec, out_dtype, transpose=False, bias=None, bias_div=1, bias_n=1):
@@ -780,7 +852,13 @@ class _Plan:
         lead = x.shape[0] * x.shape[1]
         m2 = _m2p(p.modes[-1])
         rows = x.numel() // p.grid[-1]
-        t = _real_stage(x.contiguous(), self.last["F"], rows, p.grid[-1], m2, cfg, prec, torch.float32)
+        # F read through its transpose FT, so that a tile of the basis is contiguous along the reduction: Hopper's
+        # TF32 wgmma takes its operands K-major from shared memory, and the host split's tiles go there as
+        # loaded (compiled for sm_90, Triton 3.6, 2D 256^2, 32 modes: F itself was copied in 4-byte cp.async
+        # pieces, 96 a thread per loop against 24 of 16 bytes for x's tile; the backward, reading F^T, had
+        # none) (perf/inspect_kernels.py); the same for G in ``synthesis``
+        t = _real_stage(x.contiguous(), self.last["FT"], rows, p.grid[-1], m2, cfg, prec, torch.float32,
+                        transpose=True)
         for ax in range(d - 2, -1, -1):
             P = lead * math.prod(p.grid[:ax])
             Q = math.prod(p.modes[ax + 1:-1]) * m2
@@ -813,7 +891,7 @@ class _Plan:
             t = _complex_stage(t, self.mid[ax]["G"], P, p.modes[ax], Q, p.out_grid[ax], cfg, prec)
         rows = t.numel() // m2
         per_channel = math.prod(p.out_grid[:-1])
-        y = _real_stage(t, self.last["G"], rows, m2, p.out_grid[-1], cfg, prec, out_dtype,
+        y = _real_stage(t, self.last["GT"], rows, m2, p.out_grid[-1], cfg, prec, out_dtype, transpose=True,
                         bias=bias, bias_div=per_channel, bias_n=p.cout)
         return y.view(Y.shape[0], Y.shape[1], *p.out_grid)
 
@@ -902,7 +980,8 @@ def _dft_supports(p: Problem) -> str | None:
 def _dft_cfgs(p: Problem) -> list[dict]:
     """GEMM tiles x mixing tiles: two fixed ones and the problem's default (``_mix_default``), so the grid
     holds the default config (its mixing tile was outside the grid on five of the GPU cases); each with the
-    DFT bases split on the host for 3xTF32 (PRESPLIT), and the default with Triton's split."""
+    DFT bases split on the host for 3xTF32 (PRESPLIT), the default with Triton's split, and the default with
+    its tiles fitted to the padded last axis (TILE_FIT)."""
     mixes = [{"MIX_R": 16, "MIX_O": 32, "MIX_S": 32}, {"MIX_R": 32, "MIX_O": 64, "MIX_S": 16}]
     mix_default = {k: v for k, v in _mix_default(p).items() if k.startswith("MIX_")}
     mixes += [mix_default] if mix_default not in mixes else []
@@ -912,6 +991,11 @@ def _dft_cfgs(p: Problem) -> list[dict]:
             out.append({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": bk, "num_warps": w, "num_stages": s, **mix,
                         "PRESPLIT": 1})
     out.append(dict(_dft_default(p), PRESPLIT=0))  # Triton's own 3xTF32 split at the default's tiles (_presplit)
+    # the default's tiles fitted to the stages' padded lengths (_col_tiles, _fit_k): compiled for sm_90 (Triton 3.6)
+    # at 2D 256^2, 32 modes, the 48-column stages take 3/4 of the tensor-core work (twice the wgmma instructions,
+    # each half as wide or less) for 23-45% more loop instructions (perf/inspect_kernels.py spectral_conv
+    # 2d-256-b32-c64-m32 dft_gemm --mode fwdbwd --grid); not timed yet, hence tuned, not the default
+    out.append(dict(_dft_default(p), TILE_FIT=1))
     return _prune_mix(p, out)
 
 
@@ -1014,7 +1098,7 @@ if HAS_TRITON:
     OP.add(Variant("dft_gemm", "triton", _dft_run,
                    configs=_dft_cfgs, default_config=_dft_default,
                    supports=_dft_supports,
-                   sources=(_bmm_kernel, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _real_stage, _complex_stage,
+                   sources=(_bmm_kernel, _bmm_cols, _bmm_store, _mix_kernel, _Spec, _mix, _bmm, _last_block_n, _col_tiles, _fit_k, _real_stage, _complex_stage,
                             _kept, _Plan, _DFTConvFn, _bases, _bin_counts, _m2p, _dft_cfgs, _mix_default, _prune_mix,
                             _dft_run, _split_bases, _presplit, *SPLIT_SOURCES)))
     OP.add(Variant("fft_mix", "triton", _fft_mix_run,

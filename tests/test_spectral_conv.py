@@ -2,6 +2,7 @@
 forward and backward, odd sizes, resampling, dtypes, modules, neuraloperator parity and bad input."""
 import copy
 import math
+import sys
 import types
 import warnings
 
@@ -81,6 +82,50 @@ def test_dft_gemm_float32_under_tf32_tensor_cores(case, presplit, tf32_tensor_co
     p, _ = OP.make_inputs(case, "cpu", torch.float32)
     check_variant("dft_gemm", case, torch.float32, config=dict(OP.variants["dft_gemm"].default_config(p),
                                                                 PRESPLIT=presplit))
+    assert tf32_tensor_cores, "no float32 dot product ran"
+
+
+class _Launches:
+    """Stands in for a Triton kernel in its module: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("presplit", [1, 0])
+@pytest.mark.parametrize("grid, modes, out_grid, tiles", [
+    ((5, 33), (4, 17), None, {(32, 16)}),            # 17 kept modes: 48 interleaved columns, 32 + 16
+    ((3, 90), (3, 45), (4, 88), {(64, 32)}),         # 45: 96 columns, 64 + 32; grad x's 90 columns too
+    ((40,), (20,), None, {(32, 16)}),                # 1D: the real stages alone
+], ids=["2d-m17", "2d-m45-resample", "1d-m20"])
+def test_dft_gemm_tiles_fitted_to_the_padded_columns(monkeypatch, grid, modes, out_grid, tiles, presplit,
+                                                     tf32_tensor_cores):
+    """TILE_FIT: a stage whose columns one power-of-2 tile would pad (48 of 64) takes two tiles that share
+    each A tile, and a reduction of 48 (the padded last axis) steps of 16, not two of 32; forward and
+    gradients as the reference, with the bases split on the host and with Triton's split, the dot products
+    computed as tensor cores compute them."""
+    import opforge.kernels.spectral_conv  # noqa: F401 (the module, not the function opforge.kernels exports)
+    from opforge.kernels._registry import Case
+
+    sc = sys.modules["opforge.kernels.spectral_conv"]
+    rec = _Launches(sc._bmm_kernel)
+    monkeypatch.setattr(sc, "_bmm_kernel", rec)
+    params = {"batch": 2, "cin": 3, "cout": 2, "grid": grid, "modes": modes}
+    case = Case("fit", dict(params, out_grid=out_grid) if out_grid else params, ())
+    p, _ = OP.make_inputs(case, "cpu", torch.float32)
+    cfg = dict(OP.variants["dft_gemm"].default_config(p), TILE_FIT=1, PRESPLIT=presplit)
+    check_variant("dft_gemm", case, torch.float32, config=cfg)
+    split = {(c["BLOCK_N"], c["BLOCK_N2"]) for c in rec.calls if c["BLOCK_N2"]}
+    assert tiles <= split, rec.calls
+    assert any(c["BLOCK_K"] == 16 for c in rec.calls), rec.calls
+    if modes[-1] == 17:  # the complex stages (SWAP) take the split too where their 48 columns are one padded tile
+        assert any(c["SWAP"] and c["BLOCK_N2"] for c in rec.calls), rec.calls
     assert tf32_tensor_cores, "no float32 dot product ran"
 
 
