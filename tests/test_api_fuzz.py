@@ -56,6 +56,8 @@ F64 = torch.float64
 def _kan(rng: random.Random):
     basis = rng.choice(["bspline", "rbf", "chebyshev", "fourier"])
     cin, cout = rng.randint(1, 9), rng.randint(1, 9)
+    if rng.random() < 0.2:  # past one 16- or 32-feature tile
+        cin, cout = rng.randint(17, 40), rng.randint(17, 40)
     lead = tuple(rng.randint(1, 6) for _ in range(rng.randint(1, 3)))
     x = torch.randn(lead + (cin,)) * rng.choice([0.5, 1.0, 2.5])
     if rng.random() < 0.3:
@@ -182,6 +184,8 @@ def _spectral(rng: random.Random):
     grid = tuple(rng.randint(3, 13 if d < 3 else 8) for _ in range(d))
     modes = tuple(rng.randint(1, max(1, g - 1)) for g in grid[:-1]) + (rng.randint(1, grid[-1] // 2 + 1),)
     cin, cout, B = rng.randint(1, 4), rng.randint(1, 4), rng.randint(1, 3)
+    if rng.random() < 0.2:  # past one 16-channel tile
+        cin, cout = rng.randint(17, 36), rng.randint(17, 36)
     x = torch.randn((B, cin) + grid)
     w = torch.randn((cin, cout) + modes, dtype=torch.complex64)
     bias = torch.randn(cout) if rng.random() < 0.5 else None
