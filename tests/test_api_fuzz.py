@@ -170,9 +170,9 @@ def _expansion_bounds(x, y, b, ls, os_, kernel, out_shape):
     e_gb = (e.transpose(-1, -2) @ g).sum(0).max()
     e_gos = (e * (g @ bb.T)).sum() / os_
     w = dk * os_ * (g @ bb.T)  # |w_ij| [B, N, M]
-    mag = p.abs().unsqueeze(-2) + q.abs()  # [B, N, M, D]
-    ex = eps * 2 * (w.unsqueeze(-1) * mag).sum(-2)  # [B, N, D] (the scaled points' gradients)
-    ey = eps * 2 * (w.unsqueeze(-1) * mag).sum((0, 1))  # [M, D]
+    wm = w.unsqueeze(-1) * (p.abs().unsqueeze(-2) + q.abs())  # |w_ij| (|p_id| + |q_jd|) [B, N, M, D]
+    ex = eps * 2 * wm.sum(-2)  # [B, N, D] (the scaled points' gradients)
+    ey = eps * 2 * wm.sum((0, 1))  # [M, D]
     e_ls = ((p.abs() * ex).sum((0, 1)) + (q.abs() * ey).sum(0)) / ls  # [D]
     ls_d = ls if ls.dim() else ls.expand(D)
     return e_out, (ex / ls_d).max(), (ey / ls_d).max(), e_gb, e_gos, e_ls
