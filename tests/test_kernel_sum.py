@@ -256,6 +256,52 @@ def test_flash_bfloat16():
     assert_close(out, ref.kernel_matvec(np64(x), np64(y), np64(b), "gaussian", 0.8), torch.bfloat16, 45 * 3)
 
 
+@pytest.mark.parametrize("kernel, r", [("gaussian", 1), ("cauchy", 16)])
+def test_flash_16bit_distances_are_3xtf32(kernel, r, tf32_tensor_cores):
+    """bfloat16 data far from its centre (3 lengthscales per coordinate, D = 64) in pairs 0.1 apart: |x|^2 ~ 600
+    against r^2 ~ 0.6. The kernels take the points centred and scaled in float32; with TF32 distances (what
+    16-bit data had before) the sums came out 40% off (truncated operands err alike in the 64 products of
+    x_d ~ y_d: ~1 in r^2). 3xTF32 keeps each output within one bfloat16 step of the float64 sum (tensor-core
+    dot products: conftest's tf32_tensor_cores; the interpreter's float32 -> bfloat16 casts truncate, hence a
+    step, not half of one)."""
+    gen = torch.Generator().manual_seed(5)
+    y = (3 * torch.randn(40, 64, generator=gen)).bfloat16()
+    x = (y[:24].float() + 0.1 * torch.randn(24, 64, generator=gen)).bfloat16()
+    b = torch.rand(40, r, generator=gen).bfloat16()  # (positive: no cancellation in the sums)
+    want = torch.from_numpy(ref.kernel_matvec(np64(x), np64(y), np64(b), kernel))
+    with use_backend("triton"):
+        got = kernel_matvec(x, y, b, kernel).double()
+    assert tf32_tensor_cores, "no dot product ran"
+    step = (got - want).abs() / want.abs()
+    assert step.max() <= 2.0 ** -7, f"{kernel}: {step.max():.2e} of the sum, past one bfloat16 step"
+
+
+@pytest.mark.parametrize("variant", ["torch", "flash"])
+def test_16bit_results_are_rounded_once(variant):
+    """float16 data with an outputscale and ARD lengthscales: the output and every gradient within one rounding
+    (2^-11) of their float64 values on the same float16 inputs (plus float32's own error). The sum was rounded
+    to 16 bits, then times the outputscale rounded again, and the backward rounded g * outputscale to 16 bits
+    before the kernels (float16: the interpreter rounds float32 -> bfloat16 by truncation, unlike a GPU)."""
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(29, 5, generator=gen).half(), torch.randn(23, 5, generator=gen).half()
+    b, g = torch.randn(23, 3, generator=gen).half(), torch.randn(29, 3, generator=gen).half()
+    ls, os_ = (torch.rand(5, generator=gen) + 0.5).half(), torch.tensor(1.7).half()
+
+    def run(dtype, backend, **pin):
+        ins = [t.to(dtype).requires_grad_() for t in (x, y, b, ls, os_)]
+        with use_backend(backend, **pin):
+            out = kernel_matvec(*ins[:3], "matern52", lengthscale=ins[3], outputscale=ins[4])
+        return [out, *torch.autograd.grad(out, ins, g.to(dtype))]
+
+    want = run(torch.float64, "torch")
+    got = run(torch.float16, "torch") if variant == "torch" else run(torch.float16, "triton", kernel_sum=variant)
+    for name, a, e in zip(("out", "grad x", "grad y", "grad b", "grad lengthscale", "grad outputscale"), got, want):
+        assert a.dtype == torch.float16
+        a, e = a.double(), e.detach()
+        over = (a - e).abs() - (2.0 ** -11 * e.abs() + 1e-5 * e.abs().max())
+        assert over.max() <= 0, f"{variant} {name}: {over.max():.2e} past one float16 rounding"
+
+
 def test_vector_b_batches_and_broadcast():
     x, y, b = points(6, 5, 3, 2)
     torch.testing.assert_close(kernel_matvec(x, y, b[:, 0]), kernel_matvec(x, y, b)[:, 0])
