@@ -26,7 +26,7 @@ Variants:
     main shapes, 32-row tiles) this is 2.4x (B-spline) to 4.8x (Chebyshev)
     fewer instructions per feature block than the [rows, in-block x K] basis
     tile it replaced, with K no longer padded to a power of two. The SiLU base path
-    runs beside the kernel as one float32 GEMM (``_SiLULinear``: inside the
+    runs beside the kernel as one float32 GEMM (``_base_beside``: inside the
     forward kernel it was wrong compiled for an H100, see ``_fused_run``). The
     weights are re-laid out once per call ([k, o, i] for the forward, rows padded
     to 16 features, ``_w3``; for grad x (i, k)-contiguous in blocks of whole
@@ -1335,8 +1335,16 @@ def _split_sum(part: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedKAN(torch.autograd.Function):
+    """The fused kernels' autograd. ``beside``: the SiLU base path runs beside them as float32 GEMMs
+    (``_base_beside``; see ``_fused_run``), the kernels then compute the basis contraction alone, and a 16-bit
+    result and grad x are each rounded once, after the two paths are summed in float32."""
+
     @staticmethod
-    def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg):
+    def forward(ctx, x, weight, base_weight, bias, p: Problem, b: _Basis, cfg, beside: bool):
+        ctx.p_call, ctx.beside = p, beside
+        if beside:
+            p = replace(p, has_base=False)
+        kbw = None if beside else base_weight  # (the base weight the kernels see)
         grid, cent, width, NK, sGi = _basis_args(p, b, x)
         meta = _meta(p, cfg, p.precision)
         # W3 [k, o, i] (one small copy per call; split for 3xTF32 once here, not in every program: _presplit)
@@ -1344,12 +1352,13 @@ class _FusedKAN(torch.autograd.Function):
         W3 = _w3(weight)
         presplit = _presplit(cfg, meta["PREC"], W3)
         W3, W3L = split_tf32(W3) if presplit else (W3, W3)
-        WBT = base_weight.t().contiguous() if base_weight is not None else W3
+        WBT = kbw.t().contiguous() if kbw is not None else W3
         bif = cfg.get("BLOCK_IF", 32)
         splits, per_i = _fwd_splits(p, cfg, x.device)
-        # one split writes y; several write float32 partials [splits, rows, out], summed in a fixed order
-        y = (torch.empty((x.shape[0], p.cout), dtype=p.dtype, device=x.device) if splits == 1 else
-             torch.empty((splits, x.shape[0], p.cout), dtype=torch.float32, device=x.device))
+        # one split writes y (in float32 where the base path is added beside); several write float32 partials
+        # [splits, rows, out], summed in a fixed order
+        y = (torch.empty((x.shape[0], p.cout), dtype=torch.float32 if beside else p.dtype, device=x.device)
+             if splits == 1 else torch.empty((splits, x.shape[0], p.cout), dtype=torch.float32, device=x.device))
         launch = (cdiv(x.shape[0], cfg["BLOCK_B"]), cdiv(p.cout, cfg["BLOCK_O"]), splits)
         _kan_fwd_kernel[launch](
             x, W3, W3L, WBT, bias if bias is not None else W3, y, grid, cent, width,
@@ -1361,7 +1370,10 @@ class _FusedKAN(torch.autograd.Function):
             PREC=meta["PREC"], PRESPLIT=presplit, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **LAUNCH_OPTIONS)
         if splits > 1:
-            y = _split_sum(y).to(p.dtype)
+            y = _split_sum(y)
+        if beside:
+            y = _base_beside(y, x, base_weight)
+        y = y.to(p.dtype)
         ctx.save_for_backward(x, weight, base_weight)
         ctx.p, ctx.b, ctx.cfg, ctx.has_bias, ctx.prec = p, b, cfg, bias is not None, meta["PREC"]
         return y
@@ -1372,15 +1384,19 @@ class _FusedKAN(torch.autograd.Function):
         x, weight, base_weight = ctx.saved_tensors
         p, b, cfg = ctx.p, ctx.b, ctx.cfg
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by the torch variant's math
-            dx, dw, dwb = graph_grads(lambda x, w, wb: _torch_run(p, x, w, wb, None, b), (x, weight, base_weight),
-                                      ctx.needs_input_grad[:3], gy)
+            dx, dw, dwb = graph_grads(lambda x, w, wb: _torch_run(ctx.p_call, x, w, wb, None, b),
+                                      (x, weight, base_weight), ctx.needs_input_grad[:3], gy)
             dbias = gy.to(torch.float32).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-            return dx, dw, dwb, dbias, None, None, None
+            return dx, dw, dwb, dbias, None, None, None, None
+        beside = ctx.beside
+        kbw = None if beside else base_weight
+        # what the kernels compute: grad W, and grad Wb unless the base path is beside them
+        need_w, need_kb = ctx.needs_input_grad[1], ctx.needs_input_grad[2] and not beside
         gy = gy.contiguous()
         grid, cent, width, NK, sGi = _basis_args(p, b, x)
         # dy split once for 3xTF32 (_presplit) for both the grad-x and the per-k grad-W kernel
         presplit = (_presplit(cfg, ctx.prec, gy) and weight.dtype == torch.float32
-                    and (ctx.needs_input_grad[0] or (any(ctx.needs_input_grad[1:3]) and _dw_per_k(p, cfg))))
+                    and (ctx.needs_input_grad[0] or ((need_w or need_kb) and _dw_per_k(p, cfg))))
         GY, GYL = split_tf32(gy) if presplit else (gy, gy)
         rows = x.shape[0]
         meta = _meta(p, cfg, ctx.prec)
@@ -1390,8 +1406,8 @@ class _FusedKAN(torch.autograd.Function):
             fpb = bc // p.k
             WF = _blocked_weight(weight, fpb, bc)
             WF, WFL = split_tf32(WF) if presplit else (WF, WF)
-            wb = base_weight if base_weight is not None else WF
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            wb = kbw if kbw is not None else WF
+            dx = torch.empty(x.shape, dtype=torch.float32 if beside else x.dtype, device=x.device)
             launch = (cdiv(rows, cfg["BLOCK_B"]), cdiv(p.cin, fpb))
             _kan_dx_kernel[launch](
                 x, GY, GYL, WF, WFL, wb, dx, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, fpb, WF.stride(0),
@@ -1400,7 +1416,7 @@ class _FusedKAN(torch.autograd.Function):
                 HAS_BASE=meta["HAS_BASE"], BLOCK_B=cfg["BLOCK_B"], BLOCK_O=_dx_chunk(cfg), BLOCK_C=bc,
                 FPBP=max(16, _pow2(fpb)), KP=meta["KP"], PREC=meta["PREC"], PRESPLIT=presplit, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
-        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and _dw_per_k(p, cfg):
+        if (need_w or need_kb) and _dw_per_k(p, cfg):
             bif = cfg.get("BLOCK_IF", 32)
             splits = _dw_splits(p, cfg, rows, x.device)
             per = cdiv(cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
@@ -1414,11 +1430,11 @@ class _FusedKAN(torch.autograd.Function):
                 BASIS=meta["BASIS"], ORDER=meta["ORDER"], UNIFORM=meta["UNIFORM"], HAS_BASE=meta["HAS_BASE"],
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_O=cfg["BLOCK_O"], BLOCK_I=bif, KC=p.k, PREC=meta["PREC"],
                 PRESPLIT=presplit, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
-            if ctx.needs_input_grad[1]:
+            if need_w:
                 dw = _split_sum(part).to(weight.dtype)
-            if ctx.needs_input_grad[2]:
+            if need_kb:
                 dwb = _split_sum(partb).to(base_weight.dtype)
-        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        elif need_w or need_kb:
             KP = meta["KP"]
             splits = _dw_splits(p, cfg, rows, x.device)
             per = cdiv(cdiv(rows, splits), cfg["BLOCK_B"]) * cfg["BLOCK_B"]
@@ -1429,13 +1445,15 @@ class _FusedKAN(torch.autograd.Function):
             _kan_dw_kernel[launch](
                 x, gy, part, partb, grid, cent, width, rows, p.cin, p.cout, p.k, b.grid_size, NK, per,
                 x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), sGi, **meta, **LAUNCH_OPTIONS)
-            if ctx.needs_input_grad[1]:
+            if need_w:
                 dw = _split_sum(part)[..., : p.k].to(weight.dtype)
-            if ctx.needs_input_grad[2]:
+            if need_kb:
                 dwb = _split_sum(partb).to(base_weight.dtype)
+        if beside:
+            dx, dwb = _base_beside_vjp(gy, x, base_weight, dx, ctx.needs_input_grad[2])
         if ctx.has_bias and ctx.needs_input_grad[3]:
             dbias = gy.to(torch.float32).sum(0)
-        return dx, dw, dwb, dbias, None, None, None
+        return dx, dw, dwb, dbias, None, None, None, None
 
 
 def _triton_limits(p: Problem, name: str) -> str | None:
@@ -1506,46 +1524,37 @@ def _fused_default(p: Problem) -> dict:
             "SPLITS": 0, "PRESPLIT": 1}
 
 
-class _SiLULinear(torch.autograd.Function):
-    """y + silu(x) @ Wb^T in float32: one GEMM that adds its product to y (addmm), saving only x and Wb (silu
-    is recomputed in the backward). torch's fused silu and silu_backward: one elementwise pass each where
-    x * sigmoid(x) and its derivative written out took two and five, and addmm's sum none where y + a
-    linear layer's output took one (each a launch and a pass over [rows, in] or [rows, out] on a GPU)."""
+def _base_beside(y, x, base_weight):
+    """y + silu(x) @ Wb^T in float32 (y: the kernel's float32 result): one GEMM that adds its product to y
+    (addmm); the backward (``_base_beside_vjp``) recomputes silu from x. torch's fused silu and silu_backward:
+    one elementwise pass each where x * sigmoid(x) and its derivative written out took two and five, and
+    addmm's sum none where y + a linear layer's output took one (each a launch and a pass over [rows, in] or
+    [rows, out] on a GPU)."""
+    return torch.addmm(y, F.silu(x.float()), base_weight.float().t())
 
-    @staticmethod
-    def forward(ctx, y, x, base_weight):
-        ctx.save_for_backward(x, base_weight)
-        ctx.y_dtype = y.dtype
-        return torch.addmm(y.float(), F.silu(x.float()), base_weight.float().t())
 
-    @staticmethod
-    @variant_backward
-    def backward(ctx, gy):
-        x, base_weight = ctx.saved_tensors
-        xf = x.float()
-        gyy = dx = dwb = None
-        if ctx.needs_input_grad[0]:
-            gyy = gy.to(ctx.y_dtype)
-        if ctx.needs_input_grad[1]:
-            dx = _silu_vjp(gy @ base_weight.float(), xf).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            dwb = (gy.t() @ F.silu(xf)).to(base_weight.dtype)
-        return gyy, dx, dwb
+def _base_beside_vjp(gy, x, base_weight, dx, need_wb: bool):
+    """(grad x, grad Wb) with the base path beside: the kernel's float32 grad x ``dx`` (or None) plus the base
+    path's, rounded once to x's dtype; grad Wb = gy^T silu(x)."""
+    gf, xf = gy.float(), x.float()
+    if dx is not None:
+        dx = (dx + _silu_vjp(gf @ base_weight.float(), xf)).to(x.dtype)
+    dwb = (gf.t() @ F.silu(xf)).to(base_weight.dtype) if need_wb else None
+    return dx, dwb
 
 
 def _fused_run(p: Problem, x, weight, base_weight, bias, b: _Basis, config=None):
     cfg = config or _fused_default(p)
     x = within_int32(x)
     if base_weight is None or os.environ.get("OPFORGE_KAN_FUSED_BASE") == "1":
-        return _FusedKAN.apply(x, weight, base_weight, bias, p, b, cfg)
+        return _FusedKAN.apply(x, weight, base_weight, bias, p, b, cfg, False)
     # The base path runs beside the kernel, as one float32 GEMM (1/K of the basis contraction's FLOPs).
     # Inside the forward kernel it came out wrong compiled for an H100 (Triton 3.6, commit 22a95f7:
     # normalised error 7e-4 at BLOCK_I 8 to 2.7 at BLOCK_I 2, for B-splines and RBFs alike) while the
     # basis contraction alone and every gradient kernel were right and the interpreter agreed on all of
     # it; this was the error first put down to the B-spline basis. OPFORGE_KAN_FUSED_BASE=1 runs the
     # in-kernel path (tested under the interpreter) so it can be tried on a GPU again.
-    y = _FusedKAN.apply(x, weight, None, bias, replace(p, has_base=False), b, cfg)  # the bias added in the kernel
-    return _SiLULinear.apply(y, x, base_weight).to(p.dtype)
+    return _FusedKAN.apply(x, weight, base_weight, bias, p, b, cfg, True)  # (the bias added in the kernel)
 
 
 def _staged_kc(p: Problem) -> int:
@@ -2393,5 +2402,5 @@ if HAS_TRITON:
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,
-                            _basis_args, _meta, _SiLULinear, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _phi_cols, _dx_chunk,
+                            _basis_args, _meta, _base_beside, _base_beside_vjp, _silu_vjp, _split_sum, _fused_run, _dphi_cols, _phi_cols, _dx_chunk,
                             _wdot, _presplit, _fwd_splits, _w3, _fused_supports, _triton_limits, *SPLIT_SOURCES)))
