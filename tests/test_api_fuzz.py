@@ -31,6 +31,17 @@ Each call is checked twice, forward and every gradient:
   cancellation: a point of x on a point of y, every other point ~60 lengthscales away; their rounding,
   6e-16, differed with the row blocking and the summation order alike).
 
+With ``OPFORGE_FUZZ_DTYPE=bfloat16`` (or ``float16``) the same calls are made with 16-bit data: the real inputs
+are rounded to that dtype first (knots, centres and widths stay float32, as a module's buffers would not
+round onto each other), the references are float64 on the rounded values, and the torch variant and every
+Triton variant then run on the 16-bit inputs (the output gradient rounded alike). Every opforge path
+accumulates 16-bit data in float32 (``opforge.reference.tolerance``), so each result element must be its
+float64 value rounded once to the 16-bit dtype: within u |ref| (u = 2^-8 bfloat16, 2^-11 float16) plus
+twice the error the float32 computation may carry (the float32 check's allowance, max(10 yardstick, 1e-4),
+times max |ref|). That is elementwise, so a 16-bit intermediate (a partial sum stored in bfloat16, a
+basis rounded before its dot) fails where a normalised bound would let it pass. The float32 Triton runs and
+the ``vmap(grad)`` check are the float32 mode's, not repeated there.
+
 This kind of search found a crash (b [M, M] with batched points), a cancellation (kernel-sum gradients at
 coincident points, D = 8) and the plain Matern math losing its tail. Slow (minutes on 2 cores):
 ``python -m pytest -m slow tests/test_api_fuzz.py``; ``OPFORGE_FUZZ_SEED=<n>`` draws another set of calls
@@ -202,6 +213,8 @@ def _spectral(rng: random.Random):
 MAKERS = {"kan": _kan, "kernel_sum": _ksum, "spectral_conv": _spectral}
 CALLS = {"kan": 300, "kernel_sum": 300, "spectral_conv": 100}
 SEED = int(os.environ.get("OPFORGE_FUZZ_SEED", "7"))
+LOW = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[os.environ.get("OPFORGE_FUZZ_DTYPE",
+                                                                                          "float32")]
 
 
 def _cast(t, dtype):
@@ -212,8 +225,37 @@ def _cast(t, dtype):
 
 
 def _cotangent(shape):
-    """The output gradient every call's backward gets (float64; the same for every variant)."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    """The output gradient every call's backward gets (float64; the same for every variant; in a 16-bit
+    mode rounded to that dtype, so that it is the same there too)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    return _round(g)
+
+
+def _round(t):
+    """A real tensor rounded to the 16-bit dtype of the run (LOW), kept in its own dtype; else as it is."""
+    if LOW is None or not isinstance(t, torch.Tensor) or t.is_complex():
+        return t
+    return t.to(LOW).to(t.dtype)
+
+
+def _low_excess(got, want, allow, interpreted: bool) -> float:
+    """How far past its bound a 16-bit result is (> 0 fails): every element within u |ref| of its float64
+    reference (rounded once to the 16-bit dtype) plus 2 * allow * max |ref| (the float32 computation's own
+    error), u the dtype's unit roundoff; float16's subnormal spacing, 2^-24, added for underflow.
+    ``interpreted``: a Triton kernel run by the interpreter, whose float32 -> bfloat16 casts truncate (Triton
+    3.6-3.9's ``cast_impl``; compiled, they round to nearest even): a full bfloat16 step, 2u, for those."""
+    if want.numel() == 0:
+        return 0.0
+    if want.is_complex():  # a complex weight's gradient: the weight stays complex64, and so does its gradient,
+        # as good as in a float32 call
+        return _err(got, want) - allow if got.dtype == torch.complex64 else float("inf")
+    if got.dtype != LOW:
+        return float("inf")
+    a, w = got.detach().double(), want.detach().double()
+    u = 2.0 ** -8 if LOW == torch.bfloat16 else 2.0 ** -11
+    u = 2 * u if interpreted and LOW == torch.bfloat16 else u
+    bound = u * w.abs() + 2 * allow * w.abs().max() + (2.0 ** -24 if LOW == torch.float16 else 0.0)
+    return float(((a - w).abs() - bound).max() / w.abs().max().clamp_min(1e-30))
 
 
 def _run(f, inputs, dtype, **backend):
@@ -242,6 +284,7 @@ def test_random_calls_agree_across_variants_and_transforms(op):
         rng = random.Random(1000 * i + SEED)
         torch.manual_seed(1000 * i + SEED)
         tag, f, inputs, *extra = MAKERS[op](rng)  # kernel sums add (reorder, floors)
+        inputs = [_round(t) for t in inputs]  # (16-bit mode: the data on the 16-bit grid, in float32)
         reorder = extra[:1]
         want = _run(f, inputs, F64, backend="torch")
         yard = [_err(a, b) for a, b in zip(_run(f, inputs, torch.float32, backend="torch"), want)]
@@ -251,6 +294,19 @@ def test_random_calls_agree_across_variants_and_transforms(op):
             flipped, unflip = reorder[0](inputs)
             other = unflip(_run(f, flipped, torch.float32, backend="torch"))
             yard = [max(e, _err(a, b)) for e, a, b in zip(yard, other, want)]
+        allow = [max(10 * y, 1e-4) for y in yard]  # what a float32 result may be off by, normalised
+        if LOW is not None:
+            for v in ["torch"] + variants:
+                try:
+                    got = _run(f, inputs, LOW, backend="torch" if v == "torch" else "triton",
+                               **({} if v == "torch" else {op: v}))
+                except ValueError as e:
+                    assert "cannot run here" in str(e), f"{tag}: {e}"
+                    continue
+                over = [_low_excess(a, b, al, v != "torch") for a, b, al in zip(got, want, allow)]
+                if any(o > 0 for o in over):
+                    bad.append(f"{tag} {v} {LOW}: past the bound by {over} (of max |ref|)")
+            continue
         for v in variants:
             try:
                 got = _run(f, inputs, torch.float32, backend="triton", **{op: v})
@@ -258,7 +314,7 @@ def test_random_calls_agree_across_variants_and_transforms(op):
                 assert "cannot run here" in str(e), f"{tag}: {e}"
                 continue
             errs = [_err(a, b) for a, b in zip(got, want)]
-            if any(e > max(10 * y, 1e-4) for e, y in zip(errs, yard)):
+            if any(e > al for e, al in zip(errs, allow)):
                 bad.append(f"{tag} {v}: errors {errs} vs float32 torch {yard}")
         # per-example gradients of the first input under vmap(grad): the plain math
         x, rest = _cast(inputs[0], F64).detach(), [_cast(t, F64) for t in inputs[1:]]
