@@ -161,9 +161,14 @@ def dot_precision(dtype: torch.dtype, follow_setting: bool = True) -> str:
     float32 data follows torch's float32 matmul setting, like torch's own matmuls: by default
     (``"highest"`` / ``"ieee"``) 3xTF32, whose error is of float32's order; with TF32 allowed, TF32
     (one tensor-core pass instead of three, ~1e-3 relative error). Without ``follow_setting``
-    float32 is always 3xTF32. 16-bit data: TF32.
+    float32 is always 3xTF32. bfloat16 data: TF32, whose operands (11 significant bits) are 8 times finer
+    than the data's (8). float16 data: 3xTF32, as TF32 is no finer than float16 (11 bits both), and the
+    tensor cores truncate TF32 operands, an error of one sign that compounds over chained products: with
+    TF32, float16 spectral convolutions through ``dft_gemm`` (four GEMM stages) erred by 4.1e-3 of their
+    largest output, past float16's tolerance (3.9e-3), where the torch variant erred by 4e-4
+    (``OPFORGE_FUZZ_TC=1 OPFORGE_FUZZ_DTYPE=float16``, tests/test_api_fuzz.py, tensor cores emulated).
     """
-    if dtype == torch.float32 and not (follow_setting and tf32_allowed()):
+    if dtype == torch.float16 or (dtype == torch.float32 and not (follow_setting and tf32_allowed())):
         return "tf32x3"
     return "tf32"
 

@@ -64,7 +64,8 @@ these kernels for an H100 without one (registers, spills, MMA kind, access
 widths, instructions per loop).
 
 float32 / bfloat16 / float16 inputs, float32 accumulation; float32 dot
-products use 3xTF32, 16-bit inputs TF32 (on float32-converted tiles).
+products use 3xTF32, as do float16 inputs, bfloat16 inputs TF32 (on float32-converted tiles;
+``_triton.dot_precision``).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ Variants (the registry picks per GPU and shape from the autotune cache):
 
 float32 / bfloat16 / float16 inputs run in float32 on the Triton paths
 (3xTF32 dot products for float32 inputs, or TF32 when torch's float32 matmul
-setting allows it: ``Problem.precision``; TF32 for 16-bit ones); outputs
+setting allows it: ``Problem.precision``; 3xTF32 for float16 ones, TF32 for bfloat16 ones); outputs
 are in the input's dtype.
 """
 from __future__ import annotations

@@ -38,7 +38,8 @@ def tolerance(dtype, reduction: int = 1) -> float:
 
     float32/float64: ``FACTOR * eps * sqrt(reduction)``. 16-bit results are accumulated in float32 by
     every opforge kernel (and the reference sees the same 16-bit-rounded inputs), so their error is
-    the final rounding to the 16-bit dtype (TF32 operand rounding, 2^-11, is below it) plus the
+    the final rounding to the 16-bit dtype (bfloat16 data's TF32 operand rounding, 2^-11, is below it;
+    float16 data takes 3xTF32) plus the
     float32 accumulation: ``FACTOR * eps16 + FACTOR32 * eps32 * sqrt(reduction)``. Scaling eps16 by
     sqrt(reduction) instead would allow errors of order one at realistic reductions. ``float32-tf32``
     takes the same form with TF32's operand rounding: each product of rounded operands errs by about

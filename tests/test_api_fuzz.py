@@ -213,6 +213,7 @@ def _spectral(rng: random.Random):
 MAKERS = {"kan": _kan, "kernel_sum": _ksum, "spectral_conv": _spectral}
 CALLS = {"kan": 300, "kernel_sum": 300, "spectral_conv": 100}
 SEED = int(os.environ.get("OPFORGE_FUZZ_SEED", "7"))
+TENSOR_CORES = os.environ.get("OPFORGE_FUZZ_TC", "0") == "1"
 LOW = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[os.environ.get("OPFORGE_FUZZ_DTYPE",
                                                                                           "float32")]
 
@@ -277,7 +278,9 @@ def _err(a, b) -> float:
 
 
 @pytest.mark.parametrize("op", list(MAKERS))
-def test_random_calls_agree_across_variants_and_transforms(op):
+def test_random_calls_agree_across_variants_and_transforms(op, request):
+    if TENSOR_CORES:  # the interpreter's dot products as a GPU's tensor cores compute them (conftest)
+        request.getfixturevalue("tf32_tensor_cores")
     variants = [v.name for v in get_op(op).triton_variants()]
     bad = []
     for i in range(CALLS[op]):

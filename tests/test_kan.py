@@ -967,7 +967,7 @@ def test_staged_float32_under_tf32_gemms(case, blocks, monkeypatch):
 
 
 def test_staged_tf32_and_16_bit_calls_take_one_gemm(monkeypatch):
-    """Where the call computes in TF32 (torch's TF32 setting, or 16-bit data) the staged variant makes one
+    """Where the call computes in TF32 (torch's TF32 setting, or bfloat16 data) the staged variant makes one
     GEMM a product, on unsplit operands, within that precision's tolerance."""
     from opforge.kernels._triton import allow_tf32
 

@@ -40,6 +40,7 @@ def test_default_is_3xtf32_and_the_setting_switches_float32_to_tf32():
     assert not tf32_allowed()
     assert dot_precision(torch.float32) == "tf32x3"
     assert dot_precision(torch.bfloat16) == "tf32"
+    assert dot_precision(torch.float16) == "tf32x3"  # (TF32 is no finer than float16: dot_precision)
     op, case = _case("spectral_conv", "1d-small-odd")
     p, _ = op.make_inputs(case, "cpu", torch.float32)
     key = cache.entry_key(p)
@@ -50,6 +51,7 @@ def test_default_is_3xtf32_and_the_setting_switches_float32_to_tf32():
         assert cache.entry_key(p) != key  # tuned and cached apart from the 3xTF32 entry
         pb, _ = op.make_inputs(case, "cpu", torch.bfloat16)
         assert pb.dtype_name == "bfloat16"
+        assert dot_precision(torch.float16) == "tf32x3"  # whatever the setting
     assert p.precision == "tf32x3"
 
 

@@ -180,6 +180,38 @@ def test_reference_matches_direct_dft_sum():
     np.testing.assert_allclose(ref.spectral_conv(x, w)[0, 0], y, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["dft_gemm", "fft_mix"])
+def test_float16_under_tensor_cores_is_as_good_as_torch(variant, tf32_tensor_cores):
+    """float16 data, dot products as tensor cores compute them (conftest's tf32_tensor_cores): forward and every
+    gradient within 3x the torch variant's own float16 error on the same inputs. With TF32 dots (what
+    float16 had before) dft_gemm erred 10x as much at a call like this one (the tensor cores truncate TF32
+    operands, no finer than float16's, and the error compounds over its four GEMM stages); float16 now takes
+    3xTF32 (``_triton.dot_precision``)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 5, 6, 7, generator=gen).half()
+    w = torch.randn(3, 4, 4, 4, 2, generator=gen, dtype=torch.complex64)
+    bias = torch.randn(4, generator=gen).half()
+    g = torch.randn(2, 4, 5, 5, 5, generator=gen).half()
+
+    def run(dtype, backend, **pin):
+        ins = [x.to(dtype).requires_grad_(), w.to(torch.complex128 if dtype == torch.float64 else w.dtype)
+               .requires_grad_(), bias.to(dtype).requires_grad_()]
+        with use_backend(backend, **pin):
+            y = spectral_conv3d(ins[0], ins[1], ins[2], output_shape=(5, 5, 5))
+        return [y, *torch.autograd.grad(y, ins, g.to(dtype))]
+
+    def err(a, e):
+        a, e = (torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in (a.detach(), e.detach()))
+        return float((a.double() - e.double()).abs().max() / e.double().abs().max())
+
+    want = run(torch.float64, "torch")
+    base = [err(a, e) for a, e in zip(run(torch.float16, "torch"), want)]
+    got = [err(a, e) for a, e in zip(run(torch.float16, "triton", spectral_conv=variant), want)]
+    assert tf32_tensor_cores, "no dot product ran"
+    for name, e, b in zip(("out", "grad x", "grad weight", "grad bias"), got, base):
+        assert e <= 3 * max(b, 2.0 ** -12), f"{variant} {name}: {e:.2e} against the torch variant's {b:.2e}"
+
+
 def _assert_hermitian_planes(spec: torch.Tensor, n: int, **tol):
     """The half spectrum's self-conjugate planes (frequency 0, and n/2 for even n) satisfy S(k) = conj(S(-k))
     over the other axes (axes 2 .. -2)."""
