@@ -1301,8 +1301,15 @@ class KernelOperator:
         return self @ eye
 
     def __matmul__(self, b):
+        if isinstance(self.noise, float) and self.noise == 0:
+            return kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
+        if b.dtype in (torch.float16, torch.bfloat16):  # 16-bit: the sum and the noise term added in float32,
+            # then rounded once (the kernels take float32 points either way)
+            x, y = self.x.float(), (self.x.float() if self.y is self.x else self.y.float())
+            out = kernel_matvec(x, y, b.float(), self.kernel, self.lengthscale, self.outputscale)
+            return (out + self.noise * b.float()).to(b.dtype)
         out = kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
-        return out if isinstance(self.noise, float) and self.noise == 0 else out + self.noise * b
+        return out + self.noise * b
 
     matmul = __matmul__
 
@@ -1316,8 +1323,9 @@ class KernelOperator:
             raise ValueError(f"diag() needs a square operator, shape is {self.shape}")
         ls = _scale_param(self.lengthscale, "lengthscale", self.x, self.x.shape[-1])
         os_ = _scale_param(self.outputscale, "outputscale", self.x, None)
-        s = (((self.x - self.y) / ls) ** 2).sum(-1)
-        return _scaled(_phi_t(s, self.kernel), os_, s.dtype, 1) + self.noise
+        cdt = torch.float64 if self.x.dtype == torch.float64 else torch.float32  # (16-bit: rounded once)
+        s = (((self.x.to(cdt) - self.y.to(cdt)) / _in(ls, cdt)) ** 2).sum(-1)
+        return (_scaled(_phi_t(s, self.kernel), os_, cdt, 1) + self.noise).to(self.x.dtype)
 
 
 def _pivoted_cholesky(A: "KernelOperator", rank: int) -> torch.Tensor | None:

@@ -397,6 +397,26 @@ def test_nan_points_give_nan_sums(backend, d):
         assert torch.isnan(kernel_matvec(x, y, b)).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_operator_16bit_rounded_once(backend):
+    """float16 points: ``A @ b`` with noise and ``A.diag()`` off the diagonal of K(X, X) within one rounding
+    (2^-11) of their float64 values on the same inputs, plus float32's error (the noise term was added to the
+    16-bit kernel sum, two roundings; the diagonal was computed in float16 throughout)."""
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(31, 4, generator=gen).half(), torch.randn(31, 4, generator=gen).half()
+    b = torch.randn(31, 2, generator=gen).half()
+    kw = dict(kernel="cauchy", lengthscale=0.7, outputscale=1.3, noise=0.37)
+    want_mv = KernelOperator(x.double(), y.double(), **kw) @ b.double()
+    want_d = KernelOperator(x.double(), y.double(), **kw).diag()
+    with use_backend(backend):
+        got_mv = KernelOperator(x, y, **kw) @ b
+        got_d = KernelOperator(x, y, **kw).diag()
+    for name, a, e in (("A @ b", got_mv, want_mv), ("diag", got_d, want_d)):
+        assert a.dtype == torch.float16
+        over = (a.double() - e).abs() - (2.0 ** -11 * e.abs() + 1e-5 * e.abs().max())
+        assert over.max() <= 0, f"{name}: {over.max():.2e} past one float16 rounding"
+
+
 def test_operator_and_cg_solve():
     x, _, _ = points(40, 1, 2, 1, torch.float64)
     A = KernelOperator(x, kernel="matern52", lengthscale=0.5, outputscale=2.0, noise=0.1)
