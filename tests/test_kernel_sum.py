@@ -417,6 +417,23 @@ def test_operator_16bit_rounded_once(backend):
         assert over.max() <= 0, f"{name}: {over.max():.2e} past one float16 rounding"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_solve_16bit_solves_in_float32(dtype):
+    """16-bit points and targets: alpha within one 16-bit rounding of the float64 solve on the same inputs
+    (normalised), and y's gradient comes back in y's dtype. Solved in 16 bits, CG reported a converged
+    residual of 7e-7 for a bfloat16 alpha 6% off."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.rand(200, 2, generator=gen).to(dtype)
+    y = torch.sin(6 * x[:, 0].float()).to(dtype).requires_grad_()
+    alpha, info = kernel_solve(x, y, noise=0.05, lengthscale=0.3, return_info=True)
+    want = kernel_solve(x.double(), y.detach().double(), noise=0.05, lengthscale=0.3)
+    assert alpha.dtype == dtype and info["converged"]
+    err = float((alpha.detach().double() - want).abs().max() / want.abs().max())
+    assert err <= 2.0 ** -(8 if dtype == torch.bfloat16 else 11), err
+    (gy,) = torch.autograd.grad(alpha.sum(), y)
+    assert gy.dtype == dtype and torch.isfinite(gy.float()).all()
+
+
 def test_operator_and_cg_solve():
     x, _, _ = points(40, 1, 2, 1, torch.float64)
     A = KernelOperator(x, kernel="matern52", lengthscale=0.5, outputscale=2.0, noise=0.1)
