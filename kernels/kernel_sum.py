@@ -1543,7 +1543,7 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
                       outputscale=1.0, tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64):
     """Exact GP regression posterior mean ``K(x_test, X) (K(X, X) + noise I)^-1 y`` without any kernel matrix
     (``kernel_solve``, then one kernel sum). 16-bit inputs (all three of one dtype) are computed in float32
-    and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two steps put 23% of error
+    and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two steps put 8% of error
     into the mean (300 points; alpha's terms cancel in the sum)."""
     ts = (x_train, y_train, x_test)
     if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
