@@ -85,6 +85,30 @@ def big_writes(monkeypatch):
 
 
 @pytest.fixture
+def bf16_round_to_nearest(monkeypatch):
+    """The interpreter's float32 -> bfloat16 casts rounded to nearest even, as compiled kernels round them
+    (``cvt.rn.bf16.f32``). Triton 3.6-3.9's interpreter truncates them (``InterpreterBuilder.cast_impl``), a
+    bfloat16 result then off by up to a whole step where a GPU's is within half of one. NaN stays NaN."""
+    import numpy as np
+
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    import triton.language as tl
+
+    builder = interpreter.InterpreterBuilder
+    real = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            out = np.where(np.isnan(src.data), ((bits >> 16) | 0x40).astype(np.uint16), out)
+            return interpreter.TensorHandle(out, dst_type.scalar)
+        return real(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+
+
+@pytest.fixture
 def tf32_tensor_cores(monkeypatch):
     """The interpreter's float32 dot products as a GPU's tensor cores make them. Without this the interpreter
     multiplies in full float32 whatever the input precision, so a kernel that hands a TF32 product an operand
