@@ -59,6 +59,7 @@ __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean
 KERNELS = ("gaussian", "laplacian", "matern32", "matern52", "imq", "cauchy")
 _S3, _S5 = math.sqrt(3.0), math.sqrt(5.0)
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_16BIT = (torch.float16, torch.bfloat16)  # (the solvers and the operator's noise term work on them in float32)
 # kernels whose value depends on r = sqrt(s): float32 rounding of |x|^2 + |y|^2 - 2 x.y near s = 0 is
 # amplified by the square root (an error of eps in s is sqrt(eps) in k), so they always use exact differences.
 _SQRT_KERNELS = ("laplacian", "matern32", "matern52")
@@ -85,7 +86,7 @@ class Problem(ProblemBase):
         distances TF32 would get only to ~1e-3 |x||y| as above. bfloat16 points 3 lengthscales out in every
         coordinate at D = 64, in pairs 0.1 apart, came out 40% off with TF32 distances (tensor cores'
         truncated operands, emulated: tests/test_kernel_sum.py::test_flash_16bit_distances_are_3xtf32) and
-        within a bfloat16 step with 3xTF32. The cost: three tensor-core products per distance tile, as
+        within half a bfloat16 step with 3xTF32. The cost: three tensor-core products per distance tile, as
         for float32."""
         return "tf32x3"
 
@@ -1303,9 +1304,10 @@ class KernelOperator:
     def __matmul__(self, b):
         if isinstance(self.noise, float) and self.noise == 0:
             return kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
-        if b.dtype in (torch.float16, torch.bfloat16):  # 16-bit: the sum and the noise term added in float32,
-            # then rounded once (the kernels take float32 points either way)
-            x, y = self.x.float(), (self.x.float() if self.y is self.x else self.y.float())
+        if b.dtype in _16BIT:  # 16-bit: the sum and the noise term added in float32, then rounded once (the
+            # kernels take float32 points either way)
+            x = self.x.float()
+            y = x if self.y is self.x else self.y.float()
             out = kernel_matvec(x, y, b.float(), self.kernel, self.lengthscale, self.outputscale)
             return (out + self.noise * b.float()).to(b.dtype)
         out = kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
@@ -1507,7 +1509,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
             return kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
                                 outputscale, tol, max_iter, return_info, precond_rank)
     if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
-            and x.dtype in (torch.float16, torch.bfloat16)):
+            and x.dtype in _16BIT):
         out = kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter, return_info,
                            precond_rank)
         if return_info:
@@ -1547,7 +1549,7 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
     into the mean (300 points; alpha's terms cancel in the sum)."""
     ts = (x_train, y_train, x_test)
     if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
-            and x_train.dtype in (torch.float16, torch.bfloat16)):
+            and x_train.dtype in _16BIT):
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,
                                  precond_rank).to(x_train.dtype)
     alpha = kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter,
