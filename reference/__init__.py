@@ -2,6 +2,6 @@
 
 Each module ``opforge.reference.X`` mirrors ``opforge.kernels.X``.
 """
-from .tolerance import assert_close, rel_error, tolerance
+from .tolerance import assert_close, assert_rounded_once, rel_error, tolerance
 
-__all__ = ["assert_close", "rel_error", "tolerance"]
+__all__ = ["assert_close", "assert_rounded_once", "rel_error", "tolerance"]

@@ -82,3 +82,18 @@ def assert_close(actual, expected, dtype, reduction: int = 1, what: str = "outpu
     if not err <= tol:
         raise AssertionError(f"{what}: normalised max error {err:.3e} > tolerance {tol:.3e} ({dtype}, reduction {reduction})")
     return err
+
+
+def assert_rounded_once(actual, expected, slack: float = 1e-5, what: str = "output") -> None:
+    """Raise AssertionError naming ``what`` unless every element of a float16 or bfloat16 ``actual`` is within
+    one rounding of ``expected`` (float64), u |expected| (u = 2^-11 float16, 2^-8 bfloat16), plus ``slack``
+    of max |expected| (the float32 computation's own error): a 16-bit result rounded once, no 16-bit
+    intermediate before it."""
+    a = actual.detach()
+    units = {"torch.float16": 2.0 ** -11, "torch.bfloat16": 2.0 ** -8}
+    if str(a.dtype) not in units:
+        raise AssertionError(f"{what}: a float16 or bfloat16 result expected, got {a.dtype}")
+    a, e = _np(a), _np(expected)
+    over = float(np.max(np.abs(a - e) - (units[str(actual.dtype)] * np.abs(e) + slack * np.max(np.abs(e)))))
+    if not over <= 0:
+        raise AssertionError(f"{what}: {over:.2e} past one {actual.dtype} rounding")
