@@ -245,7 +245,7 @@ def cmd_perf_check(args) -> int:
             current = Path(tmp) / f"current{i}.json"
             cmd = suite + [f"--opforge-results={current}"]
             print(f"running (pass {i + 1} of {args.passes}):", " ".join(cmd), flush=True)
-            rc = subprocess.run(cmd, stdout=sys.stderr if args.quiet else None).returncode
+            rc = subprocess.run(cmd, stdout=sys.stderr if args.quiet else None, env=perf.suite_env()).returncode
             if rc != 0 or not current.exists():
                 print(f"the perf suite failed (pytest exit {rc})", file=sys.stderr)
                 return 2

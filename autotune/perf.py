@@ -48,6 +48,12 @@ def git_commit() -> str:
     return os.environ.get("OPFORGE_COMMIT") or commit
 
 
+def suite_env() -> dict:
+    """The environment a perf suite is started in: this one less pytest-xdist's worker variables, which a
+    process started from a test under ``pytest -n`` inherits and which turn pytest-benchmark off."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 def environment(device: dict) -> dict:
     import torch
 

@@ -136,7 +136,9 @@ for stage in "${stages[@]}"; do
     perf)  # one suite per op, each under its own time limit; records accumulate in one results file
       fits 60 || continue
       for op in ${OPS:-spectral_conv kan kernel_sum}; do
-        TAIL=1 timed "${PERF_LIMIT_S:-240}" python3 -m pytest "perf/bench_$op.py" -q -p no:cacheprovider \
+        # (pytest-xdist's worker variables dropped: inherited, they turn pytest-benchmark off)
+        TAIL=1 timed "${PERF_LIMIT_S:-240}" env -u PYTEST_XDIST_WORKER -u PYTEST_XDIST_WORKER_COUNT \
+          python3 -m pytest "perf/bench_$op.py" -q -p no:cacheprovider \
           --opforge-results="$OUT/results/$tag.json" \
           --opforge-dtypes="$(echo ${PERF_DTYPES:-float32 bfloat16} | tr ' ' ,)" \
           --opforge-cases="${CASE_SET:-gpu}" --opforge-case-names="$(echo ${CASES:-} | tr ' ' ,)"

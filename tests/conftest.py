@@ -1,15 +1,24 @@
 """Test set-up: the Triton interpreter is switched on before opforge's kernels are imported,
 so every Triton variant runs on CPU tensors; the user autotune cache points at a temp folder."""
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["OPFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="opforge-test-cache-")
+atexit.register(shutil.rmtree, os.environ["OPFORGE_CACHE_DIR"], ignore_errors=True)
 os.environ.pop("OPFORGE_BACKEND", None)
 os.environ.pop("OPFORGE_AUTOTUNE", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+# Under pytest-xdist (`-n auto`, the README's test command) the workers share the cores: torch's threads
+# are split between them rather than each worker taking them all.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_configure(config):

@@ -82,8 +82,8 @@ def test_merge_write_accumulates_one_environment(tmp_path):
     assert [r["variant"] for r in perf.read(path)["records"]] == ["fast"]
 
 
-def _cli(*args, cwd=ROOT):
-    env = dict(os.environ)
+def _cli(*args, cwd=ROOT, **env_over):
+    env = dict(os.environ, **env_over)
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-m", "opforge.autotune.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -93,7 +93,9 @@ def test_perf_check_end_to_end_on_cpu(tmp_path):
     """--update writes a baseline from a real run of perf/; a rerun passes against it; a doctored baseline fails."""
     base = tmp_path / "base.json"
     sel = ["-k", "1d-small-odd"]
-    r = _cli("perf-check", "--update", "--baseline", str(base), "--quiet", "--passes", "2", *sel)
+    # as when the tests run under pytest-xdist (-n): perf-check's suites must not inherit its worker variable
+    r = _cli("perf-check", "--update", "--baseline", str(base), "--quiet", "--passes", "2", *sel,
+             PYTEST_XDIST_WORKER="gw0", PYTEST_XDIST_WORKER_COUNT="2")
     assert r.returncode == 0, r.stdout + r.stderr
     data = perf.read(base)
     variants = {x["variant"] for x in data["records"]}
@@ -111,6 +113,16 @@ def test_perf_check_end_to_end_on_cpu(tmp_path):
     perf.write(base, data["records"], data["env"])
     r = _cli("perf-check", "--baseline", str(base), "--quiet", *sel)
     assert r.returncode == 1 and "REGRESSED" in r.stdout, r.stdout + r.stderr
+
+
+def test_perf_suites_refuse_to_run_under_xdist():
+    """pytest-benchmark turns itself off under pytest-xdist, so a perf suite there would time nothing: it
+    stops at once and says why, for -n and for a worker variable inherited from a test process."""
+    env = dict(os.environ, PYTEST_XDIST_WORKER="gw1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "perf/bench_kernel_sum.py", "--collect-only", "-q",
+                        "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 4 and "without -n" in r.stderr and "'gw1'" in r.stderr, r.stdout + r.stderr
+    assert perf.suite_env().keys() == {k: 0 for k in os.environ if not k.startswith("PYTEST_XDIST_")}.keys()
 
 
 def test_readme_tables_are_generated_from_results_files():
