@@ -229,12 +229,12 @@ _RESULTS_PATH: list[str] = []
 def pytest_configure(config):
     # pytest-benchmark turns itself off under pytest-xdist (its -n, or a PYTEST_XDIST_WORKER variable, which a
     # process started from a test running under xdist inherits): every test would then fail on empty stats
-    if config.getoption("dist", default="no") != "no" or os.environ.get("PYTEST_XDIST_WORKER"):
-        raise pytest.UsageError(
-            "the perf suites time one test at a time and pytest-benchmark is off under pytest-xdist: run them "
-            "without -n" + (" and without the PYTEST_XDIST_WORKER variable (set: "
-                            f"{os.environ['PYTEST_XDIST_WORKER']!r}, inherited from a pytest-xdist worker?)"
-                            if os.environ.get("PYTEST_XDIST_WORKER") else ""))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if config.getoption("dist", default="no") != "no" or worker:
+        inherited = (f" and without the PYTEST_XDIST_WORKER variable (set: {worker!r}, inherited from a "
+                     "pytest-xdist worker?)") if worker else ""
+        raise pytest.UsageError("the perf suites time one test at a time and pytest-benchmark is off under "
+                                "pytest-xdist: run them without -n" + inherited)
     path = config.getoption("--opforge-results", default=None)
     _RESULTS_PATH[:] = [path] if path else []
 

@@ -121,7 +121,7 @@ def test_perf_suites_refuse_to_run_under_xdist(monkeypatch):
     starts its suites without such variables."""
     pytest.importorskip("xdist")
     suite = [sys.executable, "-m", "pytest", "perf/bench_kernel_sum.py", "--collect-only", "-q", "-p", "no:cacheprovider"]
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this run may be under -n
+    plain = perf.suite_env()  # this run may itself be under -n
     for extra, env in (([], dict(plain, PYTEST_XDIST_WORKER="gw1")), (["-n", "1"], plain)):
         r = subprocess.run(suite + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 4 and "without -n" in r.stderr, r.stdout + r.stderr
