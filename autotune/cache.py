@@ -24,14 +24,23 @@ Two places are read, the user cache first:
 
 A user entry shadows the shipped entry for the same key. A corrupt or
 unreadable file is reported once with a warning and treated as empty.
+Writes replace the file atomically, and ``record`` holds a lock on the
+folder from its read to that replace, so processes tuning at once keep
+each other's entries.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: records are not locked (see ``_folder_lock``)
+    fcntl = None
 
 FORMAT = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "caches"
@@ -59,13 +68,14 @@ def _empty(device: dict | None) -> dict:
 
 def load(path: Path | str) -> dict:
     """Read a cache file; a missing file is empty, a corrupt one warns and is empty. Memoised on the file's
-    modification time and size: a dispatch costs one ``stat`` per file (no pathlib, no parsing)."""
+    inode, modification time and size: a dispatch costs one ``stat`` per file (no pathlib, no parsing), and
+    a file replaced by ``save`` (a new inode) is read again even within one tick of the clock."""
     key = os.fspath(path)
     try:
         st = os.stat(key)
     except OSError:
         return _empty(None)
-    stamp = (st.st_mtime_ns, st.st_size)
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
     hit = _memo.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
@@ -141,12 +151,37 @@ def lookup(op, problem, device: dict | None = None, train: bool = False) -> dict
     return None
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock (``flock``) on the cache folder for one read-modify-write, so that processes tuning
+    at once (the ranks of a data-parallel job with OPFORGE_AUTOTUNE=1, several ``opforge tune``) keep each
+    other's entries: each reads the file after the last one replaced it. Where there is no ``flock``
+    (Windows) or the file system refuses it, the record goes ahead unlocked: a lost entry is tuned again."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (releases the lock)
+
+
 def record(path: Path, device: dict, op, problem, entry: dict, train: bool = False) -> None:
-    """Store one tuned entry (read-modify-write, atomic); ``train`` for a forward + backward entry."""
+    """Store one tuned entry (read-modify-write under ``_folder_lock``, written atomically); ``train`` for a
+    forward + backward entry."""
     path = Path(path)
-    data = load(path)
-    if not data.get("device"):
-        data = {**_empty(device), "ops": data.get("ops", {})}
-    data = json.loads(json.dumps(data))  # private copy; the memo stays untouched
-    data["ops"].setdefault(op.name, {}).setdefault(op.source_hash(), {})[entry_key(problem, train)] = entry
-    save(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        data = load(path)
+        if not data.get("device"):
+            data = {**_empty(device), "ops": data.get("ops", {})}
+        data = json.loads(json.dumps(data))  # private copy; the memo stays untouched
+        data["ops"].setdefault(op.name, {}).setdefault(op.source_hash(), {})[entry_key(problem, train)] = entry
+        save(path, data)

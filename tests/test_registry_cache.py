@@ -173,6 +173,47 @@ def test_failed_save_keeps_the_old_file_and_no_temp_file(tmp_path):
     assert json.loads(path.read_text()) == good
 
 
+class _FakeOp:
+    name = "spectral_conv"
+
+    @staticmethod
+    def source_hash():
+        return "h"
+
+
+class _FakeProblem:
+    dtype_name = "float32"
+
+    def __init__(self, key):
+        self.key = key
+
+
+def _record_many(path, dev, worker, n):
+    for i in range(n):
+        cache.record(path, dev, _FakeOp, _FakeProblem(f"w{worker}-{i}"), {"variant": "fft_mix", "config": None})
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks writer processes")
+def test_concurrent_records_keep_every_entry(tmp_path):
+    """Processes tuning at once into one cache (ranks of a data-parallel job with OPFORGE_AUTOTUNE=1, or
+    several `opforge tune`) each read, add their entry and replace the file: each record holds a lock on
+    the cache folder while it does, so no process writes over an entry another has just added."""
+    import multiprocessing
+
+    path, dev, workers, n = tmp_path / "c.json", device_info(), 6, 25
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_record_many, args=(path, dev, w, n)) for w in range(workers)]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join(60)
+    assert all(pr.exitcode == 0 for pr in procs)
+    keys = cache.load(path)["ops"]["spectral_conv"]["h"]
+    missing = {f"w{w}-{i}|float32" for w in range(workers) for i in range(n)} - set(keys)
+    assert not missing, f"{len(missing)} of {workers * n} entries lost"
+    assert [f.name for f in tmp_path.iterdir()] == ["c.json"]
+
+
 def test_a_json_file_of_another_format_is_ignored_with_a_warning(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"format": cache.FORMAT + 1, "ops": {}}))
