@@ -530,6 +530,11 @@ class Op:
                                                       "hessian), with which Triton kernels do not compose")
         if dual_inputs(args):
             return self.run_plain(problem, *args, why="on forward-mode AD dual tensors (no jvp kernels)")
+        if torch.jit.is_tracing():
+            # the tracer records tensor operations only: a Triton launch would be missing from the traced graph
+            # (its output left unwritten), and the torch variants' autograd Functions fail inside it
+            return self.run_plain(problem, *args, why="under torch.jit.trace, which records torch operations "
+                                                      "only (not Triton launches)")
         with on_device(problem.device), no_autocast(problem.device):
             return self._dispatch(problem, *args)
 

@@ -1150,11 +1150,22 @@ def _check_fft_norm(fft_norm) -> None:
                          f"'forward'), got {fft_norm!r}")
 
 
+_TRACE_GRADIENTS = (
+    "torch.jit.trace of a spectral convolution: the traced forward is right at any batch size and resolution, "
+    "but from a traced module's second call on, TorchScript's optimized execution differentiates chains of "
+    "complex products without conjugating them (a TorchScript bug), so its gradients are wrong. Trace under "
+    "torch.no_grad() for inference; to differentiate the traced module, run it inside "
+    "torch.jit.optimized_execution(False), or train with the eager module or torch.compile.")
+
+
 def _call(p: Problem, x, weight, bias, fft_norm: str = "forward"):
     _check_fft_norm(fft_norm)
     if traced(x, weight, bias):  # torch.compile / torch.export: one graph node (kernels/_graph_op.py)
         # (the norm's scaling inside it: inductor generates no code for complex arithmetic, and warns)
         return _GRAPH_OP(x, weight, bias, list(p.out_grid), p.d, fft_norm)
+    if torch.jit.is_tracing() and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)):
+        warnings.warn(_TRACE_GRADIENTS, RuntimeWarning, stacklevel=3)
     weight = _normed(weight, p, fft_norm)
     if p.batch == 0 or p.cin == 0 or p.cout == 0:  # nothing to mix: every backend returns zeros plus the bias
         return _torch_run(p, x, weight, bias)

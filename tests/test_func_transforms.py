@@ -1,5 +1,5 @@
-"""torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call), forward-mode AD and
-torch.compile over opforge's ops (the torch.compile / torch.export graph nodes: test_graph_op.py).
+"""torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call), forward-mode AD,
+torch.compile and torch.jit.trace over opforge's ops (the torch.compile / torch.export graph nodes: test_graph_op.py).
 
 The custom autograd Functions behind the memory-lean torch variants and the Triton variants do not
 compose with these transforms (forward-mode AD, batching rules). Under a transform, and on dual tensors
@@ -16,8 +16,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, hessian, jacrev, stack_module_state, vmap
 
-from opforge.kernels import (ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, KERNELS, get_op,
-                             kernel_matvec, use_backend)
+from opforge.kernels import (ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, KERNELS, SpectralConv,
+                             get_op, kernel_matvec, use_backend)
 from opforge.kernels._registry import checked_once, lanes
 from test_double_backward import CASES, _id, _make
 
@@ -233,6 +233,69 @@ def test_torch_compile_matches_eager_and_keeps_dispatch_live(case, monkeypatch):
             got = compiled(*inputs)
     assert len(calls) == 2
     torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
+
+
+def _traceable():
+    """(module, example input, other inputs it must then serve): batch sizes for the KAN layers and the
+    kernel sum's points, batch and resolution for the spectral convolution (a traced module takes inputs of
+    the traced rank: its reshapes are recorded with that many dimensions, and another rank is an error)."""
+    torch.manual_seed(5)
+
+    class KernelSum(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.y, self.b = torch.nn.Parameter(torch.rand(9, 3)), torch.nn.Parameter(torch.randn(9, 2))
+
+        def forward(self, x):
+            return kernel_matvec(x, self.y, self.b, "matern52", lengthscale=0.6)
+
+    kan = [(m, (4, m.in_features if hasattr(m, "in_features") else 3), [(1, 3), (300, 3)])
+           for m in _modules().values()]
+    return kan + [(SpectralConv(3, 4, n_modes=(6, 6)), (2, 3, 10, 10), [(5, 3, 10, 10), (2, 3, 16, 9)]),
+                  (KernelSum(), (6, 3), [(1, 3), (700, 3)])]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_jit_trace_records_the_plain_math_and_serves_other_shapes(device):
+    """torch.jit.trace (and the ONNX exporter that runs it) records torch operations only: the KAN
+    layers failed inside the tracer ("unordered_map::at", the torch variant's autograd Function), and on a
+    GPU a Triton launch would have been missing from the traced graph. A traced call runs the op's plain
+    torch math, and the traced module gives the module's outputs and gradients at other batch sizes and
+    resolutions, call after call.
+
+    Spectral convolutions are complex: from a traced module's second call on, TorchScript's optimized
+    execution differentiates chains of complex products without conjugation (gradients 10-100% off here,
+    forward exact), so tracing one with gradients possible warns and says what works: their gradients are
+    checked inside ``torch.jit.optimized_execution(False)``."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for m, example, others in _traceable():
+        m = m.to(device)
+        complex_math = isinstance(m, SpectralConv)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")  # (and TracerWarnings: the shape checks read Python values)
+            traced = torch.jit.trace(m, torch.randn(*example, device=device).clamp(-2, 2), check_trace=False)
+        said = [w for w in seen if "optimized_execution(False)" in str(w.message)]
+        assert len(said) == (1 if complex_math else 0), type(m).__name__
+        with torch.jit.optimized_execution(not complex_math):
+            for shape in [example, example] + others:
+                x = torch.rand(*shape, device=device) * 3 - 1.5
+                outs = []
+                for f in (traced, m):
+                    xg = x.clone().requires_grad_()
+                    m.zero_grad()
+                    y = f(xg)
+                    y.square().sum().backward()
+                    outs.append([y, xg.grad] + [p.grad.clone() for p in m.parameters() if p.requires_grad])
+                for got, want in zip(*outs):
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{type(m).__name__} {shape}")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # traced for inference: nothing to warn about
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.jit.trace(SpectralConv(2, 2, n_modes=(4,)), torch.randn(1, 2, 9), check_trace=False)
+    x = torch.rand(6, 3)
+    with use_backend("triton"), pytest.raises(ValueError, match="torch.jit.trace"):
+        torch.jit.trace(lambda t: kernel_matvec(t, t, t[:, :1]), x, check_trace=False)
 
 
 @pytest.mark.gpu
