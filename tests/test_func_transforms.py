@@ -1,5 +1,6 @@
 """torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call), forward-mode AD,
-torch.compile and torch.jit.trace over opforge's ops (the torch.compile / torch.export graph nodes: test_graph_op.py).
+torch.compile and torch.jit.trace over opforge's ops (the torch.compile / torch.export graph nodes:
+test_graph_op.py).
 
 The custom autograd Functions behind the memory-lean torch variants and the Triton variants do not
 compose with these transforms (forward-mode AD, batching rules). Under a transform, and on dual tensors
@@ -249,8 +250,7 @@ def _traceable():
         def forward(self, x):
             return kernel_matvec(x, self.y, self.b, "matern52", lengthscale=0.6)
 
-    kan = [(m, (4, m.in_features if hasattr(m, "in_features") else 3), [(1, 3), (300, 3)])
-           for m in _modules().values()]
+    kan = [(m, (4, 3), [(1, 3), (300, 3)]) for m in _modules().values()]  # (3 inputs each)
     return kan + [(SpectralConv(3, 4, n_modes=(6, 6)), (2, 3, 10, 10), [(5, 3, 10, 10), (2, 3, 16, 9)]),
                   (KernelSum(), (6, 3), [(1, 3), (700, 3)])]
 
