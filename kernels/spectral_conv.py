@@ -1151,8 +1151,8 @@ def _check_fft_norm(fft_norm) -> None:
 
 
 _TRACE_GRADIENTS = (
-    "torch.jit.trace of a spectral convolution: the traced forward is right at any batch size and resolution, "
-    "but from a traced module's second call on, TorchScript's optimized execution differentiates chains of "
+    "torch.jit.trace of a spectral convolution: the traced forward is right at any batch size (at the traced "
+    "resolution), but from a traced module's second call on, TorchScript's optimized execution differentiates chains of "
     "complex products without conjugating them (a TorchScript bug), so its gradients are wrong. Trace under "
     "torch.no_grad() for inference; to differentiate the traced module, run it inside "
     "torch.jit.optimized_execution(False), or train with the eager module or torch.compile.")
@@ -1163,9 +1163,17 @@ def _call(p: Problem, x, weight, bias, fft_norm: str = "forward"):
     if traced(x, weight, bias):  # torch.compile / torch.export: one graph node (kernels/_graph_op.py)
         # (the norm's scaling inside it: inductor generates no code for complex arithmetic, and warns)
         return _GRAPH_OP(x, weight, bias, list(p.out_grid), p.d, fft_norm)
-    if torch.jit.is_tracing() and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)):
-        warnings.warn(_TRACE_GRADIENTS, RuntimeWarning, stacklevel=3)
+    if torch.jit.is_tracing():
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            warnings.warn(_TRACE_GRADIENTS, RuntimeWarning, stacklevel=3)
+        # The traced graph keeps the batch free but not the grid: which planes of the half spectrum are
+        # self-conjugate (_hermitian_planes_) depends on the last axis's parity, a Python choice the tracer
+        # bakes in (traced at 6 x 6, a 7 x 7 input came out wrong). The grid is pinned as constants here, so
+        # another resolution is an error ("shape [...] is invalid for input of size ...") when the traced
+        # module runs, never a wrong result.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # (the conversion to constants is the aim)
+            x = x.reshape(tuple(x.shape[:2]) + tuple(int(n) for n in x.shape[2:]))
     weight = _normed(weight, p, fft_norm)
     if p.batch == 0 or p.cin == 0 or p.cout == 0:  # nothing to mix: every backend returns zeros plus the bias
         return _torch_run(p, x, weight, bias)

@@ -237,9 +237,9 @@ def test_torch_compile_matches_eager_and_keeps_dispatch_live(case, monkeypatch):
 
 
 def _traceable():
-    """(module, example input, other inputs it must then serve): batch sizes for the KAN layers and the
-    kernel sum's points, batch and resolution for the spectral convolution (a traced module takes inputs of
-    the traced rank: its reshapes are recorded with that many dimensions, and another rank is an error)."""
+    """(module, example input, other inputs it must then serve): batch sizes (a traced module takes inputs of
+    the traced rank: its reshapes are recorded with that many dimensions, and another rank is an error; a
+    traced spectral layer takes the traced resolution, see the test)."""
     torch.manual_seed(5)
 
     class KernelSum(torch.nn.Module):
@@ -251,7 +251,7 @@ def _traceable():
             return kernel_matvec(x, self.y, self.b, "matern52", lengthscale=0.6)
 
     kan = [(m, (4, 3), [(1, 3), (300, 3)]) for m in _modules().values()]  # (3 inputs each)
-    return kan + [(SpectralConv(3, 4, n_modes=(6, 6)), (2, 3, 10, 10), [(5, 3, 10, 10), (2, 3, 16, 9)]),
+    return kan + [(SpectralConv(3, 4, n_modes=(6, 6)), (2, 3, 6, 6), [(5, 3, 6, 6), (1, 3, 6, 6)]),
                   (KernelSum(), (6, 3), [(1, 3), (700, 3)])]
 
 
@@ -260,8 +260,10 @@ def test_jit_trace_records_the_plain_math_and_serves_other_shapes(device):
     """torch.jit.trace (and the ONNX exporter that runs it) records torch operations only: the KAN
     layers failed inside the tracer ("unordered_map::at", the torch variant's autograd Function), and on a
     GPU a Triton launch would have been missing from the traced graph. A traced call runs the op's plain
-    torch math, and the traced module gives the module's outputs and gradients at other batch sizes and
-    resolutions, call after call.
+    torch math, and the traced module gives the module's outputs and gradients at other batch sizes, call
+    after call. A traced spectral layer takes the resolution it was traced at: which planes of the half
+    spectrum are self-conjugate depends on the last axis's parity, a choice the tracer bakes in (traced at
+    6 x 6, a 7 x 7 input came out wrong), so the grid is pinned and another one is an error.
 
     Spectral convolutions are complex: from a traced module's second call on, TorchScript's optimized
     execution differentiates chains of complex products without conjugation (gradients 10-100% off here,
@@ -289,6 +291,10 @@ def test_jit_trace_records_the_plain_math_and_serves_other_shapes(device):
                     outs.append([y, xg.grad] + [p.grad.clone() for p in m.parameters() if p.requires_grad])
                 for got, want in zip(*outs):
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{type(m).__name__} {shape}")
+        if complex_math:
+            for shape in [(2, 3, 7, 7), (2, 3, 10, 10)]:
+                with pytest.raises(RuntimeError, match="invalid for input of size"):
+                    traced(torch.randn(*shape, device=device))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # traced for inference: nothing to warn about
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
