@@ -1816,7 +1816,9 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
         if grid is None:
             raise ValueError("basis='bspline' needs grid= (knots [in, G + 2*order + 1])")
         even = _check_grid(grid, cin, spline_order)
-        b.even = even or 0  # unknown spacing: the forms and kernels for any knots
+        # unknown spacing: the forms and kernels for any knots; so too under torch.jit.trace, whose graph
+        # would keep the evenly spaced knots' form after update_grid moved them (traced at 4000 rows, 1e-2 off)
+        b.even = 0 if torch.jit.is_tracing() else even or 0
         unread = even is None and _registry._capturing(grid)
         uniform = b.even >= 1
         if grid.shape[1] - 1 - spline_order != K:

@@ -295,6 +295,15 @@ def test_jit_trace_records_the_plain_math_and_serves_other_shapes(device):
             for shape in [(2, 3, 7, 7), (2, 3, 10, 10)]:
                 with pytest.raises(RuntimeError, match="invalid for input of size"):
                     traced(torch.randn(*shape, device=device))
+    # the traced graph reads the module's knots when it runs, so it must not keep a form that holds for
+    # evenly spaced knots only (taken past 2^16 basis values): update_grid moves them in place
+    kan = KANLinear(3, 4, grid_size=5).to(device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(kan, torch.randn(4000, 3, device=device), check_trace=False)
+        kan.update_grid(torch.randn(256, 3, device=device) ** 3)
+        x = torch.randn(64, 3, device=device) * 1.5
+        torch.testing.assert_close(traced(x), kan(x))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # traced for inference: nothing to warn about
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
