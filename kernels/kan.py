@@ -72,6 +72,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -1776,6 +1777,11 @@ def _validate_knots(grid: torch.Tensor) -> int:
     return 2 if off <= 4 * torch.finfo(torch.float64).eps else 1 if off <= 4 * torch.finfo(torch.float32).eps else 0
 
 
+# Knots a CUDA graph captured as evenly spaced (id -> the tensor, weakly): its replays run the kernels and forms
+# for such knots whatever the knots hold later, so ``KANLinear.update_grid`` warns when it moves them off even.
+_CAPTURED_EVEN: dict[int, weakref.ref] = {}
+
+
 def _validate_centers(centers: torch.Tensor) -> None:
     if not bool(torch.isfinite(centers.detach()).all()):
         raise ValueError("centers (RBF centres) must be finite")
@@ -1819,6 +1825,8 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
         # unknown spacing: the forms and kernels for any knots; so too under torch.jit.trace, whose graph
         # would keep the evenly spaced knots' form after update_grid moved them (traced at 4000 rows, 1e-2 off)
         b.even = 0 if torch.jit.is_tracing() else even or 0
+        if even and _registry._capturing(grid):
+            _CAPTURED_EVEN[id(grid)] = weakref.ref(grid)
         unread = even is None and _registry._capturing(grid)
         uniform = b.even >= 1
         if grid.shape[1] - 1 - spline_order != K:
@@ -2065,6 +2073,14 @@ class KANLinear(nn.Module):
                 coeff = torch.where(scaler != 0, coeff / scaler, self.spline_weight.to(cdt))
             self.grid.copy_(grid)
             self.spline_weight.data.copy_(coeff)
+            seen = _CAPTURED_EVEN.get(id(self.grid))
+            if seen is not None and seen() is self.grid and not _validate_knots(self.grid):
+                warnings.warn(
+                    "KANLinear.update_grid: a CUDA graph captured this layer with evenly spaced knots and replays the "
+                    "kernels for such knots whatever the knots hold; the new ones are not evenly spaced, so that "
+                    "graph now computes a wrong layer. Capture it again (a new torch.cuda.graph; for a model "
+                    "compiled with mode='reduce-overhead', torch.compiler.reset() before its next call).",
+                    RuntimeWarning, stacklevel=2)
 
     def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):
         """efficient-kan's L1 + entropy surrogate on the spline weights."""

@@ -166,6 +166,31 @@ def test_kan_knots_first_seen_during_capture_leave_the_fused_kernel(monkeypatch)
     monkeypatch.setattr(_registry, "_capturing", lambda t: False)
     assert kan._prepare(x, w, "bspline", None, None, unseen, 3, None, None)[0] == p0  # read once capture is over
 
+def test_update_grid_warns_when_a_captured_graph_assumed_even_knots(monkeypatch):
+    """A CUDA graph captured with evenly spaced knots (capture stood in for, as above) replays the kernels
+    and forms for such knots whatever the knots later hold; update_grid moves them in place, so when it
+    moves them off even it says that graph is now wrong. Knots that stay even, and layers never captured,
+    update silently."""
+    import warnings
+
+    from opforge.kernels import _registry
+
+    x = torch.randn(64, 3) ** 3
+    captured, kept_even, plain = (K.KANLinear(3, 4, grid_size=5) for _ in range(3))
+    for layer in (captured, kept_even, plain):
+        layer(x)  # the warm-up: knots checked (evenly spaced)
+    monkeypatch.setattr(_registry, "_capturing", lambda t: True)
+    captured(x), kept_even(x)
+    monkeypatch.setattr(_registry, "_capturing", lambda t: False)
+    with pytest.warns(RuntimeWarning, match="CUDA graph captured this layer with evenly spaced knots"):
+        captured.update_grid(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.update_grid(x)
+        kept_even.grid_eps = 1.0  # efficient-kan's all-uniform update: the knots stay evenly spaced
+        kept_even.update_grid(x)
+
+
 def test_edited_parameters_are_checked_again():
     layer = K.KANLinear(4, 3, grid_size=3)
     x = torch.randn(2, 4)
