@@ -257,9 +257,9 @@ def _traceable():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_jit_trace_records_the_plain_math_and_serves_other_shapes(device):
-    """torch.jit.trace (and the ONNX exporter that runs it) records torch operations only: the KAN
-    layers failed inside the tracer ("unordered_map::at", the torch variant's autograd Function), and on a
-    GPU a Triton launch would have been missing from the traced graph. A traced call runs the op's plain
+    """torch.jit.trace records torch operations only: the KAN layers failed inside the tracer
+    ("unordered_map::at", the torch variant's autograd Function), and on a GPU a Triton launch would have
+    been missing from the traced graph. A traced call runs the op's plain
     torch math, and the traced module gives the module's outputs and gradients at other batch sizes, call
     after call. A traced spectral layer takes the resolution it was traced at: which planes of the half
     spectrum are self-conjugate depends on the last axis's parity, a choice the tracer bakes in (traced at
