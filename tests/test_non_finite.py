@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opforge.kernels import HAS_TRITON, get_op
+from opforge.kernels import (HAS_TRITON, ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, SpectralConv,
+                             get_op, kernel_matvec, use_backend)
 
 pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter)"),
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # the interpreter's NumPy on inf and NaN
@@ -100,9 +101,6 @@ def test_non_finite_inputs_are_non_finite_in_the_same_places(opname, case, poiso
 def _public_call(name):
     """(op, module or function, input shape) of a public call, whose 16-bit paths (casts, TF32 or 3xTF32
     products, float32 accumulation) differ from the float32 ones above."""
-    from opforge.kernels import (ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, SpectralConv,
-                                 kernel_matvec)
-
     torch.manual_seed(7)
     if name == "kernel_matvec":
         y, b = torch.rand(11, 3), torch.randn(11, 2)
@@ -122,8 +120,6 @@ def test_16_bit_non_finite_inputs_through_the_public_calls(name, dtype):
     """16-bit x with a NaN, a +inf and a -inf in it, through the modules and kernel_matvec as users call
     them: every Triton variant is non-finite in the same places as the torch variant, output, grad x and the
     parameters' gradients."""
-    from opforge.kernels import use_backend
-
     opname, f, shape = _public_call(name)
     if isinstance(f, torch.nn.Module):
         f = f.to(dtype)  # (a KANLinear keeps its knots in float32)
