@@ -156,6 +156,18 @@ _EVEN_FULL_MAX = 1 << 16  # n * I * NK up to which the full form is taken on eve
 # torch.searchsorted (a binary search per value) took 7.5 / 3.0 / 8.5 ms (1024 x 256 x 15, 8192 x 32 x 12,
 # 1024 x 256 x 39 values x knots); a pass per knot, so up to this many knots, and on a CPU only
 _COUNT_KNOTS = 48
+# Evenly spaced knots, order 2 to _CARDINAL_MAX_ORDER, no graph: each basis as the cardinal B-spline of
+# (x - t_0) / h - m (``_bspline_cardinal``), dense elementwise passes over [n, I, NB] with no search, gather or
+# placement. Its time over the local form's (arithmetic location) from `python perf/kan_bspline_forms.py
+# --cardinal [--value-only] --grids 5:3,8:3,12:3,5:2,5:5 --values 384,16384,100000,1000000` (2-core CPU,
+# interleaved, medians): bases alone 0.2-0.67 from 384 to 1e6 values (n * I) at every grid but order 5 at 1e6
+# (1.08); with the derivatives 0.3-0.6 at 384 values, 0.74-1.0 at 1e5 and 1e6 where NB <= 11 (G = 5 and 8 at
+# order 3; order 2; order 5) and 1.1 at G = 12 (NB = 15), as its passes scale with NB and the local form's
+# placement barely does. Whole layers (--layers 1024:256,4096:64,100:1000,256:256,64:64 --grids 5:3,8:3):
+# 0.6-0.95 forward, 0.67-0.98 forward + backward. So up to _CARDINAL_MAX_BASES bases. Past order 5 its
+# alternating sum of truncated powers loses digits.
+_CARDINAL_MAX_ORDER = 5
+_CARDINAL_MAX_BASES = 12
 
 
 def _bspline_full(x, grid, order, value=True, derivative=False):
@@ -184,15 +196,63 @@ def _bspline_full(x, grid, order, value=True, derivative=False):
     return vals, (P[..., :-1] - P[..., 1:]) * order
 
 
-def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=False):
+def _bspline_cardinal(x, grid, order, value=True, derivative=False):
+    """``_bspline_both`` on evenly spaced knots (t_i = t_0 + i h, to x's precision), order >= 2: basis m is the
+    cardinal B-spline M_p(t - m) of t = (x - t_0) / h, evaluated densely over [n, I, NB] (no interval search,
+    no gather, no placement). M_p is symmetric about c = (p + 1) / 2; with w = |t - m - c|,
+    M_p = 1/p! sum_{k < c} (-1)^k C(p + 1, k) (c - k - w)_+^p: only the truncated powers that are non-zero on
+    the half w <= c, so at order 3 the terms are 1/6 (2 - w)_+^3 - 4/6 (1 - w)_+^3, no cancellation to speak of
+    (the sum loses more digits as the order grows: ``_CARDINAL_MAX_ORDER``). Its t-derivative is
+    -sign(t - m - c) / (p - 1)! sum_k (-1)^k C(p + 1, k) (c - k - w)_+^(p - 1); times 1 / h for x.
+
+    Outside the knots w >= c for every basis: all 0, as in the other forms; so for a NaN x (put far outside)
+    and an infinite one. The half-open intervals need no care: at order >= 2 the bases and their slopes are
+    continuous (orders 0 and 1 keep the search; at order 1 the slope's e^0 would be 1 outside the support)."""
+    NK = grid.shape[1]
+    p = order
+    NB = NK - 1 - p
+    inv_h = (NK - 1) / (grid[:, -1] - grid[:, 0])  # [I]
+    t = torch.nan_to_num((x - grid[:, 0]) * inv_h, nan=-float(p + 2))  # [n, I]; NaN: outside every basis
+    c = (p + 1) / 2
+    s = t.unsqueeze(-1) - (torch.arange(NB, device=x.device, dtype=x.dtype) + c)  # t - m - c [n, I, NB]
+    e0 = (s.abs() if derivative else s.abs_()).neg_().add_(c).clamp_(min=0)  # (c - w)_+
+    # (c - k - w)_+ = (e0 - k)_+ for k >= 1
+    es = [e0] + [torch.sub(e0, k).clamp_(min=0) for k in range(1, math.ceil(c))]
+    coefs = [(-1) ** k * math.comb(p + 1, k) for k in range(len(es))]
+    vals = d = None
+    for e, a in zip(es, coefs):
+        if derivative:
+            ep = e.clone() if p == 2 else e * e  # e^(p - 1) by products (torch's pow past a cube is its slow
+            for _ in range(p - 3):  # generic loop), then e^p = e e^(p - 1)
+                ep.mul_(e)
+            if value:
+                e.mul_(ep)
+            d = (ep.mul_(a) if a != 1 else ep) if d is None else d.add_(ep, alpha=a)
+        elif p <= 3:
+            e.pow_(p)  # in place: a fresh [n, I, NB] buffer costs its page faults on a CPU
+        else:
+            e4 = e * e
+            e4.square_()
+            e = e4 if p == 4 else e.mul_(e4)
+        if value:
+            vals = (e.mul_(a) if a != 1 else e) if vals is None else vals.add_(e, alpha=a)
+    if derivative:
+        d = d.mul_(s.sign_()).mul_((inv_h * (-1.0 / math.factorial(p - 1))).unsqueeze(-1))
+    if value:
+        vals = vals.mul_(1.0 / math.factorial(p))
+    return vals, d
+
+
+def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=False, cardinal=None):
     """(bases, derivatives) of x [n, I] on per-feature knots grid [I, NK], each [n, I, NK - 1 - order] or
     None when not asked for. ``full``: the recursion over all knots (``_bspline_full``); by default where it
     measured faster (the _FULL_* thresholds above: small inputs, and grids of little extra arithmetic when
     no graph is recorded), else the local form below.
 
     ``even``: the caller knows the knots are evenly spaced (``_validate_knots``) to x's precision. Then, order
-    >= 2 and no graph recorded, the local form finds the interval as floor((x - t_0) / h) instead of by search,
-    and its recursion's denominators are d h (no knot gathers): bases alone or with slopes in 4.0 and 5.7 ms
+    >= 2 and no graph recorded, the cardinal form (``_bspline_cardinal``) where it measured faster (the
+    _CARDINAL_* thresholds above; ``cardinal`` forces it or not), else the local form finds the interval as
+    floor((x - t_0) / h) instead of by search, and its recursion's denominators are d h (no knot gathers): bases alone or with slopes in 4.0 and 5.7 ms
     where the counting search below takes 7.5 and 9.2, and torch.searchsorted's 11 and 26 (best of 10 here,
     1024 x 256 inputs, G = 8, order 3, no graph). Below order 2 a value (order 0) or slope (order 1) jumps at
     the knots, where rounding in (x - t_0) / h could put x on the wrong side; those orders keep the search.
@@ -211,6 +271,11 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
     # by arithmetic
     in_place = not graph and not transforms_active()
     even = even and order >= 2 and in_place
+    NB = NK - 1 - order
+    if cardinal is None:
+        cardinal = full is None and order <= _CARDINAL_MAX_ORDER and NB <= _CARDINAL_MAX_BASES
+    if even and cardinal:
+        return _bspline_cardinal(x, grid, order, value, derivative)
     if full is None:
         rows = n * I
         if even:
@@ -221,7 +286,6 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
             full = rows * NK <= _FULL_MAX or (rows <= _FULL_ROWS and (NK - 1) / (order + 1) <= _FULL_RATIO)
     if full:
         return _bspline_full(x, grid, order, value, derivative)
-    NB = NK - 1 - order
     if even:  # in units of h: t = (x - t_0) / h, j = floor(t), u = t - j; x - t_{j+1-d} = u + d - 1 and
         # t_{j+d} - x = d - u
         inv_h = (NK - 1) / (grid[:, -1] - grid[:, 0])  # [I]
@@ -2406,7 +2470,7 @@ OP = register(Op(
     plain=_plain_run,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
-                                                        _bspline_both, _bspline_full, _cheb_both, _silu_vjp,
+                                                        _bspline_both, _bspline_full, _bspline_cardinal, _cheb_both, _silu_vjp,
                                                         _block_rows, _torch_forward, _contract, _derivative_matrix)))
 if HAS_TRITON:
     OP.add(Variant("staged", "triton", _staged_run, configs=_staged_cfgs, default_config=_staged_default,
