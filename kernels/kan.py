@@ -252,10 +252,11 @@ def _bspline_both(x, grid, order, value=True, derivative=False, full=None, even=
     ``even``: the caller knows the knots are evenly spaced (``_validate_knots``) to x's precision. Then, order
     >= 2 and no graph recorded, the cardinal form (``_bspline_cardinal``) where it measured faster (the
     _CARDINAL_* thresholds above; ``cardinal`` forces it or not), else the local form finds the interval as
-    floor((x - t_0) / h) instead of by search, and its recursion's denominators are d h (no knot gathers): bases alone or with slopes in 4.0 and 5.7 ms
-    where the counting search below takes 7.5 and 9.2, and torch.searchsorted's 11 and 26 (best of 10 here,
-    1024 x 256 inputs, G = 8, order 3, no graph). Below order 2 a value (order 0) or slope (order 1) jumps at
-    the knots, where rounding in (x - t_0) / h could put x on the wrong side; those orders keep the search.
+    floor((x - t_0) / h) instead of by search, and its recursion's denominators are d h (no knot gathers):
+    bases alone or with slopes in 4.0 and 5.7 ms where the counting search below takes 7.5 and 9.2, and
+    torch.searchsorted's 11 and 26 (best of 10 here, 1024 x 256 inputs, G = 8, order 3, no graph). Below
+    order 2 a value (order 0) or slope (order 1) jumps at the knots, where rounding in (x - t_0) / h could put
+    x on the wrong side; those orders keep the search.
 
     Local de Boor: the knot interval j of each x (t_j <= x < t_{j+1}: the count of knots at or below x, less
     one; a binary search past _COUNT_KNOTS knots), the order + 1 bases that are non-zero there by the
@@ -2470,7 +2471,8 @@ OP = register(Op(
     plain=_plain_run,
 ))
 OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKAN, _basis_both, _basis_t,
-                                                        _bspline_both, _bspline_full, _bspline_cardinal, _cheb_both, _silu_vjp,
+                                                        _bspline_both, _bspline_full, _bspline_cardinal, _cheb_both,
+                                                        _silu_vjp,
                                                         _block_rows, _torch_forward, _contract, _derivative_matrix)))
 if HAS_TRITON:
     OP.add(Variant("staged", "triton", _staged_run, configs=_staged_cfgs, default_config=_staged_default,

@@ -14,8 +14,9 @@ search; order >= 2, no graph), as the layers' own knots are until update_grid; w
 knots, no graph) against that local form instead of the full one: the columns read cardinal/local.
 Each row: n * I values (I = 8 below 20000 values, else 32), bases and derivatives (--value-only: bases
 alone), on a uniform grid of G intervals and spline order p on [-1, 1], x uniform on [-1.1, 1.1]; "ratio"
-is (NK - 1) / (p + 1), the full form's arithmetic over the local form's; full/local is the median over 9 interleaved rounds of each form's
-mean time per call. ``_bspline_both``'s thresholds (kernels/kan.py) come from this table.
+is (NK - 1) / (p + 1), the full form's arithmetic over the local form's; full/local is the median over 9
+interleaved rounds of each form's mean time per call. ``_bspline_both``'s thresholds (kernels/kan.py)
+come from this table.
 
 --layers B:I,... times whole layers instead: KANLinear(I, I) on x [B, I], forward (no grad) and forward +
 backward, with every B-spline evaluation of the call forced to each form. What the layer meets (its other
