@@ -227,7 +227,7 @@ def _bspline_cardinal(x, grid, order, value=True, derivative=False):
                 ep.mul_(e)
             if value:
                 e.mul_(ep)
-            d = (ep.mul_(a) if a != 1 else ep) if d is None else d.add_(ep, alpha=a)
+            d = ep if d is None else d.add_(ep, alpha=a)  # (the first coefficient, C(p + 1, 0), is 1)
         elif p <= 3:
             e.pow_(p)  # in place: a fresh [n, I, NB] buffer costs its page faults on a CPU
         else:
@@ -235,7 +235,7 @@ def _bspline_cardinal(x, grid, order, value=True, derivative=False):
             e4.square_()
             e = e4 if p == 4 else e.mul_(e4)
         if value:
-            vals = (e.mul_(a) if a != 1 else e) if vals is None else vals.add_(e, alpha=a)
+            vals = e if vals is None else vals.add_(e, alpha=a)
     if derivative:
         d = d.mul_(s.sign_()).mul_((inv_h * (-1.0 / math.factorial(p - 1))).unsqueeze(-1))
     if value:
