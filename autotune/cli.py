@@ -141,6 +141,8 @@ def cmd_tune(args) -> int:
     info = device_info()
     out = Path(args.out) if args.out else cache.user_dir() / cache.file_name(info)
     work = _tune_work(args, args.cases or ("gpu" if dev == "cuda" else "small"))
+    if not any(cases for _, cases in work):
+        return 0  # (each op's note printed: nothing written)
     if dev == "cuda":  # every config's kernels compiled first, on the other CPU cores (the interpreter compiles nothing)
         from opforge.autotune import precompile
 
@@ -179,9 +181,25 @@ def cmd_tune(args) -> int:
 
 
 def _tune_work(args, tag: str) -> list[tuple]:
-    """(op, its cases) that ``opforge tune`` covers: the case set ``tag``, narrowed by ``--case``."""
-    return [(op, [c for c in op.cases if tag in c.tags and (not args.case or c.name in args.case)])
+    """(op, its cases) that ``opforge tune`` covers: the case set ``tag``, narrowed by ``--case``. A ``--case``
+    outside that set is a usage error (exit 2) naming the sets it is in, not a run that leaves it out."""
+    work = [(op, [c for c in op.cases if tag in c.tags and (not args.case or c.name in args.case)])
             for op in _ops(args.op)]
+    covered = {c.name for _, cases in work for c in cases}
+    outside = {c.name: sorted(c.tags) for op, _ in work for c in op.cases
+               if c.name in (args.case or ()) and c.name not in covered}
+    if outside:
+        tunable = ("small", "gpu", "main")  # tune's --cases choices
+        where = "; ".join(f"{n} is in {', '.join(t for t in tags if t in tunable) or 'no set tune covers'} "
+                          f"(its sets: {', '.join(tags)})" for n, tags in outside.items())
+        print(f"opforge tune: error: argument --case: not in the case set {tag!r}: {where}; name the set with "
+              f"--cases", file=sys.stderr)
+        raise SystemExit(2)
+    for op, cases in work:
+        if not cases:
+            print(f"opforge tune: no case of {op.name} in the case set {tag!r}"
+                  + (" among the --case names" if args.case else "") + ": nothing of it to tune", file=sys.stderr)
+    return work
 
 
 def _plan(work, args) -> list[tuple]:
@@ -395,7 +413,26 @@ def main(argv=None) -> int:
         if problem:
             print(f"opforge {args.cmd} --interpret: {problem}", file=sys.stderr)
             return 2
+    if args.cmd in ("bench", "tune"):
+        _check_names(args, b if args.cmd == "bench" else t)
     return args.fn(args)
+
+
+def _check_names(args, parser) -> None:
+    """``--op`` and ``tune --case`` names: one that names nothing is a usage error (exit 2) that lists the valid
+    ones, never a run that silently covers less (a mistyped case once tuned nothing and wrote an empty table).
+    A case of an op left out by ``--op`` is no error (perf/gpu_session.sh passes one list of cases to a run per
+    op). Checked after ``--interpret`` has set TRITON_INTERPRET: importing the kernels decorates them."""
+    ops = _kernels().registered_ops()
+    unknown = [n for n in args.op or () if n not in ops]
+    if unknown:
+        parser.error(f"argument --op: unknown op(s) {unknown}; registered: {sorted(ops)}")
+    every_case = {c.name for op in _ops(None) for c in op.cases}
+    unknown = [n for n in getattr(args, "case", None) or () if n not in every_case]
+    if unknown:
+        names = sorted(c.name for op in _ops(args.op) for c in op.cases)
+        parser.error(f"argument --case: unknown case(s) {unknown}; the cases of {', '.join(args.op or sorted(ops))}: "
+                     f"{names}")
 
 
 if __name__ == "__main__":

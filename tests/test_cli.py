@@ -54,6 +54,36 @@ def test_list_and_tune_without_gpu(capsys):
         assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--op", "nosuch"], "argument --op: unknown op(s) ['nosuch']; registered: ['kan', 'kernel_sum'"),
+    (["tune", "--interpret", "--op", "kan", "kan2"], "unknown op(s) ['kan2']"),
+    (["tune", "--interpret", "--op", "kan", "--case", "bspline-smal-odd"],
+     "unknown case(s) ['bspline-smal-odd']; the cases of kan: ['bspline-b100-1000-g5'"),
+    # a real case outside the set tuned (small here, gpu for --compile-only) names the set it is in
+    (["tune", "--interpret", "--case", "2d-256-b32-c64-m32"],
+     "not in the case set 'small': 2d-256-b32-c64-m32 is in gpu, main (its sets: gpu, main)"),
+    (["tune", "--compile-only", "90", "--case", "bspline-small-odd"], "bspline-small-odd is in small"),
+    (["tune", "--interpret", "--case", "bspline-b1024-256-g8"], "bspline-b1024-256-g8 is in no set tune covers"),
+])
+def test_names_that_name_nothing_are_usage_errors(argv, says, tmp_path, capsys):
+    """A mistyped op or case, or a case outside the set tuned, stops the command (exit 2) with the valid names,
+    where it used to tune nothing and print an empty table (or raise a traceback, for bench --op)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv + (["--out", str(tmp_path / "c.json")] if argv[0] == "tune" else []))
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_tune_case_of_another_op_leaves_that_op_out(tmp_path, capsys):
+    """perf/gpu_session.sh runs tune once per op with one list of case names: in the run of an op that has
+    none of them, the others' names are no error; nothing of that op is tuned, and it says so."""
+    out = str(tmp_path / "c.json")
+    assert main(["tune", "--interpret", "--op", "kan", "--case", "2d-small-odd", "--out", out]) == 0
+    assert "no case of kan in the case set 'small' among the --case names" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
 @pytest.mark.parametrize("op, case, variant, kernels", [
     ("kan", "rbf-small-odd", "fused", ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dw_kernel"]),
     ("kan", "chebyshev-small-odd", "fused", ["_kan_fwd_kernel", "_kan_dx_kernel", "_kan_dwk_kernel"]),
