@@ -114,7 +114,8 @@ def plan(op, cases, dtypes, modes) -> list[tuple]:
             for mode in modes:
                 for v in op.triton_variants():
                     if v.supports is None or v.supports(problem) is None:
-                        out += [(op.name, case.name, dt, mode, v.name, cfg) for cfg in v.tuning_configs(problem)]
+                        out += [(op.name, case.name, dt, mode, v.name, cfg)
+                                for cfg in v.tuning_configs(problem, train=mode == "fwdbwd")]
     return out
 
 

@@ -99,7 +99,7 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
     torch_ms = None if skip else bench(lambda: _step(op.torch_variant, problem, args, leaves, grad_out, None),
                                        problem.device)["p50"]
     timings, failures = [], []
-    calls = _calls(op, problem)
+    calls = _calls(op, problem, train)
     interrupted = None
     for i, (v, cfg) in enumerate(calls):
         def fn(v=v, cfg=cfg):
@@ -152,14 +152,15 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
     return entry
 
 
-def _calls(op, problem) -> list[tuple]:
-    """The (variant, config) pairs to time (``Variant.tuning_configs``): every runnable Triton variant's
-    default config first, then the rest of each grid, so a run cut short has timed what a miss runs."""
+def _calls(op, problem, train: bool = True) -> list[tuple]:
+    """The (variant, config) pairs to time (``Variant.tuning_configs``, for training calls or for inference
+    ones): every runnable Triton variant's default config first, then the rest of each grid, so a run cut
+    short has timed what a miss runs."""
     first, rest = [], []
     for v in op.triton_variants():
         if v.why_not(problem):
             continue
-        cfgs = v.tuning_configs(problem)
+        cfgs = v.tuning_configs(problem, train)
         n = 1 if v.default_config is not None and cfgs else 0
         first += [(v, c) for c in cfgs[:n]]
         rest += [(v, c) for c in cfgs[n:]]

@@ -306,7 +306,9 @@ class Variant:
     problem); ``default_config(problem)`` the heuristic pick on a cache miss;
     ``supports(problem)`` returns ``None`` when the variant can run, else the
     reason it cannot. ``sources`` are the functions/kernels whose source code
-    scopes this variant's cache entries.
+    scopes this variant's cache entries. ``train_keys`` are the config keys
+    only its backward reads (a forward-only tuning times one config of those
+    that differ in them alone).
     """
 
     name: str
@@ -316,15 +318,28 @@ class Variant:
     default_config: Callable[[Any], dict] | None = None
     supports: Callable[[Any], str | None] | None = None
     sources: tuple = ()
+    train_keys: tuple = ()
 
-    def tuning_configs(self, problem) -> list[dict]:
+    def tuning_configs(self, problem, train: bool = True) -> list[dict]:
         """The configs ``opforge tune`` times: the heuristic default first (what a cache miss runs, so a
-        tuned winner has always been compared with it, in or out of the grid), then the rest of the grid."""
+        tuned winner has always been compared with it, in or out of the grid), then the rest of the grid.
+        ``train=False`` (tuning inference calls): configs that differ only in ``train_keys`` run the same
+        forward, so the first of each such group stands for it (the default's backward keys where it is one
+        of them; a training call without an entry of its own falls back to that forward entry, config and
+        all). A GPU's time is scarce: at the main KAN cases ``fused``'s 19 or 20 configs hold 6 such pairs."""
         grid = list(self.configs(problem)) if self.configs else []
-        if self.default_config is None:
+        if self.default_config is not None:
+            default = self.default_config(problem)
+            grid = [default] + [c for c in grid if c != default]
+        if train or not self.train_keys:
             return grid
-        default = self.default_config(problem)
-        return [default] + [c for c in grid if c != default]
+        seen, out = set(), []
+        for c in grid:
+            fwd = tuple(sorted((k, v) for k, v in c.items() if k not in self.train_keys))
+            if fwd not in seen:
+                seen.add(fwd)
+                out.append(c)
+        return out
 
     def why_not(self, problem) -> str | None:
         if self.kind == "triton" and not triton_can_run(problem.device):

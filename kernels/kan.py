@@ -2483,7 +2483,7 @@ if HAS_TRITON:
                             _staged_kc, _staged_weight,
                             *SPLIT_SOURCES)))
     OP.add(Variant("fused", "triton", _fused_run, configs=_fused_cfgs, default_config=_fused_default,
-                   supports=_fused_supports,
+                   supports=_fused_supports, train_keys=("BLOCK_I", "SPLITS"),  # grad x's block, grad W's splits
                    sources=(_kan_fwd_kernel, _kan_dx_kernel, _kan_dw_kernel, _kan_dwk_kernel, _basis_tile,
                             _bspline_local, _cardinal, _local_pick, _cardinal_local, _phi_k, _split_rows, _nz,
                             _place, _knot, _FusedKAN, _blocked_weight, _dw_per_k, _dw_splits, _fused_cfgs,

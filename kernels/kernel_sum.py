@@ -1664,7 +1664,7 @@ OP.add(Variant("torch", "torch", _torch_run, sources=(_torch_run, _TorchKSum, _b
                                                         _sqdist, _coord_rows, _exact, _chunk_rows)))
 if HAS_TRITON:
     OP.add(Variant("flash", "triton", _flash_run, configs=_flash_cfgs, default_config=_flash_default,
-                   supports=_flash_supports,
+                   supports=_flash_supports, train_keys=("GRAD_SPLIT_D", "GRAD_B_FUSED"),  # the grad kernel's
                    sources=(_ksum_fwd_kernel, _ksum_grad_kernel, _sq_small, _acc_coord, _sq_exact, _sq_dot, _phi,
                             _dphi, _m_splits, _launch, _FlashKSum, _dims, _flash_cfgs, _flash_run, _exact, _sq_dot_chunks,
                             _sq_norms, _sq_dot3, _sq_of, _split_points, _presplit, _grad_split_d, _grad_b_fused,

@@ -118,10 +118,13 @@ def test_plan_lists_every_config_the_tuner_times():
     case = next(c for c in op.cases if c.name == "rbf-small-odd")
     plan = precompile.plan(op, [case], ["float32", "float32-tf32"], ["fwd", "fwdbwd"])
     problem, _ = op.make_inputs(case, "cpu", torch.float32)
-    n = sum(len(v.tuning_configs(problem)) for v in op.triton_variants())
-    assert len(plan) == 4 * n
-    assert [t[2:4] for t in plan[::n]] == [("float32", "fwd"), ("float32", "fwdbwd"), ("float32-tf32", "fwd"),
-                                           ("float32-tf32", "fwdbwd")]
+    n_fwd, n = (sum(len(v.tuning_configs(problem, train)) for v in op.triton_variants()) for train in (False, True))
+    assert n_fwd < n  # (fused's grad-x block: a forward-only tuning times one of each pair)
+    assert len(plan) == 2 * (n_fwd + n)
+    starts = (0, n_fwd, n_fwd + n, 2 * n_fwd + n)  # each (dtype, mode)'s calls in a run
+    assert [plan[i][2:4] for i in starts] == [("float32", "fwd"), ("float32", "fwdbwd"), ("float32-tf32", "fwd"),
+                                              ("float32-tf32", "fwdbwd")]
+    assert len({t[2:4] for t in plan[n_fwd:n_fwd + n]}) == 1
 
 
 def test_launchers_size_their_grids_by_the_target_gpu(monkeypatch):

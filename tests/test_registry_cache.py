@@ -333,6 +333,44 @@ def test_tuner_times_each_default_first_even_outside_the_grid(tmp_path, monkeypa
     assert stored["partial"] == "interrupted with 3 of 5 configs untimed (the defaults first)"
 
 
+@pytest.mark.parametrize("op_name, case_name, toggled", [
+    ("kan", "rbf-small-odd", None),  # the grid's pairs that differ in fused's grad-x block alone
+    ("kan", "bspline-small-odd", {"SPLITS": 2}),
+    ("kernel_sum", "small-d24-r16-gaussian", {"GRAD_SPLIT_D": 1, "GRAD_B_FUSED": 0}),
+])
+def test_train_keys_leave_the_forward_alone(op_name, case_name, toggled):
+    """A forward-only tuning times one config of each group that differs only in a variant's ``train_keys``
+    (``Variant.tuning_configs(train=False)``, the default's group led by the default); training tunings time
+    them all. That is sound only if those keys never reach the forward: each left-out config's forward, run
+    under the interpreter, matches its group's timed one bit for bit (and so does the default with the keys
+    set otherwise)."""
+    op = get_op(op_name)
+    case = next(c for c in op.cases if c.name == case_name)
+    p, args = op.make_inputs(case, "cpu", torch.float32)
+    checked = 0
+    for v in op.triton_variants():
+        if not v.train_keys or v.why_not(p):
+            continue
+        full, fwd = v.tuning_configs(p), v.tuning_configs(p, train=False)
+        assert fwd[0] == full[0] == v.default_config(p) and all(c in full for c in fwd)
+
+        def forward_of(c):
+            return tuple(sorted((k, val) for k, val in c.items() if k not in v.train_keys))
+
+        assert len({forward_of(c) for c in fwd}) == len(fwd) == len({forward_of(c) for c in full})
+        pairs = [(c, next(r for r in fwd if forward_of(r) == forward_of(c))) for c in full if c not in fwd]
+        if toggled is None:
+            assert pairs  # (the grid has such configs: else this case tests nothing)
+        else:
+            pairs = [(dict(full[0], **toggled), full[0])]
+        for left_out, timed in pairs:
+            with torch.no_grad():
+                a, b = v.run(p, *args, config=left_out), v.run(p, *args, config=timed)
+            assert torch.equal(a, b), (left_out, timed)
+            checked += 1
+    assert checked
+
+
 def test_kernel_sum_baseline_is_untimed_only_for_huge_gpu_problems():
     from opforge.kernels.kernel_sum import Problem as KP
 
@@ -392,7 +430,7 @@ def test_tuner_skips_a_config_that_raises_and_says_why(monkeypatch):
     timed = [t["config"] for t in entry["timings"] if t["variant"] == "fft_mix"]
     assert len(timed) == len(cfgs) - 1 and bad not in timed
     monkeypatch.setattr(OP, "baseline_skip", lambda problem: "too slow here")
-    monkeypatch.setattr(tuner, "_calls", lambda op, problem: [(v, bad)])
+    monkeypatch.setattr(tuner, "_calls", lambda op, problem, train=True: [(v, bad)])
     with pytest.raises(RuntimeError, match="every config failed and the torch baseline is not timed here"):
         tuner.tune_problem(OP, p, args, persist=False)
     monkeypatch.setattr(OP, "triton_variants", lambda: [])
