@@ -869,7 +869,8 @@ def _grad_b_fused(cfg: dict, dims: dict) -> bool:
     on) instead of a forward-kernel pass of its own, where grad y's programs are one per row block. Compiled
     for sm_90 with Triton 3.6 (default configs), the fused loop against the two loops it replaces: 1e6-d3 258
     instructions for 242 + 145 (164 registers, no spills), 2e5-d64 700 for 662 + 298 (R = 1) and 1080 for
-    755 + 633 (R = 16), spilling 56 and 160 B; not timed on a GPU."""
+    755 + 633 (R = 16), spilling 56 and 160 B; not timed on a GPU, so where the distances are tensor-core
+    products the tuning grid also holds the default config with GRAD_B_FUSED 0 (``_flash_cfgs``)."""
     return bool(cfg.get("GRAD_B_FUSED", 1)) and not _grad_split_d(cfg, dims)
 
 
@@ -1038,6 +1039,8 @@ def _flash_cfgs(p: Problem) -> list[dict]:
         out.append(dict(base, PRESPLIT=0))
     if _DK_MAX < dims["DP"] <= _WIDE_DP:  # (at D = 256 the default's tiles holding every coordinate need 272 KB)
         out.append(dict(base, GRAD_SPLIT_D=1))
+    if not dims["EXACT"] and _grad_b_fused(base, dims):  # (the fused sum spilled at D = 64: _grad_b_fused)
+        out.append(dict(base, GRAD_B_FUSED=0))
     return out
 
 
