@@ -1397,7 +1397,8 @@ def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, preco
     """Conjugate gradients (preconditioned by ``precond``, a function v -> P^-1 v, when given) on
     A sol = rhs [..., N, R], every column at once, without autograd. Returns the solution, the iterations
     run, whether every column's residual is below ``tol`` times its right-hand side, and the largest
-    relative residual."""
+    relative residual. A residual that turns NaN or infinite (an overflow: the callers pass finite right-hand
+    sides) stops the loop there, not max_iter iterations later; its relative residual is then NaN or inf."""
     tiny = torch.finfo(rhs.dtype).tiny
     with torch.no_grad():
         sol = torch.zeros_like(rhs)
@@ -1417,8 +1418,8 @@ def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, preco
             sol += alpha * p
             r -= alpha * Ap
             rs = (r * r).sum(-2, keepdim=True)
-            converged = bool((rs <= bound).all())
-            if converged:
+            converged, finite = torch.stack(((rs <= bound).all(), torch.isfinite(rs).all())).tolist()  # one sync
+            if converged or not finite:
                 break
             z = precond(r) if precond is not None else r
             rz_new = (r * z).sum(-2, keepdim=True)
@@ -1448,6 +1449,9 @@ class _KernelSolve(torch.autograd.Function):
         sol, it, converged, residual = _cg(A, rhs, tol, max_iter, precond)
         info.update(iterations=it, residual=residual, converged=converged,
                     precond_rank=0 if L is None else L.shape[-2])
+        if not math.isfinite(residual):  # (x and y were checked finite, and the scales are: an overflow)
+            raise ValueError(f"kernel_solve: the conjugate-gradient residual became {residual} at iteration {it} "
+                             f"with finite inputs, an overflow in {rhs.dtype}: rescale y, or raise noise")
         if not converged:
             _warn_unconverged("", max_iter, residual, tol)
         ctx.save_for_backward(*(t for t in (x, sol, lengthscale, outputscale, noise) if isinstance(t, torch.Tensor)))
@@ -1465,9 +1469,16 @@ class _KernelSolve(torch.autograd.Function):
         ls, os_, noise = (next(rest) if v is None else v for v in ctx.scales)
         kernel, tol, max_iter, _, _ = ctx.spec
         need = ctx.needs_input_grad
-        lam, _, converged, residual = _cg(ctx.A, g, tol, max_iter, ctx.precond)
-        if not converged:
-            _warn_unconverged(" in the backward pass", max_iter, residual, tol)
+        lam = None
+        if bool(torch.isfinite(g).all()):  # (NaN or inf in g: A^-1 g is not finite either, and CG would spend
+            # max_iter iterations on a NaN and take an inf as converged at once, to 0)
+            lam, _, converged, residual = _cg(ctx.A, g, tol, max_iter, ctx.precond)
+            if not math.isfinite(residual):  # an overflow
+                lam = None
+            elif not converged:
+                _warn_unconverged(" in the backward pass", max_iter, residual, tol)
+        if lam is None:  # NaN gradients, as autograd propagates a NaN
+            lam = torch.full_like(g, float("nan"))
         grads = [lam if need[0] else None, None, None, None, None, None]
         wanted = [(i, t) for i, t in ((1, x), (2, ls), (3, os_)) if need[i] and isinstance(t, torch.Tensor)]
         if wanted:
@@ -1480,6 +1491,28 @@ class _KernelSolve(torch.autograd.Function):
         if need[4]:
             grads[4] = (-(lam * sol).sum()).reshape(noise.shape).to(noise.dtype)
         return tuple(grads)
+
+
+def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
+    """(vector, rhs [..., N, R]) of a solve's points x [..., N, D] and targets y [..., N] or [..., N, R], after
+    checking them: real floating tensors, N rows, finite values. A NaN or inf in either reached conjugate
+    gradients, which spent max_iter kernel sums on a NaN y (a NaN x failed first in the preconditioner's
+    Cholesky, "not positive-definite") and took an inf y as converged at the start, returning zeros. One read
+    of the values (a sync on a GPU, where each CG iteration takes one too)."""
+    for name, t in ((xname, x), (yname, y)):
+        if not isinstance(t, torch.Tensor) or t.is_complex() or not t.is_floating_point():
+            raise TypeError(f"{name} must be a real floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if x.dim() < 2:
+        raise ValueError(f"{xname} must be [..., N, D] points, got shape {tuple(x.shape)}")
+    vector = y.dim() == x.dim() - 1
+    rhs = y.unsqueeze(-1) if vector else y
+    if rhs.dim() < 2 or rhs.shape[-2] != x.shape[-2]:
+        raise ValueError(f"{yname} must have N={x.shape[-2]} rows ([..., N] or [..., N, R]), got shape "
+                         f"{tuple(y.shape)}")
+    bad = [name for name, t in ((xname, x), (yname, y)) if not bool(torch.isfinite(t.detach()).all())]
+    if bad:
+        raise ValueError(f"{' and '.join(bad)} must be finite for a solve: NaN or inf values found")
+    return vector, rhs
 
 
 def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
@@ -1525,12 +1558,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
     nz = _value(noise, "noise")
     if not (nz > 0 and math.isfinite(nz)):
         raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
-    if not isinstance(y, torch.Tensor) or y.is_complex() or not y.is_floating_point():
-        raise TypeError(f"y must be a real floating tensor, got {getattr(y, 'dtype', type(y).__name__)}")
-    vector = y.dim() == x.dim() - 1
-    rhs = y.unsqueeze(-1) if vector else y
-    if rhs.dim() < 2 or rhs.shape[-2] != x.shape[-2]:
-        raise ValueError(f"y must have N={x.shape[-2]} rows, got shape {tuple(y.shape)}")
+    vector, rhs = _solve_inputs(x, y, "x", "y")
     if not isinstance(precond_rank, int) or precond_rank < 0:
         raise ValueError(f"precond_rank must be an int >= 0, got {precond_rank!r}")
     tol = number(tol, "tol")
@@ -1551,8 +1579,11 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
     and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two steps put 8% of error
     into the mean (300 points; alpha's terms cancel in the sum)."""
     ts = (x_train, y_train, x_test)
-    if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
-            and x_train.dtype in _16BIT):
+    _solve_inputs(x_train, y_train, "x_train", "y_train")  # (errors named as the caller names the arguments)
+    if not isinstance(x_test, torch.Tensor) or x_test.dim() < 2 or x_test.shape[-1] != x_train.shape[-1]:
+        raise ValueError(f"x_test must be [..., N_test, D={x_train.shape[-1]}] points like x_train, got "
+                         f"{tuple(x_test.shape) if isinstance(x_test, torch.Tensor) else type(x_test).__name__}")
+    if len({t.dtype for t in ts}) == 1 and x_train.dtype in _16BIT:
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,
                                  precond_rank).to(x_train.dtype)
     alpha = kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter,

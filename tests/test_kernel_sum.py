@@ -482,6 +482,45 @@ def test_operator_and_cg_solve():
     assert not zero.any() and info["converged"] and info["iterations"] == 0  # b = 0: solved before any step
 
 
+def test_solve_of_non_finite_inputs_is_an_error_and_its_gradient_nan(monkeypatch):
+    """A NaN or inf in a solve's points or targets is an error naming them (it used to reach conjugate
+    gradients: an inf y "converged" before any step and came back as zeros, a NaN one ran max_iter kernel
+    sums, a NaN x failed in the preconditioner's Cholesky); an overflow within the solve stops it with a
+    message; a non-finite incoming gradient gives NaN gradients without a CG solve."""
+    from opforge.kernels import kernel_sum as ks
+
+    x, _, _ = points(30, 1, 2, 1, torch.float64)
+    y = torch.randn(30, dtype=torch.float64)
+    for bad_x, bad_y, names in ((True, False, "x"), (False, True, "y"), (True, True, "x and y")):
+        for poison in (float("nan"), float("inf")):
+            xb, yb = x.clone(), y.clone()
+            if bad_x:
+                xb[3, 1] = poison
+            if bad_y:
+                yb[7] = -poison
+            with pytest.raises(ValueError, match=f"^{names} must be finite for a solve"):
+                kernel_solve(xb, yb, "matern52", noise=0.1)
+            with pytest.raises(ValueError, match=f"^{names.replace('x', 'x_train').replace('y', 'y_train')} must"):
+                gp_posterior_mean(xb, yb, x[:3], "matern52", noise=0.1)
+    with pytest.raises(ValueError, match=r"x_test must be \[\.\.\., N_test, D=2\] points like x_train"):
+        gp_posterior_mean(x, y, torch.randn(4, 3, dtype=torch.float64), noise=0.1)
+    with pytest.raises(ValueError, match="y_train must have N=30 rows"):
+        gp_posterior_mean(x, y[:5], x, noise=0.1)
+    with pytest.raises(TypeError, match="x must be a real floating tensor, got list"):
+        kernel_solve([[0.0, 1.0]], y[:1])
+    with pytest.raises(ValueError, match="overflow in torch.float32"):  # |y|^2 past float32's range
+        kernel_solve(x.float(), y.float() * 1e30, noise=0.1)
+    calls = []
+    real_cg = ks._cg
+    monkeypatch.setattr(ks, "_cg", lambda *a, **k: calls.append(1) or real_cg(*a, **k))
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    for poison in (float("nan"), float("inf")):
+        sol = kernel_solve(xg, yg, "matern52", noise=0.1)
+        n = len(calls)
+        gx, gy = torch.autograd.grad(sol, (xg, yg), torch.full_like(sol, poison))
+        assert len(calls) == n and gx.isnan().all() and gy.isnan().all()
+
+
 @pytest.mark.parametrize("kernel", ["matern52", "gaussian", "laplacian"])
 def test_pivoted_cholesky_preconditioner(kernel):
     """The preconditioned solve gives the dense solution, with batched ARD lengthscales too, in far fewer
