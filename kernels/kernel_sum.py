@@ -1287,8 +1287,8 @@ class KernelOperator:
         self.x, self.y = x, (x if y is None else y)
         self.kernel, self.lengthscale, self.outputscale = kernel, lengthscale, outputscale
         self.noise_value = _value(noise, "noise")
-        if not self.noise_value >= 0:
-            raise ValueError(f"noise must be >= 0, got {self.noise_value}")
+        if not (self.noise_value >= 0 and math.isfinite(self.noise_value)):
+            raise ValueError(f"noise must be >= 0 and finite, got {self.noise_value}")
         if self.noise_value > 0 and self.x.shape[-2] != self.y.shape[-2]:
             raise ValueError("noise * I needs a square operator (x and y with the same number of points)")
         self.noise = noise if isinstance(noise, torch.Tensor) else self.noise_value  # a tensor keeps its grad

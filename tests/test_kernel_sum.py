@@ -676,6 +676,7 @@ def test_kernel_solve_is_differentiable(backend):
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), outputscale=torch.ones((), device="meta")),
      ValueError, "outputscale is on meta but x is on cpu"),
     (lambda: KernelOperator(torch.randn(4, 3), noise=-1.0), ValueError, "noise must be >= 0"),
+    (lambda: KernelOperator(torch.randn(4, 3), noise=float("inf")), ValueError, "noise must be >= 0 and finite"),
     (lambda: KernelOperator(torch.randn(4, 3), torch.randn(5, 3), noise=0.1), ValueError, "square operator"),
     (lambda: KernelOperator(torch.randn(4, 3), torch.randn(5, 3)).diag(), ValueError, "diag\\(\\) needs a square"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=0.0), ValueError, "noise"),
