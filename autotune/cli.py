@@ -249,6 +249,16 @@ def cmd_perf_check(args) -> int:
     if args.passes < 1:
         print(f"--passes must be at least 1, got {args.passes}", file=sys.stderr)
         return 2
+    base = None
+    if not args.update:  # the baseline read before the suite runs (minutes), not after it
+        if not baseline.exists():
+            print(f"no baseline for this device at {baseline}; create one with --update", file=sys.stderr)
+            return 2
+        try:
+            base = perf.read(baseline)
+        except ValueError as exc:  # not JSON, or not a results file: perf.read names it
+            print(f"opforge perf-check: baseline: {exc}", file=sys.stderr)
+            return 2
     suite = [sys.executable, "-m", "pytest", str(perf_dir), "-q", "-p", "no:cacheprovider",
              "--benchmark-disable-gc", "--benchmark-columns=median,iqr"]
     if args.cases:
@@ -273,10 +283,7 @@ def cmd_perf_check(args) -> int:
             perf.write(baseline, data["records"], data["env"])
             print(f"baseline written: {baseline} ({len(data['records'])} records)")
             return 0
-    if not baseline.exists():
-        print(f"no baseline for this device at {baseline}; create one with --update", file=sys.stderr)
-        return 2
-    rows, failures = perf.compare(data["records"], perf.read(baseline)["records"], args.threshold)
+    rows, failures = perf.compare(data["records"], base["records"], args.threshold)
     print(f"speedup ratios vs torch, this run vs {baseline} (threshold {args.threshold} + measured spread)")
     print(_table(rows, [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("variant", "variant"),
                         ("now", "current"), ("baseline", "baseline"), ("allowed drop", "allowed"),
@@ -319,9 +326,22 @@ def _current_hashes() -> dict:
 
 
 def cmd_perf_table(args) -> int:
+    try:
+        return _perf_table(args)
+    except ValueError as exc:  # a results file missing, not JSON or not opforge's (perf.read names it)
+        print(f"opforge perf-table: {exc}", file=sys.stderr)
+        return 2
+
+
+def _perf_table(args) -> int:
     from opforge.autotune import perf
 
+    if not Path(args.results_dir).is_dir() and not args.file:
+        raise ValueError(f"--results-dir {args.results_dir} is not a folder (run from an opforge checkout or name "
+                         f"it)")
     if args.readme:
+        if not Path(args.readme).is_file():
+            raise ValueError(f"--readme {args.readme}: no such file")
         readme = Path(args.readme)
         text = readme.read_text()
         if BEGIN not in text or END not in text:

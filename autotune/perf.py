@@ -92,9 +92,19 @@ def merge_write(path: Path, records: list[dict], env: dict) -> None:
     write(path, records, env)
 
 
+def _load(path: Path, what: str):
+    """The JSON in ``path``; a file that is missing or not JSON is a ValueError naming it (the CLI prints it)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable {what} ({type(exc).__name__}: {exc})") from None
+
+
 def read(path: Path) -> dict:
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != FORMAT or not isinstance(data.get("records"), list):
+    data = _load(path, "perf results file")
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list):
         raise ValueError(f"{path} is not an opforge perf results file of format {FORMAT}")
     return data
 
@@ -367,8 +377,8 @@ def merge_static(path: Path, records: list[dict], env: dict) -> None:
 
 def read_static(path: Path) -> dict:
     """A static-counts file written by ``perf/inspect_kernels.py --json``."""
-    data = json.loads(Path(path).read_text())
-    if data.get("kind") != "static" or not isinstance(data.get("records"), list):
+    data = _load(path, "static-counts file")
+    if not isinstance(data, dict) or data.get("kind") != "static" or not isinstance(data.get("records"), list):
         raise ValueError(f"{path} is not an opforge static-counts file")
     return data
 

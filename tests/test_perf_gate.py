@@ -115,6 +115,31 @@ def test_perf_check_end_to_end_on_cpu(tmp_path):
     assert r.returncode == 1 and "REGRESSED" in r.stdout, r.stdout + r.stderr
 
 
+def test_unreadable_results_files_are_errors_that_name_them(tmp_path, capsys, monkeypatch):
+    """perf-table on a missing, non-JSON or foreign file, or a missing folder or README, and perf-check on a
+    missing or corrupt baseline: exit 2 with the path and what is wrong (tracebacks before; perf-check found
+    its baseline missing only after minutes of suite), and no suite run."""
+    from opforge.autotune import cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text("[1, 2]")
+    for argv, says in ((["perf-table", str(tmp_path / "none.json")], "none.json: no such perf results file"),
+                       (["perf-table", str(bad)], "bad.json is not a readable perf results file (JSONDecodeError"),
+                       (["perf-table", str(foreign)], "foreign.json is not an opforge perf results file"),
+                       (["perf-table", "--results-dir", str(tmp_path / "no")], "no is not a folder"),
+                       (["perf-table", "--results-dir", str(tmp_path), "--readme", str(tmp_path / "R.md")],
+                        "R.md: no such file")):
+        assert cli.main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    assert cli.main(["perf-check", "--baseline", str(bad)]) == 2
+    assert "baseline: " in capsys.readouterr().err
+    assert cli.main(["perf-check", "--baseline", str(tmp_path / "none.json")]) == 2
+    assert "no baseline for this device" in capsys.readouterr().err
+
+
 def test_perf_suites_refuse_to_run_under_xdist(monkeypatch):
     """pytest-benchmark turns itself off under pytest-xdist, so a perf suite there would time nothing: it
     stops at once and says why, for -n and for a worker variable inherited from a test process; perf-check
