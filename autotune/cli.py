@@ -13,6 +13,7 @@ Nothing is imported from opforge.kernels before the arguments are read, so
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -143,6 +144,10 @@ def cmd_tune(args) -> int:
     work = _tune_work(args, args.cases or ("gpu" if dev == "cuda" else "small"))
     if not any(cases for _, cases in work):
         return 0  # (each op's note printed: nothing written)
+    why = _out_problem(out, explicit=bool(args.out))
+    if why:
+        print(f"opforge tune: --out {out} {why}", file=sys.stderr)
+        return 2
     if dev == "cuda":  # every config's kernels compiled first, on the other CPU cores (the interpreter compiles nothing)
         from opforge.autotune import precompile
 
@@ -178,6 +183,34 @@ def cmd_tune(args) -> int:
     print(_table(rows, [("op", "op"), ("case", "case"), ("dtype", "dtype"), ("mode", "mode"), ("variant", "variant"),
                         ("config", "config"), ("ms", "ms"), ("torch ms", "torch_ms"), ("speedup", "speedup")]))
     return 130 if interrupted else 0
+
+
+def _out_problem(out: Path, explicit: bool) -> str | None:
+    """Why the cache file ``out`` cannot take the tuned entries, found before any tuning (an unwritable path
+    failed at the first entry's write, after that shape's timing, with a traceback), or None. A file named
+    with --out that is not an opforge cache is refused: the cache writer replaces an unreadable file (right
+    for the user cache, whose corrupt file it warns about), which would lose a results file or any other
+    file named by mistake."""
+    from opforge.autotune import cache
+
+    if out.is_dir():
+        return "is a folder (name a .json file)"
+    if explicit and out.exists() and out.stat().st_size:  # (an empty file holds nothing to lose)
+        try:
+            data = json.loads(out.read_text())
+            ok = isinstance(data, dict) and data.get("format") == cache.FORMAT and isinstance(data.get("ops"), dict)
+        except (OSError, UnicodeDecodeError, ValueError):
+            ok = False
+        if not ok:
+            return "exists and is not an opforge autotune cache, which it would replace: name another file"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=out.name, suffix=".probe", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot be written: {exc.strerror or exc}"
+    return None
 
 
 def _tune_work(args, tag: str) -> list[tuple]:

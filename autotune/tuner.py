@@ -170,11 +170,14 @@ def _calls(op, problem, train: bool = True) -> list[tuple]:
 MODES = ("fwd", "fwdbwd")
 
 
-def tune_op(op, cases, device: str, dtype: torch.dtype, out: Path | None = None, stream=sys.stderr,
+def tune_op(op, cases, device: str, dtype: torch.dtype, out: Path | None = None, stream=None,
             modes: tuple = MODES, rows: list | None = None) -> list[dict]:
     """Tune ``op`` over ``cases`` in each mode (``fwd``, ``fwdbwd``); one row per case and mode for the
-    winners table, appended to ``rows`` as each is done (so a caller stopped midway has the finished ones)."""
+    winners table, appended to ``rows`` as each is done (so a caller stopped midway has the finished ones).
+    Progress goes to ``stream``, by default the ``sys.stderr`` of the call (not of the import: a default bound
+    then kept a test's closed capture stream)."""
     rows = [] if rows is None else rows
+    stream = sys.stderr if stream is None else stream
     for i, case in enumerate(cases, 1):
         for mode in modes:
             train = mode == "fwdbwd"

@@ -75,6 +75,32 @@ def test_names_that_name_nothing_are_usage_errors(argv, says, tmp_path, capsys):
     assert not (tmp_path / "c.json").exists()
 
 
+def test_tune_refuses_an_out_file_it_would_destroy_or_cannot_write(tmp_path, capsys):
+    """Checked before any tuning: --out naming a file that is not an autotune cache (the cache writer replaces
+    an unreadable file, which would lose a results file named by mistake), a folder, or a path that cannot be
+    written (that failed at the first entry's write, after its timing, with a traceback). An empty file or a
+    new path in a new folder is fine."""
+    results = tmp_path / "results.json"
+    results.write_text('{"format": 1, "records": []}')
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where --out needs a folder")
+    tune = ["tune", "--interpret", "--op", "kan", "--case", "bspline-small-odd", "--mode", "fwd", "--out"]
+    for out, says in ((results, "exists and is not an opforge autotune cache"), (tmp_path, "is a folder"),
+                      (blocker / "c.json", "cannot be written")):
+        assert main(tune + [str(out)]) == 2
+        assert f"--out {out} {says}" in capsys.readouterr().err
+    assert results.read_text() == '{"format": 1, "records": []}'
+    empty = tmp_path / "new" / "empty.json"
+    empty.parent.mkdir()
+    empty.write_text("")
+    with pytest.warns(RuntimeWarning, match="ignoring unreadable autotune cache"):  # (the empty file, replaced)
+        assert main(tune + [str(empty)]) == 0
+    assert main(tune + [str(tmp_path / "newer" / "c.json")]) == 0
+    for out in (empty, tmp_path / "newer" / "c.json"):
+        assert json.loads(out.read_text())["ops"]["kan"]
+    assert sorted(p.name for p in empty.parent.iterdir()) == ["empty.json"]  # (no probe file left)
+
+
 def test_tune_case_of_another_op_leaves_that_op_out(tmp_path, capsys):
     """perf/gpu_session.sh runs tune once per op with one list of case names: in the run of an op that has
     none of them, the others' names are no error; nothing of that op is tuned, and it says so."""
