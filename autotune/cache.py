@@ -148,6 +148,10 @@ def lookup(op, problem, device: dict | None = None, train: bool = False) -> dict
             entry = table.get(k)
             if entry is not None:
                 return entry
+        if _UNSAVED:
+            entry = _UNSAVED.get(_unsaved_key(device, op, k))
+            if entry is not None:
+                return entry
     return None
 
 
@@ -173,15 +177,38 @@ def _folder_lock(folder: Path):
             os.close(fd)  # (releases the lock)
 
 
-def record(path: Path, device: dict, op, problem, entry: dict, train: bool = False) -> None:
+# Entries tuned in this process whose cache file could not be written (``record(..., unwritable="memory")``):
+# (gpu name, cc, Triton, op, source hash, entry key) -> entry, found by ``lookup`` after the files
+_UNSAVED: dict[tuple, dict] = {}
+_UNWRITABLE_WARNED: set[str] = set()
+
+
+def _unsaved_key(device: dict, op, key: str) -> tuple:
+    return (device.get("name"), device.get("cc"), device.get("triton"), op.name, op.source_hash(), key)
+
+
+def record(path: Path, device: dict, op, problem, entry: dict, train: bool = False, unwritable: str = "raise") -> None:
     """Store one tuned entry (read-modify-write under ``_folder_lock``, written atomically); ``train`` for a
-    forward + backward entry."""
+    forward + backward entry. ``unwritable="memory"`` (tuning on the spot, OPFORGE_AUTOTUNE=1, inside a
+    user's call): a file that cannot be written (a read-only home, a full disk) keeps the entry in this
+    process instead, with one warning per file, rather than failing the user's call after the tuning, and
+    tuning the same shape again at every later call."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(path.parent):
-        data = load(path)
-        if not data.get("device"):
-            data = {**_empty(device), "ops": data.get("ops", {})}
-        data = json.loads(json.dumps(data))  # private copy; the memo stays untouched
-        data["ops"].setdefault(op.name, {}).setdefault(op.source_hash(), {})[entry_key(problem, train)] = entry
-        save(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(path.parent):
+            data = load(path)
+            if not data.get("device"):
+                data = {**_empty(device), "ops": data.get("ops", {})}
+            data = json.loads(json.dumps(data))  # private copy; the memo stays untouched
+            data["ops"].setdefault(op.name, {}).setdefault(op.source_hash(), {})[entry_key(problem, train)] = entry
+            save(path, data)
+    except OSError as exc:
+        if unwritable != "memory":
+            raise
+        _UNSAVED[_unsaved_key(device, op, entry_key(problem, train))] = entry
+        if str(path) not in _UNWRITABLE_WARNED:
+            _UNWRITABLE_WARNED.add(str(path))
+            warnings.warn(f"opforge: cannot write the autotune cache {path} ({exc.strerror or exc}); the shapes "
+                          f"tuned on the spot are kept in this process only: point OPFORGE_CACHE_DIR at a "
+                          f"writable folder to keep them", RuntimeWarning, stacklevel=2)

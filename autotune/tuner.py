@@ -61,12 +61,13 @@ def _error(got, want) -> float:
 
 
 def tune_problem(op, problem, args, persist: bool = True, path: Path | None = None, device: dict | None = None,
-                 log=None, train: bool = False) -> dict:
+                 log=None, train: bool = False, unwritable: str = "raise") -> dict:
     """Time every (variant, config) on ``args`` and return the cache entry (winner first).
 
     With ``train`` each timed call is forward + backward (gradients with respect to the arguments that
     require grad, of a fixed random output gradient) and the entry is stored under the ``|train`` key.
-    With ``persist`` the entry is written to ``path`` (default: the user cache file of this GPU).
+    With ``persist`` the entry is written to ``path`` (default: the user cache file of this GPU);
+    ``unwritable`` as ``cache.record``'s.
     """
     from opforge.kernels._triton import device_info
 
@@ -144,7 +145,7 @@ def tune_problem(op, problem, args, persist: bool = True, path: Path | None = No
         entry["partial"] = f"interrupted with {interrupted[1]} of {len(calls)} configs untimed (the defaults first)"
     if persist:
         target = Path(path) if path else cache.user_dir() / cache.file_name(device)
-        cache.record(target, device, op, problem, entry, train=train)
+        cache.record(target, device, op, problem, entry, train=train, unwritable=unwritable)
     if interrupted:
         if log:
             log(f"    interrupted: {entry['partial']}; kept the {len(timings)} timed")

@@ -498,7 +498,8 @@ class Op:
         if os.environ.get("OPFORGE_AUTOTUNE", "0") == "1" and problem.device.type == "cuda":
             from opforge.autotune import tuner
 
-            entry = tuner.tune_problem(self, problem, args, persist=True, train=train)
+            # (an unwritable user cache keeps the entry in this process: the user's call goes on)
+            entry = tuner.tune_problem(self, problem, args, persist=True, train=train, unwritable="memory")
             if entry["variant"] in allowed:
                 return self.variants[entry["variant"]], entry.get("config"), "tuned"
         v = candidates[0]

@@ -242,6 +242,31 @@ def test_source_hash_changes_with_grid(monkeypatch):
     monkeypatch.setattr(OP, "_hash", None)
 
 
+def test_an_unwritable_cache_keeps_on_the_spot_entries_in_the_process(tmp_path, monkeypatch):
+    """Tuning on the spot (OPFORGE_AUTOTUNE=1, inside a user's call: ``unwritable="memory"``) into a cache that
+    cannot be written (a read-only home, a full disk) warns once per file and keeps the entry for this
+    process's later lookups, instead of failing the user's call after the tuning and tuning that shape again
+    at every call; elsewhere (``opforge tune``) the write error stands."""
+    monkeypatch.setattr(cache, "_UNSAVED", {})
+    monkeypatch.setattr(cache, "_UNWRITABLE_WARNED", set())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path, dev = blocker / "c.json", device_info()  # (its folder is a file: mkdir fails)
+    p, _ = problem()
+    entry = {"variant": "fft_mix", "config": {"BLOCK": 1}, "ms": 1.0, "timings": []}
+    with pytest.raises(OSError):
+        cache.record(path, dev, OP, p, entry)
+    assert cache.lookup(OP, p, device=dev) is None
+    with pytest.warns(RuntimeWarning, match="cannot write the autotune cache .*kept in this process only"):
+        cache.record(path, dev, OP, p, entry, unwritable="memory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (one warning per file)
+        cache.record(path, dev, OP, p, dict(entry, ms=2.0), train=True, unwritable="memory")
+    assert cache.lookup(OP, p, device=dev) == entry
+    assert cache.lookup(OP, p, device=dev, train=True)["ms"] == 2.0
+    assert cache.lookup(OP, p, device=dict(dev, name="another GPU")) is None
+
+
 def test_tuner_on_interpreter_writes_entry(tmp_path):
     """The tuner times every config (here through the interpreter), checks each result and persists the winner."""
     p, args = problem()
