@@ -1540,14 +1540,20 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
     16 bits report a converged residual (updated by recurrence) for a solution that is not one (bfloat16,
     200 points: 6% off the float64 solve on the same inputs, "residual 7e-7").
     """
+    return _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank,
+                         ("x", "y"))
+
+
+def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names):
+    """``kernel_solve``, its errors naming x and y as ``names`` (``gp_posterior_mean``'s x_train, y_train)."""
     if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
         with no_autocast(x.device):
-            return kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
-                                outputscale, tol, max_iter, return_info, precond_rank)
+            return _kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
+                                 outputscale, tol, max_iter, return_info, precond_rank, names)
     if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
             and x.dtype in _16BIT):
-        out = kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter, return_info,
-                           precond_rank)
+        out = _kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter,
+                            return_info, precond_rank, names)
         if return_info:
             return out[0].to(y.dtype), out[1]
         return out.to(y.dtype)
@@ -1558,7 +1564,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
     nz = _value(noise, "noise")
     if not (nz > 0 and math.isfinite(nz)):
         raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
-    vector, rhs = _solve_inputs(x, y, "x", "y")
+    vector, rhs = _solve_inputs(x, y, *names)
     if not isinstance(precond_rank, int) or precond_rank < 0:
         raise ValueError(f"precond_rank must be an int >= 0, got {precond_rank!r}")
     tol = number(tol, "tol")
@@ -1579,15 +1585,17 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
     and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two steps put 8% of error
     into the mean (300 points; alpha's terms cancel in the sum)."""
     ts = (x_train, y_train, x_test)
-    _solve_inputs(x_train, y_train, "x_train", "y_train")  # (errors named as the caller names the arguments)
-    if not isinstance(x_test, torch.Tensor) or x_test.dim() < 2 or x_test.shape[-1] != x_train.shape[-1]:
+    if isinstance(x_train, torch.Tensor) and x_train.dim() >= 2 and not (  # (before the solve, not after it)
+            isinstance(x_test, torch.Tensor) and x_test.dim() >= 2 and x_test.shape[-1] == x_train.shape[-1]):
         raise ValueError(f"x_test must be [..., N_test, D={x_train.shape[-1]}] points like x_train, got "
                          f"{tuple(x_test.shape) if isinstance(x_test, torch.Tensor) else type(x_test).__name__}")
-    if len({t.dtype for t in ts}) == 1 and x_train.dtype in _16BIT:
+    if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
+            and x_train.dtype in _16BIT):
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,
                                  precond_rank).to(x_train.dtype)
-    alpha = kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter,
-                         precond_rank=precond_rank)
+    # (x_train and y_train checked in the solve, its errors naming them)
+    alpha = _kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
+                          precond_rank, ("x_train", "y_train"))
     return kernel_matvec(x_test, x_train, alpha, kernel, lengthscale, outputscale)
 
 
