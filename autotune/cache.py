@@ -66,6 +66,11 @@ def _empty(device: dict | None) -> dict:
     return {"format": FORMAT, "device": dev, "ops": {}}
 
 
+def is_cache(data) -> bool:
+    """Is ``data`` (a parsed JSON document) an opforge autotune cache of this format?"""
+    return isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("ops"), dict)
+
+
 def load(path: Path | str) -> dict:
     """Read a cache file; a missing file is empty, a corrupt one warns and is empty. Memoised on the file's
     inode, modification time and size: a dispatch costs one ``stat`` per file (no pathlib, no parsing), and
@@ -82,7 +87,7 @@ def load(path: Path | str) -> dict:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("ops"), dict):
+        if not is_cache(data):
             raise ValueError(f"not an opforge cache of format {FORMAT}")
     except (OSError, ValueError) as exc:
         warnings.warn(f"opforge: ignoring unreadable autotune cache {path}: {exc}", RuntimeWarning, stacklevel=2)

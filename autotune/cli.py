@@ -197,8 +197,7 @@ def _out_problem(out: Path, explicit: bool) -> str | None:
         return "is a folder (name a .json file)"
     if explicit and out.exists() and out.stat().st_size:  # (an empty file holds nothing to lose)
         try:
-            data = json.loads(out.read_text())
-            ok = isinstance(data, dict) and data.get("format") == cache.FORMAT and isinstance(data.get("ops"), dict)
+            ok = cache.is_cache(json.loads(out.read_text()))
         except (OSError, UnicodeDecodeError, ValueError):
             ok = False
         if not ok:
