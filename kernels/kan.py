@@ -1933,7 +1933,9 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
         bias: optional [out].
 
     Returns:
-        [..., out] in x's dtype.
+        [..., out] in x's dtype. It is computed in float32 (16-bit x: the kernels' accumulation), or in float64
+        where x or any of weight, base_weight and bias is float64: a float64 layer given float32 x keeps its
+        precision, as spectral_conv does for a complex128 weight, and rounds once, to x's dtype.
 
     Under ``torch.autocast`` the layer is on autocast's lower-precision list, like ``nn.Linear``: x is cast to
     the autocast dtype (float64 stays), the weights are read as they are, and the result is in that dtype.
@@ -1943,6 +1945,11 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
         with no_autocast(x.device):
             return kan_linear(amp_cast(x, lower), weight, basis, base_weight=base_weight, bias=bias, grid=grid,
                               spline_order=spline_order, centers=centers, width=width)
+    if (isinstance(x, torch.Tensor) and x.dtype in _FLOATS and x.dtype != torch.float64
+            and any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (weight, base_weight, bias))):
+        # float64 weights: the float64 layer on float64 x (nn.Linear would raise on the mix), rounded to x's dtype
+        return kan_linear(x.double(), weight, basis, base_weight=base_weight, bias=bias, grid=grid,
+                          spline_order=spline_order, centers=centers, width=width).to(x.dtype)
     if (isinstance(basis, str) and isinstance(spline_order, int) and not isinstance(width, torch.Tensor)
             and traced(x, weight, base_weight, bias, grid, centers)):  # torch.compile / export: one graph node
         return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, spline_order, centers,

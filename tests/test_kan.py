@@ -436,6 +436,34 @@ def test_16bit_results_are_rounded_once(variant):
         assert_rounded_once(a, e, 1e-5, f"{variant} {name}")
 
 
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("f64", ["weight", "base_weight", "bias"])
+def test_float64_weights_compute_in_float64(f64, xdtype):
+    """A float64 layer given lower-precision x (nn.Linear raises on the mix): computed in float64, as on
+    float64 x, and rounded once to x's dtype (it used to run in float32, the float64 weights' precision
+    dropped); each gradient in its own input's dtype."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.rand(7, 5, generator=gen) * 2 - 1).to(xdtype)
+    ts = {"weight": torch.randn(3, 5, 8, generator=gen), "base_weight": torch.randn(3, 5, generator=gen),
+          "bias": torch.randn(3, generator=gen)}
+    grid = torch.linspace(-1.3, 1.3, 12, dtype=torch.float64).expand(5, 12).contiguous()
+    g = torch.randn(7, 3, generator=gen).to(xdtype)
+
+    def run(xin, **dt):
+        xs = xin.detach().requires_grad_()
+        w = {k: v.to(dt.get(k, torch.float32)).requires_grad_() for k, v in ts.items()}
+        y = kan_linear(xs, w["weight"], base_weight=w["base_weight"], bias=w["bias"], grid=grid)
+        grads = torch.autograd.grad(y, [xs, *w.values()], g.to(y.dtype))
+        return y, grads
+
+    y, grads = run(x, **{f64: torch.float64})
+    want, want_grads = run(x.double(), **{f64: torch.float64})
+    assert y.dtype == xdtype and torch.equal(y, want.to(xdtype))
+    for name, a, e in zip(("x", *ts), grads, want_grads):
+        assert a.dtype == (xdtype if name == "x" else torch.float64 if name == f64 else torch.float32), name
+        assert torch.equal(a, e.to(a.dtype)), name
+
+
 def test_kanlinear_loads_efficient_kan_state_dict_and_update_grid():
     torch.manual_seed(0)
     layer = KANLinear(5, 3, grid_size=5, spline_order=3)
