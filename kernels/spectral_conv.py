@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -87,6 +88,29 @@ class Problem(ProblemBase):
         return f"d{self.d}_b{_pow2(self.batch)}_i{_pow2(self.cin)}_o{_pow2(self.cout)}_g{g}_y{og}_m{m}"
 
 
+def _out_grid(output_shape, d: int) -> tuple:
+    """``output_shape`` as d sizes >= 1: ints, whole floats or one-element tensors (SymInts as they come)."""
+    try:
+        sizes = tuple(output_shape)
+    except TypeError:
+        raise TypeError(f"output_shape must be a sequence of sizes, one per spatial axis ({d} for {d}D), "
+                        f"got {output_shape!r}") from None
+    out = []
+    for n in sizes:
+        if isinstance(n, torch.SymInt):
+            out.append(n)
+            continue
+        real = (isinstance(n, numbers.Real) and not isinstance(n, bool)) or (
+            isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_complex() and n.dtype != torch.bool)
+        v = float(n) if real else math.nan
+        if not (math.isfinite(v) and v.is_integer()):
+            raise ValueError(f"output_shape must be whole numbers of points, one per spatial axis, got {sizes}")
+        out.append(int(v))
+    if len(out) != d or any(n < 1 for n in out):
+        raise ValueError(f"output_shape must be positive sizes, one per spatial axis ({d} for {d}D), got {sizes}")
+    return tuple(out)
+
+
 def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -112,14 +136,9 @@ def _check(x, weight, bias, output_shape, d: int | None) -> Problem:
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     grid = tuple(x.shape[2:])  # sizes as they come: symbolic when torch.export traces a dynamic batch or grid
-    if output_shape is None:
-        out_grid = grid
-    else:
-        if any(isinstance(n, float) and not n.is_integer() for n in output_shape):
-            raise ValueError(f"output_shape must be whole numbers of points, got {tuple(output_shape)}")
-        out_grid = tuple(n if isinstance(n, torch.SymInt) else int(n) for n in output_shape)
-        if len(out_grid) != d or any(n < 1 for n in out_grid):
-            raise ValueError(f"output_shape must be {d} positive sizes, got {tuple(output_shape)}")
+    if any(g == 0 for g in grid):  # (no FFT of no points; an empty batch is fine)
+        raise ValueError(f"x's grid must have at least one point on each spatial axis, got shape {tuple(x.shape)}")
+    out_grid = grid if output_shape is None else _out_grid(output_shape, d)
     modes = tuple(int(n) for n in weight.shape[2:])
     for name, g in (("x's grid", grid), ("output_shape", out_grid)):
         for ax in range(d):
@@ -1515,8 +1534,9 @@ class SpectralConv(nn.Module):
         if resolution_scaling_factor is not None:
             f = resolution_scaling_factor
             f = [float(f)] * self.order if isinstance(f, (int, float)) else [float(v) for v in f]
-            if len(f) != self.order or any(v <= 0 for v in f):
-                raise ValueError(f"resolution_scaling_factor must be positive, one per axis, got {resolution_scaling_factor!r}")
+            if len(f) != self.order or any(not (v > 0 and math.isfinite(v)) for v in f):
+                raise ValueError(f"resolution_scaling_factor must be positive and finite, one per axis, "
+                                 f"got {resolution_scaling_factor!r}")
             resolution_scaling_factor = f
         self.resolution_scaling_factor = resolution_scaling_factor
         self.init_std = (2 / (in_channels + out_channels)) ** 0.5 if init_std == "auto" else number(init_std, "init_std")
@@ -1631,15 +1651,19 @@ class SpectralConv(nn.Module):
         """The output grid asked for: ``output_shape``, else the input grid times
         ``resolution_scaling_factor`` (rounded), else None (the input grid)."""
         if output_shape is not None:
-            return tuple(output_shape)
-        if self.resolution_scaling_factor is not None:
-            return tuple(round(n * f) for n, f in zip(grid, self.resolution_scaling_factor))
+            return _out_grid(output_shape, self.order)
+        if self.resolution_scaling_factor is not None and len(grid) == self.order:
+            out = tuple(round(n * f) for n, f in zip(grid, self.resolution_scaling_factor))
+            if any(n < 1 for n in out):
+                raise ValueError(f"resolution_scaling_factor={self.resolution_scaling_factor} maps x's grid "
+                                 f"{grid} to {out}: fewer than one point on an axis")
+            return out
         return None
 
     def forward(self, x: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
         grid = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) else ()
         output_shape = self._output_shape(grid, output_shape)
-        out_grid = grid if output_shape is None else tuple(int(n) for n in output_shape)
+        out_grid = grid if output_shape is None else output_shape
         weight = self.dense_weight()
         weight = self._weight_for(weight, grid, out_grid) if len(grid) == self.order else weight
         p = _check(x, weight, self.bias, output_shape, self.order)
@@ -1651,7 +1675,7 @@ class SpectralConv(nn.Module):
         aligned corners, or (3D) the kept low frequencies of x on the new grid (``_spectral_resample``)."""
         grid = tuple(x.shape[2:])
         out = self._output_shape(grid, output_shape)
-        out = grid if out is None else tuple(int(n) for n in out)
+        out = grid if out is None else out
         if out == grid:
             return x
         if len(grid) == 1:

@@ -490,6 +490,26 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
                              output_shape=(8.5, 8)), ValueError, "output_shape must be whole numbers"),
     (lambda: SpectralConv(3, 2, (4, 4))(torch.randn(1, 3, 8, 8), output_shape=(9.5, 8)), ValueError,
      "output_shape must be whole numbers"),
+    # output_shape and the module's resolution change: clear errors, not int() / narrow() / FFT ones
+    (lambda: SpectralConv(3, 2, (4, 4))(torch.randn(1, 3, 8, 8), output_shape=(-1, 8)), ValueError,
+     r"output_shape must be positive sizes, one per spatial axis \(2 for 2D\), got \(-1, 8\)"),
+    (lambda: spectral_conv(torch.randn(1, 3, 8), torch.randn(3, 2, 4, dtype=torch.complex64), output_shape=8),
+     TypeError, r"output_shape must be a sequence of sizes, one per spatial axis \(1 for 1D\), got 8"),
+    (lambda: spectral_conv(torch.randn(1, 3, 8), torch.randn(3, 2, 4, dtype=torch.complex64), output_shape=(None,)),
+     ValueError, "output_shape must be whole numbers"),
+    (lambda: spectral_conv(torch.randn(1, 3, 8), torch.randn(3, 2, 4, dtype=torch.complex64),
+                           output_shape=(float("inf"),)), ValueError, "output_shape must be whole numbers"),
+    (lambda: SpectralConv(3, 2, 4).transform(torch.randn(1, 3, 8), output_shape=(0,)), ValueError,
+     "output_shape must be positive"),
+    (lambda: SpectralConv(3, 2, 4, resolution_scaling_factor=0.01)(torch.randn(1, 3, 16)), ValueError,
+     r"resolution_scaling_factor=\[0.01\] maps x's grid \(16,\) to \(0,\)"),
+    (lambda: SpectralConv(3, 2, 4, resolution_scaling_factor=float("nan")), ValueError,
+     "resolution_scaling_factor must be positive and finite"),
+    (lambda: spectral_conv(torch.randn(1, 3, 0), torch.randn(3, 2, 4, dtype=torch.complex64)), ValueError,
+     "x's grid must have at least one point on each spatial axis"),
+    (lambda: spectral_conv(torch.randn(1, 3, 0), torch.zeros(3, 2, 0, dtype=torch.complex64)), ValueError,
+     "x's grid must have at least one point"),
+    (lambda: SpectralConv(3, 2, (4, 4))(torch.randn(2, 3, 0, 8)), ValueError, "x's grid must have at least one"),
     (lambda: SpectralConv(3, 2, 4, init_std="0.1"), TypeError, "init_std must be a number, got str"),
     (lambda: SpectralConv(3, 2, 4, init_std=-0.1), ValueError, "init_std must be 'auto' or a finite number >= 0"),
     (lambda: SpectralConv(3, 2, (4, 4), resolution_scaling_factor=(2.0, -1.0)), ValueError,
@@ -519,6 +539,16 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
         bad()
+
+
+@pytest.mark.parametrize("size", [9, 9.0, np.int64(9), torch.tensor(9)], ids=["int", "float", "numpy", "tensor"])
+def test_output_shape_takes_whole_numbers_of_any_kind(size):
+    w = torch.randn(3, 2, 4, dtype=torch.complex64)
+    x = torch.randn(1, 3, 8)
+    want = spectral_conv(x, w, output_shape=[9])
+    for shape in ((size,), [size], torch.Size([9])):
+        torch.testing.assert_close(spectral_conv(x, w, output_shape=shape), want, rtol=0, atol=0)
+    assert SpectralConv(3, 2, 4)(x, output_shape=(size,)).shape == (1, 2, 9)
 
 
 def test_triton_variants_say_why_they_cannot_run():
