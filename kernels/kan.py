@@ -82,7 +82,7 @@ from torch import nn
 from . import _registry
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, kept_tensor, no_autocast, number, positive_ints, register,
+                        graph_grads, kept_tensor, lanes, no_autocast, number, positive_ints, register,
                         transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, allow_tf32, cdiv, offsets_fit, sm_count,
@@ -1852,6 +1852,23 @@ def _validate_centers(centers: torch.Tensor) -> None:
         raise ValueError("centers (RBF centres) must be finite")
 
 
+def _width(width) -> float:
+    """The RBF width, checked positive and finite, as a number: a number or a one-element real tensor (each
+    vmapped lane read, ``lanes``: an ensemble of widths under torch.func.vmap)."""
+    if isinstance(width, torch.Tensor):
+        if width.numel() != 1 or width.is_complex() or width.dtype == torch.bool:
+            raise TypeError(f"width must be a number or a one-element real tensor, got a {width.dtype} tensor of "
+                            f"shape {tuple(width.shape)}")
+        v = lanes(width).detach().double().reshape(-1)
+        if not bool(((v > 0) & torch.isfinite(v)).all()):
+            raise ValueError(f"width must be positive and finite, got {v.tolist()[:8]}")
+        return float(v[0])
+    w = number(width, "width")
+    if not (w > 0 and math.isfinite(w)):
+        raise ValueError(f"width must be positive and finite, got {width}")
+    return w
+
+
 def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("x and weight must be torch.Tensors")
@@ -1905,10 +1922,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
             raise ValueError(f"centers must be a [K={K}] tensor, got "
                              f"{tuple(centers.shape) if isinstance(centers, torch.Tensor) else type(centers).__name__}")
         checked_once(centers, _validate_centers)
-        w = number(width, "width")
-        if not (w > 0 and math.isfinite(w)):
-            raise ValueError(f"width must be positive and finite, got {width}")
-        b.centers, b.width = centers.resolve_neg(), w
+        b.centers, b.width = centers.resolve_neg(), _width(width)
     elif basis == "fourier":
         if K % 2:
             raise ValueError(f"fourier weight must have K = 2 * grid_size (cos then sin), got K={K}")
@@ -1927,7 +1941,8 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
         x: [..., in] real (float32, bfloat16, float16, float64).
         weight: [out, in, K] coefficients of the K basis functions per input.
         basis: "bspline" (needs ``grid`` [in, G + 2p + 1] knots and ``spline_order`` p; K = G + p),
-            "rbf" (needs ``centers`` [K] and ``width``), "chebyshev" (K = degree + 1),
+            "rbf" (needs ``centers`` [K] and ``width``: a number, or a one-element tensor, which is trained
+            when it requires grad), "chebyshev" (K = degree + 1),
             "fourier" (K = 2G: cos(kx) then sin(kx), k = 1..G).
         base_weight: optional [out, in]: adds sum_i Wb[o, i] silu(x[..., i]) (efficient-kan's base path).
         bias: optional [out].
@@ -1955,10 +1970,17 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
         return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, spline_order, centers,
                          None if width is None else float(width))
     p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
-    trained = [n for n, t in (("grid", grid), ("centers", centers)) if isinstance(t, torch.Tensor) and t.requires_grad]
+    trained = [n for n, t in (("grid", grid), ("centers", centers), ("width", width))
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+    if p.basis == "rbf" and isinstance(width, torch.Tensor) and (
+            transforms_active() or width.requires_grad and torch.is_grad_enabled()):
+        # a width to differentiate (requires grad, or a torch.func transform's input): the plain math (the only
+        # path for both) takes it as a tensor; the kernels read it as a number
+        b.width = width.reshape(()).to(torch.float64 if p.dtype == torch.float64 else torch.float32)
     if p.rows == 0 or p.cin == 0:  # nothing to contract: zeros (plus the bias), as nn.Linear gives
         # every input joins the graph (an empty sum is 0), so each gets a gradient of its shape
-        tie = sum((t.sum() * 0).to(x.dtype) for t in (x2, weight, base_weight) if t is not None)
+        tie = sum((t.sum() * 0).to(x.dtype) for t in (x2, weight, base_weight, grid, centers, width)
+                  if isinstance(t, torch.Tensor))
         y = x2.new_zeros((p.rows, p.cout)) + tie
         if bias is not None:
             y = y + bias.reshape(-1).to(x.dtype)

@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, hessian, jacrev, stack_module_state, vmap
 
 from opforge.kernels import (ChebyKANLayer, FastKANLayer, FourierKANLayer, KANLinear, KERNELS, SpectralConv,
-                             get_op, kernel_matvec, use_backend)
+                             get_op, kan_linear, kernel_matvec, use_backend)
 from opforge.kernels._registry import checked_once, lanes
 from test_double_backward import CASES, _id, _make
 
@@ -127,6 +127,33 @@ def test_vmap_over_an_ensemble_of_kan_layers_with_their_own_knots():
     buffers["grid"][1, 2, 3] = buffers["grid"][1, 2, 2]  # lane 1: knots not strictly increasing
     with pytest.raises(ValueError, match="strictly increasing"):
         vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+
+
+def test_rbf_width_as_a_tensor_is_differentiated():
+    """An RBF width given as a tensor that requires grad, or differentiated or vmapped by torch.func: its
+    gradient comes from the plain math (the kernels read the width as a number; it used to be read with
+    float(), its gradient silently 0 under grad and None under autograd), against central differences;
+    every vmapped lane's width is checked."""
+    gen = torch.Generator().manual_seed(6)
+    x, w = torch.randn(5, 3, generator=gen, dtype=F64), torch.randn(2, 3, 6, generator=gen, dtype=F64)
+    c = torch.linspace(-1.5, 1.5, 6, dtype=F64)
+
+    def f(width):
+        return kan_linear(x, w, "rbf", centers=c, width=width).square().sum()
+
+    h = 1e-6
+    fd = [(f(v + h) - f(v - h)) / (2 * h) for v in (0.7, 0.9)]
+    torch.testing.assert_close(vmap(grad(f))(torch.tensor([0.7, 0.9], dtype=F64)), torch.stack(fd))
+    wt = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="width requires grad"):
+        f(wt).backward()
+    torch.testing.assert_close(wt.grad, fd[0])
+    with torch.no_grad():  # the kernels' path, width read as a number
+        torch.testing.assert_close(f(wt), f(0.7))
+    with pytest.raises(ValueError, match="width must be positive and finite"):
+        vmap(f)(torch.tensor([0.7, -0.9], dtype=F64))
+    with pytest.raises(TypeError, match="one-element real tensor"):
+        f(torch.tensor([0.7, 0.9], dtype=F64))
 
 
 def test_lengthscale_gradients_under_vmap_and_bad_lanes():
