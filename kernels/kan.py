@@ -1876,6 +1876,9 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
         raise TypeError(f"x must be a real floating tensor, got {x.dtype}")
     if basis not in BASES:
         raise ValueError(f"unknown basis {basis!r}; valid: {list(BASES)}")
+    for name, t in (("base_weight", base_weight), ("bias", bias), ("grid", grid), ("centers", centers)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     for name, t in (("weight", weight), ("base_weight", base_weight), ("bias", bias)):
         if isinstance(t, torch.Tensor) and (t.is_complex() or not t.is_floating_point()):
             raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
@@ -1899,7 +1902,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
     b = _Basis(basis)
     uniform, order, unread = False, 0, False
     if basis == "bspline":
-        if not isinstance(spline_order, int) or spline_order < 0:
+        if not isinstance(spline_order, int) or isinstance(spline_order, bool) or spline_order < 0:
             raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
         if grid is None:
             raise ValueError("basis='bspline' needs grid= (knots [in, G + 2*order + 1])")
@@ -2012,9 +2015,36 @@ _GRAPH_OP = GraphOp("kan_linear", "Tensor x, Tensor weight, str basis, Tensor? b
 
 
 # --------------------------------------------------------------------------- modules
+def _check_features(x, n: int, name: str) -> None:
+    """A module's input: a tensor [..., n]; else an error naming x."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != n:
+        raise ValueError(f"x's last dimension must be {name}={n}, got {tuple(x.shape)}")
+
+
+def _finite(name: str, v, low: float | None = None) -> float:
+    """A module's numeric setting: a finite number (>= low where given), else an error naming it."""
+    f = number(v, name)
+    if not math.isfinite(f) or (low is not None and f < low):
+        raise ValueError(f"{name} must be a finite number{'' if low is None else f' >= {low:g}'}, got {v!r}")
+    return f
+
+
 def _listed(features: list) -> str:
     """The first few of a list of feature indices, for an error message."""
     return f"{features[:8]}{' ...' if len(features) > 8 else ''}"
+
+
+def _activation(base_activation):
+    """KANLinear's base activation: efficient-kan passes a module class (``nn.SiLU``), built here; a module
+    instance or a function (``F.silu``) is used as it is."""
+    if isinstance(base_activation, type) and issubclass(base_activation, nn.Module):
+        return base_activation()
+    if not callable(base_activation):
+        raise TypeError(f"base_activation must be a module class such as torch.nn.SiLU, a module or a function, "
+                        f"got {base_activation!r}")
+    return base_activation
 
 
 class KANLinear(nn.Module):
@@ -2031,14 +2061,18 @@ class KANLinear(nn.Module):
                  scale_spline=1.0, enable_standalone_scale_spline=True, base_activation=nn.SiLU, grid_eps=0.02,
                  grid_range=(-1, 1)):
         super().__init__()
-        positive_ints(in_features=in_features, out_features=out_features)
-        if not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"grid_size must be an int >= 1, got {grid_size!r}")
-        if not isinstance(spline_order, int) or spline_order < 0:
+        positive_ints(in_features=in_features, out_features=out_features, grid_size=grid_size)
+        if not isinstance(spline_order, int) or isinstance(spline_order, bool) or spline_order < 0:
             raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
-        lo, hi = (float(v) for v in grid_range)
+        try:
+            lo, hi = (float(v) for v in grid_range)
+        except (TypeError, ValueError):
+            lo = hi = math.nan
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-            raise ValueError(f"grid_range must be finite with hi > lo, got {grid_range!r}")
+            raise ValueError(f"grid_range must be two finite numbers (lo, hi) with hi > lo, got {grid_range!r}")
+        for name, v in (("scale_noise", scale_noise), ("scale_base", scale_base), ("scale_spline", scale_spline),
+                        ("grid_eps", grid_eps)):
+            _finite(name, v)
         self.in_features, self.out_features = in_features, out_features
         self.grid_size, self.spline_order = grid_size, spline_order
         self.grid_range = (lo, hi)
@@ -2049,7 +2083,7 @@ class KANLinear(nn.Module):
             self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features))
         self.scale_noise, self.scale_base, self.scale_spline = scale_noise, scale_base, scale_spline
         self.enable_standalone_scale_spline = enable_standalone_scale_spline
-        self.base_activation = base_activation()
+        self.base_activation = _activation(base_activation)
         self.grid_eps = grid_eps
         self.reset_parameters()
 
@@ -2109,9 +2143,8 @@ class KANLinear(nn.Module):
         return self.spline_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
-        fused_base = isinstance(self.base_activation, nn.SiLU)
+        _check_features(x, self.in_features, "in_features")
+        fused_base = isinstance(self.base_activation, nn.SiLU) or self.base_activation is F.silu
         y = kan_linear(x, self.scaled_spline_weight, "bspline", grid=self.grid, spline_order=self.spline_order,
                        base_weight=self.base_weight if fused_base else None)
         if not fused_base:
@@ -2125,8 +2158,8 @@ class KANLinear(nn.Module):
         layer stores them; autocast or not). x must hold at least one sample, all finite: otherwise, and when
         the fitted knots would not be finite and strictly increasing in the layer's dtype (a range too wide
         for it, or too narrow at x's magnitude), it raises and leaves the layer as it was."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
+        _check_features(x, self.in_features, "in_features")
+        margin = _finite("margin", margin, 0.0)
         with no_autocast(x.device):  # the float32 solve, not autocast's 16-bit bmm
             cdt = torch.float64 if self.grid.dtype == torch.float64 else torch.float32
             x = x.reshape(-1, self.in_features).to(cdt)
@@ -2224,14 +2257,19 @@ class FastKANLayer(nn.Module):
                  use_layernorm=True, base_activation=F.silu, spline_weight_init_scale=0.1):
         super().__init__()
         positive_ints(input_dim=input_dim, output_dim=output_dim)
-        if not isinstance(num_grids, int) or num_grids < 2:
+        if not isinstance(num_grids, int) or isinstance(num_grids, bool) or num_grids < 2:
             raise ValueError(f"num_grids must be an int >= 2, got {num_grids!r}")
-        if not (math.isfinite(grid_min) and math.isfinite(grid_max) and grid_max > grid_min):
+        if not (math.isfinite(number(grid_min, "grid_min")) and math.isfinite(number(grid_max, "grid_max"))
+                and grid_max > grid_min):
             raise ValueError(f"grid_min and grid_max must be finite with grid_max > grid_min, got {grid_min!r} and "
                              f"{grid_max!r}")
         if use_layernorm and input_dim == 1:  # FastKAN refuses it too
             raise ValueError("use_layernorm=True with input_dim=1 would normalise every input to 0 (the layer's "
                              "output would not depend on x); pass use_layernorm=False")
+        _finite("spline_weight_init_scale", spline_weight_init_scale, 0.0)
+        if use_base_update and not callable(base_activation):
+            raise TypeError(f"base_activation must be a function such as torch.nn.functional.silu (or a module), "
+                            f"got {base_activation!r}")
         self.input_dim, self.output_dim, self.num_grids = input_dim, output_dim, num_grids
         self.layernorm = nn.LayerNorm(input_dim) if use_layernorm else None
         self.rbf = RadialBasisFunction(grid_min, grid_max, num_grids)
@@ -2248,8 +2286,7 @@ class FastKANLayer(nn.Module):
                 child.reset_parameters()
 
     def forward(self, x, use_layernorm=True):
-        if x.shape[-1] != self.input_dim:
-            raise ValueError(f"x's last dimension must be input_dim={self.input_dim}, got {tuple(x.shape)}")
+        _check_features(x, self.input_dim, "input_dim")
         xn = self.layernorm(x) if (self.layernorm is not None and use_layernorm) else x
         w = self.spline_linear.weight.view(self.output_dim, self.input_dim, self.num_grids)
         y = kan_linear(xn, w, "rbf", centers=self.rbf.grid, width=self.rbf.denominator)
@@ -2264,7 +2301,7 @@ class ChebyKANLayer(nn.Module):
     def __init__(self, input_dim, output_dim, degree):
         super().__init__()
         positive_ints(input_dim=input_dim, output_dim=output_dim)
-        if not isinstance(degree, int) or degree < 0:
+        if not isinstance(degree, int) or isinstance(degree, bool) or degree < 0:
             raise ValueError(f"degree must be an int >= 0, got {degree!r}")
         self.inputdim, self.outdim, self.degree = input_dim, output_dim, degree
         self.cheby_coeffs = nn.Parameter(torch.empty(input_dim, output_dim, degree + 1))
@@ -2292,7 +2329,7 @@ class FourierKANLayer(nn.Module):
     def __init__(self, inputdim, outdim, gridsize, addbias=True, smooth_initialization=False):
         super().__init__()
         positive_ints(inputdim=inputdim, outdim=outdim)
-        if not isinstance(gridsize, int) or gridsize < 1:
+        if not isinstance(gridsize, int) or isinstance(gridsize, bool) or gridsize < 1:
             raise ValueError(f"gridsize must be an int >= 1, got {gridsize!r}")
         self.gridsize, self.addbias, self.inputdim, self.outdim = gridsize, addbias, inputdim, outdim
         self.smooth_initialization = smooth_initialization
@@ -2316,15 +2353,17 @@ class FourierKANLayer(nn.Module):
         return f"inputdim={self.inputdim}, outdim={self.outdim}, gridsize={self.gridsize}, addbias={self.addbias}"
 
     def forward(self, x):
-        if x.shape[-1] != self.inputdim:
-            raise ValueError(f"x's last dimension must be inputdim={self.inputdim}, got {tuple(x.shape)}")
+        _check_features(x, self.inputdim, "inputdim")
         w = self.fouriercoeffs.permute(1, 2, 0, 3).reshape(self.outdim, self.inputdim, 2 * self.gridsize)
         return kan_linear(x, w, "fourier", bias=self.bias.reshape(-1) if self.addbias else None)
 
 
 def _widths(layers_hidden) -> list:
-    widths = list(layers_hidden)
-    if len(widths) < 2 or any(not isinstance(w, int) or w < 1 for w in widths):
+    try:
+        widths = list(layers_hidden)
+    except TypeError:
+        widths = []
+    if len(widths) < 2 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
         raise ValueError(f"layers_hidden must list at least two positive ints (input, ..., output width), "
                          f"got {layers_hidden!r}")
     return widths

@@ -661,6 +661,22 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
             FastKAN(bad)
 
 
+def test_kanlinear_base_activation_class_module_or_function():
+    """efficient-kan passes a module class (built by the layer); a module or a function is taken as it is.
+    SiLU in any of the three forms is the fused base path, and the same layer."""
+    torch.manual_seed(2)
+    ref_layer = KANLinear(4, 3)
+    x = torch.randn(6, 4)
+    for act in (torch.nn.SiLU(), torch.nn.functional.silu, torch.nn.Tanh, torch.nn.Tanh(), torch.tanh):
+        layer = KANLinear(4, 3, base_activation=act)
+        layer.load_state_dict(ref_layer.state_dict())
+        tanh = act in (torch.nn.Tanh, torch.tanh) or isinstance(act, torch.nn.Tanh)
+        want = ref_layer(x) if not tanh else (
+            kan_linear(x, ref_layer.scaled_spline_weight, grid=ref_layer.grid)
+            + torch.tanh(x) @ ref_layer.base_weight.t())
+        torch.testing.assert_close(layer(x), want, msg=repr(act))
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (lambda: KANLinear(4, 3)(torch.randn(2, 5)), ValueError, "in_features=4"),
     (lambda: kan_linear(torch.randn(2, 5), torch.randn(3, 4, 6), "chebyshev"), ValueError, "in_features=4"),
@@ -679,7 +695,9 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "rbf", centers=torch.tensor([0.0, 1, float("inf"), 3]),
                         width=1.0), ValueError, "centres\\) must be finite"),
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "rbf", centers=[0.0, 1, 2, 3], width=1.0),
-     ValueError, "centers must be a \\[K=4\\] tensor, got list"),
+     TypeError, "centers must be a torch.Tensor or None, got list"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "rbf", centers=torch.zeros(5), width=1.0),
+     ValueError, "centers must be a \\[K=4\\] tensor, got \\(5,\\)"),
     (lambda: kan_linear(torch.randn(2, 2, dtype=torch.complex64), torch.randn(3, 2, 4), "chebyshev"), TypeError,
      "real floating"),
     (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 0), "chebyshev"), ValueError, "K >= 1"),
@@ -721,6 +739,32 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     (lambda: FourierKANLayer(4, 3, gridsize=2)(torch.randn(2, 5)), ValueError, "inputdim=4"),
     (lambda: FastKANLayer(1, 3), ValueError, "use_layernorm=False"),
     (lambda: FastKANLayer(4, 3, grid_min=2.0, grid_max=-2.0), ValueError, "grid_max > grid_min"),
+    # module settings and inputs that used to fail inside torch (unpacking, lstsq's internal assert, x.shape)
+    (lambda: KANLinear(4, 3, grid_range=(-1, 0, 1)), ValueError, "grid_range must be two finite numbers"),
+    (lambda: KANLinear(4, 3, scale_noise=float("nan")), ValueError, "scale_noise must be a finite number"),
+    (lambda: KAN([4, 3], grid_eps=float("inf")), ValueError, "grid_eps must be a finite number"),
+    (lambda: KANLinear(4, 3, grid_size=True), ValueError, "grid_size must be a positive int, got True"),
+    (lambda: KANLinear(4, 3, base_activation=None), TypeError, "base_activation must be a module class"),
+    (lambda: KANLinear(4, 3)([[0.0] * 4]), TypeError, "x must be a torch.Tensor, got list"),
+    (lambda: KANLinear(4, 3)(torch.tensor(1.0)), ValueError, "in_features=4, got \\(\\)"),
+    (lambda: KANLinear(4, 3).update_grid(torch.randn(8, 4), margin=-1.0), ValueError,
+     "margin must be a finite number >= 0"),
+    (lambda: KANLinear(4, 3).update_grid(torch.randn(8, 4), margin=float("nan")), ValueError, "margin"),
+    (lambda: KAN(4), ValueError, "layers_hidden must list"),
+    (lambda: KAN([4, True]), ValueError, "layers_hidden must list"),
+    (lambda: FastKANLayer(4, 3, spline_weight_init_scale=float("nan")), ValueError,
+     "spline_weight_init_scale must be a finite number >= 0"),
+    (lambda: FastKANLayer(4, 3, grid_min="a"), TypeError, "grid_min must be a number, got str"),
+    (lambda: FastKANLayer(4, 3, base_activation="silu"), TypeError, "base_activation must be a function"),
+    (lambda: ChebyKANLayer(4, 3, degree=True), ValueError, "degree must be an int >= 0, got True"),
+    (lambda: FourierKANLayer(4, 3, gridsize=2)(None), TypeError,
+     "x must be a torch.Tensor, got NoneType"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "chebyshev", base_weight=[[1.0, 2.0]] * 3),
+     TypeError, "base_weight must be a torch.Tensor or None, got list"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "chebyshev", bias=[0.0] * 3), TypeError,
+     "bias must be a torch.Tensor or None, got list"),
+    (lambda: kan_linear(torch.randn(2, 2), torch.randn(3, 2, 4), "bspline", spline_order=True,
+                        grid=torch.linspace(0, 1, 6).expand(2, -1)), ValueError, "spline_order must be an int"),
 ])
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
