@@ -54,9 +54,11 @@ def pow2(n: int) -> int:
 
 def number(v, name: str) -> float:
     """A numeric argument as a Python float: anything ``float()`` takes (int, float, a NumPy or one-element
-    tensor scalar) except text, which ``float("1")`` would parse: a string there is a misplaced argument."""
+    tensor scalar) except text, which ``float("1")`` would parse, and booleans (``True`` is 1.0): either
+    there is a misplaced argument."""
     try:
-        if isinstance(v, (str, bytes)):
+        if (isinstance(v, (str, bytes)) or type(v).__name__ in ("bool", "bool_")
+                or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)):
             raise TypeError
         return float(v)
     except (TypeError, ValueError):

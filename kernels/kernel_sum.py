@@ -1285,6 +1285,10 @@ class KernelOperator:
 
     def __init__(self, x, y=None, kernel: str = "gaussian", lengthscale=1.0, outputscale=1.0, noise=0.0):
         self.x, self.y = x, (x if y is None else y)
+        for name, t in (("x", self.x), ("y", self.y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _prepare(self.x, self.y, self.y[..., :1], kernel, lengthscale, outputscale)
         self.kernel, self.lengthscale, self.outputscale = kernel, lengthscale, outputscale
         self.noise_value = _value(noise, "noise")
         if not (self.noise_value >= 0 and math.isfinite(self.noise_value)):
@@ -1292,7 +1296,6 @@ class KernelOperator:
         if self.noise_value > 0 and self.x.shape[-2] != self.y.shape[-2]:
             raise ValueError("noise * I needs a square operator (x and y with the same number of points)")
         self.noise = noise if isinstance(noise, torch.Tensor) else self.noise_value  # a tensor keeps its grad
-        _prepare(self.x, self.y, self.y[..., :1], kernel, lengthscale, outputscale)
 
     @property
     def shape(self) -> tuple:
@@ -1305,6 +1308,8 @@ class KernelOperator:
         return self @ eye
 
     def __matmul__(self, b):
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"KernelOperator @ b: b must be a torch.Tensor, got {type(b).__name__}")
         if isinstance(self.noise, float) and self.noise == 0:
             return kernel_matvec(self.x, self.y, b, self.kernel, self.lengthscale, self.outputscale)
         if b.dtype in _16BIT:  # 16-bit: the sum and the noise term added in float32, then rounded once (the
@@ -1589,6 +1594,10 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
             isinstance(x_test, torch.Tensor) and x_test.dim() >= 2 and x_test.shape[-1] == x_train.shape[-1]):
         raise ValueError(f"x_test must be [..., N_test, D={x_train.shape[-1]}] points like x_train, got "
                          f"{tuple(x_test.shape) if isinstance(x_test, torch.Tensor) else type(x_test).__name__}")
+    if isinstance(x_train, torch.Tensor) and isinstance(x_test, torch.Tensor) and (
+            x_test.dtype != x_train.dtype or x_test.device != x_train.device):
+        raise TypeError(f"x_test must have x_train's dtype and device ({x_train.dtype} on {x_train.device}), got "
+                        f"{x_test.dtype} on {x_test.device}")
     if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
             and x_train.dtype in _16BIT):
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,

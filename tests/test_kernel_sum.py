@@ -683,6 +683,20 @@ def test_kernel_solve_is_differentiable(backend):
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=torch.ones(2)), ValueError, "noise"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(5)), ValueError, "N=4"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), precond_rank=-1), ValueError, "precond_rank"),
+    # used to fail inside Python (an AttributeError, list indexing) or to take True as 1.0
+    (lambda: KernelOperator([[0.0, 1.0]]), TypeError, "x must be a torch.Tensor, got list"),
+    (lambda: KernelOperator(torch.randn(4, 3), [[0.0] * 3]), TypeError, "y must be a torch.Tensor, got list"),
+    (lambda: KernelOperator(torch.randn(4)), ValueError, "x and y must be \\[..., N, D\\]"),
+    (lambda: KernelOperator(torch.randn(4, 3), noise=0.1) @ [1.0] * 4, TypeError,
+     "KernelOperator @ b: b must be a torch.Tensor, got list"),
+    (lambda: KernelOperator(torch.randn(4, 3), noise=0.1).matmul(KernelOperator(torch.randn(4, 3))), TypeError,
+     "b must be a torch.Tensor, got KernelOperator"),
+    (lambda: gp_posterior_mean(torch.randn(4, 3), torch.randn(4), torch.randn(2, 3, dtype=torch.float64)),
+     TypeError, "x_test must have x_train's dtype and device \\(torch.float32 on cpu\\), got torch.float64"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=True), TypeError,
+     "lengthscale must be a number, got bool"),
+    (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=np.True_), TypeError,
+     "noise must be a number, got bool"),
 ])
 def test_bad_input_is_a_clear_error(bad, err, match):
     with pytest.raises(err, match=match):
