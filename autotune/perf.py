@@ -37,6 +37,21 @@ def case_sets(text: str) -> list[str]:
     return sets
 
 
+def dtype_names(text: str) -> list[str]:
+    """Comma-separated dtype names of the perf suites (``float32,bfloat16``): torch dtypes, and
+    ``float32-tf32`` (float32 with TF32 allowed)."""
+    import torch
+
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [n for n in names
+           if not isinstance(getattr(torch, n.removesuffix("-tf32"), None), torch.dtype)
+           or (n.endswith("-tf32") and n != "float32-tf32")]
+    if bad or not names:
+        raise ValueError(f"unknown dtype(s) {bad or [text]}; valid: float32, float32-tf32, bfloat16, float16, "
+                         f"float64, comma-separated")
+    return names
+
+
 def git_commit() -> str:
     """The short commit of the code that runs: ``OPFORGE_COMMIT`` when set (a copy of a checkout whose git
     metadata is not that of the code), else the working directory's HEAD, else "unknown"."""
@@ -145,13 +160,20 @@ def ratios(records: list[dict], baseline_variant: str = "torch") -> dict:
 
 
 def compare(current: list[dict], baseline: list[dict], threshold: float = 0.10) -> tuple[list[dict], list[dict]]:
-    """Compare ratios; returns (rows for a table, failing rows)."""
+    """Compare ratios; returns (rows for a table, failing rows).
+
+    A baseline variant that the current run lacks where it ran that (op, case, mode, dtype) is "missing", a
+    failure; one whose (op, case, mode, dtype) the run did not time at all is "not run" (a run narrowed by
+    case sets, dtypes or -k), no failure."""
     cur, ref = ratios(current), ratios(baseline)
+    ran = {_key(r) for r in current}
     rows, failures = [], []
     for key in sorted(set(cur) | set(ref)):
         op, case, mode, dtype, variant = key
         row = {"op": op, "case": case, "mode": mode, "dtype": dtype, "variant": variant}
-        if key not in cur:
+        if key not in cur and key[:4] not in ran:
+            row.update(status="not run", baseline=ref[key][0])
+        elif key not in cur:
             row.update(status="missing", baseline=ref[key][0])
             failures.append(row)
         elif key not in ref:

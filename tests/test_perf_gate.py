@@ -44,6 +44,20 @@ def test_compare_ok_regressed_missing_new():
     assert {(f["case"], f["variant"]) for f in failures} == {("c", "gone"), ("d", "v")}
 
 
+def test_compare_leaves_cases_the_run_did_not_time_out():
+    """A run narrowed by --cases, --dtypes or -k (`opforge perf-check` on a CPU runs the small set; the
+    committed CPU baseline also holds the cpu set) does not fail on the cases it left out: they are
+    "not run". A variant gone from a case the run timed is still "missing", a failure."""
+    base = [rec("torch", 2.0), rec("fast", 0.5), rec("torch", 1.0, case="d"), rec("v", 0.5, case="d"),
+            rec("torch", 1.0, mode="fwdbwd"), rec("fast", 0.5, mode="fwdbwd")]
+    cur = [rec("torch", 2.0), rec("fast", 0.5), rec("torch", 1.0, mode="fwdbwd")]
+    rows, failures = perf.compare(cur, base, threshold=0.10)
+    status = {(r["case"], r["mode"], r["variant"]): r["status"] for r in rows}
+    assert status == {("c", "fwd", "fast"): "ok", ("d", "fwd", "v"): "not run",
+                      ("c", "fwdbwd", "fast"): "missing"}
+    assert [(f["case"], f["mode"]) for f in failures] == [("c", "fwdbwd")]
+
+
 def test_measured_spread_widens_the_allowance():
     base = [rec("torch", 1.0), rec("v", 0.5)]
     noisy = [rec("torch", 1.0, spread=0.6), rec("v", 0.7, spread=0.6)]  # ratio 2.0 -> 1.43, 29% drop
