@@ -17,10 +17,20 @@ import torch
 from opforge.kernels import kernel_matvec, kernel_solve
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--n-test", type=int, default=10_000)
+    ap.add_argument("--n", type=_positive, default=100_000)
+    ap.add_argument("--n-test", type=_positive, default=10_000)
     ap.add_argument("--kernel", default="matern52")
     ap.add_argument("--lengthscale", type=float, default=0.2)
     ap.add_argument("--noise", type=float, default=0.01)

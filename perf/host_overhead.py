@@ -52,9 +52,14 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 9 x 100 steps; the minimum is reported")
     ap.add_argument("--json", help="add the records to this JSON file")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     records, commit = [], git_commit()
     interpreter.GridExecutor.__call__ = lambda self, *a, **k: None  # kernel runs become no-ops (Triton 3.2-3.9)
     steps = _steps()
+    bad = [n for n in args.ops if n not in steps]
+    if bad:
+        ap.error(f"unknown op(s) {bad}; valid: {list(steps)}")
     for name in args.ops or list(steps):
         step = steps[name]
         with use_backend("triton"):

@@ -64,6 +64,12 @@ def test_list_and_tune_without_gpu(capsys):
      "not in the case set 'small': 2d-256-b32-c64-m32 is in gpu, main (its sets: gpu, main)"),
     (["tune", "--compile-only", "90", "--case", "bspline-small-odd"], "bspline-small-odd is in small"),
     (["tune", "--interpret", "--case", "bspline-b1024-256-g8"], "bspline-b1024-256-g8 is in no set tune covers"),
+    # perf-check's settings, refused before the suite runs (a NaN threshold failed every ratio after minutes of
+    # timing; an unknown dtype stopped the suite with a pytest usage error)
+    (["perf-check", "--threshold", "nan"], "argument --threshold: must be a finite relative drop >= 0"),
+    (["perf-check", "--threshold", "-0.1"], "must be a finite relative drop >= 0"),
+    (["perf-check", "--dtypes", "float32,float99"], "argument --dtypes: unknown dtype(s) ['float99']"),
+    (["perf-check", "--dtypes", "bfloat16-tf32"], "unknown dtype(s) ['bfloat16-tf32']"),
 ])
 def test_names_that_name_nothing_are_usage_errors(argv, says, tmp_path, capsys):
     """A mistyped op or case, or a case outside the set tuned, stops the command (exit 2) with the valid names,
@@ -290,6 +296,43 @@ def test_host_overhead_script_times_every_op():
     lines = r.stdout.splitlines()
     assert [ln.split()[0] for ln in lines] == ["kan", "spectral_conv", "kernel_sum"], r.stdout
     assert all(float(ln.split()[1]) > 0 for ln in lines), r.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--cases", "nosuch"], "unknown case(s) ['nosuch']"),
+    (["--ops", "kernel_sum", "--cases", "2d-256-b32-c64-m32"],
+     "unknown case(s) ['2d-256-b32-c64-m32'] of ['kernel_sum']"),
+    (["--tags", "bogus"], "no case of"),
+    (["--ops", "kan", "nosuch"], "unknown op 'nosuch'"),
+])
+def test_dev_scripts_refuse_selections_of_nothing(args, says):
+    """perf/check_float64.py checked nothing and passed (a header, exit 0) on a mistyped case or set."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "perf" / "check_float64.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", *args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and says in r.stderr, r.stdout + r.stderr
+
+
+def test_check_float64_exits_1_over_tolerance(monkeypatch, capsys):
+    """A variant over its tolerance fails the float64 check (it printed OVER and exited 0)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "check_float64", Path(__file__).resolve().parents[1] / "perf" / "check_float64.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "tolerance", lambda *a: 0.0)
+    monkeypatch.setattr(mod, "bench", lambda *a, **k: {"p50": 0.0})
+    monkeypatch.setattr(sys, "argv", ["check_float64.py", "--device", "cpu", "--ops", "kan", "--cases",
+                                      "chebyshev-small-odd"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 1
+    out = capsys.readouterr()
+    assert "OVER" in out.out and "over their tolerance" in out.err
 
 
 def _gpu_session(tmp_path, *stages, **env_over):
