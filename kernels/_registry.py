@@ -497,7 +497,7 @@ class Op:
         if timed:  # the winner is not allowed here (torch under OPFORGE_BACKEND=triton): the fastest that is
             best = min(timed, key=lambda t: t["ms"])
             return self.variants[best["variant"]], best["config"], "cache"
-        if os.environ.get("OPFORGE_AUTOTUNE", "0") == "1" and problem.device.type == "cuda":
+        if problem.device.type == "cuda" and autotune_on():
             from opforge.autotune import tuner
 
             # (an unwritable user cache keeps the entry in this process: the user's call goes on)
@@ -630,6 +630,15 @@ def current_backend() -> tuple[str, dict]:
         return override
     env = os.environ.get("OPFORGE_BACKEND", "auto").strip().lower() or "auto"
     return _check_backend(env, "OPFORGE_BACKEND"), {}
+
+
+def autotune_on() -> bool:
+    """``OPFORGE_AUTOTUNE``: "1" tunes a CUDA call with no cache entry on the spot; unset, empty or "0" does
+    not; any other value ("true", "yes") is an error naming it, not silently off."""
+    value = os.environ.get("OPFORGE_AUTOTUNE", "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"OPFORGE_AUTOTUNE={value!r} is not a setting; valid: '1' (tune on the spot) or '0'")
+    return value == "1"
 
 
 @contextlib.contextmanager

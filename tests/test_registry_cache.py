@@ -30,6 +30,23 @@ def test_registered_ops_lists_variants():
         get_op("nope")
 
 
+@pytest.mark.parametrize("value, on", [(None, False), ("", False), ("0", False), ("1", True), (" 1 ", True),
+                                       ("true", None), ("yes", None), ("2", None)])
+def test_autotune_env_is_0_or_1(monkeypatch, value, on):
+    """OPFORGE_AUTOTUNE=true used to leave tuning off without a word; values other than 0 and 1 now raise."""
+    from opforge.kernels._registry import autotune_on
+
+    if value is None:
+        monkeypatch.delenv("OPFORGE_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("OPFORGE_AUTOTUNE", value)
+    if on is None:
+        with pytest.raises(ValueError, match=f"OPFORGE_AUTOTUNE='{value}' is not a setting"):
+            autotune_on()
+    else:
+        assert autotune_on() is on
+
+
 def test_cpu_auto_goes_to_torch():
     p, _ = problem()
     v, cfg, why = OP.select(p)
