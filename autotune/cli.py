@@ -133,6 +133,9 @@ def cmd_tune(args) -> int:
     if args.jobs is not None and args.jobs < 0:
         print(f"--jobs must be 0 or more, got {args.jobs}", file=sys.stderr)
         return 2
+    if args.sms is not None and args.compile_only is None:  # (a tuning run times the GPU at hand)
+        print("--sms only applies with --compile-only (the SM count of the GPU compiled for)", file=sys.stderr)
+        return 2
     if args.compile_only is not None:
         return _compile_only(args)
     if not torch.cuda.is_available() and not args.interpret:
@@ -439,7 +442,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("tune", help="autotune on the GPU at hand and write the cache")
     t.add_argument("--op", nargs="*")
     t.add_argument("--out", help="cache file to write (default: the user cache file of this GPU)")
-    t.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "float32-tf32", "bfloat16", "float16"],
+    t.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float32-tf32", "bfloat16", "float16"],
                    help="float32-tf32: float32 calls made while torch's float32 matmul setting allows TF32")
     t.add_argument("--cases", choices=["small", "gpu", "main"])
     t.add_argument("--case", nargs="+", metavar="NAME", help="only these cases of the set, by name")

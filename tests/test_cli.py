@@ -66,6 +66,7 @@ def test_list_and_tune_without_gpu(capsys):
     (["tune", "--interpret", "--case", "bspline-b1024-256-g8"], "bspline-b1024-256-g8 is in no set tune covers"),
     # perf-check's settings, refused before the suite runs (a NaN threshold failed every ratio after minutes of
     # timing; an unknown dtype stopped the suite with a pytest usage error)
+    (["tune", "--interpret", "--dtype"], "argument --dtype: expected at least one argument"),
     (["perf-check", "--threshold", "nan"], "argument --threshold: must be a finite relative drop >= 0"),
     (["perf-check", "--threshold", "-0.1"], "must be a finite relative drop >= 0"),
     (["perf-check", "--dtypes", "float32,float99"], "argument --dtypes: unknown dtype(s) ['float99']"),
@@ -78,6 +79,13 @@ def test_names_that_name_nothing_are_usage_errors(argv, says, tmp_path, capsys):
         main(argv + (["--out", str(tmp_path / "c.json")] if argv[0] == "tune" else []))
     assert exc.value.code == 2
     assert says in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_tune_sms_without_compile_only_is_an_error(tmp_path, capsys):
+    """--sms sizes a --compile-only run for a GPU not at hand; with a tuning run it was silently ignored."""
+    assert main(["tune", "--interpret", "--sms", "100", "--out", str(tmp_path / "c.json")]) == 2
+    assert "--sms only applies with --compile-only" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
 
 
