@@ -2210,11 +2210,13 @@ class KANLinear(nn.Module):
                     RuntimeWarning, stacklevel=2)
 
     def regularization_loss(self, regularize_activation=1.0, regularize_entropy=1.0):
-        """efficient-kan's L1 + entropy surrogate on the spline weights."""
+        """efficient-kan's L1 + entropy surrogate on the spline weights. Where a feature's weights are all zero
+        its share is 0 and adds 0 log 0 = 0 to the entropy (0 gradient), and an all-zero layer (built with
+        scale_noise=0, say) has entropy 0: efficient-kan's formula gives NaN there, loss and gradients."""
         l1_fake = self.spline_weight.abs().mean(-1)
         reg_act = l1_fake.sum()
-        p = l1_fake / reg_act
-        reg_ent = -torch.sum(p * p.log())
+        p = l1_fake / reg_act.clamp_min(torch.finfo(l1_fake.dtype).tiny)
+        reg_ent = -torch.sum(p * torch.where(p > 0, p, torch.ones_like(p)).log())
         return regularize_activation * reg_act + regularize_entropy * reg_ent
 
 

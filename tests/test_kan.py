@@ -633,6 +633,31 @@ def test_update_grid_refuses_data_it_cannot_fit_and_keeps_the_layer(case):
         assert torch.isfinite(layer(x.double())).all()
 
 
+def test_regularization_loss_is_efficient_kans_and_finite_at_zero_weights():
+    """efficient-kan's L1 + entropy surrogate where it is defined; a feature whose weights are all zero (pruned,
+    or the layer built with scale_noise=0) adds 0 log 0 = 0, where the formula gave NaN loss and gradients."""
+    torch.manual_seed(5)
+    layer = KANLinear(4, 3, grid_size=3).double()
+    w = layer.spline_weight.detach()
+    l1 = w.abs().mean(-1)
+    p = l1 / l1.sum()
+    want = 0.7 * l1.sum() + 1.3 * -(p * p.log()).sum()  # efficient-kan's formula
+    torch.testing.assert_close(layer.regularization_loss(0.7, 1.3), want)
+    with torch.no_grad():
+        layer.spline_weight[1, 2] = 0.0
+    loss = layer.regularization_loss()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(layer.spline_weight.grad).all()
+    l1 = layer.spline_weight.detach().abs().mean(-1)
+    p = (l1 / l1.sum()).flatten()
+    p = p[p > 0]
+    torch.testing.assert_close(loss.detach(), l1.sum() - (p * p.log()).sum())
+    zero = KANLinear(4, 3, scale_noise=0.0)
+    loss = zero.regularization_loss()
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(zero.spline_weight.grad, torch.zeros_like(zero.spline_weight))
+
+
 def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
     torch.manual_seed(2)
     x = torch.rand(40, 3) * 1.6 - 0.8
