@@ -162,13 +162,18 @@ def compare(current: list[dict], baseline: list[dict], threshold: float = 0.10) 
 
     A baseline variant that the current run lacks where it ran that (op, case, mode, dtype) is "missing", a
     failure; one whose (op, case, mode, dtype) the run did not time at all is "not run" (a run narrowed by
-    case sets, dtypes or -k), no failure."""
-    cur, ref = ratios(current), ratios(baseline)
+    case sets, dtypes or -k), no failure.
+
+    A peer's row (KeOps, neuraloperator, a published algorithm) gates opforge's torch path against that peer,
+    the inverse of the peer's speedup over it (``_as_ours``): a peer's ratio that fell means opforge's path
+    got faster beside it, no regression, and one that rose means opforge's path got slower, one."""
+    cur, ref = (_as_ours(ratios(records)) for records in (current, baseline))
     ran = {_key(r) for r in current}
     rows, failures = [], []
     for key in sorted(set(cur) | set(ref)):
         op, case, mode, dtype, variant = key
-        row = {"op": op, "case": case, "mode": mode, "dtype": dtype, "variant": variant}
+        row = {"op": op, "case": case, "mode": mode, "dtype": dtype, "variant": variant,
+               "speedup": f"torch over {variant}" if _is_peer(op, variant) else f"{variant} over torch"}
         if key not in cur and key[:4] not in ran:
             row.update(status="not run", baseline=ref[key][0])
         elif key not in cur:
@@ -185,6 +190,19 @@ def compare(current: list[dict], baseline: list[dict], threshold: float = 0.10) 
                 failures.append(row)
         rows.append(row)
     return rows, failures
+
+
+def _as_ours(r: dict) -> dict:
+    """``ratios`` with each peer's entry inverted: opforge's torch path's speedup over the peer, the number a
+    regression of opforge lowers. opforge's own variants (and ``public-call``, its public function) keep
+    their speedup over the torch path; an op not registered here keeps every entry as it is."""
+    return {key: (1 / ratio, spread) if _is_peer(key[0], key[4]) and ratio > 0 else (ratio, spread)
+            for key, (ratio, spread) in r.items()}
+
+
+def _is_peer(op: str, variant: str) -> bool:
+    ours = _opforge_variants(op)
+    return bool(ours) and variant not in ours and variant != "public-call"
 
 
 def _opforge_variants(op: str) -> set:

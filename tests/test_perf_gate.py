@@ -58,6 +58,23 @@ def test_compare_leaves_cases_the_run_did_not_time_out():
     assert [(f["case"], f["mode"]) for f in failures] == [("c", "fwdbwd")]
 
 
+def test_peer_rows_gate_opforges_torch_path_over_the_peer():
+    """A peer's row gates opforge's torch path against the peer: the torch path twice as slow beside KeOps is a
+    regression (the peer's ratio over torch rose, which passed), the torch path twice as fast is not (the
+    peer's ratio fell, which failed). opforge's variants and public-call keep their speedup over torch."""
+    def r(variant, p50):
+        return dict(rec(variant, p50), op="kernel_sum")
+
+    base = [r("torch", 1.0), r("keops", 0.5), r("flash", 0.25), r("public-call", 0.3)]
+    slower_torch = [r("torch", 2.0), r("keops", 0.5), r("flash", 0.5), r("public-call", 0.6)]
+    rows, failures = perf.compare(slower_torch, base, 0.10)
+    got = {x["variant"]: (x["speedup"], x["status"], round(x["current"], 3)) for x in rows}
+    assert got == {"keops": ("torch over keops", "REGRESSED", 0.25), "flash": ("flash over torch", "ok", 4.0),
+                   "public-call": ("public-call over torch", "ok", 3.333)}
+    faster_torch = [r("torch", 0.5), r("keops", 0.5), r("flash", 0.125), r("public-call", 0.15)]
+    assert perf.compare(faster_torch, base, 0.10)[1] == []
+
+
 def test_measured_spread_widens_the_allowance():
     base = [rec("torch", 1.0), rec("v", 0.5)]
     noisy = [rec("torch", 1.0, spread=0.6), rec("v", 0.7, spread=0.6)]  # ratio 2.0 -> 1.43, 29% drop
