@@ -128,6 +128,9 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+_SNAPSHOT_MAX = 1 << 16  # elements of a CPU tensor whose checked values checked_once keeps to compare
+
+
 @eager_under_compile  # under torch.compile too: a value check is a host read, not graph material
 def checked_once(t: torch.Tensor, check: Callable, *args):
     """``check(t, *args)`` -- a validation that reads t's values, so a host sync on a GPU -- run once per
@@ -136,7 +139,10 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     A tensor is seen again as unchanged while it is the same object with the same ``_version`` (bumped by
     every in-place write: optimizer steps, ``copy_``, ``load_state_dict``) and the same storage (``.data =``
     swaps it without a bump), so a module's buffers and parameters are not re-read every forward pass.
-    Writes through a NumPy view are invisible to torch and so to this cache. Inference tensors track no
+    Writes through ``.data`` (``t.data.copy_(...)``, whose version counter is its own) or a NumPy view are
+    invisible to both: a CPU tensor (these are small: knots, centres, scales) is therefore also compared
+    with a copy of the values checked (``torch.equal``, microseconds, no sync on a CPU); a GPU tensor is not
+    (that would read it back every call), so on a GPU such writes go unseen until the next versioned one. Inference tensors track no
     version: they are checked every call. So is a tensor seen through torch.func transforms (a vmap over
     stacked parameters), lane by lane (``lanes``); the lanes' common result is returned, None if they differ.
     While a CUDA graph is being captured (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``) a
@@ -156,7 +162,8 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
         return None if _capturing(t) else check(t, *args)
     key = (id(t), check, args)
     seen = _CHECKED.get(key)
-    if seen is not None and seen[0]() is t and seen[1] == state:
+    if (seen is not None and seen[0]() is t and seen[1] == state
+            and (seen[3] is None or torch.equal(t.detach(), seen[3]))):
         return seen[2]
     if _capturing(t):
         return None
@@ -164,7 +171,8 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     if len(_CHECKED) > 4096:  # drop the entries of tensors that are gone
         for k in [k for k, v in _CHECKED.items() if v[0]() is None]:
             del _CHECKED[k]
-    _CHECKED[key] = (weakref.ref(t), state, result)
+    snapshot = t.detach().clone() if t.device.type == "cpu" and t.numel() <= _SNAPSHOT_MAX else None
+    _CHECKED[key] = (weakref.ref(t), state, result, snapshot)
     return result
 
 

@@ -114,9 +114,12 @@ def test_checked_once_sees_changes():
     assert checked_once(t, check, "a") == 6.0 and calls[-1] == "a" and len(calls) == 3
     t.data = torch.zeros(3)  # storage swapped, version unchanged
     assert checked_once(t, check, "a") == 0.0 and len(calls) == 4
+    t.data.copy_(torch.full((3,), 2.0))  # written through .data: its own version counter, t's unchanged
+    assert t._version == 1 and checked_once(t, check, "a") == 6.0 and len(calls) == 5  # (a CPU tensor's values)
+    assert checked_once(t, check, "a") == 6.0 and len(calls) == 5
     with torch.inference_mode():
         u = torch.ones(2)  # tracks no version: checked every time
-    assert checked_once(u, check, "a") == 2.0 and checked_once(u, check, "a") == 2.0 and len(calls) == 6
+    assert checked_once(u, check, "a") == 2.0 and checked_once(u, check, "a") == 2.0 and len(calls) == 7
 
 
 def test_checked_once_reads_nothing_during_cuda_graph_capture(monkeypatch):

@@ -633,6 +633,23 @@ def test_update_grid_refuses_data_it_cannot_fit_and_keeps_the_layer(case):
         assert torch.isfinite(layer(x.double())).all()
 
 
+def test_knots_written_through_data_are_seen():
+    """Knots rewritten through ``.data`` (its own version counter: the layer's buffer keeps its version) after a
+    call had checked them as evenly spaced: the next call used the even-knots form on uneven knots (5e-3
+    off) and took NaN knots. A CPU tensor's checked values are now compared too."""
+    torch.manual_seed(0)
+    layer = KANLinear(3, 2, grid_size=5)
+    x = torch.rand(8, 3) * 2 - 1
+    layer(x)  # knots checked (evenly spaced) and remembered
+    uneven = torch.sort(torch.rand(3, layer.grid.shape[1]) * 2.4 - 1.2, dim=1).values
+    layer.grid.data.copy_(uneven)
+    want = kan_linear(x, layer.scaled_spline_weight, grid=uneven.clone(), base_weight=layer.base_weight)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    layer.grid.data[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="grid \\(knots\\) must be finite"):
+        layer(x)
+
+
 def test_regularization_loss_is_efficient_kans_and_finite_at_zero_weights():
     """efficient-kan's L1 + entropy surrogate where it is defined; a feature whose weights are all zero (pruned,
     or the layer built with scale_noise=0) adds 0 log 0 = 0, where the formula gave NaN loss and gradients."""
