@@ -172,7 +172,8 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
         for k in [k for k, v in _CHECKED.items() if v[0]() is None]:
             del _CHECKED[k]
     snapshot = t.detach().clone() if t.device.type == "cpu" and t.numel() <= _SNAPSHOT_MAX else None
-    _CHECKED[key] = (weakref.ref(t), state, result, snapshot)
+    # the entry (and its snapshot) goes when the tensor does, not at the next pruning
+    _CHECKED[key] = (weakref.ref(t, lambda _, key=key: _CHECKED.pop(key, None)), state, result, snapshot)
     return result
 
 
