@@ -1509,11 +1509,22 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
             raise TypeError(f"{name} must be a real floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if x.dim() < 2:
         raise ValueError(f"{xname} must be [..., N, D] points, got shape {tuple(x.shape)}")
-    vector = y.dim() == x.dim() - 1
+    # vectors as kernel_matvec reads b: y [..., N] when it ends in N and has one dimension fewer than x, or is
+    # 1-D; a y [..., N, N] is vectors when its batch dims broadcast with x's, else R = N columns
+    N = x.shape[-2]
+    vector = y.dim() >= 1 and y.shape[-1] == N and y.dim() in (1, x.dim() - 1)
+    if vector and y.dim() >= 2 and y.shape[-2] == N and not _broadcasts(x.shape[:-2], y.shape[:-1]):
+        vector = False
     rhs = y.unsqueeze(-1) if vector else y
-    if rhs.dim() < 2 or rhs.shape[-2] != x.shape[-2]:
-        raise ValueError(f"{yname} must have N={x.shape[-2]} rows ([..., N] or [..., N, R]), got shape "
+    if rhs.dim() < 2 or rhs.shape[-2] != N:
+        raise ValueError(f"{yname} must be [..., N={N}] vectors or [..., N={N}, R] columns, got shape "
                          f"{tuple(y.shape)}")
+    if not _broadcasts(x.shape[:-2], rhs.shape[:-2]):
+        raise ValueError(f"batch dims of {xname} {tuple(x.shape[:-2])} and {yname} {tuple(rhs.shape[:-2])} do "
+                         f"not broadcast")
+    # targets shared by a batch of point sets (y [N] for x [B, N, D]): one right-hand side per batch entry
+    # (conjugate gradients update them in place, which a broadcast view cannot take)
+    rhs = rhs.expand(torch.broadcast_shapes(x.shape[:-2], rhs.shape[:-2]) + rhs.shape[-2:])
     bad = [name for name, t in ((xname, x), (yname, y)) if not bool(torch.isfinite(t.detach()).all())]
     if bad:
         raise ValueError(f"{' and '.join(bad)} must be finite for a solve: NaN or inf values found")
@@ -1525,7 +1536,8 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
     """Solve ``(outputscale * K(x, x) + noise * I) alpha = y`` by conjugate gradients.
 
     Args:
-        x: [..., N, D] training points; y: [..., N] or [..., N, R] right-hand sides (e.g. GP targets).
+        x: [..., N, D] training points; y: [..., N] or [..., N, R] right-hand sides (e.g. GP targets), read as
+            ``kernel_matvec`` reads b; their batch dims broadcast with x's (y [N] serves x [B, N, D]).
         noise: > 0, the diagonal term (observation noise variance): a float or a scalar tensor.
         lengthscale, outputscale: as in ``kernel_matvec`` (floats or tensors).
         tol: stop when every column's residual norm is below ``tol * |y|``.
@@ -1533,7 +1545,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
             ``precond_rank`` kernel sums against single points, O(N D) each, and a float64 [..., rank, N]
             factor (8 rank N bytes: 0.5 GB at N = 1e6); 0 runs plain CG.
 
-    Returns alpha like y (and ``{"iterations", "residual", "converged", "precond_rank"}`` with
+    Returns alpha like y, with the broadcast batch dims (and ``{"iterations", "residual", "converged", "precond_rank"}`` with
     ``return_info``, the residual the largest relative one, |r| / |y| per column); a solve that is not
     converged after ``max_iter`` iterations warns (RuntimeWarning) with its residual.
 

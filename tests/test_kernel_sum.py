@@ -504,7 +504,7 @@ def test_solve_of_non_finite_inputs_is_an_error_and_its_gradient_nan(monkeypatch
                 gp_posterior_mean(xb, yb, x[:3], "matern52", noise=0.1)
     with pytest.raises(ValueError, match=r"x_test must be \[\.\.\., N_test, D=2\] points like x_train"):
         gp_posterior_mean(x, y, torch.randn(4, 3, dtype=torch.float64), noise=0.1)
-    with pytest.raises(ValueError, match="y_train must have N=30 rows"):
+    with pytest.raises(ValueError, match=r"y_train must be \[\.\.\., N=30\] vectors or \[\.\.\., N=30, R\] columns"):
         gp_posterior_mean(x, y[:5], x, noise=0.1)
     with pytest.raises(TypeError, match="x must be a real floating tensor, got list"):
         kernel_solve([[0.0, 1.0]], y[:1])
@@ -736,6 +736,30 @@ def test_gp_posterior_mean_matches_dense_solution():
     np.testing.assert_allclose(mean.numpy(), want, rtol=1e-6, atol=1e-7)
     truth = torch.sin(6 * xt[:, 0]) * torch.cos(4 * xt[:, 1])
     assert (mean - truth).pow(2).mean().sqrt() < 0.1  # it actually regresses the function
+
+
+@pytest.mark.parametrize("yshape, out", [((7,), (2, 7)), ((1, 7), (2, 7)), ((7, 3), (2, 7, 3)), ((1, 7, 3), (2, 7, 3)),
+                                        ((2, 7), (2, 7))])
+def test_solve_targets_broadcast_over_batched_points(yshape, out):
+    """Targets shared by a batch of point sets, read as kernel_matvec reads b (y [N] or [N, R] serves x [B, N, D]):
+    y [N] and [N, R] were refused with "must have N=7 rows" (they have 7) and y [1, N] failed inside CG's
+    in-place updates. Each batch entry's solve against the dense one, and y's gradient summed over the batch."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(yshape, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = kernel_solve(x, y, "matern32", noise=0.1, tol=1e-12)
+    assert alpha.shape == out
+    vec = len(out) == 2
+    rhs = (y.unsqueeze(-1) if vec else y).detach().expand(out + (() if not vec else (1,)))
+    K = torch.stack([torch.from_numpy(ref.kernel_matrix(np64(xb), np64(xb), "matern32", 1.0)) for xb in x])
+    want = torch.linalg.solve(K + 0.1 * torch.eye(7, dtype=torch.float64), rhs)
+    torch.testing.assert_close(alpha, want.squeeze(-1) if vec else want, rtol=1e-9, atol=1e-10)
+    (gy,) = torch.autograd.grad(alpha.sum(), y)
+    gwant = torch.linalg.solve(K + 0.1 * torch.eye(7, dtype=torch.float64), torch.ones_like(rhs))  # (K symmetric)
+    gwant = gwant.squeeze(-1) if vec else gwant
+    torch.testing.assert_close(gy, gwant.sum_to_size(yshape), rtol=1e-8, atol=1e-9)
+    mean = gp_posterior_mean(x, y.detach(), x[:, :3], "matern32", noise=0.1, tol=1e-12)
+    torch.testing.assert_close(mean, kernel_matvec(x[:, :3], x, alpha.detach(), "matern32"), rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("n, m, d", [(41, 33, 17), (7, 5, 3), (300, 200, 8), (300, 200, 3)])
