@@ -2268,7 +2268,8 @@ class FastKANLayer(nn.Module):
         if use_layernorm and input_dim == 1:  # FastKAN refuses it too
             raise ValueError("use_layernorm=True with input_dim=1 would normalise every input to 0 (the layer's "
                              "output would not depend on x); pass use_layernorm=False")
-        _finite("spline_weight_init_scale", spline_weight_init_scale, 0.0)
+        if not _finite("spline_weight_init_scale", spline_weight_init_scale) > 0:  # (a normal's std)
+            raise ValueError(f"spline_weight_init_scale must be > 0, got {spline_weight_init_scale!r}")
         if use_base_update and not callable(base_activation):
             raise TypeError(f"base_activation must be a function such as torch.nn.functional.silu (or a module), "
                             f"got {base_activation!r}")

@@ -1288,6 +1288,8 @@ class KernelOperator:
         for name, t in (("x", self.x), ("y", self.y)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 2:
+                raise ValueError(f"{name} must be [..., N, D] points, got shape {tuple(t.shape)}")
         _prepare(self.x, self.y, self.y[..., :1], kernel, lengthscale, outputscale)
         self.kernel, self.lengthscale, self.outputscale = kernel, lengthscale, outputscale
         self.noise_value = _value(noise, "noise")
@@ -1537,7 +1539,8 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
 
     Args:
         x: [..., N, D] training points; y: [..., N] or [..., N, R] right-hand sides (e.g. GP targets), read as
-            ``kernel_matvec`` reads b; their batch dims broadcast with x's (y [N] serves x [B, N, D]).
+            ``kernel_matvec`` reads b; their batch dims broadcast with x's and the hyperparameters' (y [N]
+            serves x [B, N, D], or a batch of lengthscales [B, 1, D] over x [N, D]).
         noise: > 0, the diagonal term (observation noise variance): a float or a scalar tensor.
         lengthscale, outputscale: as in ``kernel_matvec`` (floats or tensors).
         tol: stop when every column's residual norm is below ``tol * |y|``.
@@ -1561,18 +1564,20 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
                          ("x", "y"))
 
 
-def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names):
-    """``kernel_solve``, its errors naming x and y as ``names`` (``gp_posterior_mean``'s x_train, y_train)."""
+def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
+                  columns=False):
+    """``kernel_solve``, its errors naming x and y as ``names`` (``gp_posterior_mean``'s x_train, y_train);
+    ``columns``: alpha [..., N, R] whatever y's form, and whether y was vectors (``gp_posterior_mean``)."""
     if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
         with no_autocast(x.device):
             return _kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
-                                 outputscale, tol, max_iter, return_info, precond_rank, names)
+                                 outputscale, tol, max_iter, return_info, precond_rank, names, columns)
     if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
             and x.dtype in _16BIT):
         out = _kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter,
-                            return_info, precond_rank, names)
-        if return_info:
-            return out[0].to(y.dtype), out[1]
+                            return_info, precond_rank, names, columns)
+        if return_info or columns:
+            return (out[0].to(y.dtype),) + tuple(out[1:])
         return out.to(y.dtype)
     if isinstance(noise, torch.Tensor):
         if noise.numel() != 1 or not noise.is_floating_point():
@@ -1582,6 +1587,10 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     if not (nz > 0 and math.isfinite(nz)):
         raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
     vector, rhs = _solve_inputs(x, y, *names)
+    # a batch of hyperparameters (lengthscale [..., 1, D], outputscale [...]) over the same points: one system
+    # per batch entry, so one right-hand side each (CG's in-place updates take no broadcast)
+    lead = _prepare(x, x, rhs, kernel, lengthscale, outputscale)[2]
+    rhs = rhs.expand(lead + rhs.shape[-2:])
     if not isinstance(precond_rank, int) or precond_rank < 0:
         raise ValueError(f"precond_rank must be an int >= 0, got {precond_rank!r}")
     tol = number(tol, "tol")
@@ -1591,6 +1600,8 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     info: dict = {}
     sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise, (kernel, tol, max_iter, info, precond_rank))
+    if columns:
+        return sol, vector
     out = sol.squeeze(-1) if vector else sol
     return (out, info) if return_info else out
 
@@ -1615,9 +1626,12 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,
                                  precond_rank).to(x_train.dtype)
     # (x_train and y_train checked in the solve, its errors naming them)
-    alpha = _kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
-                          precond_rank, ("x_train", "y_train"))
-    return kernel_matvec(x_test, x_train, alpha, kernel, lengthscale, outputscale)
+    # alpha as columns [..., N, R]: a batch of vectors (targets or hyperparameters batched beyond x_train's
+    # dims) would not read as vectors against x_train's points
+    alpha, vector = _kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
+                                  precond_rank, ("x_train", "y_train"), columns=True)
+    mean = kernel_matvec(x_test, x_train, alpha, kernel, lengthscale, outputscale)
+    return mean.squeeze(-1) if vector else mean
 
 
 # --------------------------------------------------------------------------- registration

@@ -686,7 +686,8 @@ def test_kernel_solve_is_differentiable(backend):
     # used to fail inside Python (an AttributeError, list indexing) or to take True as 1.0
     (lambda: KernelOperator([[0.0, 1.0]]), TypeError, "x must be a torch.Tensor, got list"),
     (lambda: KernelOperator(torch.randn(4, 3), [[0.0] * 3]), TypeError, "y must be a torch.Tensor, got list"),
-    (lambda: KernelOperator(torch.randn(4)), ValueError, "x and y must be \\[..., N, D\\]"),
+    (lambda: KernelOperator(torch.randn(4)), ValueError, "x must be \\[..., N, D\\] points"),
+    (lambda: KernelOperator(torch.randn(4, 3), torch.tensor(1.0)), ValueError, "y must be \\[..., N, D\\] points"),
     (lambda: KernelOperator(torch.randn(4, 3), noise=0.1) @ [1.0] * 4, TypeError,
      "KernelOperator @ b: b must be a torch.Tensor, got list"),
     (lambda: KernelOperator(torch.randn(4, 3), noise=0.1).matmul(KernelOperator(torch.randn(4, 3))), TypeError,
@@ -760,6 +761,34 @@ def test_solve_targets_broadcast_over_batched_points(yshape, out):
     torch.testing.assert_close(gy, gwant.sum_to_size(yshape), rtol=1e-8, atol=1e-9)
     mean = gp_posterior_mean(x, y.detach(), x[:, :3], "matern32", noise=0.1, tol=1e-12)
     torch.testing.assert_close(mean, kernel_matvec(x[:, :3], x, alpha.detach(), "matern32"), rtol=1e-9, atol=1e-10)
+
+
+def test_solve_over_a_batch_of_hyperparameters():
+    """kernel_solve and gp_posterior_mean take a batch of lengthscales and outputscales, as kernel_matvec does
+    (an ensemble over the same points); they failed inside CG ("output with shape [6, 1] doesn't match the
+    broadcast shape [2, 6, 1]"). Each entry against its own unbatched call, values and gradients."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(6, generator=g, dtype=torch.float64)
+    xt = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    ls = torch.tensor([0.5, 1.3], dtype=torch.float64).reshape(2, 1, 1).requires_grad_()
+    os_ = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64).reshape(3, 1).requires_grad_()  # [3, 1] x [2]: [3, 2]
+    alpha = kernel_solve(x, y, "matern52", noise=0.1, lengthscale=ls, outputscale=os_, tol=1e-12)
+    mean = gp_posterior_mean(x, y, xt, "matern52", noise=0.1, lengthscale=ls, outputscale=os_, tol=1e-12)
+    assert alpha.shape == (3, 2, 6) and mean.shape == (3, 2, 4)
+    gl, go = torch.autograd.grad((alpha.sum() + mean.sum()), (ls, os_))
+    want_gl, want_go = torch.zeros_like(gl), torch.zeros_like(go)  # each entry's gradients, summed as they share
+    for i, j in np.ndindex(3, 2):
+        li, oj = ls[j].detach().requires_grad_(), os_[i].detach().requires_grad_()
+        a = kernel_solve(x, y, "matern52", noise=0.1, lengthscale=li, outputscale=oj, tol=1e-12)
+        m = gp_posterior_mean(x, y, xt, "matern52", noise=0.1, lengthscale=li, outputscale=oj, tol=1e-12)
+        torch.testing.assert_close(alpha[i, j], a, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(mean[i, j], m, rtol=1e-9, atol=1e-11)
+        dl, do = torch.autograd.grad(a.sum() + m.sum(), (li, oj))
+        want_gl[j] += dl
+        want_go[i] += do
+    torch.testing.assert_close(gl, want_gl, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(go, want_go, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("n, m, d", [(41, 33, 17), (7, 5, 3), (300, 200, 8), (300, 200, 3)])
