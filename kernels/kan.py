@@ -2016,11 +2016,21 @@ _GRAPH_OP = GraphOp("kan_linear", "Tensor x, Tensor weight, str basis, Tensor? b
 
 # --------------------------------------------------------------------------- modules
 def _check_features(x, n: int, name: str) -> None:
-    """A module's input: a tensor [..., n]; else an error naming x."""
+    """A module's input: a real floating tensor [..., n]; else an error naming x."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(f"x must be a real floating tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != n:
         raise ValueError(f"x's last dimension must be {name}={n}, got {tuple(x.shape)}")
+
+
+def _check_points(x, n: int, name: str) -> None:
+    """A real floating [rows, n] tensor (the helpers that take efficient-kan's 2-D inputs); else an error."""
+    if not isinstance(x, torch.Tensor) or x.is_complex() or not x.is_floating_point():
+        raise TypeError(f"{name} must be a real floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2 or x.shape[1] != n:
+        raise ValueError(f"{name} must be [rows, in_features={n}], got {tuple(x.shape)}")
 
 
 def _finite(name: str, v, low: float | None = None) -> float:
@@ -2110,12 +2120,19 @@ class KANLinear(nn.Module):
 
     def b_splines(self, x: torch.Tensor) -> torch.Tensor:
         """The basis tensor [n, in, G + p] of x [n, in] (for inspection and update_grid; forward never builds it)."""
+        _check_points(x, self.in_features, "x")
         return _bspline_t(x, self.grid.to(x.dtype), self.spline_order)
 
     def curve2coeff(self, x: torch.Tensor, y: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """Least-squares coefficients [out, in, G + p] whose splines pass through y [n, in, out] at x [n, in]
         (solved in float32 at least, returned in y's dtype), on the layer's knots or on ``grid``
         [in, G + 2p + 1]."""
+        _check_points(x, self.in_features, "x")
+        if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != tuple(x.shape):
+            raise ValueError(f"y must be [n={x.shape[0]}, in={self.in_features}, out] values at x, got "
+                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        if x.shape[0] == 0 or not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+            raise ValueError("curve2coeff fits finite values at one point at least (x and y: none, or NaN / inf)")
         cdt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
         knots = self.grid if grid is None else grid
         A = _bspline_t(x.to(cdt), knots.to(cdt), self.spline_order).transpose(0, 1)  # [in, n, K]
@@ -2321,8 +2338,7 @@ class ChebyKANLayer(nn.Module):
         return f"input_dim={self.inputdim}, output_dim={self.outdim}, degree={self.degree}"
 
     def forward(self, x):
-        if x.shape[-1] != self.inputdim:
-            raise ValueError(f"x's last dimension must be input_dim={self.inputdim}, got {tuple(x.shape)}")
+        _check_features(x, self.inputdim, "input_dim")
         return kan_linear(x, self.cheby_coeffs.permute(1, 0, 2), "chebyshev")
 
 

@@ -1673,6 +1673,11 @@ class SpectralConv(nn.Module):
         """Resample a skip connection to this layer's output grid, as neuraloperator's FNO blocks call it:
         x itself when the grid does not change, else linear interpolation (1D), bicubic (2D), both with
         aligned corners, or (3D) the kept low frequencies of x on the new grid (``_spectral_resample``)."""
+        if not isinstance(x, torch.Tensor) or x.is_complex() or not x.is_floating_point():
+            raise TypeError(f"x must be a real floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != self.order + 2 or 0 in x.shape[2:]:
+            raise ValueError(f"x must be [batch, channels, *grid] with {self.order} spatial axes of at least one "
+                             f"point, got shape {tuple(x.shape)}")
         grid = tuple(x.shape[2:])
         out = self._output_shape(grid, output_shape)
         out = grid if out is None else out
@@ -1707,6 +1712,9 @@ class SpectralConv(nn.Module):
         is copied; a Tucker, CP or TT one (TFNO) keeps its factors, and any other factored form is rebuilt dense."""
         if getattr(layer, "complex_data", False):
             raise ValueError("only real-data neuraloperator SpectralConv layers convert (complex_data=False)")
+        if not hasattr(layer, "weight"):
+            raise TypeError(f"layer must be a neuraloperator SpectralConv (a module with a weight), got "
+                            f"{type(layer).__name__}")
         separable = bool(getattr(layer, "separable", False))
         w = layer.weight
         kind = {"TuckerTensor": "tucker", "CPTensor": "cp", "TTTensor": "tt", "ComplexTuckerTensor": "tucker",
