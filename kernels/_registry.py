@@ -61,7 +61,7 @@ def number(v, name: str) -> float:
                 or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)):
             raise TypeError
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of many values, or a meta one)
         raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
 
 

@@ -1856,9 +1856,9 @@ def _width(width) -> float:
     """The RBF width, checked positive and finite, as a number: a number or a one-element real tensor (each
     vmapped lane read, ``lanes``: an ensemble of widths under torch.func.vmap)."""
     if isinstance(width, torch.Tensor):
-        if width.numel() != 1 or width.is_complex() or width.dtype == torch.bool:
-            raise TypeError(f"width must be a number or a one-element real tensor, got a {width.dtype} tensor of "
-                            f"shape {tuple(width.shape)}")
+        if width.numel() != 1 or width.is_complex() or width.dtype == torch.bool or width.is_meta:
+            raise TypeError(f"width must be a number or a one-element real tensor with a value, got a {width.dtype} "
+                            f"tensor of shape {tuple(width.shape)} on {width.device}")
         v = lanes(width).detach().double().reshape(-1)
         if not bool(((v > 0) & torch.isfinite(v)).all()):
             raise ValueError(f"width must be positive and finite, got {v.tolist()[:8]}")
@@ -2025,12 +2025,15 @@ def _check_features(x, n: int, name: str) -> None:
         raise ValueError(f"x's last dimension must be {name}={n}, got {tuple(x.shape)}")
 
 
-def _check_points(x, n: int, name: str) -> None:
-    """A real floating [rows, n] tensor (the helpers that take efficient-kan's 2-D inputs); else an error."""
+def _check_points(x, n: int, name: str, device: torch.device) -> None:
+    """A real floating [rows, n] tensor on the layer's device (the helpers that take efficient-kan's 2-D
+    inputs); else an error."""
     if not isinstance(x, torch.Tensor) or x.is_complex() or not x.is_floating_point():
         raise TypeError(f"{name} must be a real floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 2 or x.shape[1] != n:
         raise ValueError(f"{name} must be [rows, in_features={n}], got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the layer is on {device}")
 
 
 def _finite(name: str, v, low: float | None = None) -> float:
@@ -2076,7 +2079,7 @@ class KANLinear(nn.Module):
             raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
         try:
             lo, hi = (float(v) for v in grid_range)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a meta tensor)
             lo = hi = math.nan
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise ValueError(f"grid_range must be two finite numbers (lo, hi) with hi > lo, got {grid_range!r}")
@@ -2110,8 +2113,10 @@ class KANLinear(nn.Module):
         nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * self.scale_base)
         with torch.no_grad():
             if not self.spline_weight.is_meta:  # a meta-device layer has shapes only: nothing to fit
-                noise = (torch.rand(self.grid_size + 1, self.in_features, self.out_features) - 0.5) \
-                    * self.scale_noise / self.grid_size
+                # drawn on the CPU (efficient-kan's draws, by the global seed), fitted where the layer is: a layer
+                # made on the meta device and then to_empty(device="cuda") had its fit fail on mixed devices
+                noise = ((torch.rand(self.grid_size + 1, self.in_features, self.out_features, device="cpu") - 0.5)
+                         * self.scale_noise / self.grid_size).to(self.grid.device)
                 coeff = self.curve2coeff(self.grid.T[self.spline_order: self.grid.shape[1] - self.spline_order], noise)
                 self.spline_weight.copy_((self.scale_spline if not self.enable_standalone_scale_spline else 1.0)
                                          * coeff)
@@ -2120,17 +2125,19 @@ class KANLinear(nn.Module):
 
     def b_splines(self, x: torch.Tensor) -> torch.Tensor:
         """The basis tensor [n, in, G + p] of x [n, in] (for inspection and update_grid; forward never builds it)."""
-        _check_points(x, self.in_features, "x")
+        _check_points(x, self.in_features, "x", self.grid.device)
         return _bspline_t(x, self.grid.to(x.dtype), self.spline_order)
 
     def curve2coeff(self, x: torch.Tensor, y: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """Least-squares coefficients [out, in, G + p] whose splines pass through y [n, in, out] at x [n, in]
         (solved in float32 at least, returned in y's dtype), on the layer's knots or on ``grid``
         [in, G + 2p + 1]."""
-        _check_points(x, self.in_features, "x")
+        _check_points(x, self.in_features, "x", self.grid.device)
         if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != tuple(x.shape):
             raise ValueError(f"y must be [n={x.shape[0]}, in={self.in_features}, out] values at x, got "
                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
         if x.shape[0] == 0 or not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
             raise ValueError("curve2coeff fits finite values at one point at least (x and y: none, or NaN / inf)")
         cdt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)

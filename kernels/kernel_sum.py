@@ -1511,6 +1511,10 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
             raise TypeError(f"{name} must be a real floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if x.dim() < 2:
         raise ValueError(f"{xname} must be [..., N, D] points, got shape {tuple(x.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{yname} is on {y.device} but {xname} is on {x.device}")
+    if x.is_meta:  # (conjugate gradients read values: a meta tensor has none)
+        raise ValueError(f"a solve needs values: {xname} and {yname} are on the meta device")
     # vectors as kernel_matvec reads b: y [..., N] when it ends in N and has one dimension fewer than x, or is
     # 1-D; a y [..., N, N] is vectors when its batch dims broadcast with x's, else R = N columns
     N = x.shape[-2]

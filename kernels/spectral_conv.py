@@ -101,7 +101,8 @@ def _out_grid(output_shape, d: int) -> tuple:
             out.append(n)
             continue
         real = (isinstance(n, numbers.Real) and not isinstance(n, bool)) or (
-            isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_complex() and n.dtype != torch.bool)
+            isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_complex() and n.dtype != torch.bool
+            and not n.is_meta)
         v = float(n) if real else math.nan
         if not (math.isfinite(v) and v.is_integer()):
             raise ValueError(f"output_shape must be whole numbers of points, one per spatial axis, got {sizes}")
@@ -1533,7 +1534,10 @@ class SpectralConv(nn.Module):
         self.fft_norm = fft_norm
         if resolution_scaling_factor is not None:
             f = resolution_scaling_factor
-            f = [float(f)] * self.order if isinstance(f, (int, float)) else [float(v) for v in f]
+            try:
+                f = [float(f)] * self.order if isinstance(f, (int, float)) else [float(v) for v in f]
+            except (TypeError, ValueError, RuntimeError):  # (text, a tensor of many values or none, a meta one)
+                f = []
             if len(f) != self.order or any(not (v > 0 and math.isfinite(v)) for v in f):
                 raise ValueError(f"resolution_scaling_factor must be positive and finite, one per axis, "
                                  f"got {resolution_scaling_factor!r}")

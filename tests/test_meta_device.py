@@ -48,14 +48,19 @@ def _reset_like_fsdp(module):
             m.reset_parameters()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_deferred_initialisation_gives_a_normal_build(name):
+def test_deferred_initialisation_gives_a_normal_build(name, device):
+    """On the GPU too: KANLinear's initial fit drew its noise on the CPU and fitted it against the layer's
+    knots wherever they were, so ``to_empty(device="cuda")`` then ``reset_parameters()`` failed on mixed
+    devices (not run on a GPU yet)."""
     build, x_shape, _ = MODULES[name]
     torch.manual_seed(0)
-    eager = build()
+    with torch.device(device):  # (built there: its draws from that device's generator, as the reset's)
+        eager = build()
     with torch.device("meta"):
         module = build()
-    module = module.to_empty(device="cpu")
+    module = module.to_empty(device=device)
     torch.manual_seed(0)
     _reset_like_fsdp(module)
     want, got = eager.state_dict(), module.state_dict()
@@ -70,7 +75,7 @@ def test_deferred_initialisation_gives_a_normal_build(name):
         got = {k: v for k, v in got.items() if not k.startswith("weight.")}
     for key in want:  # the knots and ChebyKAN's arange buffer too, which to_empty leaves as garbage
         torch.testing.assert_close(got[key], want[key], msg=key)
-    x = torch.randn(x_shape)
+    x = torch.randn(x_shape, device=device)
     if name == "SpectralConv-tucker":
         module.weight.load_state_dict(eager.weight.state_dict())
     torch.testing.assert_close(module(x), eager(x))
