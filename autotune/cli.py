@@ -443,7 +443,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("tune", help="autotune on the GPU at hand and write the cache")
     t.add_argument("--op", nargs="*")
     t.add_argument("--out", help="cache file to write (default: the user cache file of this GPU)")
-    t.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float32-tf32", "bfloat16", "float16"],
+    t.add_argument("--dtype", nargs="+", default=["float32"],
+                   choices=["float32", "float32-tf32", "bfloat16", "float16"],
                    help="float32-tf32: float32 calls made while torch's float32 matmul setting allows TF32")
     t.add_argument("--cases", choices=["small", "gpu", "main"])
     t.add_argument("--case", nargs="+", metavar="NAME", help="only these cases of the set, by name")

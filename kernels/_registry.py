@@ -142,9 +142,10 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     Writes through ``.data`` (``t.data.copy_(...)``, whose version counter is its own) or a NumPy view are
     invisible to both: a CPU tensor (these are small: knots, centres, scales) is therefore also compared
     with a copy of the values checked (``torch.equal``, microseconds, no sync on a CPU); a GPU tensor is not
-    (that would read it back every call), so on a GPU such writes go unseen until the next versioned one. Inference tensors track no
-    version: they are checked every call. So is a tensor seen through torch.func transforms (a vmap over
-    stacked parameters), lane by lane (``lanes``); the lanes' common result is returned, None if they differ.
+    (that would read it back every call), so on a GPU such writes go unseen until the next versioned one.
+    Inference tensors track no version: they are checked every call. So is a tensor seen through torch.func
+    transforms (a vmap over stacked parameters), lane by lane (``lanes``); the lanes' common result is
+    returned, None if they differ.
     While a CUDA graph is being captured (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``) a
     GPU tensor's values cannot be read (a sync is an error there): the remembered result is used if this
     version was checked before, else nothing is checked and None (unknown) is returned. Such a graph replays

@@ -1513,6 +1513,8 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
         raise ValueError(f"{xname} must be [..., N, D] points, got shape {tuple(x.shape)}")
     if y.device != x.device:
         raise ValueError(f"{yname} is on {y.device} but {xname} is on {x.device}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"{yname} must have {xname}'s dtype {x.dtype}, got {y.dtype}")
     if x.is_meta:  # (conjugate gradients read values: a meta tensor has none)
         raise ValueError(f"a solve needs values: {xname} and {yname} are on the meta device")
     # vectors as kernel_matvec reads b: y [..., N] when it ends in N and has one dimension fewer than x, or is
@@ -1552,9 +1554,9 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
             ``precond_rank`` kernel sums against single points, O(N D) each, and a float64 [..., rank, N]
             factor (8 rank N bytes: 0.5 GB at N = 1e6); 0 runs plain CG.
 
-    Returns alpha like y, with the broadcast batch dims (and ``{"iterations", "residual", "converged", "precond_rank"}`` with
-    ``return_info``, the residual the largest relative one, |r| / |y| per column); a solve that is not
-    converged after ``max_iter`` iterations warns (RuntimeWarning) with its residual.
+    Returns alpha like y, with the broadcast batch dims (and ``{"iterations", "residual", "converged",
+    "precond_rank"}`` with ``return_info``, the residual the largest relative one, |r| / |y| per column); a
+    solve that is not converged after ``max_iter`` iterations warns (RuntimeWarning) with its residual.
 
     Differentiable in y, x, lengthscale, outputscale and noise (tensors requiring grad) by implicit
     differentiation: the backward pass runs one more CG solve with the same ``tol`` and ``max_iter``, and
