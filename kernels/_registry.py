@@ -106,7 +106,7 @@ def shapes_only() -> bool:
     return _SHAPES_ONLY.get()
 
 
-_CHECKED: dict = {}  # (id(tensor), check, args) -> (weakref to the tensor, its state when checked, result)
+_CHECKED: dict = {}  # (id(tensor), check, args) -> (weakref to it, its state when checked, result, CPU values or None)
 
 
 def eager_under_compile(fn: Callable) -> Callable:
@@ -169,11 +169,9 @@ def checked_once(t: torch.Tensor, check: Callable, *args):
     if _capturing(t):
         return None
     result = check(t, *args)
-    if len(_CHECKED) > 4096:  # drop the entries of tensors that are gone
-        for k in [k for k, v in _CHECKED.items() if v[0]() is None]:
-            del _CHECKED[k]
     snapshot = t.detach().clone() if t.device.type == "cpu" and t.numel() <= _SNAPSHOT_MAX else None
-    # the entry (and its snapshot) goes when the tensor does, not at the next pruning
+    # the entry (and its snapshot) goes when the tensor does (no sweep over the entries, which a callback run
+    # by the garbage collector in the middle of it would change under it)
     _CHECKED[key] = (weakref.ref(t, lambda _, key=key: _CHECKED.pop(key, None)), state, result, snapshot)
     return result
 
