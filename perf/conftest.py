@@ -235,6 +235,19 @@ def pytest_configure(config):
                      "pytest-xdist worker?)") if worker else ""
         raise pytest.UsageError("the perf suites time one test at a time and pytest-benchmark is off under "
                                 "pytest-xdist: run them without -n" + inherited)
+    # names that name nothing are errors before anything is timed (a mistyped case ran no benchmark of it and
+    # passed; an unknown dtype failed each test at its fixture)
+    names = {n.strip() for n in config.getoption("--opforge-case-names", default="").split(",") if n.strip()}
+    if names:
+        from opforge.kernels import get_op, registered_ops
+
+        known = {c.name for op in registered_ops() for c in get_op(op).cases}
+        if names - known:
+            raise pytest.UsageError(f"--opforge-case-names: unknown case(s) {sorted(names - known)}")
+    try:
+        perf_results.dtype_names(config.getoption("--opforge-dtypes", default="float32"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--opforge-dtypes: {exc}") from None
     path = config.getoption("--opforge-results", default=None)
     _RESULTS_PATH[:] = [path] if path else []
 

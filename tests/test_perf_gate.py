@@ -171,6 +171,18 @@ def test_unreadable_results_files_are_errors_that_name_them(tmp_path, capsys, mo
     assert "no baseline for this device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, says", [("--opforge-case-names=bspline-small-odd,nosuch",
+                                             "--opforge-case-names: unknown case(s) ['nosuch']"),
+                                            ("--opforge-dtypes=float32,float99", "unknown dtype(s) ['float99']")])
+def test_perf_suites_refuse_names_that_name_nothing(option, says):
+    """A mistyped case name ran no benchmark of that case and passed (gpu_session.sh's CASES); an unknown dtype
+    failed every test at its fixture. Both stop the suite before anything is timed."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "perf/bench_kan.py", "--collect-only", "-q", "-p",
+                        "no:cacheprovider", option], cwd=ROOT, env=perf.suite_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 4 and says in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_perf_suites_refuse_to_run_under_xdist(monkeypatch):
     """pytest-benchmark turns itself off under pytest-xdist, so a perf suite there would time nothing: it
     stops at once and says why, for -n and for a worker variable inherited from a test process; perf-check
