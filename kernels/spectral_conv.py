@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -1261,6 +1262,21 @@ def _spectral_resample(x: torch.Tensor, out: tuple) -> torch.Tensor:
 FACTORIZATIONS = ("dense", "tucker", "cp", "tt")
 
 
+def _int_tuple(v) -> tuple | None:
+    """``v`` as a tuple of Python ints (a sequence of ints, not bools, not a tensor), or None if it is not one."""
+    if isinstance(v, (str, bytes, torch.Tensor)) or not hasattr(v, "__iter__"):
+        return None
+    out = []
+    for m in v:
+        if isinstance(m, (bool, torch.Tensor)):
+            return None
+        try:
+            out.append(operator.index(m))
+        except TypeError:
+            return None
+    return tuple(out)
+
+
 def _fraction_rank(kind: str, shape: tuple, rank: float, fixed: list) -> tuple:
     """Ranks that keep about ``rank`` times the dense tensor's parameters, by the rules tensorly applies to
     a float rank (so that layers built alike have the same factor shapes and load each other's weights):
@@ -1335,16 +1351,20 @@ class FactorizedWeight(nn.Module):
         super().__init__()
         if kind not in FACTORIZATIONS[1:]:
             raise ValueError(f"factorization must be one of {list(FACTORIZATIONS)} (or None), got {kind!r}")
-        self.kind, self.shape = kind, tuple(int(s) for s in shape)
+        self.shape = _int_tuple(shape)
+        if self.shape is None or len(self.shape) < 2 or any(s < 1 for s in self.shape):
+            raise ValueError(f"shape must be the weight's sizes, two or more positive ints, got {shape!r}")
+        self.kind = kind
         N = len(self.shape)
-        fixed = sorted(int(m) for m in (fixed_rank_modes or ()))
-        if any(not 0 <= m < N for m in fixed) or (fixed and kind != "tucker"):
+        fixed = _int_tuple(() if fixed_rank_modes is None else fixed_rank_modes)
+        if fixed is None or any(not 0 <= m < N for m in fixed) or (fixed and kind != "tucker"):
             raise ValueError(f"fixed_rank_modes must be modes of the weight (0 to {N - 1}) and applies to "
                              f"factorization='tucker' only, got {fixed_rank_modes!r} for {kind!r}")
+        fixed = sorted(set(fixed))
         want = {"tucker": N, "cp": 1, "tt": N + 1}[kind]
         if isinstance(rank, float) and not isinstance(rank, bool):
-            if not 0 < rank:
-                raise ValueError(f"a fractional rank must be positive, got {rank!r}")
+            if not (0 < rank and math.isfinite(rank)):
+                raise ValueError(f"a fractional rank must be positive and finite, got {rank!r}")
             ranks = _fraction_rank(kind, self.shape, rank, fixed)
         elif isinstance(rank, int) and not isinstance(rank, bool):
             ranks = {"tucker": tuple(self.shape[i] if i in fixed else rank for i in range(N)), "cp": (rank,),

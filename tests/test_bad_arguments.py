@@ -78,6 +78,12 @@ def _calls():
         "SpectralConv.transform": (lambda **kw: conv.transform(**kw),
                                    dict(x=torch.randn(2, 3, 16, 16), output_shape=(12, 12))),
         "SpectralConv.n_modes": (lambda v: setattr(K.SpectralConv(3, 2, (6, 6)), "n_modes", v), dict(v=(4, 4))),
+        "FactorizedWeight-tucker": (lambda **kw: K.FactorizedWeight(**kw).to_tensor(),
+                                    dict(kind="tucker", shape=(3, 2, 6, 4), rank=0.5, fixed_rank_modes=None)),
+        "FactorizedWeight-cp": (lambda **kw: K.FactorizedWeight(**kw).to_tensor(),
+                                dict(kind="cp", shape=(3, 2, 6, 4), rank=3)),
+        "FactorizedWeight-tt": (lambda **kw: K.FactorizedWeight(**kw).to_tensor(),
+                                dict(kind="tt", shape=(3, 2, 6, 4), rank=(1, 2, 2, 2, 1))),
         "SpectralConv.from_neuraloperator": (lambda layer: K.SpectralConv.from_neuraloperator(layer),
                                              dict(layer=K.SpectralConv(3, 2, (6, 6)))),
     }
