@@ -898,6 +898,20 @@ def test_factorized_fractional_ranks():
         assert 0.2 < n / (16 * 16 * 12 * 7) < 0.4, (kind, n)
 
 
+def test_factorized_weight_sizes_and_fixed_modes():
+    """Sizes and fixed modes are ints of any integer kind (NumPy's too); a mode named twice is fixed once
+    (it was counted twice in the fractional-rank budget); a float size or mode is refused."""
+    from opforge.kernels import FactorizedWeight
+    shape = (3, 5, 8, 5)
+    want = FactorizedWeight("tucker", shape, 0.2, [0]).rank
+    assert FactorizedWeight("tucker", tuple(np.int64(s) for s in shape), 0.2, (np.int64(0),)).rank == want
+    assert FactorizedWeight("tucker", shape, 0.2, [0, 0]).rank == want
+    with pytest.raises(ValueError, match="shape must be"):
+        FactorizedWeight("tucker", (3.0, 5, 8, 5))
+    with pytest.raises(ValueError, match="fixed_rank_modes must be"):
+        FactorizedWeight("tucker", shape, 0.2, [0.0])
+
+
 def test_factorized_weights_match_neuraloperator():
     """neuraloperator's factorized layers (TFNO): the same parameter names and shapes for fractional ranks
     and fixed_rank_modes, their state dicts load, the same outputs and factor gradients; from_neuraloperator
