@@ -903,9 +903,9 @@ def test_factorized_weight_sizes_and_fixed_modes():
     (it was counted twice in the fractional-rank budget); a float size or mode is refused."""
     from opforge.kernels import FactorizedWeight
     shape = (3, 5, 8, 5)
-    want = FactorizedWeight("tucker", shape, 0.2, [0]).rank
-    assert FactorizedWeight("tucker", tuple(np.int64(s) for s in shape), 0.2, (np.int64(0),)).rank == want
-    assert FactorizedWeight("tucker", shape, 0.2, [0, 0]).rank == want
+    want = FactorizedWeight("tucker", shape, 0.3, [0]).rank  # (3, 3, 5, 3); [0, 0] counted twice: (3, 3, 4, 3)
+    assert FactorizedWeight("tucker", tuple(np.int64(s) for s in shape), 0.3, (np.int64(0),)).rank == want
+    assert FactorizedWeight("tucker", shape, 0.3, [0, 0]).rank == want == (3, 3, 5, 3)
     with pytest.raises(ValueError, match="shape must be"):
         FactorizedWeight("tucker", (3.0, 5, 8, 5))
     with pytest.raises(ValueError, match="fixed_rank_modes must be"):
