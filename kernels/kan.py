@@ -2181,7 +2181,8 @@ class KANLinear(nn.Module):
         float64 for a float64 layer: sort and least squares take no 16-bit dtypes; the fit is on the knots as the
         layer stores them; autocast or not). x must hold at least one sample, all finite: otherwise, and when
         the fitted knots would not be finite and strictly increasing in the layer's dtype (a range too wide
-        for it, or too narrow at x's magnitude), it raises and leaves the layer as it was."""
+        for it, or too narrow at x's magnitude; with ``grid_eps=0``, fewer distinct values of x than knots; a
+        constant x with ``margin=0``), it raises, says which, and leaves the layer as it was."""
         _check_features(x, self.in_features, "in_features")
         margin = _finite("margin", margin, 0.0)
         with no_autocast(x.device):  # the float32 solve, not autocast's 16-bit bmm
@@ -2211,9 +2212,15 @@ class KANLinear(nn.Module):
             gd = grid.double()
             bad = (~(torch.isfinite(gd).all(1) & (gd.diff(dim=1) > 0).all(1))).nonzero().flatten().tolist()
             if bad:
+                why = []
+                if self.grid_eps == 0 and bool((grid_adaptive[:, bad].diff(dim=0) <= 0).any()):
+                    why.append("grid_eps=0 takes x's quantiles as the knots, and x has fewer distinct values than "
+                               "grid_size + 1 there; a grid_eps > 0 mixes in evenly spaced knots")
+                if bool((step[bad] <= 0).any()):
+                    why.append("x is constant there and margin is 0")
+                why = "; ".join(why) or "x's range there is too wide for the dtype, or too narrow at its magnitude"
                 raise ValueError(f"update_grid: the knots fitted to x are not finite and strictly increasing in "
-                                 f"{self.grid.dtype} for input feature(s) {_listed(bad)} "
-                                 f"(x's range there is too wide for the dtype, or too narrow at its magnitude)")
+                                 f"{self.grid.dtype} for input feature(s) {_listed(bad)} ({why})")
             coeff = self.curve2coeff(x, unreduced, grid)
             if self.enable_standalone_scale_spline:
                 # efficient-kan copies the *scaled* coefficients into spline_weight, so its forward multiplies by

@@ -610,22 +610,28 @@ def test_kanlinear_builds_and_refits_at_every_order(order):
     assert torch.isfinite(layer(x)).all()
 
 
-@pytest.mark.parametrize("case", ["empty", "nan", "inf", "narrow", "wrong-width"])
+@pytest.mark.parametrize("case", ["empty", "nan", "inf", "narrow", "wrong-width", "few-values", "constant"])
 def test_update_grid_refuses_data_it_cannot_fit_and_keeps_the_layer(case):
-    """No samples, non-finite samples (a diverged batch), or knots that the layer's dtype cannot hold apart (a
-    range of 1 at 1e8 in float32): a clear error naming the features, before anything is written (the knots
-    were written first, so a failed least squares left NaN knots behind and the next forward pass raised)."""
+    """No samples, non-finite samples (a diverged batch), knots that the layer's dtype cannot hold apart (a
+    range of 1 at 1e8 in float32), with grid_eps=0 (knots at x's quantiles) fewer distinct values than knots,
+    or a constant feature with margin 0: a clear error naming the features and the cause, before anything is
+    written (the knots were written first, so a failed least squares left NaN knots behind and the next
+    forward pass raised)."""
     torch.manual_seed(4)
-    layer = KANLinear(3, 2, grid_size=4)
+    layer = KANLinear(3, 2, grid_size=4, grid_eps=0.0 if case == "few-values" else 0.02)
+    few = torch.randn(20, 3)
+    few[:, 1] = torch.tensor([0.0, 1.0]).repeat(10)
     x = {"empty": torch.randn(0, 3), "nan": torch.randn(20, 3).index_fill_(1, torch.tensor([2]), float("nan")),
          "inf": torch.randn(20, 3).index_fill_(1, torch.tensor([0]), float("inf")),
-         "narrow": torch.rand(20, 3) + 1e8, "wrong-width": torch.randn(20, 4)}[case]
+         "narrow": torch.rand(20, 3) + 1e8, "wrong-width": torch.randn(20, 4), "few-values": few,
+         "constant": torch.randn(20, 3).index_fill_(1, torch.tensor([0]), 0.5)}[case]
     want = {"empty": "at least one sample", "nan": r"feature\(s\) \[2\]", "inf": r"feature\(s\) \[0\]",
-            "narrow": r"strictly increasing in torch.float32 for input feature\(s\) \[0, 1, 2\]",
-            "wrong-width": "in_features=3"}[case]
+            "narrow": r"strictly increasing in torch.float32 for input feature\(s\) \[0, 1, 2\] \(x's range",
+            "wrong-width": "in_features=3", "few-values": r"feature\(s\) \[1\] \(grid_eps=0 takes x's quantiles",
+            "constant": r"feature\(s\) \[0\] \(x is constant there and margin is 0\)"}[case]
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises(ValueError, match=want):
-        layer.update_grid(x)
+        layer.update_grid(x, margin=0.0 if case == "constant" else 0.01)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, state[k]), k
     if case == "narrow":  # float64 holds those knots apart
