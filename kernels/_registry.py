@@ -30,6 +30,7 @@ import functools
 import hashlib
 import inspect
 import json
+import operator
 import os
 import re
 import textwrap
@@ -63,6 +64,26 @@ def number(v, name: str) -> float:
         return float(v)
     except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of many values, or a meta one)
         raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
+
+
+def int_tuple(v, one: bool = False) -> tuple | None:
+    """``v`` as a tuple of Python ints: a sequence of ints of any integer kind (NumPy's too), or with ``one``
+    a single int as a 1-tuple; never booleans (``True`` is 1), floats, text or tensors. None if it is not one,
+    for the caller's error naming the argument."""
+    def index(m):  # (a NumPy array has __index__, which only its one-element integer arrays pass)
+        if isinstance(m, (bool, str, bytes, torch.Tensor)) or type(m).__name__ == "bool_":
+            return None
+        try:
+            return operator.index(m)
+        except TypeError:
+            return None
+
+    if one and index(v) is not None:
+        return (index(v),)
+    if isinstance(v, (str, bytes, torch.Tensor)) or not hasattr(v, "__iter__"):
+        return None
+    out = tuple(index(m) for m in v)
+    return None if None in out else out
 
 
 def positive_ints(**sizes) -> None:

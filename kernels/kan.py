@@ -82,7 +82,7 @@ from torch import nn
 from . import _registry
 from ._graph_op import GraphOp, traced
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, kept_tensor, lanes, no_autocast, number, positive_ints, register,
+                        graph_grads, int_tuple, kept_tensor, lanes, no_autocast, number, positive_ints, register,
                         transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, allow_tf32, cdiv, offsets_fit, sm_count,
@@ -2392,11 +2392,8 @@ class FourierKANLayer(nn.Module):
 
 
 def _widths(layers_hidden) -> list:
-    try:
-        widths = list(layers_hidden)
-    except TypeError:
-        widths = []
-    if len(widths) < 2 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+    widths = list(int_tuple(layers_hidden) or ())
+    if len(widths) < 2 or any(w < 1 for w in widths):
         raise ValueError(f"layers_hidden must list at least two positive ints (input, ..., output width), "
                          f"got {layers_hidden!r}")
     return widths

@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -46,8 +45,8 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, kept_tensor, number,
-                        positive_ints, register, variant_backward)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, int_tuple, kept_tensor,
+                        number, positive_ints, register, variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, split_tf32_torch, tl, triton
 
@@ -1262,21 +1261,6 @@ def _spectral_resample(x: torch.Tensor, out: tuple) -> torch.Tensor:
 FACTORIZATIONS = ("dense", "tucker", "cp", "tt")
 
 
-def _int_tuple(v) -> tuple | None:
-    """``v`` as a tuple of Python ints (a sequence of ints, not bools, not a tensor), or None if it is not one."""
-    if isinstance(v, (str, bytes, torch.Tensor)) or not hasattr(v, "__iter__"):
-        return None
-    out = []
-    for m in v:
-        if isinstance(m, (bool, torch.Tensor)):
-            return None
-        try:
-            out.append(operator.index(m))
-        except TypeError:
-            return None
-    return tuple(out)
-
-
 def _fraction_rank(kind: str, shape: tuple, rank: float, fixed: list) -> tuple:
     """Ranks that keep about ``rank`` times the dense tensor's parameters, by the rules tensorly applies to
     a float rank (so that layers built alike have the same factor shapes and load each other's weights):
@@ -1351,12 +1335,12 @@ class FactorizedWeight(nn.Module):
         super().__init__()
         if kind not in FACTORIZATIONS[1:]:
             raise ValueError(f"factorization must be one of {list(FACTORIZATIONS)} (or None), got {kind!r}")
-        self.shape = _int_tuple(shape)
+        self.shape = int_tuple(shape)
         if self.shape is None or len(self.shape) < 2 or any(s < 1 for s in self.shape):
             raise ValueError(f"shape must be the weight's sizes, two or more positive ints, got {shape!r}")
         self.kind = kind
         N = len(self.shape)
-        fixed = _int_tuple(() if fixed_rank_modes is None else fixed_rank_modes)
+        fixed = int_tuple(() if fixed_rank_modes is None else fixed_rank_modes)
         if fixed is None or any(not 0 <= m < N for m in fixed) or (fixed and kind != "tucker"):
             raise ValueError(f"fixed_rank_modes must be modes of the weight (0 to {N - 1}) and applies to "
                              f"factorization='tucker' only, got {fixed_rank_modes!r} for {kind!r}")
@@ -1370,10 +1354,9 @@ class FactorizedWeight(nn.Module):
             ranks = {"tucker": tuple(self.shape[i] if i in fixed else rank for i in range(N)), "cp": (rank,),
                      "tt": (1,) + (rank,) * (N - 1) + (1,)}[kind]
         else:
-            ranks = tuple(rank) if isinstance(rank, (tuple, list)) else ()
-            if len(ranks) != want or any(not isinstance(r, int) for r in ranks):
-                ranks = ()
-        if not ranks or len(ranks) != want or any(r < 1 for r in ranks) or (kind == "tt" and (ranks[0], ranks[-1]) != (1, 1)):
+            ranks = int_tuple(rank) or ()
+        if (not ranks or len(ranks) != want or any(r < 1 for r in ranks)
+                or (kind == "tt" and (ranks[0], ranks[-1]) != (1, 1))):
             raise ValueError(f"rank for factorization={kind!r} of a weight of shape {self.shape} must be a positive "
                              f"float (a fraction of its parameters) or {'an int or ' if kind != 'cp' else ''}"
                              f"{want} positive int{'s' if want > 1 else ''}"
@@ -1546,8 +1529,8 @@ class SpectralConv(nn.Module):
         if max_n_modes is None:
             modes = tuple(kept)
         else:
-            modes = tuple([max_n_modes] if isinstance(max_n_modes, int) else max_n_modes)
-            if len(modes) != self.order or any(not isinstance(m, int) or m < k for m, k in zip(modes, kept)):
+            modes = int_tuple(max_n_modes, one=True) or ()
+            if len(modes) != self.order or any(m < k for m, k in zip(modes, kept)):
                 raise ValueError(f"max_n_modes must be {self.order} ints (the weight's mode dims, the last axis "
                                  f"halved), each at least the {kept} modes n_modes keeps, got {max_n_modes!r}")
         self._n_modes = kept
@@ -1621,9 +1604,8 @@ class SpectralConv(nn.Module):
     @staticmethod
     def _kept_modes(n_modes, order) -> list:
         """Total modes per axis (an int or one per axis) -> kept modes (the last axis halved: n // 2 + 1)."""
-        n = [n_modes] if isinstance(n_modes, int) else list(n_modes)
-        if (not 1 <= len(n) <= 3 or (order is not None and len(n) != order)
-                or any(not isinstance(m, int) or m < 1 for m in n)):
+        n = list(int_tuple(n_modes, one=True) or ())
+        if not 1 <= len(n) <= 3 or (order is not None and len(n) != order) or any(m < 1 for m in n):
             want = "1 to 3" if order is None else str(order)
             raise ValueError(f"n_modes must be {want} positive ints (one per spatial axis), got {n_modes!r}")
         return n[:-1] + [n[-1] // 2 + 1]

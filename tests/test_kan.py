@@ -707,6 +707,8 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
             KAN(bad)
         with pytest.raises(ValueError, match="layers_hidden"):
             FastKAN(bad)
+    # ints of any integer kind: NumPy's too (a width read from a config array), as Python ints
+    assert [layer.out_features for layer in KAN([np.int64(3), np.int32(5), 2]).layers] == [5, 2]
 
 
 def test_kanlinear_base_activation_class_module_or_function():

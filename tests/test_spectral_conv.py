@@ -520,6 +520,11 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
     (lambda: SpectralConv.from_neuraloperator(types.SimpleNamespace(complex_data=True)), ValueError,
      "only real-data neuraloperator SpectralConv layers convert"),
     (lambda: SpectralConv(3, 2, [4, 4, 4, 4]), ValueError, "n_modes"),
+    (lambda: SpectralConv(3, 2, (True, 4)), ValueError, "n_modes"),  # was taken as 1 mode, a bool in n_modes
+    (lambda: SpectralConv(3, 2, True), ValueError, "n_modes"),
+    (lambda: SpectralConv(3, 2, (4, 4), max_n_modes=(4.0, 3)), ValueError, "max_n_modes"),
+    (lambda: SpectralConv(3, 2, (4, 4), factorization="tt", rank=(1, True, 2, 2, 1)), ValueError,
+     "rank for factorization='tt'"),
     (lambda: SpectralConv(0, 2, 4), ValueError, "in_channels"),
     (lambda: SpectralConv(3, 2, 4, fft_norm="none"), ValueError, "fft_norm must be one of"),
     (lambda: spectral_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 4, 3, dtype=torch.complex64), fft_norm=None),
@@ -910,6 +915,10 @@ def test_factorized_weight_sizes_and_fixed_modes():
         FactorizedWeight("tucker", (3.0, 5, 8, 5))
     with pytest.raises(ValueError, match="fixed_rank_modes must be"):
         FactorizedWeight("tucker", shape, 0.2, [0.0])
+    conv = SpectralConv(3, 2, (np.int64(6), np.int32(6)), max_n_modes=np.array([8, 5]), factorization="tt",
+                        rank=[1, np.int64(2), 2, 2, 1])
+    assert conv.n_modes == [6, 4] and conv.max_n_modes == [8, 5] and conv.weight.rank == (1, 2, 2, 2, 1)
+    assert all(type(m) is int for m in conv.n_modes + conv.max_n_modes)
 
 
 def test_factorized_weights_match_neuraloperator():
