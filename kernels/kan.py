@@ -2077,9 +2077,9 @@ class KANLinear(nn.Module):
         positive_ints(in_features=in_features, out_features=out_features, grid_size=grid_size)
         if not isinstance(spline_order, int) or isinstance(spline_order, bool) or spline_order < 0:
             raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
-        try:
-            lo, hi = (float(v) for v in grid_range)
-        except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a meta tensor)
+        try:  # (number: no text, booleans or meta tensors)
+            lo, hi = (number(v, "grid_range") for v in grid_range)
+        except (TypeError, ValueError):
             lo = hi = math.nan
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise ValueError(f"grid_range must be two finite numbers (lo, hi) with hi > lo, got {grid_range!r}")

@@ -1537,9 +1537,10 @@ class SpectralConv(nn.Module):
         self.fft_norm = fft_norm
         if resolution_scaling_factor is not None:
             f = resolution_scaling_factor
-            try:
-                f = [float(f)] * self.order if isinstance(f, (int, float)) else [float(v) for v in f]
-            except (TypeError, ValueError, RuntimeError):  # (text, a tensor of many values or none, a meta one)
+            try:  # (number: no text, booleans or meta tensors; a tensor of many values, or none, is refused)
+                name = "resolution_scaling_factor"
+                f = [number(f, name)] * self.order if isinstance(f, numbers.Real) else [number(v, name) for v in f]
+            except (TypeError, ValueError, RuntimeError):
                 f = []
             if len(f) != self.order or any(not (v > 0 and math.isfinite(v)) for v in f):
                 raise ValueError(f"resolution_scaling_factor must be positive and finite, one per axis, "

@@ -802,6 +802,7 @@ def test_kanlinear_base_activation_class_module_or_function():
     (lambda: KANLinear(4, 3).update_grid(torch.randn(8, 4), margin=float("nan")), ValueError, "margin"),
     (lambda: KAN(4), ValueError, "layers_hidden must list"),
     (lambda: KAN([4, True]), ValueError, "layers_hidden must list"),
+    (lambda: KANLinear(4, 3, grid_range=(True, 2)), ValueError, "grid_range must be two finite numbers"),
     (lambda: FastKANLayer(4, 3, spline_weight_init_scale=float("nan")), ValueError,
      "spline_weight_init_scale must be a finite number"),
     (lambda: FastKANLayer(4, 3, spline_weight_init_scale=0), ValueError, "spline_weight_init_scale must be > 0"),

@@ -522,6 +522,9 @@ def test_empty_batch_or_channels(backend, B, cin, cout):
     (lambda: SpectralConv(3, 2, [4, 4, 4, 4]), ValueError, "n_modes"),
     (lambda: SpectralConv(3, 2, (True, 4)), ValueError, "n_modes"),  # was taken as 1 mode, a bool in n_modes
     (lambda: SpectralConv(3, 2, True), ValueError, "n_modes"),
+    (lambda: SpectralConv(3, 2, (4, 4), resolution_scaling_factor=[True, 2]), ValueError,  # was read as 1.0
+     "resolution_scaling_factor"),
+    (lambda: SpectralConv(3, 2, (4, 4), resolution_scaling_factor=True), ValueError, "resolution_scaling_factor"),
     (lambda: SpectralConv(3, 2, (4, 4), max_n_modes=(4.0, 3)), ValueError, "max_n_modes"),
     (lambda: SpectralConv(3, 2, (4, 4), factorization="tt", rank=(1, True, 2, 2, 1)), ValueError,
      "rank for factorization='tt'"),
