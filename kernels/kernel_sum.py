@@ -1597,7 +1597,7 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     # per batch entry, so one right-hand side each (CG's in-place updates take no broadcast)
     lead = _prepare(x, x, rhs, kernel, lengthscale, outputscale)[2]
     rhs = rhs.expand(lead + rhs.shape[-2:])
-    if not isinstance(precond_rank, int) or precond_rank < 0:
+    if not isinstance(precond_rank, int) or isinstance(precond_rank, bool) or precond_rank < 0:
         raise ValueError(f"precond_rank must be an int >= 0, got {precond_rank!r}")
     tol = number(tol, "tol")
     if not (tol > 0 and math.isfinite(tol)):

@@ -671,6 +671,8 @@ def test_kernel_solve_is_differentiable(backend):
      "tol must be positive and finite"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=0.1, max_iter=0), ValueError,
      "max_iter must be an int >= 1"),
+    (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=0.1, precond_rank=True), ValueError,
+     "precond_rank must be an int >= 0"),  # (True was read as rank 1)
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=torch.ones(3, dtype=torch.int64)),
      TypeError, "lengthscale must be a real floating tensor"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), outputscale=torch.ones((), device="meta")),
