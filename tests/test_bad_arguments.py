@@ -110,3 +110,31 @@ def test_a_wrong_argument_is_a_value_or_type_error(name):
                 except Exception as exc:  # noqa: BLE001 (what this test looks for)
                     odd.append(f"{arg}={bad!r:.40}: {type(exc).__name__}: {str(exc)[:100]}")
     assert not odd, "\n".join(odd)
+
+
+# (a dense layer ignores rank, as neuraloperator's does; the factorized ones check it)
+IGNORED = {("SpectralConv", "rank")}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_a_boolean_is_not_read_as_a_number(name):
+    """``True`` is 1 to Python: given for a size, a count, a scale or a mode list's entry (not a flag), it was
+    taken as 1 (``n_modes=(True, 4)``, ``precond_rank=True``, ``grid_range=(True, 2)``,
+    ``resolution_scaling_factor=[True, 2]``). Each such call now raises."""
+    fn, kw = CALLS[name]
+    taken = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for arg, good in kw.items():
+            if arg in FLAGS or (name, arg) in IGNORED:
+                continue
+            bads = [True, False]
+            if isinstance(good, (tuple, list)) and good and not isinstance(good[0], torch.Tensor):
+                bads.append(type(good)([True, *good[1:]]))
+            for bad in bads:
+                try:
+                    fn(**dict(kw, **{arg: bad}))
+                except ALLOWED:
+                    continue
+                taken.append(f"{arg}={bad!r}")
+    assert not taken, taken
