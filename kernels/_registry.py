@@ -78,8 +78,8 @@ def int_tuple(v, one: bool = False) -> tuple | None:
         except TypeError:
             return None
 
-    if one and index(v) is not None:
-        return (index(v),)
+    if one and (i := index(v)) is not None:
+        return (i,)
     if isinstance(v, (str, bytes, torch.Tensor)) or not hasattr(v, "__iter__"):
         return None
     out = tuple(index(m) for m in v)
