@@ -66,31 +66,49 @@ def number(v, name: str) -> float:
         raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
 
 
+def _index(v) -> int | None:
+    """v as a Python int when it is an int of any integer kind (NumPy's too), never a boolean (``True`` is 1
+    to Python), a float, text or a tensor; else None. (A NumPy array has ``__index__``, which only its
+    one-element integer arrays pass.)"""
+    if isinstance(v, (bool, str, bytes, torch.Tensor)) or type(v).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def int_tuple(v, one: bool = False) -> tuple | None:
     """``v`` as a tuple of Python ints: a sequence of ints of any integer kind (NumPy's too), or with ``one``
-    a single int as a 1-tuple; never booleans (``True`` is 1), floats, text or tensors. None if it is not one,
-    for the caller's error naming the argument."""
-    def index(m):  # (a NumPy array has __index__, which only its one-element integer arrays pass)
-        if isinstance(m, (bool, str, bytes, torch.Tensor)) or type(m).__name__ == "bool_":
-            return None
-        try:
-            return operator.index(m)
-        except TypeError:
-            return None
-
-    if one and (i := index(v)) is not None:
+    a single int as a 1-tuple; never booleans, floats, text or tensors. None if it is not one, for the
+    caller's error naming the argument."""
+    if one and (i := _index(v)) is not None:
         return (i,)
     if isinstance(v, (str, bytes, torch.Tensor)) or not hasattr(v, "__iter__"):
         return None
-    out = tuple(index(m) for m in v)
+    out = tuple(_index(m) for m in v)
     return None if None in out else out
 
 
-def positive_ints(**sizes) -> None:
-    """A module's sizes (``in_features=4, ...``): each a positive int, else a ValueError naming it."""
+def an_int(v, name: str, minimum: int) -> int:
+    """A count argument (an order, a degree, an iteration limit) as a Python int >= ``minimum``: an int of any
+    integer kind, never a boolean; else a ValueError naming it."""
+    i = _index(v)
+    if i is None or i < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return i
+
+
+def positive_ints(**sizes) -> tuple:
+    """A module's sizes (``in_features=4, ...``) as Python ints, in order: each a positive int of any integer
+    kind, never a boolean; else a ValueError naming it."""
+    out = []
     for name, v in sizes.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        i = _index(v)
+        if i is None or i < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+        out.append(i)
+    return tuple(out)
 
 
 def wants_grad(args: tuple) -> bool:

@@ -81,9 +81,9 @@ from torch import nn
 
 from . import _registry
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, int_tuple, kept_tensor, lanes, no_autocast, number, positive_ints, register,
-                        transforms_active, variant_backward, wants_grad)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, autocast_dtype,
+                        checked_once, graph_grads, int_tuple, kept_tensor, lanes, no_autocast, number, positive_ints,
+                        register, transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, allow_tf32, cdiv, offsets_fit, sm_count,
                       split_tf32, tl, triton, within_int32)
@@ -1902,8 +1902,7 @@ def _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, w
     b = _Basis(basis)
     uniform, order, unread = False, 0, False
     if basis == "bspline":
-        if not isinstance(spline_order, int) or isinstance(spline_order, bool) or spline_order < 0:
-            raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
+        spline_order = an_int(spline_order, "spline_order", 0)
         if grid is None:
             raise ValueError("basis='bspline' needs grid= (knots [in, G + 2*order + 1])")
         even = _check_grid(grid, cin, spline_order)
@@ -2074,9 +2073,9 @@ class KANLinear(nn.Module):
                  scale_spline=1.0, enable_standalone_scale_spline=True, base_activation=nn.SiLU, grid_eps=0.02,
                  grid_range=(-1, 1)):
         super().__init__()
-        positive_ints(in_features=in_features, out_features=out_features, grid_size=grid_size)
-        if not isinstance(spline_order, int) or isinstance(spline_order, bool) or spline_order < 0:
-            raise ValueError(f"spline_order must be an int >= 0, got {spline_order!r}")
+        in_features, out_features, grid_size = positive_ints(in_features=in_features, out_features=out_features,
+                                                             grid_size=grid_size)
+        spline_order = an_int(spline_order, "spline_order", 0)
         try:  # (number: no text, booleans or meta tensors)
             lo, hi = (number(v, "grid_range") for v in grid_range)
         except (TypeError, ValueError):
@@ -2289,9 +2288,8 @@ class FastKANLayer(nn.Module):
     def __init__(self, input_dim, output_dim, grid_min=-2.0, grid_max=2.0, num_grids=8, use_base_update=True,
                  use_layernorm=True, base_activation=F.silu, spline_weight_init_scale=0.1):
         super().__init__()
-        positive_ints(input_dim=input_dim, output_dim=output_dim)
-        if not isinstance(num_grids, int) or isinstance(num_grids, bool) or num_grids < 2:
-            raise ValueError(f"num_grids must be an int >= 2, got {num_grids!r}")
+        input_dim, output_dim = positive_ints(input_dim=input_dim, output_dim=output_dim)
+        num_grids = an_int(num_grids, "num_grids", 2)
         if not (math.isfinite(number(grid_min, "grid_min")) and math.isfinite(number(grid_max, "grid_max"))
                 and grid_max > grid_min):
             raise ValueError(f"grid_min and grid_max must be finite with grid_max > grid_min, got {grid_min!r} and "
@@ -2334,9 +2332,8 @@ class ChebyKANLayer(nn.Module):
 
     def __init__(self, input_dim, output_dim, degree):
         super().__init__()
-        positive_ints(input_dim=input_dim, output_dim=output_dim)
-        if not isinstance(degree, int) or isinstance(degree, bool) or degree < 0:
-            raise ValueError(f"degree must be an int >= 0, got {degree!r}")
+        input_dim, output_dim = positive_ints(input_dim=input_dim, output_dim=output_dim)
+        degree = an_int(degree, "degree", 0)
         self.inputdim, self.outdim, self.degree = input_dim, output_dim, degree
         self.cheby_coeffs = nn.Parameter(torch.empty(input_dim, output_dim, degree + 1))
         self.register_buffer("arange", torch.empty(degree + 1, dtype=torch.int64))
@@ -2361,9 +2358,8 @@ class FourierKANLayer(nn.Module):
 
     def __init__(self, inputdim, outdim, gridsize, addbias=True, smooth_initialization=False):
         super().__init__()
-        positive_ints(inputdim=inputdim, outdim=outdim)
-        if not isinstance(gridsize, int) or isinstance(gridsize, bool) or gridsize < 1:
-            raise ValueError(f"gridsize must be an int >= 1, got {gridsize!r}")
+        inputdim, outdim = positive_ints(inputdim=inputdim, outdim=outdim)
+        gridsize = an_int(gridsize, "gridsize", 1)
         self.gridsize, self.addbias, self.inputdim, self.outdim = gridsize, addbias, inputdim, outdim
         self.smooth_initialization = smooth_initialization
         self.fouriercoeffs = nn.Parameter(torch.empty(2, outdim, inputdim, gridsize))

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import torch
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, as_dtype, autocast_dtype, checked_once,
-                        graph_grads, no_autocast, number, register, variant_backward, wants_grad)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, autocast_dtype,
+                        checked_once, graph_grads, no_autocast, number, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count,
                       split_tf32, tl, triton)
@@ -1597,13 +1597,11 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     # per batch entry, so one right-hand side each (CG's in-place updates take no broadcast)
     lead = _prepare(x, x, rhs, kernel, lengthscale, outputscale)[2]
     rhs = rhs.expand(lead + rhs.shape[-2:])
-    if not isinstance(precond_rank, int) or isinstance(precond_rank, bool) or precond_rank < 0:
-        raise ValueError(f"precond_rank must be an int >= 0, got {precond_rank!r}")
+    precond_rank = an_int(precond_rank, "precond_rank", 0)
     tol = number(tol, "tol")
     if not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be positive and finite (a relative residual), got {tol!r}")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    max_iter = an_int(max_iter, "max_iter", 1)
     info: dict = {}
     sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise, (kernel, tol, max_iter, info, precond_rank))
     if columns:

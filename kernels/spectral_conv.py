@@ -1498,7 +1498,7 @@ class SpectralConv(nn.Module):
                  fno_block_precision: str = "full", factorization=None, rank=0.5, implementation="reconstructed",
                  fixed_rank_modes=False, decomposition_kwargs=None):
         super().__init__()
-        positive_ints(in_channels=in_channels, out_channels=out_channels)
+        in_channels, out_channels = positive_ints(in_channels=in_channels, out_channels=out_channels)
         kept = self._kept_modes(n_modes, None)
         _check_fft_norm(fft_norm)
         # neuraloperator's FNOBlocks passes these to its conv_module; rank and fixed_rank_modes only shape

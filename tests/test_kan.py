@@ -709,6 +709,13 @@ def test_kan_and_fastkan_models_stack_their_layers_under_the_peers_names():
             FastKAN(bad)
     # ints of any integer kind: NumPy's too (a width read from a config array), as Python ints
     assert [layer.out_features for layer in KAN([np.int64(3), np.int32(5), 2]).layers] == [5, 2]
+    built = {KANLinear(np.int64(4), np.int32(3), np.int64(5), np.int64(2)): ("in_features", "out_features",
+                                                                             "grid_size", "spline_order"),
+             ChebyKANLayer(np.int64(4), 3, np.int64(2)): ("inputdim", "degree"),
+             FourierKANLayer(4, np.int64(3), np.int64(2)): ("outdim", "gridsize")}
+    for layer, sizes in built.items():
+        assert all(type(getattr(layer, a)) is int for a in sizes), layer
+        assert layer(torch.randn(2, 4)).shape == (2, 3)
 
 
 def test_kanlinear_base_activation_class_module_or_function():
