@@ -1350,9 +1350,10 @@ class FactorizedWeight(nn.Module):
             if not (0 < rank and math.isfinite(rank)):
                 raise ValueError(f"a fractional rank must be positive and finite, got {rank!r}")
             ranks = _fraction_rank(kind, self.shape, rank, fixed)
-        elif isinstance(rank, int) and not isinstance(rank, bool):
-            ranks = {"tucker": tuple(self.shape[i] if i in fixed else rank for i in range(N)), "cp": (rank,),
-                     "tt": (1,) + (rank,) * (N - 1) + (1,)}[kind]
+        elif not hasattr(rank, "__iter__") and (r := int_tuple(rank, one=True)) is not None:
+            r = r[0]  # one int (of any integer kind) for every mode
+            ranks = {"tucker": tuple(self.shape[i] if i in fixed else r for i in range(N)), "cp": (r,),
+                     "tt": (1,) + (r,) * (N - 1) + (1,)}[kind]
         else:
             ranks = int_tuple(rank) or ()
         if (not ranks or len(ranks) != want or any(r < 1 for r in ranks)

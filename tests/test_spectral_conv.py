@@ -922,6 +922,7 @@ def test_factorized_weight_sizes_and_fixed_modes():
                         rank=[1, np.int64(2), 2, 2, 1])
     assert conv.n_modes == [6, 4] and conv.max_n_modes == [8, 5] and conv.weight.rank == (1, 2, 2, 2, 1)
     assert all(type(m) is int for m in conv.n_modes + conv.max_n_modes)
+    assert SpectralConv(3, 2, (6, 6), factorization="tucker", rank=np.int64(3)).weight.rank == (3, 3, 3, 3)
 
 
 def test_factorized_weights_match_neuraloperator():
