@@ -66,7 +66,7 @@ def number(v, name: str) -> float:
         raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
 
 
-def _index(v) -> int | None:
+def as_int(v) -> int | None:
     """v as a Python int when it is an int of any integer kind (NumPy's too), never a boolean (``True`` is 1
     to Python), a float, text or a tensor; else None. (A NumPy array has ``__index__``, which only its
     one-element integer arrays pass.)"""
@@ -82,18 +82,21 @@ def int_tuple(v, one: bool = False) -> tuple | None:
     """``v`` as a tuple of Python ints: a sequence of ints of any integer kind (NumPy's too), or with ``one``
     a single int as a 1-tuple; never booleans, floats, text or tensors. None if it is not one, for the
     caller's error naming the argument."""
-    if one and (i := _index(v)) is not None:
+    if one and (i := as_int(v)) is not None:
         return (i,)
     if isinstance(v, (str, bytes, torch.Tensor)) or not hasattr(v, "__iter__"):
         return None
-    out = tuple(_index(m) for m in v)
+    try:
+        out = tuple(as_int(m) for m in v)
+    except TypeError:  # (an object whose __iter__ refuses, as a 0-d NumPy array's does)
+        return None
     return None if None in out else out
 
 
 def an_int(v, name: str, minimum: int) -> int:
     """A count argument (an order, a degree, an iteration limit) as a Python int >= ``minimum``: an int of any
     integer kind, never a boolean; else a ValueError naming it."""
-    i = _index(v)
+    i = as_int(v)
     if i is None or i < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
     return i
@@ -104,7 +107,7 @@ def positive_ints(**sizes) -> tuple:
     kind, never a boolean; else a ValueError naming it."""
     out = []
     for name, v in sizes.items():
-        i = _index(v)
+        i = as_int(v)
         if i is None or i < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
         out.append(i)

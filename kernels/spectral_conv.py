@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, graph_grads, int_tuple, kept_tensor,
-                        number, positive_ints, register, variant_backward)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, as_dtype, as_int, graph_grads, int_tuple,
+                        kept_tensor, number, positive_ints, register, variant_backward)
 from ._registry import pow2 as _pow2
 from ._triton import HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, split_tf32_torch, tl, triton
 
@@ -1350,8 +1350,7 @@ class FactorizedWeight(nn.Module):
             if not (0 < rank and math.isfinite(rank)):
                 raise ValueError(f"a fractional rank must be positive and finite, got {rank!r}")
             ranks = _fraction_rank(kind, self.shape, rank, fixed)
-        elif not hasattr(rank, "__iter__") and (r := int_tuple(rank, one=True)) is not None:
-            r = r[0]  # one int (of any integer kind) for every mode
+        elif (r := as_int(rank)) is not None:  # one int (of any integer kind) for every mode
             ranks = {"tucker": tuple(self.shape[i] if i in fixed else r for i in range(N)), "cp": (r,),
                      "tt": (1,) + (r,) * (N - 1) + (1,)}[kind]
         else:
