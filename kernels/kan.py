@@ -81,9 +81,9 @@ from torch import nn
 
 from . import _registry
 from ._graph_op import GraphOp, traced
-from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, autocast_dtype,
-                        checked_once, graph_grads, int_tuple, kept_tensor, lanes, no_autocast, number, positive_ints,
-                        register, transforms_active, variant_backward, wants_grad)
+from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, as_int,
+                        autocast_dtype, checked_once, graph_grads, int_tuple, kept_tensor, lanes, no_autocast, number,
+                        positive_ints, register, transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, allow_tf32, cdiv, offsets_fit, sm_count,
                       split_tf32, tl, triton, within_int32)
@@ -1967,9 +1967,10 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
         # float64 weights: the float64 layer on float64 x (nn.Linear would raise on the mix), rounded to x's dtype
         return kan_linear(x.double(), weight, basis, base_weight=base_weight, bias=bias, grid=grid,
                           spline_order=spline_order, centers=centers, width=width).to(x.dtype)
-    if (isinstance(basis, str) and isinstance(spline_order, int) and not isinstance(width, torch.Tensor)
+    order = as_int(spline_order)  # (an int of any integer kind, as _prepare takes it; a boolean is refused there)
+    if (isinstance(basis, str) and order is not None and not isinstance(width, torch.Tensor)
             and traced(x, weight, base_weight, bias, grid, centers)):  # torch.compile / export: one graph node
-        return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, spline_order, centers,
+        return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, order, centers,
                          None if width is None else float(width))
     p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
     trained = [n for n, t in (("grid", grid), ("centers", centers), ("width", width))

@@ -231,3 +231,18 @@ def test_fft_norm_scaling_stays_inside_the_node(fft_norm, monkeypatch):
                    if n.op != "placeholder" and str(n.target) != "opforge.spectral_conv.default"
                    and isinstance(n.meta.get("example_value"), torch.Tensor) and n.meta["example_value"].is_complex()]
     assert not complex_ops
+
+
+def test_a_boolean_spline_order_is_refused_when_traced_too():
+    """``spline_order=True`` under torch.compile: the graph-node path read it as the int 1 (``isinstance(True,
+    int)``) and gave an order-1 layer where the eager call raises; it now takes the eager checks' error."""
+    x, w = torch.randn(5, 3), torch.randn(2, 3, 5)
+    grid = torch.linspace(-2, 2, 7).expand(3, -1).contiguous()
+    from opforge.kernels import kan_linear
+
+    with pytest.raises(ValueError, match="spline_order must be an int >= 0"):
+        kan_linear(x, w, "bspline", grid=grid, spline_order=True)
+    compiled = torch.compile(lambda x: kan_linear(x, w, "bspline", grid=grid, spline_order=True), fullgraph=True,
+                             backend="eager")
+    with torch.no_grad(), pytest.raises(Exception, match="spline_order must be an int >= 0"):
+        compiled(x)
