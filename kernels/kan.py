@@ -1971,7 +1971,7 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
     if (isinstance(basis, str) and order is not None and not isinstance(width, torch.Tensor)
             and traced(x, weight, base_weight, bias, grid, centers)):  # torch.compile / export: one graph node
         return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, order, centers,
-                         None if width is None else float(width))
+                         None if width is None else number(width, "width"))  # (as _width reads it: no booleans)
     p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
     trained = [n for n, t in (("grid", grid), ("centers", centers), ("width", width))
                if isinstance(t, torch.Tensor) and t.requires_grad]

@@ -1218,8 +1218,9 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     if (all(isinstance(t, torch.Tensor) for t in (x, y, b)) and isinstance(kernel, str)
             and all(isinstance(v, (torch.Tensor, int, float)) for v in (lengthscale, outputscale))
             and traced(x, y, b, lengthscale, outputscale)):  # torch.compile / export: one graph node
-        scales = [a for v in (lengthscale, outputscale)
-                  for a in ((v, 1.0) if isinstance(v, torch.Tensor) else (None, v))]
+        # a number as number() reads it, as the eager checks do (a boolean is refused, not taken as 1)
+        scales = [a for v, name in ((lengthscale, "lengthscale"), (outputscale, "outputscale"))
+                  for a in ((v, 1.0) if isinstance(v, torch.Tensor) else (None, number(v, name)))]
         return _GRAPH_OP(x, y, b, kernel, *scales)  # its implementation checks the values
     vector, bb, lead, ls, os_ = _prepare(x, y, b, kernel, lengthscale, outputscale)
     N, M, D, R = x.shape[-2], y.shape[-2], x.shape[-1], bb.shape[-1]

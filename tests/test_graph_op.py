@@ -13,7 +13,8 @@ import torch
 from torch._dynamo.backends.registry import lookup_backend
 from torch.export import Dim
 
-from opforge.kernels import ChebyKANLayer, FastKAN, FourierKANLayer, KAN, KANLinear, SpectralConv, kernel_matvec
+from opforge.kernels import (ChebyKANLayer, FastKAN, FourierKANLayer, KAN, KANLinear, SpectralConv, kan_linear,
+                             kernel_matvec)
 from test_double_backward import CASES, _id, _make
 
 F64 = torch.float64
@@ -233,16 +234,28 @@ def test_fft_norm_scaling_stays_inside_the_node(fft_norm, monkeypatch):
     assert not complex_ops
 
 
-def test_a_boolean_spline_order_is_refused_when_traced_too():
-    """``spline_order=True`` under torch.compile: the graph-node path read it as the int 1 (``isinstance(True,
-    int)``) and gave an order-1 layer where the eager call raises; it now takes the eager checks' error."""
-    x, w = torch.randn(5, 3), torch.randn(2, 3, 5)
-    grid = torch.linspace(-2, 2, 7).expand(3, -1).contiguous()
-    from opforge.kernels import kan_linear
 
-    with pytest.raises(ValueError, match="spline_order must be an int >= 0"):
-        kan_linear(x, w, "bspline", grid=grid, spline_order=True)
-    compiled = torch.compile(lambda x: kan_linear(x, w, "bspline", grid=grid, spline_order=True), fullgraph=True,
-                             backend="eager")
-    with torch.no_grad(), pytest.raises(Exception, match="spline_order must be an int >= 0"):
-        compiled(x)
+_GRID = torch.linspace(-2, 2, 7).expand(3, -1).contiguous()
+_BOOLEAN_CALLS = {  # (call on x [5, 3], the eager check's message)
+    "spline_order": (lambda x: kan_linear(x, torch.ones(2, 3, 5), "bspline", grid=_GRID, spline_order=True),
+                     "spline_order must be an int >= 0"),
+    "width": (lambda x: kan_linear(x, torch.ones(2, 3, 4), "rbf", centers=torch.linspace(-1, 1, 4), width=True),
+              "width must be a number, got bool"),
+    "lengthscale": (lambda x: kernel_matvec(x, torch.ones(4, 3), torch.ones(4, 1), lengthscale=True),
+                    "lengthscale must be a number, got bool"),
+    "outputscale": (lambda x: kernel_matvec(x, torch.ones(4, 3), torch.ones(4, 1), outputscale=True),
+                    "outputscale must be a number, got bool"),
+}
+
+
+@pytest.mark.parametrize("arg", list(_BOOLEAN_CALLS))
+def test_a_boolean_is_refused_when_traced_too(arg):
+    """A boolean for a number or a count under torch.compile: the graph-node paths read ``spline_order=True``
+    as order 1 (``isinstance(True, int)``) and ``width``, ``lengthscale`` or ``outputscale=True`` as 1.0, and
+    gave a result where the eager call raises; they now read them as the eager checks do and raise alike."""
+    call, message = _BOOLEAN_CALLS[arg]
+    x = torch.randn(5, 3)
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(x)
+    with torch.no_grad(), pytest.raises(Exception, match=message):
+        torch.compile(call, fullgraph=True, backend="eager")(x)
