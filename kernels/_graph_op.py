@@ -29,6 +29,7 @@ import sys
 import threading
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ._registry import _SHAPES_ONLY, dual_inputs, transforms_active
@@ -75,6 +76,22 @@ def traced(*args) -> bool:
     if compile_mode() == "op" or _exporting():
         return True
     return not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+
+
+def traced_scalar(v, device=None):
+    """A NumPy scalar argument (``np.float64(0.7)``, what ``np.median`` returns) under torch.compile. Eagerly
+    it is the number it holds; dynamo traces it as a 0-d array of unknown value, which no check reads as a
+    number and a graph node cannot take as a float (``fullgraph=True`` failed on one), so it becomes a 0-d
+    tensor (on ``device``, else the CPU), taken as a tensor argument is (an integer one as float64, as
+    ``number`` reads it eagerly; a boolean stays one, for the op's check to refuse). Anything else, and
+    every eager call: ``v`` itself. (NumPy ints for sizes and counts, which shape the graph, cannot be
+    made tensors: there the trace breaks and the call runs eagerly.)"""
+    if not (torch.compiler.is_compiling() and isinstance(v, np.ndarray) and v.ndim == 0):
+        return v
+    t = torch.as_tensor(v)
+    if t.dtype != torch.bool and not (t.is_floating_point() or t.is_complex()):
+        t = t.to(torch.float64)
+    return t if device is None else t.to(device)
 
 
 def _fresh_thread_keys() -> tuple:

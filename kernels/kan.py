@@ -80,10 +80,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _registry
-from ._graph_op import GraphOp, traced
+from ._graph_op import GraphOp, traced, traced_scalar
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, as_int,
                         autocast_dtype, checked_once, graph_grads, int_tuple, kept_tensor, lanes, no_autocast, number,
-                        positive_ints, register, transforms_active, variant_backward, wants_grad)
+                        positive_ints, register, shapes_only, transforms_active, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, allow_tf32, cdiv, offsets_fit, sm_count,
                       split_tf32, tl, triton, within_int32)
@@ -1859,6 +1859,8 @@ def _width(width) -> float:
         if width.numel() != 1 or width.is_complex() or width.dtype == torch.bool or width.is_meta:
             raise TypeError(f"width must be a number or a one-element real tensor with a value, got a {width.dtype} "
                             f"tensor of shape {tuple(width.shape)} on {width.device}")
+        if shapes_only():  # a custom op's fake implementation: no values (the real one reads them)
+            return 1.0
         v = lanes(width).detach().double().reshape(-1)
         if not bool(((v > 0) & torch.isfinite(v)).all()):
             raise ValueError(f"width must be positive and finite, got {v.tolist()[:8]}")
@@ -1967,11 +1969,15 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
         # float64 weights: the float64 layer on float64 x (nn.Linear would raise on the mix), rounded to x's dtype
         return kan_linear(x.double(), weight, basis, base_weight=base_weight, bias=bias, grid=grid,
                           spline_order=spline_order, centers=centers, width=width).to(x.dtype)
+    width = traced_scalar(width)  # (a NumPy scalar under torch.compile: a 0-d CPU tensor, read without a sync)
     order = as_int(spline_order)  # (an int of any integer kind, as _prepare takes it; a boolean is refused there)
-    if (isinstance(basis, str) and order is not None and not isinstance(width, torch.Tensor)
-            and traced(x, weight, base_weight, bias, grid, centers)):  # torch.compile / export: one graph node
-        return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, order, centers,
-                         None if width is None else number(width, "width"))  # (as _width reads it: no booleans)
+    # a tensor width is read as a number every call: one on the CPU joins the graph node; one on a GPU (a sync,
+    # impossible during CUDA graph capture) keeps the graph break, where the call runs eagerly
+    tensor_width = isinstance(width, torch.Tensor)
+    if (isinstance(basis, str) and order is not None and not (tensor_width and width.device.type != "cpu")
+            and traced(x, weight, base_weight, bias, grid, centers, width)):  # torch.compile / export: one node
+        return _GRAPH_OP(x, weight, basis, base_weight, bias, grid, order, centers, width if tensor_width else None,
+                         None if width is None or tensor_width else number(width, "width"))  # (as _width reads it)
     p, b, x2, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
     trained = [n for n, t in (("grid", grid), ("centers", centers), ("width", width))
                if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -2000,18 +2006,21 @@ def kan_linear(x, weight, basis: str = "bspline", *, base_weight=None, bias=None
     return y.reshape(lead + (p.cout,))
 
 
-def _graph_eager(x, weight, basis, base_weight, bias, grid, spline_order, centers, width):
+def _graph_eager(x, weight, basis, base_weight, bias, grid, spline_order, centers, width_tensor, width):
     return kan_linear(x, weight, basis, base_weight=base_weight, bias=bias, grid=grid, spline_order=spline_order,
-                      centers=centers, width=width)
+                      centers=centers, width=width if width_tensor is None else width_tensor)
 
 
-def _graph_fake(x, weight, basis, base_weight, bias, grid, spline_order, centers, width):
-    p, _, _, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers, width)
+def _graph_fake(x, weight, basis, base_weight, bias, grid, spline_order, centers, width_tensor, width):
+    p, _, _, lead = _prepare(x, weight, basis, base_weight, bias, grid, spline_order, centers,
+                             width if width_tensor is None else width_tensor)
     return x.new_empty(tuple(lead) + (p.cout,))
 
 
+# the width as a tensor (a CPU one: a NumPy scalar traced, or given so) or as a number
 _GRAPH_OP = GraphOp("kan_linear", "Tensor x, Tensor weight, str basis, Tensor? base_weight, Tensor? bias, "
-                    "Tensor? grid, int spline_order, Tensor? centers, float? width", _graph_eager, _graph_fake)
+                    "Tensor? grid, int spline_order, Tensor? centers, Tensor? width_tensor, float? width",
+                    _graph_eager, _graph_fake)
 
 
 # --------------------------------------------------------------------------- modules

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._graph_op import GraphOp, traced
+from ._graph_op import GraphOp, traced, traced_scalar
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, autocast_dtype,
                         checked_once, graph_grads, no_autocast, number, register, variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
@@ -1215,6 +1215,9 @@ def kernel_matvec(x, y, b, kernel: str = "gaussian", lengthscale=1.0, outputscal
     if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
         with no_autocast(x.device):
             return kernel_matvec(*(amp_cast(t, torch.float32) for t in (x, y, b)), kernel, lengthscale, outputscale)
+    # a NumPy scalar, which dynamo traces as an array, as a 0-d tensor under torch.compile (else unchanged)
+    if isinstance(x, torch.Tensor):
+        lengthscale, outputscale = traced_scalar(lengthscale, x.device), traced_scalar(outputscale, x.device)
     if (all(isinstance(t, torch.Tensor) for t in (x, y, b)) and isinstance(kernel, str)
             and all(isinstance(v, (torch.Tensor, int, float)) for v in (lengthscale, outputscale))
             and traced(x, y, b, lengthscale, outputscale)):  # torch.compile / export: one graph node

@@ -8,6 +8,7 @@ autograd (no recompute). ``OPFORGE_COMPILE=op`` makes every traced call the node
 works. Each result is checked against the eager op in float64. That dispatch stays live inside the node
 (a backend chosen after compiling takes effect) is checked in test_func_transforms.py.
 """
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
@@ -179,10 +180,11 @@ def test_opcheck():
 
     knots = torch.linspace(-2.2, 2.2, 10, dtype=F64).expand(3, -1).contiguous()
     torch.library.opcheck(torch.ops.opforge.kan_linear.default,
-                          (r(5, 3), r(4, 3, 6), "bspline", r(4, 3), r(4), knots, 3, None, None))
-    torch.library.opcheck(torch.ops.opforge.kan_linear.default,
-                          (r(2, 5, 3), r(4, 3, 5), "rbf", None, None, None, 3, torch.linspace(-2, 2, 5, dtype=F64),
-                           0.8))
+                          (r(5, 3), r(4, 3, 6), "bspline", r(4, 3), r(4), knots, 3, None, None, None))
+    for width_tensor, width in ((None, 0.8), (torch.tensor(0.8, dtype=F64), None)):
+        torch.library.opcheck(torch.ops.opforge.kan_linear.default,
+                              (r(2, 5, 3), r(4, 3, 5), "rbf", None, None, None, 3, torch.linspace(-2, 2, 5, dtype=F64),
+                               width_tensor, width))
     torch.library.opcheck(torch.ops.opforge.kernel_matvec.default,
                           (r(6, 3), r(7, 3), r(7, 2), "matern52", r(3).exp().detach().requires_grad_(), 1.0, None, 1.5))
     torch.library.opcheck(torch.ops.opforge.spectral_conv.default,
@@ -259,3 +261,73 @@ def test_a_boolean_is_refused_when_traced_too(arg):
         call(x)
     with torch.no_grad(), pytest.raises(Exception, match=message):
         torch.compile(call, fullgraph=True, backend="eager")(x)
+
+
+_CENTERS = torch.linspace(-1, 1, 4, dtype=F64)
+_KAN_W = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+_NUMPY_CALLS = {  # name -> (call on x [5, 3] and a scale s, the scale as NumPy gives it)
+    "lengthscale": (lambda x, s: kernel_matvec(x, x.flip(0), x[:, :2], "matern32", lengthscale=s), np.float64(0.7)),
+    "outputscale": (lambda x, s: kernel_matvec(x, x, x[:, :1], "gaussian", outputscale=s), np.float32(2.5)),
+    "integer lengthscale": (lambda x, s: kernel_matvec(x, x, x[:, :1], "imq", lengthscale=s), np.int64(2)),
+    "width": (lambda x, s: kan_linear(x, _KAN_W, "rbf", centers=_CENTERS, width=s), np.float64(0.6)),
+}
+
+
+@pytest.mark.parametrize("name", list(_NUMPY_CALLS))
+def test_numpy_scalars_trace_into_the_graph_node(name, monkeypatch):
+    """A NumPy scalar lengthscale, outputscale or width (what np.median gives) under torch.compile: dynamo
+    traces it as a 0-d array, which the graph-node paths did not take (``fullgraph=True`` failed: "torch.*
+    op returned non-Tensor", "RuntimeError when making fake tensor call"). It joins the node as a 0-d
+    tensor now, inference and training (OPFORGE_COMPILE=op) alike, with the eager call's results, for
+    every value it takes."""
+    call, scale = _NUMPY_CALLS[name]
+    x = torch.rand(5, 3, dtype=F64)
+    graphs = []
+    compiled = torch.compile(call, fullgraph=True, backend=_recording(graphs))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, scale), call(x, scale))
+        for k in (2, 3):
+            torch.testing.assert_close(compiled(x, scale * k), call(x, scale * k))
+    # the node in each graph: dynamo's automatic dynamic may compile once more when the value first changes
+    nodes = _opforge_nodes(graphs)
+    op = "kan_linear" if name == "width" else "kernel_matvec"
+    assert 1 <= len(nodes) <= 2 and set(nodes) == {f"opforge.{op}.default"}
+    monkeypatch.setenv("OPFORGE_COMPILE", "op")
+    torch._dynamo.reset()
+    loss = torch.compile(lambda x: call(x, scale).sin().sum(), fullgraph=True, backend="aot_eager")
+    for got, want in zip(_loss_and_grads(loss, (x,)), _loss_and_grads(lambda x: call(x, scale).sin().sum(), (x,))):
+        torch.testing.assert_close(got, want)
+
+
+def test_numpy_scalars_are_checked_as_eagerly():
+    """A NumPy boolean or a non-positive value is refused when the compiled graph runs, as eagerly."""
+    x = torch.rand(5, 3, dtype=F64)
+    with torch.no_grad():
+        with pytest.raises(Exception, match="lengthscale must be"):
+            torch.compile(_NUMPY_CALLS["lengthscale"][0], fullgraph=True, backend="eager")(x, np.bool_(True))
+        with pytest.raises(ValueError, match="lengthscale must be positive"):
+            torch.compile(_NUMPY_CALLS["lengthscale"][0], fullgraph=True, backend="eager")(x, np.float64(-1.0))
+        with pytest.raises(ValueError, match="width must be positive"):
+            torch.compile(_NUMPY_CALLS["width"][0], fullgraph=True, backend="eager")(x, np.float64(0.0))
+
+
+def test_a_cpu_tensor_width_joins_the_graph_node(monkeypatch):
+    """A CPU tensor RBF width is a node input (read on the host, no sync): inference in one node, and with
+    OPFORGE_COMPILE=op a width that requires grad gets the eager call's gradient (the plain math, which
+    warns, in the node's recomputing backward)."""
+    x = torch.rand(5, 3, dtype=F64)
+    call = _NUMPY_CALLS["width"][0]
+    width = torch.tensor(0.6, dtype=F64)
+    graphs = []
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(call, fullgraph=True, backend=_recording(graphs))(x, width),
+                                   call(x, width))
+    assert _opforge_nodes(graphs) == ["opforge.kan_linear.default"]
+    monkeypatch.setenv("OPFORGE_COMPILE", "op")
+    torch._dynamo.reset()
+    loss = lambda x, w: call(x, w).sin().sum()  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="width requires grad"):
+        got = _loss_and_grads(torch.compile(loss, fullgraph=True, backend="aot_eager"), (x, width))
+        want = _loss_and_grads(loss, (x, width))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
