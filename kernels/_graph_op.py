@@ -86,7 +86,7 @@ def traced_scalar(v, device=None):
     ``number`` reads it eagerly; a boolean stays one, for the op's check to refuse). Anything else, and
     every eager call: ``v`` itself. (NumPy ints for sizes and counts, which shape the graph, cannot be
     made tensors: there the trace breaks and the call runs eagerly.)"""
-    if not (torch.compiler.is_compiling() and isinstance(v, np.ndarray) and v.ndim == 0):
+    if not (isinstance(v, np.ndarray) and v.ndim == 0 and torch.compiler.is_compiling()):  # (eagerly: one isinstance)
         return v
     t = torch.as_tensor(v)
     if t.dtype != torch.bool and not (t.is_floating_point() or t.is_complex()):
