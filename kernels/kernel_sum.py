@@ -1280,7 +1280,8 @@ _GRAPH_OP = GraphOp("kernel_matvec", "Tensor x, Tensor y, Tensor b, str kernel, 
 class KernelOperator:
     """A kernel matrix ``outputscale * K(x, y) (+ noise * I)`` that is never formed.
 
-    ``A @ b`` for b [M] or [M, R] (or batched like x); ``A.T`` swaps x and y;
+    ``A @ b`` for b [M] or [M, R] (or batched like x); ``v @ A`` for v [N] or [..., R, N] (as
+    ``(A.T @ v.mT).mT``: [M] or [..., R, M]); ``A.T`` swaps x and y;
     ``A.diag()`` for square operators; ``A.shape`` ([..., N, M], batch dims included); ``A.to_dense()``
     builds the [..., N, M] matrix (for checks on small problems: N M memory). Use with ``kernel_solve`` or
     any conjugate-gradient solver. ``noise`` is a float or a scalar tensor (which keeps its gradient,
@@ -1328,6 +1329,14 @@ class KernelOperator:
         return out + self.noise * b
 
     matmul = __matmul__
+
+    def __rmatmul__(self, v):
+        """``v @ A``: v [N] gives [M]; v [..., R, N] gives [..., R, M] (a kernel sum with y and x swapped)."""
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"v @ KernelOperator: v must be a torch.Tensor, got {type(v).__name__}")
+        if v.dim() == 1:
+            return self.T @ v
+        return (self.T @ v.mT).mT
 
     @property
     def T(self) -> "KernelOperator":

@@ -454,11 +454,15 @@ def test_operator_and_cg_solve():
     v = torch.randn(40, dtype=torch.float64)
     np.testing.assert_allclose((A @ v).numpy(), K @ v.numpy(), rtol=1e-10)
     np.testing.assert_allclose((A.T @ v).numpy(), K.T @ v.numpy(), rtol=1e-10)
+    np.testing.assert_allclose((v @ A).numpy(), v.numpy() @ K, rtol=1e-10)  # v @ A, as A.T @ v
     np.testing.assert_allclose(A.to_dense().numpy(), K, rtol=1e-10)
     xb = torch.randn(3, 7, 2, dtype=torch.float64)
     Ab = KernelOperator(xb, x[:5], kernel="imq")
     assert Ab.shape == (3, 7, 5) and Ab.T.shape == (3, 5, 7) and Ab.to_dense().shape == (3, 7, 5)
     torch.testing.assert_close(Ab.to_dense() @ v[:5], Ab @ v[:5])
+    vb = torch.randn(3, 4, 7, dtype=torch.float64)  # batched rows on the left: [3, 4, 7] @ [3, 7, 5]
+    torch.testing.assert_close(vb @ Ab, vb @ Ab.to_dense())
+    torch.testing.assert_close(v[:7] @ Ab, v[:7] @ Ab.to_dense())
     np.testing.assert_allclose(A.diag().numpy(), np.diag(K), rtol=1e-12)
     assert A.shape == (40, 40)
     rhs = torch.randn(40, 3, dtype=torch.float64)
@@ -692,6 +696,8 @@ def test_kernel_solve_is_differentiable(backend):
     (lambda: KernelOperator(torch.randn(4, 3), torch.tensor(1.0)), ValueError, "y must be \\[..., N, D\\] points"),
     (lambda: KernelOperator(torch.randn(4, 3), noise=0.1) @ [1.0] * 4, TypeError,
      "KernelOperator @ b: b must be a torch.Tensor, got list"),
+    (lambda: [1.0] * 4 @ KernelOperator(torch.randn(4, 3)), TypeError,
+     "v @ KernelOperator: v must be a torch.Tensor, got list"),
     (lambda: KernelOperator(torch.randn(4, 3), noise=0.1).matmul(KernelOperator(torch.randn(4, 3))), TypeError,
      "b must be a torch.Tensor, got KernelOperator"),
     (lambda: gp_posterior_mean(torch.randn(4, 3), torch.randn(4), torch.randn(2, 3, dtype=torch.float64)),
