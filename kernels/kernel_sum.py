@@ -1083,6 +1083,10 @@ def _scale_param(v, name, like: torch.Tensor, d: int | None):
     host-to-device copy); a tensor has its type, device and shape checked every call and its values once
     per version (``checked_once``: one sync the first time a GPU tensor is seen)."""
     if not isinstance(v, torch.Tensor):
+        if isinstance(v, (list, tuple)) or getattr(v, "ndim", 0):  # ARD values as a list or a NumPy array
+            ard = " (a [D] tensor for ARD)" if d is not None else ""
+            raise TypeError(f"{name} must be a number or a tensor{ard}, got a {type(v).__name__}: pass "
+                            f"torch.as_tensor({name}, device=x.device)")
         f = number(v, name)
         if not (math.isfinite(f) and f > 0):
             raise ValueError(f"{name} must be positive and finite, got {f}")

@@ -704,6 +704,10 @@ def test_kernel_solve_is_differentiable(backend):
      TypeError, "x_test must have x_train's dtype and device \\(torch.float32 on cpu\\), got torch.float64"),
     (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=True), TypeError,
      "lengthscale must be a number, got bool"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), lengthscale=np.ones(3)),
+     TypeError, "lengthscale must be a number or a tensor \\(a \\[D\\] tensor for ARD\\), got a ndarray"),
+    (lambda: kernel_matvec(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5, 1), outputscale=[1.0]),
+     TypeError, "outputscale must be a number or a tensor, got a list"),
     (lambda: kernel_solve(torch.randn(4, 3), torch.randn(4), noise=np.True_), TypeError,
      "noise must be a number, got bool"),
 ])
