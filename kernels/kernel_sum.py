@@ -1308,6 +1308,15 @@ class KernelOperator:
             raise ValueError("noise * I needs a square operator (x and y with the same number of points)")
         self.noise = noise if isinstance(noise, torch.Tensor) else self.noise_value  # a tensor keeps its grad
 
+    def __repr__(self) -> str:
+        def show(v):  # a number, a one-element tensor's value, or a tensor's shape (a meta one has no value)
+            if not isinstance(v, torch.Tensor):
+                return f"{float(v):g}"
+            return f"{float(v.detach()):g}" if v.numel() == 1 and not v.is_meta else f"tensor{list(v.shape)}"
+        return (f"KernelOperator(kernel={self.kernel!r}, shape={self.shape}, lengthscale={show(self.lengthscale)}, "
+                f"outputscale={show(self.outputscale)}, noise={show(self.noise)}, dtype={self.x.dtype}, "
+                f"device={self.x.device})")
+
     @property
     def shape(self) -> tuple:
         return tuple(torch.broadcast_shapes(self.x.shape[:-2], self.y.shape[:-2])) + (self.x.shape[-2],

@@ -465,6 +465,9 @@ def test_operator_and_cg_solve():
     torch.testing.assert_close(v[:7] @ Ab, v[:7] @ Ab.to_dense())
     np.testing.assert_allclose(A.diag().numpy(), np.diag(K), rtol=1e-12)
     assert A.shape == (40, 40)
+    assert repr(A) == ("KernelOperator(kernel='matern52', shape=(40, 40), lengthscale=0.5, outputscale=2, noise=0.1, "
+                       "dtype=torch.float64, device=cpu)")
+    assert "lengthscale=tensor[2]" in repr(KernelOperator(x, lengthscale=torch.ones(2, dtype=torch.float64)))
     rhs = torch.randn(40, 3, dtype=torch.float64)
     alpha, info = kernel_solve(x, rhs, "matern52", noise=0.1, lengthscale=0.5, outputscale=2.0, tol=1e-10,
                                return_info=True)
