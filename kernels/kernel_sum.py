@@ -1426,16 +1426,20 @@ class _Preconditioner:
         return ((vc - self.L.transpose(-1, -2) @ z) / self.noise).to(v.dtype)
 
 
-def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, precond=None):
+def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, precond=None, x0=None):
     """Conjugate gradients (preconditioned by ``precond``, a function v -> P^-1 v, when given) on
-    A sol = rhs [..., N, R], every column at once, without autograd. Returns the solution, the iterations
-    run, whether every column's residual is below ``tol`` times its right-hand side, and the largest
-    relative residual. A residual that turns NaN or infinite (an overflow: the callers pass finite right-hand
+    A sol = rhs [..., N, R], every column at once, without autograd, from ``x0`` (rhs's shape) or zeros.
+    Returns the solution, the iterations run, whether every column's residual is below ``tol`` times its
+    right-hand side, and the largest relative residual. A residual that turns NaN or infinite (an overflow: the callers pass finite right-hand
     sides) stops the loop there, not max_iter iterations later; its relative residual is then NaN or inf."""
     tiny = torch.finfo(rhs.dtype).tiny
     with torch.no_grad():
-        sol = torch.zeros_like(rhs)
-        r = rhs.clone()
+        if x0 is None:
+            sol = torch.zeros_like(rhs)
+            r = rhs.clone()
+        else:  # a warm start (the last solve's alpha, in hyperparameter training): r = rhs - A x0
+            sol = x0.clone()
+            r = rhs - A @ sol
         z = precond(r) if precond is not None else r
         p = z.clone()
         rz = (r * z).sum(-2, keepdim=True)
@@ -1475,11 +1479,11 @@ class _KernelSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rhs, x, lengthscale, outputscale, noise, spec):
-        kernel, tol, max_iter, info, rank = spec
+        kernel, tol, max_iter, info, rank, x0 = spec
         A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
         L = _pivoted_cholesky(A, rank)
         precond = None if L is None else _Preconditioner(L, A.noise_value)
-        sol, it, converged, residual = _cg(A, rhs, tol, max_iter, precond)
+        sol, it, converged, residual = _cg(A, rhs, tol, max_iter, precond, x0)
         info.update(iterations=it, residual=residual, converged=converged,
                     precond_rank=0 if L is None else L.shape[-2])
         if not math.isfinite(residual):  # (x and y were checked finite, and the scales are: an overflow)
@@ -1489,7 +1493,7 @@ class _KernelSolve(torch.autograd.Function):
             _warn_unconverged("", max_iter, residual, tol)
         ctx.save_for_backward(*(t for t in (x, sol, lengthscale, outputscale, noise) if isinstance(t, torch.Tensor)))
         ctx.scales = [None if isinstance(t, torch.Tensor) else t for t in (lengthscale, outputscale, noise)]
-        ctx.A, ctx.spec, ctx.precond = A, spec, precond
+        ctx.A, ctx.spec, ctx.precond = A, spec[:3], precond  # (kernel, tol, max_iter; not x0, freed now)
         return sol
 
     @staticmethod
@@ -1500,7 +1504,7 @@ class _KernelSolve(torch.autograd.Function):
         x, sol = saved[0], saved[1]
         rest = iter(saved[2:])
         ls, os_, noise = (next(rest) if v is None else v for v in ctx.scales)
-        kernel, tol, max_iter, _, _ = ctx.spec
+        kernel, tol, max_iter = ctx.spec
         need = ctx.needs_input_grad
         lam = None
         if bool(torch.isfinite(g).all()):  # (NaN or inf in g: A^-1 g is not finite either, and CG would spend
@@ -1566,7 +1570,8 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
 
 
 def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
-                 tol: float = 1e-6, max_iter: int = 1000, return_info: bool = False, precond_rank: int = 64):
+                 tol: float = 1e-6, max_iter: int = 1000, return_info: bool = False, precond_rank: int = 64,
+                 x0=None):
     """Solve ``(outputscale * K(x, x) + noise * I) alpha = y`` by conjugate gradients.
 
     Args:
@@ -1579,6 +1584,10 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         precond_rank: rank of the pivoted-Cholesky preconditioner (GPyTorch's kind of preconditioner):
             ``precond_rank`` kernel sums against single points, O(N D) each, and a float64 [..., rank, N]
             factor (8 rank N bytes: 0.5 GB at N = 1e6); 0 runs plain CG.
+        x0: a starting guess for alpha (scipy's ``x0``, GPyTorch's ``initial_guess``), shaped like alpha or
+            broadcasting to it; None starts from zeros. The last alpha, when the hyperparameters change a
+            little from one training step to the next, saves iterations. It is a constant to autograd: the
+            result and its gradients do not depend on it (beyond the solve's ``tol``).
 
     Returns alpha like y, with the broadcast batch dims (and ``{"iterations", "residual", "converged",
     "precond_rank"}`` with ``return_info``, the residual the largest relative one, |r| / |y| per column); a
@@ -1593,21 +1602,47 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
     200 points: 6% off the float64 solve on the same inputs, "residual 7e-7").
     """
     return _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank,
-                         ("x", "y"))
+                         ("x", "y"), x0=x0)
+
+
+def _start(x0, rhs: torch.Tensor, vector: bool, y: torch.Tensor, yname: str):
+    """A checked warm start x0 as a detached [..., N, R] tensor of rhs's shape (or None)."""
+    if x0 is None:
+        return None
+    if not isinstance(x0, torch.Tensor) or x0.is_complex() or not x0.is_floating_point():
+        raise TypeError(f"x0 must be None or a real floating tensor, got {getattr(x0, 'dtype', type(x0).__name__)}")
+    if x0.dtype != y.dtype or x0.device != y.device:
+        raise TypeError(f"x0 must have {yname}'s dtype and device ({y.dtype} on {y.device}), got {x0.dtype} on "
+                        f"{x0.device}")
+    x0c = x0.detach().unsqueeze(-1) if vector else x0.detach()
+    want = tuple(rhs.shape[:-1]) if vector else tuple(rhs.shape)
+    try:
+        ok = x0c.dim() >= 2 and torch.broadcast_shapes(x0c.shape, rhs.shape) == rhs.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"x0 must be shaped like the solution {want} (or broadcast to it), got {tuple(x0.shape)}")
+    if not bool(torch.isfinite(x0c).all()):
+        raise ValueError("x0 must be finite: NaN or inf values found")
+    return x0c.expand(rhs.shape).contiguous()
 
 
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
-                  columns=False):
+                  columns=False, x0=None):
     """``kernel_solve``, its errors naming x and y as ``names`` (``gp_posterior_mean``'s x_train, y_train);
     ``columns``: alpha [..., N, R] whatever y's form, and whether y was vectors (``gp_posterior_mean``)."""
     if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
         with no_autocast(x.device):
             return _kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
-                                 outputscale, tol, max_iter, return_info, precond_rank, names, columns)
+                                 outputscale, tol, max_iter, return_info, precond_rank, names, columns,
+                                 amp_cast(x0, torch.float32))
     if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
             and x.dtype in _16BIT):
+        if isinstance(x0, torch.Tensor) and x0.dtype != y.dtype:  # (named before the float32 solve)
+            _start(x0, y, False, y, names[1])
         out = _kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter,
-                            return_info, precond_rank, names, columns)
+                            return_info, precond_rank, names, columns,
+                            x0.float() if isinstance(x0, torch.Tensor) and x0.dtype == y.dtype else x0)
         if return_info or columns:
             return (out[0].to(y.dtype),) + tuple(out[1:])
         return out.to(y.dtype)
@@ -1628,8 +1663,10 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     if not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be positive and finite (a relative residual), got {tol!r}")
     max_iter = an_int(max_iter, "max_iter", 1)
+    start = _start(x0, rhs, vector, y, names[1])
     info: dict = {}
-    sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise, (kernel, tol, max_iter, info, precond_rank))
+    sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise,
+                             (kernel, tol, max_iter, info, precond_rank, start))
     if columns:
         return sol, vector
     out = sol.squeeze(-1) if vector else sol
