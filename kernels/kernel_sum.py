@@ -1605,15 +1605,20 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
                          ("x", "y"), x0=x0)
 
 
+def _same_kind(t: torch.Tensor, name: str, ref: torch.Tensor, refname: str) -> None:
+    """``t`` has ``ref``'s dtype and device, else a TypeError naming both."""
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise TypeError(f"{name} must have {refname}'s dtype and device ({ref.dtype} on {ref.device}), got "
+                        f"{t.dtype} on {t.device}")
+
+
 def _start(x0, rhs: torch.Tensor, vector: bool, y: torch.Tensor, yname: str):
     """A checked warm start x0 as a detached [..., N, R] tensor of rhs's shape (or None)."""
     if x0 is None:
         return None
     if not isinstance(x0, torch.Tensor) or x0.is_complex() or not x0.is_floating_point():
         raise TypeError(f"x0 must be None or a real floating tensor, got {getattr(x0, 'dtype', type(x0).__name__)}")
-    if x0.dtype != y.dtype or x0.device != y.device:
-        raise TypeError(f"x0 must have {yname}'s dtype and device ({y.dtype} on {y.device}), got {x0.dtype} on "
-                        f"{x0.device}")
+    _same_kind(x0, "x0", y, yname)
     x0c = x0.detach().unsqueeze(-1) if vector else x0.detach()
     want = tuple(rhs.shape[:-1]) if vector else tuple(rhs.shape)
     try:
@@ -1624,7 +1629,7 @@ def _start(x0, rhs: torch.Tensor, vector: bool, y: torch.Tensor, yname: str):
         raise ValueError(f"x0 must be shaped like the solution {want} (or broadcast to it), got {tuple(x0.shape)}")
     if not bool(torch.isfinite(x0c).all()):
         raise ValueError("x0 must be finite: NaN or inf values found")
-    return x0c.expand(rhs.shape).contiguous()
+    return x0c.expand(rhs.shape)  # (CG starts from a clone: a dense copy)
 
 
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
@@ -1638,11 +1643,11 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
                                  amp_cast(x0, torch.float32))
     if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
             and x.dtype in _16BIT):
-        if isinstance(x0, torch.Tensor) and x0.dtype != y.dtype:  # (named before the float32 solve)
-            _start(x0, y, False, y, names[1])
+        if isinstance(x0, torch.Tensor):  # (checked against y's own dtype, before the float32 solve)
+            _same_kind(x0, "x0", y, names[1])
         out = _kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter,
                             return_info, precond_rank, names, columns,
-                            x0.float() if isinstance(x0, torch.Tensor) and x0.dtype == y.dtype else x0)
+                            x0.float() if isinstance(x0, torch.Tensor) else x0)
         if return_info or columns:
             return (out[0].to(y.dtype),) + tuple(out[1:])
         return out.to(y.dtype)
@@ -1684,10 +1689,8 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
             isinstance(x_test, torch.Tensor) and x_test.dim() >= 2 and x_test.shape[-1] == x_train.shape[-1]):
         raise ValueError(f"x_test must be [..., N_test, D={x_train.shape[-1]}] points like x_train, got "
                          f"{tuple(x_test.shape) if isinstance(x_test, torch.Tensor) else type(x_test).__name__}")
-    if isinstance(x_train, torch.Tensor) and isinstance(x_test, torch.Tensor) and (
-            x_test.dtype != x_train.dtype or x_test.device != x_train.device):
-        raise TypeError(f"x_test must have x_train's dtype and device ({x_train.dtype} on {x_train.device}), got "
-                        f"{x_test.dtype} on {x_test.device}")
+    if isinstance(x_train, torch.Tensor) and isinstance(x_test, torch.Tensor):
+        _same_kind(x_test, "x_test", x_train, "x_train")
     if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
             and x_train.dtype in _16BIT):
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,
