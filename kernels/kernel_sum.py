@@ -1430,8 +1430,9 @@ def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, preco
     """Conjugate gradients (preconditioned by ``precond``, a function v -> P^-1 v, when given) on
     A sol = rhs [..., N, R], every column at once, without autograd, from ``x0`` (rhs's shape) or zeros.
     Returns the solution, the iterations run, whether every column's residual is below ``tol`` times its
-    right-hand side, and the largest relative residual. A residual that turns NaN or infinite (an overflow: the callers pass finite right-hand
-    sides) stops the loop there, not max_iter iterations later; its relative residual is then NaN or inf."""
+    right-hand side, and the largest relative residual. A residual that turns NaN or infinite (an overflow:
+    the callers pass finite right-hand sides) stops the loop there, not max_iter iterations later; its
+    relative residual is then NaN or inf."""
     tiny = torch.finfo(rhs.dtype).tiny
     with torch.no_grad():
         if x0 is None:
