@@ -20,9 +20,11 @@ __all__ = [
     "interpreter_enabled", "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d",
     "use_backend",
 ]
-from .kernel_sum import KERNELS, KernelOperator, gp_posterior_mean, kernel_matvec, kernel_solve  # noqa: E402
+from .kernel_sum import (KERNELS, KernelOperator, gp_marginal_log_likelihood, gp_posterior_mean,  # noqa: E402
+                         kernel_matvec, kernel_solve)
 
-__all__ += ["KERNELS", "KernelOperator", "gp_posterior_mean", "kernel_matvec", "kernel_solve"]
+__all__ += ["KERNELS", "KernelOperator", "gp_marginal_log_likelihood", "gp_posterior_mean", "kernel_matvec",
+            "kernel_solve"]
 from .kan import KAN, BASES, ChebyKANLayer, FastKAN, FastKANLayer, FourierKANLayer, KANLinear, kan_linear  # noqa: E402
 
 __all__ += ["BASES", "ChebyKANLayer", "FastKAN", "FastKANLayer", "FourierKANLayer", "KAN", "KANLinear", "kan_linear"]

@@ -1426,13 +1426,18 @@ class _Preconditioner:
         return ((vc - self.L.transpose(-1, -2) @ z) / self.noise).to(v.dtype)
 
 
-def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, precond=None, x0=None):
+def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, precond=None, x0=None, lanczos=None):
     """Conjugate gradients (preconditioned by ``precond``, a function v -> P^-1 v, when given) on
     A sol = rhs [..., N, R], every column at once, without autograd, from ``x0`` (rhs's shape) or zeros.
     Returns the solution, the iterations run, whether every column's residual is below ``tol`` times its
     right-hand side, and the largest relative residual. A residual that turns NaN or infinite (an overflow:
     the callers pass finite right-hand sides) stops the loop there, not max_iter iterations later; its
-    relative residual is then NaN or inf."""
+    relative residual is then NaN or inf.
+
+    ``lanczos`` (a dict, with x0 None): filled with what Lanczos quadrature needs (``_lanczos_log_quadrature``):
+    ``rz0`` = r0^T P^-1 r0 per column and ``steps``, one [alpha, beta, active] per iteration, [..., 1, R] each
+    (beta None where the loop stopped before forming it; ``active``: the column had not converged before the
+    iteration, so the step belongs to its own run of CG)."""
     tiny = torch.finfo(rhs.dtype).tiny
     with torch.no_grad():
         if x0 is None:
@@ -1447,6 +1452,9 @@ def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, preco
         rs = (r * r).sum(-2, keepdim=True)
         bound = (tol * rhs.norm(dim=-2, keepdim=True)) ** 2
         it, converged = 0, bool((rs <= bound).all())
+        if lanczos is not None:
+            lanczos["rz0"], steps, active = rz.clone(), [], rs > bound
+            lanczos["steps"] = steps
         for it in range(1, max_iter + 1):
             if converged:
                 it -= 1
@@ -1456,12 +1464,18 @@ def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, preco
             sol += alpha * p
             r -= alpha * Ap
             rs = (r * r).sum(-2, keepdim=True)
+            if lanczos is not None:
+                steps.append([alpha, None, active])
+                active = active & (rs > bound)
             converged, finite = torch.stack(((rs <= bound).all(), torch.isfinite(rs).all())).tolist()  # one sync
             if converged or not finite:
                 break
             z = precond(r) if precond is not None else r
             rz_new = (r * z).sum(-2, keepdim=True)
-            p = z + (rz_new / rz.clamp_min(tiny)) * p
+            beta = rz_new / rz.clamp_min(tiny)
+            if lanczos is not None:
+                steps[-1][1] = beta
+            p = z + beta * p
             rz = rz_new
         residual = float((rs / rhs.pow(2).sum(-2, keepdim=True).clamp_min(tiny)).sqrt().max()) if rs.numel() else 0.0
     return sol, it, converged, residual
@@ -1633,6 +1647,30 @@ def _start(x0, rhs: torch.Tensor, vector: bool, y: torch.Tensor, yname: str):
     return x0c.expand(rhs.shape)  # (CG starts from a clone: a dense copy)
 
 
+def _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank, names) -> tuple:
+    """The checked arguments of a solve (``kernel_solve``, ``gp_marginal_log_likelihood``): (vector, rhs
+    [..., N, R] with the broadcast batch dims, tol, max_iter, precond_rank), each error naming its argument
+    (x and y as ``names``)."""
+    if isinstance(noise, torch.Tensor):
+        if noise.numel() != 1 or not noise.is_floating_point():
+            raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
+                             f"of shape {tuple(noise.shape)}")
+    nz = _value(noise, "noise")
+    if not (nz > 0 and math.isfinite(nz)):
+        raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
+    vector, rhs = _solve_inputs(x, y, *names)
+    # a batch of hyperparameters (lengthscale [..., 1, D], outputscale [...]) over the same points: one system
+    # per batch entry, so one right-hand side each (CG's in-place updates take no broadcast)
+    lead = _prepare(x, x, rhs, kernel, lengthscale, outputscale)[2]
+    rhs = rhs.expand(lead + rhs.shape[-2:])
+    precond_rank = an_int(precond_rank, "precond_rank", 0)
+    tol = number(tol, "tol")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be positive and finite (a relative residual), got {tol!r}")
+    max_iter = an_int(max_iter, "max_iter", 1)
+    return vector, rhs, tol, max_iter, precond_rank
+
+
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
                   columns=False, x0=None):
     """``kernel_solve``, its errors naming x and y as ``names`` (``gp_posterior_mean``'s x_train, y_train);
@@ -1652,23 +1690,8 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
         if return_info or columns:
             return (out[0].to(y.dtype),) + tuple(out[1:])
         return out.to(y.dtype)
-    if isinstance(noise, torch.Tensor):
-        if noise.numel() != 1 or not noise.is_floating_point():
-            raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
-                             f"of shape {tuple(noise.shape)}")
-    nz = _value(noise, "noise")
-    if not (nz > 0 and math.isfinite(nz)):
-        raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
-    vector, rhs = _solve_inputs(x, y, *names)
-    # a batch of hyperparameters (lengthscale [..., 1, D], outputscale [...]) over the same points: one system
-    # per batch entry, so one right-hand side each (CG's in-place updates take no broadcast)
-    lead = _prepare(x, x, rhs, kernel, lengthscale, outputscale)[2]
-    rhs = rhs.expand(lead + rhs.shape[-2:])
-    precond_rank = an_int(precond_rank, "precond_rank", 0)
-    tol = number(tol, "tol")
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be positive and finite (a relative residual), got {tol!r}")
-    max_iter = an_int(max_iter, "max_iter", 1)
+    vector, rhs, tol, max_iter, precond_rank = _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol,
+                                                           max_iter, precond_rank, names)
     start = _start(x0, rhs, vector, y, names[1])
     info: dict = {}
     sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise,
@@ -1703,6 +1726,179 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
                                   precond_rank, ("x_train", "y_train"), columns=True)
     mean = kernel_matvec(x_test, x_train, alpha, kernel, lengthscale, outputscale)
     return mean.squeeze(-1) if vector else mean
+
+
+_LANCZOS_MAX = 100  # Lanczos steps per probe kept for the quadrature (GPyTorch keeps 20 by default)
+
+
+def _lanczos_log_quadrature(steps: list, cap: int = _LANCZOS_MAX) -> torch.Tensor:
+    """e1^T log(T) e1 per column [..., 1, R] (float64), T the Lanczos tridiagonal that a column's own run of
+    preconditioned CG (``_cg``'s ``lanczos`` record, its first ``cap`` steps) builds: with step sizes a_j and
+    direction updates b_j, T_00 = 1 / a_0, T_jj = 1 / a_j + b_(j-1) / a_(j-1), T_j,j+1 = sqrt(b_j) / a_j.
+    PCG on A with preconditioner P is CG on P^-1/2 A P^-1/2 from P^-1/2 r0, and CG from r0 is Lanczos from
+    r0 / |r0|, so r0^T P^-1 r0 times this is the m-point Gauss quadrature of r~0^T log(P^-1/2 A P^-1/2) r~0.
+    Steps where a column had converged are left out: the matrix is padded with an identity block whose
+    eigenvectors have no weight on e1."""
+    steps = steps[:cap]
+    if not steps:
+        raise ValueError("Lanczos quadrature needs at least one conjugate-gradient step")
+    dt = torch.float64
+    a = torch.stack([s[0] for s in steps], -1).to(dt)  # [..., 1, R, J]
+    act = torch.stack([s[2] for s in steps], -1)
+    b = torch.stack([torch.zeros_like(s[0]) if s[1] is None else s[1] for s in steps], -1).to(dt)
+    inv_a = 1.0 / a
+    diag = inv_a.clone()
+    diag[..., 1:] += (b * inv_a)[..., :-1]
+    diag = torch.where(act, diag, 1.0)
+    off = torch.where(act[..., 1:], b[..., :-1].clamp_min(0).sqrt() * inv_a[..., :-1], 0.0)
+    T = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    lam, vec = torch.linalg.eigh(T)
+    tiny = torch.finfo(dt).tiny
+    return (vec[..., 0, :] ** 2 * lam.clamp_min(tiny).log()).sum(-1)
+
+
+class _GPMarginalLogLikelihood(torch.autograd.Function):
+    """log p(y) = -1/2 y^T A^-1 y - 1/2 log|A| - N/2 log(2 pi) per column of y, A = outputscale K(x, x) + noise I,
+    as GPyTorch computes it (Gardner et al., 2018): one preconditioned CG run on [y, z_1 .. z_t] (probes
+    z ~ N(0, P), P the pivoted-Cholesky preconditioner), log|A| = log|P| + log|P^-1 A| with the second term
+    by stochastic Lanczos quadrature on the probes' CG coefficients. Gradients: 1/2 alpha^T dA alpha -
+    1/2 tr(A^-1 dA), the trace estimated by mean_i (A^-1 z_i)^T dA (P^-1 z_i) (unbiased: E z z^T = P), all in
+    one kernel-sum backward with the columns [alpha, P^-1 z]; -alpha for y."""
+
+    @staticmethod
+    def forward(ctx, rhs, x, lengthscale, outputscale, noise, spec):
+        kernel, tol, max_iter, info, rank, num_probes, generator = spec
+        A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
+        L = _pivoted_cholesky(A, rank)
+        precond = None if L is None else _Preconditioner(L, A.noise_value)
+        N, R = rhs.shape[-2], rhs.shape[-1]
+        lead = rhs.shape[:-2]
+        gdev = rhs.device if generator is None else generator.device
+
+        def draw(*shape):  # float64 normals from the generator, on its device
+            return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float64)
+        with torch.no_grad():
+            if L is None:  # plain CG: P = I
+                z = draw(*lead, N, num_probes)
+                logdet_p = torch.zeros(lead, dtype=torch.float64, device=rhs.device)
+            else:  # z = L^T e + sqrt(noise) e' ~ N(0, L^T L + noise I)
+                k = L.shape[-2]
+                z = (L.transpose(-1, -2) @ draw(*lead, k, num_probes).to(L.device)
+                     + math.sqrt(A.noise_value) * draw(*lead, N, num_probes).to(L.device))
+                logdet_p = ((N - k) * math.log(A.noise_value)
+                            + 2 * precond.C.diagonal(dim1=-2, dim2=-1).log().sum(-1))
+            z = z.to(device=rhs.device, dtype=rhs.dtype)
+            record: dict = {}
+            sol, it, converged, residual = _cg(A, torch.cat([rhs, z], -1), tol, max_iter, precond, None, record)
+        if not math.isfinite(residual):
+            raise ValueError(f"gp_marginal_log_likelihood: the conjugate-gradient residual became {residual} at "
+                             f"iteration {it} with finite inputs, an overflow in {rhs.dtype}: rescale y, or raise "
+                             f"noise")
+        if not converged:
+            _warn_unconverged("", max_iter, residual, tol)
+        with torch.no_grad():
+            quad = _lanczos_log_quadrature([[t[..., R:] if t is not None else None for t in s]
+                                            for s in record["steps"]]) if it else None
+            if quad is None:  # (converged with no step: z = 0, which a draw does not give)
+                est = torch.zeros(lead, dtype=torch.float64, device=rhs.device)
+            else:
+                est = (record["rz0"][..., R:].to(torch.float64) * quad).squeeze(-2).mean(-1)
+            logdet = logdet_p + est  # [...]
+            alpha = sol[..., :R]
+            fit = (rhs * alpha).sum(-2).to(torch.float64)  # [..., R]
+            out = -0.5 * fit - 0.5 * logdet.unsqueeze(-1) - 0.5 * N * math.log(2 * math.pi)
+        info.update(iterations=it, residual=residual, converged=converged,
+                    precond_rank=0 if L is None else L.shape[-2], num_probes=num_probes, logdet=logdet)
+        pz = z if precond is None else precond(z)
+        ctx.save_for_backward(*(t for t in (x, alpha, sol[..., R:], pz, lengthscale, outputscale, noise)
+                                if isinstance(t, torch.Tensor)))
+        ctx.scales = [None if isinstance(t, torch.Tensor) else t for t in (lengthscale, outputscale, noise)]
+        ctx.kernel = kernel
+        return out.to(rhs.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @variant_backward
+    def backward(ctx, g):
+        saved = list(ctx.saved_tensors)
+        x, alpha, az, pz = saved[:4]
+        rest = iter(saved[4:])
+        ls, os_, noise = (next(rest) if v is None else v for v in ctx.scales)
+        need = ctx.needs_input_grad
+        g = g.to(alpha.dtype)  # [..., R]
+        t = az.shape[-1]
+        w = -0.5 * g.sum(-1)[..., None, None] / t  # the log-determinant's weight, over the probes
+        grads = [-g.unsqueeze(-2) * alpha if need[0] else None, None, None, None, None, None]
+        wanted = [(i, v) for i, v in ((1, x), (2, ls), (3, os_)) if need[i] and isinstance(v, torch.Tensor)]
+        if wanted:
+            with torch.enable_grad():
+                leaves = {i: v.detach().requires_grad_() for i, v in wanted}
+                xd = leaves.get(1, x.detach())
+                out = kernel_matvec(xd, xd, torch.cat([alpha, pz], -1), ctx.kernel, leaves.get(2, ls),
+                                    leaves.get(3, os_))
+                u = torch.cat([0.5 * g.unsqueeze(-2) * alpha, w * az], -1)
+                for i, gr in zip(leaves, torch.autograd.grad(out, list(leaves.values()), u)):
+                    grads[i] = gr
+        if need[4]:  # dA / dnoise = I
+            gn = (0.5 * g * (alpha * alpha).sum(-2)).sum() + (w * az * pz).sum()
+            grads[4] = gn.reshape(noise.shape).to(noise.dtype)
+        return tuple(grads)
+
+
+def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengthscale=1.0, outputscale=1.0,
+                               num_probes: int = 16, tol: float = 1e-6, max_iter: int = 1000,
+                               precond_rank: int = 64, generator: torch.Generator | None = None,
+                               return_info: bool = False):
+    """The exact GP log marginal likelihood ``log p(y | x) = -1/2 y^T A^-1 y - 1/2 log|A| - N/2 log(2 pi)``,
+    ``A = outputscale K(x, x) + noise I``, without the kernel matrix: what GP hyperparameters are fitted by
+    maximising (minimise its negative), differentiable in x, y, lengthscale, outputscale and noise.
+
+    Computed as GPyTorch computes it (Gardner et al., 2018, "GPyTorch: Blackbox Matrix-Matrix Gaussian Process
+    Inference"): one preconditioned conjugate-gradient run, a kernel sum per iteration, solves for y and for
+    ``num_probes`` random probes together; the log-determinant is a stochastic Lanczos quadrature on the
+    probes' CG coefficients (the first 100 steps of each), plus the pivoted-Cholesky preconditioner's own
+    log-determinant, which is exact. The log-determinant term and its gradient are therefore random
+    estimates (unbiased for the gradient), with an error that shrinks as 1 / sqrt(num_probes) and with a
+    preconditioner that fits A well (a preconditioner that is A makes the log-determinant exact); the data-fit
+    term and the gradient in y are exact up to ``tol``. The backward pass is one kernel-sum backward, with no
+    further solve.
+
+    Args:
+        x: [..., N, D] training points; y: [..., N] targets or [..., N, R] columns (R independent GPs sharing
+            the kernel), read as ``kernel_solve`` reads them.
+        kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank: as in ``kernel_solve``.
+        num_probes: random probe vectors for the log-determinant (GPyTorch's default is 10).
+        generator: a ``torch.Generator`` for the probes (None: torch's default generator); one on x's device
+            draws them there, a CPU one draws them on the CPU.
+        return_info: also return ``{"iterations", "residual", "converged", "precond_rank", "num_probes",
+            "logdet"}`` (the log-determinant estimate [...], float64).
+
+    Returns:
+        [...] for a vector y, [..., R] for columns: the log-likelihood of each (a sum over the N points;
+        GPyTorch's ``ExactMarginalLogLikelihood`` divides by N). 16-bit x and y are computed in float32, as
+        ``kernel_solve`` does, and the result is rounded to their dtype.
+    """
+    if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
+        with no_autocast(x.device):
+            return gp_marginal_log_likelihood(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise,
+                                              lengthscale, outputscale, num_probes, tol, max_iter, precond_rank,
+                                              generator, return_info)
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.dtype in _16BIT:
+        out = gp_marginal_log_likelihood(x.float(), y.float(), kernel, noise, lengthscale, outputscale, num_probes,
+                                         tol, max_iter, precond_rank, generator, return_info)
+        return (out[0].to(y.dtype), out[1]) if return_info else out.to(y.dtype)
+    vector, rhs, tol, max_iter, precond_rank = _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol,
+                                                           max_iter, precond_rank, ("x", "y"))
+    num_probes = an_int(num_probes, "num_probes", 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device.type not in ("cpu", x.device.type):
+        raise ValueError(f"generator is on {generator.device}: it must be on the CPU or on x's device {x.device}")
+    info: dict = {}
+    out = _GPMarginalLogLikelihood.apply(rhs, x, lengthscale, outputscale, noise,
+                                         (kernel, tol, max_iter, info, precond_rank, num_probes, generator))
+    out = out.squeeze(-1) if vector else out
+    return (out, info) if return_info else out
 
 
 # --------------------------------------------------------------------------- registration
