@@ -1481,8 +1481,8 @@ def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, preco
     return sol, it, converged, residual
 
 
-def _warn_unconverged(what: str, max_iter: int, residual: float, tol: float):
-    warnings.warn(f"kernel_solve: conjugate gradients did not converge in max_iter={max_iter} iterations{what} "
+def _warn_unconverged(what: str, max_iter: int, residual: float, tol: float, fn: str = "kernel_solve"):
+    warnings.warn(f"{fn}: conjugate gradients did not converge in max_iter={max_iter} iterations{what} "
                   f"(relative residual {residual:.2e} > tol={tol:g}); raise max_iter or noise, or check the "
                   f"lengthscale", RuntimeWarning, stacklevel=4)
 
@@ -1795,7 +1795,8 @@ class _GPMarginalLogLikelihood(torch.autograd.Function):
                              f"iteration {it} with finite inputs, an overflow in {rhs.dtype}: rescale y, or raise "
                              f"noise")
         if not converged:
-            _warn_unconverged("", max_iter, residual, tol)
+            _warn_unconverged(" (the log-determinant's Lanczos quadrature kept those steps)", max_iter, residual,
+                              tol, "gp_marginal_log_likelihood")
         with torch.no_grad():
             quad = _lanczos_log_quadrature([[t[..., R:] if t is not None else None for t in s]
                                             for s in record["steps"]]) if it else None

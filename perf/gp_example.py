@@ -1,11 +1,14 @@
 """Exact GP regression posterior mean on 100k points without a kernel matrix (issue example).
 
     python perf/gp_example.py [--n 100000] [--kernel matern52] [--device cuda] [--precond-rank 64]
+                              [--fit-steps 0]
 
-Synthetic data: y = sin(2 pi x1) cos(2 pi x2) + x3^2 + 0.1 noise on [0, 1]^3. Conjugate gradients on
-(K + noise I) alpha = y with opforge's kernel sums (dispatched to the flash Triton kernel on a GPU),
-then the posterior mean at 10k test points. Prints iterations (with the preconditioner rank), residual,
-test RMSE and wall time.
+Synthetic data: y = sin(2 pi x1) cos(2 pi x2) + x3^2 + 0.1 noise on [0, 1]^3. With ``--fit-steps K``, the
+lengthscale, outputscale and noise are first fitted by K Adam steps on the negative log marginal likelihood
+(``gp_marginal_log_likelihood``, from ``--lengthscale`` and ``--noise`` and outputscale 1), printing each
+step's estimate and the seconds a step took. Then conjugate gradients on (K + noise I) alpha = y with
+opforge's kernel sums (dispatched to the flash Triton kernel on a GPU), and the posterior mean at 10k test
+points. Prints iterations (with the preconditioner rank), residual, test RMSE and wall time.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 
 import torch
 
-from opforge.kernels import kernel_matvec, kernel_solve
+from opforge.kernels import gp_marginal_log_likelihood, kernel_matvec, kernel_solve
 
 
 def _positive(text: str) -> int:
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.01)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precond-rank", type=int, default=64, help="pivoted-Cholesky preconditioner rank (0: plain CG)")
+    ap.add_argument("--fit-steps", type=int, default=0, help="Adam steps on the log marginal likelihood first")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
 
@@ -46,11 +50,30 @@ def main() -> None:
     y = f(x) + 0.1 * torch.randn(args.n, generator=g)
     xt = torch.rand(args.n_test, 3, generator=g)
     x, y, xt = x.to(args.device), y.to(args.device), xt.to(args.device)
+    ls, os_, noise = args.lengthscale, 1.0, args.noise
+    if args.fit_steps > 0:
+        # log-parametrised (positive), from the given values
+        p = torch.tensor([ls, os_, noise], device=args.device).log().requires_grad_()
+        opt = torch.optim.Adam([p], lr=0.05)
+        for step in range(args.fit_steps):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            q = p.exp()
+            mll = gp_marginal_log_likelihood(x, y, args.kernel, q[2], q[0], q[1], tol=1e-3,
+                                             precond_rank=args.precond_rank, generator=g)
+            (-mll / args.n).backward()
+            opt.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            print(f"fit step {step}: log marginal likelihood / n {mll.item() / args.n:.4f} at lengthscale "
+                  f"{q[0].item():.4f}, outputscale {q[1].item():.4f}, noise {q[2].item():.5f} "
+                  f"({time.perf_counter() - t0:.2f} s)")
+        ls, os_, noise = (v.item() for v in p.detach().exp())
     t0 = time.perf_counter()
     # the two steps of opforge.kernels.gp_posterior_mean, kept apart to report the solver's progress
-    alpha, info = kernel_solve(x, y, args.kernel, args.noise, args.lengthscale, tol=1e-4, return_info=True,
+    alpha, info = kernel_solve(x, y, args.kernel, noise, ls, os_, tol=1e-4, return_info=True,
                                precond_rank=args.precond_rank)
-    mean = kernel_matvec(xt, x, alpha, args.kernel, args.lengthscale)
+    mean = kernel_matvec(xt, x, alpha, args.kernel, ls, os_)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0

@@ -306,6 +306,20 @@ def test_host_overhead_script_times_every_op():
     assert all(float(ln.split()[1]) > 0 for ln in lines), r.stdout
 
 
+def test_gp_example_fits_then_predicts():
+    """perf/gp_example.py with --fit-steps: a line per Adam step on the log marginal likelihood, then the solve
+    with the fitted hyperparameters (on a few hundred points here)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "perf" / "gp_example.py"
+    r = subprocess.run([sys.executable, str(script), "--n", "300", "--n-test", "50", "--fit-steps", "2",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:2]] == ["fit step 0", "fit step 1"], r.stdout
+    assert "test RMSE" in lines[2], r.stdout
+
+
 @pytest.mark.parametrize("args, says", [
     (["--cases", "nosuch"], "unknown case(s) ['nosuch']"),
     (["--ops", "kernel_sum", "--cases", "2d-256-b32-c64-m32"],

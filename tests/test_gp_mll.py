@@ -202,3 +202,10 @@ def test_bad_arguments_name_themselves():
         gp_marginal_log_likelihood(x, y, noise=0.0)
     with pytest.raises(ValueError, match="y must be"):
         gp_marginal_log_likelihood(x, y[:-1])
+
+
+def test_unconverged_run_warns_naming_the_function():
+    x, y = _data()
+    with pytest.warns(RuntimeWarning, match="gp_marginal_log_likelihood: conjugate gradients did not converge"):
+        out = gp_marginal_log_likelihood(x, y, noise=1e-3, max_iter=2, precond_rank=0)
+    assert torch.isfinite(out)
