@@ -21,10 +21,10 @@ __all__ = [
     "use_backend",
 ]
 from .kernel_sum import (KERNELS, KernelOperator, gp_marginal_log_likelihood, gp_posterior_mean,  # noqa: E402
-                         kernel_matvec, kernel_solve)
+                         gp_posterior_variance, kernel_matvec, kernel_solve)
 
-__all__ += ["KERNELS", "KernelOperator", "gp_marginal_log_likelihood", "gp_posterior_mean", "kernel_matvec",
-            "kernel_solve"]
+__all__ += ["KERNELS", "KernelOperator", "gp_marginal_log_likelihood", "gp_posterior_mean", "gp_posterior_variance",
+            "kernel_matvec", "kernel_solve"]
 from .kan import KAN, BASES, ChebyKANLayer, FastKAN, FastKANLayer, FourierKANLayer, KANLinear, kan_linear  # noqa: E402
 
 __all__ += ["BASES", "ChebyKANLayer", "FastKAN", "FastKANLayer", "FourierKANLayer", "KAN", "KANLinear", "kan_linear"]

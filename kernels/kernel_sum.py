@@ -1728,6 +1728,73 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
     return mean.squeeze(-1) if vector else mean
 
 
+_VAR_CHUNK = 128  # test points per solve in gp_posterior_variance (the flash kernels take up to 128 columns)
+
+
+def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2, lengthscale=1.0, outputscale=1.0,
+                          tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64,
+                          include_noise: bool = False):
+    """Exact GP regression posterior variance at each test point without the training kernel matrix:
+    ``k(x*, x*) - k(x*, X) (K(X, X) + noise I)^-1 k(X, x*)`` (all kernels scaled by ``outputscale``), the
+    diagonal of the posterior covariance; plus ``noise`` with ``include_noise`` (the variance of a new noisy
+    observation there).
+
+    For each block of up to 128 test points: their kernel columns K(X, x*) [..., N, 128] (one kernel sum),
+    solved by ``kernel_solve`` as 128 right-hand sides at once, then a column-wise dot product. So T test
+    points cost T / 128 conjugate-gradient solves and N x 128 floats of memory at a time, and the result is
+    differentiable in x_test, x_train, the lengthscale, the outputscale and the noise, through the solves'
+    implicit gradients. Rounding can take a variance of about 0 (a test point on a training point with small
+    noise) below 0; it is clamped at 0, where its gradient is then 0.
+
+    Args:
+        x_train: [..., N, D] training points; x_test: [..., T, D] points (x_train's dtype and device); batch dims
+            broadcast with each other and with the hyperparameters'.
+        kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank: as in ``kernel_solve``.
+        include_noise: add ``noise`` (the predictive variance of an observation, not of the latent function).
+
+    Returns:
+        [..., T] variances in x_test's dtype. 16-bit points are computed in float32 and rounded once (under
+        autocast, float32 is returned, as ``kernel_solve`` does).
+        The targets do not enter: with ``gp_posterior_mean`` this is the whole Gaussian posterior at each point.
+    """
+    for name, t in (("x_train", x_train), ("x_test", x_test)):
+        if not isinstance(t, torch.Tensor) or t.is_complex() or not t.is_floating_point():
+            raise TypeError(f"{name} must be a real floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must be [..., n, D] points, got shape {tuple(t.shape)}")
+    if x_test.shape[-1] != x_train.shape[-1]:
+        raise ValueError(f"x_test must be [..., T, D={x_train.shape[-1]}] points like x_train, got "
+                         f"{tuple(x_test.shape)}")
+    _same_kind(x_test, "x_test", x_train, "x_train")
+    if autocast_dtype(x_train.device) is not None:  # float32, as kernel_matvec and kernel_solve take it
+        with no_autocast(x_train.device):
+            return gp_posterior_variance(amp_cast(x_train, torch.float32), amp_cast(x_test, torch.float32), kernel,
+                                         noise, lengthscale, outputscale, tol, max_iter, precond_rank, include_noise)
+    if not isinstance(include_noise, bool):
+        raise TypeError(f"include_noise must be a bool, got {type(include_noise).__name__}")
+    if x_train.dtype in _16BIT:
+        return gp_posterior_variance(x_train.float(), x_test.float(), kernel, noise, lengthscale, outputscale, tol,
+                                     max_iter, precond_rank, include_noise).to(x_train.dtype)
+    if x_test.is_meta or not bool(torch.isfinite(x_test.detach()).all()):
+        raise ValueError("x_test must be finite values: NaN or inf (or meta tensors) found")
+    prior = KernelOperator(x_test, x_test, kernel, lengthscale, outputscale).diag()  # [..., T]
+    parts = []
+    T = x_test.shape[-2]
+    for t0 in range(0, T, _VAR_CHUNK):
+        xt = x_test[..., t0:t0 + _VAR_CHUNK, :]
+        eye = torch.eye(xt.shape[-2], dtype=xt.dtype, device=xt.device)
+        cols = kernel_matvec(x_train, xt, eye, kernel, lengthscale, outputscale)  # [..., N, c]: K(X, x*)
+        sol = _kernel_solve(x_train, cols, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
+                            precond_rank, ("x_train", "K(x_train, x_test)"))
+        parts.append((cols * sol).sum(-2))
+    if not parts:  # no test points: the arguments are still checked, as a call with some would check them
+        _solve_args(x_train, x_train.new_zeros(x_train.shape[:-1] + (0,)), kernel, noise, lengthscale, outputscale,
+                    tol, max_iter, precond_rank, ("x_train", "x_test"))
+    reduced = torch.cat(parts, -1) if parts else prior.new_zeros(prior.shape)
+    var = (prior - reduced).clamp_min(0)
+    return var + noise if include_noise else var
+
+
 _LANCZOS_MAX = 100  # Lanczos steps per probe kept for the quadrature (GPyTorch keeps 20 by default)
 
 

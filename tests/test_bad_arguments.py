@@ -14,7 +14,7 @@ import opforge.kernels as K
 
 ALLOWED = (ValueError, TypeError, NotImplementedError)
 FLAGS = {"return_info", "enable_standalone_scale_spline", "use_base_update", "use_layernorm", "addbias",
-         "smooth_initialization", "bias_flag", "separable", "update_grid"}
+         "smooth_initialization", "bias_flag", "separable", "update_grid", "include_noise"}
 
 
 def _bad_values(v):
@@ -50,6 +50,10 @@ def _calls():
                                             lengthscale=1.0, outputscale=1.0, num_probes=3, tol=1e-6, max_iter=50,
                                             precond_rank=4, generator=torch.Generator().manual_seed(0),
                                             return_info=False)),
+        "gp_posterior_variance": (K.gp_posterior_variance,
+                                  dict(x_train=torch.randn(6, 3), x_test=torch.randn(2, 3), kernel="laplacian",
+                                       noise=0.1, lengthscale=1.0, outputscale=1.0, tol=1e-6, max_iter=50,
+                                       precond_rank=4, include_noise=False)),
         "gp_posterior_mean": (K.gp_posterior_mean, dict(x_train=torch.randn(6, 3), y_train=torch.randn(6),
                                                         x_test=torch.randn(2, 3), noise=0.1, lengthscale=1.0)),
         "KernelOperator": (lambda **kw: K.KernelOperator(**kw) @ torch.randn(6),

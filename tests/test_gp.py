@@ -1,18 +1,20 @@
-"""gp_marginal_log_likelihood against the dense float64 log-likelihood (Cholesky of the kernel matrix).
+"""The GP functions on top of the kernel sums against their dense float64 forms: gp_marginal_log_likelihood
+against the Cholesky log-likelihood of the kernel matrix, gp_posterior_variance against the dense posterior
+covariance's diagonal.
 
-The log-determinant is a stochastic estimate, so the checks are of two kinds: exact where the estimate has no
-randomness (a preconditioner that is the matrix itself leaves log|P^-1 A| = 0 for every probe; the data-fit
-term and the gradient in y never depend on the probes), and within five standard deviations elsewhere, each
-computed from the dense matrix: a Gaussian probe's quadratic form z^T M z has variance 2 |M|_F^2 (M
-symmetric), so a mean over t probes is off by about sqrt(2 / t) |M|_F. M is log(A) for the log-determinant
-and the symmetric part of A^-1 dA for a derivative's trace term.
+gp_marginal_log_likelihood's log-determinant is a stochastic estimate, so the checks are of two kinds: exact
+where the estimate has no randomness (a preconditioner that is the matrix itself leaves log|P^-1 A| = 0 for
+every probe; the data-fit term and the gradient in y never depend on the probes), and within five standard
+deviations elsewhere, each computed from the dense matrix: a Gaussian probe's quadratic form z^T M z has
+variance 2 |M|_F^2 (M symmetric), so a mean over t probes is off by about sqrt(2 / t) |M|_F. M is log(A) for
+the log-determinant and the symmetric part of A^-1 dA for a derivative's trace term.
 """
 import math
 
 import pytest
 import torch
 
-from opforge.kernels import KernelOperator, gp_marginal_log_likelihood, use_backend
+from opforge.kernels import KernelOperator, gp_marginal_log_likelihood, gp_posterior_variance, use_backend
 from opforge.kernels.kernel_sum import _lanczos_log_quadrature
 
 N, D = 30, 2
@@ -209,3 +211,78 @@ def test_unconverged_run_warns_naming_the_function():
     with pytest.warns(RuntimeWarning, match="gp_marginal_log_likelihood: conjugate gradients did not converge"):
         out = gp_marginal_log_likelihood(x, y, noise=1e-3, max_iter=2, precond_rank=0)
     assert torch.isfinite(out)
+
+
+def _dense_variance(xtr, xte, kernel, ls, os_, noise):
+    A = _dense(xtr, kernel, ls, os_, noise)
+    Kxs = KernelOperator(xtr, xte, kernel=kernel, lengthscale=ls, outputscale=os_).to_dense()
+    prior = KernelOperator(xte, xte, kernel=kernel, lengthscale=ls, outputscale=os_).diag()
+    return prior - (Kxs * torch.linalg.solve(A, Kxs)).sum(-2)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "laplacian", "matern52", "cauchy"])
+def test_posterior_variance_against_dense(kernel):
+    """300 test points (three blocks of at most 128), some on the training points, some far from them: the
+    dense posterior variance to float64 rounding, near the noise level at the data and outputscale far away."""
+    x, _ = _data(9)
+    g = torch.Generator().manual_seed(1)
+    xt = torch.cat([x[:5], torch.rand(290, D, generator=g, dtype=x.dtype) * 4 - 0.5, x[:5] + 40])
+    var = gp_posterior_variance(x, xt, kernel, 0.05, 0.7, 1.3, tol=1e-11)
+    assert var.shape == (300,) and var.dtype == torch.float64
+    torch.testing.assert_close(var, _dense_variance(x, xt, kernel, 0.7, 1.3, 0.05), rtol=1e-8, atol=1e-10)
+    assert float(var[:5].max()) < 0.05 and torch.allclose(var[-5:], torch.full((5,), 1.3, dtype=x.dtype))
+    noisy = gp_posterior_variance(x, xt, kernel, 0.05, 0.7, 1.3, tol=1e-11, include_noise=True)
+    torch.testing.assert_close(noisy, var + 0.05)
+
+
+def test_posterior_variance_gradients_and_batches():
+    """Gradients in x_test, x_train, lengthscale, outputscale and noise against autograd through the dense form;
+    a batch of lengthscales gives each entry its own variances."""
+    x, _ = _data(10)
+    xt = torch.rand(7, D, generator=torch.Generator().manual_seed(2), dtype=x.dtype) * 3
+    leaves = [x.clone().requires_grad_(), xt.clone().requires_grad_()] + [
+        torch.tensor(v, dtype=x.dtype, requires_grad=True) for v in (0.6, 1.4, 0.08)]
+    w = torch.randn(7, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    got = torch.autograd.grad((gp_posterior_variance(leaves[0], leaves[1], "matern32", leaves[4], leaves[2],
+                                                     leaves[3], tol=1e-12) * w).sum(), leaves)
+    want = torch.autograd.grad((_dense_variance(leaves[0], leaves[1], "matern32", leaves[2], leaves[3], leaves[4])
+                                * w).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    lsb = torch.tensor([0.5, 0.9], dtype=x.dtype).reshape(2, 1, 1)
+    var = gp_posterior_variance(x, xt, "gaussian", 0.1, lsb, tol=1e-11)
+    assert var.shape == (2, 7)
+    for i in range(2):
+        torch.testing.assert_close(var[i], _dense_variance(x, xt, "gaussian", float(lsb[i]), 1.0, 0.1), rtol=1e-8,
+                                   atol=1e-10)
+
+
+def test_posterior_variance_16bit_and_triton_path():
+    x, _ = (t.float() for t in _data(11))
+    xt = torch.rand(9, D, generator=torch.Generator().manual_seed(4)) * 3
+    want = gp_posterior_variance(x.bfloat16().float(), xt.bfloat16().float(), noise=0.1, tol=1e-7)
+    got = gp_posterior_variance(x.bfloat16(), xt.bfloat16(), noise=0.1, tol=1e-7)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = gp_posterior_variance(x.bfloat16(), xt.bfloat16(), noise=0.1, tol=1e-7)
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(amp, want)
+    with use_backend("triton"):
+        tri = gp_posterior_variance(x, xt, "matern52", 0.1, 0.8, tol=1e-6)
+    torch.testing.assert_close(tri, gp_posterior_variance(x, xt, "matern52", 0.1, 0.8, tol=1e-6), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_posterior_variance_bad_arguments():
+    x, _ = _data()
+    with pytest.raises(ValueError, match="x_test must be"):
+        gp_posterior_variance(x, torch.randn(4, D + 1, dtype=x.dtype))
+    with pytest.raises(TypeError, match="x_test must have x_train's dtype"):
+        gp_posterior_variance(x, torch.randn(4, D))
+    with pytest.raises(ValueError, match="x_test must be finite"):
+        gp_posterior_variance(x, torch.full((4, D), float("nan"), dtype=x.dtype))
+    with pytest.raises(ValueError, match="noise"):
+        gp_posterior_variance(x, x[:0], noise=-1.0)
+    with pytest.raises(TypeError, match="include_noise"):
+        gp_posterior_variance(x, x[:3], include_noise=1)
