@@ -158,7 +158,7 @@ for stage in "${stages[@]}"; do
       done ;;
     example)
       fits 60 || continue
-      timed 200 python3 perf/gp_example.py --n 100000 --fit-steps 3
+      timed 200 python3 perf/gp_example.py --n 100000 --fit-steps 3 --n-var 1000
       timed 120 python3 perf/first_call.py ;;
     *) echo "unknown stage $stage (test check bench tune perf profile example)"; exit 2 ;;
   esac

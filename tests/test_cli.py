@@ -307,17 +307,17 @@ def test_host_overhead_script_times_every_op():
 
 
 def test_gp_example_fits_then_predicts():
-    """perf/gp_example.py with --fit-steps: a line per Adam step on the log marginal likelihood, then the solve
-    with the fitted hyperparameters (on a few hundred points here)."""
+    """perf/gp_example.py with --fit-steps and --n-var: a line per Adam step on the log marginal likelihood, the
+    solve with the fitted hyperparameters, then the predictive variance's line (on a few hundred points here)."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "perf" / "gp_example.py"
     r = subprocess.run([sys.executable, str(script), "--n", "300", "--n-test", "50", "--fit-steps", "2",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                        "--n-var", "20", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines[:2]] == ["fit step 0", "fit step 1"], r.stdout
-    assert "test RMSE" in lines[2], r.stdout
+    assert "test RMSE" in lines[2] and lines[3].startswith("predictive variance at 20 test points"), r.stdout
 
 
 @pytest.mark.parametrize("args, says", [
