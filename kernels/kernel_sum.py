@@ -1707,7 +1707,8 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
     """Exact GP regression posterior mean ``K(x_test, X) (K(X, X) + noise I)^-1 y`` without any kernel matrix
     (``kernel_solve``, then one kernel sum). 16-bit inputs (all three of one dtype) are computed in float32
     and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two steps put 8% of error
-    into the mean (300 points; alpha's terms cancel in the sum)."""
+    into the mean (300 points; alpha's terms cancel in the sum). Under autocast the mean comes in float32, as
+    ``kernel_solve``'s and ``kernel_matvec``'s results do."""
     ts = (x_train, y_train, x_test)
     if isinstance(x_train, torch.Tensor) and x_train.dim() >= 2 and not (  # (before the solve, not after it)
             isinstance(x_test, torch.Tensor) and x_test.dim() >= 2 and x_test.shape[-1] == x_train.shape[-1]):
@@ -1715,6 +1716,10 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
                          f"{tuple(x_test.shape) if isinstance(x_test, torch.Tensor) else type(x_test).__name__}")
     if isinstance(x_train, torch.Tensor) and isinstance(x_test, torch.Tensor):
         _same_kind(x_test, "x_test", x_train, "x_train")
+    if isinstance(x_train, torch.Tensor) and autocast_dtype(x_train.device) is not None:  # float32, as the
+        with no_autocast(x_train.device):  # solve and the kernel sum take it (not the 16-bit branch below)
+            return gp_posterior_mean(*(amp_cast(t, torch.float32) for t in ts), kernel, noise, lengthscale,
+                                     outputscale, tol, max_iter, precond_rank)
     if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
             and x_train.dtype in _16BIT):
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,

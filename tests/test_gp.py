@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from opforge.kernels import KernelOperator, gp_marginal_log_likelihood, gp_posterior_variance, use_backend
+from opforge.kernels import (KernelOperator, gp_marginal_log_likelihood, gp_posterior_mean, gp_posterior_variance,
+                             use_backend)
 from opforge.kernels.kernel_sum import _lanczos_log_quadrature
 
 N, D = 30, 2
@@ -286,3 +287,15 @@ def test_posterior_variance_bad_arguments():
         gp_posterior_variance(x, x[:0], noise=-1.0)
     with pytest.raises(TypeError, match="include_noise"):
         gp_posterior_variance(x, x[:3], include_noise=1)
+
+
+def test_posterior_mean_under_autocast_is_float32():
+    """Under autocast every GP function answers in float32, as kernel_solve and kernel_matvec do (the posterior
+    mean took its 16-bit branch first and answered in bfloat16)."""
+    x, y = (t.float() for t in _data(12))
+    xt = x[:4] + 0.1
+    want = gp_posterior_mean(x.bfloat16().float(), y.bfloat16().float(), xt.bfloat16().float(), noise=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gp_posterior_mean(x.bfloat16(), y.bfloat16(), xt.bfloat16(), noise=0.1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
