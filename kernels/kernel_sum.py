@@ -1780,8 +1780,9 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     if x_train.dtype in _16BIT:
         return gp_posterior_variance(x_train.float(), x_test.float(), kernel, noise, lengthscale, outputscale, tol,
                                      max_iter, precond_rank, include_noise).to(x_train.dtype)
-    if x_test.is_meta or not bool(torch.isfinite(x_test.detach()).all()):
-        raise ValueError("x_test must be finite values: NaN or inf (or meta tensors) found")
+    for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on)
+        if t.is_meta or not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"{name} must be finite values: NaN or inf (or meta tensors) found")
     prior = KernelOperator(x_test, x_test, kernel, lengthscale, outputscale).diag()  # [..., T]
     parts = []
     T = x_test.shape[-2]

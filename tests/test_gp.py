@@ -283,6 +283,8 @@ def test_posterior_variance_bad_arguments():
         gp_posterior_variance(x, torch.randn(4, D))
     with pytest.raises(ValueError, match="x_test must be finite"):
         gp_posterior_variance(x, torch.full((4, D), float("nan"), dtype=x.dtype))
+    with pytest.raises(ValueError, match="x_train must be finite"):
+        gp_posterior_variance(x * float("inf"), x[:3])
     with pytest.raises(ValueError, match="noise"):
         gp_posterior_variance(x, x[:0], noise=-1.0)
     with pytest.raises(TypeError, match="include_noise"):
