@@ -104,3 +104,30 @@ def kernel_matvec_vjp(x, y, b, g, kernel="gaussian", lengthscale=1.0, outputscal
     dl_vec = -2 * np.einsum("nm,nmd->d", dk, diff ** 2) / ls
     dl = dl_vec if np.ndim(lengthscale) else dl_vec.sum()
     return dx, dy, db, dl
+
+
+def _noisy_kernel_matrix(x, kernel, noise, lengthscale, outputscale) -> np.ndarray:
+    """A = outputscale K(x, x) + noise I for x [N, D]."""
+    x = np.asarray(x, np.float64)
+    return kernel_matrix(x, x, kernel, lengthscale, outputscale) + noise * np.eye(len(x))
+
+
+def gp_log_marginal_likelihood(x, y, kernel="gaussian", noise=1e-2, lengthscale=1.0, outputscale=1.0):
+    """log p(y | x) = -1/2 y^T A^-1 y - 1/2 log|A| - N/2 log(2 pi), A = outputscale K(x, x) + noise I, from a
+    Cholesky factor A = L L^T (log|A| = 2 sum log L_ii). x [N, D]; y [N] (a number) or [N, R] (one per
+    column)."""
+    y = np.asarray(y, np.float64)
+    L = np.linalg.cholesky(_noisy_kernel_matrix(x, kernel, noise, lengthscale, outputscale))
+    Y = y.reshape(len(L), -1)
+    alpha = np.linalg.solve(L.T, np.linalg.solve(L, Y))
+    out = -0.5 * (Y * alpha).sum(0) - np.log(np.diag(L)).sum() - 0.5 * len(L) * np.log(2 * np.pi)
+    return out[0] if y.ndim == 1 else out
+
+
+def gp_posterior_variance(x_train, x_test, kernel="gaussian", noise=1e-2, lengthscale=1.0, outputscale=1.0):
+    """Posterior variance of the latent function at each test point, the diagonal of
+    K(x*, x*) - K(x*, X) A^-1 K(X, x*) with A = outputscale K(X, X) + noise I: [T] for x_test [T, D]."""
+    A = _noisy_kernel_matrix(x_train, kernel, noise, lengthscale, outputscale)
+    Ks = kernel_matrix(x_train, x_test, kernel, lengthscale, outputscale)  # [N, T]
+    prior = outputscale * phi(np.zeros(len(np.asarray(x_test))), kernel)  # k(x*, x*) = outputscale phi(0)
+    return prior - (Ks * np.linalg.solve(A, Ks)).sum(0)
