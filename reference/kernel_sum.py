@@ -17,6 +17,9 @@ those formulas written as a KeOps user writes them), with s = r^2:
 Gradients use dk/ds; at r = 0 the Laplacian's dk/ds is unbounded but its
 contribution dk/ds * 2 (x - y) is defined here as 0 (the symmetric
 subgradient), so coincident points give finite gradients.
+
+The GP functions built on kernel sums (``gp_log_marginal_likelihood``,
+``gp_posterior_variance``) are dense linear algebra on the kernel matrix here.
 """
 from __future__ import annotations
 
