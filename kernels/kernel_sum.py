@@ -1487,6 +1487,20 @@ def _warn_unconverged(what: str, max_iter: int, residual: float, tol: float, fn:
                   f"lengthscale", RuntimeWarning, stacklevel=4)
 
 
+def _grads_through_k(grads: list, need, x, ls, os_, kernel: str, v: torch.Tensor, u: torch.Tensor) -> None:
+    """grads[1:4] (x, lengthscale, outputscale, where ``need`` asks and they are tensors) of
+    sum(u * outputscale K(x, x) v): one kernel-sum backward, the implicit gradients of the solvers."""
+    wanted = [(i, t) for i, t in ((1, x), (2, ls), (3, os_)) if need[i] and isinstance(t, torch.Tensor)]
+    if not wanted:
+        return
+    with torch.enable_grad():
+        leaves = {i: t.detach().requires_grad_() for i, t in wanted}
+        xd = leaves.get(1, x.detach())
+        out = kernel_matvec(xd, xd, v, kernel, leaves.get(2, ls), leaves.get(3, os_))
+        for i, gr in zip(leaves, torch.autograd.grad(out, list(leaves.values()), u)):
+            grads[i] = gr
+
+
 class _KernelSolve(torch.autograd.Function):
     """sol = A^-1 rhs with A = outputscale K(x, x) + noise I, differentiated implicitly: with lam = A^-1 g
     (A is symmetric: one more solve), grad rhs = lam and grad theta = -lam^T (dA/dtheta) sol for x,
@@ -1532,14 +1546,7 @@ class _KernelSolve(torch.autograd.Function):
         if lam is None:  # NaN gradients, as autograd propagates a NaN
             lam = torch.full_like(g, float("nan"))
         grads = [lam if need[0] else None, None, None, None, None, None]
-        wanted = [(i, t) for i, t in ((1, x), (2, ls), (3, os_)) if need[i] and isinstance(t, torch.Tensor)]
-        if wanted:
-            with torch.enable_grad():
-                leaves = {i: t.detach().requires_grad_() for i, t in wanted}
-                xd = leaves.get(1, x.detach())
-                out = kernel_matvec(xd, xd, sol, kernel, leaves.get(2, ls), leaves.get(3, os_))
-                for i, gr in zip(leaves, torch.autograd.grad(out, list(leaves.values()), -lam)):
-                    grads[i] = gr
+        _grads_through_k(grads, need, x, ls, os_, kernel, sol, -lam)
         if need[4]:
             grads[4] = (-(lam * sol).sum()).reshape(noise.shape).to(noise.dtype)
         return tuple(grads)
@@ -1702,6 +1709,17 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     return (out, info) if return_info else out
 
 
+def _test_points(x_train, x_test) -> None:
+    """x_test must be [..., T, D] points like x_train [..., N, D] (its D, dtype and device), else an error
+    naming x_test (x_train itself is checked where it is used)."""
+    if isinstance(x_train, torch.Tensor) and x_train.dim() >= 2 and not (
+            isinstance(x_test, torch.Tensor) and x_test.dim() >= 2 and x_test.shape[-1] == x_train.shape[-1]):
+        raise ValueError(f"x_test must be [..., N_test, D={x_train.shape[-1]}] points like x_train, got "
+                         f"{tuple(x_test.shape) if isinstance(x_test, torch.Tensor) else type(x_test).__name__}")
+    if isinstance(x_train, torch.Tensor) and isinstance(x_test, torch.Tensor):
+        _same_kind(x_test, "x_test", x_train, "x_train")
+
+
 def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0,
                       outputscale=1.0, tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64):
     """Exact GP regression posterior mean ``K(x_test, X) (K(X, X) + noise I)^-1 y`` without any kernel matrix
@@ -1710,12 +1728,7 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
     into the mean (300 points; alpha's terms cancel in the sum). Under autocast the mean comes in float32, as
     ``kernel_solve``'s and ``kernel_matvec``'s results do."""
     ts = (x_train, y_train, x_test)
-    if isinstance(x_train, torch.Tensor) and x_train.dim() >= 2 and not (  # (before the solve, not after it)
-            isinstance(x_test, torch.Tensor) and x_test.dim() >= 2 and x_test.shape[-1] == x_train.shape[-1]):
-        raise ValueError(f"x_test must be [..., N_test, D={x_train.shape[-1]}] points like x_train, got "
-                         f"{tuple(x_test.shape) if isinstance(x_test, torch.Tensor) else type(x_test).__name__}")
-    if isinstance(x_train, torch.Tensor) and isinstance(x_test, torch.Tensor):
-        _same_kind(x_test, "x_test", x_train, "x_train")
+    _test_points(x_train, x_test)  # (before the solve, not after it)
     if isinstance(x_train, torch.Tensor) and autocast_dtype(x_train.device) is not None:  # float32, as the
         with no_autocast(x_train.device):  # solve and the kernel sum take it (not the 16-bit branch below)
             return gp_posterior_mean(*(amp_cast(t, torch.float32) for t in ts), kernel, noise, lengthscale,
@@ -1762,15 +1775,12 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
         autocast, float32 is returned, as ``kernel_solve`` does).
         The targets do not enter: with ``gp_posterior_mean`` this is the whole Gaussian posterior at each point.
     """
-    for name, t in (("x_train", x_train), ("x_test", x_test)):
-        if not isinstance(t, torch.Tensor) or t.is_complex() or not t.is_floating_point():
-            raise TypeError(f"{name} must be a real floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if t.dim() < 2:
-            raise ValueError(f"{name} must be [..., n, D] points, got shape {tuple(t.shape)}")
-    if x_test.shape[-1] != x_train.shape[-1]:
-        raise ValueError(f"x_test must be [..., T, D={x_train.shape[-1]}] points like x_train, got "
-                         f"{tuple(x_test.shape)}")
-    _same_kind(x_test, "x_test", x_train, "x_train")
+    if not isinstance(x_train, torch.Tensor) or x_train.is_complex() or not x_train.is_floating_point():
+        raise TypeError(f"x_train must be a real floating tensor, got "
+                        f"{getattr(x_train, 'dtype', type(x_train).__name__)}")
+    if x_train.dim() < 2:
+        raise ValueError(f"x_train must be [..., N, D] points, got shape {tuple(x_train.shape)}")
+    _test_points(x_train, x_test)
     if autocast_dtype(x_train.device) is not None:  # float32, as kernel_matvec and kernel_solve take it
         with no_autocast(x_train.device):
             return gp_posterior_variance(amp_cast(x_train, torch.float32), amp_cast(x_test, torch.float32), kernel,
@@ -1903,16 +1913,8 @@ class _GPMarginalLogLikelihood(torch.autograd.Function):
         t = az.shape[-1]
         w = -0.5 * g.sum(-1)[..., None, None] / t  # the log-determinant's weight, over the probes
         grads = [-g.unsqueeze(-2) * alpha if need[0] else None, None, None, None, None, None]
-        wanted = [(i, v) for i, v in ((1, x), (2, ls), (3, os_)) if need[i] and isinstance(v, torch.Tensor)]
-        if wanted:
-            with torch.enable_grad():
-                leaves = {i: v.detach().requires_grad_() for i, v in wanted}
-                xd = leaves.get(1, x.detach())
-                out = kernel_matvec(xd, xd, torch.cat([alpha, pz], -1), ctx.kernel, leaves.get(2, ls),
-                                    leaves.get(3, os_))
-                u = torch.cat([0.5 * g.unsqueeze(-2) * alpha, w * az], -1)
-                for i, gr in zip(leaves, torch.autograd.grad(out, list(leaves.values()), u)):
-                    grads[i] = gr
+        _grads_through_k(grads, need, x, ls, os_, ctx.kernel, torch.cat([alpha, pz], -1),
+                         torch.cat([0.5 * g.unsqueeze(-2) * alpha, w * az], -1))
         if need[4]:  # dA / dnoise = I
             gn = (0.5 * g * (alpha * alpha).sum(-2)).sum() + (w * az * pz).sum()
             grads[4] = gn.reshape(noise.shape).to(noise.dtype)
