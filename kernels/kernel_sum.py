@@ -35,6 +35,11 @@ Centring (kernels are translation invariant; it tames cancellation in
 lengthscale, and the outputscale are torch ops around the core, so their
 gradients come from autograd.
 
+The GP functions on top of the sums: ``kernel_solve`` (preconditioned conjugate gradients on
+outputscale K(x, x) + noise I, differentiated implicitly), ``gp_posterior_mean``, ``gp_posterior_variance``,
+``gp_marginal_log_likelihood`` (GPyTorch's estimator), and ``GPRegression``, GPyTorch's exact GP as a module
+whose state dicts load both ways.
+
 The first call of the Triton variant for a new (kernel, dtype, D-block,
 config) compiles it with Triton's JIT (typically 1-3 s on an H100 host; cached
 on disk afterwards); there is no other compile step.
@@ -46,6 +51,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ._graph_op import GraphOp, traced, traced_scalar
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, autocast_dtype,
@@ -54,7 +61,8 @@ from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count,
                       split_tf32, tl, triton)
 
-__all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "KERNELS"]
+__all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "gp_posterior_variance",
+           "gp_marginal_log_likelihood", "GPRegression", "GPYTORCH_KERNELS", "KERNELS"]
 
 KERNELS = ("gaussian", "laplacian", "matern32", "matern52", "imq", "cauchy")
 _S3, _S5 = math.sqrt(3.0), math.sqrt(5.0)
@@ -1975,6 +1983,322 @@ def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengt
                                          (kernel, tol, max_iter, info, precond_rank, num_probes, generator))
     out = out.squeeze(-1) if vector else out
     return (out, info) if return_info else out
+
+
+# --------------------------------------------------------------------------- the exact-GP module
+# GPRegression: GPyTorch's standard exact GP (ExactGP with ConstantMean, ScaleKernel(<kernel>) and
+# GaussianLikelihood) with GPyTorch's parameter names, constraints and transforms, so a GPyTorch model's
+# state_dict() loads into it as it is (and its own into GPyTorch's), on the GP functions above.
+
+#: the GPyTorch base kernel each opforge kernel is (same formula, same lengthscale)
+GPYTORCH_KERNELS = {"gaussian": "RBFKernel()", "laplacian": "MaternKernel(nu=0.5)",
+                    "matern32": "MaternKernel(nu=1.5)", "matern52": "MaternKernel(nu=2.5)"}
+
+
+def _inv_softplus(v: torch.Tensor) -> torch.Tensor:
+    """softplus^-1(v) for v > 0 (GPyTorch's ``inv_softplus``)."""
+    return v + torch.log(-torch.expm1(-v))
+
+
+class _GreaterThan(nn.Module):
+    """GPyTorch's ``GreaterThan(lower)`` constraint (``Positive()`` at 0): value = lower_bound + softplus(raw),
+    with its two buffers, so that GPyTorch's state dicts load. A state dict with a finite ``upper_bound`` (an
+    ``Interval``, whose transform is a sigmoid) is refused when loaded, naming its key."""
+
+    def __init__(self, lower: float):
+        super().__init__()
+        self.register_buffer("lower_bound", torch.tensor(float(lower)))
+        self.register_buffer("upper_bound", torch.tensor(math.inf))
+
+    def transform(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.lower_bound.to(raw.dtype) + F.softplus(raw)
+
+    def extra_repr(self) -> str:
+        return f"lower_bound={float(self.lower_bound):.3g}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key, want in ((prefix + "upper_bound", "inf"), (prefix + "lower_bound", "finite")):
+            v = state_dict.get(key)
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                ok = math.isinf(float(v)) and float(v) > 0 if want == "inf" else math.isfinite(float(v))
+                if not ok:
+                    raise ValueError(f"{key} is {float(v)}: GPRegression takes GPyTorch's GreaterThan and Positive "
+                                     f"constraints (lower_bound + softplus(raw)), whose upper_bound is inf; an "
+                                     f"Interval (a sigmoid) is not one")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _ConstantMean(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.raw_constant = nn.Parameter(torch.tensor(float(value)))
+
+
+class _BaseKernel(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.raw_lengthscale = nn.Parameter(torch.zeros(1, dims))
+        self.raw_lengthscale_constraint = _GreaterThan(0.0)
+
+
+class _ScaleKernel(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.raw_outputscale = nn.Parameter(torch.tensor(0.0))
+        self.base_kernel = _BaseKernel(dims)
+        self.raw_outputscale_constraint = _GreaterThan(0.0)
+
+
+class _NoiseCovar(nn.Module):
+    def __init__(self, lower: float):
+        super().__init__()
+        self.raw_noise = nn.Parameter(torch.zeros(1))
+        self.raw_noise_constraint = _GreaterThan(lower)
+
+
+class _GaussianLikelihood(nn.Module):
+    def __init__(self, lower: float):
+        super().__init__()
+        self.noise_covar = _NoiseCovar(lower)
+
+
+def _raw_of(value, name: str, raw: torch.Tensor, bound: _GreaterThan) -> torch.Tensor:
+    """The raw parameter that gives ``value`` (a number, or a tensor or sequence shaped like the parameter or
+    broadcasting to it), checked: finite and above the constraint's lower bound."""
+    if value is None or isinstance(value, (str, bytes, bool)) or type(value).__name__ == "bool_":
+        raise TypeError(f"{name} must be a number or a tensor of numbers, got {type(value).__name__}")
+    try:
+        # (numbers and sequences as float64, not torch's default float32: 0.02 stays 0.02 in a float64 model)
+        v = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
+        if v.is_complex() or v.dtype == torch.bool or v.is_meta:
+            raise TypeError
+        v = v.to(device="cpu", dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        raise TypeError(f"{name} must be a number or a real tensor of numbers, got {type(value).__name__}"
+                        f"{' ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}") from None
+    try:
+        v = v.reshape(()).expand(raw.shape) if v.numel() == 1 else v.expand(raw.shape)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a number or shaped {tuple(raw.shape)} (or broadcast to it), got shape "
+                         f"{tuple(v.shape)}") from None
+    lower = float(bound.lower_bound)
+    if not (bool(torch.isfinite(v).all()) and bool((v > lower).all())):
+        raise ValueError(f"{name} must be finite and > {lower:g}, got {v.tolist()}")
+    return _inv_softplus(v - lower).to(dtype=raw.dtype, device=raw.device)
+
+
+class GPRegression(nn.Module):
+    """Exact Gaussian-process regression, ``y = f(x) + e``, ``f ~ GP(c, outputscale k(x, x'))``,
+    ``e ~ N(0, noise)``, fitted and evaluated without the kernel matrix.
+
+    GPyTorch's standard exact GP, parameter for parameter (``state_dict`` keys ``likelihood.noise_covar.raw_noise``,
+    ``mean_module.raw_constant``, ``covar_module.raw_outputscale``, ``covar_module.base_kernel.raw_lengthscale``
+    and the constraints' ``lower_bound`` / ``upper_bound`` buffers): each hyperparameter is lower_bound +
+    softplus(raw), the noise's lower bound 1e-4 as ``GaussianLikelihood``'s. So
+    ``gp.load_state_dict(gpytorch_model.state_dict())`` takes a GPyTorch model with ``ConstantMean`` and
+    ``ScaleKernel`` over the matching kernel (``GPYTORCH_KERNELS``), and GPyTorch takes this one's.
+
+    Args:
+        train_x: [N, D] training points, train_y: [N] targets (of train_x's dtype and device); or None, and
+            ``set_train_data`` later. Kept as non-persistent buffers: ``.to()`` moves them, ``state_dict``
+            leaves them out (as GPyTorch leaves out its train inputs).
+        kernel: one of ``KERNELS``.
+        ard_num_dims: None (one lengthscale) or D (one per input dimension).
+        lengthscale, outputscale, noise, mean: initial values (a number, or for the lengthscale a [D] tensor).
+        noise_lower_bound: the noise constraint's lower bound (GPyTorch's default 1e-4).
+        num_probes, tol, max_iter, precond_rank: the solver settings, as in ``gp_marginal_log_likelihood`` and
+            ``kernel_solve``; attributes, changeable later.
+
+    Properties ``lengthscale`` ([1, D or 1], GPyTorch's shape), ``outputscale`` ([]), ``noise`` ([1]) and
+    ``mean_constant`` ([]) give the constrained values and take new ones (``gp.noise = 0.05``).
+
+    Calls:
+        ``gp.marginal_log_likelihood()``: log p(train_y), a sum over the N points (GPyTorch's
+        ``ExactMarginalLogLikelihood`` divides it by N), a stochastic estimate differentiable in every
+        parameter; maximise it to fit them, or ``gp.fit(steps, lr)`` does so with Adam.
+        ``gp(x_test)``: the posterior mean at x_test [..., T, D] -> [..., T]; with ``return_variance=True`` also
+        the posterior variance of f there (``include_noise=True``: of a new observation, + noise). The weights
+        A^-1 (y - c) of the mean are kept between calls while the parameters and the training data are
+        unchanged (in-place updates count as changes) and nothing asks for their gradient, so repeated
+        predictions cost a kernel sum each; a new solve starts from them (``x0``).
+    """
+
+    def __init__(self, train_x=None, train_y=None, kernel: str = "gaussian", ard_num_dims=None, lengthscale=1.0,
+                 outputscale=1.0, noise=1e-2, mean=0.0, noise_lower_bound=1e-4, num_probes: int = 16,
+                 tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64):
+        super().__init__()
+        if not isinstance(kernel, str) or kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        dims = 1 if ard_num_dims is None else an_int(ard_num_dims, "ard_num_dims", 1)
+        lower = number(noise_lower_bound, "noise_lower_bound")
+        if not (math.isfinite(lower) and lower >= 0):
+            raise ValueError(f"noise_lower_bound must be finite and >= 0, got {lower}")
+        mean = number(mean.detach() if isinstance(mean, torch.Tensor) else mean, "mean")
+        if not math.isfinite(mean):
+            raise ValueError(f"mean must be finite, got {mean}")
+        self.kernel = kernel
+        self.ard_num_dims = None if ard_num_dims is None else dims
+        # GPyTorch's registration order, so the state dict lists its keys in the same order
+        self.likelihood = _GaussianLikelihood(lower)
+        self.mean_module = _ConstantMean(mean)
+        self.covar_module = _ScaleKernel(dims)
+        self.lengthscale, self.outputscale, self.noise = lengthscale, outputscale, noise
+        self.num_probes = an_int(num_probes, "num_probes", 1)
+        self.tol = number(tol, "tol")
+        if not (self.tol > 0 and math.isfinite(self.tol)):
+            raise ValueError(f"tol must be positive and finite, got {tol!r}")
+        self.max_iter = an_int(max_iter, "max_iter", 1)
+        self.precond_rank = an_int(precond_rank, "precond_rank", 0)
+        self.register_buffer("train_x", None, persistent=False)
+        self.register_buffer("train_y", None, persistent=False)
+        self._cache = None  # (key, alpha): the mean's weights A^-1 (y - c), detached
+        if train_x is not None or train_y is not None:
+            self.set_train_data(train_x, train_y)
+
+    # ----------------------------------------------------------------- hyperparameters
+    def _raw(self):
+        """(raw parameter, its constraint, its name) of each constrained hyperparameter."""
+        ck = self.covar_module
+        return (
+            (ck.base_kernel.raw_lengthscale, ck.base_kernel.raw_lengthscale_constraint, "lengthscale"),
+            (ck.raw_outputscale, ck.raw_outputscale_constraint, "outputscale"),
+            (self.likelihood.noise_covar.raw_noise, self.likelihood.noise_covar.raw_noise_constraint, "noise"),
+        )
+
+    def _get(self, i: int) -> torch.Tensor:
+        raw, bound, _ = self._raw()[i]
+        return bound.transform(raw)
+
+    def _set(self, i: int, value) -> None:
+        raw, bound, name = self._raw()[i]
+        with torch.no_grad():
+            raw.copy_(_raw_of(value, name, raw, bound))
+
+    lengthscale = property(lambda self: self._get(0), lambda self, v: self._set(0, v),
+                           doc="[1, D or 1] lengthscale(s): lower_bound (0) + softplus(raw_lengthscale)")
+    outputscale = property(lambda self: self._get(1), lambda self, v: self._set(1, v),
+                           doc="[] outputscale: softplus(raw_outputscale)")
+    noise = property(lambda self: self._get(2), lambda self, v: self._set(2, v),
+                     doc="[1] observation-noise variance: noise_lower_bound + softplus(raw_noise)")
+
+    @property
+    def mean_constant(self) -> torch.Tensor:
+        """[] the constant prior mean (``mean_module.raw_constant``, unconstrained)."""
+        return self.mean_module.raw_constant
+
+    @mean_constant.setter
+    def mean_constant(self, value) -> None:
+        v = number(value.detach() if isinstance(value, torch.Tensor) else value, "mean_constant")
+        if not math.isfinite(v):
+            raise ValueError(f"mean_constant must be finite, got {v}")
+        with torch.no_grad():
+            self.mean_module.raw_constant.fill_(v)
+
+    # ----------------------------------------------------------------- data
+    def set_train_data(self, x, y) -> None:
+        """Condition on x [N, D] (D = ``ard_num_dims`` when set) and y [N], of one real floating dtype and one
+        device; the parameters stay as they are."""
+        if not isinstance(x, torch.Tensor) or x.is_complex() or not x.is_floating_point():
+            raise TypeError(f"train_x must be a real floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"train_x must be [N, D] points with N, D >= 1, got shape {tuple(x.shape)}")
+        if self.ard_num_dims is not None and x.shape[1] != self.ard_num_dims:
+            raise ValueError(f"train_x has D={x.shape[1]} dimensions but ard_num_dims is {self.ard_num_dims}")
+        if not isinstance(y, torch.Tensor) or y.is_complex() or not y.is_floating_point():
+            raise TypeError(f"train_y must be a real floating tensor, got {getattr(y, 'dtype', type(y).__name__)}")
+        if tuple(y.shape) != (x.shape[0],):
+            raise ValueError(f"train_y must be [N={x.shape[0]}] targets, got shape {tuple(y.shape)}")
+        if y.dtype != x.dtype or y.device != x.device:
+            raise TypeError(f"train_y must have train_x's dtype and device ({x.dtype} on {x.device}), got "
+                            f"{y.dtype} on {y.device}")
+        if x.is_meta or not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+            raise ValueError("train_x and train_y must be finite values: NaN or inf (or meta tensors) found")
+        self.train_x, self.train_y = x.detach(), y.detach()
+        self._cache = None
+
+    def _data(self, what: str):
+        if self.train_x is None:
+            raise ValueError(f"{what} needs training data: GPRegression(train_x, train_y, ...) or "
+                             f"set_train_data(x, y) first")
+        return self.train_x, self.train_y
+
+    def _centred(self, y: torch.Tensor) -> torch.Tensor:
+        return y - self.mean_constant.to(y.dtype)
+
+    # ----------------------------------------------------------------- the calls
+    def marginal_log_likelihood(self, generator: torch.Generator | None = None, return_info: bool = False):
+        """log p(train_y | train_x) under the current parameters: ``gp_marginal_log_likelihood`` of the
+        centred targets (a [] tensor, a sum over the N points; divide by N for GPyTorch's value). Its
+        log-determinant is estimated from ``num_probes`` random probes (``generator`` fixes them)."""
+        x, y = self._data("marginal_log_likelihood")
+        return gp_marginal_log_likelihood(x, self._centred(y), self.kernel, self.noise, self.lengthscale,
+                                          self.outputscale, self.num_probes, self.tol, self.max_iter,
+                                          self.precond_rank, generator, return_info)
+
+    def fit(self, steps: int = 100, lr: float = 0.1, generator: torch.Generator | None = None) -> list:
+        """Maximise the marginal likelihood over every parameter that requires grad: ``steps`` Adam steps at
+        learning rate ``lr`` on -log p(y) / N (GPyTorch's training loss). Returns that loss at each step (the
+        parameters before the step). For another optimiser or schedule, write the loop on
+        ``marginal_log_likelihood()``."""
+        steps = an_int(steps, "steps", 0)
+        lr = number(lr, "lr")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be positive and finite, got {lr}")
+        n = self._data("fit")[0].shape[0]
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("fit: no parameter requires grad")
+        opt = torch.optim.Adam(params, lr=lr)
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            with torch.enable_grad():
+                loss = -self.marginal_log_likelihood(generator) / n
+                loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    def _key(self, x, y) -> tuple:
+        ps = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parameters())
+        return ps + ((x._version, x.data_ptr(), y._version, y.data_ptr(), x.dtype, x.device),
+                     (self.kernel, self.tol, self.max_iter, self.precond_rank))
+
+    def _weights(self, x, y) -> torch.Tensor:
+        """A^-1 (y - c) [N], from the cache when it is current and no gradient needs it."""
+        ls, os_, nz, c = self.lengthscale, self.outputscale, self.noise, self.mean_constant
+        key = self._key(x, y)
+        cached = self._cache
+        if cached is not None and cached[0] == key and not wants_grad((ls, os_, nz, c)):
+            return cached[1]
+        x0 = cached[1] if cached is not None and cached[1].shape == y.shape and cached[1].dtype == y.dtype \
+            and cached[1].device == y.device else None
+        alpha = kernel_solve(x, self._centred(y), self.kernel, nz, ls, os_, self.tol, self.max_iter,
+                             precond_rank=self.precond_rank, x0=x0)
+        self._cache = (key, alpha.detach())
+        return alpha
+
+    def forward(self, x_test, return_variance: bool = False, include_noise: bool = False):
+        """The posterior at x_test [..., T, D] (train_x's dtype and device): the mean [..., T], and with
+        ``return_variance`` (mean, variance), the variance of f, or of a new observation with
+        ``include_noise`` (``gp_posterior_variance``, T / 128 conjugate-gradient solves)."""
+        for name, flag in (("return_variance", return_variance), ("include_noise", include_noise)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        x, y = self._data("forward")
+        _test_points(x, x_test)
+        alpha = self._weights(x, y)
+        mean = kernel_matvec(x_test, x, alpha.unsqueeze(-1), self.kernel, self.lengthscale,
+                             self.outputscale).squeeze(-1) + self.mean_constant.to(alpha.dtype)
+        if not return_variance:
+            return mean
+        var = gp_posterior_variance(x, x_test, self.kernel, self.noise, self.lengthscale, self.outputscale,
+                                    self.tol, self.max_iter, self.precond_rank, include_noise)
+        return mean, var
+
+    def extra_repr(self) -> str:
+        n = "no training data" if self.train_x is None else f"N={self.train_x.shape[0]}, D={self.train_x.shape[1]}"
+        return f"kernel={self.kernel!r}, ard_num_dims={self.ard_num_dims}, {n}"
 
 
 # --------------------------------------------------------------------------- registration

@@ -14,7 +14,8 @@ import opforge.kernels as K
 
 ALLOWED = (ValueError, TypeError, NotImplementedError)
 FLAGS = {"return_info", "enable_standalone_scale_spline", "use_base_update", "use_layernorm", "addbias",
-         "smooth_initialization", "bias_flag", "separable", "update_grid", "include_noise"}
+         "smooth_initialization", "bias_flag", "separable", "update_grid", "include_noise",
+         "return_variance"}
 
 
 def _bad_values(v):
@@ -32,6 +33,7 @@ def _calls():
     x2, w = torch.randn(5, 3), torch.randn(2, 3, 6)
     grid = torch.linspace(-1, 1, 10).expand(3, 10).contiguous()
     layer, conv, op = K.KANLinear(3, 2), K.SpectralConv(3, 2, (6, 6)), K.KernelOperator(torch.randn(6, 3), noise=0.1)
+    gpr = K.GPRegression(torch.randn(6, 3), torch.randn(6), "matern32", num_probes=2, precond_rank=4)
     return {
         "kan_linear-bspline": (K.kan_linear, dict(x=x2, weight=w, basis="bspline", base_weight=torch.randn(2, 3),
                                                    bias=torch.randn(2), grid=grid, spline_order=3)),
@@ -56,6 +58,22 @@ def _calls():
                                        precond_rank=4, include_noise=False)),
         "gp_posterior_mean": (K.gp_posterior_mean, dict(x_train=torch.randn(6, 3), y_train=torch.randn(6),
                                                         x_test=torch.randn(2, 3), noise=0.1, lengthscale=1.0)),
+        "GPRegression": (lambda **kw: K.GPRegression(**kw)(torch.randn(2, 3)),
+                         dict(train_x=torch.randn(6, 3), train_y=torch.randn(6), kernel="matern52", ard_num_dims=3,
+                              lengthscale=torch.ones(3), outputscale=1.0, noise=0.1, mean=0.0,
+                              noise_lower_bound=1e-4, num_probes=2, tol=1e-6, max_iter=50, precond_rank=4)),
+        "GPRegression.forward": (lambda **kw: gpr(**kw), dict(x_test=torch.randn(2, 3), return_variance=True,
+                                                              include_noise=False)),
+        "GPRegression.set_train_data": (lambda **kw: K.GPRegression().set_train_data(**kw),
+                                        dict(x=torch.randn(6, 3), y=torch.randn(6))),
+        "GPRegression.fit": (lambda **kw: K.GPRegression(torch.randn(6, 3), torch.randn(6), num_probes=2).fit(**kw),
+                             dict(steps=2, lr=0.1, generator=torch.Generator().manual_seed(0))),
+        "GPRegression.marginal_log_likelihood": (lambda **kw: gpr.marginal_log_likelihood(**kw),
+                                                 dict(generator=torch.Generator().manual_seed(0), return_info=False)),
+        "GPRegression.lengthscale=": (lambda v: setattr(K.GPRegression(ard_num_dims=3), "lengthscale", v),
+                                      dict(v=torch.ones(3))),
+        "GPRegression.noise=": (lambda v: setattr(K.GPRegression(), "noise", v), dict(v=0.1)),
+        "GPRegression.mean_constant=": (lambda v: setattr(K.GPRegression(), "mean_constant", v), dict(v=0.5)),
         "KernelOperator": (lambda **kw: K.KernelOperator(**kw) @ torch.randn(6),
                            dict(x=torch.randn(6, 3), kernel="gaussian", lengthscale=1.0, outputscale=1.0, noise=0.1)),
         "KernelOperator@": (lambda b: op @ b, dict(b=torch.randn(6, 2))),

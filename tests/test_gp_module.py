@@ -1,0 +1,263 @@
+"""GPRegression, the exact-GP module: against the NumPy float64 references (the Cholesky log-likelihood, the dense
+posterior) and, where GPyTorch is installed (``.ci/run`` installs it beside the tests), against GPyTorch itself
+with the same state dict: its ExactMarginalLogLikelihood and its posterior mean and variances.
+
+The marginal likelihood is exact here wherever it is compared with a value: a preconditioner of rank N is the
+matrix itself, which leaves no randomness in the log-determinant (tests/test_gp.py)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import opforge.kernels.kernel_sum as gp_mod
+from opforge.kernels import GPRegression, gp_marginal_log_likelihood
+from opforge.reference import kernel_sum as ref
+
+N, D = 40, 3
+
+# GPyTorch's ExactGP(ConstantMean, ScaleKernel(base), GaussianLikelihood): its state dict, in its order
+KEYS = [
+    ("likelihood.noise_covar.raw_noise", (1,)),
+    ("likelihood.noise_covar.raw_noise_constraint.lower_bound", ()),
+    ("likelihood.noise_covar.raw_noise_constraint.upper_bound", ()),
+    ("mean_module.raw_constant", ()),
+    ("covar_module.raw_outputscale", ()),
+    ("covar_module.base_kernel.raw_lengthscale", (1, D)),
+    ("covar_module.base_kernel.raw_lengthscale_constraint.lower_bound", ()),
+    ("covar_module.base_kernel.raw_lengthscale_constraint.upper_bound", ()),
+    ("covar_module.raw_outputscale_constraint.lower_bound", ()),
+    ("covar_module.raw_outputscale_constraint.upper_bound", ()),
+]
+
+
+def _data(seed=0, n=N, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, D, generator=g, dtype=dtype) * 3
+    y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(n, generator=g, dtype=dtype) + 2.0
+    xt = torch.rand(9, D, generator=g, dtype=dtype) * 3.5 - 0.25
+    return x, y, xt
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def _model(kernel="matern52", seed=0, **kw):
+    x, y, xt = _data(seed)
+    gp = GPRegression(x, y, kernel, ard_num_dims=D, lengthscale=torch.tensor([0.7, 1.1, 0.9]), outputscale=1.3,
+                      noise=0.05, mean=1.5, precond_rank=N, tol=1e-11, **kw).double()
+    return gp, x, y, xt
+
+
+def _hypers(gp):
+    return (_np(gp.lengthscale).reshape(-1), *(float(t.detach()) for t in (gp.outputscale, gp.noise, gp.mean_constant)))
+
+
+def test_state_dict_is_gpytorchs():
+    gp = GPRegression(kernel="gaussian", ard_num_dims=D)
+    sd = gp.state_dict()
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == KEYS
+    assert float(sd["likelihood.noise_covar.raw_noise_constraint.lower_bound"]) == pytest.approx(1e-4)
+    assert all(math.isinf(float(v)) for k, v in sd.items() if k.endswith("upper_bound"))
+    assert gp.lengthscale.shape == (1, D) and gp.outputscale.shape == () and gp.noise.shape == (1,)
+    assert GPRegression().lengthscale.shape == (1, 1)
+
+
+def test_hyperparameters_are_softplus_of_the_raw_ones():
+    gp = GPRegression(kernel="matern32", ard_num_dims=2, lengthscale=torch.tensor([0.5, 2.0]), outputscale=3.0,
+                      noise=0.02, mean=-1.0)
+    np.testing.assert_allclose(_np(gp.lengthscale), [[0.5, 2.0]], rtol=1e-6)  # (float32 parameters)
+    gp = gp.double()
+    gp.outputscale, gp.noise = 3.0, 0.02
+    np.testing.assert_allclose(float(gp.outputscale.detach()), 3.0, rtol=1e-12)
+    np.testing.assert_allclose(_np(gp.noise), [0.02], rtol=1e-12)
+    assert float(gp.mean_constant.detach()) == -1.0
+    nc = gp.likelihood.noise_covar  # GreaterThan(1e-4), its bound a float32 buffer as GPyTorch's
+    np.testing.assert_allclose(_np(nc.raw_noise), np.log(np.expm1(0.02 - float(nc.raw_noise_constraint.lower_bound))),
+                               rtol=1e-12)
+    gp.lengthscale = 0.25  # a number fills every dimension
+    np.testing.assert_allclose(_np(gp.lengthscale), [[0.25, 0.25]], rtol=1e-12)
+    for name, bad, err in (("noise", 1e-5, ValueError), ("noise", float("nan"), ValueError),
+                           ("outputscale", 0.0, ValueError), ("lengthscale", torch.ones(3), ValueError),
+                           ("lengthscale", True, TypeError), ("outputscale", "1", TypeError),
+                           ("mean_constant", float("inf"), ValueError)):
+        with pytest.raises(err, match=name):
+            setattr(gp, name, bad)
+
+
+@pytest.mark.parametrize("kernel", ["laplacian", "matern32", "matern52"])
+def test_against_the_references(kernel):
+    """The log-likelihood of the centred targets, the posterior mean (dense solve) and both variances."""
+    gp, x, y, xt = _model(kernel)
+    ls, os_, noise, c = _hypers(gp)
+    xn, yn, tn = _np(x), _np(y), _np(xt)
+    got = gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(0))
+    want = ref.gp_log_marginal_likelihood(xn, yn - c, kernel, noise, ls, os_)
+    np.testing.assert_allclose(float(got.detach()), want, rtol=1e-9)
+    A = ref.kernel_matrix(xn, xn, kernel, ls, os_) + noise * np.eye(N)
+    mean_want = c + ref.kernel_matrix(tn, xn, kernel, ls, os_) @ np.linalg.solve(A, yn - c)
+    var_want = ref.gp_posterior_variance(xn, tn, kernel, noise, ls, os_)
+    with torch.no_grad():
+        mean, var = gp(xt, return_variance=True)
+        _, var_y = gp(xt, return_variance=True, include_noise=True)
+    np.testing.assert_allclose(_np(mean), mean_want, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(_np(var), var_want, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(_np(var_y), var_want + noise, rtol=1e-7, atol=1e-10)
+
+
+def test_gradients_are_the_functions_through_the_constraints():
+    """The raw parameters' gradients: the function's gradients in the constrained values (same probes) times
+    softplus' = sigmoid(raw), and the mean's -sum of the data-fit gradient in y."""
+    gp, x, y, _ = _model("matern52", num_probes=4)
+    gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(3)).backward()
+    ls, os_, nz = (t.detach().clone().requires_grad_() for t in (gp.lengthscale, gp.outputscale, gp.noise))
+    yc = (y - gp.mean_constant.detach()).requires_grad_()
+    out = gp_marginal_log_likelihood(x, yc, "matern52", nz, ls, os_, num_probes=4, tol=1e-11, precond_rank=N,
+                                     generator=torch.Generator().manual_seed(3))
+    g_ls, g_os, g_nz, g_y = torch.autograd.grad(out, [ls, os_, nz, yc])
+    ck, nc = gp.covar_module, gp.likelihood.noise_covar
+    for raw, g in ((ck.base_kernel.raw_lengthscale, g_ls), (ck.raw_outputscale, g_os), (nc.raw_noise, g_nz)):
+        np.testing.assert_allclose(_np(raw.grad), _np(g * torch.sigmoid(raw.detach())), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(gp.mean_module.raw_constant.grad), -float(g_y.sum()), rtol=1e-10)
+
+
+def test_predictions_reuse_the_weights_until_something_changes(monkeypatch):
+    gp, x, y, xt = _model("matern32")
+    calls = []
+    solve = gp_mod.kernel_solve
+    monkeypatch.setattr(gp_mod, "kernel_solve", lambda *a, **k: calls.append(k.get("x0")) or solve(*a, **k))
+    with torch.no_grad():
+        m1 = gp(xt)
+        m2 = gp(xt[:4])
+        assert len(calls) == 1 and calls[0] is None
+        torch.testing.assert_close(m1[:4], m2, rtol=0, atol=0)
+        gp.noise = 0.2  # a new value: a new solve, from the last weights
+        m3 = gp(xt)
+        assert len(calls) == 2 and calls[1] is not None
+        gp.train_y.add_(1.0)  # the data changed in place: a new solve too
+        gp(xt)
+        assert len(calls) == 3
+    # gradients wanted (parameters requiring grad, grad mode on): a solve every call, and the mean carries them
+    m = gp(xt)
+    assert len(calls) == 4 and m.requires_grad
+    m.sum().backward()
+    assert all(p.grad is not None for p in gp.parameters())
+    fresh, *_ = _model("matern32")
+    fresh.noise = 0.2
+    with torch.no_grad():
+        torch.testing.assert_close(m3, fresh(xt), rtol=1e-9, atol=1e-10)
+
+
+def test_fit_raises_the_likelihood():
+    x, y, _ = _data(4, n=60)
+    gp = GPRegression(x, y, "matern52", lengthscale=0.2, outputscale=0.3, noise=0.5, precond_rank=60,
+                      tol=1e-9).double()
+    before = _hypers(gp)
+    losses = gp.fit(steps=30, lr=0.1, generator=torch.Generator().manual_seed(0))
+    after = _hypers(gp)
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    want = [ref.gp_log_marginal_likelihood(_np(x), _np(y) - h[3], "matern52", h[2], h[0], h[1])
+            for h in (before, after)]
+    assert want[1] > want[0] + 10
+    assert all(a != b for a, b in zip(before[1:], after[1:]))
+
+
+@pytest.mark.parametrize("kernel,base", [("gaussian", "RBFKernel"), ("laplacian", "MaternKernel-0.5"),
+                                         ("matern32", "MaternKernel-1.5"), ("matern52", "MaternKernel-2.5")])
+@pytest.mark.parametrize("ard", [None, D])
+def test_matches_gpytorch(kernel, base, ard):
+    """GPyTorch's own model with random raw parameters; its state dict loaded here (and this one's there):
+    GPyTorch's ExactMarginalLogLikelihood times N, its posterior mean and latent and observed variances."""
+    gpytorch = pytest.importorskip("gpytorch")
+    x, y, xt = _data(5)
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self, lik):
+            super().__init__(x, y, lik)
+            self.mean_module = gpytorch.means.ConstantMean()
+            name, _, nu = base.partition("-")
+            kw = dict(nu=float(nu)) if nu else {}
+            self.covar_module = gpytorch.kernels.ScaleKernel(getattr(gpytorch.kernels, name)(ard_num_dims=ard, **kw))
+
+        def forward(self, t):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(t), self.covar_module(t))
+
+    lik = gpytorch.likelihoods.GaussianLikelihood()
+    model = Model(lik).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.5)
+    gp = GPRegression(x, y, kernel, ard_num_dims=ard, precond_rank=N, tol=1e-12).double()
+    gp.load_state_dict(model.state_dict())
+    model.train(), lik.train()
+    want = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)(model(x), y) * N
+    got = gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(0))
+    # (the Gaussian's pivoted Cholesky factor stops short of rank N where the rest of the diagonal is tiny:
+    # a preconditioner within 1e-4 of the matrix, tests/test_gp.py)
+    np.testing.assert_allclose(float(got.detach()), float(want.detach()), rtol=1e-9 if kernel != "gaussian" else 1e-5)
+    model.eval(), lik.eval()
+    with torch.no_grad():
+        f, obs = model(xt), lik(model(xt))
+        mean, var = gp(xt, return_variance=True)
+        _, var_y = gp(xt, return_variance=True, include_noise=True)
+    np.testing.assert_allclose(_np(mean), _np(f.mean), rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(_np(var), _np(f.variance), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(_np(var_y), _np(obs.variance), rtol=1e-6, atol=1e-9)
+    # and back: this model's parameters into GPyTorch's
+    gp.noise, gp.mean_constant = 0.3, -0.7
+    model.load_state_dict(gp.state_dict())
+    assert float(lik.noise.detach()) == pytest.approx(0.3)
+    assert float(model.mean_module.constant.detach()) == pytest.approx(-0.7)
+
+
+def test_an_interval_constraint_is_refused():
+    gp = GPRegression(kernel="gaussian")
+    sd = gp.state_dict()
+    sd["covar_module.raw_outputscale_constraint.upper_bound"] = torch.tensor(10.0)
+    with pytest.raises(ValueError, match="raw_outputscale_constraint.upper_bound"):
+        gp.load_state_dict(sd)
+    assert math.isinf(float(gp.covar_module.raw_outputscale_constraint.upper_bound))  # nothing loaded
+
+
+def test_data_and_calls_are_checked():
+    x, y, xt = _data(6)
+    with pytest.raises(ValueError, match="set_train_data"):
+        GPRegression()(xt)
+    with pytest.raises(ValueError, match="ard_num_dims"):
+        GPRegression(x, y, ard_num_dims=2)
+    with pytest.raises(ValueError, match="train_y"):
+        GPRegression(x, y[:-1])
+    with pytest.raises(TypeError, match="train_y"):
+        GPRegression(x, y.float())
+    with pytest.raises(ValueError, match="finite"):
+        GPRegression(x, y * float("nan"))
+    with pytest.raises(ValueError, match="kernel"):
+        GPRegression(x, y, "rbf")
+    gp = GPRegression(x, y).double()
+    with pytest.raises(ValueError, match="x_test"):
+        gp(xt[:, :2])
+    with pytest.raises(TypeError, match="return_variance"):
+        gp(xt, return_variance=1)
+
+
+def test_to_moves_the_data_and_the_state_dict_leaves_it_out():
+    x, y, xt = _data(7, dtype=torch.float32)
+    gp = GPRegression(x, y, "matern52")
+    assert gp.train_x.dtype == torch.float32 and "train_x" not in gp.state_dict()
+    gp = gp.double()
+    assert gp.train_x.dtype == torch.float64 and gp.noise.dtype == torch.float64
+    assert gp(xt.double()).dtype == torch.float64
+    assert "N=40, D=3" in repr(gp)
+
+
+def test_bfloat16_data_as_float32():
+    """16-bit training data: the solves run in float32 (kernel_solve); the mean comes in the data's dtype,
+    within bfloat16 rounding of the float32 model's."""
+    x, y, xt = _data(8, dtype=torch.float32)
+    gp = GPRegression(x, y, "matern52", noise=0.05, lengthscale=0.8)
+    gp16 = GPRegression(x.bfloat16(), y.bfloat16(), "matern52", noise=0.05, lengthscale=0.8)
+    with torch.no_grad():
+        m, m16 = gp(xt), gp16(xt.bfloat16())
+    assert m16.dtype == torch.bfloat16
+    assert float((m16.float() - m).abs().max()) < 0.05 * float(m.abs().max())
