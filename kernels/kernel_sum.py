@@ -2007,19 +2007,30 @@ class _GreaterThan(nn.Module):
 
     def __init__(self, lower: float):
         super().__init__()
-        self.register_buffer("lower_bound", torch.tensor(float(lower)))
-        self.register_buffer("upper_bound", torch.tensor(math.inf))
+        self._lower = float(lower)
+        self.register_buffer("lower_bound", torch.empty(()))
+        self.register_buffer("upper_bound", torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.lower_bound.fill_(self._lower)
+            self.upper_bound.fill_(math.inf)
+
+    def lower(self) -> float:
+        """The lower bound as a number (its build value on the meta device, where the buffer has none)."""
+        return self._lower if self.lower_bound.is_meta else float(self.lower_bound)
 
     def transform(self, raw: torch.Tensor) -> torch.Tensor:
         return self.lower_bound.to(raw.dtype) + F.softplus(raw)
 
     def extra_repr(self) -> str:
-        return f"lower_bound={float(self.lower_bound):.3g}"
+        return f"lower_bound={self.lower():.3g}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key, want in ((prefix + "upper_bound", "inf"), (prefix + "lower_bound", "finite")):
             v = state_dict.get(key)
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_meta:
                 ok = math.isinf(float(v)) and float(v) > 0 if want == "inf" else math.isfinite(float(v))
                 if not ok:
                     raise ValueError(f"{key} is {float(v)}: GPRegression takes GPyTorch's GreaterThan and Positive "
@@ -2028,48 +2039,68 @@ class _GreaterThan(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class _ConstantMean(nn.Module):
+class _Raw(nn.Module):
+    """A module holding GPyTorch-named raw parameters, each reset to its build value (kept as a float64 CPU
+    tensor) by ``reset_parameters``, as FSDP's deferred initialisation calls it on every module with state."""
+
+    def _raw_param(self, name: str, init: torch.Tensor) -> None:
+        setattr(self, "_init_" + name, init)
+        setattr(self, name, nn.Parameter(torch.empty(init.shape)))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters(recurse=False):
+                p.copy_(getattr(self, "_init_" + name))
+
+
+class _ConstantMean(_Raw):
     def __init__(self, value: float):
         super().__init__()
-        self.raw_constant = nn.Parameter(torch.tensor(float(value)))
+        self._raw_param("raw_constant", torch.tensor(value, dtype=torch.float64, device="cpu"))
+        self.reset_parameters()
 
 
-class _BaseKernel(nn.Module):
-    def __init__(self, dims: int):
+class _BaseKernel(_Raw):
+    def __init__(self, raw_lengthscale: torch.Tensor):
         super().__init__()
-        self.raw_lengthscale = nn.Parameter(torch.zeros(1, dims))
+        self._raw_param("raw_lengthscale", raw_lengthscale)
         self.raw_lengthscale_constraint = _GreaterThan(0.0)
+        self.reset_parameters()
 
 
-class _ScaleKernel(nn.Module):
-    def __init__(self, dims: int):
+class _ScaleKernel(_Raw):
+    def __init__(self, raw_outputscale: torch.Tensor, raw_lengthscale: torch.Tensor):
         super().__init__()
-        self.raw_outputscale = nn.Parameter(torch.tensor(0.0))
-        self.base_kernel = _BaseKernel(dims)
+        self._raw_param("raw_outputscale", raw_outputscale)
+        self.base_kernel = _BaseKernel(raw_lengthscale)
         self.raw_outputscale_constraint = _GreaterThan(0.0)
+        self.reset_parameters()
 
 
-class _NoiseCovar(nn.Module):
-    def __init__(self, lower: float):
+class _NoiseCovar(_Raw):
+    def __init__(self, raw_noise: torch.Tensor, lower: float):
         super().__init__()
-        self.raw_noise = nn.Parameter(torch.zeros(1))
+        self._raw_param("raw_noise", raw_noise)
         self.raw_noise_constraint = _GreaterThan(lower)
+        self.reset_parameters()
 
 
 class _GaussianLikelihood(nn.Module):
-    def __init__(self, lower: float):
+    def __init__(self, raw_noise: torch.Tensor, lower: float):
         super().__init__()
-        self.noise_covar = _NoiseCovar(lower)
+        self.noise_covar = _NoiseCovar(raw_noise, lower)
 
 
-def _raw_of(value, name: str, raw: torch.Tensor, bound: _GreaterThan) -> torch.Tensor:
-    """The raw parameter that gives ``value`` (a number, or a tensor or sequence shaped like the parameter or
-    broadcasting to it), checked: finite and above the constraint's lower bound."""
+def _raw_of(value, name: str, shape: tuple, lower: float) -> torch.Tensor:
+    """The raw parameter [shape] (float64, on the CPU) that gives ``value`` under a lower bound + softplus
+    constraint: ``value`` a number, or a tensor or sequence of that shape or broadcasting to it, checked
+    finite and above ``lower``."""
     if value is None or isinstance(value, (str, bytes, bool)) or type(value).__name__ == "bool_":
         raise TypeError(f"{name} must be a number or a tensor of numbers, got {type(value).__name__}")
     try:
         # (numbers and sequences as float64, not torch's default float32: 0.02 stays 0.02 in a float64 model)
-        v = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
+        v = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64,
+                                                                                  device="cpu")
         if v.is_complex() or v.dtype == torch.bool or v.is_meta:
             raise TypeError
         v = v.to(device="cpu", dtype=torch.float64)
@@ -2077,14 +2108,13 @@ def _raw_of(value, name: str, raw: torch.Tensor, bound: _GreaterThan) -> torch.T
         raise TypeError(f"{name} must be a number or a real tensor of numbers, got {type(value).__name__}"
                         f"{' ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}") from None
     try:
-        v = v.reshape(()).expand(raw.shape) if v.numel() == 1 else v.expand(raw.shape)
+        v = v.reshape(()).expand(shape) if v.numel() == 1 else v.expand(shape)
     except RuntimeError:
-        raise ValueError(f"{name} must be a number or shaped {tuple(raw.shape)} (or broadcast to it), got shape "
+        raise ValueError(f"{name} must be a number or shaped {tuple(shape)} (or broadcast to it), got shape "
                          f"{tuple(v.shape)}") from None
-    lower = float(bound.lower_bound)
     if not (bool(torch.isfinite(v).all()) and bool((v > lower).all())):
         raise ValueError(f"{name} must be finite and > {lower:g}, got {v.tolist()}")
-    return _inv_softplus(v - lower).to(dtype=raw.dtype, device=raw.device)
+    return _inv_softplus(v - lower).contiguous()
 
 
 class GPRegression(nn.Module):
@@ -2111,6 +2141,8 @@ class GPRegression(nn.Module):
 
     Properties ``lengthscale`` ([1, D or 1], GPyTorch's shape), ``outputscale`` ([]), ``noise`` ([1]) and
     ``mean_constant`` ([]) give the constrained values and take new ones (``gp.noise = 0.05``).
+    ``reset_parameters()`` restores the build values; it builds on the meta device too (FSDP's deferred
+    initialisation: ``to_empty``, then ``reset_parameters`` on each submodule).
 
     Calls:
         ``gp.marginal_log_likelihood()``: log p(train_y), a sum over the N points (GPyTorch's
@@ -2138,11 +2170,12 @@ class GPRegression(nn.Module):
             raise ValueError(f"mean must be finite, got {mean}")
         self.kernel = kernel
         self.ard_num_dims = None if ard_num_dims is None else dims
+        raw = [_raw_of(lengthscale, "lengthscale", (1, dims), 0.0), _raw_of(outputscale, "outputscale", (), 0.0),
+               _raw_of(noise, "noise", (1,), lower)]
         # GPyTorch's registration order, so the state dict lists its keys in the same order
-        self.likelihood = _GaussianLikelihood(lower)
+        self.likelihood = _GaussianLikelihood(raw[2], lower)
         self.mean_module = _ConstantMean(mean)
-        self.covar_module = _ScaleKernel(dims)
-        self.lengthscale, self.outputscale, self.noise = lengthscale, outputscale, noise
+        self.covar_module = _ScaleKernel(raw[1], raw[0])
         self.num_probes = an_int(num_probes, "num_probes", 1)
         self.tol = number(tol, "tol")
         if not (self.tol > 0 and math.isfinite(self.tol)):
@@ -2172,7 +2205,14 @@ class GPRegression(nn.Module):
     def _set(self, i: int, value) -> None:
         raw, bound, name = self._raw()[i]
         with torch.no_grad():
-            raw.copy_(_raw_of(value, name, raw, bound))
+            raw.copy_(_raw_of(value, name, tuple(raw.shape), bound.lower()))
+
+    def reset_parameters(self) -> None:
+        """Every parameter and constraint back to its build value (the training data stays)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self._cache = None
 
     lengthscale = property(lambda self: self._get(0), lambda self, v: self._set(0, v),
                            doc="[1, D or 1] lengthscale(s): lower_bound (0) + softplus(raw_lengthscale)")

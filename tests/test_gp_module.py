@@ -261,3 +261,28 @@ def test_bfloat16_data_as_float32():
         m, m16 = gp(xt), gp16(xt.bfloat16())
     assert m16.dtype == torch.bfloat16
     assert float((m16.float() - m).abs().max()) < 0.05 * float(m.abs().max())
+
+
+def test_deferred_initialisation_and_reset_give_the_build_values():
+    """Built on the meta device, then ``to_empty`` and ``reset_parameters`` on each module holding state (as
+    FSDP does): the state of a normal build. ``reset_parameters`` on the model undoes a fit."""
+    kw = dict(kernel="matern32", ard_num_dims=D, lengthscale=torch.tensor([0.5, 0.7, 2.0]), outputscale=1.7,
+              noise=0.03, mean=0.4, noise_lower_bound=1e-3)
+    want = GPRegression(**kw).state_dict()
+    with torch.device("meta"):
+        gp = GPRegression(**kw)
+    assert all(p.is_meta for p in gp.parameters()) and "lower_bound=0.001" in repr(gp)
+    gp = gp.to_empty(device="cpu")
+    for m in gp.modules():
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            m.reset_parameters()
+    for key, value in gp.state_dict().items():
+        torch.testing.assert_close(value, want[key], msg=key, rtol=0, atol=0)
+    x, y, xt = _data(9, dtype=torch.float32)
+    gp.set_train_data(x, y)
+    gp.fit(steps=3, lr=0.2)
+    assert float(gp.outputscale.detach()) != pytest.approx(1.7)
+    gp.reset_parameters()
+    for key, value in gp.state_dict().items():
+        torch.testing.assert_close(value, want[key], msg=key, rtol=0, atol=0)
+    assert torch.equal(gp.train_x, x)  # (the data stays)
