@@ -2299,15 +2299,18 @@ class GPRegression(nn.Module):
             losses.append(float(loss.detach()))
         return losses
 
-    def _key(self, x, y) -> tuple:
-        ps = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parameters())
-        return ps + ((x._version, x.data_ptr(), y._version, y.data_ptr(), x.dtype, x.device),
-                     (self.kernel, self.tol, self.max_iter, self.precond_rank))
+    def _key(self) -> tuple:
+        """What the weights depend on: every parameter and buffer (the training data and the constraints'
+        bounds among them; an in-place update bumps a tensor's version, a move changes its storage), and the
+        settings."""
+        ts = [*self.parameters(), *self.buffers()]
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in ts) + (
+            (self.kernel, self.tol, self.max_iter, self.precond_rank),)
 
     def _weights(self, x, y) -> torch.Tensor:
         """A^-1 (y - c) [N], from the cache when it is current and no gradient needs it."""
         ls, os_, nz, c = self.lengthscale, self.outputscale, self.noise, self.mean_constant
-        key = self._key(x, y)
+        key = self._key()
         cached = self._cache
         if cached is not None and cached[0] == key and not wants_grad((ls, os_, nz, c)):
             return cached[1]

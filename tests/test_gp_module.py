@@ -138,15 +138,20 @@ def test_predictions_reuse_the_weights_until_something_changes(monkeypatch):
         gp.train_y.add_(1.0)  # the data changed in place: a new solve too
         gp(xt)
         assert len(calls) == 3
+        gp.likelihood.noise_covar.raw_noise_constraint.lower_bound.fill_(1e-3)  # a bound: the noise moved
+        gp(xt)
+        assert len(calls) == 4
     # gradients wanted (parameters requiring grad, grad mode on): a solve every call, and the mean carries them
     m = gp(xt)
-    assert len(calls) == 4 and m.requires_grad
+    assert len(calls) == 5 and m.requires_grad
     m.sum().backward()
     assert all(p.grad is not None for p in gp.parameters())
     fresh, *_ = _model("matern32")
     fresh.noise = 0.2
     with torch.no_grad():
         torch.testing.assert_close(m3, fresh(xt), rtol=1e-9, atol=1e-10)
+        gp._cache = None  # (the kept weights, once dropped, give the same predictions as a fresh solve)
+        torch.testing.assert_close(gp(xt), m, rtol=1e-9, atol=1e-10)
 
 
 def test_fit_raises_the_likelihood():
