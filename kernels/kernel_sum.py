@@ -2237,11 +2237,12 @@ class GPRegression(nn.Module):
     # ----------------------------------------------------------------- data
     def set_train_data(self, x, y) -> None:
         """Condition on x [N, D] (D = ``ard_num_dims`` when set) and y [N], of one real floating dtype and one
-        device; the parameters stay as they are."""
+        device; the parameters stay as they are. N = 0 leaves the prior: predictions of the mean constant and
+        the outputscale."""
         if not isinstance(x, torch.Tensor) or x.is_complex() or not x.is_floating_point():
             raise TypeError(f"train_x must be a real floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"train_x must be [N, D] points with N, D >= 1, got shape {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1] < 1:  # (N = 0: no data, the prior)
+            raise ValueError(f"train_x must be [N, D] points with D >= 1, got shape {tuple(x.shape)}")
         if self.ard_num_dims is not None and x.shape[1] != self.ard_num_dims:
             raise ValueError(f"train_x has D={x.shape[1]} dimensions but ard_num_dims is {self.ard_num_dims}")
         if not isinstance(y, torch.Tensor) or y.is_complex() or not y.is_floating_point():
@@ -2285,6 +2286,8 @@ class GPRegression(nn.Module):
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be positive and finite, got {lr}")
         n = self._data("fit")[0].shape[0]
+        if n == 0:
+            raise ValueError("fit needs training data: train_x has no points")
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("fit: no parameter requires grad")

@@ -246,6 +246,18 @@ def test_data_and_calls_are_checked():
         gp(xt, return_variance=1)
 
 
+def test_no_training_points_is_the_prior():
+    _, _, xt = _data(11)
+    gp = GPRegression(xt[:0], xt[:0, 0], "matern52", outputscale=1.7, mean=0.3).double()
+    with torch.no_grad():
+        mean, var = gp(xt, return_variance=True)
+    torch.testing.assert_close(mean, torch.full((9,), 0.3, dtype=torch.float64))
+    torch.testing.assert_close(var, torch.full((9,), 1.7, dtype=torch.float64))
+    assert float(gp.marginal_log_likelihood().detach()) == 0.0
+    with pytest.raises(ValueError, match="fit needs training data"):
+        gp.fit(steps=1)
+
+
 def test_to_moves_the_data_and_the_state_dict_leaves_it_out():
     x, y, xt = _data(7, dtype=torch.float32)
     gp = GPRegression(x, y, "matern52")
