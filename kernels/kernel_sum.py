@@ -2188,6 +2188,51 @@ class GPRegression(nn.Module):
         if train_x is not None or train_y is not None:
             self.set_train_data(train_x, train_y)
 
+    @classmethod
+    def from_gpytorch(cls, model, **settings) -> "GPRegression":
+        """The GPRegression of a GPyTorch ``ExactGP`` with ``mean_module`` a ``ConstantMean``, ``covar_module`` a
+        ``ScaleKernel`` over an ``RBFKernel`` or a ``MaternKernel`` (nu 0.5, 1.5, 2.5; ARD or not, no batch
+        shape, no active_dims) and a ``GaussianLikelihood``, without priors: its kernel, noise bound,
+        parameters (dtype and device included) and training data. ``settings``: ``num_probes``, ``tol``,
+        ``max_iter``, ``precond_rank``. GPyTorch is not imported: the parts are read by their class names."""
+        what = "model must be a GPyTorch ExactGP with ConstantMean, ScaleKernel and GaussianLikelihood"
+        parts = {name: getattr(model, name, None) for name in ("mean_module", "covar_module", "likelihood")}
+        want = {"mean_module": "ConstantMean", "covar_module": "ScaleKernel", "likelihood": "GaussianLikelihood"}
+        for name, cls_name in want.items():
+            if type(parts[name]).__name__ != cls_name:
+                raise ValueError(f"{what}: its {name} is a {type(parts[name]).__name__}")
+        base = getattr(parts["covar_module"], "base_kernel", None)
+        name = type(base).__name__
+        kernel = "gaussian" if name == "RBFKernel" else {0.5: "laplacian", 1.5: "matern32", 2.5: "matern52"}.get(
+            getattr(base, "nu", None)) if name == "MaternKernel" else None
+        if kernel is None:
+            nu = f" (nu={base.nu})" if hasattr(base, "nu") else ""
+            raise ValueError(f"model.covar_module.base_kernel is a {name}{nu}: GPRegression takes RBFKernel and "
+                             f"MaternKernel with nu 0.5, 1.5 or 2.5")
+        raw_ls = base.raw_lengthscale
+        if raw_ls.dim() != 2 or getattr(base, "active_dims", None) is not None:
+            raise ValueError(f"model.covar_module.base_kernel has a batch shape or active_dims (raw_lengthscale "
+                             f"{tuple(raw_ls.shape)}): GPRegression is one GP over every input dimension")
+        sd = model.state_dict()
+        extra = sorted(set(sd) - set(cls._state_keys()))
+        if extra:
+            raise ValueError(f"model has state GPRegression does not (priors or other modules): {', '.join(extra)}")
+        ard = getattr(base, "ard_num_dims", None)
+        lower = float(sd["likelihood.noise_covar.raw_noise_constraint.lower_bound"])
+        gp = cls(kernel=kernel, ard_num_dims=ard, noise_lower_bound=lower, **settings)
+        gp = gp.to(device=raw_ls.device, dtype=raw_ls.dtype)
+        gp.load_state_dict(sd)
+        inputs, targets = getattr(model, "train_inputs", None), getattr(model, "train_targets", None)
+        if inputs is not None and targets is not None:
+            x = inputs[0]
+            gp.set_train_data(x.unsqueeze(-1) if x.dim() == 1 else x, targets)
+        return gp
+
+    @staticmethod
+    def _state_keys() -> tuple:
+        """The state dict's keys (GPyTorch's names)."""
+        return tuple(GPRegression(ard_num_dims=None).state_dict())
+
     # ----------------------------------------------------------------- hyperparameters
     def _raw(self):
         """(raw parameter, its constraint, its name) of each constrained hyperparameter."""

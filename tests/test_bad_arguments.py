@@ -120,6 +120,28 @@ def _calls():
 CALLS = _calls()
 
 
+def _gpytorch_model():
+    """A GPyTorch ExactGP for GPRegression.from_gpytorch, where GPyTorch is installed (.ci/run installs it)."""
+    import gpytorch
+
+    x = torch.randn(6, 3)
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, torch.randn(6), gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5))
+
+    return Model()
+
+
+try:
+    CALLS["GPRegression.from_gpytorch"] = (lambda **kw: K.GPRegression.from_gpytorch(**kw)(torch.randn(2, 3)),
+                                           dict(model=_gpytorch_model(), precond_rank=4, num_probes=2))
+except ImportError:
+    pass
+
+
 @pytest.mark.parametrize("name", list(CALLS))
 def test_a_wrong_argument_is_a_value_or_type_error(name):
     fn, kw = CALLS[name]

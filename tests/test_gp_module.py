@@ -209,11 +209,38 @@ def test_matches_gpytorch(kernel, base, ard):
     np.testing.assert_allclose(_np(mean), _np(f.mean), rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(_np(var), _np(f.variance), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(_np(var_y), _np(obs.variance), rtol=1e-6, atol=1e-9)
+    # the same model built from GPyTorch's directly: kernel, ARD, noise bound, dtype, data and parameters
+    built = GPRegression.from_gpytorch(model, precond_rank=N, tol=1e-12)
+    assert built.kernel == kernel and built.ard_num_dims == ard and built.noise.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(built(xt, return_variance=True), (mean, var), rtol=1e-10, atol=1e-12)
     # and back: this model's parameters into GPyTorch's
     gp.noise, gp.mean_constant = 0.3, -0.7
     model.load_state_dict(gp.state_dict())
     assert float(lik.noise.detach()) == pytest.approx(0.3)
     assert float(model.mean_module.constant.detach()) == pytest.approx(-0.7)
+
+
+def test_from_gpytorch_refuses_what_it_cannot_be():
+    gpytorch = pytest.importorskip("gpytorch")
+    x, y, _ = _data(12)
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self, base, prior=None):
+            super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(base, outputscale_prior=prior)
+
+    with pytest.raises(ValueError, match="PeriodicKernel: GPRegression takes"):
+        GPRegression.from_gpytorch(Model(gpytorch.kernels.PeriodicKernel()))
+    with pytest.raises(ValueError, match=r"MaternKernel \(nu=3\.5\)"):
+        bad = gpytorch.kernels.MaternKernel(nu=2.5)
+        bad.nu = 3.5
+        GPRegression.from_gpytorch(Model(bad))
+    with pytest.raises(ValueError, match="priors"):
+        GPRegression.from_gpytorch(Model(gpytorch.kernels.RBFKernel(), gpytorch.priors.GammaPrior(2.0, 0.5)))
+    with pytest.raises(ValueError, match="ExactGP with ConstantMean.*mean_module is a NoneType"):
+        GPRegression.from_gpytorch(torch.nn.Linear(2, 2))
 
 
 def test_an_interval_constraint_is_refused():
