@@ -138,7 +138,7 @@ def _gpytorch_model():
 try:
     CALLS["GPRegression.from_gpytorch"] = (lambda **kw: K.GPRegression.from_gpytorch(**kw)(torch.randn(2, 3)),
                                            dict(model=_gpytorch_model(), precond_rank=4, num_probes=2))
-except ImportError:
+except Exception:  # noqa: BLE001 (GPyTorch missing, or failing to import here: its own parity test says which)
     pass
 
 
