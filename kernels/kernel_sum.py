@@ -2284,21 +2284,12 @@ class GPRegression(nn.Module):
         """Condition on x [N, D] (D = ``ard_num_dims`` when set) and y [N], of one real floating dtype and one
         device; the parameters stay as they are. N = 0 leaves the prior: predictions of the mean constant and
         the outputscale."""
-        if not isinstance(x, torch.Tensor) or x.is_complex() or not x.is_floating_point():
-            raise TypeError(f"train_x must be a real floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() != 2 or x.shape[1] < 1:  # (N = 0: no data, the prior)
-            raise ValueError(f"train_x must be [N, D] points with D >= 1, got shape {tuple(x.shape)}")
+        _solve_inputs(x, y, "train_x", "train_y")  # (real floating, one dtype and device, N rows, finite)
+        if x.dim() != 2 or x.shape[1] < 1 or y.dim() != 1:  # (N = 0: no data, the prior)
+            raise ValueError(f"train_x must be [N, D] points with D >= 1 and train_y [N] targets, got shapes "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
         if self.ard_num_dims is not None and x.shape[1] != self.ard_num_dims:
             raise ValueError(f"train_x has D={x.shape[1]} dimensions but ard_num_dims is {self.ard_num_dims}")
-        if not isinstance(y, torch.Tensor) or y.is_complex() or not y.is_floating_point():
-            raise TypeError(f"train_y must be a real floating tensor, got {getattr(y, 'dtype', type(y).__name__)}")
-        if tuple(y.shape) != (x.shape[0],):
-            raise ValueError(f"train_y must be [N={x.shape[0]}] targets, got shape {tuple(y.shape)}")
-        if y.dtype != x.dtype or y.device != x.device:
-            raise TypeError(f"train_y must have train_x's dtype and device ({x.dtype} on {x.device}), got "
-                            f"{y.dtype} on {y.device}")
-        if x.is_meta or not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
-            raise ValueError("train_x and train_y must be finite values: NaN or inf (or meta tensors) found")
         self.train_x, self.train_y = x.detach(), y.detach()
         self._cache = None
 
@@ -2308,18 +2299,15 @@ class GPRegression(nn.Module):
                              f"set_train_data(x, y) first")
         return self.train_x, self.train_y
 
-    def _centred(self, y: torch.Tensor) -> torch.Tensor:
-        return y - self.mean_constant.to(y.dtype)
-
     # ----------------------------------------------------------------- the calls
     def marginal_log_likelihood(self, generator: torch.Generator | None = None, return_info: bool = False):
         """log p(train_y | train_x) under the current parameters: ``gp_marginal_log_likelihood`` of the
         centred targets (a [] tensor, a sum over the N points; divide by N for GPyTorch's value). Its
         log-determinant is estimated from ``num_probes`` random probes (``generator`` fixes them)."""
         x, y = self._data("marginal_log_likelihood")
-        return gp_marginal_log_likelihood(x, self._centred(y), self.kernel, self.noise, self.lengthscale,
-                                          self.outputscale, self.num_probes, self.tol, self.max_iter,
-                                          self.precond_rank, generator, return_info)
+        return gp_marginal_log_likelihood(x, y - self.mean_constant.to(y.dtype), self.kernel, self.noise,
+                                          self.lengthscale, self.outputscale, self.num_probes, self.tol,
+                                          self.max_iter, self.precond_rank, generator, return_info)
 
     def fit(self, steps: int = 100, lr: float = 0.1, generator: torch.Generator | None = None) -> list:
         """Maximise the marginal likelihood over every parameter that requires grad: ``steps`` Adam steps at
@@ -2355,16 +2343,16 @@ class GPRegression(nn.Module):
         return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in ts) + (
             (self.kernel, self.tol, self.max_iter, self.precond_rank),)
 
-    def _weights(self, x, y) -> torch.Tensor:
-        """A^-1 (y - c) [N], from the cache when it is current and no gradient needs it."""
-        ls, os_, nz, c = self.lengthscale, self.outputscale, self.noise, self.mean_constant
+    def _weights(self, x, y, ls, os_, nz, c) -> torch.Tensor:
+        """A^-1 (y - c) [N] for the hyperparameters given, from the cache when it is current and no gradient
+        needs it."""
         key = self._key()
         cached = self._cache
         if cached is not None and cached[0] == key and not wants_grad((ls, os_, nz, c)):
             return cached[1]
         x0 = cached[1] if cached is not None and cached[1].shape == y.shape and cached[1].dtype == y.dtype \
             and cached[1].device == y.device else None
-        alpha = kernel_solve(x, self._centred(y), self.kernel, nz, ls, os_, self.tol, self.max_iter,
+        alpha = kernel_solve(x, y - c.to(y.dtype), self.kernel, nz, ls, os_, self.tol, self.max_iter,
                              precond_rank=self.precond_rank, x0=x0)
         self._cache = (key, alpha.detach())
         return alpha
@@ -2378,13 +2366,14 @@ class GPRegression(nn.Module):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         x, y = self._data("forward")
         _test_points(x, x_test)
-        alpha = self._weights(x, y)
-        mean = kernel_matvec(x_test, x, alpha.unsqueeze(-1), self.kernel, self.lengthscale,
-                             self.outputscale).squeeze(-1) + self.mean_constant.to(alpha.dtype)
+        # (each property makes a new tensor, whose values the GP functions check once: a sync on a GPU)
+        ls, os_, nz, c = self.lengthscale, self.outputscale, self.noise, self.mean_constant
+        alpha = self._weights(x, y, ls, os_, nz, c)
+        mean = kernel_matvec(x_test, x, alpha.unsqueeze(-1), self.kernel, ls, os_).squeeze(-1) + c.to(alpha.dtype)
         if not return_variance:
             return mean
-        var = gp_posterior_variance(x, x_test, self.kernel, self.noise, self.lengthscale, self.outputscale,
-                                    self.tol, self.max_iter, self.precond_rank, include_noise)
+        var = gp_posterior_variance(x, x_test, self.kernel, nz, ls, os_, self.tol, self.max_iter, self.precond_rank,
+                                    include_noise)
         return mean, var
 
     def extra_repr(self) -> str:
