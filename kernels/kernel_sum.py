@@ -1434,6 +1434,12 @@ class _Preconditioner:
         return ((vc - self.L.transpose(-1, -2) @ z) / self.noise).to(v.dtype)
 
 
+def _preconditioner(A: "KernelOperator", rank: int) -> "_Preconditioner | None":
+    """A's pivoted-Cholesky preconditioner of rank up to ``rank``; None for plain CG (rank 0, or no pivot)."""
+    L = _pivoted_cholesky(A, rank)
+    return None if L is None else _Preconditioner(L, A.noise_value)
+
+
 def _cg(A: "KernelOperator", rhs: torch.Tensor, tol: float, max_iter: int, precond=None, x0=None, lanczos=None):
     """Conjugate gradients (preconditioned by ``precond``, a function v -> P^-1 v, when given) on
     A sol = rhs [..., N, R], every column at once, without autograd, from ``x0`` (rhs's shape) or zeros.
@@ -1516,13 +1522,13 @@ class _KernelSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rhs, x, lengthscale, outputscale, noise, spec):
-        kernel, tol, max_iter, info, rank, x0 = spec
+        kernel, tol, max_iter, info, rank, x0, shared = spec
         A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
-        L = _pivoted_cholesky(A, rank)
-        precond = None if L is None else _Preconditioner(L, A.noise_value)
+        # (shared: one built for this A already, by a caller solving it block after block)
+        precond = shared if shared is not None else _preconditioner(A, rank)
         sol, it, converged, residual = _cg(A, rhs, tol, max_iter, precond, x0)
         info.update(iterations=it, residual=residual, converged=converged,
-                    precond_rank=0 if L is None else L.shape[-2])
+                    precond_rank=0 if precond is None else precond.L.shape[-2])
         if not math.isfinite(residual):  # (x and y were checked finite, and the scales are: an overflow)
             raise ValueError(f"kernel_solve: the conjugate-gradient residual became {residual} at iteration {it} "
                              f"with finite inputs, an overflow in {rhs.dtype}: rescale y, or raise noise")
@@ -1687,21 +1693,22 @@ def _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, pr
 
 
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
-                  columns=False, x0=None):
+                  columns=False, x0=None, precond=None):
     """``kernel_solve``, its errors naming x and y as ``names`` (``gp_posterior_mean``'s x_train, y_train);
-    ``columns``: alpha [..., N, R] whatever y's form, and whether y was vectors (``gp_posterior_mean``)."""
+    ``columns``: alpha [..., N, R] whatever y's form, and whether y was vectors (``gp_posterior_mean``);
+    ``precond``: the preconditioner of this very system, built by the caller."""
     if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
         with no_autocast(x.device):
             return _kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
                                  outputscale, tol, max_iter, return_info, precond_rank, names, columns,
-                                 amp_cast(x0, torch.float32))
+                                 amp_cast(x0, torch.float32), precond)
     if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
             and x.dtype in _16BIT):
         if isinstance(x0, torch.Tensor):  # (checked against y's own dtype, before the float32 solve)
             _same_kind(x0, "x0", y, names[1])
         out = _kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter,
                             return_info, precond_rank, names, columns,
-                            x0.float() if isinstance(x0, torch.Tensor) else x0)
+                            x0.float() if isinstance(x0, torch.Tensor) else x0, precond)
         if return_info or columns:
             return (out[0].to(y.dtype),) + tuple(out[1:])
         return out.to(y.dtype)
@@ -1710,7 +1717,7 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     start = _start(x0, rhs, vector, y, names[1])
     info: dict = {}
     sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise,
-                             (kernel, tol, max_iter, info, precond_rank, start))
+                             (kernel, tol, max_iter, info, precond_rank, start, precond))
     if columns:
         return sol, vector
     out = sol.squeeze(-1) if vector else sol
@@ -1767,7 +1774,8 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
 
     For each block of up to 128 test points: their kernel columns K(X, x*) [..., N, 128] (one kernel sum),
     solved by ``kernel_solve`` as 128 right-hand sides at once, then a column-wise dot product. So T test
-    points cost T / 128 conjugate-gradient solves and N x 128 floats of memory at a time, and the result is
+    points cost T / 128 conjugate-gradient solves of one system (its preconditioner built once) and N x 128
+    floats of memory at a time, and the result is
     differentiable in x_test, x_train, the lengthscale, the outputscale and the noise, through the solves'
     implicit gradients. Rounding can take a variance of about 0 (a test point on a training point with small
     noise) below 0; it is clamped at 0, where its gradient is then 0.
@@ -1801,19 +1809,23 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on)
         if t.is_meta or not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"{name} must be finite values: NaN or inf (or meta tensors) found")
+    # the solve's arguments checked once, before the preconditioner that every block's solve shares is built
+    # (the blocks solve one system; a build is rank kernel sums against single points and O(N rank^2) work)
+    _, _, tol, max_iter, precond_rank = _solve_args(x_train, x_train.new_zeros(x_train.shape[:-1] + (0,)), kernel,
+                                                    noise, lengthscale, outputscale, tol, max_iter, precond_rank,
+                                                    ("x_train", "x_test"))
     prior = KernelOperator(x_test, x_test, kernel, lengthscale, outputscale).diag()  # [..., T]
-    parts = []
     T = x_test.shape[-2]
+    shared = _preconditioner(KernelOperator(x_train, x_train, kernel, lengthscale, outputscale, noise),
+                             precond_rank) if T else None
+    parts = []
     for t0 in range(0, T, _VAR_CHUNK):
         xt = x_test[..., t0:t0 + _VAR_CHUNK, :]
         eye = torch.eye(xt.shape[-2], dtype=xt.dtype, device=xt.device)
         cols = kernel_matvec(x_train, xt, eye, kernel, lengthscale, outputscale)  # [..., N, c]: K(X, x*)
         sol = _kernel_solve(x_train, cols, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
-                            precond_rank, ("x_train", "K(x_train, x_test)"))
+                            precond_rank, ("x_train", "K(x_train, x_test)"), precond=shared)
         parts.append((cols * sol).sum(-2))
-    if not parts:  # no test points: the arguments are still checked, as a call with some would check them
-        _solve_args(x_train, x_train.new_zeros(x_train.shape[:-1] + (0,)), kernel, noise, lengthscale, outputscale,
-                    tol, max_iter, precond_rank, ("x_train", "x_test"))
     reduced = torch.cat(parts, -1) if parts else prior.new_zeros(prior.shape)
     var = (prior - reduced).clamp_min(0)
     return var + noise if include_noise else var

@@ -230,6 +230,21 @@ def test_posterior_variance_against_reference(kernel):
     torch.testing.assert_close(noisy, var + 0.05)
 
 
+def test_posterior_variance_builds_one_preconditioner(monkeypatch):
+    """The blocks of test points solve one system: its pivoted-Cholesky factor is built once, not per block."""
+    import opforge.kernels.kernel_sum as ks
+
+    x, _ = _data(9)
+    xt = torch.rand(300, D, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    built = []
+    factor = ks._pivoted_cholesky
+    monkeypatch.setattr(ks, "_pivoted_cholesky", lambda *a: built.append(1) or factor(*a))
+    var = gp_posterior_variance(x, xt, "matern52", 0.05, 0.7, precond_rank=8, tol=1e-11)
+    assert len(built) == 1
+    np.testing.assert_allclose(_np(var), ref.gp_posterior_variance(_np(x), _np(xt), "matern52", 0.05, 0.7),
+                               rtol=1e-8, atol=1e-10)
+
+
 def test_posterior_variance_gradients_and_batches():
     """Gradients in x_train and x_test (along random directions), lengthscale, outputscale and noise against
     central differences of the reference; a batch of lengthscales gives each entry its own variances."""
