@@ -360,3 +360,23 @@ def test_gpu_matches_the_references(kernel):
     losses = gp.fit(steps=3, lr=0.05)
     assert all(math.isfinite(v) for v in losses)
     assert all(not torch.equal(p.detach(), b) for p, b in zip(gp.parameters(), before))
+
+
+def test_triton_path_gives_the_torch_paths_model():
+    """The flash kernels (the Triton interpreter here) with the module's tensor hyperparameters (a [1, D] ARD
+    lengthscale, a [1] noise, a [] outputscale, all requiring grad): the torch path's mean, variance,
+    log-likelihood (same probes) and parameter gradients."""
+    from opforge.kernels import use_backend
+
+    x, y, xt = _data(13, n=30, dtype=torch.float32)
+    out = {}
+    for backend in ("torch", "triton"):
+        gp = GPRegression(x, y, "gaussian", ard_num_dims=D, lengthscale=torch.tensor([0.8, 1.2, 1.0]), noise=0.05,
+                          mean=0.5, num_probes=3, tol=1e-7)
+        with use_backend(backend):
+            mean, var = gp(xt, return_variance=True)
+            mll = gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(0))
+            mll.backward()
+        out[backend] = [mean.detach(), var.detach(), mll.detach()] + [p.grad for p in gp.parameters()]
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4)
