@@ -380,3 +380,29 @@ def test_triton_path_gives_the_torch_paths_model():
         out[backend] = [mean.detach(), var.detach(), mll.detach()] + [p.grad for p in gp.parameters()]
     for a, b in zip(out["torch"], out["triton"]):
         torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4)
+
+
+def test_gradients_in_the_test_points_for_acquisition_functions():
+    """Bayesian optimisation differentiates the posterior at the test points with the model frozen: the mean's
+    weights then come from the kept solve, and d(mean + variance)/dx_test matches central differences of the
+    dense reference."""
+    gp, x, y, xt = _model("matern52")
+    gp.requires_grad_(False)
+    with torch.no_grad():
+        gp(xt)  # (the weights, kept)
+    xr = xt.clone().requires_grad_()
+    mean, var = gp(xr, return_variance=True)
+    (mean + var).sum().backward()
+    ls, os_, noise, c = _hypers(gp)
+    xn, yn = _np(x), _np(y)
+    A = ref.kernel_matrix(xn, xn, "matern52", ls, os_) + noise * np.eye(N)
+    w = np.linalg.solve(A, yn - c)
+
+    def f(t):
+        return (c + ref.kernel_matrix(t, xn, "matern52", ls, os_) @ w
+                + ref.gp_posterior_variance(xn, t, "matern52", noise, ls, os_)).sum()
+
+    v = np.random.default_rng(4).standard_normal(xr.shape)
+    h = 1e-6
+    want = (f(_np(xt) + h * v) - f(_np(xt) - h * v)) / (2 * h)
+    np.testing.assert_allclose(float((_np(xr.grad) * v).sum()), want, rtol=1e-6)
