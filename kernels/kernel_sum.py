@@ -2203,8 +2203,8 @@ class GPRegression(nn.Module):
     @classmethod
     def from_gpytorch(cls, model, **settings) -> "GPRegression":
         """The GPRegression of a GPyTorch ``ExactGP`` with ``mean_module`` a ``ConstantMean``, ``covar_module`` a
-        ``ScaleKernel`` over an ``RBFKernel`` or a ``MaternKernel`` (nu 0.5, 1.5, 2.5; ARD or not, no batch
-        shape, no active_dims) and a ``GaussianLikelihood``, without priors: its kernel, noise bound,
+        ``ScaleKernel`` over an ``RBFKernel`` or a ``MaternKernel`` (nu 0.5, 1.5, 2.5; ARD or not, no
+        active_dims) and a ``GaussianLikelihood``, no batch shape and no priors: its kernel, noise bound,
         parameters (dtype and device included) and training data. ``settings``: ``num_probes``, ``tol``,
         ``max_iter``, ``precond_rank``. GPyTorch is not imported: the parts are read by their class names."""
         what = "model must be a GPyTorch ExactGP with ConstantMean, ScaleKernel and GaussianLikelihood"
@@ -2221,18 +2221,22 @@ class GPRegression(nn.Module):
             nu = f" (nu={base.nu})" if hasattr(base, "nu") else ""
             raise ValueError(f"model.covar_module.base_kernel is a {name}{nu}: GPRegression takes RBFKernel and "
                              f"MaternKernel with nu 0.5, 1.5 or 2.5")
-        raw_ls = base.raw_lengthscale
-        if raw_ls.dim() != 2 or getattr(base, "active_dims", None) is not None:
-            raise ValueError(f"model.covar_module.base_kernel has a batch shape or active_dims (raw_lengthscale "
-                             f"{tuple(raw_ls.shape)}): GPRegression is one GP over every input dimension")
+        if getattr(base, "active_dims", None) is not None:
+            raise ValueError("model.covar_module.base_kernel has active_dims: GPRegression's kernel takes every "
+                             "input dimension")
         sd = model.state_dict()
         extra = sorted(set(sd) - set(cls._state_keys()))
         if extra:
             raise ValueError(f"model has state GPRegression does not (priors or other modules): {', '.join(extra)}")
         ard = getattr(base, "ard_num_dims", None)
         lower = float(sd["likelihood.noise_covar.raw_noise_constraint.lower_bound"])
+        raw_ls = base.raw_lengthscale
         gp = cls(kernel=kernel, ard_num_dims=ard, noise_lower_bound=lower, **settings)
         gp = gp.to(device=raw_ls.device, dtype=raw_ls.dtype)
+        for key, t in gp.state_dict().items():  # (a batch shape: one GP per batch entry, which this is not)
+            if key in sd and tuple(sd[key].shape) != tuple(t.shape):
+                raise ValueError(f"model's {key} has shape {tuple(sd[key].shape)}, GPRegression's {tuple(t.shape)}: "
+                                 f"a batch of GPs (batch_shape) is not one GPRegression")
         gp.load_state_dict(sd)
         inputs, targets = getattr(model, "train_inputs", None), getattr(model, "train_targets", None)
         if inputs is not None and targets is not None:

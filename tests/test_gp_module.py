@@ -237,6 +237,10 @@ def test_from_gpytorch_refuses_what_it_cannot_be():
         bad = gpytorch.kernels.MaternKernel(nu=2.5)
         bad.nu = 3.5
         GPRegression.from_gpytorch(Model(bad))
+    with pytest.raises(ValueError, match=r"has shape \(2,.*a batch of GPs"):
+        GPRegression.from_gpytorch(Model(gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2]))))
+    with pytest.raises(ValueError, match="active_dims"):
+        GPRegression.from_gpytorch(Model(gpytorch.kernels.RBFKernel(active_dims=[0, 1])))
     with pytest.raises(ValueError, match="priors"):
         GPRegression.from_gpytorch(Model(gpytorch.kernels.RBFKernel(), gpytorch.priors.GammaPrior(2.0, 0.5)))
     with pytest.raises(ValueError, match="ExactGP with ConstantMean.*mean_module is a NoneType"):
