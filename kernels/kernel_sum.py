@@ -1685,11 +1685,15 @@ def _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, pr
     lead = _prepare(x, x, rhs, kernel, lengthscale, outputscale)[2]
     rhs = rhs.expand(lead + rhs.shape[-2:])
     precond_rank = an_int(precond_rank, "precond_rank", 0)
-    tol = number(tol, "tol")
-    if not (tol > 0 and math.isfinite(tol)):
+    return vector, rhs, _tol(tol), an_int(max_iter, "max_iter", 1), precond_rank
+
+
+def _tol(tol) -> float:
+    """A solver's ``tol`` as a float: positive and finite, else an error naming it."""
+    v = number(tol, "tol")
+    if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"tol must be positive and finite (a relative residual), got {tol!r}")
-    max_iter = an_int(max_iter, "max_iter", 1)
-    return vector, rhs, tol, max_iter, precond_rank
+    return v
 
 
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
@@ -1872,8 +1876,8 @@ class _GPMarginalLogLikelihood(torch.autograd.Function):
     def forward(ctx, rhs, x, lengthscale, outputscale, noise, spec):
         kernel, tol, max_iter, info, rank, num_probes, generator = spec
         A = KernelOperator(x, x, kernel, lengthscale, outputscale, noise)
-        L = _pivoted_cholesky(A, rank)
-        precond = None if L is None else _Preconditioner(L, A.noise_value)
+        precond = _preconditioner(A, rank)
+        L = None if precond is None else precond.L
         N, R = rhs.shape[-2], rhs.shape[-1]
         lead = rhs.shape[:-2]
         gdev = rhs.device if generator is None else generator.device
@@ -2189,9 +2193,7 @@ class GPRegression(nn.Module):
         self.mean_module = _ConstantMean(mean)
         self.covar_module = _ScaleKernel(raw[1], raw[0])
         self.num_probes = an_int(num_probes, "num_probes", 1)
-        self.tol = number(tol, "tol")
-        if not (self.tol > 0 and math.isfinite(self.tol)):
-            raise ValueError(f"tol must be positive and finite, got {tol!r}")
+        self.tol = _tol(tol)
         self.max_iter = an_int(max_iter, "max_iter", 1)
         self.precond_rank = an_int(precond_rank, "precond_rank", 0)
         self.register_buffer("train_x", None, persistent=False)
