@@ -20,11 +20,12 @@ __all__ = [
     "interpreter_enabled", "registered_ops", "spectral_conv", "spectral_conv1d", "spectral_conv2d", "spectral_conv3d",
     "use_backend",
 ]
-from .kernel_sum import (GPYTORCH_KERNELS, KERNELS, GPRegression, KernelOperator,  # noqa: E402
+from .kernel_sum import (GPYTORCH_KERNELS, KERNELS, SOLVE_METHODS, GPRegression, KernelOperator,  # noqa: E402
                          gp_marginal_log_likelihood, gp_posterior_mean, gp_posterior_variance, kernel_matvec,
                          kernel_solve)
 
-__all__ += ["GPRegression", "GPYTORCH_KERNELS", "KERNELS", "KernelOperator", "gp_marginal_log_likelihood",
+__all__ += ["GPRegression", "GPYTORCH_KERNELS", "KERNELS", "KernelOperator", "SOLVE_METHODS",
+            "gp_marginal_log_likelihood",
             "gp_posterior_mean", "gp_posterior_variance",
             "kernel_matvec", "kernel_solve"]
 from .kan import KAN, BASES, ChebyKANLayer, FastKAN, FastKANLayer, FourierKANLayer, KANLinear, kan_linear  # noqa: E402

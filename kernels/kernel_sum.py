@@ -62,7 +62,7 @@ from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, c
                       split_tf32, tl, triton)
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "gp_posterior_variance",
-           "gp_marginal_log_likelihood", "GPRegression", "GPYTORCH_KERNELS", "KERNELS"]
+           "gp_marginal_log_likelihood", "GPRegression", "GPYTORCH_KERNELS", "KERNELS", "SOLVE_METHODS"]
 
 KERNELS = ("gaussian", "laplacian", "matern32", "matern52", "imq", "cauchy")
 _S3, _S5 = math.sqrt(3.0), math.sqrt(5.0)
@@ -1607,8 +1607,9 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
 
 def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
                  tol: float = 1e-6, max_iter: int = 1000, return_info: bool = False, precond_rank: int = 64,
-                 x0=None):
-    """Solve ``(outputscale * K(x, x) + noise * I) alpha = y`` by conjugate gradients.
+                 x0=None, method: str = "auto"):
+    """Solve ``(outputscale * K(x, x) + noise * I) alpha = y``: by conjugate gradients on kernel sums, or for
+    up to 800 points by a Cholesky factor of the dense matrix (``method``).
 
     Args:
         x: [..., N, D] training points; y: [..., N] or [..., N, R] right-hand sides (e.g. GP targets), read as
@@ -1624,21 +1625,30 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
             broadcasting to it; None starts from zeros. The last alpha, when the hyperparameters change a
             little from one training step to the next, saves iterations. It is a constant to autograd: the
             result and its gradients do not depend on it (beyond the solve's ``tol``).
+        method: "cg" (conjugate gradients: O(N) memory, a kernel sum per iteration), "cholesky" (the dense
+            [..., N, N] matrix in float64 and its Cholesky factor: O(N^2) memory and O(N^3) work, exact, with
+            no iterations, tol, max_iter, precond_rank or x0), or "auto" (the default): "cholesky" for N <= 800
+            (GPyTorch's ``max_cholesky_size``) while the batch's matrices hold at most 2^26 entries, else "cg";
+            "auto" also takes "cg" where the matrix is not positive definite in float64, which "cholesky"
+            reports as an error.
 
     Returns alpha like y, with the broadcast batch dims (and ``{"iterations", "residual", "converged",
-    "precond_rank"}`` with ``return_info``, the residual the largest relative one, |r| / |y| per column); a
-    solve that is not converged after ``max_iter`` iterations warns (RuntimeWarning) with its residual.
+    "precond_rank", "method"}`` with ``return_info``, the residual the largest relative one, |r| / |y| per
+    column, and "method" the one that ran); a conjugate-gradient solve that is not converged after
+    ``max_iter`` iterations warns (RuntimeWarning) with its residual.
 
-    Differentiable in y, x, lengthscale, outputscale and noise (tensors requiring grad) by implicit
-    differentiation: the backward pass runs one more CG solve with the same ``tol`` and ``max_iter``, and
-    one kernel-sum backward. GP posterior mean at new points: ``kernel_matvec(x_test, x, alpha, ...)``.
+    Differentiable in y, x, lengthscale, outputscale and noise (tensors requiring grad). Conjugate gradients
+    by implicit differentiation: the backward pass runs one more CG solve with the same ``tol`` and
+    ``max_iter``, and one kernel-sum backward (once differentiable). The Cholesky path through autograd's
+    own Cholesky and triangular solves (differentiable twice). GP posterior mean at new points:
+    ``kernel_matvec(x_test, x, alpha, ...)``.
     Under ``torch.autocast`` it runs in float32 (16-bit x and y cast), as ``kernel_matvec`` does. 16-bit x
     and y outside autocast are solved in float32 too, and alpha comes in y's dtype: conjugate gradients in
     16 bits report a converged residual (updated by recurrence) for a solution that is not one (bfloat16,
     200 points: 6% off the float64 solve on the same inputs, "residual 7e-7").
     """
     return _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank,
-                         ("x", "y"), x0=x0)
+                         ("x", "y"), x0=x0, method=method)
 
 
 def _same_kind(t: torch.Tensor, name: str, ref: torch.Tensor, refname: str) -> None:
@@ -1696,32 +1706,129 @@ def _tol(tol) -> float:
     return v
 
 
+#: the ways a solve runs (``method``): "cholesky" factors the dense float64 matrix, "cg" runs preconditioned
+#: conjugate gradients on kernel sums, "auto" takes "cholesky" for N <= 800 points (GPyTorch's
+#: ``max_cholesky_size``) while the batch's matrices hold at most 2^26 float64 entries (512 MB), else "cg"
+SOLVE_METHODS = ("auto", "cholesky", "cg")
+_CHOLESKY_MAX = 800
+_DENSE_ENTRIES = 1 << 26
+
+
+def _method(method) -> str:
+    """A solver's ``method``, checked (one of ``SOLVE_METHODS``)."""
+    if not isinstance(method, str) or method not in SOLVE_METHODS:
+        raise ValueError(f"method must be one of {list(SOLVE_METHODS)}, got {method!r}")
+    return method
+
+
+def _dense_wanted(method: str, n: int, d: int, kernel: str, lead) -> bool:
+    """Whether a solve of n points in d dimensions over the batch dims ``lead`` runs dense (see
+    ``SOLVE_METHODS``); the entries counted are the matrices' and, where the distances are exact differences
+    (``_dense_kernel``), the d per entry that autograd may keep of them."""
+    if method != "auto":
+        return method == "cholesky"
+    per = d + 1 if _exact(d, kernel) else 1
+    return n <= _CHOLESKY_MAX and math.prod(lead) * n * n * per <= _DENSE_ENTRIES
+
+
+def _dense_kernel(p, q, kernel: str, ls, os_) -> torch.Tensor:
+    """outputscale K(p, q) [..., n, m] as a float64 matrix, differentiable (twice, as torch's ops are) in p, q,
+    the lengthscale and the outputscale: the matrix of the Cholesky path. Points centred on p's mean (the
+    kernels are translation invariant) and scaled; the squared distances as ``kernel_matvec``'s torch path
+    forms them (``_exact``): exact differences for D <= 8 and for the kernels with a square root, where the
+    expansion's rounding, 1e-16 |p|^2 in float64, is 1e-8 in r at a test point on a training point (7e-8 in a
+    posterior variance of 0.05 that is a difference of two terms near 1); else |p|^2 + |q|^2 - 2 p.q, whose
+    diagonal in K(p, p) (``q is p``) is set to 0 exactly (r = 0 there, with its zero slope: ``_phi_plain``)."""
+    dt = torch.float64
+    ps = p.to(dt)
+    center = ps.detach().mean(-2, keepdim=True)
+    ps = (ps - center) / _in(ls, dt)
+    qs = ps if q is p else (q.to(dt) - center) / _in(ls, dt)
+    d = ps.shape[-1]
+    if _exact(d, kernel):
+        lead = torch.broadcast_shapes(ps.shape[:-2], qs.shape[:-2])
+        s = _sqdist(ps.expand(lead + ps.shape[-2:]), qs.expand(lead + qs.shape[-2:]), True)
+    else:
+        s = (ps * ps).sum(-1, keepdim=True) + (qs * qs).sum(-1).unsqueeze(-2) - 2 * ps @ qs.transpose(-1, -2)
+        if q is p:
+            s = s.masked_fill(torch.eye(s.shape[-1], dtype=torch.bool, device=s.device), 0.0)
+        s = s.clamp_min(0)
+    return _scaled(_phi_plain(s, kernel), os_, dt, 2)
+
+
+def _dense_factor(x, kernel: str, noise, ls, os_, fn: str, method: str):
+    """(L, A): the lower Cholesky factor of A = outputscale K(x, x) + noise I and A itself (float64,
+    differentiable); None where A is not positive definite in float64 and ``method`` is "auto" (the caller
+    then runs conjugate gradients), an error naming the noise where "cholesky" was asked for."""
+    A = _dense_kernel(x, x, kernel, ls, os_)
+    nz = noise.to(torch.float64).reshape(()) if isinstance(noise, torch.Tensor) else noise
+    A = A + nz * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    L, bad = torch.linalg.cholesky_ex(A)
+    if A.numel() and bool((bad > 0).any()):
+        if method == "auto":
+            return None
+        raise ValueError(f"{fn}: method='cholesky' found outputscale K(x, x) + noise I not positive definite in "
+                         f"float64 (noise {_value(noise, 'noise'):g}): raise noise, or use method='cg'")
+    return L, A
+
+
+def _dense_info(A, sol, rhs) -> dict:
+    """The solver's report of a Cholesky solve: no iterations, and the relative residual |A sol - rhs| / |rhs|
+    of the largest column (float64)."""
+    with torch.no_grad():
+        r = (A @ sol - rhs).pow(2).sum(-2)
+        tiny = torch.finfo(torch.float64).tiny
+        res = float((r / rhs.pow(2).sum(-2).clamp_min(tiny)).sqrt().max()) if r.numel() else 0.0
+    return {"iterations": 0, "residual": res, "converged": True, "precond_rank": 0, "method": "cholesky"}
+
+
+def _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, method: str, fn: str = "kernel_solve"):
+    """A^-1 rhs by a Cholesky factor of the dense A (float64, in rhs's dtype after), autograd recording every
+    step (exact gradients, and second ones); None where "auto" finds A not positive definite."""
+    D = x.shape[-1]
+    ls, os_ = _scale_param(lengthscale, "lengthscale", x, D), _scale_param(outputscale, "outputscale", x, None)
+    f = _dense_factor(x, kernel, noise, ls, os_, fn, method)
+    if f is None:
+        return None
+    L, A = f
+    r64 = rhs.to(torch.float64)
+    sol = torch.cholesky_solve(r64, L)
+    info.update(_dense_info(A, sol, r64))
+    return sol.to(rhs.dtype)
+
+
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
-                  columns=False, x0=None, precond=None):
+                  columns=False, x0=None, precond=None, method="auto"):
     """``kernel_solve``, its errors naming x and y as ``names`` (``gp_posterior_mean``'s x_train, y_train);
     ``columns``: alpha [..., N, R] whatever y's form, and whether y was vectors (``gp_posterior_mean``);
-    ``precond``: the preconditioner of this very system, built by the caller."""
+    ``precond``: the preconditioner of this very system, built by the caller (conjugate gradients then)."""
     if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:
         with no_autocast(x.device):
             return _kernel_solve(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise, lengthscale,
                                  outputscale, tol, max_iter, return_info, precond_rank, names, columns,
-                                 amp_cast(x0, torch.float32), precond)
+                                 amp_cast(x0, torch.float32), precond, method)
     if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
             and x.dtype in _16BIT):
         if isinstance(x0, torch.Tensor):  # (checked against y's own dtype, before the float32 solve)
             _same_kind(x0, "x0", y, names[1])
         out = _kernel_solve(x.float(), y.float(), kernel, noise, lengthscale, outputscale, tol, max_iter,
                             return_info, precond_rank, names, columns,
-                            x0.float() if isinstance(x0, torch.Tensor) else x0, precond)
+                            x0.float() if isinstance(x0, torch.Tensor) else x0, precond, method)
         if return_info or columns:
             return (out[0].to(y.dtype),) + tuple(out[1:])
         return out.to(y.dtype)
     vector, rhs, tol, max_iter, precond_rank = _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol,
                                                            max_iter, precond_rank, names)
     start = _start(x0, rhs, vector, y, names[1])
+    method = _method(method)
     info: dict = {}
-    sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise,
-                             (kernel, tol, max_iter, info, precond_rank, start, precond))
+    sol = None
+    if precond is None and _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2]):
+        sol = _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info, method)
+    if sol is None:
+        sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise,
+                                 (kernel, tol, max_iter, info, precond_rank, start, precond))
+        info["method"] = "cg"
     if columns:
         return sol, vector
     out = sol.squeeze(-1) if vector else sol
@@ -1740,9 +1847,11 @@ def _test_points(x_train, x_test) -> None:
 
 
 def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0,
-                      outputscale=1.0, tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64):
-    """Exact GP regression posterior mean ``K(x_test, X) (K(X, X) + noise I)^-1 y`` without any kernel matrix
-    (``kernel_solve``, then one kernel sum). 16-bit inputs (all three of one dtype) are computed in float32
+                      outputscale=1.0, tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64,
+                      method: str = "auto"):
+    """Exact GP regression posterior mean ``K(x_test, X) (K(X, X) + noise I)^-1 y``: ``kernel_solve`` (its
+    ``method``: conjugate gradients without any kernel matrix, or a dense Cholesky factor for up to 800
+    training points), then one kernel sum. 16-bit inputs (all three of one dtype) are computed in float32
     and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two steps put 8% of error
     into the mean (300 points; alpha's terms cancel in the sum). Under autocast the mean comes in float32, as
     ``kernel_solve``'s and ``kernel_matvec``'s results do."""
@@ -1751,26 +1860,27 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
     if isinstance(x_train, torch.Tensor) and autocast_dtype(x_train.device) is not None:  # float32, as the
         with no_autocast(x_train.device):  # solve and the kernel sum take it (not the 16-bit branch below)
             return gp_posterior_mean(*(amp_cast(t, torch.float32) for t in ts), kernel, noise, lengthscale,
-                                     outputscale, tol, max_iter, precond_rank)
+                                     outputscale, tol, max_iter, precond_rank, method)
     if (all(isinstance(t, torch.Tensor) for t in ts) and len({t.dtype for t in ts}) == 1
             and x_train.dtype in _16BIT):
         return gp_posterior_mean(*(t.float() for t in ts), kernel, noise, lengthscale, outputscale, tol, max_iter,
-                                 precond_rank).to(x_train.dtype)
+                                 precond_rank, method).to(x_train.dtype)
     # (x_train and y_train checked in the solve, its errors naming them)
     # alpha as columns [..., N, R]: a batch of vectors (targets or hyperparameters batched beyond x_train's
     # dims) would not read as vectors against x_train's points
     alpha, vector = _kernel_solve(x_train, y_train, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
-                                  precond_rank, ("x_train", "y_train"), columns=True)
+                                  precond_rank, ("x_train", "y_train"), columns=True, method=method)
     mean = kernel_matvec(x_test, x_train, alpha, kernel, lengthscale, outputscale)
     return mean.squeeze(-1) if vector else mean
 
 
 _VAR_CHUNK = 128  # test points per solve in gp_posterior_variance (the flash kernels take up to 128 columns)
+_VAR_CHUNK_DENSE = 1024  # test points per triangular solve on its Cholesky path ([..., N, 1024] float64 at a time)
 
 
 def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2, lengthscale=1.0, outputscale=1.0,
                           tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64,
-                          include_noise: bool = False):
+                          include_noise: bool = False, method: str = "auto"):
     """Exact GP regression posterior variance at each test point without the training kernel matrix:
     ``k(x*, x*) - k(x*, X) (K(X, X) + noise I)^-1 k(X, x*)`` (all kernels scaled by ``outputscale``), the
     diagonal of the posterior covariance; plus ``noise`` with ``include_noise`` (the variance of a new noisy
@@ -1781,13 +1891,15 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     points cost T / 128 conjugate-gradient solves of one system (its preconditioner built once) and N x 128
     floats of memory at a time, and the result is
     differentiable in x_test, x_train, the lengthscale, the outputscale and the noise, through the solves'
-    implicit gradients. Rounding can take a variance of about 0 (a test point on a training point with small
+    implicit gradients. On the Cholesky path (``method``, as in ``kernel_solve``: the default for up to 800
+    training points) the training matrix is factored once, in float64, and each block of 1024 test points
+    costs one triangular solve, k(x*, x*) - |L^-1 k(X, x*)|^2, differentiated by autograd. Rounding can take a variance of about 0 (a test point on a training point with small
     noise) below 0; it is clamped at 0, where its gradient is then 0.
 
     Args:
         x_train: [..., N, D] training points; x_test: [..., T, D] points (x_train's dtype and device); batch dims
             broadcast with each other and with the hyperparameters'.
-        kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank: as in ``kernel_solve``.
+        kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank, method: as in ``kernel_solve``.
         include_noise: add ``noise`` (the predictive variance of an observation, not of the latent function).
 
     Returns:
@@ -1804,12 +1916,13 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     if autocast_dtype(x_train.device) is not None:  # float32, as kernel_matvec and kernel_solve take it
         with no_autocast(x_train.device):
             return gp_posterior_variance(amp_cast(x_train, torch.float32), amp_cast(x_test, torch.float32), kernel,
-                                         noise, lengthscale, outputscale, tol, max_iter, precond_rank, include_noise)
+                                         noise, lengthscale, outputscale, tol, max_iter, precond_rank, include_noise,
+                                         method)
     if not isinstance(include_noise, bool):
         raise TypeError(f"include_noise must be a bool, got {type(include_noise).__name__}")
     if x_train.dtype in _16BIT:
         return gp_posterior_variance(x_train.float(), x_test.float(), kernel, noise, lengthscale, outputscale, tol,
-                                     max_iter, precond_rank, include_noise).to(x_train.dtype)
+                                     max_iter, precond_rank, include_noise, method).to(x_train.dtype)
     for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on)
         if t.is_meta or not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"{name} must be finite values: NaN or inf (or meta tensors) found")
@@ -1818,8 +1931,15 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     _, _, tol, max_iter, precond_rank = _solve_args(x_train, x_train.new_zeros(x_train.shape[:-1] + (0,)), kernel,
                                                     noise, lengthscale, outputscale, tol, max_iter, precond_rank,
                                                     ("x_train", "x_test"))
+    method = _method(method)
     prior = KernelOperator(x_test, x_test, kernel, lengthscale, outputscale).diag()  # [..., T]
     T = x_test.shape[-2]
+    lead = torch.broadcast_shapes(x_train.shape[:-2], x_test.shape[:-2],
+                                  _prepare(x_train, x_test, x_test[..., :1], kernel, lengthscale, outputscale)[2])
+    if T and _dense_wanted(method, x_train.shape[-2], x_train.shape[-1], kernel, lead):
+        var = _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method)
+        if var is not None:
+            return var + noise if include_noise else var
     shared = _preconditioner(KernelOperator(x_train, x_train, kernel, lengthscale, outputscale, noise),
                              precond_rank) if T else None
     parts = []
@@ -1833,6 +1953,25 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     reduced = torch.cat(parts, -1) if parts else prior.new_zeros(prior.shape)
     var = (prior - reduced).clamp_min(0)
     return var + noise if include_noise else var
+
+
+def _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method):
+    """gp_posterior_variance's Cholesky path: prior - |L^-1 K(X, x*)|^2 per test point (float64, then in
+    x_test's dtype), clamped at 0; None where "auto" finds the training matrix not positive definite."""
+    D = x_train.shape[-1]
+    ls, os_ = _scale_param(lengthscale, "lengthscale", x_train, D), _scale_param(outputscale, "outputscale",
+                                                                                 x_train, None)
+    f = _dense_factor(x_train, kernel, noise, ls, os_, "gp_posterior_variance", method)
+    if f is None:
+        return None
+    L = f[0]
+    parts = []
+    for t0 in range(0, x_test.shape[-2], _VAR_CHUNK_DENSE):
+        cross = _dense_kernel(x_train, x_test[..., t0:t0 + _VAR_CHUNK_DENSE, :], kernel, ls, os_)  # [..., N, c]
+        v = torch.linalg.solve_triangular(L, cross, upper=False)
+        parts.append(v.pow(2).sum(-2))
+    reduced = torch.cat(parts, -1)
+    return (prior.to(torch.float64) - reduced).clamp_min(0).to(x_test.dtype)
 
 
 _LANCZOS_MAX = 100  # Lanczos steps per probe kept for the quadrature (GPyTorch keeps 20 by default)
@@ -1945,10 +2084,29 @@ class _GPMarginalLogLikelihood(torch.autograd.Function):
         return tuple(grads)
 
 
+def _dense_mll(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, method: str):
+    """gp_marginal_log_likelihood's Cholesky path: [..., R] in rhs's dtype, exact, autograd recording it; None
+    where "auto" finds A not positive definite."""
+    D = x.shape[-1]
+    ls, os_ = _scale_param(lengthscale, "lengthscale", x, D), _scale_param(outputscale, "outputscale", x, None)
+    f = _dense_factor(x, kernel, noise, ls, os_, "gp_marginal_log_likelihood", method)
+    if f is None:
+        return None
+    L, A = f
+    r64 = rhs.to(torch.float64)
+    alpha = torch.cholesky_solve(r64, L)
+    logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [...] (A's batch dims)
+    N = rhs.shape[-2]
+    out = -0.5 * (r64 * alpha).sum(-2) - 0.5 * logdet.unsqueeze(-1) - 0.5 * N * math.log(2 * math.pi)
+    info.update(_dense_info(A, alpha, r64), num_probes=0,
+                logdet=logdet.detach().expand(out.shape[:-1]).clone())
+    return out.to(rhs.dtype)
+
+
 def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengthscale=1.0, outputscale=1.0,
                                num_probes: int = 16, tol: float = 1e-6, max_iter: int = 1000,
                                precond_rank: int = 64, generator: torch.Generator | None = None,
-                               return_info: bool = False):
+                               return_info: bool = False, method: str = "auto"):
     """The exact GP log marginal likelihood ``log p(y | x) = -1/2 y^T A^-1 y - 1/2 log|A| - N/2 log(2 pi)``,
     ``A = outputscale K(x, x) + noise I``, without the kernel matrix: what GP hyperparameters are fitted by
     maximising (minimise its negative), differentiable in x, y, lengthscale, outputscale and noise.
@@ -1963,15 +2121,20 @@ def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengt
     term and the gradient in y are exact up to ``tol``. The backward pass is one kernel-sum backward, with no
     further solve.
 
+    For up to 800 points (``method``, as in ``kernel_solve``) it is instead computed exactly, as GPyTorch does
+    there too: a Cholesky factor L of the dense float64 matrix gives y^T A^-1 y and log|A| = 2 sum log L_ii,
+    and autograd differentiates them (no probes: ``num_probes`` and ``generator`` go unused).
+
     Args:
         x: [..., N, D] training points; y: [..., N] targets or [..., N, R] columns (R independent GPs sharing
             the kernel), read as ``kernel_solve`` reads them.
-        kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank: as in ``kernel_solve``.
+        kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank, method: as in ``kernel_solve``.
         num_probes: random probe vectors for the log-determinant (GPyTorch's default is 10).
         generator: a ``torch.Generator`` for the probes (None: torch's default generator); one on x's device
             draws them there, a CPU one draws them on the CPU.
         return_info: also return ``{"iterations", "residual", "converged", "precond_rank", "num_probes",
-            "logdet"}`` (the log-determinant estimate [...], float64).
+            "logdet", "method"}`` (the log-determinant [...], float64: an estimate from conjugate gradients, exact
+            from a Cholesky factor, where ``num_probes`` is 0).
 
     Returns:
         [...] for a vector y, [..., R] for columns: the log-likelihood of each (a sum over the N points;
@@ -1982,10 +2145,10 @@ def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengt
         with no_autocast(x.device):
             return gp_marginal_log_likelihood(amp_cast(x, torch.float32), amp_cast(y, torch.float32), kernel, noise,
                                               lengthscale, outputscale, num_probes, tol, max_iter, precond_rank,
-                                              generator, return_info)
+                                              generator, return_info, method)
     if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.dtype in _16BIT:
         out = gp_marginal_log_likelihood(x.float(), y.float(), kernel, noise, lengthscale, outputscale, num_probes,
-                                         tol, max_iter, precond_rank, generator, return_info)
+                                         tol, max_iter, precond_rank, generator, return_info, method)
         return (out[0].to(y.dtype), out[1]) if return_info else out.to(y.dtype)
     vector, rhs, tol, max_iter, precond_rank = _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol,
                                                            max_iter, precond_rank, ("x", "y"))
@@ -1994,9 +2157,15 @@ def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengt
         raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
     if generator is not None and generator.device.type not in ("cpu", x.device.type):
         raise ValueError(f"generator is on {generator.device}: it must be on the CPU or on x's device {x.device}")
+    method = _method(method)
     info: dict = {}
-    out = _GPMarginalLogLikelihood.apply(rhs, x, lengthscale, outputscale, noise,
-                                         (kernel, tol, max_iter, info, precond_rank, num_probes, generator))
+    out = None
+    if _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2]):
+        out = _dense_mll(rhs, x, kernel, noise, lengthscale, outputscale, info, method)
+    if out is None:
+        out = _GPMarginalLogLikelihood.apply(rhs, x, lengthscale, outputscale, noise,
+                                             (kernel, tol, max_iter, info, precond_rank, num_probes, generator))
+        info["method"] = "cg"
     out = out.squeeze(-1) if vector else out
     return (out, info) if return_info else out
 
@@ -2152,8 +2321,10 @@ class GPRegression(nn.Module):
         ard_num_dims: None (one lengthscale) or D (one per input dimension).
         lengthscale, outputscale, noise, mean: initial values (a number, or for the lengthscale a [D] tensor).
         noise_lower_bound: the noise constraint's lower bound (GPyTorch's default 1e-4).
-        num_probes, tol, max_iter, precond_rank: the solver settings, as in ``gp_marginal_log_likelihood`` and
-            ``kernel_solve``; attributes, changeable later.
+        num_probes, tol, max_iter, precond_rank, method: the solver settings, as in
+            ``gp_marginal_log_likelihood`` and ``kernel_solve``; attributes, changeable later. With the default
+            ``method="auto"``, up to 800 training points are solved by a dense Cholesky factor (an exact
+            likelihood, as GPyTorch's below its ``max_cholesky_size``), more by conjugate gradients.
 
     Properties ``lengthscale`` ([1, D or 1], GPyTorch's shape), ``outputscale`` ([]), ``noise`` ([1]) and
     ``mean_constant`` ([]) give the constrained values and take new ones (``gp.noise = 0.05``).
@@ -2162,8 +2333,8 @@ class GPRegression(nn.Module):
 
     Calls:
         ``gp.marginal_log_likelihood()``: log p(train_y), a sum over the N points (GPyTorch's
-        ``ExactMarginalLogLikelihood`` divides it by N), a stochastic estimate differentiable in every
-        parameter; maximise it to fit them, or ``gp.fit(steps, lr)`` does so with Adam.
+        ``ExactMarginalLogLikelihood`` divides it by N), differentiable in every parameter (exact on the
+        Cholesky path, a stochastic estimate on the conjugate-gradient one); maximise it to fit them, or ``gp.fit(steps, lr)`` does so with Adam.
         ``gp(x_test)``: the posterior mean at x_test [..., T, D] -> [..., T]; with ``return_variance=True`` also
         the posterior variance of f there (``include_noise=True``: of a new observation, + noise). The weights
         A^-1 (y - c) of the mean are kept between calls while the parameters and the training data are
@@ -2173,7 +2344,7 @@ class GPRegression(nn.Module):
 
     def __init__(self, train_x=None, train_y=None, kernel: str = "gaussian", ard_num_dims=None, lengthscale=1.0,
                  outputscale=1.0, noise=1e-2, mean=0.0, noise_lower_bound=1e-4, num_probes: int = 16,
-                 tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64):
+                 tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64, method: str = "auto"):
         super().__init__()
         if not isinstance(kernel, str) or kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -2196,6 +2367,7 @@ class GPRegression(nn.Module):
         self.tol = _tol(tol)
         self.max_iter = an_int(max_iter, "max_iter", 1)
         self.precond_rank = an_int(precond_rank, "precond_rank", 0)
+        self.method = _method(method)
         self.register_buffer("train_x", None, persistent=False)
         self.register_buffer("train_y", None, persistent=False)
         self._cache = None  # (key, alpha): the mean's weights A^-1 (y - c), detached
@@ -2208,7 +2380,7 @@ class GPRegression(nn.Module):
         ``ScaleKernel`` over an ``RBFKernel`` or a ``MaternKernel`` (nu 0.5, 1.5, 2.5; ARD or not, no
         active_dims) and a ``GaussianLikelihood``, no batch shape and no priors: its kernel, noise bound,
         parameters (dtype and device included) and training data. ``settings``: ``num_probes``, ``tol``,
-        ``max_iter``, ``precond_rank``. GPyTorch is not imported: the parts are read by their class names."""
+        ``max_iter``, ``precond_rank``, ``method``. GPyTorch is not imported: the parts are read by their class names."""
         what = "model must be a GPyTorch ExactGP with ConstantMean, ScaleKernel and GaussianLikelihood"
         parts = {name: getattr(model, name, None) for name in ("mean_module", "covar_module", "likelihood")}
         want = {"mean_module": "ConstantMean", "covar_module": "ScaleKernel", "likelihood": "GaussianLikelihood"}
@@ -2325,7 +2497,7 @@ class GPRegression(nn.Module):
         x, y = self._data("marginal_log_likelihood")
         return gp_marginal_log_likelihood(x, y - self.mean_constant.to(y.dtype), self.kernel, self.noise,
                                           self.lengthscale, self.outputscale, self.num_probes, self.tol,
-                                          self.max_iter, self.precond_rank, generator, return_info)
+                                          self.max_iter, self.precond_rank, generator, return_info, self.method)
 
     def fit(self, steps: int = 100, lr: float = 0.1, generator: torch.Generator | None = None) -> list:
         """Maximise the marginal likelihood over every parameter that requires grad: ``steps`` Adam steps at
@@ -2359,7 +2531,7 @@ class GPRegression(nn.Module):
         settings."""
         ts = [*self.parameters(), *self.buffers()]
         return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in ts) + (
-            (self.kernel, self.tol, self.max_iter, self.precond_rank),)
+            (self.kernel, self.tol, self.max_iter, self.precond_rank, self.method),)
 
     def _weights(self, x, y, ls, os_, nz, c) -> torch.Tensor:
         """A^-1 (y - c) [N] for the hyperparameters given, from the cache when it is current and no gradient
@@ -2371,14 +2543,15 @@ class GPRegression(nn.Module):
         x0 = cached[1] if cached is not None and cached[1].shape == y.shape and cached[1].dtype == y.dtype \
             and cached[1].device == y.device else None
         alpha = kernel_solve(x, y - c.to(y.dtype), self.kernel, nz, ls, os_, self.tol, self.max_iter,
-                             precond_rank=self.precond_rank, x0=x0)
+                             precond_rank=self.precond_rank, x0=x0, method=self.method)
         self._cache = (key, alpha.detach())
         return alpha
 
     def forward(self, x_test, return_variance: bool = False, include_noise: bool = False):
         """The posterior at x_test [..., T, D] (train_x's dtype and device): the mean [..., T], and with
         ``return_variance`` (mean, variance), the variance of f, or of a new observation with
-        ``include_noise`` (``gp_posterior_variance``, T / 128 conjugate-gradient solves)."""
+        ``include_noise`` (``gp_posterior_variance``: one triangular solve per 1024 test points on the Cholesky
+        path, one conjugate-gradient solve per 128 otherwise)."""
         for name, flag in (("return_variance", return_variance), ("include_noise", include_noise)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -2391,7 +2564,7 @@ class GPRegression(nn.Module):
         if not return_variance:
             return mean
         var = gp_posterior_variance(x, x_test, self.kernel, nz, ls, os_, self.tol, self.max_iter, self.precond_rank,
-                                    include_noise)
+                                    include_noise, self.method)
         return mean, var
 
     def extra_repr(self) -> str:

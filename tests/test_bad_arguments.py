@@ -46,22 +46,25 @@ def _calls():
                                                 kernel="matern52", lengthscale=torch.ones(3), outputscale=2.0)),
         "kernel_solve": (K.kernel_solve, dict(x=torch.randn(6, 3), y=torch.randn(6), kernel="gaussian", noise=0.1,
                                               lengthscale=1.0, outputscale=1.0, tol=1e-6, max_iter=50,
-                                              return_info=False, precond_rank=4, x0=torch.zeros(6))),
+                                              return_info=False, precond_rank=4, x0=torch.zeros(6),
+                                              method="auto")),
         "gp_marginal_log_likelihood": (K.gp_marginal_log_likelihood,
                                        dict(x=torch.randn(6, 3), y=torch.randn(6), kernel="matern32", noise=0.1,
                                             lengthscale=1.0, outputscale=1.0, num_probes=3, tol=1e-6, max_iter=50,
                                             precond_rank=4, generator=torch.Generator().manual_seed(0),
-                                            return_info=False)),
+                                            return_info=False, method="auto")),
         "gp_posterior_variance": (K.gp_posterior_variance,
                                   dict(x_train=torch.randn(6, 3), x_test=torch.randn(2, 3), kernel="laplacian",
                                        noise=0.1, lengthscale=1.0, outputscale=1.0, tol=1e-6, max_iter=50,
-                                       precond_rank=4, include_noise=False)),
+                                       precond_rank=4, include_noise=False, method="auto")),
         "gp_posterior_mean": (K.gp_posterior_mean, dict(x_train=torch.randn(6, 3), y_train=torch.randn(6),
-                                                        x_test=torch.randn(2, 3), noise=0.1, lengthscale=1.0)),
+                                                        x_test=torch.randn(2, 3), noise=0.1, lengthscale=1.0,
+                                                        method="auto")),
         "GPRegression": (lambda **kw: K.GPRegression(**kw)(torch.randn(2, 3)),
                          dict(train_x=torch.randn(6, 3), train_y=torch.randn(6), kernel="matern52", ard_num_dims=3,
                               lengthscale=torch.ones(3), outputscale=1.0, noise=0.1, mean=0.0,
-                              noise_lower_bound=1e-4, num_probes=2, tol=1e-6, max_iter=50, precond_rank=4)),
+                              noise_lower_bound=1e-4, num_probes=2, tol=1e-6, max_iter=50, precond_rank=4,
+                              method="auto")),
         "GPRegression.forward": (lambda **kw: gpr(**kw), dict(x_test=torch.randn(2, 3), return_variance=True,
                                                               include_noise=False)),
         "GPRegression.set_train_data": (lambda **kw: K.GPRegression().set_train_data(**kw),
@@ -118,6 +121,10 @@ def _calls():
 
 
 CALLS = _calls()
+# the solvers' two paths: "auto" takes the Cholesky one at these sizes, so each solver again on conjugate gradients
+for _name in ("kernel_solve", "gp_marginal_log_likelihood", "gp_posterior_variance", "gp_posterior_mean",
+              "GPRegression"):
+    CALLS[_name + "-cg"] = (CALLS[_name][0], dict(CALLS[_name][1], method="cg"))
 
 
 def _gpytorch_model():

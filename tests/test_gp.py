@@ -8,14 +8,23 @@ every probe; the data-fit term and the gradient in y never depend on the probes)
 deviations elsewhere, each computed from the dense matrix: a Gaussian probe's quadratic form z^T M z has
 variance 2 |M|_F^2 (M symmetric), so a mean over t probes is off by about sqrt(2 / t) |M|_F. M is log(A) for
 the log-determinant and the symmetric part of A^-1 dA for a derivative's trace term.
+
+These are the conjugate-gradient paths (``method="cg"``, which "auto" takes only above 800 points); the
+Cholesky path is tested in test_gp_cholesky.py.
 """
+import functools
+
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
 
-from opforge.kernels import (KernelOperator, gp_marginal_log_likelihood, gp_posterior_mean, gp_posterior_variance,
-                             use_backend)
+from opforge import kernels
+from opforge.kernels import KernelOperator, use_backend
+
+gp_marginal_log_likelihood = functools.partial(kernels.gp_marginal_log_likelihood, method="cg")
+gp_posterior_mean = functools.partial(kernels.gp_posterior_mean, method="cg")
+gp_posterior_variance = functools.partial(kernels.gp_posterior_variance, method="cg")
 from opforge.kernels.kernel_sum import _cg, _lanczos_log_quadrature
 from opforge.reference import kernel_sum as ref
 

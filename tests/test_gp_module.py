@@ -2,8 +2,10 @@
 posterior) and, where GPyTorch is installed (``.ci/run`` installs it beside the tests), against GPyTorch itself
 with the same state dict: its ExactMarginalLogLikelihood and its posterior mean and variances.
 
-The marginal likelihood is exact here wherever it is compared with a value: a preconditioner of rank N is the
-matrix itself, which leaves no randomness in the log-determinant (tests/test_gp.py)."""
+The marginal likelihood is exact here wherever it is compared with a value: on the Cholesky path (``method``,
+the default "auto" for these sizes) by construction, on the conjugate-gradient one because a preconditioner of
+rank N is the matrix itself, which leaves no randomness in the log-determinant (tests/test_gp.py). The checks
+against values run on both paths."""
 import math
 
 import numpy as np
@@ -15,6 +17,7 @@ from opforge.kernels import GPRegression, gp_marginal_log_likelihood
 from opforge.reference import kernel_sum as ref
 
 N, D = 40, 3
+METHODS = pytest.mark.parametrize("method", ["cg", "cholesky"])
 
 # GPyTorch's ExactGP(ConstantMean, ScaleKernel(base), GaussianLikelihood): its state dict, in its order
 KEYS = [
@@ -86,10 +89,11 @@ def test_hyperparameters_are_softplus_of_the_raw_ones():
             setattr(gp, name, bad)
 
 
+@METHODS
 @pytest.mark.parametrize("kernel", ["laplacian", "matern32", "matern52"])
-def test_against_the_references(kernel):
+def test_against_the_references(kernel, method):
     """The log-likelihood of the centred targets, the posterior mean (dense solve) and both variances."""
-    gp, x, y, xt = _model(kernel)
+    gp, x, y, xt = _model(kernel, method=method)
     ls, os_, noise, c = _hypers(gp)
     xn, yn, tn = _np(x), _np(y), _np(xt)
     got = gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(0))
@@ -106,15 +110,16 @@ def test_against_the_references(kernel):
     np.testing.assert_allclose(_np(var_y), var_want + noise, rtol=1e-7, atol=1e-10)
 
 
-def test_gradients_are_the_functions_through_the_constraints():
+@METHODS
+def test_gradients_are_the_functions_through_the_constraints(method):
     """The raw parameters' gradients: the function's gradients in the constrained values (same probes) times
     softplus' = sigmoid(raw), and the mean's -sum of the data-fit gradient in y."""
-    gp, x, y, _ = _model("matern52", num_probes=4)
+    gp, x, y, _ = _model("matern52", num_probes=4, method=method)
     gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(3)).backward()
     ls, os_, nz = (t.detach().clone().requires_grad_() for t in (gp.lengthscale, gp.outputscale, gp.noise))
     yc = (y - gp.mean_constant.detach()).requires_grad_()
     out = gp_marginal_log_likelihood(x, yc, "matern52", nz, ls, os_, num_probes=4, tol=1e-11, precond_rank=N,
-                                     generator=torch.Generator().manual_seed(3))
+                                     generator=torch.Generator().manual_seed(3), method=method)
     g_ls, g_os, g_nz, g_y = torch.autograd.grad(out, [ls, os_, nz, yc])
     ck, nc = gp.covar_module, gp.likelihood.noise_covar
     for raw, g in ((ck.base_kernel.raw_lengthscale, g_ls), (ck.raw_outputscale, g_os), (nc.raw_noise, g_nz)):
@@ -154,10 +159,11 @@ def test_predictions_reuse_the_weights_until_something_changes(monkeypatch):
         torch.testing.assert_close(gp(xt), m, rtol=1e-9, atol=1e-10)
 
 
-def test_fit_raises_the_likelihood():
+@METHODS
+def test_fit_raises_the_likelihood(method):
     x, y, _ = _data(4, n=60)
     gp = GPRegression(x, y, "matern52", lengthscale=0.2, outputscale=0.3, noise=0.5, precond_rank=60,
-                      tol=1e-9).double()
+                      tol=1e-9, method=method).double()
     before = _hypers(gp)
     losses = gp.fit(steps=30, lr=0.1, generator=torch.Generator().manual_seed(0))
     after = _hypers(gp)
@@ -171,7 +177,8 @@ def test_fit_raises_the_likelihood():
 @pytest.mark.parametrize("kernel,base", [("gaussian", "RBFKernel"), ("laplacian", "MaternKernel-0.5"),
                                          ("matern32", "MaternKernel-1.5"), ("matern52", "MaternKernel-2.5")])
 @pytest.mark.parametrize("ard", [None, D])
-def test_matches_gpytorch(kernel, base, ard):
+@METHODS
+def test_matches_gpytorch(kernel, base, ard, method):
     """GPyTorch's own model with random raw parameters; its state dict loaded here (and this one's there):
     GPyTorch's ExactMarginalLogLikelihood times N, its posterior mean and latent and observed variances."""
     gpytorch = pytest.importorskip("gpytorch")
@@ -193,14 +200,15 @@ def test_matches_gpytorch(kernel, base, ard):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.5)
-    gp = GPRegression(x, y, kernel, ard_num_dims=ard, precond_rank=N, tol=1e-12).double()
+    gp = GPRegression(x, y, kernel, ard_num_dims=ard, precond_rank=N, tol=1e-12, method=method).double()
     gp.load_state_dict(model.state_dict())
     model.train(), lik.train()
     want = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)(model(x), y) * N
     got = gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(0))
-    # (the Gaussian's pivoted Cholesky factor stops short of rank N where the rest of the diagonal is tiny:
-    # a preconditioner within 1e-4 of the matrix, tests/test_gp.py)
-    np.testing.assert_allclose(float(got.detach()), float(want.detach()), rtol=1e-9 if kernel != "gaussian" else 1e-5)
+    # (on the conjugate-gradient path, the Gaussian's pivoted Cholesky factor stops short of rank N where the
+    # rest of the diagonal is tiny: a preconditioner within 1e-4 of the matrix, tests/test_gp.py)
+    rtol = 1e-5 if kernel == "gaussian" and method == "cg" else 1e-9
+    np.testing.assert_allclose(float(got.detach()), float(want.detach()), rtol=rtol)
     model.eval(), lik.eval()
     with torch.no_grad():
         f, obs = model(xt), lik(model(xt))
@@ -210,8 +218,9 @@ def test_matches_gpytorch(kernel, base, ard):
     np.testing.assert_allclose(_np(var), _np(f.variance), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(_np(var_y), _np(obs.variance), rtol=1e-6, atol=1e-9)
     # the same model built from GPyTorch's directly: kernel, ARD, noise bound, dtype, data and parameters
-    built = GPRegression.from_gpytorch(model, precond_rank=N, tol=1e-12)
+    built = GPRegression.from_gpytorch(model, precond_rank=N, tol=1e-12, method=method)
     assert built.kernel == kernel and built.ard_num_dims == ard and built.noise.dtype == torch.float64
+    assert built.method == method
     with torch.no_grad():
         torch.testing.assert_close(built(xt, return_variance=True), (mean, var), rtol=1e-10, atol=1e-12)
     # and back: this model's parameters into GPyTorch's
@@ -337,18 +346,19 @@ def test_deferred_initialisation_and_reset_give_the_build_values():
 
 
 @pytest.mark.gpu
+@METHODS
 @pytest.mark.parametrize("kernel", ["gaussian", "matern52"])
-def test_gpu_matches_the_references(kernel):
-    """float32 on CUDA (the flash kernels): the posterior mean and variance, and the exact log-likelihood
-    (rank-N preconditioner), within float32 conjugate-gradient accuracy of the float64 references; a few
-    fitting steps run and move every parameter."""
+def test_gpu_matches_the_references(kernel, method):
+    """float32 on CUDA (the flash kernels, or the dense float64 Cholesky path): the posterior mean and
+    variance, and the exact log-likelihood (rank-N preconditioner), within float32 conjugate-gradient accuracy
+    of the float64 references; a few fitting steps run and move every parameter."""
     n = 600
     g = torch.Generator().manual_seed(10)
     x = torch.rand(n, D, generator=g) * 3
     y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(n, generator=g)
     xt = torch.rand(50, D, generator=g) * 3
     gp = GPRegression(x.cuda(), y.cuda(), kernel, ard_num_dims=D, lengthscale=torch.tensor([0.7, 1.1, 0.9]),
-                      noise=0.05, mean=0.2, precond_rank=n).cuda()
+                      noise=0.05, mean=0.2, precond_rank=n, method=method).cuda()
     ls, os_, noise, c = _hypers(gp)
     xn, yn, tn = _np(x), _np(y), _np(xt)
     got = float(gp.marginal_log_likelihood(generator=torch.Generator(device="cuda").manual_seed(0)).detach())
@@ -376,7 +386,7 @@ def test_triton_path_gives_the_torch_paths_model():
     out = {}
     for backend in ("torch", "triton"):
         gp = GPRegression(x, y, "gaussian", ard_num_dims=D, lengthscale=torch.tensor([0.8, 1.2, 1.0]), noise=0.05,
-                          mean=0.5, num_probes=3, tol=1e-7)
+                          mean=0.5, num_probes=3, tol=1e-7, method="cg")
         with use_backend(backend):
             mean, var = gp(xt, return_variance=True)
             mll = gp.marginal_log_likelihood(generator=torch.Generator().manual_seed(0))

@@ -1,11 +1,19 @@
 """Kernel sums: NumPy reference vs the blocked torch variant vs the flash Triton variant (interpreter),
-forward and backward (x, y, b, lengthscale), coincident points, edge sizes, the operator, CG and bad input."""
+forward and backward (x, y, b, lengthscale), coincident points, edge sizes, the operator, CG and bad input.
+
+The solves here are conjugate gradients (``method="cg"``, which "auto" takes only above 800 points); their
+Cholesky path is tested in test_gp_cholesky.py."""
+import functools
+
 import numpy as np
 import pytest
 import torch
 
-from opforge.kernels import (KERNELS, KernelOperator, get_op, gp_posterior_mean, kernel_matvec, kernel_solve,
-                             use_backend)
+from opforge import kernels
+from opforge.kernels import KERNELS, KernelOperator, get_op, kernel_matvec, use_backend
+
+kernel_solve = functools.partial(kernels.kernel_solve, method="cg")
+gp_posterior_mean = functools.partial(kernels.gp_posterior_mean, method="cg")
 from opforge.reference import assert_close, assert_rounded_once
 from opforge.reference import kernel_sum as ref
 
@@ -786,8 +794,6 @@ def test_gpu_flash_matches_reference(kernel, dtype):
 
 
 def test_gp_posterior_mean_matches_dense_solution():
-    from opforge.kernels import gp_posterior_mean
-
     g = torch.Generator().manual_seed(0)
     x = torch.rand(300, 2, generator=g, dtype=torch.float64)
     y = torch.sin(6 * x[:, 0]) * torch.cos(4 * x[:, 1]) + 0.05 * torch.randn(300, generator=g, dtype=torch.float64)
