@@ -21,12 +21,12 @@ import torch
 
 from opforge import kernels
 from opforge.kernels import KernelOperator, use_backend
+from opforge.kernels.kernel_sum import _cg, _lanczos_log_quadrature
+from opforge.reference import kernel_sum as ref
 
 gp_marginal_log_likelihood = functools.partial(kernels.gp_marginal_log_likelihood, method="cg")
 gp_posterior_mean = functools.partial(kernels.gp_posterior_mean, method="cg")
 gp_posterior_variance = functools.partial(kernels.gp_posterior_variance, method="cg")
-from opforge.kernels.kernel_sum import _cg, _lanczos_log_quadrature
-from opforge.reference import kernel_sum as ref
 
 N, D = 30, 2
 

@@ -11,11 +11,11 @@ import torch
 
 from opforge import kernels
 from opforge.kernels import KERNELS, KernelOperator, get_op, kernel_matvec, use_backend
+from opforge.reference import assert_close, assert_rounded_once
+from opforge.reference import kernel_sum as ref
 
 kernel_solve = functools.partial(kernels.kernel_solve, method="cg")
 gp_posterior_mean = functools.partial(kernels.gp_posterior_mean, method="cg")
-from opforge.reference import assert_close, assert_rounded_once
-from opforge.reference import kernel_sum as ref
 
 OP = get_op("kernel_sum")
 
