@@ -320,6 +320,21 @@ def test_gp_example_fits_then_predicts():
     assert "test RMSE" in lines[2] and lines[3].startswith("predictive variance at 20 test points"), r.stdout
 
 
+def test_solver_paths_times_both_methods():
+    """perf/solver_paths.py: a line per (N, call) with both methods' times and the speedup, and how far apart
+    the two solves are (small: the same problem solved two ways)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "perf" / "solver_paths.py"
+    r = subprocess.run([sys.executable, str(script), "--n", "30", "--repeat", "1", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines()[2:]]
+    assert [row[1] for row in rows] == ["kernel_solve", "mll+grad", "variance@1000", "cg_vs_cholesky"], r.stdout
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith("x") for row in rows[:3]), r.stdout
+    assert float(rows[3][2]) < 1e-3, r.stdout
+
+
 @pytest.mark.parametrize("args, says", [
     (["--cases", "nosuch"], "unknown case(s) ['nosuch']"),
     (["--ops", "kernel_sum", "--cases", "2d-256-b32-c64-m32"],

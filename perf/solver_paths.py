@@ -1,0 +1,73 @@
+"""The solvers' two paths side by side: ``method="cholesky"`` (the dense float64 factor) against ``method="cg"``
+(preconditioned conjugate gradients on kernel sums) on the same problems, which is what ``"auto"``'s switch at
+800 points rests on.
+
+    python perf/solver_paths.py [--n 200 800 1600] [--kernel matern52] [--device cuda] [--repeat 3]
+
+For each N (points uniform in [0, 1]^3, y = sin(3 (x1 + x2 + x3)) + 0.1 noise, lengthscale 0.3, noise 0.01) it
+times, per method: ``kernel_solve`` (tol 1e-6), ``gp_marginal_log_likelihood`` with its gradient in the
+lengthscale and the noise, and ``gp_posterior_variance`` at 1000 test points; the median of ``--repeat``
+calls after one warm-up, in milliseconds, and the Cholesky path's speedup. Also the largest difference
+between the two solves (relative to the largest entry), so a speed is never bought with a different
+answer. A line per (N, call); nothing is written to disk.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from opforge.kernels import KERNELS, gp_marginal_log_likelihood, gp_posterior_variance, kernel_solve
+
+
+def _time(fn, device: str, repeat: int) -> float:
+    fn()  # warm-up (Triton's JIT on a GPU)
+    out = []
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[200, 800, 1600])
+    ap.add_argument("--kernel", choices=KERNELS, default="matern52")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    if min(args.n) < 1 or args.repeat < 1:
+        ap.error("--n and --repeat must be positive")
+    g = torch.Generator().manual_seed(0)
+    dev = args.device
+    print(f"device {torch.cuda.get_device_name() if dev.startswith('cuda') else dev}, kernel {args.kernel}, "
+          f"torch {torch.__version__}")
+    print(f"{'N':>6} {'call':<14} {'cholesky ms':>12} {'cg ms':>10} {'speedup':>8}")
+    for n in args.n:
+        x = torch.rand(n, 3, generator=g).to(dev)
+        y = (torch.sin(3 * x.sum(-1).cpu()) + 0.1 * torch.randn(n, generator=g)).to(dev)
+        xt = torch.rand(1000, 3, generator=g).to(dev)
+        ls = torch.tensor(0.3, device=dev, requires_grad=True)
+        nz = torch.tensor(0.01, device=dev, requires_grad=True)
+        calls = {
+            "kernel_solve": lambda m: kernel_solve(x, y, args.kernel, 0.01, 0.3, method=m),
+            "mll+grad": lambda m: torch.autograd.grad(
+                gp_marginal_log_likelihood(x, y, args.kernel, nz, ls, method=m), [ls, nz]),
+            "variance@1000": lambda m: gp_posterior_variance(x, xt, args.kernel, 0.01, 0.3, method=m),
+        }
+        for name, call in calls.items():
+            ms = {m: _time(lambda: call(m), dev, args.repeat) for m in ("cholesky", "cg")}
+            print(f"{n:>6} {name:<14} {ms['cholesky']:>12.2f} {ms['cg']:>10.2f} {ms['cg'] / ms['cholesky']:>7.1f}x")
+        a, b = (kernel_solve(x, y, args.kernel, 0.01, 0.3, method=m) for m in ("cholesky", "cg"))
+        print(f"{n:>6} {'cg_vs_cholesky':<14} {float((a - b).abs().max() / b.abs().max()):>12.1e} (relative, tol 1e-6)")
+
+
+if __name__ == "__main__":
+    main()
