@@ -1893,8 +1893,9 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     differentiable in x_test, x_train, the lengthscale, the outputscale and the noise, through the solves'
     implicit gradients. On the Cholesky path (``method``, as in ``kernel_solve``: the default for up to 800
     training points) the training matrix is factored once, in float64, and each block of 1024 test points
-    costs one triangular solve, k(x*, x*) - |L^-1 k(X, x*)|^2, differentiated by autograd. Rounding can take a variance of about 0 (a test point on a training point with small
-    noise) below 0; it is clamped at 0, where its gradient is then 0.
+    costs one triangular solve, k(x*, x*) - |L^-1 k(X, x*)|^2, differentiated by autograd. Rounding can take
+    a variance of about 0 (a test point on a training point with small noise) below 0; it is clamped at 0,
+    where its gradient is then 0.
 
     Args:
         x_train: [..., N, D] training points; x_test: [..., T, D] points (x_train's dtype and device); batch dims
@@ -2334,7 +2335,8 @@ class GPRegression(nn.Module):
     Calls:
         ``gp.marginal_log_likelihood()``: log p(train_y), a sum over the N points (GPyTorch's
         ``ExactMarginalLogLikelihood`` divides it by N), differentiable in every parameter (exact on the
-        Cholesky path, a stochastic estimate on the conjugate-gradient one); maximise it to fit them, or ``gp.fit(steps, lr)`` does so with Adam.
+        Cholesky path, a stochastic estimate on the conjugate-gradient one); maximise it to fit them, or
+        ``gp.fit(steps, lr)`` does so with Adam.
         ``gp(x_test)``: the posterior mean at x_test [..., T, D] -> [..., T]; with ``return_variance=True`` also
         the posterior variance of f there (``include_noise=True``: of a new observation, + noise). The weights
         A^-1 (y - c) of the mean are kept between calls while the parameters and the training data are
@@ -2380,7 +2382,8 @@ class GPRegression(nn.Module):
         ``ScaleKernel`` over an ``RBFKernel`` or a ``MaternKernel`` (nu 0.5, 1.5, 2.5; ARD or not, no
         active_dims) and a ``GaussianLikelihood``, no batch shape and no priors: its kernel, noise bound,
         parameters (dtype and device included) and training data. ``settings``: ``num_probes``, ``tol``,
-        ``max_iter``, ``precond_rank``, ``method``. GPyTorch is not imported: the parts are read by their class names."""
+        ``max_iter``, ``precond_rank``, ``method``. GPyTorch is not imported: the parts are read by their class
+        names."""
         what = "model must be a GPyTorch ExactGP with ConstantMean, ScaleKernel and GaussianLikelihood"
         parts = {name: getattr(model, name, None) for name in ("mean_module", "covar_module", "likelihood")}
         want = {"mean_module": "ConstantMean", "covar_module": "ScaleKernel", "likelihood": "GaussianLikelihood"}
@@ -2492,7 +2495,8 @@ class GPRegression(nn.Module):
     # ----------------------------------------------------------------- the calls
     def marginal_log_likelihood(self, generator: torch.Generator | None = None, return_info: bool = False):
         """log p(train_y | train_x) under the current parameters: ``gp_marginal_log_likelihood`` of the
-        centred targets (a [] tensor, a sum over the N points; divide by N for GPyTorch's value). Its
+        centred targets (a [] tensor, a sum over the N points; divide by N for GPyTorch's value). On the
+        Cholesky path (``method``; "auto" up to 800 points) it is exact; on the conjugate-gradient path its
         log-determinant is estimated from ``num_probes`` random probes (``generator`` fixes them)."""
         x, y = self._data("marginal_log_likelihood")
         return gp_marginal_log_likelihood(x, y - self.mean_constant.to(y.dtype), self.kernel, self.noise,
