@@ -1756,10 +1756,13 @@ def _dense_kernel(p, q, kernel: str, ls, os_) -> torch.Tensor:
     return _scaled(_phi_plain(s, kernel), os_, dt, 2)
 
 
-def _dense_factor(x, kernel: str, noise, ls, os_, fn: str, method: str):
-    """(L, A): the lower Cholesky factor of A = outputscale K(x, x) + noise I and A itself (float64,
-    differentiable); None where A is not positive definite in float64 and ``method`` is "auto" (the caller
-    then runs conjugate gradients), an error naming the noise where "cholesky" was asked for."""
+def _dense_factor(x, kernel: str, noise, lengthscale, outputscale, fn: str, method: str):
+    """(L, A, lengthscale, outputscale): the lower Cholesky factor of A = outputscale K(x, x) + noise I, A
+    itself (float64, differentiable) and the checked scales (``_scale_param``: a number as a float); None
+    where A is not positive definite in float64 and ``method`` is "auto" (the caller then runs conjugate
+    gradients), an error naming the noise where "cholesky" was asked for."""
+    ls = _scale_param(lengthscale, "lengthscale", x, x.shape[-1])
+    os_ = _scale_param(outputscale, "outputscale", x, None)
     A = _dense_kernel(x, x, kernel, ls, os_)
     nz = noise.to(torch.float64).reshape(()) if isinstance(noise, torch.Tensor) else noise
     A = A + nz * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
@@ -1769,7 +1772,7 @@ def _dense_factor(x, kernel: str, noise, ls, os_, fn: str, method: str):
             return None
         raise ValueError(f"{fn}: method='cholesky' found outputscale K(x, x) + noise I not positive definite in "
                          f"float64 (noise {_value(noise, 'noise'):g}): raise noise, or use method='cg'")
-    return L, A
+    return L, A, ls, os_
 
 
 def _dense_info(A, sol, rhs) -> dict:
@@ -1785,12 +1788,10 @@ def _dense_info(A, sol, rhs) -> dict:
 def _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, method: str, fn: str = "kernel_solve"):
     """A^-1 rhs by a Cholesky factor of the dense A (float64, in rhs's dtype after), autograd recording every
     step (exact gradients, and second ones); None where "auto" finds A not positive definite."""
-    D = x.shape[-1]
-    ls, os_ = _scale_param(lengthscale, "lengthscale", x, D), _scale_param(outputscale, "outputscale", x, None)
-    f = _dense_factor(x, kernel, noise, ls, os_, fn, method)
+    f = _dense_factor(x, kernel, noise, lengthscale, outputscale, fn, method)
     if f is None:
         return None
-    L, A = f
+    L, A = f[:2]
     r64 = rhs.to(torch.float64)
     sol = torch.cholesky_solve(r64, L)
     info.update(_dense_info(A, sol, r64))
@@ -1959,13 +1960,10 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
 def _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method):
     """gp_posterior_variance's Cholesky path: prior - |L^-1 K(X, x*)|^2 per test point (float64, then in
     x_test's dtype), clamped at 0; None where "auto" finds the training matrix not positive definite."""
-    D = x_train.shape[-1]
-    ls, os_ = _scale_param(lengthscale, "lengthscale", x_train, D), _scale_param(outputscale, "outputscale",
-                                                                                 x_train, None)
-    f = _dense_factor(x_train, kernel, noise, ls, os_, "gp_posterior_variance", method)
+    f = _dense_factor(x_train, kernel, noise, lengthscale, outputscale, "gp_posterior_variance", method)
     if f is None:
         return None
-    L = f[0]
+    L, _, ls, os_ = f
     parts = []
     for t0 in range(0, x_test.shape[-2], _VAR_CHUNK_DENSE):
         cross = _dense_kernel(x_train, x_test[..., t0:t0 + _VAR_CHUNK_DENSE, :], kernel, ls, os_)  # [..., N, c]
@@ -2088,12 +2086,10 @@ class _GPMarginalLogLikelihood(torch.autograd.Function):
 def _dense_mll(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, method: str):
     """gp_marginal_log_likelihood's Cholesky path: [..., R] in rhs's dtype, exact, autograd recording it; None
     where "auto" finds A not positive definite."""
-    D = x.shape[-1]
-    ls, os_ = _scale_param(lengthscale, "lengthscale", x, D), _scale_param(outputscale, "outputscale", x, None)
-    f = _dense_factor(x, kernel, noise, ls, os_, "gp_marginal_log_likelihood", method)
+    f = _dense_factor(x, kernel, noise, lengthscale, outputscale, "gp_marginal_log_likelihood", method)
     if f is None:
         return None
-    L, A = f
+    L, A = f[:2]
     r64 = rhs.to(torch.float64)
     alpha = torch.cholesky_solve(r64, L)
     logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [...] (A's batch dims)
