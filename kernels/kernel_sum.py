@@ -1737,8 +1737,10 @@ def _dense_kernel(p, q, kernel: str, ls, os_) -> torch.Tensor:
     kernels are translation invariant) and scaled; the squared distances as ``kernel_matvec``'s torch path
     forms them (``_exact``): exact differences for D <= 8 and for the kernels with a square root, where the
     expansion's rounding, 1e-16 |p|^2 in float64, is 1e-8 in r at a test point on a training point (7e-8 in a
-    posterior variance of 0.05 that is a difference of two terms near 1); else |p|^2 + |q|^2 - 2 p.q, whose
-    diagonal in K(p, p) (``q is p``) is set to 0 exactly (r = 0 there, with its zero slope: ``_phi_plain``)."""
+    posterior variance of 0.05 that is a difference of two terms near 1); else (the Gaussian, IMQ and Cauchy
+    kernels, smooth in r^2, where that rounding stays 1e-16 in k) |p|^2 + |q|^2 - 2 p.q, not clamped at 0: those
+    kernels take a rounding below 0, and a clamp would cut s's second derivative (2 I) at coincident points
+    (as in ``_plain_run``)."""
     dt = torch.float64
     ps = p.to(dt)
     center = ps.detach().mean(-2, keepdim=True)
@@ -1750,9 +1752,6 @@ def _dense_kernel(p, q, kernel: str, ls, os_) -> torch.Tensor:
         s = _sqdist(ps.expand(lead + ps.shape[-2:]), qs.expand(lead + qs.shape[-2:]), True)
     else:
         s = (ps * ps).sum(-1, keepdim=True) + (qs * qs).sum(-1).unsqueeze(-2) - 2 * ps @ qs.transpose(-1, -2)
-        if q is p:
-            s = s.masked_fill(torch.eye(s.shape[-1], dtype=torch.bool, device=s.device), 0.0)
-        s = s.clamp_min(0)
     return _scaled(_phi_plain(s, kernel), os_, dt, 2)
 
 

@@ -28,13 +28,15 @@ def _np(t):
     return t.detach().double().numpy()
 
 
+@pytest.mark.parametrize("d", [3, 10])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_every_solver_against_the_references(kernel):
-    """Odd sizes (37 points, 3 dimensions, 2 right-hand sides), an ARD lengthscale: the solve, the posterior mean
-    and variance (test points on training points among them) and the log-likelihood with its log-determinant, to
-    float64 rounding, reported as Cholesky solves."""
-    x, y, xt = _data()
-    ls, os_, noise = torch.tensor([0.7, 1.1, 0.9], dtype=x.dtype), 1.3, 0.05
+def test_every_solver_against_the_references(kernel, d):
+    """Odd sizes (37 points, 3 or 10 dimensions, 2 right-hand sides), an ARD lengthscale: the solve, the
+    posterior mean and variance (test points on training points among them) and the log-likelihood with its
+    log-determinant, to float64 rounding, reported as Cholesky solves."""
+    x, y, xt = _data(d=d)
+    ls = torch.linspace(0.7, 1.1, d, dtype=x.dtype) * math.sqrt(d / 3)
+    os_, noise = 1.3, 0.05
     xn, tn, lsn = _np(x), _np(xt), _np(ls)
     A = ref.kernel_matrix(xn, xn, kernel, lsn, os_) + noise * np.eye(N)
     rhs = torch.stack([y, y.flip(0)], -1)
@@ -81,16 +83,17 @@ def test_the_two_paths_agree(kernel):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8 * max(1.0, float(b.abs().max())))
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "matern52"])
-def test_gradients_and_second_gradients_by_finite_differences(kernel):
+@pytest.mark.parametrize("kernel,d", [("gaussian", 2), ("matern52", 2), ("gaussian", 10), ("cauchy", 10)])
+def test_gradients_and_second_gradients_by_finite_differences(kernel, d):
     """gradcheck and gradgradcheck of each solver in every differentiable input, with two coincident training
-    points (r = 0 off the diagonal: a smooth kernel's slope there is 0, its curvature not)."""
+    points (r = 0 off the diagonal: a smooth kernel's slope there is 0, its curvature not); D = 10 takes the
+    distances' expansion |p|^2 + |q|^2 - 2 p.q (D > 8, no square root), D = 2 exact differences."""
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(7, 2, generator=g, dtype=torch.float64) * 2
+    x = torch.rand(7, d, generator=g, dtype=torch.float64) * 2
     x[5] = x[1]
     y = torch.randn(7, generator=g, dtype=torch.float64)
-    xt = torch.rand(3, 2, generator=g, dtype=torch.float64) * 2
-    ls = torch.tensor([0.7, 1.2], dtype=torch.float64)
+    xt = torch.rand(3, d, generator=g, dtype=torch.float64) * 2
+    ls = torch.linspace(0.7, 1.2 * d, d, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (x, y, xt, ls, torch.tensor(1.3, dtype=torch.float64),
                                                    torch.tensor([0.1], dtype=torch.float64))]
 
