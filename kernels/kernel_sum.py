@@ -2498,30 +2498,63 @@ class GPRegression(nn.Module):
                                           self.lengthscale, self.outputscale, self.num_probes, self.tol,
                                           self.max_iter, self.precond_rank, generator, return_info, self.method)
 
-    def fit(self, steps: int = 100, lr: float = 0.1, generator: torch.Generator | None = None) -> list:
-        """Maximise the marginal likelihood over every parameter that requires grad: ``steps`` Adam steps at
-        learning rate ``lr`` on -log p(y) / N (GPyTorch's training loss). Returns that loss at each step (the
-        parameters before the step). For another optimiser or schedule, write the loop on
-        ``marginal_log_likelihood()``."""
+    def fit(self, steps: int = 100, lr: float | None = None, generator: torch.Generator | None = None,
+            optimizer: str = "adam") -> list:
+        """Maximise the marginal likelihood over every parameter that requires grad, minimising -log p(y) / N
+        (GPyTorch's training loss), ``steps`` steps of ``optimizer``:
+
+        * ``"adam"``: Adam at learning rate ``lr`` (default 0.1), GPyTorch's tutorials' loop;
+        * ``"lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search (initial step ``lr``, default 1),
+          the quasi-Newton fit BoTorch runs (scipy's L-BFGS-B there). It needs one objective throughout: on
+          the Cholesky path the likelihood is exact; on the conjugate-gradient path every evaluation draws
+          the same probes (a seed taken once from ``generator``, or from torch's default generator), so the
+          line search compares values of one function (a sample-average approximation of the likelihood).
+
+        Returns the loss at each step, the parameters before the step. For another optimiser or schedule,
+        write the loop on ``marginal_log_likelihood()``."""
         steps = an_int(steps, "steps", 0)
+        if not isinstance(optimizer, str) or optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
+        if lr is None:
+            lr = 0.1 if optimizer == "adam" else 1.0
         lr = number(lr, "lr")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be positive and finite, got {lr}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
         n = self._data("fit")[0].shape[0]
         if n == 0:
             raise ValueError("fit needs training data: train_x has no points")
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("fit: no parameter requires grad")
-        opt = torch.optim.Adam(params, lr=lr)
         losses = []
-        for _ in range(steps):
+        if optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                with torch.enable_grad():
+                    loss = -self.marginal_log_likelihood(generator) / n
+                    loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            return losses
+        seed = int(torch.randint(1 << 62, (1,), generator=generator, device=generator.device if generator is not
+                                 None else "cpu"))
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        # one iteration per step() (a loss per step, as Adam's), with up to 25 line-search evaluations: LBFGS's
+        # default max_eval, max_iter * 5 // 4 = 1, would leave the line search none and stall at t = 0
+        opt = torch.optim.LBFGS(params, lr=lr, max_iter=1, max_eval=26, line_search_fn="strong_wolfe")
+
+        def closure():
             opt.zero_grad()
             with torch.enable_grad():
-                loss = -self.marginal_log_likelihood(generator) / n
+                loss = -self.marginal_log_likelihood(torch.Generator(device=gdev).manual_seed(seed)) / n
                 loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            return loss
+
+        for _ in range(steps):
+            losses.append(float(opt.step(closure).detach()))
         return losses
 
     def _key(self) -> tuple:

@@ -70,7 +70,9 @@ def _calls():
         "GPRegression.set_train_data": (lambda **kw: K.GPRegression().set_train_data(**kw),
                                         dict(x=torch.randn(6, 3), y=torch.randn(6))),
         "GPRegression.fit": (lambda **kw: K.GPRegression(torch.randn(6, 3), torch.randn(6), num_probes=2).fit(**kw),
-                             dict(steps=2, lr=0.1, generator=torch.Generator().manual_seed(0))),
+                             dict(steps=2, lr=0.1, generator=torch.Generator().manual_seed(0), optimizer="adam")),
+        "GPRegression.fit-lbfgs": (lambda **kw: K.GPRegression(torch.randn(6, 3), torch.randn(6), num_probes=2).fit(
+            **kw), dict(steps=2, lr=1.0, generator=torch.Generator().manual_seed(0), optimizer="lbfgs")),
         "GPRegression.marginal_log_likelihood": (lambda **kw: gpr.marginal_log_likelihood(**kw),
                                                  dict(generator=torch.Generator().manual_seed(0), return_info=False)),
         "GPRegression.lengthscale=": (lambda v: setattr(K.GPRegression(ard_num_dims=3), "lengthscale", v),
