@@ -110,7 +110,8 @@ for stage in "${stages[@]}"; do
       # in the image), two CPU threads each; TEST_WORKERS=0 runs them in one process, in file order.
       TAIL=15 timed "${TEST_LIMIT_S:-240}" env TRITON_INTERPRET=0 OMP_NUM_THREADS=2 python3 -m pytest -q -m gpu \
         --durations=15 $(xdist "${TEST_WORKERS:-8}") \
-        ${TEST_PATHS:-tests/test_spectral_conv.py tests/test_kan.py tests/test_kernel_sum.py tests/test_precompile.py tests/test_host_sync.py \
+        ${TEST_PATHS:-tests/test_spectral_conv.py tests/test_kan.py tests/test_kernel_sum.py tests/test_gp_module.py \
+        tests/test_precompile.py tests/test_host_sync.py \
         tests/test_autocast.py tests/test_func_transforms.py tests/test_graph_op.py}
       # the KAN base path inside the forward kernel (off by default: wrong compiled on an H100, kernels/kan.py)
       [ "${TEST_FUSED_BASE:-1}" = 1 ] && TAIL=3 timed 60 env OPFORGE_KAN_FUSED_BASE=1 TRITON_INTERPRET=0 \
@@ -159,6 +160,8 @@ for stage in "${stages[@]}"; do
     example)
       fits 60 || continue
       timed 200 python3 perf/gp_example.py --n 100000 --fit-steps 3 --n-var 1000
+      # the solvers' Cholesky and conjugate-gradient paths on the GPU: where "auto"'s switch at 800 points stands
+      timed 120 python3 perf/solver_paths.py --n 200 800 1600 3200
       timed 120 python3 perf/first_call.py ;;
     *) echo "unknown stage $stage (test check bench tune perf profile example)"; exit 2 ;;
   esac
