@@ -1908,6 +1908,14 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
         autocast, float32 is returned, as ``kernel_solve`` does).
         The targets do not enter: with ``gp_posterior_mean`` this is the whole Gaussian posterior at each point.
     """
+    return _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank,
+                               include_noise, method)
+
+
+def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank,
+                        include_noise, method, factor=None):
+    """``gp_posterior_variance``; ``factor``: the Cholesky factor of this training matrix (``_dense_factor``'s
+    L, float64), built by the caller and used where the Cholesky path runs (``GPRegression``'s kept one)."""
     if not isinstance(x_train, torch.Tensor) or x_train.is_complex() or not x_train.is_floating_point():
         raise TypeError(f"x_train must be a real floating tensor, got "
                         f"{getattr(x_train, 'dtype', type(x_train).__name__)}")
@@ -1916,14 +1924,14 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     _test_points(x_train, x_test)
     if autocast_dtype(x_train.device) is not None:  # float32, as kernel_matvec and kernel_solve take it
         with no_autocast(x_train.device):
-            return gp_posterior_variance(amp_cast(x_train, torch.float32), amp_cast(x_test, torch.float32), kernel,
-                                         noise, lengthscale, outputscale, tol, max_iter, precond_rank, include_noise,
-                                         method)
+            return _posterior_variance(amp_cast(x_train, torch.float32), amp_cast(x_test, torch.float32), kernel,
+                                       noise, lengthscale, outputscale, tol, max_iter, precond_rank, include_noise,
+                                       method, factor)
     if not isinstance(include_noise, bool):
         raise TypeError(f"include_noise must be a bool, got {type(include_noise).__name__}")
     if x_train.dtype in _16BIT:
-        return gp_posterior_variance(x_train.float(), x_test.float(), kernel, noise, lengthscale, outputscale, tol,
-                                     max_iter, precond_rank, include_noise, method).to(x_train.dtype)
+        return _posterior_variance(x_train.float(), x_test.float(), kernel, noise, lengthscale, outputscale, tol,
+                                   max_iter, precond_rank, include_noise, method, factor).to(x_train.dtype)
     for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on)
         if t.is_meta or not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"{name} must be finite values: NaN or inf (or meta tensors) found")
@@ -1938,7 +1946,7 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     lead = torch.broadcast_shapes(x_train.shape[:-2], x_test.shape[:-2],
                                   _prepare(x_train, x_test, x_test[..., :1], kernel, lengthscale, outputscale)[2])
     if T and _dense_wanted(method, x_train.shape[-2], x_train.shape[-1], kernel, lead):
-        var = _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method)
+        var = _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method, factor)
         if var is not None:
             return var + noise if include_noise else var
     shared = _preconditioner(KernelOperator(x_train, x_train, kernel, lengthscale, outputscale, noise),
@@ -1956,13 +1964,19 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     return var + noise if include_noise else var
 
 
-def _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method):
+def _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method, factor=None):
     """gp_posterior_variance's Cholesky path: prior - |L^-1 K(X, x*)|^2 per test point (float64, then in
-    x_test's dtype), clamped at 0; None where "auto" finds the training matrix not positive definite."""
-    f = _dense_factor(x_train, kernel, noise, lengthscale, outputscale, "gp_posterior_variance", method)
-    if f is None:
-        return None
-    L, _, ls, os_ = f
+    x_test's dtype), clamped at 0, with L the given ``factor`` or a new one; None where "auto" finds the
+    training matrix not positive definite."""
+    if factor is not None:
+        L = factor
+        ls = _scale_param(lengthscale, "lengthscale", x_train, x_train.shape[-1])
+        os_ = _scale_param(outputscale, "outputscale", x_train, None)
+    else:
+        f = _dense_factor(x_train, kernel, noise, lengthscale, outputscale, "gp_posterior_variance", method)
+        if f is None:
+            return None
+        L, _, ls, os_ = f
     parts = []
     for t0 in range(0, x_test.shape[-2], _VAR_CHUNK_DENSE):
         cross = _dense_kernel(x_train, x_test[..., t0:t0 + _VAR_CHUNK_DENSE, :], kernel, ls, os_)  # [..., N, c]
@@ -2368,6 +2382,7 @@ class GPRegression(nn.Module):
         self.register_buffer("train_x", None, persistent=False)
         self.register_buffer("train_y", None, persistent=False)
         self._cache = None  # (key, alpha): the mean's weights A^-1 (y - c), detached
+        self._factor = None  # (key, L): the training matrix's Cholesky factor on that path, detached
         if train_x is not None or train_y is not None:
             self.set_train_data(train_x, train_y)
 
@@ -2445,7 +2460,7 @@ class GPRegression(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        self._cache = None
+        self._cache = self._factor = None
 
     lengthscale = property(lambda self: self._get(0), lambda self, v: self._set(0, v),
                            doc="[1, D or 1] lengthscale(s): lower_bound (0) + softplus(raw_lengthscale)")
@@ -2479,7 +2494,7 @@ class GPRegression(nn.Module):
         if self.ard_num_dims is not None and x.shape[1] != self.ard_num_dims:
             raise ValueError(f"train_x has D={x.shape[1]} dimensions but ard_num_dims is {self.ard_num_dims}")
         self.train_x, self.train_y = x.detach(), y.detach()
-        self._cache = None
+        self._cache = self._factor = None
 
     def _data(self, what: str):
         if self.train_x is None:
@@ -2579,11 +2594,24 @@ class GPRegression(nn.Module):
         self._cache = (key, alpha.detach())
         return alpha
 
+    def _kept_factor(self, x, ls, os_, nz):
+        """The training matrix's Cholesky factor for the variance, kept under the weights' key while no gradient
+        needs it (a prediction then costs a triangular solve, not a factorisation); None on the
+        conjugate-gradient path, or where a gradient is wanted (the variance then factors it anew, recorded)."""
+        if wants_grad((ls, os_, nz)) or not _dense_wanted(self.method, x.shape[0], x.shape[1], self.kernel, ()):
+            return None
+        key = self._key()
+        if self._factor is None or self._factor[0] != key:
+            with torch.no_grad():
+                f = _dense_factor(x, self.kernel, nz, ls, os_, "GPRegression", self.method)
+            self._factor = (key, None if f is None else f[0])
+        return self._factor[1]
+
     def forward(self, x_test, return_variance: bool = False, include_noise: bool = False):
         """The posterior at x_test [..., T, D] (train_x's dtype and device): the mean [..., T], and with
         ``return_variance`` (mean, variance), the variance of f, or of a new observation with
         ``include_noise`` (``gp_posterior_variance``: one triangular solve per 1024 test points on the Cholesky
-        path, one conjugate-gradient solve per 128 otherwise)."""
+        path, whose factor is kept like the weights, one conjugate-gradient solve per 128 otherwise)."""
         for name, flag in (("return_variance", return_variance), ("include_noise", include_noise)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -2595,8 +2623,8 @@ class GPRegression(nn.Module):
         mean = kernel_matvec(x_test, x, alpha.unsqueeze(-1), self.kernel, ls, os_).squeeze(-1) + c.to(alpha.dtype)
         if not return_variance:
             return mean
-        var = gp_posterior_variance(x, x_test, self.kernel, nz, ls, os_, self.tol, self.max_iter, self.precond_rank,
-                                    include_noise, self.method)
+        var = _posterior_variance(x, x_test, self.kernel, nz, ls, os_, self.tol, self.max_iter, self.precond_rank,
+                                  include_noise, self.method, self._kept_factor(x, ls, os_, nz))
         return mean, var
 
     def extra_repr(self) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import opforge.kernels.kernel_sum as gp_mod
-from opforge.kernels import GPRegression, gp_marginal_log_likelihood
+from opforge.kernels import GPRegression, gp_marginal_log_likelihood, gp_posterior_variance
 from opforge.reference import kernel_sum as ref
 
 N, D = 40, 3
@@ -157,6 +157,33 @@ def test_predictions_reuse_the_weights_until_something_changes(monkeypatch):
         torch.testing.assert_close(m3, fresh(xt), rtol=1e-9, atol=1e-10)
         gp._cache = None  # (the kept weights, once dropped, give the same predictions as a fresh solve)
         torch.testing.assert_close(gp(xt), m, rtol=1e-9, atol=1e-10)
+
+
+def test_variance_keeps_its_factor_until_something_changes(monkeypatch):
+    """On the Cholesky path the training matrix's factor is kept like the weights: repeated predictions with
+    variances factor it once (the weights' solve once more), a new parameter value factors again, and
+    wherever a gradient in the parameters is wanted the variance factors it anew, recorded."""
+    gp, x, y, xt = _model("matern52", method="cholesky")
+    built = []
+    factor = gp_mod._dense_factor
+    monkeypatch.setattr(gp_mod, "_dense_factor", lambda *a: built.append(1) or factor(*a))
+    with torch.no_grad():
+        gp(xt, return_variance=True)
+        assert len(built) == 2  # the weights' solve, the variance's factor
+        for t in (xt[:3], xt[2:], xt):
+            _, kept = gp(t, return_variance=True)
+        assert len(built) == 2
+        want = gp_posterior_variance(x, xt, "matern52", gp.noise, gp.lengthscale, gp.outputscale, method="cholesky")
+        torch.testing.assert_close(kept, want, rtol=1e-12, atol=1e-14)
+        assert len(built) == 3  # (that call's own)
+        gp.noise = 0.2
+        _, kept = gp(xt, return_variance=True)
+        assert len(built) == 5
+    want = gp_posterior_variance(x, xt, "matern52", gp.noise, gp.lengthscale, gp.outputscale, method="cholesky")
+    torch.testing.assert_close(kept, want.detach(), rtol=1e-12, atol=1e-14)
+    mean, var = gp(xt, return_variance=True)  # (the parameters require grad: nothing kept is used)
+    assert len(built) == 8 and var.requires_grad
+    torch.testing.assert_close(var.detach(), kept, rtol=1e-12, atol=1e-14)
 
 
 @METHODS
