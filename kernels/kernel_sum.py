@@ -2554,9 +2554,8 @@ class GPRegression(nn.Module):
                 opt.step()
                 losses.append(float(loss.detach()))
             return losses
-        seed = int(torch.randint(1 << 62, (1,), generator=generator, device=generator.device if generator is not
-                                 None else "cpu"))
         gdev = generator.device if generator is not None else torch.device("cpu")
+        seed = int(torch.randint(1 << 62, (1,), generator=generator, device=gdev))
         # one iteration per step() (a loss per step, as Adam's), with up to 25 line-search evaluations: LBFGS's
         # default max_eval, max_iter * 5 // 4 = 1, would leave the line search none and stall at t = 0
         opt = torch.optim.LBFGS(params, lr=lr, max_iter=1, max_eval=26, line_search_fn="strong_wolfe")
