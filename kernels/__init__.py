@@ -21,12 +21,12 @@ __all__ = [
     "use_backend",
 ]
 from .kernel_sum import (GPYTORCH_KERNELS, KERNELS, SOLVE_METHODS, GPRegression, KernelOperator,  # noqa: E402
-                         gp_marginal_log_likelihood, gp_posterior_mean, gp_posterior_variance, kernel_matvec,
-                         kernel_solve)
+                         gp_marginal_log_likelihood, gp_posterior_covariance, gp_posterior_mean,
+                         gp_posterior_variance, kernel_matvec, kernel_solve)
 
 __all__ += ["GPRegression", "GPYTORCH_KERNELS", "KERNELS", "KernelOperator", "SOLVE_METHODS",
             "gp_marginal_log_likelihood",
-            "gp_posterior_mean", "gp_posterior_variance",
+            "gp_posterior_covariance", "gp_posterior_mean", "gp_posterior_variance",
             "kernel_matvec", "kernel_solve"]
 from .kan import KAN, BASES, ChebyKANLayer, FastKAN, FastKANLayer, FourierKANLayer, KANLinear, kan_linear  # noqa: E402
 

@@ -62,7 +62,7 @@ from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, c
                       split_tf32, tl, triton)
 
 __all__ = ["kernel_matvec", "KernelOperator", "kernel_solve", "gp_posterior_mean", "gp_posterior_variance",
-           "gp_marginal_log_likelihood", "GPRegression", "GPYTORCH_KERNELS", "KERNELS", "SOLVE_METHODS"]
+           "gp_posterior_covariance", "gp_marginal_log_likelihood", "GPRegression", "GPYTORCH_KERNELS", "KERNELS", "SOLVE_METHODS"]
 
 KERNELS = ("gaussian", "laplacian", "matern32", "matern52", "imq", "cauchy")
 _S3, _S5 = math.sqrt(3.0), math.sqrt(5.0)
@@ -1912,10 +1912,36 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
                                include_noise, method)
 
 
+def gp_posterior_covariance(x_train, x_test, kernel: str = "gaussian", noise=1e-2, lengthscale=1.0,
+                            outputscale=1.0, tol: float = 1e-6, max_iter: int = 1000, precond_rank: int = 64,
+                            include_noise: bool = False, method: str = "auto"):
+    """The exact GP regression posterior covariance between the test points, [..., T, T]:
+    ``K(x*, x*) - K(x*, X) (K(X, X) + noise I)^-1 K(X, x*)`` (all kernels scaled by ``outputscale``), plus
+    ``noise I`` with ``include_noise`` (the joint distribution of new noisy observations there). What a joint
+    sample of the posterior needs (Thompson sampling, batch acquisition functions): with
+    ``gp_posterior_mean``, ``torch.distributions.MultivariateNormal(mean, cov + jitter * I)``, a small jitter
+    (GPyTorch adds 1e-6 in float32) where test points coincide with each other or with training points,
+    which leaves the covariance singular.
+
+    Computed as ``gp_posterior_variance`` computes its diagonal, of which this is the whole matrix (same
+    arguments, same ``method``): on the Cholesky path V = L^-1 K(X, x*) [..., N, T] and K(x*, x*) - V^T V, in
+    float64; on the conjugate-gradient path the kernel columns K(X, x*) solved as 128 right-hand sides at a
+    time and K(x*, x*) - K(x*, X) A^-1 K(X, x*) (a CG solution makes it symmetric to ``tol``). Either is
+    symmetrised, (C + C^T) / 2, so that it is symmetric to the last bit. Memory N x T for the columns and
+    T x T for the result. Differentiable in x_test, x_train, the lengthscale, the
+    outputscale and the noise. Rounding can leave a diagonal entry of about 0 slightly below 0 (it is not
+    clamped: that would break the matrix's symmetry with its neighbours' rounding); returned in x_test's dtype
+    (16-bit computed in float32, float32 under autocast).
+    """
+    return _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank,
+                               include_noise, method, full=True)
+
+
 def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale, tol, max_iter, precond_rank,
-                        include_noise, method, factor=None):
-    """``gp_posterior_variance``; ``factor``: the Cholesky factor of this training matrix (``_dense_factor``'s
-    L, float64), built by the caller and used where the Cholesky path runs (``GPRegression``'s kept one)."""
+                        include_noise, method, factor=None, full=False):
+    """``gp_posterior_variance``, or with ``full`` ``gp_posterior_covariance``; ``factor``: the Cholesky factor
+    of this training matrix (``_dense_factor``'s L, float64), built by the caller and used where the Cholesky
+    path runs (``GPRegression``'s kept one)."""
     if not isinstance(x_train, torch.Tensor) or x_train.is_complex() or not x_train.is_floating_point():
         raise TypeError(f"x_train must be a real floating tensor, got "
                         f"{getattr(x_train, 'dtype', type(x_train).__name__)}")
@@ -1926,12 +1952,12 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
         with no_autocast(x_train.device):
             return _posterior_variance(amp_cast(x_train, torch.float32), amp_cast(x_test, torch.float32), kernel,
                                        noise, lengthscale, outputscale, tol, max_iter, precond_rank, include_noise,
-                                       method, factor)
+                                       method, factor, full)
     if not isinstance(include_noise, bool):
         raise TypeError(f"include_noise must be a bool, got {type(include_noise).__name__}")
     if x_train.dtype in _16BIT:
         return _posterior_variance(x_train.float(), x_test.float(), kernel, noise, lengthscale, outputscale, tol,
-                                   max_iter, precond_rank, include_noise, method, factor).to(x_train.dtype)
+                                   max_iter, precond_rank, include_noise, method, factor, full).to(x_train.dtype)
     for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on)
         if t.is_meta or not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"{name} must be finite values: NaN or inf (or meta tensors) found")
@@ -1941,14 +1967,24 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
                                                     noise, lengthscale, outputscale, tol, max_iter, precond_rank,
                                                     ("x_train", "x_test"))
     method = _method(method)
-    prior = KernelOperator(x_test, x_test, kernel, lengthscale, outputscale).diag()  # [..., T]
     T = x_test.shape[-2]
+    eye_t = torch.eye(T, dtype=x_test.dtype, device=x_test.device)
+    # the prior variances k(x*, x*) [..., T] (the covariance's K(x*, x*) comes with its path, below)
+    prior = None if full else KernelOperator(x_test, x_test, kernel, lengthscale, outputscale).diag()
+
+    def finish(out):  # symmetric to the last bit (a covariance), + noise on the diagonal
+        if full:
+            out = 0.5 * (out + out.transpose(-1, -2))
+        if not include_noise:
+            return out
+        return out + noise * eye_t if full else out + noise
+
     lead = torch.broadcast_shapes(x_train.shape[:-2], x_test.shape[:-2],
                                   _prepare(x_train, x_test, x_test[..., :1], kernel, lengthscale, outputscale)[2])
     if T and _dense_wanted(method, x_train.shape[-2], x_train.shape[-1], kernel, lead):
-        var = _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method, factor)
-        if var is not None:
-            return var + noise if include_noise else var
+        out = _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method, factor, full)
+        if out is not None:
+            return finish(out)
     shared = _preconditioner(KernelOperator(x_train, x_train, kernel, lengthscale, outputscale, noise),
                              precond_rank) if T else None
     parts = []
@@ -1958,25 +1994,36 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
         cols = kernel_matvec(x_train, xt, eye, kernel, lengthscale, outputscale)  # [..., N, c]: K(X, x*)
         sol = _kernel_solve(x_train, cols, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
                             precond_rank, ("x_train", "K(x_train, x_test)"), precond=shared)
-        parts.append((cols * sol).sum(-2))
+        parts.append((cols, sol) if full else (cols * sol).sum(-2))
+    if full:  # K(x*, x*) [..., T, T] (one tensor as both point sets: K(X, X)'s form)
+        prior = kernel_matvec(x_test, x_test, eye_t, kernel, lengthscale, outputscale)
+        if not parts:
+            return finish(prior)
+        cols, sol = (torch.cat([p[i] for p in parts], -1) for i in (0, 1))
+        return finish(prior - cols.transpose(-1, -2) @ sol)
     reduced = torch.cat(parts, -1) if parts else prior.new_zeros(prior.shape)
-    var = (prior - reduced).clamp_min(0)
-    return var + noise if include_noise else var
+    return finish((prior - reduced).clamp_min(0))
 
 
-def _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method, factor=None):
+def _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method, factor=None,
+                    full=False):
     """gp_posterior_variance's Cholesky path: prior - |L^-1 K(X, x*)|^2 per test point (float64, then in
-    x_test's dtype), clamped at 0, with L the given ``factor`` or a new one; None where "auto" finds the
-    training matrix not positive definite."""
+    x_test's dtype), clamped at 0, with L the given ``factor`` or a new one; with ``full``, the covariance
+    K(x*, x*) - V^T V (V = L^-1 K(X, x*), K(x*, x*) in float64 here: ``prior`` unused); None where "auto"
+    finds the training matrix not positive definite."""
     if factor is not None:
         L = factor
         ls = _scale_param(lengthscale, "lengthscale", x_train, x_train.shape[-1])
         os_ = _scale_param(outputscale, "outputscale", x_train, None)
     else:
-        f = _dense_factor(x_train, kernel, noise, lengthscale, outputscale, "gp_posterior_variance", method)
+        f = _dense_factor(x_train, kernel, noise, lengthscale, outputscale,
+                          "gp_posterior_covariance" if full else "gp_posterior_variance", method)
         if f is None:
             return None
         L, _, ls, os_ = f
+    if full:
+        v = torch.linalg.solve_triangular(L, _dense_kernel(x_train, x_test, kernel, ls, os_), upper=False)
+        return (_dense_kernel(x_test, x_test, kernel, ls, os_) - v.transpose(-1, -2) @ v).to(x_test.dtype)
     parts = []
     for t0 in range(0, x_test.shape[-2], _VAR_CHUNK_DENSE):
         cross = _dense_kernel(x_train, x_test[..., t0:t0 + _VAR_CHUNK_DENSE, :], kernel, ls, os_)  # [..., N, c]
@@ -2347,7 +2394,8 @@ class GPRegression(nn.Module):
         Cholesky path, a stochastic estimate on the conjugate-gradient one); maximise it to fit them, or
         ``gp.fit(steps, lr)`` does so with Adam.
         ``gp(x_test)``: the posterior mean at x_test [..., T, D] -> [..., T]; with ``return_variance=True`` also
-        the posterior variance of f there (``include_noise=True``: of a new observation, + noise). The weights
+        the posterior variance of f there (``include_noise=True``: of a new observation, + noise), with
+        ``return_covariance=True`` the joint covariance [..., T, T] instead. The weights
         A^-1 (y - c) of the mean are kept between calls while the parameters and the training data are
         unchanged (in-place updates count as changes) and nothing asks for their gradient, so repeated
         predictions cost a kernel sum each; a new solve starts from them (``x0``).
@@ -2606,24 +2654,32 @@ class GPRegression(nn.Module):
             self._factor = (key, None if f is None else f[0])
         return self._factor[1]
 
-    def forward(self, x_test, return_variance: bool = False, include_noise: bool = False):
+    def forward(self, x_test, return_variance: bool = False, include_noise: bool = False,
+                return_covariance: bool = False):
         """The posterior at x_test [..., T, D] (train_x's dtype and device): the mean [..., T], and with
         ``return_variance`` (mean, variance), the variance of f, or of a new observation with
         ``include_noise`` (``gp_posterior_variance``: one triangular solve per 1024 test points on the Cholesky
-        path, whose factor is kept like the weights, one conjugate-gradient solve per 128 otherwise)."""
-        for name, flag in (("return_variance", return_variance), ("include_noise", include_noise)):
+        path, whose factor is kept like the weights, one conjugate-gradient solve per 128 otherwise); with
+        ``return_covariance`` (mean, covariance [..., T, T]), the joint covariance of f there, or of new
+        observations (``gp_posterior_covariance``; for ``torch.distributions.MultivariateNormal`` and joint
+        samples, with a small jitter on its diagonal)."""
+        for name, flag in (("return_variance", return_variance), ("include_noise", include_noise),
+                           ("return_covariance", return_covariance)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if return_variance and return_covariance:
+            raise ValueError("return_variance and return_covariance: ask for one (the variance is the covariance's "
+                             "diagonal)")
         x, y = self._data("forward")
         _test_points(x, x_test)
         # (each property makes a new tensor, whose values the GP functions check once: a sync on a GPU)
         ls, os_, nz, c = self.lengthscale, self.outputscale, self.noise, self.mean_constant
         alpha = self._weights(x, y, ls, os_, nz, c)
         mean = kernel_matvec(x_test, x, alpha.unsqueeze(-1), self.kernel, ls, os_).squeeze(-1) + c.to(alpha.dtype)
-        if not return_variance:
+        if not (return_variance or return_covariance):
             return mean
         var = _posterior_variance(x, x_test, self.kernel, nz, ls, os_, self.tol, self.max_iter, self.precond_rank,
-                                  include_noise, self.method, self._kept_factor(x, ls, os_, nz))
+                                  include_noise, self.method, self._kept_factor(x, ls, os_, nz), return_covariance)
         return mean, var
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ import opforge.kernels as K
 ALLOWED = (ValueError, TypeError, NotImplementedError)
 FLAGS = {"return_info", "enable_standalone_scale_spline", "use_base_update", "use_layernorm", "addbias",
          "smooth_initialization", "bias_flag", "separable", "update_grid", "include_noise",
-         "return_variance"}
+         "return_variance", "return_covariance"}
 
 
 def _bad_values(v):
@@ -57,6 +57,10 @@ def _calls():
                                   dict(x_train=torch.randn(6, 3), x_test=torch.randn(2, 3), kernel="laplacian",
                                        noise=0.1, lengthscale=1.0, outputscale=1.0, tol=1e-6, max_iter=50,
                                        precond_rank=4, include_noise=False, method="auto")),
+        "gp_posterior_covariance": (K.gp_posterior_covariance,
+                                    dict(x_train=torch.randn(6, 3), x_test=torch.randn(2, 3), kernel="matern52",
+                                         noise=0.1, lengthscale=1.0, outputscale=1.0, tol=1e-6, max_iter=50,
+                                         precond_rank=4, include_noise=False, method="auto")),
         "gp_posterior_mean": (K.gp_posterior_mean, dict(x_train=torch.randn(6, 3), y_train=torch.randn(6),
                                                         x_test=torch.randn(2, 3), noise=0.1, lengthscale=1.0,
                                                         method="auto")),
@@ -67,6 +71,8 @@ def _calls():
                               method="auto")),
         "GPRegression.forward": (lambda **kw: gpr(**kw), dict(x_test=torch.randn(2, 3), return_variance=True,
                                                               include_noise=False)),
+        "GPRegression.forward-covariance": (lambda **kw: gpr(**kw), dict(x_test=torch.randn(2, 3),
+                                                                         return_covariance=True, include_noise=True)),
         "GPRegression.set_train_data": (lambda **kw: K.GPRegression().set_train_data(**kw),
                                         dict(x=torch.randn(6, 3), y=torch.randn(6))),
         "GPRegression.fit": (lambda **kw: K.GPRegression(torch.randn(6, 3), torch.randn(6), num_probes=2).fit(**kw),
@@ -124,8 +130,8 @@ def _calls():
 
 CALLS = _calls()
 # the solvers' two paths: "auto" takes the Cholesky one at these sizes, so each solver again on conjugate gradients
-for _name in ("kernel_solve", "gp_marginal_log_likelihood", "gp_posterior_variance", "gp_posterior_mean",
-              "GPRegression"):
+for _name in ("kernel_solve", "gp_marginal_log_likelihood", "gp_posterior_variance", "gp_posterior_covariance",
+              "gp_posterior_mean", "GPRegression"):
     CALLS[_name + "-cg"] = (CALLS[_name][0], dict(CALLS[_name][1], method="cg"))
 
 

@@ -244,7 +244,8 @@ def test_lbfgs_fit_reaches_the_optimum(method):
 @METHODS
 def test_matches_gpytorch(kernel, base, ard, method):
     """GPyTorch's own model with random raw parameters; its state dict loaded here (and this one's there):
-    GPyTorch's ExactMarginalLogLikelihood times N, its posterior mean and latent and observed variances."""
+    GPyTorch's ExactMarginalLogLikelihood times N, its posterior mean, latent and observed variances and
+    latent covariance."""
     gpytorch = pytest.importorskip("gpytorch")
     x, y, xt = _data(5)
 
@@ -278,7 +279,9 @@ def test_matches_gpytorch(kernel, base, ard, method):
         f, obs = model(xt), lik(model(xt))
         mean, var = gp(xt, return_variance=True)
         _, var_y = gp(xt, return_variance=True, include_noise=True)
+        _, cov = gp(xt, return_covariance=True)
     np.testing.assert_allclose(_np(mean), _np(f.mean), rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(_np(cov), _np(f.covariance_matrix), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(_np(var), _np(f.variance), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(_np(var_y), _np(obs.variance), rtol=1e-6, atol=1e-9)
     # the same model built from GPyTorch's directly: kernel, ARD, noise bound, dtype, data and parameters
