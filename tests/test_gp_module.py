@@ -416,8 +416,8 @@ def test_deferred_initialisation_and_reset_give_the_build_values():
 @METHODS
 @pytest.mark.parametrize("kernel", ["gaussian", "matern52"])
 def test_gpu_matches_the_references(kernel, method):
-    """float32 on CUDA (the flash kernels, or the dense float64 Cholesky path): the posterior mean and
-    variance, and the exact log-likelihood (rank-N preconditioner), within float32 conjugate-gradient accuracy
+    """float32 on CUDA (the flash kernels, or the dense float64 Cholesky path): the posterior mean, variance
+    and covariance, and the exact log-likelihood (rank-N preconditioner), within float32 conjugate-gradient accuracy
     of the float64 references; a few fitting steps run and move every parameter."""
     n = 600
     g = torch.Generator().manual_seed(10)
@@ -435,8 +435,12 @@ def test_gpu_matches_the_references(kernel, method):
     mean_want = c + ref.kernel_matrix(tn, xn, kernel, ls, os_) @ np.linalg.solve(A, yn - c)
     with torch.no_grad():
         mean, var = gp(xt.cuda(), return_variance=True)
+        _, cov = gp(xt.cuda(), return_covariance=True)
     np.testing.assert_allclose(_np(mean.cpu()), mean_want, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(_np(var.cpu()), ref.gp_posterior_variance(xn, tn, kernel, noise, ls, os_), atol=1e-3)
+    ks = ref.kernel_matrix(tn, xn, kernel, ls, os_)
+    cov_want = ref.kernel_matrix(tn, tn, kernel, ls, os_) - ks @ np.linalg.solve(A, ks.T)
+    np.testing.assert_allclose(_np(cov.cpu()), cov_want, atol=1e-3)
     before = [p.detach().clone() for p in gp.parameters()]
     losses = gp.fit(steps=3, lr=0.05)
     assert all(math.isfinite(v) for v in losses)
