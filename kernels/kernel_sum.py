@@ -1993,7 +1993,7 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
         eye = torch.eye(xt.shape[-2], dtype=xt.dtype, device=xt.device)
         cols = kernel_matvec(x_train, xt, eye, kernel, lengthscale, outputscale)  # [..., N, c]: K(X, x*)
         sol = _kernel_solve(x_train, cols, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
-                            precond_rank, ("x_train", "K(x_train, x_test)"), precond=shared)
+                            precond_rank, ("x_train", "K(x_train, x_test)"), precond=shared, method="cg")
         parts.append((cols, sol) if full else (cols * sol).sum(-2))
     if full:  # K(x*, x*) [..., T, T] (one tensor as both point sets: K(X, X)'s form)
         prior = kernel_matvec(x_test, x_test, eye_t, kernel, lengthscale, outputscale)

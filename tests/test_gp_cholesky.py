@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import opforge.kernels.kernel_sum as ks
-from opforge.kernels import (KERNELS, SOLVE_METHODS, GPRegression, gp_marginal_log_likelihood, gp_posterior_mean,
-                             gp_posterior_variance, kernel_solve)
+from opforge.kernels import (KERNELS, SOLVE_METHODS, GPRegression, gp_marginal_log_likelihood,
+                             gp_posterior_covariance, gp_posterior_mean, gp_posterior_variance, kernel_solve)
 from opforge.reference import kernel_sum as ref
 
 N, D = 37, 3
@@ -146,6 +146,23 @@ def test_auto_takes_cholesky_up_to_800_points_and_a_memory_bound(monkeypatch):
     gp_posterior_variance(x9, x9[0, :4], "gaussian", 0.1)
     gp_posterior_variance(x9, x9[0, :4], "matern52", 0.1)
     assert calls == [1]
+
+
+def test_cg_is_cg_throughout(monkeypatch):
+    """method="cg" factors nothing: the variance's and covariance's blocks are conjugate-gradient solves too,
+    with a preconditioner or without one (which once let each block's solve take "auto", the Cholesky path
+    at these sizes)."""
+    factored = []
+    factor = ks._dense_factor
+    monkeypatch.setattr(ks, "_dense_factor", lambda *a: factored.append(1) or factor(*a))
+    x, y, xt = _data(8, n=20)
+    for rank in (0, 4):
+        gp_posterior_variance(x, xt, "matern52", 0.1, precond_rank=rank, method="cg")
+        gp_posterior_covariance(x, xt, "matern52", 0.1, precond_rank=rank, method="cg")
+        kernel_solve(x, y, "matern52", 0.1, precond_rank=rank, method="cg")
+        gp_marginal_log_likelihood(x, y, "matern52", 0.1, precond_rank=rank, method="cg")
+        gp_posterior_mean(x, y, xt, "matern52", 0.1, precond_rank=rank, method="cg")
+    assert not factored
 
 
 def test_not_positive_definite_in_float64(monkeypatch):
