@@ -2629,11 +2629,19 @@ class GPRegression(nn.Module):
 
     def _weights(self, x, y, ls, os_, nz, c) -> torch.Tensor:
         """A^-1 (y - c) [N] for the hyperparameters given, from the cache when it is current and no gradient
-        needs it."""
+        needs it; else from the kept Cholesky factor where that path runs and no gradient needs them, else a
+        ``kernel_solve``."""
         key = self._key()
         cached = self._cache
         if cached is not None and cached[0] == key and not wants_grad((ls, os_, nz, c)):
             return cached[1]
+        L = None if wants_grad((c,)) else self._kept_factor(x, ls, os_, nz)
+        if L is not None:  # the Cholesky path with nothing to differentiate: the kept factor (the variance's too)
+            with torch.no_grad():
+                rhs = (y - c.to(y.dtype)).to(torch.float64).unsqueeze(-1)
+                alpha = torch.cholesky_solve(rhs, L).squeeze(-1).to(y.dtype)
+            self._cache = (key, alpha)
+            return alpha
         x0 = cached[1] if cached is not None and cached[1].shape == y.shape and cached[1].dtype == y.dtype \
             and cached[1].device == y.device else None
         alpha = kernel_solve(x, y - c.to(y.dtype), self.kernel, nz, ls, os_, self.tol, self.max_iter,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import opforge.kernels.kernel_sum as gp_mod
-from opforge.kernels import GPRegression, gp_marginal_log_likelihood, gp_posterior_variance
+from opforge.kernels import GPRegression, gp_marginal_log_likelihood, gp_posterior_mean, gp_posterior_variance
 from opforge.reference import kernel_sum as ref
 
 N, D = 40, 3
@@ -128,7 +128,8 @@ def test_gradients_are_the_functions_through_the_constraints(method):
 
 
 def test_predictions_reuse_the_weights_until_something_changes(monkeypatch):
-    gp, x, y, xt = _model("matern32")
+    """On the conjugate-gradient path (whose new solves start from the kept weights): a solve per change."""
+    gp, x, y, xt = _model("matern32", method="cg")
     calls = []
     solve = gp_mod.kernel_solve
     monkeypatch.setattr(gp_mod, "kernel_solve", lambda *a, **k: calls.append(k.get("x0")) or solve(*a, **k))
@@ -151,7 +152,7 @@ def test_predictions_reuse_the_weights_until_something_changes(monkeypatch):
     assert len(calls) == 5 and m.requires_grad
     m.sum().backward()
     assert all(p.grad is not None for p in gp.parameters())
-    fresh, *_ = _model("matern32")
+    fresh, *_ = _model("matern32", method="cg")
     fresh.noise = 0.2
     with torch.no_grad():
         torch.testing.assert_close(m3, fresh(xt), rtol=1e-9, atol=1e-10)
@@ -161,28 +162,39 @@ def test_predictions_reuse_the_weights_until_something_changes(monkeypatch):
 
 def test_variance_keeps_its_factor_until_something_changes(monkeypatch):
     """On the Cholesky path the training matrix's factor is kept like the weights: repeated predictions with
-    variances factor it once (the weights' solve once more), a new parameter value factors again, and
-    wherever a gradient in the parameters is wanted the variance factors it anew, recorded."""
+    variances factor it once (the weights come from it too), a new parameter value factors again, and
+    wherever a gradient in the parameters is wanted the weights' solve and the variance factor it anew,
+    recorded."""
     gp, x, y, xt = _model("matern52", method="cholesky")
     built = []
     factor = gp_mod._dense_factor
     monkeypatch.setattr(gp_mod, "_dense_factor", lambda *a: built.append(1) or factor(*a))
     with torch.no_grad():
-        gp(xt, return_variance=True)
-        assert len(built) == 2  # the weights' solve, the variance's factor
+        mean, _ = gp(xt, return_variance=True)
+        assert len(built) == 1  # one factor: the weights' and the variance's
         for t in (xt[:3], xt[2:], xt):
             _, kept = gp(t, return_variance=True)
-        assert len(built) == 2
+        assert len(built) == 1
         want = gp_posterior_variance(x, xt, "matern52", gp.noise, gp.lengthscale, gp.outputscale, method="cholesky")
         torch.testing.assert_close(kept, want, rtol=1e-12, atol=1e-14)
-        assert len(built) == 3  # (that call's own)
+        c = gp.mean_constant
+        want_mean = gp_posterior_mean(x, y - c, xt, "matern52", gp.noise, gp.lengthscale, gp.outputscale,
+                                      method="cholesky") + c
+        torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=1e-14)
+        assert len(built) == 3  # (those calls' own)
         gp.noise = 0.2
         _, kept = gp(xt, return_variance=True)
-        assert len(built) == 5
+        assert len(built) == 4
+        gp.train_y.add_(1.0)  # the data changed in place: new weights (the mean moves), the same variances
+        shifted, again = gp(xt, return_variance=True)
+        gp.train_y.sub_(1.0)
+        back = gp(xt)
+        assert len(built) == 6 and not torch.allclose(shifted, back)
+        torch.testing.assert_close(again, kept, rtol=1e-12, atol=1e-14)
     want = gp_posterior_variance(x, xt, "matern52", gp.noise, gp.lengthscale, gp.outputscale, method="cholesky")
     torch.testing.assert_close(kept, want.detach(), rtol=1e-12, atol=1e-14)
     mean, var = gp(xt, return_variance=True)  # (the parameters require grad: nothing kept is used)
-    assert len(built) == 8 and var.requires_grad
+    assert len(built) == 9 and var.requires_grad and mean.requires_grad  # (7 before: the function's own)
     torch.testing.assert_close(var.detach(), kept, rtol=1e-12, atol=1e-14)
 
 
