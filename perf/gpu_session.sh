@@ -32,11 +32,12 @@
 # pybind11, which KeOps builds its binder with); name .whl in the call's carry to time neuraloperator and
 # KeOps in the same run. Without them the suites fall back to the labelled plain-torch algorithms.
 # Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/, $OUT/results/*.json to
-# perf/results/, run `opforge perf-table --readme README.md` and commit.
+# perf/results/, $OUT/solvers/*.json (the example stage's solver paths) to perf/results/solvers/, run
+# `opforge perf-table --readme README.md` and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/opforge-out}"
-mkdir -p "$OUT/caches" "$OUT/results"
+mkdir -p "$OUT/caches" "$OUT/results" "$OUT/solvers"
 LOG="$OUT/session.log"
 BUDGET_S="${BUDGET_S:-560}"
 # SCRATCH (default /tmp) holds the peers installed from .whl/ and the opforge namespace of symlinks
@@ -161,7 +162,7 @@ for stage in "${stages[@]}"; do
       fits 60 || continue
       timed 200 python3 perf/gp_example.py --n 100000 --fit-steps 3 --n-var 1000
       # the solvers' Cholesky and conjugate-gradient paths on the GPU: where "auto"'s switch at 800 points stands
-      timed 120 python3 perf/solver_paths.py --n 200 800 1600 3200
+      timed 120 python3 perf/solver_paths.py --n 200 800 1600 3200 --json "$OUT/solvers/$tag.json"
       timed 120 python3 perf/first_call.py ;;
     *) echo "unknown stage $stage (test check bench tune perf profile example)"; exit 2 ;;
   esac

@@ -320,15 +320,20 @@ def test_gp_example_fits_then_predicts():
     assert "test RMSE" in lines[2] and lines[3].startswith("predictive variance at 20 test points"), r.stdout
 
 
-def test_solver_paths_times_both_methods():
+def test_solver_paths_times_both_methods(tmp_path):
     """perf/solver_paths.py: a line per (N, call) with both methods' times and the speedup, and how far apart
     the two solves are (small: the same problem solved two ways)."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "perf" / "solver_paths.py"
-    r = subprocess.run([sys.executable, str(script), "--n", "30", "--repeat", "1", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=300)
+    out = tmp_path / "solvers.json"
+    r = subprocess.run([sys.executable, str(script), "--n", "30", "--repeat", "1", "--device", "cpu", "--json",
+                        str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    records = json.loads(out.read_text())
+    assert [(rec["n"], rec["call"]) for rec in records] == [(30, c) for c in ("kernel_solve", "mll+grad",
+                                                                             "variance@1000", "cg_vs_cholesky")]
+    assert all(rec["cg_ms"] / rec["cholesky_ms"] == pytest.approx(rec["speedup"], rel=0.01) for rec in records[:3])
     rows = [ln.split() for ln in r.stdout.splitlines()[2:]]
     assert [row[1] for row in rows] == ["kernel_solve", "mll+grad", "variance@1000", "cg_vs_cholesky"], r.stdout
     assert all(float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith("x") for row in rows[:3]), r.stdout
