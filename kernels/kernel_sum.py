@@ -2650,9 +2650,9 @@ class GPRegression(nn.Module):
         return alpha
 
     def _kept_factor(self, x, ls, os_, nz):
-        """The training matrix's Cholesky factor for the variance, kept under the weights' key while no gradient
-        needs it (a prediction then costs a triangular solve, not a factorisation); None on the
-        conjugate-gradient path, or where a gradient is wanted (the variance then factors it anew, recorded)."""
+        """The training matrix's Cholesky factor, for the weights and the variance, kept under the weights' key
+        while no gradient needs it (a prediction then costs triangular solves, not a factorisation); None on
+        the conjugate-gradient path, or where a gradient is wanted (the solves then factor it anew, recorded)."""
         if wants_grad((ls, os_, nz)) or not _dense_wanted(self.method, x.shape[0], x.shape[1], self.kernel, ()):
             return None
         key = self._key()
