@@ -1755,13 +1755,18 @@ def _dense_kernel(p, q, kernel: str, ls, os_) -> torch.Tensor:
     return _scaled(_phi_plain(s, kernel), os_, dt, 2)
 
 
+def _scales(x, lengthscale, outputscale) -> tuple:
+    """The checked lengthscale and outputscale of points x (``_scale_param``: a number as a float)."""
+    return (_scale_param(lengthscale, "lengthscale", x, x.shape[-1]),
+            _scale_param(outputscale, "outputscale", x, None))
+
+
 def _dense_factor(x, kernel: str, noise, lengthscale, outputscale, fn: str, method: str):
     """(L, A, lengthscale, outputscale): the lower Cholesky factor of A = outputscale K(x, x) + noise I, A
     itself (float64, differentiable) and the checked scales (``_scale_param``: a number as a float); None
     where A is not positive definite in float64 and ``method`` is "auto" (the caller then runs conjugate
     gradients), an error naming the noise where "cholesky" was asked for."""
-    ls = _scale_param(lengthscale, "lengthscale", x, x.shape[-1])
-    os_ = _scale_param(outputscale, "outputscale", x, None)
+    ls, os_ = _scales(x, lengthscale, outputscale)
     A = _dense_kernel(x, x, kernel, ls, os_)
     nz = noise.to(torch.float64).reshape(()) if isinstance(noise, torch.Tensor) else noise
     A = A + nz * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
@@ -1785,8 +1790,9 @@ def _dense_info(A, sol, rhs) -> dict:
 
 
 def _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, method: str, fn: str = "kernel_solve"):
-    """A^-1 rhs by a Cholesky factor of the dense A (float64, in rhs's dtype after), autograd recording every
-    step (exact gradients, and second ones); None where "auto" finds A not positive definite."""
+    """(A^-1 rhs, L, rhs), all float64: the solve by a Cholesky factor L of the dense A, autograd recording every
+    step (exact gradients, and second ones), its report in ``info``; None where "auto" finds A not positive
+    definite."""
     f = _dense_factor(x, kernel, noise, lengthscale, outputscale, fn, method)
     if f is None:
         return None
@@ -1794,7 +1800,7 @@ def _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, me
     r64 = rhs.to(torch.float64)
     sol = torch.cholesky_solve(r64, L)
     info.update(_dense_info(A, sol, r64))
-    return sol.to(rhs.dtype)
+    return sol, L, r64
 
 
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
@@ -1824,7 +1830,8 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     info: dict = {}
     sol = None
     if precond is None and _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2]):
-        sol = _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info, method)
+        dense = _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info, method)
+        sol = None if dense is None else dense[0].to(rhs.dtype)
     if sol is None:
         sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise,
                                  (kernel, tol, max_iter, info, precond_rank, start, precond))
@@ -2013,8 +2020,7 @@ def _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputsc
     finds the training matrix not positive definite."""
     if factor is not None:
         L = factor
-        ls = _scale_param(lengthscale, "lengthscale", x_train, x_train.shape[-1])
-        os_ = _scale_param(outputscale, "outputscale", x_train, None)
+        ls, os_ = _scales(x_train, lengthscale, outputscale)
     else:
         f = _dense_factor(x_train, kernel, noise, lengthscale, outputscale,
                           "gp_posterior_covariance" if full else "gp_posterior_variance", method)
@@ -2146,17 +2152,14 @@ class _GPMarginalLogLikelihood(torch.autograd.Function):
 def _dense_mll(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, method: str):
     """gp_marginal_log_likelihood's Cholesky path: [..., R] in rhs's dtype, exact, autograd recording it; None
     where "auto" finds A not positive definite."""
-    f = _dense_factor(x, kernel, noise, lengthscale, outputscale, "gp_marginal_log_likelihood", method)
-    if f is None:
+    dense = _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info, method, "gp_marginal_log_likelihood")
+    if dense is None:
         return None
-    L, A = f[:2]
-    r64 = rhs.to(torch.float64)
-    alpha = torch.cholesky_solve(r64, L)
+    alpha, L, r64 = dense
     logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [...] (A's batch dims)
     N = rhs.shape[-2]
     out = -0.5 * (r64 * alpha).sum(-2) - 0.5 * logdet.unsqueeze(-1) - 0.5 * N * math.log(2 * math.pi)
-    info.update(_dense_info(A, alpha, r64), num_probes=0,
-                logdet=logdet.detach().expand(out.shape[:-1]).clone())
+    info.update(num_probes=0, logdet=logdet.detach().expand(out.shape[:-1]).clone())
     return out.to(rhs.dtype)
 
 
