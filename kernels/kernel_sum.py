@@ -2362,6 +2362,29 @@ def _raw_of(value, name: str, shape: tuple, lower: float) -> torch.Tensor:
     return _inv_softplus(v - lower).contiguous()
 
 
+_JITTER = {torch.float64: 1e-8}  # GPyTorch's cholesky_jitter defaults: 1e-8 in float64, else 1e-6
+
+
+def _safe_cholesky(cov: torch.Tensor, jitter=None) -> torch.Tensor:
+    """The lower Cholesky factor of covariances [..., T, T]; where one does not factor, it is factored again
+    with ``jitter`` added to its diagonal, then 10 and 100 times it (None: 1e-8 in float64, else 1e-6; 0: none),
+    and past that a ValueError (GPyTorch's ``psd_safe_cholesky``). Only the failing batch entries get jitter."""
+    L, info = torch.linalg.cholesky_ex(cov)
+    if not bool((info != 0).any()):
+        return L
+    first = _JITTER.get(cov.dtype, 1e-6) if jitter is None else jitter
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    added = torch.zeros(info.shape, dtype=cov.dtype, device=cov.device)  # each entry's jitter
+    for j in (first, first * 10, first * 100) if first > 0 else ():
+        added = torch.where(info != 0, j, added)  # (the entries that factor keep theirs)
+        L, info = torch.linalg.cholesky_ex(cov + added[..., None, None] * eye)
+        if not bool((info != 0).any()):
+            return L
+    tried = f"even with {first * 100:g} added to its diagonal" if first > 0 else "and jitter=0 adds nothing"
+    raise ValueError(f"the posterior covariance is not positive definite {tried} (jitter={jitter}): pass a larger "
+                     f"jitter, or spread out coincident test points")
+
+
 class GPRegression(nn.Module):
     """Exact Gaussian-process regression, ``y = f(x) + e``, ``f ~ GP(c, outputscale k(x, x'))``,
     ``e ~ N(0, noise)``, fitted and evaluated without the kernel matrix.
@@ -2398,7 +2421,8 @@ class GPRegression(nn.Module):
         ``gp.fit(steps, lr)`` does so with Adam.
         ``gp(x_test)``: the posterior mean at x_test [..., T, D] -> [..., T]; with ``return_variance=True`` also
         the posterior variance of f there (``include_noise=True``: of a new observation, + noise), with
-        ``return_covariance=True`` the joint covariance [..., T, T] instead. The weights
+        ``return_covariance=True`` the joint covariance [..., T, T] instead.
+        ``gp.posterior(x_test)``: that joint posterior as a ``torch.distributions.MultivariateNormal``. The weights
         A^-1 (y - c) of the mean are kept between calls while the parameters and the training data are
         unchanged (in-place updates count as changes) and nothing asks for their gradient, so repeated
         predictions cost a kernel sum each; a new solve starts from them (``x0``).
@@ -2692,6 +2716,41 @@ class GPRegression(nn.Module):
         var = _posterior_variance(x, x_test, self.kernel, nz, ls, os_, self.tol, self.max_iter, self.precond_rank,
                                   include_noise, self.method, self._kept_factor(x, ls, os_, nz), return_covariance)
         return mean, var
+
+    def posterior(self, x_test, observation_noise: bool = False, jitter=None):
+        """The joint posterior at x_test [..., T, D] (T >= 1) as a ``torch.distributions.MultivariateNormal``,
+        batch shape [...], event shape [T]: of the function values f there, or with ``observation_noise`` of
+        new noisy observations (GPyTorch's ``model(x)`` and ``likelihood(model(x))`` in eval mode, BoTorch's
+        ``posterior``). Its ``rsample`` is differentiable in x_test and the parameters (reparametrised joint
+        samples: Thompson sampling, Monte-Carlo acquisition functions).
+
+        Its ``scale_tril`` is the Cholesky factor of ``gp(x_test, return_covariance=True)``'s covariance. Test
+        points that coincide with each other or with training points leave that matrix singular, and rounding
+        then makes it fail to factor: the failing batch entries are factored again with ``jitter`` on the
+        diagonal, then 10 and 100 times it (GPyTorch's ``psd_safe_cholesky``; its default ``jitter``, 1e-6 in
+        float32 and 1e-8 in float64, when None; 0: no jitter), and past that it is a ValueError naming the
+        jitter. Float32 and float64 data give a distribution of their dtype; 16-bit data one in float32, its
+        covariance computed in float32 (rounded to 16 bits it would not factor) and its mean the data's dtype's
+        mean converted."""
+        if not isinstance(observation_noise, bool):
+            raise TypeError(f"observation_noise must be a bool, got {type(observation_noise).__name__}")
+        if jitter is not None:
+            jitter = number(jitter, "jitter")
+            if not (math.isfinite(jitter) and jitter >= 0):
+                raise ValueError(f"jitter must be None or a finite number >= 0, got {jitter}")
+        x, _ = self._data("posterior")
+        _test_points(x, x_test)
+        if x_test.shape[-2] == 0:
+            raise ValueError(f"x_test has no points (shape {tuple(x_test.shape)}): a distribution needs T >= 1")
+        if x.dtype not in _16BIT:
+            mean, cov = self(x_test, include_noise=observation_noise, return_covariance=True)
+        else:
+            ls, os_, nz = self.lengthscale, self.outputscale, self.noise
+            mean = self(x_test).float()
+            cov = _posterior_variance(x.float(), x_test.float(), self.kernel, nz, ls, os_, self.tol, self.max_iter,
+                                      self.precond_rank, observation_noise, self.method,
+                                      self._kept_factor(x, ls, os_, nz), True)
+        return torch.distributions.MultivariateNormal(mean, scale_tril=_safe_cholesky(cov, jitter))
 
     def extra_repr(self) -> str:
         n = "no training data" if self.train_x is None else f"N={self.train_x.shape[0]}, D={self.train_x.shape[1]}"

@@ -15,7 +15,7 @@ import opforge.kernels as K
 ALLOWED = (ValueError, TypeError, NotImplementedError)
 FLAGS = {"return_info", "enable_standalone_scale_spline", "use_base_update", "use_layernorm", "addbias",
          "smooth_initialization", "bias_flag", "separable", "update_grid", "include_noise",
-         "return_variance", "return_covariance"}
+         "return_variance", "return_covariance", "observation_noise"}
 
 
 def _bad_values(v):
@@ -73,6 +73,8 @@ def _calls():
                                                               include_noise=False)),
         "GPRegression.forward-covariance": (lambda **kw: gpr(**kw), dict(x_test=torch.randn(2, 3),
                                                                          return_covariance=True, include_noise=True)),
+        "GPRegression.posterior": (lambda **kw: gpr.posterior(**kw), dict(x_test=torch.randn(2, 3),
+                                                                          observation_noise=True, jitter=1e-6)),
         "GPRegression.set_train_data": (lambda **kw: K.GPRegression().set_train_data(**kw),
                                         dict(x=torch.randn(6, 3), y=torch.randn(6))),
         "GPRegression.fit": (lambda **kw: K.GPRegression(torch.randn(6, 3), torch.randn(6), num_probes=2).fit(**kw),

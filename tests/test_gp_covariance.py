@@ -1,10 +1,13 @@
 """gp_posterior_covariance and GPRegression(return_covariance=True): the joint posterior covariance between test
 points, on both solver paths, against the dense NumPy float64 posterior; its diagonal is gp_posterior_variance's,
-its gradients agree across the paths and with finite differences, and it makes a MultivariateNormal."""
+its gradients agree across the paths and with finite differences, and it makes a MultivariateNormal;
+GPRegression.posterior, that distribution built by the module, with GPyTorch's jitter where the covariance does not
+factor."""
 import numpy as np
 import pytest
 import torch
 
+import opforge.kernels.kernel_sum as gp_mod
 from opforge.kernels import GPRegression, gp_posterior_covariance, gp_posterior_mean, gp_posterior_variance
 from opforge.reference import kernel_sum as ref
 
@@ -106,3 +109,125 @@ def test_gp_regression_returns_the_joint_posterior(method):
         gp(xt, return_variance=True, return_covariance=True)
     with pytest.raises(TypeError, match="return_covariance must be a bool"):
         gp(xt, return_covariance=1)
+
+
+def _gp(method, dtype=torch.float64, seed=3, **kw):
+    x, y, xt = _data(seed, dtype=dtype)
+    gp = GPRegression(x, y, "matern52", lengthscale=0.7, noise=0.05, mean=0.2, tol=1e-12, method=method, **kw)
+    return gp.to(dtype), x, y, xt
+
+
+@METHODS
+def test_posterior_is_the_joint_distribution(method):
+    """``gp.posterior(x_test)``: a MultivariateNormal whose mean and covariance are ``gp(x_test,
+    return_covariance=True)``'s (the dense reference's), with the noise on the diagonal for
+    ``observation_noise``; a batch of test sets is its batch shape; its log density is NumPy's of that
+    Gaussian."""
+    gp, x, y, xt = _gp(method)
+    xt = xt[2:]  # (apart from the training points: a covariance that factors without jitter)
+    with torch.no_grad():
+        mean, cov = gp(xt, return_covariance=True)
+        post, obs = gp.posterior(xt), gp.posterior(xt, observation_noise=True)
+    assert isinstance(post, torch.distributions.MultivariateNormal)
+    assert post.batch_shape == () and post.event_shape == (len(xt),) and post.loc.dtype == torch.float64
+    torch.testing.assert_close(post.loc, mean)
+    torch.testing.assert_close(post.covariance_matrix, cov, rtol=1e-10, atol=1e-13)
+    nz = float(gp.noise.detach())
+    want = _want(x, xt, "matern52", nz, float(gp.lengthscale.detach()), float(gp.outputscale.detach()))
+    np.testing.assert_allclose(_np(post.covariance_matrix), want, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(_np(obs.covariance_matrix), want + nz * np.eye(len(xt)), rtol=1e-9, atol=1e-11)
+    v = torch.randn(len(xt), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = _np(v - mean)
+    C = want + nz * np.eye(len(xt))
+    logpdf = -0.5 * (r @ np.linalg.solve(C, r) + np.linalg.slogdet(2 * np.pi * C)[1])
+    np.testing.assert_allclose(float(obs.log_prob(v).detach()), logpdf, rtol=1e-9)
+    batch = torch.stack([xt, xt.flip(0)])
+    with torch.no_grad():
+        both = gp.posterior(batch)
+    assert both.batch_shape == (2,) and both.event_shape == (len(xt),)
+    torch.testing.assert_close(both.covariance_matrix[0], cov, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(both.loc[1], mean.flip(0))
+
+
+@METHODS
+def test_posterior_samples_are_differentiable_in_the_test_points(method):
+    """A reparametrised sample loc + L eps (what ``rsample`` draws) has gradients in x_test: gradcheck on the
+    Cholesky path, and the two paths' gradients agree (Monte-Carlo acquisition functions optimise x_test
+    through it)."""
+    gp, x, y, xt = _gp(method)
+    gp.requires_grad_(False)
+    eps = torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def sample(t):
+        d = gp.posterior(t)
+        return d.loc + (d.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+
+    pts = xt[2:8].clone().requires_grad_()
+    if method == "cholesky":
+        assert torch.autograd.gradcheck(sample, (pts,))
+    (g,) = torch.autograd.grad(sample(pts).sum(), pts)
+    other = _gp("cholesky" if method == "cg" else "cg")[0].requires_grad_(False)
+    d = other.posterior(pts)
+    (g2,) = torch.autograd.grad((d.loc + (d.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)).sum(), pts)
+    torch.testing.assert_close(g, g2, rtol=1e-6, atol=1e-8)
+    assert gp.posterior(pts).rsample((5,)).shape == (5, 6)
+
+
+def test_jitter_is_added_only_where_the_covariance_does_not_factor():
+    """GPyTorch's psd_safe_cholesky: a batch entry that factors is left alone; one that does not gets the jitter
+    (1e-8 in float64, 1e-6 in float32, or the one given), then 10 and 100 times it; past that, or with
+    jitter=0, a ValueError."""
+    for dtype, default in ((torch.float64, 1e-8), (torch.float32, 1e-6)):
+        cov = torch.stack([torch.tensor([[2.0, 0.5], [0.5, 1.0]]), torch.ones(2, 2)]).to(dtype)  # PD, singular
+        L = gp_mod._safe_cholesky(cov)
+        assert torch.equal(L[0], torch.linalg.cholesky(cov[0]))
+        torch.testing.assert_close(L[1] @ L[1].T, cov[1] + default * torch.eye(2, dtype=dtype))
+        L = gp_mod._safe_cholesky(cov, jitter=0.01)
+        torch.testing.assert_close(L[1] @ L[1].T, cov[1] + 0.01 * torch.eye(2, dtype=dtype))
+        with pytest.raises(ValueError, match="jitter=0 adds nothing"):
+            gp_mod._safe_cholesky(cov, jitter=0.0)
+        # indefinite: eigenvalues 3 and -1, which no jitter up to 100x mends
+        with pytest.raises(ValueError, match=f"even with {default * 100:g} added to its diagonal"):
+            gp_mod._safe_cholesky(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=dtype))
+    # (a jitter that mends it at its second try: 10x; the entry that needs none keeps none)
+    cov = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0 - 5e-3]]], dtype=torch.float64)
+    L = gp_mod._safe_cholesky(cov, jitter=1e-3)
+    torch.testing.assert_close(L[1] @ L[1].T, cov[1] + 1e-2 * torch.eye(2, dtype=torch.float64))
+    assert torch.equal(L[0], torch.eye(2, dtype=torch.float64))
+
+
+@METHODS
+def test_posterior_at_coincident_points_and_in_lower_precision(method):
+    """Test points repeated and on the training points: float32's covariance is singular to rounding and the
+    jitter makes it factor (the distribution is the covariance's within 1e-4); 16-bit data give a float32
+    distribution, the float32 model's within bfloat16's rounding of the data."""
+    gp, x, y, xt = _gp(method, dtype=torch.float32)
+    pts = torch.cat([x[:4], x[:4], xt[2:5]])
+    with torch.no_grad():
+        _, cov = gp(pts, return_covariance=True)
+        post = gp.posterior(pts)
+    torch.testing.assert_close(post.covariance_matrix, cov, rtol=0, atol=2e-4)
+    assert bool(torch.isfinite(post.rsample((3,))).all())
+    gp16 = GPRegression(x.bfloat16(), y.bfloat16(), "matern52", lengthscale=0.7, noise=0.05, mean=0.2, method=method)
+    with torch.no_grad():
+        p16 = gp16.posterior(pts.bfloat16())
+    assert p16.loc.dtype == p16.scale_tril.dtype == torch.float32
+    torch.testing.assert_close(p16.covariance_matrix, cov, rtol=0, atol=0.05)
+    torch.testing.assert_close(p16.loc, post.loc, rtol=0, atol=0.05 * float(post.loc.abs().max()))
+
+
+def test_posterior_checks_its_arguments():
+    gp, x, y, xt = _gp("auto")
+    with pytest.raises(TypeError, match="observation_noise must be a bool"):
+        gp.posterior(xt, observation_noise=1)
+    for bad in (-1e-6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="jitter must be None or a finite number >= 0"):
+            gp.posterior(xt, jitter=bad)
+    with pytest.raises(TypeError, match="jitter must be a number"):
+        gp.posterior(xt, jitter="1e-6")
+    with pytest.raises(ValueError, match="x_test has no points"):
+        gp.posterior(xt[:0])
+    with pytest.raises(ValueError, match="x_test must be"):
+        gp.posterior(xt[:, :1])
+    with pytest.raises(ValueError, match="posterior needs training data"):
+        GPRegression().posterior(xt.float())

@@ -256,8 +256,8 @@ def test_lbfgs_fit_reaches_the_optimum(method):
 @METHODS
 def test_matches_gpytorch(kernel, base, ard, method):
     """GPyTorch's own model with random raw parameters; its state dict loaded here (and this one's there):
-    GPyTorch's ExactMarginalLogLikelihood times N, its posterior mean, latent and observed variances and
-    latent covariance."""
+    GPyTorch's ExactMarginalLogLikelihood times N, its posterior mean, latent and observed variances,
+    latent covariance and distributions (``posterior``)."""
     gpytorch = pytest.importorskip("gpytorch")
     x, y, xt = _data(5)
 
@@ -292,8 +292,12 @@ def test_matches_gpytorch(kernel, base, ard, method):
         mean, var = gp(xt, return_variance=True)
         _, var_y = gp(xt, return_variance=True, include_noise=True)
         _, cov = gp(xt, return_covariance=True)
+        post, post_y = gp.posterior(xt), gp.posterior(xt, observation_noise=True)
     np.testing.assert_allclose(_np(mean), _np(f.mean), rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(_np(cov), _np(f.covariance_matrix), rtol=1e-6, atol=1e-9)
+    for mine, theirs in ((post, f), (post_y, obs)):  # (GPyTorch's model(x) and likelihood(model(x)))
+        np.testing.assert_allclose(_np(mine.loc), _np(theirs.mean), rtol=1e-8, atol=1e-9)
+        np.testing.assert_allclose(_np(mine.covariance_matrix), _np(theirs.covariance_matrix), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(_np(var), _np(f.variance), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(_np(var_y), _np(obs.variance), rtol=1e-6, atol=1e-9)
     # the same model built from GPyTorch's directly: kernel, ARD, noise bound, dtype, data and parameters
@@ -428,9 +432,9 @@ def test_deferred_initialisation_and_reset_give_the_build_values():
 @METHODS
 @pytest.mark.parametrize("kernel", ["gaussian", "matern52"])
 def test_gpu_matches_the_references(kernel, method):
-    """float32 on CUDA (the flash kernels, or the dense float64 Cholesky path): the posterior mean, variance
-    and covariance, and the exact log-likelihood (rank-N preconditioner), within float32 conjugate-gradient accuracy
-    of the float64 references; a few fitting steps run and move every parameter."""
+    """float32 on CUDA (the flash kernels, or the dense float64 Cholesky path): the posterior mean, variance,
+    covariance and distribution, and the exact log-likelihood (rank-N preconditioner), within float32
+    conjugate-gradient accuracy of the float64 references; a few fitting steps run and move every parameter."""
     n = 600
     g = torch.Generator().manual_seed(10)
     x = torch.rand(n, D, generator=g) * 3
@@ -453,6 +457,10 @@ def test_gpu_matches_the_references(kernel, method):
     ks = ref.kernel_matrix(tn, xn, kernel, ls, os_)
     cov_want = ref.kernel_matrix(tn, tn, kernel, ls, os_) - ks @ np.linalg.solve(A, ks.T)
     np.testing.assert_allclose(_np(cov.cpu()), cov_want, atol=1e-3)
+    with torch.no_grad():
+        post = gp.posterior(xt.cuda())
+    assert post.loc.device.type == "cuda" and post.rsample((2,)).shape == (2, 50)
+    np.testing.assert_allclose(_np(post.covariance_matrix.cpu()), cov_want, atol=1e-3)
     before = [p.detach().clone() for p in gp.parameters()]
     losses = gp.fit(steps=3, lr=0.05)
     assert all(math.isfinite(v) for v in losses)
