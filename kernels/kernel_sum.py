@@ -1599,10 +1599,19 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
     # targets shared by a batch of point sets (y [N] for x [B, N, D]): one right-hand side per batch entry
     # (conjugate gradients update them in place, which a broadcast view cannot take)
     rhs = rhs.expand(torch.broadcast_shapes(x.shape[:-2], rhs.shape[:-2]) + rhs.shape[-2:])
-    bad = [name for name, t in ((xname, x), (yname, y)) if not bool(torch.isfinite(t.detach()).all())]
+    # (the points once per version of their tensor, as a model's training data is seen again call after call; the
+    # targets, usually new, every call, unless there are none: each read is a host sync on a GPU)
+    bad = [name for name, t, ok in ((xname, x, checked_once(x, _all_finite)),
+                                    (yname, y, None if y.numel() else True)) if ok is False
+           or (ok is None and not _all_finite(t))]
     if bad:
         raise ValueError(f"{' and '.join(bad)} must be finite for a solve: NaN or inf values found")
     return vector, rhs
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Are all of t's values finite? (A read of t's values: a host sync on a GPU.)"""
+    return bool(torch.isfinite(t.detach()).all())
 
 
 def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
@@ -1686,9 +1695,10 @@ def _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, pr
         if noise.numel() != 1 or not noise.is_floating_point():
             raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
                              f"of shape {tuple(noise.shape)}")
-    nz = _value(noise, "noise")
-    if not (nz > 0 and math.isfinite(nz)):
-        raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
+    if isinstance(noise, torch.Tensor):
+        checked_once(noise, _noise_ok)  # (a model's noise, seen again call after call)
+    else:
+        _noise_ok(noise)
     vector, rhs = _solve_inputs(x, y, *names)
     # a batch of hyperparameters (lengthscale [..., 1, D], outputscale [...]) over the same points: one system
     # per batch entry, so one right-hand side each (CG's in-place updates take no broadcast)
@@ -1696,6 +1706,14 @@ def _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, pr
     rhs = rhs.expand(lead + rhs.shape[-2:])
     precond_rank = an_int(precond_rank, "precond_rank", 0)
     return vector, rhs, _tol(tol), an_int(max_iter, "max_iter", 1), precond_rank
+
+
+def _noise_ok(noise) -> bool:
+    """A solve's noise, a number or a one-element tensor (its value read): > 0 and finite, else a ValueError."""
+    nz = _value(noise, "noise")
+    if not (nz > 0 and math.isfinite(nz)):
+        raise ValueError(f"noise must be > 0 and finite for a well-posed solve, got {nz}")
+    return True
 
 
 def _tol(tol) -> float:
@@ -1965,8 +1983,9 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
     if x_train.dtype in _16BIT:
         return _posterior_variance(x_train.float(), x_test.float(), kernel, noise, lengthscale, outputscale, tol,
                                    max_iter, precond_rank, include_noise, method, factor, full).to(x_train.dtype)
-    for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on)
-        if t.is_meta or not bool(torch.isfinite(t.detach()).all()):
+    for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on;
+        # the training points once per version of their tensor, the test points, usually new, every call)
+        if t.is_meta or not (checked_once(t, _all_finite) if t is x_train else _all_finite(t)):
             raise ValueError(f"{name} must be finite values: NaN or inf (or meta tensors) found")
     # the solve's arguments checked once, before the preconditioner that every block's solve shares is built
     # (the blocks solve one system; a build is rank kernel sums against single points and O(N rank^2) work)
@@ -2458,6 +2477,7 @@ class GPRegression(nn.Module):
         self.register_buffer("train_y", None, persistent=False)
         self._cache = None  # (key, alpha): the mean's weights A^-1 (y - c), detached
         self._factor = None  # (key, L): the training matrix's Cholesky factor on that path, detached
+        self._kept_values = None  # (key, (lengthscale, outputscale, noise)): _values' tensors, detached
         if train_x is not None or train_y is not None:
             self.set_train_data(train_x, train_y)
 
@@ -2535,7 +2555,7 @@ class GPRegression(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        self._cache = self._factor = None
+        self._cache = self._factor = self._kept_values = None
 
     lengthscale = property(lambda self: self._get(0), lambda self, v: self._set(0, v),
                            doc="[1, D or 1] lengthscale(s): lower_bound (0) + softplus(raw_lengthscale)")
@@ -2569,7 +2589,7 @@ class GPRegression(nn.Module):
         if self.ard_num_dims is not None and x.shape[1] != self.ard_num_dims:
             raise ValueError(f"train_x has D={x.shape[1]} dimensions but ard_num_dims is {self.ard_num_dims}")
         self.train_x, self.train_y = x.detach(), y.detach()
-        self._cache = self._factor = None
+        self._cache = self._factor = self._kept_values = None
 
     def _data(self, what: str):
         if self.train_x is None:
@@ -2676,6 +2696,20 @@ class GPRegression(nn.Module):
         self._cache = (key, alpha.detach())
         return alpha
 
+    def _values(self) -> tuple:
+        """(lengthscale, outputscale, noise, mean constant) for a prediction. Where autograd records and a
+        parameter requires grad, the properties' new tensors; else tensors kept under ``_key`` (the same objects
+        call after call while nothing changes), whose values the GP functions then check once, not at every
+        prediction (``checked_once``: a host sync each on a GPU, a Bayesian-optimisation loop's many calls)."""
+        c = self.mean_constant
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self.lengthscale, self.outputscale, self.noise, c
+        key = self._key()
+        if self._kept_values is None or self._kept_values[0] != key:
+            with torch.no_grad():
+                self._kept_values = (key, (self.lengthscale, self.outputscale, self.noise))
+        return (*self._kept_values[1], c)
+
     def _kept_factor(self, x, ls, os_, nz):
         """The training matrix's Cholesky factor, for the weights and the variance, kept under the weights' key
         while no gradient needs it (a prediction then costs triangular solves, not a factorisation); None on
@@ -2707,8 +2741,7 @@ class GPRegression(nn.Module):
                              "diagonal)")
         x, y = self._data("forward")
         _test_points(x, x_test)
-        # (each property makes a new tensor, whose values the GP functions check once: a sync on a GPU)
-        ls, os_, nz, c = self.lengthscale, self.outputscale, self.noise, self.mean_constant
+        ls, os_, nz, c = self._values()
         alpha = self._weights(x, y, ls, os_, nz, c)
         mean = kernel_matvec(x_test, x, alpha.unsqueeze(-1), self.kernel, ls, os_).squeeze(-1) + c.to(alpha.dtype)
         if not (return_variance or return_covariance):
@@ -2745,7 +2778,7 @@ class GPRegression(nn.Module):
         if x.dtype not in _16BIT:
             mean, cov = self(x_test, include_noise=observation_noise, return_covariance=True)
         else:
-            ls, os_, nz = self.lengthscale, self.outputscale, self.noise
+            ls, os_, nz, _ = self._values()
             mean = self(x_test).float()
             cov = _posterior_variance(x.float(), x_test.float(), self.kernel, nz, ls, os_, self.tol, self.max_iter,
                                       self.precond_rank, observation_noise, self.method,

@@ -88,6 +88,36 @@ def test_no_host_reads_after_first_call(op, backend):
     assert hits == [], f"{op} ({backend}) read tensor values on the host: {hits}"
 
 
+@pytest.mark.parametrize("method", ["cholesky", "cg"])
+def test_gp_predictions_read_only_the_test_points(method):
+    """A GP model's repeated predictions (a Bayesian-optimisation loop's many calls), frozen or under no_grad:
+    with the weights (and on the Cholesky path the factor) kept, the mean reads nothing back and, on the
+    Cholesky path, the variance and covariance read only the new test points' finiteness (the distribution
+    adds its factorisation's status); the kept hyperparameter values are checked once. A changed parameter is
+    checked again: a NaN one is an error, not a NaN mean."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 3, generator=g), torch.randn(30, generator=g)
+    gp = K.GPRegression(x, y, "matern52", noise=0.1, method=method)
+    xt = torch.randn(7, 3, generator=g)
+    with torch.no_grad():
+        gp(xt, return_variance=True), gp(xt, return_covariance=True), gp.posterior(xt)  # (kept, checked)
+    calls = {"mean": lambda t: gp(t), "variance": lambda t: gp(t, return_variance=True),
+             "covariance": lambda t: gp(t, return_covariance=True), "posterior": lambda t: gp.posterior(t)}
+    want = {"mean": 0, "variance": 1, "covariance": 1, "posterior": 2}
+    for name, call in calls.items() if method == "cholesky" else [("mean", calls["mean"])]:
+        with torch.no_grad(), host_reads() as hits:
+            call(torch.randn(7, 3, generator=g))
+        assert len(hits) == want[name], (name, hits)
+    gp.requires_grad_(False)  # (frozen: gradients in the test points only, an acquisition function's)
+    with host_reads() as hits:
+        gp(torch.randn(7, 3, generator=g).requires_grad_()).sum().backward()
+    assert hits == []
+    with torch.no_grad():
+        gp.likelihood.noise_covar.raw_noise.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"noise must be > 0 and finite|\(noise nan\)"), torch.no_grad():
+        gp(xt)
+
+
 def test_watch_sees_reads():
     """The watcher is not blind: a lengthscale tensor seen for the first time is read (and a float is not)."""
     x, b = torch.randn(5, 2), torch.randn(5, 1)
