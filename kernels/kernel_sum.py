@@ -56,7 +56,8 @@ from torch import nn
 
 from ._graph_op import GraphOp, traced, traced_scalar
 from ._registry import (Case, Op, ProblemBase, Target, Variant, amp_cast, an_int, as_dtype, autocast_dtype,
-                        checked_once, graph_grads, no_autocast, number, register, variant_backward, wants_grad)
+                        checked_once, dual_inputs, graph_grads, no_autocast, number, register, transforms_active,
+                        variant_backward, wants_grad)
 from ._registry import pow2 as _pow2
 from ._triton import (GRID_YZ_MAX, HAS_TRITON, LAUNCH_OPTIONS, TRITON_MISSING, cdiv, offsets_fit, sm_count,
                       split_tf32, tl, triton)
@@ -1695,7 +1696,7 @@ def _solve_args(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, pr
         if noise.numel() != 1 or not noise.is_floating_point():
             raise ValueError(f"noise must be a float or a one-element floating tensor, got {noise.dtype} "
                              f"of shape {tuple(noise.shape)}")
-    if isinstance(noise, torch.Tensor):
+    if isinstance(noise, torch.Tensor) and not noise.is_meta:
         checked_once(noise, _noise_ok)  # (a model's noise, seen again call after call)
     else:
         _noise_ok(noise)
@@ -1764,13 +1765,74 @@ def _dense_kernel(p, q, kernel: str, ls, os_) -> torch.Tensor:
     center = ps.detach().mean(-2, keepdim=True)
     ps = (ps - center) / _in(ls, dt)
     qs = ps if q is p else (q.to(dt) - center) / _in(ls, dt)
-    d = ps.shape[-1]
-    if _exact(d, kernel):
-        lead = torch.broadcast_shapes(ps.shape[:-2], qs.shape[:-2])
-        s = _sqdist(ps.expand(lead + ps.shape[-2:]), qs.expand(lead + qs.shape[-2:]), True)
+    if torch.is_grad_enabled() and (ps.requires_grad or qs.requires_grad) and not _plain_autograd(ps, qs):
+        k = _DenseK.apply(ps, None if qs is ps else qs, kernel)
     else:
-        s = (ps * ps).sum(-1, keepdim=True) + (qs * qs).sum(-1).unsqueeze(-2) - 2 * ps @ qs.transpose(-1, -2)
-    return _scaled(_phi_plain(s, kernel), os_, dt, 2)
+        k = _dense_phi(ps, qs, kernel)
+    return _scaled(k, os_, dt, 2)
+
+
+def _plain_autograd(*args) -> bool:
+    """Must the Cholesky path's math stay plain torch ops (no ``_DenseK``, no ``_CholeskyMLL``)? Under torch.func
+    transforms and with forward-mode dual tensors, which custom autograd Functions do not take."""
+    return transforms_active() or dual_inputs(args)
+
+
+def _dense_sq(ps, qs, kernel: str) -> torch.Tensor:
+    """The squared distances of ``_dense_kernel``'s centred, scaled float64 points [..., n, m]."""
+    if _exact(ps.shape[-1], kernel):
+        lead = torch.broadcast_shapes(ps.shape[:-2], qs.shape[:-2])
+        return _sqdist(ps.expand(lead + ps.shape[-2:]), qs.expand(lead + qs.shape[-2:]), True)
+    return (ps * ps).sum(-1, keepdim=True) + (qs * qs).sum(-1).unsqueeze(-2) - 2 * ps @ qs.transpose(-1, -2)
+
+
+def _dense_phi(ps, qs, kernel: str) -> torch.Tensor:
+    """phi(|p - q|^2) [..., n, m] in torch ops that autograd differentiates (twice): ``_DenseK``'s plain form."""
+    return _phi_plain(_dense_sq(ps, qs, kernel), kernel)
+
+
+class _DenseK(torch.autograd.Function):
+    """phi(|p_i - q_j|^2) [..., n, m] of float64 points p [..., n, D], q [..., m, D] (None: q is p, K(p, p)),
+    ``_dense_phi`` with its backward written out: w = g dphi/ds, then grad p_i = 2 sum_j w_ij (p_i - q_j)
+    (grad q alike), from exact differences one coordinate at a time where the distances are (``_exact``), else
+    as 2 (p_i sum_j w_ij - sum_j w_ij q_j) with two matrix products. The forward keeps dphi/ds [..., n, m]
+    (``_phi_dphi_``, in place). Autograd through ``_dense_phi``'s 20-odd elementwise ops instead kept their
+    operands and ran twice as many backwards: half the Cholesky likelihood's step at N = 800, D = 3 on the
+    2-core VM. A recorded backward (``create_graph``) differentiates ``_dense_phi`` itself, so second
+    derivatives are autograd's, at coincident points too."""
+
+    @staticmethod
+    def forward(ctx, p, q, kernel):
+        qq = p if q is None else q
+        phi, dphi = _phi_dphi_(_dense_sq(p, qq, kernel), kernel, _Scratch(), True, True)
+        ctx.kernel = kernel
+        ctx.save_for_backward(p, q, dphi)
+        return phi
+
+    @staticmethod
+    def backward(ctx, g):
+        p, q, dphi = ctx.saved_tensors
+        qq = p if q is None else q
+        ins = [t for t in (p, q) if t is not None]
+        if torch.is_grad_enabled():  # a recorded backward: autograd's, differentiable again
+            grads = list(torch.autograd.grad(_dense_phi(p, qq, ctx.kernel), ins, g, create_graph=True))
+            return grads[0], (grads[1] if q is not None else None), None
+        w = g * dphi
+        if _exact(p.shape[-1], ctx.kernel):
+            gp, gq = [], []
+            qt = _coord_rows(qq)
+            for k in range(p.shape[-1]):
+                t = w * (p[..., :, k:k + 1] - qt[..., k:k + 1, :])
+                gp.append(t.sum(-1))
+                gq.append(t.sum(-2))
+            gp = 2 * torch.stack(gp, -1) if gp else torch.zeros_like(p)
+            gq = -2 * torch.stack(gq, -1) if gq else torch.zeros_like(qq)
+        else:
+            gp = 2 * (p * w.sum(-1, keepdim=True) - w @ qq)
+            gq = 2 * (qq * w.sum(-2).unsqueeze(-1) - w.transpose(-1, -2) @ p)
+        if q is None:
+            return (gp + gq).sum_to_size(p.shape), None, None
+        return gp.sum_to_size(p.shape), gq.sum_to_size(q.shape), None
 
 
 def _scales(x, lengthscale, outputscale) -> tuple:
@@ -2174,14 +2236,18 @@ def _dense_mll(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, meth
     """gp_marginal_log_likelihood's Cholesky path: [..., R] in rhs's dtype, exact; None where "auto" finds A not
     positive definite. Autograd records A's making; the factor, the solve and the log-determinant are one
     ``_CholeskyMLL``, whose backward is the likelihood's own gradient."""
-    f = _dense_factor(x, kernel, noise, lengthscale, outputscale, "gp_marginal_log_likelihood", method, record=False)
+    plain = _plain_autograd(x, rhs, noise, lengthscale, outputscale)
+    f = _dense_factor(x, kernel, noise, lengthscale, outputscale, "gp_marginal_log_likelihood", method, record=plain)
     if f is None:
         return None
     L, A = f[:2]
     r64 = rhs.to(torch.float64)
-    out, alpha, logdet = _CholeskyMLL.apply(A, r64, L)
+    if plain:  # (torch.func, forward-mode AD: the same steps as torch ops, autograd recording them)
+        out, alpha, logdet = _CholeskyMLL.steps(r64, L)
+    else:
+        out, alpha, logdet = _CholeskyMLL.apply(A, r64, L)
     info.update(_dense_info(A, alpha, r64))
-    info.update(num_probes=0, logdet=logdet.expand(out.shape[:-1]).clone())
+    info.update(num_probes=0, logdet=logdet.detach().expand(out.shape[:-1]).clone())
     return out.to(rhs.dtype)
 
 
@@ -2199,11 +2265,16 @@ class _CholeskyMLL(torch.autograd.Function):
     recording, so its result is differentiable again."""
 
     @staticmethod
-    def forward(ctx, A, r, L):
+    def steps(r, L) -> tuple:
+        """(likelihoods, alpha, log|A|) from the factor, in torch ops."""
         alpha = torch.cholesky_solve(r, L)
         logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [...] (A's batch dims)
         N = r.shape[-2]
-        out = -0.5 * (r * alpha).sum(-2) - 0.5 * logdet.unsqueeze(-1) - 0.5 * N * math.log(2 * math.pi)
+        return -0.5 * (r * alpha).sum(-2) - 0.5 * logdet.unsqueeze(-1) - 0.5 * N * math.log(2 * math.pi), alpha, logdet
+
+    @staticmethod
+    def forward(ctx, A, r, L):
+        out, alpha, logdet = _CholeskyMLL.steps(r, L)
         ctx.save_for_backward(A, r, L, alpha)
         ctx.mark_non_differentiable(alpha, logdet)
         return out, alpha, logdet

@@ -105,6 +105,33 @@ def test_gradients_and_second_gradients_by_finite_differences(kernel, d):
     assert torch.autograd.gradgradcheck(f, leaves)
 
 
+@pytest.mark.parametrize("kernel,d", [("matern52", 3), ("gaussian", 10)])
+def test_written_out_backwards_match_plain_autograd(kernel, d):
+    """The likelihood's and the kernel matrix's backwards are written out (``_CholeskyMLL``, ``_DenseK``); under
+    torch.func and forward-mode AD, which do not take custom autograd Functions, the same steps run as plain torch
+    ops. All three give one gradient of the likelihood and of a solve, in x, the lengthscale, the outputscale and
+    the noise (with coincident training points)."""
+    import torch.autograd.forward_ad as fwad
+
+    x, y, _ = _data(4, n=9, d=d)
+    x[6] = x[2]
+    params = (x, torch.tensor(0.8, dtype=x.dtype), torch.tensor(1.4, dtype=x.dtype), torch.tensor(0.05, dtype=x.dtype))
+
+    def f(x, ls, os_, nz):
+        kw = dict(kernel=kernel, noise=nz, lengthscale=ls, outputscale=os_, method="cholesky")
+        return gp_marginal_log_likelihood(x, y, **kw) + kernel_solve(x, y, **kw).square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in params]
+    written = torch.autograd.grad(f(*leaves), leaves)
+    plain = torch.func.grad(f, argnums=(0, 1, 2, 3))(*params)
+    for a, b in zip(written, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    v = [torch.randn(t.shape, generator=torch.Generator().manual_seed(7), dtype=t.dtype) for t in params]
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(f(*(fwad.make_dual(t, dt) for t, dt in zip(params, v)))).tangent
+    np.testing.assert_allclose(float(tangent), sum(float((a * dt).sum()) for a, dt in zip(written, v)), rtol=1e-10)
+
+
 def test_laplacian_gradients_at_coincident_points_are_finite():
     """The Laplacian's slope at r = 0 is taken as 0 (the kernel sums' convention): coincident points give finite
     gradients, the conjugate-gradient path's (a solve's: the likelihood's are a stochastic estimate there)."""
