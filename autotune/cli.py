@@ -365,7 +365,8 @@ def _threshold(text: str) -> float:
 
 def perf_tables(results_dir: Path) -> str:
     """Markdown for every results file in ``results_dir``, one section per device, then the static
-    counts in ``results_dir/static/`` (compiled, never run)."""
+    counts in ``results_dir/static/`` (compiled, never run), then the records of the perf/ scripts in
+    ``results_dir/solvers/`` and ``results_dir/gp/``."""
     from opforge.autotune import perf
 
     parts = []
@@ -374,6 +375,9 @@ def perf_tables(results_dir: Path) -> str:
         parts.append(f"#### `{path.name}`\n\n" + perf.markdown_table(data["records"], data["env"]))
     for path in sorted((Path(results_dir) / "static").glob("*.json")):
         parts.append(f"#### `static/{path.name}`\n\n" + perf.static_table(perf.read_static(path), _current_hashes()))
+    for kind in perf.SCRIPT_TABLES:  # (perf/solver_paths.py's and perf/gp_peer.py's records)
+        for path in sorted((Path(results_dir) / kind).glob("*.json")):
+            parts.append(f"#### `{kind}/{path.name}`\n\n" + perf.script_table(perf.read_script_records(path), kind))
     return "\n\n".join(parts) if parts else "_No results files yet._"
 
 

@@ -314,6 +314,53 @@ def changed_ops(records: list[dict]) -> list[str]:
     return out
 
 
+#: the perf/ scripts whose JSON records ``opforge perf-table`` renders (results folder -> script, its columns as
+#: (heading, key), what its speedup is)
+SCRIPT_TABLES = {
+    "solvers": ("perf/solver_paths.py", [("cholesky ms", "cholesky_ms"), ("cg ms", "cg_ms")],
+                "the conjugate-gradient path's time over the Cholesky path's"),
+    "gp": ("perf/gp_peer.py", [("GPyTorch ms", "gpytorch_ms"), ("opforge ms", "opforge_ms")],
+           "GPyTorch's time over opforge's GPRegression's, same data and parameters"),
+}
+_AGREEMENT = {"cg_vs_cholesky": [("solves' relative difference", "relative")],
+              "agreement": [("log-likelihoods", "mll_relative"), ("means", "mean_relative"),
+                            ("variances", "variance_relative")]}
+
+
+def read_script_records(path: Path) -> list[dict]:
+    """The records a perf/ script wrote with ``--json`` (a list of objects with ``n`` and ``call``)."""
+    data = _load(path, "perf script results file")
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "n" in r and "call" in r for r in data):
+        raise ValueError(f"{path} is not a list of perf script records (objects with 'n' and 'call')")
+    return data
+
+
+def script_table(records: list[dict], kind: str) -> str:
+    """Markdown of a perf/ script's records (``SCRIPT_TABLES[kind]``): a caption with where and how they were
+    made, a row per (N, call) with both times and the speedup, then the agreement of the two answers."""
+    script, cols, meaning = SCRIPT_TABLES[kind]
+
+    def values(key):
+        return ", ".join(dict.fromkeys(str(r[key]) for r in records if r.get(key) is not None)) or "?"
+
+    versions = f"torch {values('torch')}" + (f", GPyTorch {values('gpytorch')}" if kind == "gp" else "")
+    caption = (f"Made by `{values('command') if any(r.get('command') for r in records) else script}` on "
+               f"{values('device')}, {versions}, commit {values('commit')}; kernel {values('kernel')}; the median "
+               f"of {values('repeat')} calls after a warm-up, in ms; speedup: {meaning}.")
+    timed = [r for r in records if r["call"] not in _AGREEMENT]
+    lines = ["| N | call | " + " | ".join(h for h, _ in cols) + " | speedup |",
+             "| --- | --- | " + " | ".join("---" for _ in cols) + " | --- |"]
+    lines += [f"| {r['n']} | {r['call']} | " + " | ".join(f"{r[k]:.3f}" for _, k in cols) + f" | {r['speedup']:.2f}x |"
+              for r in timed]
+    agree = [r for r in records if r["call"] in _AGREEMENT]
+    if agree:
+        acols = _AGREEMENT[agree[0]["call"]]
+        lines += ["", "How far apart the two answers are (largest difference, relative):", "",
+                  "| N | " + " | ".join(h for h, _ in acols) + " |", "| --- | " + " | ".join("---" for _ in acols) + " |"]
+        lines += [f"| {r['n']} | " + " | ".join(f"{r[k]:.1e}" for _, k in acols) + " |" for r in agree]
+    return caption + "\n\n" + "\n".join(lines)
+
+
 def markdown_table(records: list[dict], env: dict) -> str:
     """The README tables, one per op: a line per (case, mode, dtype) with each variant's time and
     speedup vs torch."""

@@ -29,15 +29,16 @@
 # With device time left on the still-warm machine, a second call: OPS=<op> ... bash perf/gpu_session.sh tune perf.
 #
 # Peers: `bash perf/peer_wheels.sh` here fills .whl/ (the wheels of ../shared/gpu-wheels plus opt_einsum and
-# pybind11, which KeOps builds its binder with); name .whl in the call's carry to time neuraloperator and
-# KeOps in the same run. Without them the suites fall back to the labelled plain-torch algorithms.
+# pybind11, which KeOps builds its binder with, and GPyTorch's four pure-Python wheels); name .whl in the
+# call's carry to time neuraloperator, KeOps and GPyTorch in the same run. Without them the suites fall back to the labelled plain-torch algorithms.
 # Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/, $OUT/results/*.json to
-# perf/results/, $OUT/solvers/*.json (the example stage's solver paths) to perf/results/solvers/, run
+# perf/results/, $OUT/solvers/*.json and $OUT/gp/*.json (the example stage's solver paths and GPyTorch
+# comparison) to perf/results/solvers/ and perf/results/gp/, run
 # `opforge perf-table --readme README.md` and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/opforge-out}"
-mkdir -p "$OUT/caches" "$OUT/results" "$OUT/solvers"
+mkdir -p "$OUT/caches" "$OUT/results" "$OUT/solvers" "$OUT/gp"
 LOG="$OUT/session.log"
 BUDGET_S="${BUDGET_S:-560}"
 # SCRATCH (default /tmp) holds the peers installed from .whl/ and the opforge namespace of symlinks
@@ -163,6 +164,8 @@ for stage in "${stages[@]}"; do
       timed 200 python3 perf/gp_example.py --n 100000 --fit-steps 3 --n-var 1000
       # the solvers' Cholesky and conjugate-gradient paths on the GPU: where "auto"'s switch at 800 points stands
       timed 120 python3 perf/solver_paths.py --n 200 800 1600 3200 --json "$OUT/solvers/$tag.json"
+      # GPRegression against GPyTorch's exact GP in the same run (GPyTorch from .whl: perf/peer_wheels.sh)
+      timed 150 python3 perf/gp_peer.py --n 200 800 1600 3200 --json "$OUT/gp/$tag.json"
       timed 120 python3 perf/first_call.py ;;
     *) echo "unknown stage $stage (test check bench tune perf profile example)"; exit 2 ;;
   esac

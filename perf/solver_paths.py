@@ -11,14 +11,17 @@ calls after one warm-up, in milliseconds, and the Cholesky path's speedup. Also 
 between the two solves (relative to the largest entry), so a speed is never bought with a different
 answer. A line per (N, call); ``--json FILE`` also writes them as records (n, call, cholesky_ms, cg_ms,
 speedup; the solves' difference as the call "cg_vs_cholesky" with its value in "relative"), each with the
-device, kernel, torch version and commit (``perf/results/solvers/`` keeps the committed ones).
+device, kernel, torch version, commit and this command (``perf/results/solvers/`` keeps the committed ones,
+which ``opforge perf-table`` renders).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -57,8 +60,9 @@ def main() -> None:
     device_name = (torch.cuda.get_device_name() if dev.startswith("cuda") else
                    f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
     print(f"device {device_name}, kernel {args.kernel}, torch {torch.__version__}")
+    command = "python perf/solver_paths.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     common = dict(device=device_name, kernel=args.kernel, torch=torch.__version__, commit=git_commit(),
-                  repeat=args.repeat)
+                  repeat=args.repeat, command=command.strip())
     records = []
     print(f"{'N':>6} {'call':<14} {'cholesky ms':>12} {'cg ms':>10} {'speedup':>8}")
     for n in args.n:

@@ -340,6 +340,57 @@ def test_solver_paths_times_both_methods(tmp_path):
     assert float(rows[3][2]) < 1e-3, r.stdout
 
 
+def test_gp_peer_times_both_libraries(tmp_path):
+    """perf/gp_peer.py: GPyTorch's exact GP and GPRegression on the same data and parameters, a record per
+    (N, call) with both times and the speedup, and the agreement of their answers (tiny: the same model)."""
+    pytest.importorskip("gpytorch")
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "perf" / "gp_peer.py"
+    out = tmp_path / "gp.json"
+    r = subprocess.run([sys.executable, str(script), "--n", "25", "--t", "7", "--repeat", "1", "--device", "cpu",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    records = json.loads(out.read_text())
+    assert [(rec["n"], rec["call"]) for rec in records] == [(25, c) for c in ("mll+grad", "predict-cold@7",
+                                                                             "predict-warm@7", "agreement")]
+    assert all(rec["gpytorch_ms"] / rec["opforge_ms"] == pytest.approx(rec["speedup"], rel=0.01)
+               for rec in records[:3])
+    agree = records[3]
+    assert agree["mll_relative"] < 1e-5 and agree["mean_relative"] < 1e-4 and agree["variance_relative"] < 1e-4
+    assert records[0]["command"] == f"python perf/gp_peer.py --n 25 --t 7 --repeat 1 --device cpu --json {out}"
+    assert records[0]["gpytorch"] and records[0]["kernel"] == "matern52"
+
+
+def test_perf_table_renders_the_script_records(tmp_path):
+    """`opforge perf-table` renders perf/results/solvers/ and perf/results/gp/ from their records: a caption
+    with the command, device and versions, a row per (N, call), the agreement below; a file that is not such
+    records is an error naming it."""
+    from opforge.autotune.cli import perf_tables
+
+    common = dict(device="cpu (x86_64, 2 threads)", kernel="matern52", torch="2.x", commit="abc1234", repeat=3)
+    (tmp_path / "gp").mkdir()
+    (tmp_path / "gp" / "cpu.json").write_text(json.dumps([
+        dict(n=200, call="mll+grad", gpytorch_ms=4.0, opforge_ms=2.0, speedup=2.0, gpytorch="1.15",
+             command="python perf/gp_peer.py --n 200", **common),
+        dict(n=200, call="agreement", mll_relative=1e-7, mean_relative=2e-6, variance_relative=3e-6,
+             gpytorch="1.15", command="python perf/gp_peer.py --n 200", **common)]))
+    (tmp_path / "solvers").mkdir()
+    (tmp_path / "solvers" / "cpu.json").write_text(json.dumps([
+        dict(n=800, call="kernel_solve", cholesky_ms=1.5, cg_ms=15.0, speedup=10.0, **common),
+        dict(n=800, call="cg_vs_cholesky", relative=7e-5, **common)]))
+    text = perf_tables(tmp_path)
+    solvers, gp = text.split("#### `solvers/cpu.json`")[1].split("#### `gp/cpu.json`")
+    assert "Made by `python perf/gp_peer.py --n 200` on cpu (x86_64, 2 threads), torch 2.x, GPyTorch 1.15" in gp
+    assert "| 200 | mll+grad | 4.000 | 2.000 | 2.00x |" in gp
+    assert "| N | log-likelihoods | means | variances |" in gp and "| 200 | 1.0e-07 | 2.0e-06 | 3.0e-06 |" in gp
+    assert "Made by `perf/solver_paths.py` on" in solvers  # (records without their command)
+    assert "| 800 | kernel_solve | 1.500 | 15.000 | 10.00x |" in solvers and "| 800 | 7.0e-05 |" in solvers
+    (tmp_path / "gp" / "bad.json").write_text(json.dumps({"records": []}))
+    with pytest.raises(ValueError, match="bad.json is not a list of perf script records"):
+        perf_tables(tmp_path)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--cases", "nosuch"], "unknown case(s) ['nosuch']"),
     (["--ops", "kernel_sum", "--cases", "2d-256-b32-c64-m32"],

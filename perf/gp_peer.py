@@ -1,0 +1,182 @@
+"""opforge's ``GPRegression`` against GPyTorch's exact GP, the library GP users have, on the same data with the
+same parameters, timed in the same run.
+
+    python perf/gp_peer.py [--n 200 500 800 1600] [--kernel matern52] [--t 1000] [--device cuda] [--repeat 3]
+                           [--json FILE]
+
+For each N (points uniform in [0, 1]^3, y = sin(3 (x1 + x2 + x3)) + 0.1 noise) GPyTorch's
+``ExactGP(ConstantMean, ScaleKernel(base), GaussianLikelihood)`` is built with lengthscale 0.3, outputscale 1,
+noise 0.01, and ``GPRegression.from_gpytorch`` takes it (kernel, data, parameters). Each library runs with its
+own default settings: both factor the matrix exactly up to 800 points (GPyTorch's ``max_cholesky_size``,
+opforge's ``method="auto"``); above, both run preconditioned conjugate gradients with stochastic
+log-determinants, GPyTorch with its looser defaults (training CG tolerance 1, 10 probes, a rank-15
+preconditioner), opforge with tol 1e-6, 16 probes and rank 64, so the agreement columns say how far the
+two answers are apart. Per N, the median of ``--repeat`` calls after one warm-up, in milliseconds:
+
+* ``mll+grad``: the training step, -log p(y) / N (GPyTorch's ``ExactMarginalLogLikelihood``) and its
+  gradient in every parameter;
+* ``predict-cold@T``: the posterior mean and variance at T test points just after a parameter change (GPyTorch's
+  ``model.train(); model.eval()`` clears its prediction caches; a write to opforge's noise makes its kept
+  weights and factor stale), under ``torch.no_grad()``;
+* ``predict-warm@T``: the same call repeated with nothing changed (the caches of both kept), a Bayesian-
+  optimisation loop's call.
+
+The speedup is GPyTorch's time over opforge's. The agreement records (call ``agreement``) give the two
+log-likelihoods' relative difference and the largest differences of the means (relative to the largest
+|mean|) and of the variances (relative to the largest variance). ``--json FILE`` writes every record with
+the device, kernel, N, torch and GPyTorch versions, the commit and this command; ``perf/results/gp/`` keeps
+the committed ones, which ``opforge perf-table`` renders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opforge.autotune.perf import git_commit
+from opforge.kernels import GPRegression
+
+BASES = {"gaussian": ("RBFKernel", {}), "laplacian": ("MaternKernel", {"nu": 0.5}),
+         "matern32": ("MaternKernel", {"nu": 1.5}), "matern52": ("MaternKernel", {"nu": 2.5})}
+
+
+def _time(fn, device: str, repeat: int) -> float:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e3
+
+
+def gpytorch_model(gpytorch, x, y, kernel: str):
+    """GPyTorch's standard exact GP on (x, y) with lengthscale 0.3, outputscale 1 and noise 0.01."""
+    name, kw = BASES[kernel]
+
+    class ExactGP(gpytorch.models.ExactGP):
+        def __init__(self, lik):
+            super().__init__(x, y, lik)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(getattr(gpytorch.kernels, name)(**kw))
+
+        def forward(self, t):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(t), self.covar_module(t))
+
+    model = ExactGP(gpytorch.likelihoods.GaussianLikelihood()).to(x.device)
+    model.covar_module.base_kernel.lengthscale = 0.3
+    model.covar_module.outputscale = 1.0
+    model.likelihood.noise = 0.01
+    return model
+
+
+def compare(n: int, kernel: str, t: int, device: str, repeat: int, gen: torch.Generator) -> list[dict]:
+    """The records of one N: a timing record per call and one agreement record."""
+    import gpytorch
+
+    x = torch.rand(n, 3, generator=gen)
+    y = (torch.sin(3 * x.sum(-1)) + 0.1 * torch.randn(n, generator=gen)).to(device)
+    x, xt = x.to(device), torch.rand(t, 3, generator=gen).to(device)
+    model = gpytorch_model(gpytorch, x, y, kernel)
+    lik = model.likelihood
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+    gp = GPRegression.from_gpytorch(model)
+
+    def theirs_train():
+        model.train(), lik.train()
+        model.zero_grad()
+        loss = -mll(model(x), y)
+        loss.backward()
+        return loss
+
+    def ours_train():
+        gp.zero_grad()
+        loss = -gp.marginal_log_likelihood() / n
+        loss.backward()
+        return loss
+
+    def theirs_predict(cold: bool):
+        if cold:
+            model.train(), lik.train()
+        model.eval(), lik.eval()
+        with torch.no_grad():
+            post = model(xt)
+            return post.mean, post.variance
+
+    def ours_predict(cold: bool):
+        if cold:
+            gp.noise = 0.01  # (an in-place write: the kept weights and factor are stale)
+        with torch.no_grad():
+            return gp(xt, return_variance=True)
+
+    records = []
+    calls = {"mll+grad": (theirs_train, ours_train),
+             f"predict-cold@{t}": (lambda: theirs_predict(True), lambda: ours_predict(True)),
+             f"predict-warm@{t}": (lambda: theirs_predict(False), lambda: ours_predict(False))}
+    for name, (theirs, ours) in calls.items():
+        ms_theirs, ms_ours = _time(theirs, device, repeat), _time(ours, device, repeat)
+        records.append(dict(n=n, call=name, gpytorch_ms=round(ms_theirs, 3), opforge_ms=round(ms_ours, 3),
+                            speedup=round(ms_theirs / ms_ours, 2)))
+    l_theirs, l_ours = float(theirs_train().detach()), float(ours_train().detach())
+    (m1, v1), (m2, v2) = theirs_predict(True), ours_predict(True)
+    records.append(dict(n=n, call="agreement", mll_relative=abs(l_ours - l_theirs) / abs(l_theirs),
+                        mean_relative=float((m1 - m2).abs().max() / m1.abs().max()),
+                        variance_relative=float((v1 - v2).abs().max() / v1.abs().max())))
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[200, 500, 800, 1600])
+    ap.add_argument("--kernel", choices=list(BASES), default="matern52")
+    ap.add_argument("--t", type=int, default=1000, help="test points of the predictions")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the records as JSON to this file")
+    args = ap.parse_args(argv)
+    if min(args.n) < 1 or args.repeat < 1 or args.t < 1:
+        ap.error("--n, --t and --repeat must be positive")
+    try:
+        import gpytorch
+    except ImportError as exc:
+        print(f"gp_peer: GPyTorch is not importable here ({exc}); pip install gpytorch, or on the GPU machine "
+              f"carry .whl (bash perf/peer_wheels.sh)", file=sys.stderr)
+        return 2
+    dev = args.device
+    device_name = (torch.cuda.get_device_name() if dev.startswith("cuda") else
+                   f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
+    command = "python perf/gp_peer.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    common = dict(device=device_name, kernel=args.kernel, torch=torch.__version__, gpytorch=gpytorch.__version__,
+                  commit=git_commit(), repeat=args.repeat, command=command.strip())
+    print(f"device {device_name}, kernel {args.kernel}, torch {torch.__version__}, gpytorch {gpytorch.__version__}")
+    print(f"{'N':>6} {'call':<18} {'gpytorch ms':>12} {'opforge ms':>11} {'speedup':>8}")
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for n in args.n:
+        for r in compare(n, args.kernel, args.t, dev, args.repeat, gen):
+            if r["call"] == "agreement":
+                print(f"{n:>6} {'agreement':<18} mll {r['mll_relative']:.1e}, mean {r['mean_relative']:.1e}, "
+                      f"variance {r['variance_relative']:.1e} (relative)")
+            else:
+                print(f"{n:>6} {r['call']:<18} {r['gpytorch_ms']:>12.2f} {r['opforge_ms']:>11.2f} "
+                      f"{r['speedup']:>7.2f}x")
+            records.append(dict(r, **common))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
