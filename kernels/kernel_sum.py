@@ -1619,7 +1619,7 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
                  tol: float = 1e-6, max_iter: int = 1000, return_info: bool = False, precond_rank: int = 64,
                  x0=None, method: str = "auto"):
     """Solve ``(outputscale * K(x, x) + noise * I) alpha = y``: by conjugate gradients on kernel sums, or for
-    up to 800 points by a Cholesky factor of the dense matrix (``method``).
+    up to 800 points on a GPU and 4096 on a CPU by a Cholesky factor of the dense matrix (``method``).
 
     Args:
         x: [..., N, D] training points; y: [..., N] or [..., N, R] right-hand sides (e.g. GP targets), read as
@@ -1638,7 +1638,9 @@ def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscal
         method: "cg" (conjugate gradients: O(N) memory, a kernel sum per iteration), "cholesky" (the dense
             [..., N, N] matrix in float64 and its Cholesky factor: O(N^2) memory and O(N^3) work, exact, with
             no iterations, tol, max_iter, precond_rank or x0), or "auto" (the default): "cholesky" for N <= 800
-            (GPyTorch's ``max_cholesky_size``) while the batch's matrices hold at most 2^26 entries, else "cg";
+            on a GPU (GPyTorch's ``max_cholesky_size``) and N <= 4096 on a CPU (where it was the faster path at
+            every size measured: perf/results/solvers/) while the batch's matrices hold at most 2^26 entries,
+            else "cg";
             "auto" also takes "cg" where the matrix is not positive definite in float64, which "cholesky"
             reports as an error.
 
@@ -1726,10 +1728,16 @@ def _tol(tol) -> float:
 
 
 #: the ways a solve runs (``method``): "cholesky" factors the dense float64 matrix, "cg" runs preconditioned
-#: conjugate gradients on kernel sums, "auto" takes "cholesky" for N <= 800 points (GPyTorch's
-#: ``max_cholesky_size``) while the batch's matrices hold at most 2^26 float64 entries (512 MB), else "cg"
+#: conjugate gradients on kernel sums, "auto" takes "cholesky" for N <= 4096 points on a CPU and N <= 800 on a
+#: GPU (GPyTorch's ``max_cholesky_size``) while the batch's matrices hold at most 2^26 float64 entries (512 MB),
+#: else "cg"
 SOLVE_METHODS = ("auto", "cholesky", "cg")
-_CHOLESKY_MAX = 800
+# "auto"'s largest Cholesky problem by device type (others: "cuda"'s). On the 2-core development VM the dense
+# path was faster than conjugate gradients at every N of perf/results/solvers/cpu.json, 200 to 3200 points,
+# in every call, so a CPU takes it as far as the memory bound lets D = 3 go; on a GPU, where a kernel sum is a
+# flash kernel, GPyTorch's 800 stands until perf/solver_paths.py has run there (perf/gpu_session.sh's example
+# stage runs it)
+_CHOLESKY_MAX = {"cpu": 4096, "cuda": 800}
 _DENSE_ENTRIES = 1 << 26
 
 
@@ -1740,14 +1748,15 @@ def _method(method) -> str:
     return method
 
 
-def _dense_wanted(method: str, n: int, d: int, kernel: str, lead) -> bool:
-    """Whether a solve of n points in d dimensions over the batch dims ``lead`` runs dense (see
+def _dense_wanted(method: str, n: int, d: int, kernel: str, lead, device: torch.device) -> bool:
+    """Whether a solve of n points in d dimensions over the batch dims ``lead`` on ``device`` runs dense (see
     ``SOLVE_METHODS``); the entries counted are the matrices' and, where the distances are exact differences
-    (``_dense_kernel``), the d per entry that autograd may keep of them."""
+    (``_dense_kernel``), the d per entry that autograd may keep of them (a recorded backward's plain form)."""
     if method != "auto":
         return method == "cholesky"
     per = d + 1 if _exact(d, kernel) else 1
-    return n <= _CHOLESKY_MAX and math.prod(lead) * n * n * per <= _DENSE_ENTRIES
+    most = _CHOLESKY_MAX.get(device.type, _CHOLESKY_MAX["cuda"])
+    return n <= most and math.prod(lead) * n * n * per <= _DENSE_ENTRIES
 
 
 def _dense_kernel(p, q, kernel: str, ls, os_) -> torch.Tensor:
@@ -1788,8 +1797,8 @@ def _dense_sq(ps, qs, kernel: str) -> torch.Tensor:
 
 def _dense_phi(ps, qs, kernel: str) -> torch.Tensor:
     """phi(|p - q|^2) [..., n, m] in torch ops that autograd differentiates (twice): ``_DenseK``'s plain form;
-    where nothing is recorded, in place (``_phi_dphi_``: a prediction's K(X, x*) took 30 of its 60 ms out of
-    place at 800 x 1000 points on the 2-core VM)."""
+    where nothing is recorded, in place (``_phi_dphi_``; out of place, a prediction's K(X, x*) took half of
+    its time on a CPU)."""
     s = _dense_sq(ps, qs, kernel)
     if torch.is_grad_enabled():
         return _phi_plain(s, kernel)
@@ -1802,8 +1811,8 @@ class _DenseK(torch.autograd.Function):
     (grad q alike), from exact differences one coordinate at a time where the distances are (``_exact``), else
     as 2 (p_i sum_j w_ij - sum_j w_ij q_j) with two matrix products. The forward keeps dphi/ds [..., n, m]
     (``_phi_dphi_``, in place). Autograd through ``_dense_phi``'s 20-odd elementwise ops instead kept their
-    operands and ran twice as many backwards: half the Cholesky likelihood's step at N = 800, D = 3 on the
-    2-core VM. A recorded backward (``create_graph``) differentiates ``_dense_phi`` itself, so second
+    operands and ran twice as many backwards, which took about half of what was left of the Cholesky
+    likelihood's step on a CPU. A recorded backward (``create_graph``) differentiates ``_dense_phi`` itself, so second
     derivatives are autograd's, at coincident points too."""
 
     @staticmethod
@@ -1916,7 +1925,7 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     method = _method(method)
     info: dict = {}
     sol = None
-    if precond is None and _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2]):
+    if precond is None and _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2], x.device):
         dense = _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info, method)
         sol = None if dense is None else dense[0].to(rhs.dtype)
     if sol is None:
@@ -1945,10 +1954,10 @@ def gp_posterior_mean(x_train, y_train, x_test, kernel: str = "gaussian", noise:
                       method: str = "auto"):
     """Exact GP regression posterior mean ``K(x_test, X) (K(X, X) + noise I)^-1 y``: ``kernel_solve`` (its
     ``method``: conjugate gradients without any kernel matrix, or a dense Cholesky factor for up to 800
-    training points), then one kernel sum. 16-bit inputs (all three of one dtype) are computed in float32
-    and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two steps put 8% of error
-    into the mean (300 points; alpha's terms cancel in the sum). Under autocast the mean comes in float32, as
-    ``kernel_solve``'s and ``kernel_matvec``'s results do."""
+    training points on a GPU, 4096 on a CPU), then one kernel sum. 16-bit inputs (all three of one dtype) are
+    computed in float32 and the mean rounded once to their dtype: alpha rounded to bfloat16 between the two
+    steps put 8% of error into the mean (300 points; alpha's terms cancel in the sum). Under autocast the mean
+    comes in float32, as ``kernel_solve``'s and ``kernel_matvec``'s results do."""
     ts = (x_train, y_train, x_test)
     _test_points(x_train, x_test)  # (before the solve, not after it)
     if isinstance(x_train, torch.Tensor) and autocast_dtype(x_train.device) is not None:  # float32, as the
@@ -1986,10 +1995,10 @@ def gp_posterior_variance(x_train, x_test, kernel: str = "gaussian", noise=1e-2,
     floats of memory at a time, and the result is
     differentiable in x_test, x_train, the lengthscale, the outputscale and the noise, through the solves'
     implicit gradients. On the Cholesky path (``method``, as in ``kernel_solve``: the default for up to 800
-    training points) the training matrix is factored once, in float64, and each block of 1024 test points
-    costs one triangular solve, k(x*, x*) - |L^-1 k(X, x*)|^2, differentiated by autograd. Rounding can take
-    a variance of about 0 (a test point on a training point with small noise) below 0; it is clamped at 0,
-    where its gradient is then 0.
+    training points on a GPU, 4096 on a CPU) the training matrix is factored once, in float64, and each block of
+    1024 test points costs one triangular solve, k(x*, x*) - |L^-1 k(X, x*)|^2, differentiated by autograd.
+    Rounding can take a variance of about 0 (a test point on a training point with small noise) below 0; it is
+    clamped at 0, where its gradient is then 0.
 
     Args:
         x_train: [..., N, D] training points; x_test: [..., T, D] points (x_train's dtype and device); batch dims
@@ -2076,7 +2085,7 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
 
     lead = torch.broadcast_shapes(x_train.shape[:-2], x_test.shape[:-2],
                                   _prepare(x_train, x_test, x_test[..., :1], kernel, lengthscale, outputscale)[2])
-    if T and _dense_wanted(method, x_train.shape[-2], x_train.shape[-1], kernel, lead):
+    if T and _dense_wanted(method, x_train.shape[-2], x_train.shape[-1], kernel, lead, x_train.device):
         out = _dense_variance(x_train, x_test, prior, kernel, noise, lengthscale, outputscale, method, factor, full)
         if out is not None:
             return finish(out)
@@ -2265,8 +2274,8 @@ class _CholeskyMLL(torch.autograd.Function):
     Its backward is the likelihood's gradient written out (as GPyTorch's inv_quad_logdet's is):
     dA = 1/2 (alpha diag(g) alpha^T - (sum g) A^-1), dr = -g alpha, with A^-1 from L (``cholesky_inverse``,
     N^3 / 3 + N^3 / 3 flops). Autograd through the factorisation and the solves instead went back through
-    L with two triangular solves and matrix products (about 4 N^3): at N = 800 on the 2-core VM, 99 ms of the
-    337 ms step. A backward that records (``create_graph``, second derivatives) refactors A with autograd
+    L with two triangular solves and matrix products (about 4 N^3 flops): about half the step on a CPU. A
+    backward that records (``create_graph``, second derivatives) refactors A with autograd
     recording, so its result is differentiable again."""
 
     @staticmethod
@@ -2313,9 +2322,9 @@ def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengt
     term and the gradient in y are exact up to ``tol``. The backward pass is one kernel-sum backward, with no
     further solve.
 
-    For up to 800 points (``method``, as in ``kernel_solve``) it is instead computed exactly, as GPyTorch does
-    there too: a Cholesky factor L of the dense float64 matrix gives y^T A^-1 y and log|A| = 2 sum log L_ii,
-    and autograd differentiates them (no probes: ``num_probes`` and ``generator`` go unused).
+    For up to 800 points on a GPU and 4096 on a CPU (``method``, as in ``kernel_solve``) it is instead computed
+    exactly, as GPyTorch does up to 800: a Cholesky factor L of the dense float64 matrix gives y^T A^-1 y and
+    log|A| = 2 sum log L_ii, and their gradient is exact (no probes: ``num_probes`` and ``generator`` go unused).
 
     Args:
         x: [..., N, D] training points; y: [..., N] targets or [..., N, R] columns (R independent GPs sharing
@@ -2352,7 +2361,7 @@ def gp_marginal_log_likelihood(x, y, kernel: str = "gaussian", noise=1e-2, lengt
     method = _method(method)
     info: dict = {}
     out = None
-    if _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2]):
+    if _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2], x.device):
         out = _dense_mll(rhs, x, kernel, noise, lengthscale, outputscale, info, method)
     if out is None:
         out = _GPMarginalLogLikelihood.apply(rhs, x, lengthscale, outputscale, noise,
@@ -2538,8 +2547,8 @@ class GPRegression(nn.Module):
         noise_lower_bound: the noise constraint's lower bound (GPyTorch's default 1e-4).
         num_probes, tol, max_iter, precond_rank, method: the solver settings, as in
             ``gp_marginal_log_likelihood`` and ``kernel_solve``; attributes, changeable later. With the default
-            ``method="auto"``, up to 800 training points are solved by a dense Cholesky factor (an exact
-            likelihood, as GPyTorch's below its ``max_cholesky_size``), more by conjugate gradients.
+            ``method="auto"``, up to 800 training points on a GPU (GPyTorch's ``max_cholesky_size``) and 4096 on
+            a CPU are solved by a dense Cholesky factor (an exact likelihood), more by conjugate gradients.
 
     Properties ``lengthscale`` ([1, D or 1], GPyTorch's shape), ``outputscale`` ([]), ``noise`` ([1]) and
     ``mean_constant`` ([]) give the constrained values and take new ones (``gp.noise = 0.05``).
@@ -2714,8 +2723,9 @@ class GPRegression(nn.Module):
     def marginal_log_likelihood(self, generator: torch.Generator | None = None, return_info: bool = False):
         """log p(train_y | train_x) under the current parameters: ``gp_marginal_log_likelihood`` of the
         centred targets (a [] tensor, a sum over the N points; divide by N for GPyTorch's value). On the
-        Cholesky path (``method``; "auto" up to 800 points) it is exact; on the conjugate-gradient path its
-        log-determinant is estimated from ``num_probes`` random probes (``generator`` fixes them)."""
+        Cholesky path (``method``; "auto" up to 800 points on a GPU, 4096 on a CPU) it is exact; on the
+        conjugate-gradient path its log-determinant is estimated from ``num_probes`` random probes
+        (``generator`` fixes them)."""
         x, y = self._data("marginal_log_likelihood")
         return gp_marginal_log_likelihood(x, y - self.mean_constant.to(y.dtype), self.kernel, self.noise,
                                           self.lengthscale, self.outputscale, self.num_probes, self.tol,
@@ -2827,7 +2837,8 @@ class GPRegression(nn.Module):
         """The training matrix's Cholesky factor, for the weights and the variance, kept under the weights' key
         while no gradient needs it (a prediction then costs triangular solves, not a factorisation); None on
         the conjugate-gradient path, or where a gradient is wanted (the solves then factor it anew, recorded)."""
-        if wants_grad((ls, os_, nz)) or not _dense_wanted(self.method, x.shape[0], x.shape[1], self.kernel, ()):
+        if wants_grad((ls, os_, nz)) or not _dense_wanted(self.method, x.shape[0], x.shape[1], self.kernel, (),
+                                                          x.device):
             return None
         key = self._key()
         if self._factor is None or self._factor[0] != key:

@@ -147,19 +147,28 @@ def test_laplacian_gradients_at_coincident_points_are_finite():
     torch.testing.assert_close(grads["cholesky"], grads["cg"], rtol=1e-7, atol=1e-9)
 
 
-def test_auto_takes_cholesky_up_to_800_points_and_a_memory_bound(monkeypatch):
-    """"auto" is Cholesky for N <= 800 (GPyTorch's max_cholesky_size) while the matrices, with the D per entry
-    autograd keeps of exact differences, stay within 2^26 entries; conjugate gradients beyond. The bounds are
-    lowered here so that the conjugate-gradient side of each runs small."""
-    assert (ks._CHOLESKY_MAX, ks._DENSE_ENTRIES) == (800, 1 << 26)
-    monkeypatch.setattr(ks, "_CHOLESKY_MAX", 12)
+def test_auto_takes_cholesky_up_to_a_size_by_device_and_a_memory_bound(monkeypatch):
+    """"auto" is Cholesky for N <= 4096 on a CPU (faster than conjugate gradients at every size of
+    perf/results/solvers/cpu.json) and N <= 800 elsewhere (GPyTorch's max_cholesky_size, until a GPU has timed
+    both) while the matrices, with the D per entry autograd may keep of exact differences, stay within 2^26
+    entries; conjugate gradients beyond. The bounds are lowered here so that the conjugate-gradient side of each
+    runs small."""
+    assert (ks._CHOLESKY_MAX, ks._DENSE_ENTRIES) == ({"cpu": 4096, "cuda": 800}, 1 << 26)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ks._dense_wanted("auto", 4096, 3, "gaussian", (), cpu) and not ks._dense_wanted("auto", 4097, 3,
+                                                                                           "gaussian", (), cpu)
+    assert ks._dense_wanted("auto", 800, 3, "gaussian", (), gpu) and not ks._dense_wanted("auto", 801, 3,
+                                                                                          "gaussian", (), gpu)
+    assert not ks._dense_wanted("auto", 801, 3, "gaussian", (), torch.device("meta"))  # (others: a GPU's)
+    assert not ks._dense_wanted("auto", 4096, 8, "matern32", (), cpu)  # 9 x 4096^2 entries > 2^26
+    monkeypatch.setattr(ks, "_CHOLESKY_MAX", {"cpu": 12, "cuda": 12})
     x, y, xt = _data(4, n=13)
     for n, want in ((12, "cholesky"), (13, "cg")):
         assert kernel_solve(x[:n], y[:n], "matern32", 0.1, return_info=True)[1]["method"] == want
         assert gp_marginal_log_likelihood(x[:n], y[:n], "matern32", 0.1, return_info=True)[1]["method"] == want
     for method in ("cholesky", "cg"):  # the named method, whatever the size
         assert kernel_solve(x, y, "matern32", 0.1, return_info=True, method=method)[1]["method"] == method
-    monkeypatch.setattr(ks, "_CHOLESKY_MAX", 800)
+    monkeypatch.setattr(ks, "_CHOLESKY_MAX", {"cpu": 800, "cuda": 800})
     # 2 x 10^2 entries x (D + 1) per entry for exact differences (D = 3 <= 8): 800, then 2 x 10^2 for the expansion
     monkeypatch.setattr(ks, "_DENSE_ENTRIES", 799)
     xb = torch.stack([x[:10], x[1:11]])
