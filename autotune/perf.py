@@ -322,9 +322,15 @@ SCRIPT_TABLES = {
     "gp": ("perf/gp_peer.py", [("GPyTorch ms", "gpytorch_ms"), ("opforge ms", "opforge_ms")],
            "GPyTorch's time over opforge's GPRegression's, same data and parameters"),
 }
-_AGREEMENT = {"cg_vs_cholesky": [("solves' relative difference", "relative")],
-              "agreement": [("log-likelihoods", "mll_relative"), ("means", "mean_relative"),
-                            ("variances", "variance_relative")]}
+_AGREEMENT = {  # the records of how right the answers are: call -> (what the table says, its columns)
+    "cg_vs_cholesky": ("How far apart the two solves are (largest difference, relative):",
+                       [("solves' relative difference", "relative")]),
+    "accuracy": ("Errors against the exact answer, the NumPy float64 reference (relative; means and variances: "
+                 "the largest error over the largest value):",
+                 [(f"{q} {lib}", f"{lib.lower()}_{key}_error") for q, key in
+                  (("log-likelihood", "mll"), ("mean", "mean"), ("variance", "variance"))
+                  for lib in ("GPyTorch", "opforge")]),
+}
 
 
 def read_script_records(path: Path) -> list[dict]:
@@ -354,8 +360,8 @@ def script_table(records: list[dict], kind: str) -> str:
               for r in timed]
     agree = [r for r in records if r["call"] in _AGREEMENT]
     if agree:
-        acols = _AGREEMENT[agree[0]["call"]]
-        lines += ["", "How far apart the two answers are (largest difference, relative):", "",
+        says, acols = _AGREEMENT[agree[0]["call"]]
+        lines += ["", says, "",
                   "| N | " + " | ".join(h for h, _ in acols) + " |", "| --- | " + " | ".join("---" for _ in acols) + " |"]
         lines += [f"| {r['n']} | " + " | ".join(f"{r[k]:.1e}" for _, k in acols) + " |" for r in agree]
     return caption + "\n\n" + "\n".join(lines)

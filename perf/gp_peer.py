@@ -21,9 +21,11 @@ two answers are apart. Per N, the median of ``--repeat`` calls after one warm-up
 * ``predict-warm@T``: the same call repeated with nothing changed (the caches of both kept), a Bayesian-
   optimisation loop's call.
 
-The speedup is GPyTorch's time over opforge's. The agreement records (call ``agreement``) give the two
-log-likelihoods' relative difference and the largest differences of the means (relative to the largest
-|mean|) and of the variances (relative to the largest variance). ``--json FILE`` writes every record with
+The speedup is GPyTorch's time over opforge's. The accuracy records (call ``accuracy``, up to ``--ref-max``
+points) give each library's error against the exact answer, the NumPy float64 reference
+(``opforge.reference.kernel_sum``: the dense matrix, ``numpy.linalg``): the log-likelihood's relative error,
+and the largest errors of the means (relative to the largest |mean|) and of the variances (relative to the
+largest variance). ``--json FILE`` writes every record with
 the device, kernel, N, torch and GPyTorch versions, the commit and this command; ``perf/results/gp/`` keeps
 the committed ones, which ``opforge perf-table`` renders.
 """
@@ -38,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from opforge.autotune.perf import git_commit
@@ -81,8 +84,9 @@ def gpytorch_model(gpytorch, x, y, kernel: str):
     return model
 
 
-def compare(n: int, kernel: str, t: int, device: str, repeat: int, gen: torch.Generator) -> list[dict]:
-    """The records of one N: a timing record per call and one agreement record."""
+def compare(n: int, kernel: str, t: int, device: str, repeat: int, gen: torch.Generator,
+            ref_max: int = 4096) -> list[dict]:
+    """The records of one N: a timing record per call and, for N <= ``ref_max``, one accuracy record."""
     import gpytorch
 
     x = torch.rand(n, 3, generator=gen)
@@ -130,10 +134,32 @@ def compare(n: int, kernel: str, t: int, device: str, repeat: int, gen: torch.Ge
                             speedup=round(ms_theirs / ms_ours, 2)))
     l_theirs, l_ours = float(theirs_train().detach()), float(ours_train().detach())
     (m1, v1), (m2, v2) = theirs_predict(True), ours_predict(True)
-    records.append(dict(n=n, call="agreement", mll_relative=abs(l_ours - l_theirs) / abs(l_theirs),
-                        mean_relative=float((m1 - m2).abs().max() / m1.abs().max()),
-                        variance_relative=float((v1 - v2).abs().max() / v1.abs().max())))
+    if n > ref_max:
+        return records
+    want = _reference(x, y, xt, kernel, float(model.mean_module.constant.detach()))
+    got = {"gpytorch": (l_theirs, m1, v1), "opforge": (l_ours, m2, v2)}
+    errors = {}
+    for lib, (mll_n, mean, var) in got.items():
+        errors[f"{lib}_mll_error"] = abs(-mll_n - want[0]) / abs(want[0])
+        for name, t, w in (("mean", mean, want[1]), ("variance", var, want[2])):
+            errors[f"{lib}_{name}_error"] = float(np.abs(t.detach().double().cpu().numpy() - w).max() / np.abs(w).max())
+    records.append(dict(n=n, call="accuracy", **errors))
     return records
+
+
+def _reference(x, y, xt, kernel: str, c: float) -> tuple:
+    """(log p(y) / N, posterior mean, posterior variance of f) in NumPy float64 from the dense matrix, with
+    ``gpytorch_model``'s parameters."""
+    from opforge.reference import kernel_sum as ref
+
+    xn, yn, tn = (t.detach().double().cpu().numpy() for t in (x, y, xt))
+    A = ref.kernel_matrix(xn, xn, kernel, 0.3, 1.0) + 0.01 * np.eye(len(xn))
+    ks = ref.kernel_matrix(tn, xn, kernel, 0.3, 1.0)
+    r = yn - c
+    mll = -0.5 * r @ np.linalg.solve(A, r) - 0.5 * np.linalg.slogdet(A)[1] - 0.5 * len(xn) * np.log(2 * np.pi)
+    mean = c + ks @ np.linalg.solve(A, r)
+    var = 1.0 - np.einsum("ij,ji->i", ks, np.linalg.solve(A, ks.T))
+    return mll / len(xn), mean, var
 
 
 def main(argv=None) -> int:
@@ -143,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--t", type=int, default=1000, help="test points of the predictions")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ref-max", type=int, default=4096, help="largest N checked against the float64 reference")
     ap.add_argument("--json", type=Path, help="also write the records as JSON to this file")
     args = ap.parse_args(argv)
     if min(args.n) < 1 or args.repeat < 1 or args.t < 1:
@@ -164,10 +191,11 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     records = []
     for n in args.n:
-        for r in compare(n, args.kernel, args.t, dev, args.repeat, gen):
-            if r["call"] == "agreement":
-                print(f"{n:>6} {'agreement':<18} mll {r['mll_relative']:.1e}, mean {r['mean_relative']:.1e}, "
-                      f"variance {r['variance_relative']:.1e} (relative)")
+        for r in compare(n, args.kernel, args.t, dev, args.repeat, gen, args.ref_max):
+            if r["call"] == "accuracy":
+                print(f"{n:>6} {'errors':<18} " + ", ".join(
+                    f"{q} {r[f'gpytorch_{q}_error']:.1e} vs {r[f'opforge_{q}_error']:.1e}"
+                    for q in ("mll", "mean", "variance")) + " (GPyTorch vs opforge, relative)")
             else:
                 print(f"{n:>6} {r['call']:<18} {r['gpytorch_ms']:>12.2f} {r['opforge_ms']:>11.2f} "
                       f"{r['speedup']:>7.2f}x")
