@@ -1827,26 +1827,29 @@ class _DenseK(torch.autograd.Function):
     def backward(ctx, g):
         p, q, dphi = ctx.saved_tensors
         qq = p if q is None else q
-        ins = [t for t in (p, q) if t is not None]
+        # the inputs wanted: p's gradient takes both sides' terms when q is p
+        want_p, want_q = ctx.needs_input_grad[0], q is not None and ctx.needs_input_grad[1]
         if torch.is_grad_enabled():  # a recorded backward: autograd's, differentiable again
-            grads = list(torch.autograd.grad(_dense_phi(p, qq, ctx.kernel), ins, g, create_graph=True))
-            return grads[0], (grads[1] if q is not None else None), None
+            ins = [t for t, w in ((p, want_p), (q, want_q)) if w]
+            grads = iter(torch.autograd.grad(_dense_phi(p, qq, ctx.kernel), ins, g, create_graph=True))
+            return next(grads) if want_p else None, next(grads) if want_q else None, None
         w = g * dphi
+        sides = (want_p, want_q or q is None)  # (which of grad p's and grad q's terms are needed)
         if _exact(p.shape[-1], ctx.kernel):
             gp, gq = [], []
             qt = _coord_rows(qq)
             for k in range(p.shape[-1]):
                 t = w * (p[..., :, k:k + 1] - qt[..., k:k + 1, :])
-                gp.append(t.sum(-1))
-                gq.append(t.sum(-2))
-            gp = 2 * torch.stack(gp, -1) if gp else torch.zeros_like(p)
-            gq = -2 * torch.stack(gq, -1) if gq else torch.zeros_like(qq)
+                gp.append(t.sum(-1) if sides[0] else None)
+                gq.append(t.sum(-2) if sides[1] else None)
+            gp = (2 * torch.stack(gp, -1) if gp else torch.zeros_like(p)) if sides[0] else None
+            gq = (-2 * torch.stack(gq, -1) if gq else torch.zeros_like(qq)) if sides[1] else None
         else:
-            gp = 2 * (p * w.sum(-1, keepdim=True) - w @ qq)
-            gq = 2 * (qq * w.sum(-2).unsqueeze(-1) - w.transpose(-1, -2) @ p)
+            gp = 2 * (p * w.sum(-1, keepdim=True) - w @ qq) if sides[0] else None
+            gq = 2 * (qq * w.sum(-2).unsqueeze(-1) - w.transpose(-1, -2) @ p) if sides[1] else None
         if q is None:
             return (gp + gq).sum_to_size(p.shape), None, None
-        return gp.sum_to_size(p.shape), gq.sum_to_size(q.shape), None
+        return (gp.sum_to_size(p.shape) if want_p else None), (gq.sum_to_size(q.shape) if want_q else None), None
 
 
 def _scales(x, lengthscale, outputscale) -> tuple:

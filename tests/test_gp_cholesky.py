@@ -132,6 +132,22 @@ def test_written_out_backwards_match_plain_autograd(kernel, d):
     np.testing.assert_allclose(float(tangent), sum(float((a * dt).sum()) for a, dt in zip(written, v)), rtol=1e-10)
 
 
+@pytest.mark.parametrize("kernel,d", [("matern32", 2), ("imq", 10)])
+def test_gradients_in_one_point_set_alone(kernel, d):
+    """K(x_train, x_test) with only one side requiring grad (numbers for the scales): the kernel matrix's
+    written-out backward computes that side's gradient alone, and a recorded backward differentiates only it
+    (it had asked autograd for the other side's too, an error)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(7, d, generator=g, dtype=torch.float64)
+    xt = torch.cat([x[:1], torch.rand(2, d, generator=g, dtype=torch.float64)])
+    for side in ("x_train", "x_test"):
+        def f(t):
+            a, b = (t, xt) if side == "x_train" else (x, t)
+            return gp_posterior_covariance(a, b, kernel, 0.1, 0.8, 1.3, method="cholesky")
+        leaf = (x if side == "x_train" else xt).clone().requires_grad_()
+        assert torch.autograd.gradcheck(f, (leaf,)) and torch.autograd.gradgradcheck(f, (leaf,)), side
+
+
 def test_laplacian_gradients_at_coincident_points_are_finite():
     """The Laplacian's slope at r = 0 is taken as 0 (the kernel sums' convention): coincident points give finite
     gradients, the conjugate-gradient path's (a solve's: the likelihood's are a stochastic estimate there)."""
