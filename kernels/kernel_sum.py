@@ -1889,17 +1889,41 @@ def _dense_info(A, sol, rhs) -> dict:
 
 
 def _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info: dict, method: str, fn: str = "kernel_solve"):
-    """(A^-1 rhs, L, rhs), all float64: the solve by a Cholesky factor L of the dense A, autograd recording every
-    step (exact gradients, and second ones), its report in ``info``; None where "auto" finds A not positive
-    definite."""
-    f = _dense_factor(x, kernel, noise, lengthscale, outputscale, fn, method)
+    """A^-1 rhs in float64: the solve by a Cholesky factor L of the dense A (``_CholeskySolve``: exact gradients,
+    and second ones), its report in ``info``; None where "auto" finds A not positive definite."""
+    plain = _plain_autograd(x, rhs, noise, lengthscale, outputscale)
+    f = _dense_factor(x, kernel, noise, lengthscale, outputscale, fn, method, record=plain)
     if f is None:
         return None
     L, A = f[:2]
     r64 = rhs.to(torch.float64)
-    sol = torch.cholesky_solve(r64, L)
+    # (torch.func, forward-mode AD: torch's solve, autograd recording it through the recorded factor)
+    sol = torch.cholesky_solve(r64, L) if plain else _CholeskySolve.apply(A, r64, L)
     info.update(_dense_info(A, sol, r64))
-    return sol, L, r64
+    return sol
+
+
+class _CholeskySolve(torch.autograd.Function):
+    """A^-1 r for A [..., N, N] (float64, positive definite) and r [..., N, R], from A's lower Cholesky factor L
+    (made by the caller, unrecorded). Its backward is the solve's own gradient written out: z = A^-1 g, then
+    dr = z and dA = -z (A^-1 r)^T, two triangular solves per column (N^2 R flops) where autograd back through
+    the factor took O(N^3). A recorded backward (``create_graph``) refactors A with autograd recording, so its
+    result is differentiable again."""
+
+    @staticmethod
+    def forward(ctx, A, r, L):
+        sol = torch.cholesky_solve(r, L)
+        ctx.save_for_backward(A, r, L, sol)
+        return sol
+
+    @staticmethod
+    def backward(ctx, g):
+        A, r, L, sol = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a recorded backward: the same steps, differentiable in A and r
+            L = torch.linalg.cholesky(A)
+            sol = torch.cholesky_solve(r, L)
+        z = torch.cholesky_solve(g, L)
+        return (-(z @ sol.transpose(-1, -2))).sum_to_size(A.shape), z.sum_to_size(r.shape), None
 
 
 def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, return_info, precond_rank, names,
@@ -1930,7 +1954,7 @@ def _kernel_solve(x, y, kernel, noise, lengthscale, outputscale, tol, max_iter, 
     sol = None
     if precond is None and _dense_wanted(method, rhs.shape[-2], x.shape[-1], kernel, rhs.shape[:-2], x.device):
         dense = _dense_solve(rhs, x, kernel, noise, lengthscale, outputscale, info, method)
-        sol = None if dense is None else dense[0].to(rhs.dtype)
+        sol = None if dense is None else dense.to(rhs.dtype)
     if sol is None:
         sol = _KernelSolve.apply(rhs, x, lengthscale, outputscale, noise,
                                  (kernel, tol, max_iter, info, precond_rank, start, precond))
