@@ -206,7 +206,7 @@ def test_cg_is_cg_throughout(monkeypatch):
     at these sizes)."""
     factored = []
     factor = ks._dense_factor
-    monkeypatch.setattr(ks, "_dense_factor", lambda *a: factored.append(1) or factor(*a))
+    monkeypatch.setattr(ks, "_dense_factor", lambda *a, **k: factored.append(1) or factor(*a, **k))
     x, y, xt = _data(8, n=20)
     for rank in (0, 4):
         gp_posterior_variance(x, xt, "matern52", 0.1, precond_rank=rank, method="cg")

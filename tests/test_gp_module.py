@@ -168,7 +168,7 @@ def test_variance_keeps_its_factor_until_something_changes(monkeypatch):
     gp, x, y, xt = _model("matern52", method="cholesky")
     built = []
     factor = gp_mod._dense_factor
-    monkeypatch.setattr(gp_mod, "_dense_factor", lambda *a: built.append(1) or factor(*a))
+    monkeypatch.setattr(gp_mod, "_dense_factor", lambda *a, **k: built.append(1) or factor(*a, **k))
     with torch.no_grad():
         mean, _ = gp(xt, return_variance=True)
         assert len(built) == 1  # one factor: the weights' and the variance's
