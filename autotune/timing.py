@@ -41,6 +41,24 @@ def bench(fn, device, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int 
 _L2_FLUSH: dict = {}
 
 
+def wall_ms(fn, device, repeat: int) -> float:
+    """The median wall-clock milliseconds of ``repeat`` calls of ``fn()`` after one warm-up call, each between
+    CUDA synchronizes on a GPU: how the perf/ scripts time whole solver and GP calls (many kernels and host
+    reads each, where a flushed L2 per kernel means nothing)."""
+    cuda = torch.device(device).type == "cuda"
+    fn()
+    out = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e3
+
+
 def flush_l2(device) -> None:
     """Overwrite a 256 MB buffer (more than any GPU's L2) so the next kernel starts cold; no-op off CUDA."""
     device = torch.device(device)

@@ -35,33 +35,18 @@ import argparse
 import json
 import platform
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from opforge.autotune.perf import git_commit
+from opforge.autotune.timing import wall_ms
 from opforge.kernels import GPRegression
 
 BASES = {"gaussian": ("RBFKernel", {}), "laplacian": ("MaternKernel", {"nu": 0.5}),
          "matern32": ("MaternKernel", {"nu": 1.5}), "matern52": ("MaternKernel", {"nu": 2.5})}
-
-
-def _time(fn, device: str, repeat: int) -> float:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeat):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
 
 
 def gpytorch_model(gpytorch, x, y, kernel: str):
@@ -129,7 +114,7 @@ def compare(n: int, kernel: str, t: int, device: str, repeat: int, gen: torch.Ge
              f"predict-cold@{t}": (lambda: theirs_predict(True), lambda: ours_predict(True)),
              f"predict-warm@{t}": (lambda: theirs_predict(False), lambda: ours_predict(False))}
     for name, (theirs, ours) in calls.items():
-        ms_theirs, ms_ours = _time(theirs, device, repeat), _time(ours, device, repeat)
+        ms_theirs, ms_ours = wall_ms(theirs, device, repeat), wall_ms(ours, device, repeat)
         records.append(dict(n=n, call=name, gpytorch_ms=round(ms_theirs, 3), opforge_ms=round(ms_ours, 3),
                             speedup=round(ms_theirs / ms_ours, 2)))
     l_theirs, l_ours = float(theirs_train().detach()), float(ours_train().detach())

@@ -20,29 +20,14 @@ import argparse
 import json
 import platform
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from opforge.autotune.perf import git_commit
+from opforge.autotune.timing import wall_ms
 from opforge.kernels import KERNELS, gp_marginal_log_likelihood, gp_posterior_variance, kernel_solve
-
-
-def _time(fn, device: str, repeat: int) -> float:
-    fn()  # warm-up (Triton's JIT on a GPU)
-    out = []
-    for _ in range(repeat):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
 
 
 def main() -> None:
@@ -78,7 +63,7 @@ def main() -> None:
             "variance@1000": lambda m: gp_posterior_variance(x, xt, args.kernel, 0.01, 0.3, method=m),
         }
         for name, call in calls.items():
-            ms = {m: _time(lambda: call(m), dev, args.repeat) for m in ("cholesky", "cg")}
+            ms = {m: wall_ms(lambda: call(m), dev, args.repeat) for m in ("cholesky", "cg")}
             print(f"{n:>6} {name:<14} {ms['cholesky']:>12.2f} {ms['cg']:>10.2f} {ms['cg'] / ms['cholesky']:>7.1f}x")
             records.append(dict(n=n, call=name, cholesky_ms=round(ms["cholesky"], 3), cg_ms=round(ms["cg"], 3),
                                 speedup=round(ms["cg"] / ms["cholesky"], 2), **common))
