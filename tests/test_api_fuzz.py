@@ -300,8 +300,11 @@ def _low_excess(got, want, allow, interpreted: bool, tf32_sums=None) -> float:
         return float("inf")
     a, w = got.detach().double(), want.detach().double()
     u = 2.0 ** -8 if LOW == torch.bfloat16 else 2.0 ** -11
-    # (and float32's underflow: seed 23 drew a Gaussian whose every value was ~1e-199, 0 in float32)
-    bound = (u * w.abs() + (2 * allow + tf32) * w.abs().max()
+    # (and float32's underflow: seed 23 drew a Gaussian whose every value was ~1e-199, 0 in float32). The
+    # allowances are relative to max |ref|, floored at 1e-300 as the kernel sums' floors divide by it: seed 1602
+    # drew a Gaussian (D = 17) whose grad x was exactly 0 (a point of x on a point of y, the others so far that
+    # k underflowed), where flash's expansion-form rounding, 9e-7 in bfloat16 as in float32, met a bound of 0
+    bound = (u * w.abs() + (2 * allow + tf32) * w.abs().max().clamp_min(1e-300)
              + (2.0 ** -24 if LOW == torch.float16 else torch.finfo(torch.float32).tiny))
     if tc and tf32_sums is not None:
         bound = bound + 2.0 ** -10 * tf32_sums
