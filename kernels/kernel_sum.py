@@ -46,6 +46,7 @@ on disk afterwards); there is no other compile step.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -2553,6 +2554,21 @@ def _safe_cholesky(cov: torch.Tensor, jitter=None) -> torch.Tensor:
                      f"jitter, or spread out coincident test points")
 
 
+def _extend_factor(L, x0, x1, kernel: str, noise, lengthscale, outputscale):
+    """The lower Cholesky factor of A = outputscale K([x0; x1], [x0; x1]) + noise I (float64) from L, A's leading
+    block's (x0's): [[L, 0], [B, C]], B = (L^-1 K(x0, x1))^T, C C^T = K(x1, x1) + noise I - B B^T; None where that
+    does not factor in float64."""
+    ls, os_ = _scales(x0, lengthscale, outputscale)
+    nz = noise.to(torch.float64).reshape(()) if isinstance(noise, torch.Tensor) else noise
+    b = torch.linalg.solve_triangular(L, _dense_kernel(x0, x1, kernel, ls, os_), upper=False)  # [N, M]
+    s = _dense_kernel(x1, x1, kernel, ls, os_) + nz * torch.eye(x1.shape[0], dtype=L.dtype, device=L.device)
+    c, bad = torch.linalg.cholesky_ex(s - b.transpose(-1, -2) @ b)
+    if bool(bad):
+        return None
+    top = torch.cat([L, L.new_zeros(L.shape[0], x1.shape[0])], 1)
+    return torch.cat([top, torch.cat([b.transpose(-1, -2), c], 1)], 0)
+
+
 class GPRegression(nn.Module):
     """Exact Gaussian-process regression, ``y = f(x) + e``, ``f ~ GP(c, outputscale k(x, x'))``,
     ``e ~ N(0, noise)``, fitted and evaluated without the kernel matrix.
@@ -2873,6 +2889,44 @@ class GPRegression(nn.Module):
                 f = _dense_factor(x, self.kernel, nz, ls, os_, "GPRegression", self.method)
             self._factor = (key, None if f is None else f[0])
         return self._factor[1]
+
+    def condition_on_observations(self, x, y) -> "GPRegression":
+        """A new model conditioned on this one's training data and the observations ``y`` [M] at ``x`` [M, D]
+        (train_x's D, dtype and device), with copies of this one's parameters and its settings: BoTorch's
+        ``condition_on_observations``, GPyTorch's ``get_fantasy_model`` (a Bayesian-optimisation step that
+        adds the points it evaluated, or fantasised ones, without refitting). This model is unchanged.
+
+        Where this model is on the Cholesky path with its factor L kept (after a prediction under no_grad, say)
+        and the new one is on it too, the new factor is L extended by M rows, O(N^2 M) work, not a
+        factorisation of N + M points, O((N + M)^3): [[L, 0], [B, C]] with B = (L^-1 K(X, x))^T and C the
+        factor of K(x, x) + noise I - B B^T; where C does not factor, the new model factors afresh."""
+        _solve_inputs(x, y, "x", "y")  # (real floating, one dtype and device, M rows, finite)
+        if x.dim() != 2 or y.dim() != 1:
+            raise ValueError(f"x must be [M, D] points and y [M] observations, got shapes {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+        kept, self._cache, self._factor, self._kept_values = (self._cache, self._factor, self._kept_values), \
+            None, None, None
+        try:  # (the copy without the caches: its own are made below or on its first call)
+            new = copy.deepcopy(self)
+        finally:
+            self._cache, self._factor, self._kept_values = kept
+        if self.train_x is None:
+            new.set_train_data(x.detach(), y.detach())
+            return new
+        x0, y0 = self.train_x, self.train_y
+        if x.shape[1] != x0.shape[1]:
+            raise ValueError(f"x must have train_x's D={x0.shape[1]} dimensions, got shape {tuple(x.shape)}")
+        _same_kind(x, "x", x0, "train_x")
+        new.set_train_data(torch.cat([x0, x.detach()]), torch.cat([y0, y.detach()]))
+        with torch.no_grad():
+            ls, os_, nz, _ = self._values()
+            L = self._factor[1] if self._factor is not None and self._factor[0] == self._key() else None
+            if L is not None and _dense_wanted(self.method, new.train_x.shape[0], x.shape[1], self.kernel, (),
+                                               x.device):
+                L = _extend_factor(L, x0, x, self.kernel, nz, ls, os_)
+                if L is not None:
+                    new._factor = (new._key(), L)
+        return new
 
     def forward(self, x_test, return_variance: bool = False, include_noise: bool = False,
                 return_covariance: bool = False):

@@ -75,6 +75,8 @@ def _calls():
                                                                          return_covariance=True, include_noise=True)),
         "GPRegression.posterior": (lambda **kw: gpr.posterior(**kw), dict(x_test=torch.randn(2, 3),
                                                                           observation_noise=True, jitter=1e-6)),
+        "GPRegression.condition_on_observations": (lambda **kw: gpr.condition_on_observations(**kw)(
+            torch.randn(2, 3)), dict(x=torch.randn(2, 3), y=torch.randn(2))),
         "GPRegression.set_train_data": (lambda **kw: K.GPRegression().set_train_data(**kw),
                                         dict(x=torch.randn(6, 3), y=torch.randn(6))),
         "GPRegression.fit": (lambda **kw: K.GPRegression(torch.randn(6, 3), torch.randn(6), num_probes=2).fit(**kw),

@@ -199,6 +199,50 @@ def test_variance_keeps_its_factor_until_something_changes(monkeypatch):
 
 
 @METHODS
+def test_condition_on_observations(method, monkeypatch):
+    """``condition_on_observations(x, y)``: a new model on the training data and the new points, with copies of
+    the parameters, whose predictions are those of a model built on all the data; this one is unchanged. On the
+    Cholesky path, with this model's factor kept, the new model's factor is it extended (no factorisation at
+    its first prediction), equal to the factor of the whole matrix."""
+    gp, x, y, xt = _model("matern52", method=method)
+    g = torch.Generator().manual_seed(11)
+    xn = torch.rand(6, D, generator=g, dtype=torch.float64) * 3
+    yn = torch.sin(xn.sum(-1)) + 2.0
+    with torch.no_grad():
+        before = gp(xt, return_variance=True)  # (the factor kept, on the Cholesky path)
+    built = []
+    factor = gp_mod._dense_factor
+    monkeypatch.setattr(gp_mod, "_dense_factor", lambda *a, **k: built.append(1) or factor(*a, **k))
+    new = gp.condition_on_observations(xn, yn)
+    with torch.no_grad():
+        got = new(xt, return_variance=True)
+    assert len(built) == 0 if method == "cholesky" else new._factor is None
+    whole = GPRegression(torch.cat([x, xn]), torch.cat([y, yn]), "matern52", ard_num_dims=D, precond_rank=N + 6,
+                         tol=1e-11, method=method).double()
+    whole.load_state_dict(gp.state_dict())
+    with torch.no_grad():
+        want = whole(xt, return_variance=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if method == "cholesky":
+        with torch.no_grad():
+            L = factor(new.train_x, "matern52", new.noise, new.lengthscale, new.outputscale, "test", "cholesky")[0]
+        torch.testing.assert_close(new._factor[1], L, rtol=1e-10, atol=1e-12)
+    assert gp.train_x.shape == (N, D) and new.train_x.shape == (N + 6, D)
+    with torch.no_grad():
+        for a, b in zip(gp(xt, return_variance=True), before):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    new.noise = 0.3  # (the parameters are copies)
+    assert float(gp.noise.detach()) == pytest.approx(0.05) and new.method == method and new.tol == 1e-11
+    prior = GPRegression(kernel="matern52").double().condition_on_observations(xn, yn)  # (no data before)
+    assert prior.train_x.shape == (6, D)
+    for bad, match in (((xn[:, :2], yn), "D=3 dimensions"), ((xn, yn[:5]), "N=6"), ((xn.float(), yn.float()),
+                       "dtype and device"), ((xn * float("nan"), yn), "finite"), ((xn[0], yn[:1]), "points")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            gp.condition_on_observations(*bad)
+
+
+@METHODS
 def test_fit_raises_the_likelihood(method):
     x, y, _ = _data(4, n=60)
     gp = GPRegression(x, y, "matern52", lengthscale=0.2, outputscale=0.3, noise=0.5, precond_rank=60,
