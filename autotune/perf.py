@@ -356,13 +356,13 @@ def script_table(records: list[dict], kind: str) -> str:
     timed = [r for r in records if r["call"] not in _AGREEMENT]
     lines = ["| N | call | " + " | ".join(h for h, _ in cols) + " | speedup |",
              "| --- | --- | " + " | ".join("---" for _ in cols) + " | --- |"]
-    lines += [f"| {r['n']} | {r['call']} | " + " | ".join(f"{r[k]:.3f}" for _, k in cols) + f" | {r['speedup']:.2f}x |"
-              for r in timed]
+    lines += [f"| {r['n']} | {r['call']} | " + " | ".join(f"{r[k]:.3f}" for _, k in cols)
+              + f" | {r['speedup']:.2f}x |" for r in timed]
     agree = [r for r in records if r["call"] in _AGREEMENT]
     if agree:
         says, acols = _AGREEMENT[agree[0]["call"]]
-        lines += ["", says, "",
-                  "| N | " + " | ".join(h for h, _ in acols) + " |", "| --- | " + " | ".join("---" for _ in acols) + " |"]
+        lines += ["", says, "", "| N | " + " | ".join(h for h, _ in acols) + " |",
+                  "| --- | " + " | ".join("---" for _ in acols) + " |"]
         lines += [f"| {r['n']} | " + " | ".join(f"{r[k]:.1e}" for _, k in acols) + " |" for r in agree]
     return caption + "\n\n" + "\n".join(lines)
 

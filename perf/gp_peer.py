@@ -7,16 +7,17 @@ same parameters, timed in the same run.
 For each N (points uniform in [0, 1]^3, y = sin(3 (x1 + x2 + x3)) + 0.1 noise) GPyTorch's
 ``ExactGP(ConstantMean, ScaleKernel(base), GaussianLikelihood)`` is built with lengthscale 0.3, outputscale 1,
 noise 0.01, and ``GPRegression.from_gpytorch`` takes it (kernel, data, parameters). Each library runs with its
-own default settings: both factor the matrix exactly up to 800 points (GPyTorch's ``max_cholesky_size``,
-opforge's ``method="auto"``); above, both run preconditioned conjugate gradients with stochastic
-log-determinants, GPyTorch with its looser defaults (training CG tolerance 1, 10 probes, a rank-15
-preconditioner), opforge with tol 1e-6, 16 probes and rank 64, so the agreement columns say how far the
-two answers are apart. Per N, the median of ``--repeat`` calls after one warm-up, in milliseconds:
+own default settings. GPyTorch factors the matrix up to 800 points (its ``max_cholesky_size``), in the data's
+float32, and above runs preconditioned conjugate gradients with stochastic log-determinants and its looser
+defaults (training CG tolerance 1, 10 probes, a rank-15 preconditioner). opforge (``method="auto"``) factors
+it in float64 up to 800 points on a GPU and 4096 on a CPU, and above runs conjugate gradients with tol 1e-6,
+16 probes and rank 64. So the accuracy records say what each one's answers are worth. Per N, the median of
+``--repeat`` calls after one warm-up, in milliseconds:
 
 * ``mll+grad``: the training step, -log p(y) / N (GPyTorch's ``ExactMarginalLogLikelihood``) and its
   gradient in every parameter;
-* ``predict-cold@T``: the posterior mean and variance at T test points just after a parameter change (GPyTorch's
-  ``model.train(); model.eval()`` clears its prediction caches; a write to opforge's noise makes its kept
+* ``predict-cold@T``: the posterior mean and variance at T test points just after a parameter change
+  (GPyTorch's ``model.train(); model.eval()`` clears its prediction caches; a write to opforge's noise makes its kept
   weights and factor stale), under ``torch.no_grad()``;
 * ``predict-warm@T``: the same call repeated with nothing changed (the caches of both kept), a Bayesian-
   optimisation loop's call.
@@ -25,9 +26,9 @@ The speedup is GPyTorch's time over opforge's. The accuracy records (call ``accu
 points) give each library's error against the exact answer, the NumPy float64 reference
 (``opforge.reference.kernel_sum``: the dense matrix, ``numpy.linalg``): the log-likelihood's relative error,
 and the largest errors of the means (relative to the largest |mean|) and of the variances (relative to the
-largest variance). ``--json FILE`` writes every record with
-the device, kernel, N, torch and GPyTorch versions, the commit and this command; ``perf/results/gp/`` keeps
-the committed ones, which ``opforge perf-table`` renders.
+largest variance). ``--json FILE`` writes every record with the device, kernel, N, torch and GPyTorch
+versions, the commit and this command; ``perf/results/gp/`` keeps the committed ones, which
+``opforge perf-table`` renders.
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ def compare(n: int, kernel: str, t: int, device: str, repeat: int, gen: torch.Ge
     for lib, (mll_n, mean, var) in got.items():
         errors[f"{lib}_mll_error"] = abs(-mll_n - want[0]) / abs(want[0])
         for name, t, w in (("mean", mean, want[1]), ("variance", var, want[2])):
-            errors[f"{lib}_{name}_error"] = float(np.abs(t.detach().double().cpu().numpy() - w).max() / np.abs(w).max())
+            diff = np.abs(t.detach().double().cpu().numpy() - w)
+            errors[f"{lib}_{name}_error"] = float(diff.max() / np.abs(w).max())
     records.append(dict(n=n, call="accuracy", **errors))
     return records
 

@@ -30,7 +30,8 @@
 #
 # Peers: `bash perf/peer_wheels.sh` here fills .whl/ (the wheels of ../shared/gpu-wheels plus opt_einsum and
 # pybind11, which KeOps builds its binder with, and GPyTorch's four pure-Python wheels); name .whl in the
-# call's carry to time neuraloperator, KeOps and GPyTorch in the same run. Without them the suites fall back to the labelled plain-torch algorithms.
+# call's carry to time neuraloperator, KeOps and GPyTorch in the same run. Without them the suites fall back
+# to the labelled plain-torch algorithms.
 # Afterwards, on the dev machine: copy $OUT/caches/*.json to autotune/caches/, $OUT/results/*.json to
 # perf/results/, $OUT/solvers/*.json and $OUT/gp/*.json (the example stage's solver paths and GPyTorch
 # comparison) to perf/results/solvers/ and perf/results/gp/, run
