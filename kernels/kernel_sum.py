@@ -1603,9 +1603,7 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
     rhs = rhs.expand(torch.broadcast_shapes(x.shape[:-2], rhs.shape[:-2]) + rhs.shape[-2:])
     # (the points once per version of their tensor, as a model's training data is seen again call after call; the
     # targets, usually new, every call, unless there are none: each read is a host sync on a GPU)
-    bad = [name for name, t, ok in ((xname, x, checked_once(x, _all_finite)),
-                                    (yname, y, None if y.numel() else True)) if ok is False
-           or (ok is None and not _all_finite(t))]
+    bad = [name for name, ok in ((xname, _finite_once(x)), (yname, not y.numel() or _all_finite(y))) if not ok]
     if bad:
         raise ValueError(f"{' and '.join(bad)} must be finite for a solve: NaN or inf values found")
     return vector, rhs
@@ -1614,6 +1612,12 @@ def _solve_inputs(x, y, xname: str, yname: str) -> tuple:
 def _all_finite(t: torch.Tensor) -> bool:
     """Are all of t's values finite? (A read of t's values: a host sync on a GPU.)"""
     return bool(torch.isfinite(t.detach()).all())
+
+
+def _finite_once(t: torch.Tensor) -> bool:
+    """``_all_finite`` once per version of t (``checked_once``), read anew where that cannot say (None)."""
+    ok = checked_once(t, _all_finite)
+    return _all_finite(t) if ok is None else ok
 
 
 def kernel_solve(x, y, kernel: str = "gaussian", noise: float = 1e-2, lengthscale=1.0, outputscale=1.0,
@@ -2091,7 +2095,7 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
                                    max_iter, precond_rank, include_noise, method, factor, full).to(x_train.dtype)
     for name, t in (("x_train", x_train), ("x_test", x_test)):  # (before K(x_train, x_test) carries them on;
         # the training points once per version of their tensor, the test points, usually new, every call)
-        if t.is_meta or not (checked_once(t, _all_finite) if t is x_train else _all_finite(t)):
+        if t.is_meta or not (_finite_once(t) if t is x_train else _all_finite(t)):
             raise ValueError(f"{name} must be finite values: NaN or inf (or meta tensors) found")
     # the solve's arguments checked once, before the preconditioner that every block's solve shares is built
     # (the blocks solve one system; a build is rank kernel sums against single points and O(N rank^2) work)
