@@ -1863,6 +1863,13 @@ def _scales(x, lengthscale, outputscale) -> tuple:
             _scale_param(outputscale, "outputscale", x, None))
 
 
+def _dense_matrix(x, kernel: str, noise, ls, os_) -> torch.Tensor:
+    """A = outputscale K(x, x) + noise I [..., n, n] in float64, of checked scales (``_scales``)."""
+    A = _dense_kernel(x, x, kernel, ls, os_)
+    nz = noise.to(torch.float64).reshape(()) if isinstance(noise, torch.Tensor) else noise
+    return A + nz * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
 def _dense_factor(x, kernel: str, noise, lengthscale, outputscale, fn: str, method: str, record: bool = True):
     """(L, A, lengthscale, outputscale): the lower Cholesky factor of A = outputscale K(x, x) + noise I, A
     itself (float64, differentiable) and the checked scales (``_scale_param``: a number as a float); None
@@ -1870,9 +1877,7 @@ def _dense_factor(x, kernel: str, noise, lengthscale, outputscale, fn: str, meth
     gradients), an error naming the noise where "cholesky" was asked for. ``record=False``: L made without
     autograd (a caller whose own backward differentiates through A: ``_CholeskyMLL``)."""
     ls, os_ = _scales(x, lengthscale, outputscale)
-    A = _dense_kernel(x, x, kernel, ls, os_)
-    nz = noise.to(torch.float64).reshape(()) if isinstance(noise, torch.Tensor) else noise
-    A = A + nz * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    A = _dense_matrix(x, kernel, noise, ls, os_)
     with torch.set_grad_enabled(record and torch.is_grad_enabled()):
         L, bad = torch.linalg.cholesky_ex(A)
     if A.numel() and bool((bad > 0).any()):
@@ -2563,10 +2568,8 @@ def _extend_factor(L, x0, x1, kernel: str, noise, lengthscale, outputscale):
     block's (x0's): [[L, 0], [B, C]], B = (L^-1 K(x0, x1))^T, C C^T = K(x1, x1) + noise I - B B^T; None where that
     does not factor in float64."""
     ls, os_ = _scales(x0, lengthscale, outputscale)
-    nz = noise.to(torch.float64).reshape(()) if isinstance(noise, torch.Tensor) else noise
     b = torch.linalg.solve_triangular(L, _dense_kernel(x0, x1, kernel, ls, os_), upper=False)  # [N, M]
-    s = _dense_kernel(x1, x1, kernel, ls, os_) + nz * torch.eye(x1.shape[0], dtype=L.dtype, device=L.device)
-    c, bad = torch.linalg.cholesky_ex(s - b.transpose(-1, -2) @ b)
+    c, bad = torch.linalg.cholesky_ex(_dense_matrix(x1, kernel, noise, ls, os_) - b.transpose(-1, -2) @ b)
     if bool(bad):
         return None
     top = torch.cat([L, L.new_zeros(L.shape[0], x1.shape[0])], 1)
