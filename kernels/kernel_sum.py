@@ -2613,7 +2613,8 @@ class GPRegression(nn.Module):
         ``gp(x_test)``: the posterior mean at x_test [..., T, D] -> [..., T]; with ``return_variance=True`` also
         the posterior variance of f there (``include_noise=True``: of a new observation, + noise), with
         ``return_covariance=True`` the joint covariance [..., T, T] instead.
-        ``gp.posterior(x_test)``: that joint posterior as a ``torch.distributions.MultivariateNormal``. The weights
+        ``gp.posterior(x_test)``: that joint posterior as a ``torch.distributions.MultivariateNormal``;
+        ``gp.condition_on_observations(x, y)``: a new model with more data and the same parameters. The weights
         A^-1 (y - c) of the mean are kept between calls while the parameters and the training data are
         unchanged (in-place updates count as changes) and nothing asks for their gradient, so repeated
         predictions cost a kernel sum each; a new solve starts from them (``x0``).
