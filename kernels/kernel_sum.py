@@ -2131,13 +2131,15 @@ def _posterior_variance(x_train, x_test, kernel, noise, lengthscale, outputscale
     parts = []
     for t0 in range(0, T, _VAR_CHUNK):
         xt = x_test[..., t0:t0 + _VAR_CHUNK, :]
-        eye = torch.eye(xt.shape[-2], dtype=xt.dtype, device=xt.device)
+        # (the identity with x_test's batch dims: as [c, c] it read as c vectors where the batch size is c too)
+        eye = torch.eye(xt.shape[-2], dtype=xt.dtype, device=xt.device).expand(xt.shape[:-2] + (xt.shape[-2],) * 2)
         cols = kernel_matvec(x_train, xt, eye, kernel, lengthscale, outputscale)  # [..., N, c]: K(X, x*)
         sol = _kernel_solve(x_train, cols, kernel, noise, lengthscale, outputscale, tol, max_iter, False,
                             precond_rank, ("x_train", "K(x_train, x_test)"), precond=shared, method="cg")
         parts.append((cols, sol) if full else (cols * sol).sum(-2))
     if full:  # K(x*, x*) [..., T, T] (one tensor as both point sets: K(X, X)'s form)
-        prior = kernel_matvec(x_test, x_test, eye_t, kernel, lengthscale, outputscale)
+        prior = kernel_matvec(x_test, x_test, eye_t.expand(x_test.shape[:-2] + (T, T)), kernel, lengthscale,
+                              outputscale)
         if not parts:
             return finish(prior)
         cols, sol = (torch.cat([p[i] for p in parts], -1) for i in (0, 1))

@@ -111,6 +111,24 @@ def test_gp_regression_returns_the_joint_posterior(method):
         gp(xt, return_covariance=1)
 
 
+@METHODS
+def test_a_batch_as_large_as_the_test_set(method):
+    """Two point sets with two test points each: the identity whose columns give K(X, x*) is [2, 2], which
+    kernel_matvec read as two vectors (a b [..., M, M] whose leading dims broadcast with the points') on the
+    conjugate-gradient path, so the variance was 5% off and the covariance failed (found by
+    tests/test_gp_fuzz.py). Both against the dense posterior, entry by entry."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 7, D, generator=g, dtype=torch.float64) * 3
+    xt = torch.rand(2, 2, D, generator=g, dtype=torch.float64) * 3
+    kw = dict(kernel="matern52", noise=0.05, lengthscale=0.8, tol=1e-12, precond_rank=7, method=method)
+    var, cov = gp_posterior_variance(x, xt, **kw), gp_posterior_covariance(x, xt, **kw)
+    assert var.shape == (2, 2) and cov.shape == (2, 2, 2)
+    for b in range(2):
+        want = _want(x[b], xt[b], "matern52", 0.05, 0.8, 1.0)
+        np.testing.assert_allclose(_np(cov[b]), want, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(_np(var[b]), np.diag(want), rtol=1e-8, atol=1e-10)
+
+
 def _gp(method, dtype=torch.float64, seed=3, **kw):
     x, y, xt = _data(seed, dtype=dtype)
     gp = GPRegression(x, y, "matern52", lengthscale=0.7, noise=0.05, mean=0.2, tol=1e-12, method=method, **kw)
