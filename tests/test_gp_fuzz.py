@@ -98,9 +98,11 @@ def test_random_gp_calls_against_the_reference_on_both_paths(i):
         q = dict(p, lengthscale=ins["lengthscale"], outputscale=ins["outputscale"], noise=ins["noise"])
         got = _calls(ins["x"], ins["xt"], y, q, method)
         # the conjugate-gradient path converges to 1e-12 of the residual: its solution is good to about that
-        # times the matrix's condition number (noise 1e-3 and N = 30 points: up to ~1e5)
-        tol = 1e-9 if method == "cholesky" else 1e-6
+        # times the matrix's condition number (noise 1e-3 and N = 30 points: up to ~1e5); its log-determinant
+        # is exact only as far as the pivoted-Cholesky preconditioner goes, which stops where the remaining
+        # diagonal is below 1e-4 noise (the rest a probe estimate: seeds 1 and 2 drew 1.5e-6 and 3.5e-6)
         for name, v in got.items():
+            tol = 1e-9 if method == "cholesky" else 1e-4 if name == "mll" else 1e-6
             e = _rel(v.detach().numpy(), want[name])
             if e > tol:
                 bad.append(f"{tag} {method} {name}: {e:.1e} off the reference")
